@@ -1,0 +1,63 @@
+//! `geomxctl`: the geomx command-line client.
+//!
+//! Conventions shared by every subcommand: `--controller URL` (env `GEOMX_CONTROLLER`),
+//! `--token T` (env `GEOMX_TOKEN`), `--ca FILE` (env `GEOMX_CA`), `--output table|json`.
+//! Exit codes: 0 success, 1 failure (a job that failed, an unreachable controller),
+//! 2 refused (invalid input, a job the controller rejected).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod plan;
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned tables for people.
+    #[default]
+    Table,
+    /// One JSON document for scripts.
+    Json,
+}
+
+/// geomx command-line client: plan, submit and observe GeoMX jobs.
+#[derive(Debug, Parser)]
+#[command(name = "geomxctl", version, about, long_about = None)]
+pub struct Cli {
+    /// Controller address, e.g. https://10.1.1.34:7946.
+    #[arg(long, global = true, env = "GEOMX_CONTROLLER", default_value = "https://127.0.0.1:7946")]
+    pub controller: String,
+    /// Bearer token for the user API.
+    #[arg(long, global = true, env = "GEOMX_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) that signed the controller's certificate.
+    #[arg(long, global = true, env = "GEOMX_CA")]
+    pub ca: Option<std::path::PathBuf>,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a job file and print the nodes it compiles to, without deploying.
+    Plan(plan::PlanArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Plan(args) => plan::run(args, cli.output),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}

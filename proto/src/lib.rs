@@ -1,0 +1,15 @@
+//! The geomx gRPC API.
+//!
+//! * [`v1`]: messages and tonic clients/servers generated from `proto/geomx/v1/*.proto`:
+//!   `AgentService` (agents → controller), `AgentNodeService` (controller → agent),
+//!   `JobService` and `HostService` (users → controller).
+//! * [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
+
+/// Generated code of the `geomx.v1` protobuf package.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod v1 {
+    tonic::include_proto!("geomx.v1");
+}
+
+/// Encoded `FileDescriptorSet` of the geomx API, for `tonic-reflection`.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("geomx_descriptor");
