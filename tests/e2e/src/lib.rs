@@ -1,1 +1,36 @@
-//! placeholder
+//! Shared helpers of geomx's end-to-end tests (the tests themselves are in `tests/`).
+
+#![warn(missing_docs)]
+
+use std::time::{Duration, Instant};
+
+/// Polls `f` every 50 ms until it returns `Some`, or fails after `timeout` with `what`.
+pub fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            anyhow::bail!(
+                "timed out after {:.1}s waiting for {what}",
+                timeout.as_secs_f64()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether the tests that need root, namespaces and dockerd can run here; they are skipped
+/// (with a message) only when `GEOMX_SKIP_LAB=1` says so explicitly.
+pub fn lab_tests_enabled() -> bool {
+    if std::env::var("GEOMX_SKIP_LAB").is_ok_and(|v| v == "1") {
+        eprintln!("GEOMX_SKIP_LAB=1: skipping a lab test");
+        return false;
+    }
+    true
+}

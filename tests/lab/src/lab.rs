@@ -1,0 +1,707 @@
+//! A lab: hosts as network namespaces on one underlay bridge (itself in a namespace of its
+//! own, which also plays "the outside world" at 10.1.1.1), one dockerd per host.
+//!
+//! Nothing is created in the machine's own namespace: interfaces are made inside the lab's
+//! namespaces, every dockerd has its own data, sockets and cgroup parent under the lab
+//! directory. A lab made by a test is torn down when it is dropped, also when the test
+//! panics; a lab whose owning process died without tearing down (SIGKILL) is swept by the
+//! next [`Lab::up`].
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cmd;
+use crate::dockerd::Dockerd;
+use crate::error::{LabError, Result};
+use crate::netns::Netns;
+use crate::process::{LabProcess, alive};
+
+/// The underlay's own address in its namespace: a stand-in for anything outside the cluster.
+pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
+/// Prefix length of the underlay network.
+pub const UNDERLAY_PREFIX: u8 = 24;
+/// The seed documents' hosts: a, b, c with their underlay addresses.
+pub const SEED_HOSTS: [(&str, Ipv4Addr); 3] = [
+    ("a", Ipv4Addr::new(10, 1, 1, 34)),
+    ("b", Ipv4Addr::new(10, 1, 1, 29)),
+    ("c", Ipv4Addr::new(10, 1, 1, 33)),
+];
+/// Where labs keep their files unless told otherwise.
+pub const DEFAULT_ROOT: &str = "/var/tmp/geomx-lab";
+
+/// One host of a lab.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSpec {
+    /// Host name, `[a-z0-9]`, at most 12 characters.
+    pub name: String,
+    /// Its address on the underlay (10.1.1.0/24).
+    pub underlay_ip: Ipv4Addr,
+}
+
+/// What to build.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LabSpec {
+    /// Lab name: prefix of every namespace (`<name>-<host>`, `<name>-ul`).
+    pub name: String,
+    /// Parent directory of the lab directory.
+    pub root: PathBuf,
+    /// The hosts.
+    pub hosts: Vec<HostSpec>,
+    /// Start one dockerd per host.
+    pub docker: bool,
+    /// Survives the process that made it (for `geomx-lab up`); otherwise torn down on drop.
+    pub persistent: bool,
+    /// The process that owns a non-persistent lab.
+    #[serde(default)]
+    pub owner_pid: u32,
+}
+
+static TEST_LABS: AtomicU32 = AtomicU32::new(0);
+
+impl LabSpec {
+    /// A lab named `name` with no hosts yet, under [`DEFAULT_ROOT`] (or `$GEOMX_LAB_ROOT`).
+    pub fn new(name: &str) -> LabSpec {
+        LabSpec {
+            name: name.to_string(),
+            root: std::env::var_os("GEOMX_LAB_ROOT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT)),
+            hosts: Vec::new(),
+            docker: true,
+            persistent: false,
+            owner_pid: std::process::id(),
+        }
+    }
+
+    /// A lab with a name unique to this process and call, for tests run in parallel.
+    pub fn for_test() -> LabSpec {
+        let n = TEST_LABS.fetch_add(1, Ordering::Relaxed);
+        LabSpec::new(&format!("gx{}x{n}", std::process::id()))
+    }
+
+    /// Adds the seed documents' hosts a, b and c.
+    pub fn seed_hosts(mut self) -> LabSpec {
+        for (name, ip) in SEED_HOSTS {
+            self = self.host(name, ip);
+        }
+        self
+    }
+
+    /// Adds a host.
+    pub fn host(mut self, name: &str, underlay_ip: Ipv4Addr) -> LabSpec {
+        self.hosts.push(HostSpec {
+            name: name.to_string(),
+            underlay_ip,
+        });
+        self
+    }
+
+    /// Whether to run a dockerd on every host (default yes).
+    pub fn docker(mut self, on: bool) -> LabSpec {
+        self.docker = on;
+        self
+    }
+
+    /// Keeps the lab after this process ends (torn down only by [`Lab::down`]).
+    pub fn persistent(mut self) -> LabSpec {
+        self.persistent = true;
+        self.owner_pid = 0;
+        self
+    }
+
+    /// Its directory.
+    pub fn dir(&self) -> PathBuf {
+        self.root.join(&self.name)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let ok_name = |s: &str, max: usize| {
+            !s.is_empty()
+                && s.len() <= max
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        };
+        if !ok_name(&self.name, 24) {
+            return Err(LabError::Setup(format!(
+                "lab name {:?}: use 1..24 characters [a-z0-9]",
+                self.name
+            )));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for h in &self.hosts {
+            if !ok_name(&h.name, 12) || h.name == "ul" {
+                return Err(LabError::Setup(format!(
+                    "host name {:?}: use 1..12 characters [a-z0-9], not \"ul\"",
+                    h.name
+                )));
+            }
+            let o = h.underlay_ip.octets();
+            if o[..3] != [10, 1, 1] || o[3] < 2 || o[3] == 255 {
+                return Err(LabError::Setup(format!(
+                    "host {}: underlay address {} is not in 10.1.1.2..254",
+                    h.name, h.underlay_ip
+                )));
+            }
+            if !seen.insert(h.name.clone()) || !seen.insert(h.underlay_ip.to_string()) {
+                return Err(LabError::Setup(format!(
+                    "host {} ({}): name or address used twice",
+                    h.name, h.underlay_ip
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A host of a running lab.
+#[derive(Clone, Debug)]
+pub struct LabHost {
+    /// Host name.
+    pub name: String,
+    /// Underlay address.
+    pub underlay_ip: Ipv4Addr,
+    netns: Netns,
+    dir: PathBuf,
+    dockerd: Option<Dockerd>,
+}
+
+impl LabHost {
+    /// The host's network namespace.
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    /// The host's directory (configs, state, dockerd).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Its dockerd.
+    pub fn dockerd(&self) -> Result<&Dockerd> {
+        self.dockerd
+            .as_ref()
+            .ok_or_else(|| LabError::Setup(format!("host {} runs no dockerd", self.name)))
+    }
+
+    /// Runs a command inside the host's namespace and returns its standard output.
+    pub fn run<S: AsRef<str>>(&self, argv: &[S]) -> Result<String> {
+        self.netns.run(argv)
+    }
+
+    /// The name of the host's underlay interface as seen from the bridge namespace.
+    pub fn bridge_port(&self) -> String {
+        format!("v-{}", self.name)
+    }
+}
+
+/// A running lab.
+#[derive(Debug)]
+pub struct Lab {
+    spec: LabSpec,
+    underlay: Netns,
+    hosts: Vec<LabHost>,
+    down: bool,
+}
+
+impl Lab {
+    /// Builds the lab: the underlay namespace with bridge `br0` at 10.1.1.1/24, a namespace
+    /// per host with `eth0` on the bridge and a default route via 10.1.1.1, and (if asked) a
+    /// dockerd per host. Sweeps labs left behind by dead processes first. On any failure
+    /// everything built so far is removed again.
+    pub fn up(spec: LabSpec) -> Result<Lab> {
+        preflight(spec.docker)?;
+        spec.validate()?;
+        sweep_stale(&spec.root);
+        let dir = spec.dir();
+        if dir.join("lab.json").exists() || Netns::named(&format!("{}-ul", spec.name)).exists() {
+            return Err(LabError::Setup(format!(
+                "a lab named {} exists already ({}); `geomx-lab down --name {}` first",
+                spec.name,
+                dir.display(),
+                spec.name
+            )));
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| LabError::io(&dir, e))?;
+        let mut lab = Lab {
+            underlay: Netns::named(&format!("{}-ul", spec.name)),
+            spec: LabSpec {
+                hosts: Vec::new(),
+                ..spec.clone()
+            },
+            hosts: Vec::new(),
+            down: false,
+        };
+        lab.save()?;
+        Netns::create(&lab.underlay.name())?;
+        let ul = &lab.underlay;
+        ul.run(&["ip", "link", "add", "br0", "type", "bridge"])?;
+        ul.run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{OUTSIDE_IP}/{UNDERLAY_PREFIX}"),
+            "dev",
+            "br0",
+        ])?;
+        ul.run(&["ip", "link", "set", "br0", "up"])?;
+        for h in &spec.hosts {
+            lab.add_host_without_docker(h.clone())?;
+        }
+        if spec.docker {
+            lab.start_dockerds()?;
+        }
+        Ok(lab)
+    }
+
+    /// Re-opens a lab made earlier (by `geomx-lab up`, say) from its directory.
+    pub fn attach(root: &Path, name: &str) -> Result<Lab> {
+        let file = root.join(name).join("lab.json");
+        let text = std::fs::read_to_string(&file).map_err(|e| LabError::io(&file, e))?;
+        let spec: LabSpec = serde_json::from_str(&text)
+            .map_err(|e| LabError::Setup(format!("{}: {e}", file.display())))?;
+        Ok(Lab::from_spec(spec))
+    }
+
+    fn from_spec(spec: LabSpec) -> Lab {
+        let dir = spec.dir();
+        let hosts = spec
+            .hosts
+            .iter()
+            .map(|h| LabHost {
+                name: h.name.clone(),
+                underlay_ip: h.underlay_ip,
+                netns: Netns::named(&format!("{}-{}", spec.name, h.name)),
+                dir: dir.join(&h.name),
+                dockerd: spec
+                    .docker
+                    .then(|| Dockerd::at(&dir.join(&h.name).join("docker"))),
+            })
+            .collect();
+        Lab {
+            underlay: Netns::named(&format!("{}-ul", spec.name)),
+            spec,
+            hosts,
+            down: false,
+        }
+    }
+
+    fn save(&self) -> Result<()> {
+        let file = self.dir().join("lab.json");
+        let text = serde_json::to_string_pretty(&self.spec)
+            .map_err(|e| LabError::Setup(format!("lab.json: {e}")))?;
+        std::fs::write(&file, text).map_err(|e| LabError::io(&file, e))
+    }
+
+    /// The lab's name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// What the lab was built from.
+    pub fn spec(&self) -> &LabSpec {
+        &self.spec
+    }
+
+    /// The lab directory.
+    pub fn dir(&self) -> PathBuf {
+        self.spec.dir()
+    }
+
+    /// The underlay namespace (the bridge, and 10.1.1.1 "outside").
+    pub fn underlay(&self) -> &Netns {
+        &self.underlay
+    }
+
+    /// Every host.
+    pub fn hosts(&self) -> &[LabHost] {
+        &self.hosts
+    }
+
+    /// One host by name.
+    pub fn host(&self, name: &str) -> Result<&LabHost> {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .ok_or_else(|| LabError::Setup(format!("the lab has no host {name}")))
+    }
+
+    /// Adds a host to the running lab (with its dockerd if the lab has them).
+    pub fn add_host(&mut self, host: HostSpec) -> Result<&LabHost> {
+        let mut spec = self.spec.clone();
+        spec.hosts.push(host.clone());
+        spec.validate()?;
+        self.add_host_without_docker(host.clone())?;
+        let h = self.host(&host.name)?.clone();
+        if let Some(d) = &h.dockerd {
+            d.start()?;
+        }
+        self.host(&host.name)
+    }
+
+    fn add_host_without_docker(&mut self, spec: HostSpec) -> Result<()> {
+        let ns_name = format!("{}-{}", self.spec.name, spec.name);
+        let dir = self.dir().join(&spec.name);
+        std::fs::create_dir_all(&dir).map_err(|e| LabError::io(&dir, e))?;
+        let netns = Netns::create(&ns_name)?;
+        // record the host before anything can fail, so that teardown finds it
+        self.spec.hosts.push(spec.clone());
+        self.save()?;
+        let port = format!("v-{}", spec.name);
+        let ul = self.underlay.name();
+        netns.run(&[
+            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", &ul,
+        ])?;
+        self.underlay
+            .run(&["ip", "link", "set", &port, "master", "br0", "up"])?;
+        netns.run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/{UNDERLAY_PREFIX}", spec.underlay_ip),
+            "dev",
+            "eth0",
+        ])?;
+        netns.run(&["ip", "link", "set", "eth0", "up"])?;
+        netns.run(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &OUTSIDE_IP.to_string(),
+        ])?;
+        let dockerd = if self.spec.docker {
+            Some(Dockerd::prepare(
+                &dir.join("docker"),
+                &netns,
+                &self.cgroup_parent(&spec.name),
+            )?)
+        } else {
+            None
+        };
+        self.hosts.push(LabHost {
+            name: spec.name,
+            underlay_ip: spec.underlay_ip,
+            netns,
+            dir,
+            dockerd,
+        });
+        Ok(())
+    }
+
+    fn cgroup_parent(&self, host: &str) -> String {
+        format!("gxlab-{}-{host}", self.spec.name)
+    }
+
+    fn start_dockerds(&self) -> Result<()> {
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .hosts
+                .iter()
+                .filter_map(|h| h.dockerd.as_ref())
+                .map(|d| s.spawn(move || d.start()))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(LabError::Setup("dockerd start panicked".into())))
+                })
+                .collect()
+        });
+        results.into_iter().collect()
+    }
+
+    /// Takes a host's underlay link down (the host is cut off from every other host and
+    /// from the outside).
+    pub fn cut_link(&self, host: &str) -> Result<()> {
+        let h = self.host(host)?;
+        self.underlay
+            .run(&["ip", "link", "set", &h.bridge_port(), "down"])
+            .map(drop)
+    }
+
+    /// Brings a cut link back.
+    pub fn restore_link(&self, host: &str) -> Result<()> {
+        let h = self.host(host)?;
+        self.underlay
+            .run(&["ip", "link", "set", &h.bridge_port(), "up"])
+            .map(drop)
+    }
+
+    /// Starts a long-running process inside `netns`, logged to `<lab>/procs/<name>.log`.
+    pub fn spawn(
+        &self,
+        netns: &Netns,
+        name: &str,
+        argv: &[String],
+        env: &[(String, String)],
+    ) -> Result<LabProcess> {
+        let dir = self.dir().join("procs");
+        std::fs::create_dir_all(&dir).map_err(|e| LabError::io(&dir, e))?;
+        LabProcess::spawn(&dir, name, netns, argv, env)
+    }
+
+    /// A process started by [`Lab::spawn`].
+    pub fn process(&self, name: &str) -> LabProcess {
+        LabProcess::at(&self.dir().join("procs"), name)
+    }
+
+    /// Tears the lab down: containers, dockerds, processes, mounts, namespaces, cgroups,
+    /// files. Goes on past failures and reports the first.
+    pub fn down(mut self) -> Result<()> {
+        self.down = true;
+        self.teardown()
+    }
+
+    fn teardown(&self) -> Result<()> {
+        let mut first: Option<LabError> = None;
+        let mut note = |r: Result<()>| {
+            if let Err(e) = r {
+                tracing::warn!(lab = %self.spec.name, error = %e, "teardown");
+                first.get_or_insert(e);
+            }
+        };
+        // graceful first: containers and daemons
+        std::thread::scope(|s| {
+            for d in self.hosts.iter().filter_map(|h| h.dockerd.as_ref()) {
+                s.spawn(move || {
+                    if d.pid().is_some() {
+                        let _ = d.remove_all_containers();
+                        let _ = d.stop();
+                    }
+                });
+            }
+        });
+        let dir = self.dir();
+        // then whatever is left: processes started for the lab or living in its namespaces
+        kill_lab_processes(&dir, &self.namespaces(), &self.cgroup_dirs());
+        note(unmount_under(&dir));
+        for ns in self.namespaces() {
+            note(ns.delete());
+        }
+        for cg in self.cgroup_dirs() {
+            remove_cgroup(&cg);
+        }
+        if dir.exists() {
+            note(std::fs::remove_dir_all(&dir).map_err(|e| LabError::io(&dir, e)));
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    fn namespaces(&self) -> Vec<Netns> {
+        let mut v: Vec<Netns> = self
+            .spec
+            .hosts
+            .iter()
+            .map(|h| Netns::named(&format!("{}-{}", self.spec.name, h.name)))
+            .collect();
+        v.push(self.underlay.clone());
+        v
+    }
+
+    fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        if let Ok(ctrls) = std::fs::read_dir("/sys/fs/cgroup") {
+            for c in ctrls.flatten() {
+                for h in &self.spec.hosts {
+                    let p = c.path().join(self.cgroup_parent(&h.name));
+                    if p.exists() {
+                        v.push(p);
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// Prints the last lines of every log of the lab to standard error (for failing tests).
+    pub fn dump_logs(&self, lines: usize) {
+        let mut logs: Vec<PathBuf> = self
+            .hosts
+            .iter()
+            .filter_map(|h| h.dockerd.as_ref().map(|d| d.log()))
+            .collect();
+        if let Ok(rd) = std::fs::read_dir(self.dir().join("procs")) {
+            logs.extend(
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "log")),
+            );
+        }
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            eprintln!("----- {} (last {lines} lines)", log.display());
+            for l in &all[all.len().saturating_sub(lines)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.down || self.spec.persistent {
+            return;
+        }
+        if std::thread::panicking() {
+            self.dump_logs(40);
+        }
+        if let Err(e) = self.teardown() {
+            eprintln!("geomx-lab: tearing down lab {}: {e}", self.spec.name);
+        }
+    }
+}
+
+fn preflight(docker: bool) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(LabError::Setup(
+            "the lab needs root (network namespaces, dockerd)".into(),
+        ));
+    }
+    let mut tools = vec!["ip", "nsenter", "iptables", "iptables-save"];
+    if docker {
+        tools.extend(["dockerd", "docker", "busybox", "tar"]);
+    }
+    let missing: Vec<&str> = tools
+        .into_iter()
+        .filter(|t| {
+            cmd::output(std::process::Command::new("sh").args(["-c", &format!("command -v {t}")]))
+                .map(|o| !o.status.success())
+                .unwrap_or(true)
+        })
+        .collect();
+    if !missing.is_empty() {
+        return Err(LabError::Setup(format!(
+            "missing tools: {} (apt-get install iproute2 util-linux iptables docker.io busybox tar)",
+            missing.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Tears down every non-persistent lab under `root` whose owning process is gone.
+pub fn sweep_stale(root: &Path) {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in rd.flatten() {
+        let file = entry.path().join("lab.json");
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        let Ok(spec) = serde_json::from_str::<LabSpec>(&text) else {
+            continue;
+        };
+        if spec.persistent || spec.owner_pid == 0 || alive(spec.owner_pid) {
+            continue;
+        }
+        tracing::info!(lab = %spec.name, owner = spec.owner_pid, "sweeping a lab left behind by a dead process");
+        let lab = Lab::from_spec(spec);
+        let _ = lab.teardown();
+        let mut lab = lab;
+        lab.down = true;
+    }
+}
+
+/// Kills every process whose command line mentions the lab directory, that lives in one of
+/// the lab's namespaces, or that sits in one of its cgroups.
+fn kill_lab_processes(dir: &Path, namespaces: &[Netns], cgroups: &[PathBuf]) {
+    use std::os::unix::fs::MetadataExt;
+    let dir_s = dir.display().to_string();
+    let ns_inodes: Vec<u64> = namespaces
+        .iter()
+        .filter_map(|n| std::fs::metadata(n.path()).ok().map(|m| m.ino()))
+        .collect();
+    let me = std::process::id();
+    for _round in 0..3 {
+        let mut victims = Vec::new();
+        for cg in cgroups {
+            collect_cgroup_pids(cg, &mut victims);
+        }
+        if let Ok(rd) = std::fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                if pid == me {
+                    continue;
+                }
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+                    .unwrap_or_default();
+                let in_ns = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                    .map(|m| ns_inodes.contains(&m.ino()))
+                    .unwrap_or(false);
+                if cmdline.contains(&dir_s) || in_ns {
+                    victims.push(pid);
+                }
+            }
+        }
+        victims.retain(|p| *p != me);
+        if victims.is_empty() {
+            return;
+        }
+        for pid in &victims {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        for pid in &victims {
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+        }
+    }
+}
+
+fn collect_cgroup_pids(dir: &Path, out: &mut Vec<u32>) {
+    if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+    }
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                collect_cgroup_pids(&e.path(), out);
+            }
+        }
+    }
+}
+
+fn remove_cgroup(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// Lazily unmounts every mount point at or below `dir`, deepest first.
+fn unmount_under(dir: &Path) -> Result<()> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| LabError::io("/proc/self/mountinfo", e))?;
+    let prefix = dir.display().to_string();
+    let mut points: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .map(|p| p.replace("\\040", " "))
+        .filter(|p| p == &prefix || p.starts_with(&format!("{prefix}/")))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    points.dedup();
+    for p in points {
+        let _ = nix::mount::umount2(p.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+    Ok(())
+}

@@ -1,0 +1,34 @@
+//! geomx-lab: several hosts on one machine, for geomx's integration tests and for trying
+//! geomx by hand.
+//!
+//! A [`Lab`] is a set of network namespaces — one per host, each with `eth0` on an underlay
+//! bridge that lives in a namespace of its own — and one dockerd per host. Nothing touches
+//! the machine's own routes, iptables or docker0.
+//!
+//! ```no_run
+//! use geomx_lab::{Lab, LabSpec};
+//! let lab = Lab::up(LabSpec::for_test().seed_hosts())?;
+//! let a = lab.host("a")?;
+//! a.run(&["ip", "route"])?;
+//! # Ok::<(), geomx_lab::LabError>(())
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod cmd;
+mod dockerd;
+mod error;
+mod lab;
+mod netns;
+mod process;
+mod rootfs;
+
+pub use dockerd::Dockerd;
+pub use error::{LabError, Result};
+pub use lab::{
+    DEFAULT_ROOT, HostSpec, Lab, LabHost, LabSpec, OUTSIDE_IP, SEED_HOSTS, UNDERLAY_PREFIX,
+    sweep_stale,
+};
+pub use netns::{Netns, normalize_iptables_save};
+pub use process::{LabProcess, alive};
+pub use rootfs::{Rootfs, shared_libraries};
