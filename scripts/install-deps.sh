@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs the system packages geomx's build, tests and lab need on Debian bookworm (as root).
+# Idempotent: does nothing when everything is there. Never starts the machine's own Docker
+# service: geomx's lab runs one dockerd per network namespace instead.
+set -euo pipefail
+
+packages=(
+  docker.io       # dockerd for the lab hosts (one per namespace)
+  iptables        # nft backend; the agent drives it through the iptables crate
+  iproute2        # ip netns / veth / bridge for the lab
+  util-linux      # nsenter
+  busybox-static  # userland of the test images
+  tar
+  ca-certificates
+  iperf3          # data-plane benchmark
+  debootstrap     # the real MXNet image (scripts/build-mxnet-image.sh)
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  # keep package scripts from starting services on this machine (its own dockerd would
+  # rewrite the machine's iptables and docker0)
+  created_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    created_policy=1
+  fi
+  trap '[ $created_policy = 1 ] && rm -f /usr/sbin/policy-rc.d' EXIT
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+for tool in ip nsenter iptables iptables-save dockerd docker busybox tar; do
+  command -v "$tool" >/dev/null || { echo "install-deps: $tool still missing" >&2; exit 1; }
+done
