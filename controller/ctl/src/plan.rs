@@ -1,18 +1,287 @@
-//! `geomxctl plan`: validate a job file and print its nodes.
+//! `geomxctl plan`: validate a job file and print the nodes it compiles to, without deploying.
+//!
+//! `--output table` (default) prints a summary and one row per node (`--wide` adds every
+//! node's full command, environment and the schedulers it reaches); `--output json` prints
+//! the plan as one JSON object (`{"job", "mode", "network", "policy", "progress", "nodes"}`).
+//! An invalid file prints every problem (`FILE:LINE:COL: message`) and exits with code 2;
+//! with `--output json` the problems are printed as `{"file", "errors": [...]}`.
 
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
+use geomx_job::{JobErrors, Node, Plan};
+
 use crate::Output;
+use crate::table::{Table, shell_join};
+
+/// Exit code for an invalid job file.
+const REFUSED: u8 = 2;
 
 /// Arguments of `geomxctl plan`.
 #[derive(Debug, clap::Args)]
 pub struct PlanArgs {
-    /// The job file (TOML).
+    /// The job file (TOML); `-` reads standard input.
     pub file: PathBuf,
+    /// Table output: also print every node's full command, environment and the schedulers
+    /// it reaches.
+    #[arg(long)]
+    pub wide: bool,
 }
 
 /// Runs `geomxctl plan`.
-pub fn run(_args: &PlanArgs, _output: Output) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("plan: not built yet")
+pub fn run(args: &PlanArgs, output: Output) -> anyhow::Result<ExitCode> {
+    let name = args.file.display().to_string();
+    let src = if name == "-" {
+        let mut src = String::new();
+        std::io::stdin()
+            .read_to_string(&mut src)
+            .context("reading the job file from standard input")?;
+        src
+    } else {
+        match std::fs::read_to_string(&args.file) {
+            Ok(src) => src,
+            Err(e) => {
+                eprintln!("error: cannot read job file {name}: {e}");
+                return Ok(ExitCode::from(REFUSED));
+            }
+        }
+    };
+    let file = if name == "-" {
+        "<stdin>"
+    } else {
+        name.as_str()
+    };
+    match geomx_job::plan(file, &src) {
+        Ok(plan) => {
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&plan).context("serializing the plan")?
+                ),
+                Output::Table => print!("{}", render_plan(&plan, args.wide)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "file": file,
+                        "errors": errors.errors(),
+                    }))
+                    .context("serializing the errors")?
+                ),
+                Output::Table => eprint!("{}", render_errors(file, &errors)),
+            }
+            Ok(ExitCode::from(REFUSED))
+        }
+    }
+}
+
+/// Every problem, one per line, then a count.
+fn render_errors(file: &str, errors: &JobErrors) -> String {
+    let mut out = String::new();
+    for e in errors.errors() {
+        out.push_str(&format!("error: {e}\n"));
+    }
+    let n = errors.len();
+    out.push_str(&format!(
+        "{file}: {n} problem{} found, nothing planned\n",
+        if n == 1 { "" } else { "s" }
+    ));
+    out
+}
+
+/// Variables shown in the COUNTS column, with their short names.
+const COUNTS: [(&str, &str); 6] = [
+    ("DMLC_NUM_SERVER", "srv"),
+    ("DMLC_NUM_WORKER", "wrk"),
+    ("DMLC_NUM_GLOBAL_SERVER", "gsrv"),
+    ("DMLC_NUM_GLOBAL_WORKER", "gwrk"),
+    ("DMLC_NUM_ALL_WORKER", "all"),
+    ("DMLC_ENABLE_CENTRAL_WORKER", "central"),
+];
+
+/// Variables every plan computes; the rest are "extra" (from `[env]`).
+fn is_computed(var: &str) -> bool {
+    geomx_job::COMPUTED_VARIABLES.contains(&var)
+}
+
+fn counts(node: &Node) -> String {
+    let mut parts: Vec<String> = COUNTS
+        .iter()
+        .filter_map(|(var, short)| node.env.get(*var).map(|v| format!("{short}={v}")))
+        .collect();
+    let extra = node.env.keys().filter(|k| !is_computed(k)).count();
+    if extra > 0 {
+        parts.push(format!("+{extra} env"));
+    }
+    parts.join(" ")
+}
+
+fn dash(value: Option<String>) -> String {
+    value.unwrap_or_else(|| "-".to_string())
+}
+
+/// The table view of a plan.
+fn render_plan(plan: &Plan, wide: bool) -> String {
+    let hosts: Vec<&str> = plan.hosts().into_iter().collect();
+    let p = &plan.policy;
+    let mut out = format!(
+        "job {}: mode {}, network {}, {} nodes on {} host{} ({})\n",
+        plan.job,
+        plan.mode.as_str(),
+        plan.network.as_str(),
+        plan.nodes.len(),
+        hosts.len(),
+        if hosts.len() == 1 { "" } else { "s" },
+        hosts.join(", ")
+    );
+    out.push_str(&format!(
+        "policy: restart {}, max_restarts {}, stall_timeout {}, gpus_per_worker {}\n\n",
+        p.restart.as_str(),
+        p.max_restarts,
+        p.stall_timeout_text(),
+        p.gpus_per_worker
+    ));
+
+    let mut table = Table::new([
+        "NAME", "ROLE", "PARTY", "HOST", "BINDS", "SLICE", "COUNTS", "COMMAND",
+    ]);
+    for n in &plan.nodes {
+        table.row([
+            n.name.clone(),
+            n.role.as_str().to_string(),
+            n.party.clone(),
+            n.host.clone(),
+            dash(n.binds.map(|b| b.to_string())),
+            dash(n.slice.map(|s| s.to_string())),
+            counts(n),
+            shell_join(&n.command),
+        ]);
+    }
+    out.push_str(&table.render());
+    out.push_str(
+        "\nCOUNTS: srv/wrk = DMLC_NUM_SERVER/DMLC_NUM_WORKER, gsrv/gwrk = DMLC_NUM_GLOBAL_SERVER/\
+         DMLC_NUM_GLOBAL_WORKER, all = DMLC_NUM_ALL_WORKER, central = DMLC_ENABLE_CENTRAL_WORKER; \
+         +N env = variables from [env]\n",
+    );
+    if wide {
+        for n in &plan.nodes {
+            out.push_str(&format!(
+                "\n{} ({} on {}, image {})\n",
+                n.name,
+                n.role.as_str(),
+                n.host,
+                n.image
+            ));
+            out.push_str(&format!("  command  {}\n", shell_join(&n.command)));
+            let reaches = if n.reaches.is_empty() {
+                "-".to_string()
+            } else {
+                n.reaches.join(", ")
+            };
+            out.push_str(&format!("  reaches  {reaches}\n"));
+            if n.gpus > 0 {
+                out.push_str(&format!("  gpus     {}\n", n.gpus));
+            }
+            for (i, (k, v)) in n.env.iter().enumerate() {
+                let label = if i == 0 { "env" } else { "" };
+                out.push_str(&format!("  {label:<7}  {k}={v}\n"));
+            }
+        }
+    } else {
+        out.push_str("(--wide prints every node's full environment)\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(name: &str) -> String {
+        let path = format!("{}/../../examples/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn table_shows_every_node_with_counts() {
+        let plan = geomx_job::plan("p", &example("pseudo-hips.toml")).expect("valid");
+        let text = render_plan(&plan, false);
+        assert!(
+            text.starts_with(
+                "job pseudo-hips: mode hips, network pseudo, 12 nodes on 1 host (a)\n"
+            )
+        );
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("global-server-0"))
+            .expect("row");
+        assert!(
+            line.contains("srv=1 wrk=1 gsrv=1 gwrk=2 all=4 central=0"),
+            "{line}"
+        );
+        assert!(line.ends_with(r#"python -c "import mxnet""#), "{line}");
+        let worker = text
+            .lines()
+            .find(|l| l.starts_with("b-worker-1"))
+            .expect("row");
+        assert!(
+            worker.ends_with("python /root/GeoMX/examples/cnn.py --data-slice-idx 3 --cpu"),
+            "{worker}"
+        );
+    }
+
+    #[test]
+    fn wide_prints_full_env() {
+        let plan = geomx_job::plan("h", &example("hips.toml")).expect("valid");
+        let text = render_plan(&plan, true);
+        assert!(text.contains("  env      DMLC_INTERFACE=eth0\n"), "{text}");
+        assert!(
+            text.contains("DMLC_PS_ROOT_URI={{a-scheduler.ip}}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  reaches  global-scheduler, a-scheduler\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn exit_codes() {
+        let dir = format!("{}/../..", env!("CARGO_MANIFEST_DIR"));
+        let args = |file: &str| PlanArgs {
+            file: PathBuf::from(format!("{dir}/{file}")),
+            wide: false,
+        };
+        let ok = run(&args("examples/mxnet-ps.toml"), Output::Json).expect("runs");
+        assert_eq!(ok, ExitCode::SUCCESS);
+        let invalid = run(
+            &args("controller/job/tests/invalid/01-hips-party-two-servers.toml"),
+            Output::Table,
+        )
+        .expect("runs");
+        assert_eq!(invalid, ExitCode::from(REFUSED));
+        let missing = run(&args("no-such-job.toml"), Output::Table).expect("runs");
+        assert_eq!(missing, ExitCode::from(REFUSED));
+    }
+
+    #[test]
+    fn errors_are_listed_with_a_count() {
+        let errors = geomx_job::parse("bad.toml", "name = \"X\"\nmode = \"ps\"\nimage = \"i\"\n")
+            .expect_err("invalid");
+        let text = render_errors("bad.toml", &errors);
+        assert!(
+            text.starts_with("error: bad.toml:1:8: job name \"X\""),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("bad.toml: 2 problems found, nothing planned\n"),
+            "{text}"
+        );
+    }
 }

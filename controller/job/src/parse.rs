@@ -1,0 +1,575 @@
+//! Reading a job file: TOML syntax, the file format (serde, unknown keys refused), then
+//! validation, every problem located at its line and column.
+//!
+//! The text is parsed once into toml's spanned document tree. From it come (1) a map from
+//! field paths (`party[1].servers`) to their spans, used to place validation problems, and
+//! (2) the typed [`JobSpec`] via serde. When serde refuses the document, each section is
+//! deserialized on its own so that every section's problem is reported, not just the first.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+use crate::error::{ErrorKind, JobError, JobErrors, line_col};
+use crate::spec::{
+    CentralSpec, CommandSpec, EnvSpec, JobSpec, Mode, Network, PartySpec, PolicySpec, ProgressSpec,
+};
+use crate::validate::{Problem, problems};
+
+/// Top-level keys of a job file, in documentation order.
+pub const TOP_LEVEL_KEYS: [&str; 12] = [
+    "name",
+    "mode",
+    "image",
+    "network",
+    "interface",
+    "verbose",
+    "command",
+    "env",
+    "central",
+    "party",
+    "policy",
+    "progress",
+];
+const REQUIRED_TOP_LEVEL_KEYS: [(&str, &str); 3] = [
+    ("name", "the job name, e.g. name = \"hips-mnist\""),
+    ("mode", "mode = \"hips\" or mode = \"ps\""),
+    (
+        "image",
+        "the container image every node runs, e.g. image = \"lizonghango00o1/geomx:cpu-only\"",
+    ),
+];
+
+/// Spans of every key and value in a document, by field path.
+#[derive(Debug, Default)]
+struct Spans {
+    /// path → (key span, value span)
+    map: HashMap<String, (Range<usize>, Range<usize>)>,
+}
+
+impl Spans {
+    fn from_doc(doc: &Spanned<DeTable<'_>>) -> Spans {
+        let mut spans = Spans::default();
+        spans.table("", doc.get_ref());
+        spans
+    }
+
+    fn table(&mut self, prefix: &str, table: &DeTable<'_>) {
+        for (key, value) in table {
+            let path = if prefix.is_empty() {
+                key.get_ref().to_string()
+            } else {
+                format!("{prefix}.{}", key.get_ref())
+            };
+            self.map.insert(path.clone(), (key.span(), value.span()));
+            self.value(&path, value);
+        }
+    }
+
+    fn value(&mut self, path: &str, value: &Spanned<DeValue<'_>>) {
+        match value.get_ref() {
+            DeValue::Table(t) => self.table(path, t),
+            DeValue::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let item_path = format!("{path}[{i}]");
+                    self.map
+                        .insert(item_path.clone(), (item.span(), item.span()));
+                    self.value(&item_path, item);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The field whose value span is the smallest one containing `span`.
+    fn innermost(&self, span: &Range<usize>) -> Option<String> {
+        self.map
+            .iter()
+            .filter(|(_, (_, v))| v.start <= span.start && span.end <= v.end)
+            .min_by_key(|(path, (_, v))| (v.end - v.start, std::cmp::Reverse(path.len())))
+            .map(|(path, _)| path.clone())
+    }
+
+    /// The best span for a field: itself, else its closest located ancestor.
+    fn locate(&self, field: &str, at_key: bool) -> Option<Range<usize>> {
+        let mut path = field;
+        loop {
+            if let Some((key, value)) = self.map.get(path) {
+                return Some(if at_key { key.clone() } else { value.clone() });
+            }
+            let cut = path.rfind(['.', '['])?;
+            path = &path[..cut];
+        }
+    }
+}
+
+/// Builds errors for one file.
+struct Reporter<'a> {
+    file: &'a str,
+    src: &'a str,
+}
+
+impl Reporter<'_> {
+    fn at(
+        &self,
+        span: Option<Range<usize>>,
+        field: Option<String>,
+        kind: ErrorKind,
+        message: String,
+    ) -> JobError {
+        let (line, col) = match span {
+            Some(span) => {
+                let (l, c) = line_col(self.src, span.start);
+                (Some(l), Some(c))
+            }
+            None => (None, None),
+        };
+        JobError {
+            file: self.file.to_string(),
+            line,
+            col,
+            field,
+            kind,
+            message,
+        }
+    }
+
+    fn toml(&self, e: &toml::de::Error, field: Option<String>, kind: ErrorKind) -> JobError {
+        let message = e.message().trim().replace('\n', " ");
+        self.at(e.span(), field, kind, message)
+    }
+}
+
+/// Reads and validates a job file. `file` names it in messages; `src` is its text.
+///
+/// Returns every problem found: all syntax errors; else every section's format error
+/// (unknown keys, wrong types, missing keys); else every validation problem.
+pub fn parse(file: &str, src: &str) -> Result<JobSpec, JobErrors> {
+    let r = Reporter { file, src };
+    let (doc, syntax) = DeTable::parse_recoverable(src);
+    if !syntax.is_empty() {
+        let errors = syntax
+            .iter()
+            .map(|e| {
+                let mut error = r.toml(e, None, ErrorKind::Syntax);
+                if let Some(key) = e.span().and_then(|s| src.get(s))
+                    && error.message == "duplicate key"
+                {
+                    error.message = format!("duplicate key `{key}`");
+                }
+                error
+            })
+            .collect();
+        return Err(sorted(errors));
+    }
+    let spans = Spans::from_doc(&doc);
+
+    let spec = match JobSpec::deserialize(toml::de::Deserializer::from(doc.clone())) {
+        Ok(spec) => spec,
+        Err(whole) => {
+            let mut errors = diagnose(&r, &doc, &spans);
+            if errors.is_empty() {
+                errors.push(r.toml(&whole, None, ErrorKind::Schema));
+            }
+            return Err(sorted(errors));
+        }
+    };
+
+    let found = problems(&spec);
+    if found.is_empty() {
+        return Ok(spec);
+    }
+    let errors = found
+        .into_iter()
+        .map(
+            |Problem {
+                 field,
+                 at_key,
+                 message,
+             }| {
+                let span = spans.locate(&field, at_key);
+                r.at(span, Some(field), ErrorKind::Invalid, message)
+            },
+        )
+        .collect();
+    Err(sorted(errors))
+}
+
+/// Problems sorted by position (unlocated ones last, in the order found).
+fn sorted(mut errors: Vec<JobError>) -> JobErrors {
+    errors.sort_by_key(|e| (e.line.is_none(), e.line, e.col));
+    errors.dedup();
+    JobErrors(errors)
+}
+
+/// Keys of the sub-tables, for reporting every unknown key (serde stops at the first).
+/// A unit test checks them against the structs.
+const COMMAND_KEYS: [&str; 4] = ["scheduler", "server", "worker", "master"];
+const ENV_KEYS: [&str; 5] = ["all", "schedulers", "servers", "master", "workers"];
+const CENTRAL_KEYS: [&str; 5] = [
+    "host",
+    "global_scheduler_port",
+    "scheduler_port",
+    "global_servers",
+    "workers",
+];
+const PARTY_KEYS: [&str; 5] = ["name", "hosts", "workers", "scheduler_port", "servers"];
+const POLICY_KEYS: [&str; 4] = [
+    "restart",
+    "max_restarts",
+    "stall_timeout",
+    "gpus_per_worker",
+];
+const PROGRESS_KEYS: [&str; 1] = ["regex"];
+
+/// serde's words for TOML types, in TOML's words.
+fn friendlier(message: &str) -> String {
+    message
+        .replace("missing field", "missing key")
+        .replace("expected i64", "expected an integer")
+        .replace("expected a sequence", "expected an array")
+        .replace("expected a map", "expected a table")
+        .replace("expected struct ", "expected a table ")
+}
+
+fn one_of(keys: &[&str]) -> String {
+    keys.iter()
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Deserializes each top-level section on its own, collecting every format error.
+fn diagnose(r: &Reporter<'_>, doc: &Spanned<DeTable<'_>>, spans: &Spans) -> Vec<JobError> {
+    let table = doc.get_ref();
+    let party_names = match table.get("party").map(|v| v.get_ref()) {
+        Some(DeValue::Array(items)) => items
+            .iter()
+            .map(|item| {
+                item.get_ref()
+                    .as_table()
+                    .and_then(|t| t.get("name"))
+                    .and_then(|n| n.get_ref().as_str())
+                    .filter(|n| crate::validate::is_valid_name(n, crate::spec::limits::NAME_MAX))
+                    .map(str::to_string)
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut d = Diagnosis {
+        r,
+        spans,
+        party_names,
+        errors: Vec::new(),
+    };
+    for (key, value) in table {
+        let name: &str = key.get_ref();
+        let field = name.to_string();
+        match name {
+            "name" | "image" | "interface" => d.check::<String>(field, value),
+            "mode" => d.check::<Mode>(field, value),
+            "network" => d.check::<Network>(field, value),
+            "verbose" => d.check::<i64>(field, value),
+            "command" => d.table::<CommandSpec>(field, "[command]", &COMMAND_KEYS, value),
+            "central" => d.table::<CentralSpec>(field, "[central]", &CENTRAL_KEYS, value),
+            "policy" => d.table::<PolicySpec>(field, "[policy]", &POLICY_KEYS, value),
+            "progress" => d.table::<ProgressSpec>(field, "[progress]", &PROGRESS_KEYS, value),
+            "env" => match value.get_ref() {
+                DeValue::Table(classes) => {
+                    d.unknown_keys(&field, "[env]", &ENV_KEYS, classes);
+                    for (class, vars) in classes {
+                        if ENV_KEYS.contains(&class.get_ref().as_ref()) {
+                            d.check::<BTreeMap<String, String>>(
+                                format!("env.{}", class.get_ref()),
+                                vars,
+                            );
+                        }
+                    }
+                }
+                _ => d.check::<EnvSpec>(field, value),
+            },
+            "party" => match value.get_ref() {
+                DeValue::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        let field = format!("party[{i}]");
+                        let what = d.human(&field);
+                        d.table::<PartySpec>(field, &what, &PARTY_KEYS, item);
+                    }
+                }
+                DeValue::Table(_) => d.errors.push(r.at(
+                    Some(value.span()),
+                    Some(field),
+                    ErrorKind::Schema,
+                    "party must be an array of tables: write [[party]], not [party]".to_string(),
+                )),
+                _ => d.check::<Vec<PartySpec>>(field, value),
+            },
+            _ => d.errors.push(r.at(
+                Some(key.span()),
+                Some(field),
+                ErrorKind::Schema,
+                format!(
+                    "unknown key `{name}`, expected one of {}",
+                    one_of(&TOP_LEVEL_KEYS)
+                ),
+            )),
+        }
+    }
+    for (key, what) in REQUIRED_TOP_LEVEL_KEYS {
+        if !table.contains_key(key) {
+            d.errors.push(r.at(
+                None,
+                Some(key.to_string()),
+                ErrorKind::Schema,
+                format!("missing required key `{key}`: {what}"),
+            ));
+        }
+    }
+    d.errors
+}
+
+struct Diagnosis<'a, 'r> {
+    r: &'a Reporter<'r>,
+    spans: &'a Spans,
+    /// Valid names of the `[[party]]` tables, by index.
+    party_names: Vec<Option<String>>,
+    errors: Vec<JobError>,
+}
+
+impl Diagnosis<'_, '_> {
+    fn check<T: DeserializeOwned>(&mut self, field: String, value: &Spanned<DeValue<'_>>) {
+        let mut owned = value.clone();
+        owned.get_mut().make_owned();
+        if let Err(e) = T::deserialize(ValueDeserializer::from(owned)) {
+            // Name the innermost field the error is about.
+            let field = e
+                .span()
+                .and_then(|span| self.spans.innermost(&span))
+                .filter(|inner| inner.starts_with(&field))
+                .unwrap_or(field);
+            let mut error = self.r.toml(&e, Some(field.clone()), ErrorKind::Schema);
+            error.message = format!("{}: {}", self.human(&field), friendlier(&error.message));
+            self.errors.push(error);
+        }
+    }
+
+    /// How a field path reads in a message: `party "a": workers`, `[env.servers]: X`.
+    fn human(&self, field: &str) -> String {
+        if let Some(rest) = field.strip_prefix("party[") {
+            let (index, rest) = rest.split_once(']').unwrap_or((rest, ""));
+            let ctx = match index.parse::<usize>() {
+                Ok(i) => match self.party_names.get(i) {
+                    Some(Some(name)) => format!("party {name:?}"),
+                    _ => format!("[[party]] #{}", i + 1),
+                },
+                Err(_) => "[[party]]".to_string(),
+            };
+            return match rest.strip_prefix('.') {
+                Some(key) => format!("{ctx}: {key}"),
+                None => ctx,
+            };
+        }
+        if let Some(rest) = field.strip_prefix("env.") {
+            return match rest.split_once('.') {
+                Some((class, var)) => format!("[env.{class}]: {var}"),
+                None => format!("[env.{rest}]"),
+            };
+        }
+        for table in ["command", "central", "policy", "progress", "env"] {
+            if field == table {
+                return format!("[{table}]");
+            }
+            if let Some(key) = field.strip_prefix(table).and_then(|r| r.strip_prefix('.')) {
+                return format!("[{table}]: {key}");
+            }
+        }
+        field.to_string()
+    }
+
+    fn unknown_keys(&mut self, field: &str, what: &str, known: &[&str], table: &DeTable<'_>) {
+        for key in table.keys() {
+            if !known.contains(&key.get_ref().as_ref()) {
+                self.errors.push(self.r.at(
+                    Some(key.span()),
+                    Some(format!("{field}.{}", key.get_ref())),
+                    ErrorKind::Schema,
+                    format!(
+                        "unknown key `{}` in {what}, expected one of {}",
+                        key.get_ref(),
+                        one_of(known)
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// Reports every unknown key of a table, then deserializes the rest.
+    fn table<T: DeserializeOwned>(
+        &mut self,
+        field: String,
+        what: &str,
+        known: &[&str],
+        value: &Spanned<DeValue<'_>>,
+    ) {
+        let DeValue::Table(table) = value.get_ref() else {
+            return self.check::<T>(field, value);
+        };
+        self.unknown_keys(&field, what, known, table);
+        let mut rest = DeTable::new();
+        for (k, v) in table {
+            if known.contains(&k.get_ref().as_ref()) {
+                rest.insert(k.clone(), v.clone());
+            }
+        }
+        let rest = Spanned::new(value.span(), DeValue::Table(rest));
+        self.check::<T>(field, &rest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+name = "t"
+mode = "hips"
+image = "img"
+
+[central]
+host = "a"
+
+[[party]]
+name = "p"
+hosts = ["a"]
+workers = 2
+"#;
+
+    fn keys<T: serde::Serialize>(value: &T) -> Vec<String> {
+        let value = toml::Value::try_from(value).expect("serializes");
+        let mut keys: Vec<String> = value.as_table().expect("table").keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    fn sorted_keys(list: &[&str]) -> Vec<String> {
+        let mut keys: Vec<String> = list.iter().map(|k| k.to_string()).collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn key_lists_match_the_structs() {
+        let vars = || BTreeMap::from([("A".to_string(), "1".to_string())]);
+        let argv = || Some(vec!["x".to_string()]);
+        let spec = JobSpec {
+            name: "n".into(),
+            mode: Mode::Hips,
+            image: "i".into(),
+            network: Network::Routed,
+            interface: Some("eth0".into()),
+            verbose: Some(1),
+            command: CommandSpec {
+                scheduler: argv(),
+                server: argv(),
+                worker: argv(),
+                master: argv(),
+            },
+            env: EnvSpec {
+                all: vars(),
+                schedulers: vars(),
+                servers: vars(),
+                master: vars(),
+                workers: vars(),
+            },
+            central: Some(CentralSpec {
+                host: "h".into(),
+                global_scheduler_port: 1,
+                scheduler_port: 2,
+                global_servers: 1,
+                workers: 0,
+            }),
+            parties: vec![PartySpec {
+                name: "p".into(),
+                hosts: vec!["h".into()],
+                workers: 1,
+                scheduler_port: Some(3),
+                servers: 1,
+            }],
+            policy: PolicySpec {
+                restart: crate::spec::RestartPolicy::Never,
+                max_restarts: Some(0),
+                stall_timeout: Some("1m".into()),
+                gpus_per_worker: 0,
+            },
+            progress: Some(ProgressSpec { regex: "x".into() }),
+        };
+        assert_eq!(keys(&spec), sorted_keys(&TOP_LEVEL_KEYS));
+        assert_eq!(keys(&spec.command), sorted_keys(&COMMAND_KEYS));
+        assert_eq!(keys(&spec.env), sorted_keys(&ENV_KEYS));
+        assert_eq!(keys(&spec.central), sorted_keys(&CENTRAL_KEYS));
+        assert_eq!(keys(&spec.parties[0]), sorted_keys(&PARTY_KEYS));
+        assert_eq!(keys(&spec.policy), sorted_keys(&POLICY_KEYS));
+        assert_eq!(keys(&spec.progress), sorted_keys(&PROGRESS_KEYS));
+    }
+
+    #[test]
+    fn minimal_hips_job_parses_with_defaults() {
+        let spec = parse("t.toml", MINIMAL).expect("valid");
+        assert_eq!(spec.interface(), "eth0");
+        assert_eq!(spec.network, Network::Routed);
+        let central = spec.central.as_ref().expect("central");
+        assert_eq!(central.global_scheduler_port, 9092);
+        assert_eq!(central.scheduler_port, 9093);
+        assert_eq!(central.global_servers, 1);
+        assert_eq!(central.workers, 0);
+        assert_eq!(spec.parties[0].servers, 1);
+        assert_eq!(spec.party_scheduler_port(0), 9094);
+    }
+
+    #[test]
+    fn syntax_errors_are_located() {
+        let errs = parse("t.toml", "name = \"t\"\nmode = \n").expect_err("invalid");
+        let e = &errs.errors()[0];
+        assert_eq!(e.kind, ErrorKind::Syntax);
+        assert_eq!(e.line, Some(2));
+    }
+
+    #[test]
+    fn every_sections_format_error_is_reported() {
+        let src = format!("foo = 1\n{MINIMAL}\n[policy]\nrestart = \"sometimes\"\n");
+        let src = src.replace("host = \"a\"", "host = \"a\"\nworkers = \"x\"");
+        let src = src.replace("workers = 2", "workers = 2\nservrs = 1");
+        let errs = parse("t.toml", &src).expect_err("invalid");
+        let text = errs.to_string();
+        assert_eq!(errs.len(), 4, "{text}");
+        assert!(text.contains("unknown key `servrs`"), "{text}");
+        assert!(text.contains("invalid type: string \"x\""), "{text}");
+        assert!(text.contains("unknown key `foo`"), "{text}");
+        assert!(text.contains("unknown variant `sometimes`"), "{text}");
+        assert!(errs.errors().iter().all(|e| e.line.is_some()), "{text}");
+    }
+
+    #[test]
+    fn missing_required_keys_are_named() {
+        let src = MINIMAL.replace("image = \"img\"\n", "");
+        let errs = parse("t.toml", &src).expect_err("invalid");
+        assert_eq!(
+            errs.to_string(),
+            "t.toml: image: missing required key `image`: the container image every node runs, e.g. image = \"lizonghango00o1/geomx:cpu-only\""
+        );
+    }
+
+    #[test]
+    fn validation_problems_point_at_the_value() {
+        let src = MINIMAL.replace("workers = 2", "workers = 2\nservers = 2");
+        let errs = parse("hips.toml", &src).expect_err("invalid");
+        assert_eq!(
+            errs.to_string(),
+            "hips.toml:13:11: party \"p\": servers = 2, but mode \"hips\" requires exactly 1 server per party (ps-lite aborts: \"load balance at the first layer is not supported\")"
+        );
+    }
+}
