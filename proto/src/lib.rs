@@ -4,12 +4,21 @@
 //!   `AgentService` (agents → controller), `AgentNodeService` (controller → agent),
 //!   `JobService` and `HostService` (users → controller).
 //! * [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
+//! * [`tls`]: loading PEM files into tonic TLS configs, the caller's certificate identity,
+//!   bearer tokens.
+//! * [`pki`]: a small CA and the controller and agent certificates (for labs and tests, and
+//!   behind `geomxctl certs`).
+
+#![warn(missing_docs)]
 
 /// Generated code of the `geomx.v1` protobuf package.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod v1 {
     tonic::include_proto!("geomx.v1");
 }
+
+pub mod pki;
+pub mod tls;
 
 /// Encoded `FileDescriptorSet` of the geomx API, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("geomx_descriptor");

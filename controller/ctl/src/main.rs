@@ -9,7 +9,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod certs;
+mod client;
+mod hosts;
 mod plan;
+mod table;
 
 /// How results are printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -26,7 +30,12 @@ pub enum Output {
 #[command(name = "geomxctl", version, about, long_about = None)]
 pub struct Cli {
     /// Controller address, e.g. https://10.1.1.34:7946.
-    #[arg(long, global = true, env = "GEOMX_CONTROLLER", default_value = "https://127.0.0.1:7946")]
+    #[arg(
+        long,
+        global = true,
+        env = "GEOMX_CONTROLLER",
+        default_value = "https://127.0.0.1:7946"
+    )]
     pub controller: String,
     /// Bearer token for the user API.
     #[arg(long, global = true, env = "GEOMX_TOKEN", hide_env_values = true)]
@@ -34,6 +43,9 @@ pub struct Cli {
     /// CA certificate (PEM) that signed the controller's certificate.
     #[arg(long, global = true, env = "GEOMX_CA")]
     pub ca: Option<std::path::PathBuf>,
+    /// Allow a plaintext http:// controller URL (a controller started with --insecure).
+    #[arg(long, global = true)]
+    pub insecure: bool,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -46,12 +58,18 @@ pub struct Cli {
 pub enum Command {
     /// Validate a job file and print the nodes it compiles to, without deploying.
     Plan(plan::PlanArgs),
+    /// List the hosts the controller knows: subnet, state, last heartbeat.
+    Hosts(hosts::HostsArgs),
+    /// Make the CA, certificates and tokens of a cluster (no controller needed).
+    Certs(certs::CertsArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Plan(args) => plan::run(args, cli.output),
+        Command::Hosts(args) => hosts::run(args, &cli),
+        Command::Certs(args) => certs::run(args, cli.output),
     };
     match result {
         Ok(code) => code,

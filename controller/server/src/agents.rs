@@ -1,0 +1,260 @@
+//! `geomx.v1.AgentService`: the gRPC face of [`Membership`] for agents.
+//!
+//! Every RPC authenticates the caller as the agent of the host it names
+//! ([`Auth::authorize_agent`]), validates every field ([`crate::validate`]) and maps
+//! membership errors to gRPC statuses.
+
+use std::sync::Arc;
+
+use geomx_proto::v1::agent_service_server::AgentService;
+use geomx_proto::v1::{
+    ContainerState, DesiredState, HostReport, LeaveRequest, LeaveResponse, RegisterRequest,
+    RegisterResponse, ReportResponse, WatchRequest,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::auth::Auth;
+use crate::membership::{HeartbeatData, Membership, Registration, duration_ms, same_content};
+use crate::store::NetworkRecord;
+use crate::validate;
+
+/// Implementation of `AgentService`.
+#[derive(Clone, Debug)]
+pub struct AgentApi {
+    membership: Arc<Membership>,
+    auth: Auth,
+    shutdown: CancellationToken,
+    streams: TaskTracker,
+}
+
+impl AgentApi {
+    /// The service over `membership`; `Watch` streams end when `shutdown` is cancelled and
+    /// their tasks are tracked by `streams`.
+    pub fn new(
+        membership: Arc<Membership>,
+        auth: Auth,
+        shutdown: CancellationToken,
+        streams: TaskTracker,
+    ) -> Self {
+        AgentApi {
+            membership,
+            auth,
+            shutdown,
+            streams,
+        }
+    }
+}
+
+/// Checks the caller and the host field of an agent request; returns the host name.
+fn agent_host<T>(auth: &Auth, request: &Request<T>, host: &str) -> Result<String, Status> {
+    auth.authorize_agent(request, host)?;
+    validate::host_name("host", host)
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let host = agent_host(&self.auth, &request, &request.get_ref().host)?;
+        let req = request.into_inner();
+        let membership = &self.membership;
+        let span = tracing::info_span!("register", host = %host);
+        async move {
+            let pool = membership.pool();
+            let reg = Registration {
+                host,
+                underlay_ip: validate::underlay_ip(
+                    "underlay_ip",
+                    &req.underlay_ip,
+                    pool.cluster(),
+                )?,
+                pinned_subnet: validate::optional_subnet("pinned_subnet", &req.pinned_subnet)?,
+                agent_version: validate::printable(
+                    "agent_version",
+                    &req.agent_version,
+                    validate::MAX_VERSION_LEN,
+                )?,
+                agent_url: validate::agent_url("agent_url", &req.agent_url)?,
+            };
+            let underlay = reg.underlay_ip;
+            let subnet = membership.register(reg).await.inspect_err(|e| {
+                tracing::warn!(error = %e, "registration refused");
+            })?;
+            tracing::info!(%subnet, %underlay, "registered");
+            let timing = membership.timing();
+            Ok(Response::new(RegisterResponse {
+                subnet: subnet.to_string(),
+                cluster_cidr: pool.cluster().to_string(),
+                heartbeat_interval_ms: duration_ms(timing.heartbeat_interval),
+                grace_period_ms: duration_ms(timing.grace_period),
+                controller_id: membership.controller_id().to_owned(),
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    type WatchStream = ReceiverStream<Result<DesiredState, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let host = agent_host(&self.auth, &request, &request.get_ref().host)?;
+        if self.shutdown.is_cancelled() {
+            return Err(Status::unavailable("the controller is shutting down"));
+        }
+        let revisions = self.membership.subscribe(&host)?;
+        let (tx, rx) = mpsc::channel(4);
+        let membership = self.membership.clone();
+        let shutdown = self.shutdown.clone();
+        let span = tracing::info_span!("watch", host = %host);
+        self.streams
+            .spawn(watch_loop(membership, host, tx, revisions, shutdown).instrument(span));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn report(
+        &self,
+        request: Request<HostReport>,
+    ) -> Result<Response<ReportResponse>, Status> {
+        let host = agent_host(&self.auth, &request, &request.get_ref().host)?;
+        let report = request.into_inner();
+        let span = tracing::debug_span!("report", host = %host);
+        let membership = &self.membership;
+        async move {
+            let data = heartbeat_data(&report)?;
+            membership.report(&host, data, &report).await?;
+            Ok(Response::new(ReportResponse {
+                heartbeat_interval_ms: duration_ms(membership.timing().heartbeat_interval),
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn leave(
+        &self,
+        request: Request<LeaveRequest>,
+    ) -> Result<Response<LeaveResponse>, Status> {
+        let host = agent_host(&self.auth, &request, &request.get_ref().host)?;
+        let span = tracing::info_span!("leave", host = %host);
+        async {
+            self.membership.leave(&host).await?;
+            tracing::info!("host left");
+            Ok(Response::new(LeaveResponse {}))
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Validates what the membership keeps of a report.
+fn heartbeat_data(report: &HostReport) -> Result<HeartbeatData, Status> {
+    let agent_version = validate::printable(
+        "agent_version",
+        &report.agent_version,
+        validate::MAX_VERSION_LEN,
+    )?;
+    if report.images.len() > validate::MAX_IMAGES {
+        return Err(Status::invalid_argument(format!(
+            "images: {} entries, at most {} allowed",
+            report.images.len(),
+            validate::MAX_IMAGES
+        )));
+    }
+    let mut images = Vec::with_capacity(report.images.len());
+    for image in &report.images {
+        images.push(validate::printable(
+            "images",
+            image,
+            validate::MAX_IMAGE_LEN,
+        )?);
+    }
+    images.sort();
+    images.dedup();
+    let network = report
+        .network
+        .as_ref()
+        .map_or_else(NetworkRecord::default, |n| NetworkRecord {
+            converged: n.converged,
+            routes: n.routes,
+            error: validate::truncate(&n.error, validate::MAX_NETWORK_ERROR_LEN),
+        });
+    let running = report
+        .nodes
+        .iter()
+        .filter(|n| n.state == ContainerState::Running as i32)
+        .count();
+    if report.listening_ports.len() > 65_536 || report.listening_ports.iter().any(|p| *p > 65_535) {
+        return Err(Status::invalid_argument(
+            "listening_ports: ports must be 0..=65535, each at most once",
+        ));
+    }
+    let mut listening_ports = report.listening_ports.clone();
+    listening_ports.sort_unstable();
+    listening_ports.dedup();
+    Ok(HeartbeatData {
+        agent_version,
+        network,
+        images,
+        running_containers: u32::try_from(running).unwrap_or(u32::MAX),
+        listening_ports,
+    })
+}
+
+/// Sends `host`'s desired state: at once, then after every published change that alters
+/// it, until the client goes away, the host leaves, or the controller shuts down.
+async fn watch_loop(
+    membership: Arc<Membership>,
+    host: String,
+    tx: mpsc::Sender<Result<DesiredState, Status>>,
+    mut revisions: tokio::sync::watch::Receiver<u64>,
+    shutdown: CancellationToken,
+) {
+    tracing::info!("watch opened");
+    let mut last: Option<DesiredState> = None;
+    loop {
+        revisions.borrow_and_update();
+        match membership.desired_state_for(&host) {
+            Ok(state) => {
+                if last.as_ref().is_none_or(|l| !same_content(l, &state)) {
+                    tracing::debug!(
+                        revision = state.revision,
+                        peers = state.peers.len(),
+                        "sending desired state"
+                    );
+                    tokio::select! {
+                        sent = tx.send(Ok(state.clone())) => if sent.is_err() { break },
+                        () = shutdown.cancelled() => {
+                            let _ = tx.try_send(Err(Status::unavailable("the controller is shutting down")));
+                            break;
+                        }
+                    }
+                    last = Some(state);
+                }
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "ending watch");
+                let _ = tx.try_send(Err(e.into()));
+                break;
+            }
+        }
+        tokio::select! {
+            changed = revisions.changed() => if changed.is_err() { break },
+            () = shutdown.cancelled() => {
+                let _ = tx.try_send(Err(Status::unavailable("the controller is shutting down")));
+                break;
+            }
+            () = tx.closed() => break,
+        }
+    }
+    tracing::info!("watch closed");
+}

@@ -1,0 +1,712 @@
+//! Controller configuration: `/etc/geomx/controller.toml`, overridden by flags and
+//! `GEOMX_CONTROLLER_*` environment variables.
+//!
+//! Precedence, per setting: flag or environment variable, then the config file, then the
+//! default. Relative paths in the file are relative to the file's directory. Errors name
+//! where the bad value came from: `file:line:col` for the file, the flag and its variable
+//! otherwise.
+//!
+//! ```toml
+//! listen = "0.0.0.0:7946"
+//! cluster_cidr = "172.17.0.0/16"
+//! host_subnet_prefix = 24
+//! state_dir = "/var/lib/geomx-controller"
+//! heartbeat_interval = "1s"
+//! grace_period = "10s"
+//! shutdown_timeout = "10s"
+//! # insecure = true            # plaintext, no client authentication: labs only
+//!
+//! [tls]
+//! ca = "/etc/geomx/tls/ca.pem"
+//! cert = "/etc/geomx/tls/controller.pem"
+//! key = "/etc/geomx/tls/controller-key.pem"
+//!
+//! [auth]
+//! tokens_file = "/etc/geomx/tokens"   # one token per line, '#' comments
+//! # tokens = ["..."]                   # inline, for tests
+//! ```
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use geomx_proto::tls::{TlsFiles, parse_tokens_file, validate_token};
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Default config file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/geomx/controller.toml";
+/// Default listen address (all interfaces, port 7946).
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7946";
+/// Default cluster CIDR.
+pub const DEFAULT_CLUSTER_CIDR: &str = "172.17.0.0/16";
+/// Default prefix length of host subnets.
+pub const DEFAULT_HOST_SUBNET_PREFIX: u8 = 24;
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/geomx-controller";
+/// Default heartbeat interval given to agents.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Default grace period after which a silent host is lost.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
+/// Default time allowed for a graceful shutdown.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors reading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("cannot read {what} {}: {source}", path.display())]
+    Read {
+        /// What the file was for.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has unknown/mistyped keys.
+    #[error("{}:{line}:{col}: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        col: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is invalid; `origin` says where it came from.
+    #[error("{origin}: {message}")]
+    Invalid {
+        /// `file:line:col (key)`, `--flag / ENV`, or `config` for programmatic configs.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Command-line flags (each also read from a `GEOMX_CONTROLLER_*` environment variable).
+#[derive(Clone, Debug, Default, clap::Parser)]
+#[command(
+    name = "geomx-controller",
+    version,
+    about = "geomx control plane: admits hosts, leases container subnets, distributes topology"
+)]
+pub struct Args {
+    /// Config file [default: /etc/geomx/controller.toml, if present].
+    #[arg(long, env = "GEOMX_CONTROLLER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to serve gRPC on [default: 0.0.0.0:7946].
+    #[arg(long, env = "GEOMX_CONTROLLER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// CIDR every host subnet is carved from [default: 172.17.0.0/16].
+    #[arg(long, env = "GEOMX_CONTROLLER_CLUSTER_CIDR")]
+    pub cluster_cidr: Option<Ipv4Net>,
+    /// Prefix length of each host's subnet [default: 24].
+    #[arg(long, env = "GEOMX_CONTROLLER_HOST_SUBNET_PREFIX")]
+    pub host_subnet_prefix: Option<u8>,
+    /// State directory (sled database) [default: /var/lib/geomx-controller].
+    #[arg(long, env = "GEOMX_CONTROLLER_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// How often agents report, e.g. "1s", "500ms" [default: 1s].
+    #[arg(long, env = "GEOMX_CONTROLLER_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+    /// A host silent for this long is marked lost [default: 10s].
+    #[arg(long, env = "GEOMX_CONTROLLER_GRACE_PERIOD", value_parser = humantime::parse_duration)]
+    pub grace_period: Option<Duration>,
+    /// Time allowed for a graceful shutdown [default: 10s].
+    #[arg(long, env = "GEOMX_CONTROLLER_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Option<Duration>,
+    /// CA certificate (PEM) that signs agent and controller certificates.
+    #[arg(long, env = "GEOMX_CONTROLLER_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// The controller's certificate (PEM).
+    #[arg(long, env = "GEOMX_CONTROLLER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The controller's private key (PEM).
+    #[arg(long, env = "GEOMX_CONTROLLER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// File of user bearer tokens, one per line ('#' comments).
+    #[arg(long, env = "GEOMX_CONTROLLER_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// Serve plaintext gRPC without client authentication. For throwaway labs only.
+    #[arg(long, env = "GEOMX_CONTROLLER_INSECURE")]
+    pub insecure: bool,
+}
+
+/// The resolved, validated configuration of a controller.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Address to serve on; port 0 picks a free port (see
+    /// [`crate::server::RunningController::local_addr`]).
+    pub listen: SocketAddr,
+    /// CIDR every host subnet is carved from.
+    pub cluster_cidr: Ipv4Net,
+    /// Prefix length of host subnets.
+    pub host_subnet_prefix: u8,
+    /// sled state directory.
+    pub state_dir: PathBuf,
+    /// How often agents report.
+    pub heartbeat_interval: Duration,
+    /// After how long without a report a host is lost.
+    pub grace_period: Duration,
+    /// Time allowed for a graceful shutdown before connections are dropped.
+    pub shutdown_timeout: Duration,
+    /// TLS files; required unless `insecure`.
+    pub tls: Option<TlsFiles>,
+    /// Plaintext without client authentication.
+    pub insecure: bool,
+    /// Bearer tokens accepted on the user API.
+    pub tokens: Vec<String>,
+}
+
+impl ControllerConfig {
+    /// A configuration with every default, serving TLS with `tls` and state in `state_dir`.
+    pub fn new(state_dir: impl Into<PathBuf>, tls: Option<TlsFiles>) -> Self {
+        ControllerConfig {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("DEFAULT_LISTEN is a valid socket address"),
+            cluster_cidr: DEFAULT_CLUSTER_CIDR
+                .parse()
+                .expect("DEFAULT_CLUSTER_CIDR is a valid CIDR"),
+            host_subnet_prefix: DEFAULT_HOST_SUBNET_PREFIX,
+            state_dir: state_dir.into(),
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            grace_period: DEFAULT_GRACE_PERIOD,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            tls,
+            insecure: false,
+            tokens: Vec::new(),
+        }
+    }
+
+    /// Checks the relations between settings (origins are reported as `config`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let origin = |_: &str| "config".to_owned();
+        self.validate_with(&origin)
+    }
+
+    fn validate_with(&self, origin: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            origin: origin(key),
+            message,
+        };
+        let cidr = self.cluster_cidr;
+        if cidr.trunc() != cidr {
+            return Err(invalid(
+                "cluster_cidr",
+                format!("{cidr} has host bits set; did you mean {}?", cidr.trunc()),
+            ));
+        }
+        if cidr.prefix_len() < 8 {
+            return Err(invalid(
+                "cluster_cidr",
+                format!("{cidr} is too large: the prefix must be /8 or longer"),
+            ));
+        }
+        let hp = self.host_subnet_prefix;
+        if hp > 30 {
+            return Err(invalid(
+                "host_subnet_prefix",
+                format!("/{hp} leaves no room for containers: use /30 or shorter (/24 is usual)"),
+            ));
+        }
+        if hp < cidr.prefix_len() {
+            return Err(invalid(
+                "host_subnet_prefix",
+                format!(
+                    "/{hp} is larger than the cluster CIDR {cidr}: host subnets are carved from it"
+                ),
+            ));
+        }
+        for (key, d) in [
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("grace_period", self.grace_period),
+            ("shutdown_timeout", self.shutdown_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be longer than zero".into()));
+            }
+            if d > Duration::from_secs(24 * 3600) {
+                return Err(invalid(key, "must be at most 24h".into()));
+            }
+        }
+        if self.heartbeat_interval < Duration::from_millis(50) {
+            return Err(invalid(
+                "heartbeat_interval",
+                "must be at least 50ms".into(),
+            ));
+        }
+        if self.grace_period < self.heartbeat_interval * 2 {
+            return Err(invalid(
+                "grace_period",
+                format!(
+                    "{} must be at least twice heartbeat_interval ({}), or hosts flap between ready and lost",
+                    humantime::format_duration(self.grace_period),
+                    humantime::format_duration(self.heartbeat_interval)
+                ),
+            ));
+        }
+        if !self.insecure && self.tls.is_none() {
+            return Err(invalid(
+                "tls",
+                "TLS files are required: set [tls] ca, cert and key (make them with `geomxctl certs`), or run with --insecure for a throwaway lab".into(),
+            ));
+        }
+        for t in &self.tokens {
+            validate_token(t).map_err(|e| invalid("tokens", e.to_string()))?;
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(invalid("state_dir", "must not be empty".into()));
+        }
+        Ok(())
+    }
+
+    /// Reads the config file named by `args` (or the default one if it exists), applies the
+    /// flags, and validates. Returns the configuration and warnings worth logging.
+    pub fn load(args: &Args) -> Result<(ControllerConfig, Vec<String>), ConfigError> {
+        let (file, path, text) = match &args.config {
+            Some(path) => {
+                let text = read(path, "config file")?;
+                (parse_file(path, &text)?, Some(path.clone()), text)
+            }
+            None => {
+                let path = PathBuf::from(DEFAULT_CONFIG_PATH);
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => (parse_file(&path, &text)?, Some(path), text),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        (FileConfig::default(), None, String::new())
+                    }
+                    Err(source) => {
+                        return Err(ConfigError::Read {
+                            what: "config file",
+                            path,
+                            source,
+                        });
+                    }
+                }
+            }
+        };
+        resolve(args, file, path.as_deref(), &text)
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<Spanned<String>>,
+    cluster_cidr: Option<Spanned<String>>,
+    host_subnet_prefix: Option<Spanned<u8>>,
+    state_dir: Option<Spanned<PathBuf>>,
+    heartbeat_interval: Option<Spanned<String>>,
+    grace_period: Option<Spanned<String>>,
+    shutdown_timeout: Option<Spanned<String>>,
+    insecure: Option<bool>,
+    tls: Option<FileTls>,
+    auth: Option<FileAuth>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    ca: Option<Spanned<PathBuf>>,
+    cert: Option<Spanned<PathBuf>>,
+    key: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAuth {
+    tokens: Option<Vec<Spanned<String>>>,
+    tokens_file: Option<Spanned<PathBuf>>,
+}
+
+fn read(path: &Path, what: &'static str) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        ConfigError::Parse {
+            path: path.to_owned(),
+            line,
+            col,
+            message: e.message().trim().to_owned(),
+        }
+    })
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
+    (line, col)
+}
+
+/// Where each setting came from, for error messages.
+struct Origins<'a> {
+    path: Option<&'a Path>,
+    text: &'a str,
+}
+
+impl Origins<'_> {
+    fn file(&self, key: &str, span: Range<usize>) -> String {
+        let (line, col) = line_col(self.text, span.start);
+        match self.path {
+            Some(p) => format!("{}:{line}:{col} ({key})", p.display()),
+            None => key.to_owned(),
+        }
+    }
+}
+
+fn flag(name: &str) -> String {
+    let env = format!("GEOMX_CONTROLLER_{}", name.to_uppercase().replace('-', "_"));
+    format!("--{name} / {env}")
+}
+
+fn resolve(
+    args: &Args,
+    file: FileConfig,
+    path: Option<&Path>,
+    text: &str,
+) -> Result<(ControllerConfig, Vec<String>), ConfigError> {
+    let origins = Origins { path, text };
+    let base_dir = path
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_owned()))
+        .and_then(|p| p.parent().map(Path::to_owned))
+        .unwrap_or_default();
+    let rel = |p: &Path| -> PathBuf {
+        if p.is_relative() && !base_dir.as_os_str().is_empty() {
+            base_dir.join(p)
+        } else {
+            p.to_owned()
+        }
+    };
+    let mut warnings = Vec::new();
+    let mut cfg = ControllerConfig::new(DEFAULT_STATE_DIR, None);
+    // Remember where each validated key came from, for relational errors.
+    let mut key_origin: std::collections::HashMap<&'static str, String> = Default::default();
+
+    macro_rules! setting {
+        ($key:literal, $flag:literal, $arg:expr, $file:expr, $parse:expr, $target:expr) => {
+            if let Some(v) = $arg {
+                $target = v;
+                key_origin.insert($key, flag($flag));
+            } else if let Some(spanned) = $file {
+                let span = spanned.span();
+                let origin = origins.file($key, span);
+                let parsed: Result<_, String> = ($parse)(spanned.into_inner());
+                $target = parsed.map_err(|message| ConfigError::Invalid {
+                    origin: origin.clone(),
+                    message,
+                })?;
+                key_origin.insert($key, origin);
+            }
+        };
+    }
+
+    setting!(
+        "listen",
+        "listen",
+        args.listen,
+        file.listen,
+        |s: String| s
+            .parse::<SocketAddr>()
+            .map_err(|e| format!("{s:?} is not an address:port ({e}), e.g. \"0.0.0.0:7946\"")),
+        cfg.listen
+    );
+    setting!(
+        "cluster_cidr",
+        "cluster-cidr",
+        args.cluster_cidr,
+        file.cluster_cidr,
+        |s: String| s
+            .parse::<Ipv4Net>()
+            .map_err(|_| format!("{s:?} is not an IPv4 CIDR, e.g. \"172.17.0.0/16\"")),
+        cfg.cluster_cidr
+    );
+    setting!(
+        "host_subnet_prefix",
+        "host-subnet-prefix",
+        args.host_subnet_prefix,
+        file.host_subnet_prefix,
+        |v: u8| Ok::<u8, String>(v),
+        cfg.host_subnet_prefix
+    );
+    setting!(
+        "state_dir",
+        "state-dir",
+        args.state_dir.clone(),
+        file.state_dir,
+        |p: PathBuf| Ok::<PathBuf, String>(rel(&p)),
+        cfg.state_dir
+    );
+    let duration = |s: String| {
+        humantime::parse_duration(&s)
+            .map_err(|e| format!("{s:?} is not a duration ({e}), e.g. \"1s\" or \"500ms\""))
+    };
+    setting!(
+        "heartbeat_interval",
+        "heartbeat-interval",
+        args.heartbeat_interval,
+        file.heartbeat_interval,
+        duration,
+        cfg.heartbeat_interval
+    );
+    setting!(
+        "grace_period",
+        "grace-period",
+        args.grace_period,
+        file.grace_period,
+        duration,
+        cfg.grace_period
+    );
+    setting!(
+        "shutdown_timeout",
+        "shutdown-timeout",
+        args.shutdown_timeout,
+        file.shutdown_timeout,
+        duration,
+        cfg.shutdown_timeout
+    );
+
+    cfg.insecure = args.insecure || file.insecure.unwrap_or(false);
+
+    // TLS: each file from its flag or the [tls] table.
+    let file_tls = file.tls.unwrap_or_default();
+    let pick = |arg: &Option<PathBuf>, f: Option<Spanned<PathBuf>>| -> Option<PathBuf> {
+        arg.clone().or_else(|| f.map(|s| rel(s.get_ref())))
+    };
+    let ca = pick(&args.tls_ca, file_tls.ca);
+    let cert = pick(&args.tls_cert, file_tls.cert);
+    let key = pick(&args.tls_key, file_tls.key);
+    match (ca, cert, key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            if cfg.insecure {
+                warnings.push("insecure mode: the TLS files are ignored".to_owned());
+            } else {
+                cfg.tls = Some(TlsFiles { ca, cert, key });
+            }
+        }
+        (None, None, None) => {}
+        (ca, cert, key) => {
+            let missing: Vec<&str> = [
+                ("ca", ca.is_none()),
+                ("cert", cert.is_none()),
+                ("key", key.is_none()),
+            ]
+            .into_iter()
+            .filter(|(_, m)| *m)
+            .map(|(k, _)| k)
+            .collect();
+            if !cfg.insecure {
+                return Err(ConfigError::Invalid {
+                    origin: "tls".into(),
+                    message: format!(
+                        "incomplete: {} missing (set [tls] ca, cert and key, or --tls-ca/--tls-cert/--tls-key)",
+                        missing.join(", ")
+                    ),
+                });
+            }
+        }
+    }
+
+    // Tokens: inline list plus the tokens file.
+    let auth = file.auth.unwrap_or_default();
+    for t in auth.tokens.unwrap_or_default() {
+        let origin = origins.file("auth.tokens", t.span());
+        let t = t.into_inner();
+        validate_token(&t).map_err(|e| ConfigError::Invalid {
+            origin,
+            message: e.to_string(),
+        })?;
+        cfg.tokens.push(t);
+    }
+    let tokens_file = args
+        .tokens_file
+        .clone()
+        .or_else(|| auth.tokens_file.map(|s| rel(s.get_ref())));
+    if let Some(tf) = tokens_file {
+        let text = read(&tf, "tokens file")?;
+        for (line, t) in parse_tokens_file(&text) {
+            validate_token(&t).map_err(|e| ConfigError::Invalid {
+                origin: format!("{}:{line}", tf.display()),
+                message: e.to_string(),
+            })?;
+            cfg.tokens.push(t);
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(meta) = std::fs::metadata(&tf)
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                warnings.push(format!(
+                    "tokens file {} is readable by other users; chmod 600 it",
+                    tf.display()
+                ));
+            }
+        }
+    }
+    cfg.tokens.sort();
+    cfg.tokens.dedup();
+
+    if cfg.insecure {
+        warnings.push(
+            "INSECURE MODE: plaintext gRPC, agents are not authenticated; never use this outside a throwaway lab"
+                .to_owned(),
+        );
+    } else if cfg.tokens.is_empty() {
+        warnings.push(
+            "no user tokens configured: HostService and JobService refuse every call (set [auth] tokens_file)"
+                .to_owned(),
+        );
+    }
+
+    cfg.validate_with(&|key: &str| {
+        key_origin
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| format!("{key} (default)"))
+    })?;
+    Ok((cfg, warnings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn load_text(
+        text: &str,
+        extra: &[&str],
+    ) -> Result<(ControllerConfig, Vec<String>), ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut argv = vec!["geomx-controller", "--config", path.to_str().unwrap()];
+        argv.extend_from_slice(extra);
+        let args = Args::try_parse_from(argv).unwrap();
+        ControllerConfig::load(&args)
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let (cfg, warnings) = load_text(
+            "cluster_cidr = \"10.244.0.0/16\"\nheartbeat_interval = \"500ms\"\ninsecure = true\nstate_dir = \"state\"\n",
+            &["--grace-period", "3s"],
+        )
+        .unwrap();
+        assert_eq!(cfg.cluster_cidr.to_string(), "10.244.0.0/16");
+        assert_eq!(cfg.host_subnet_prefix, 24);
+        assert_eq!(cfg.heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(cfg.grace_period, Duration::from_secs(3));
+        assert_eq!(cfg.listen.port(), 7946);
+        assert!(cfg.insecure);
+        assert!(cfg.state_dir.is_absolute() && cfg.state_dir.ends_with("state"));
+        assert!(warnings.iter().any(|w| w.contains("INSECURE")));
+    }
+
+    #[test]
+    fn errors_point_at_the_value() {
+        let err = load_text("insecure = true\n\ncluster_cidr = \"172.17.0.0/33\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("controller.toml:3:16 (cluster_cidr)"), "{err}");
+        let err = load_text("insecure = true\nlisten = 7946\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("controller.toml:2:10"), "{err}");
+        let err = load_text("insecure = true\nlisen = \"x\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("controller.toml:2:1") && err.contains("lisen"),
+            "{err}"
+        );
+        let err = load_text("insecure = true\nhost_subnet_prefix = 12\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("host_subnet_prefix") && err.contains(":2:"),
+            "{err}"
+        );
+        let err = load_text("insecure = true\ngrace_period = \"1s\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at least twice"), "{err}");
+        let err = load_text("[auth]\ntokens = [\"short\"]\n", &["--insecure"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(":2:11") && err.contains("at least 16"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tls_is_required_unless_insecure() {
+        let err = load_text("", &[]).unwrap_err().to_string();
+        assert!(err.contains("TLS files are required"), "{err}");
+        let err = load_text("[tls]\nca = \"ca.pem\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cert, key missing"), "{err}");
+        let (cfg, warnings) = load_text(
+            "[tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+            &[],
+        )
+        .unwrap();
+        assert!(cfg.tls.unwrap().ca.is_absolute());
+        assert!(warnings.iter().any(|w| w.contains("no user tokens")));
+    }
+
+    #[test]
+    fn tokens_file_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        std::fs::write(&tokens, "# users\n0123456789abcdef-alice\n\nbad token\n").unwrap();
+        let err = load_text(
+            "insecure = true\n",
+            &["--tokens-file", tokens.to_str().unwrap()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("tokens:4"), "{err}");
+    }
+
+    #[test]
+    fn shipped_example_is_valid() {
+        let text = include_str!("../../../systemd/controller.toml.example");
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        std::fs::write(&tokens, "0123456789abcdef0123\n").unwrap();
+        let (cfg, _) = load_text(text, &["--tokens-file", tokens.to_str().unwrap()]).unwrap();
+        assert_eq!(cfg.listen.port(), 7946);
+        assert_eq!(cfg.grace_period, DEFAULT_GRACE_PERIOD);
+        assert_eq!(
+            cfg.tls.unwrap().cert,
+            PathBuf::from("/etc/geomx/tls/controller.pem")
+        );
+        assert_eq!(cfg.tokens.len(), 1);
+    }
+
+    #[test]
+    fn line_col_counts_chars() {
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+        assert_eq!(line_col("", 10), (1, 1));
+    }
+}

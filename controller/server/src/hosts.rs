@@ -1,0 +1,50 @@
+//! `geomx.v1.HostService`: what the cluster is made of, for users.
+
+use std::sync::Arc;
+
+use geomx_proto::v1::host_service_server::HostService;
+use geomx_proto::v1::{Host, ListHostsRequest, ListHostsResponse};
+use tonic::{Request, Response, Status};
+
+use crate::membership::{HostView, Membership};
+
+/// Implementation of `HostService` (authorization is done by the service's interceptor).
+#[derive(Clone, Debug)]
+pub struct HostApi {
+    membership: Arc<Membership>,
+}
+
+impl HostApi {
+    /// The service over `membership`.
+    pub fn new(membership: Arc<Membership>) -> Self {
+        HostApi { membership }
+    }
+}
+
+/// The API view of a host.
+pub fn host_message(view: &HostView) -> Host {
+    let r = &view.record;
+    Host {
+        name: r.name.clone(),
+        underlay_ip: r.underlay_ip.to_string(),
+        subnet: r.subnet.map(|s| s.to_string()).unwrap_or_default(),
+        state: r.state.as_str().to_owned(),
+        heartbeat_age_ms: u64::try_from(view.heartbeat_age.as_millis()).unwrap_or(u64::MAX),
+        agent_version: r.agent_version.clone(),
+        network_converged: r.network.converged,
+        containers: view.containers,
+        agent_url: r.agent_url.clone(),
+        registered_at_ms: r.registered_at_ms,
+    }
+}
+
+#[tonic::async_trait]
+impl HostService for HostApi {
+    async fn list_hosts(
+        &self,
+        _request: Request<ListHostsRequest>,
+    ) -> Result<Response<ListHostsResponse>, Status> {
+        let hosts = self.membership.hosts().iter().map(host_message).collect();
+        Ok(Response::new(ListHostsResponse { hosts }))
+    }
+}

@@ -1,0 +1,71 @@
+//! `geomx.v1.JobService`: registered so clients see the service, not implemented yet.
+//!
+//! Issue 5 replaces this with the job state machine; it plugs into the agents' desired
+//! state through [`crate::workloads::Workloads`].
+
+use futures::stream::BoxStream;
+use geomx_proto::v1::job_service_server::JobService;
+use geomx_proto::v1::{
+    CancelJobRequest, GetJobRequest, Job, JobEventsRequest, JobEventsResponse, ListJobsRequest,
+    ListJobsResponse, LogChunk, SubmitJobRequest, SubmitJobResponse, UserLogsRequest,
+};
+use tonic::{Request, Response, Status};
+
+const NOT_YET: &str = "jobs arrive with issue 5";
+
+/// Placeholder `JobService`: every RPC answers `UNIMPLEMENTED`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct JobApi;
+
+#[tonic::async_trait]
+impl JobService for JobApi {
+    async fn submit_job(
+        &self,
+        _request: Request<SubmitJobRequest>,
+    ) -> Result<Response<SubmitJobResponse>, Status> {
+        Err(Status::unimplemented(NOT_YET))
+    }
+
+    async fn get_job(&self, _request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        Err(Status::unimplemented(NOT_YET))
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        Err(Status::unimplemented(NOT_YET))
+    }
+
+    async fn cancel_job(
+        &self,
+        _request: Request<CancelJobRequest>,
+    ) -> Result<Response<Job>, Status> {
+        Err(Status::unimplemented(NOT_YET))
+    }
+
+    type WatchJobStream = BoxStream<'static, Result<Job, Status>>;
+
+    async fn watch_job(
+        &self,
+        _request: Request<GetJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        Err(Status::unimplemented(NOT_YET))
+    }
+
+    async fn job_events(
+        &self,
+        _request: Request<JobEventsRequest>,
+    ) -> Result<Response<JobEventsResponse>, Status> {
+        Err(Status::unimplemented(NOT_YET))
+    }
+
+    type NodeLogsStream = BoxStream<'static, Result<LogChunk, Status>>;
+
+    async fn node_logs(
+        &self,
+        _request: Request<UserLogsRequest>,
+    ) -> Result<Response<Self::NodeLogsStream>, Status> {
+        Err(Status::unimplemented(NOT_YET))
+    }
+}

@@ -1,0 +1,29 @@
+//! `geomx-controller`: the geomx control plane.
+//!
+//! * [`config`]: the configuration file, flags and environment.
+//! * [`store`]: the sled state (hosts, leases, jobs, events) with durable, atomic batches.
+//! * [`leases`]: carving host subnets out of the cluster CIDR.
+//! * [`membership`]: registration, heartbeats, loss detection, each host's desired state.
+//! * [`workloads`]: the seam where the jobs layer adds role containers and sees reports.
+//! * [`auth`]: who may call which service (agent certificates, user tokens).
+//! * [`agents`], [`hosts`], [`jobs`]: the gRPC services.
+//! * [`server`]: wiring, health, reflection, graceful shutdown.
+//!
+//! Start one in-process with [`start`] (see [`server`]).
+
+#![warn(missing_docs)]
+
+pub mod agents;
+pub mod auth;
+pub mod config;
+pub mod hosts;
+pub mod jobs;
+pub mod leases;
+pub mod membership;
+pub mod server;
+pub mod store;
+pub mod validate;
+pub mod workloads;
+
+pub use config::{Args, ControllerConfig};
+pub use server::{RunningController, ServerError, start, start_with_workloads};

@@ -1,0 +1,324 @@
+//! Wiring: store, membership, services, TLS, health, reflection, background tasks, and
+//! graceful shutdown.
+//!
+//! ```no_run
+//! # async fn demo(config: geomx_controller::ControllerConfig) -> Result<(), geomx_controller::ServerError> {
+//! let running = geomx_controller::start(config).await?;
+//! println!("serving on {} as {}", running.local_addr(), running.controller_id());
+//! running.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use geomx_proto::tls::{BearerTokens, TlsError, TlsMaterial};
+use geomx_proto::v1::agent_service_server::AgentServiceServer;
+use geomx_proto::v1::host_service_server::HostServiceServer;
+use geomx_proto::v1::job_service_server::JobServiceServer;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::agents::AgentApi;
+use crate::auth::Auth;
+use crate::config::{ConfigError, ControllerConfig};
+use crate::hosts::HostApi;
+use crate::jobs::JobApi;
+use crate::leases::LeasePool;
+use crate::membership::{Membership, MembershipError, Timing};
+use crate::store::{Store, StoreError};
+use crate::workloads::Workloads;
+
+/// Largest request the controller decodes (4 MiB).
+pub const MAX_DECODING_MESSAGE_SIZE: usize = 4 << 20;
+/// Largest response the controller encodes (16 MiB).
+pub const MAX_ENCODING_MESSAGE_SIZE: usize = 16 << 20;
+/// Largest header block accepted (64 KiB).
+pub const MAX_HEADER_LIST_SIZE: u32 = 64 << 10;
+/// HTTP/2 keepalive ping interval: dead agents' watch streams end after
+/// interval + timeout.
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// HTTP/2 keepalive ping timeout.
+pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Time allowed for a TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors starting or stopping the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The TLS files are unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Loading the membership failed.
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The server task ended abnormally.
+    #[error("server task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// A controller serving in this process.
+#[derive(Debug)]
+pub struct RunningController {
+    local_addr: SocketAddr,
+    membership: Arc<Membership>,
+    shutdown: CancellationToken,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    detector: JoinHandle<()>,
+    streams: TaskTracker,
+    health: HealthReporter,
+    shutdown_timeout: Duration,
+}
+
+/// Starts a controller with no jobs layer (every host runs no container).
+pub async fn start(config: ControllerConfig) -> Result<RunningController, ServerError> {
+    start_with_workloads(config, |_| None).await
+}
+
+/// Starts a controller; `workloads` may build the jobs layer from the membership before
+/// anything is served (so no agent ever sees a desired state without its containers).
+pub async fn start_with_workloads<F>(
+    config: ControllerConfig,
+    workloads: F,
+) -> Result<RunningController, ServerError>
+where
+    F: FnOnce(&Arc<Membership>) -> Option<Arc<dyn Workloads>>,
+{
+    config.validate()?;
+    let tls = match (&config.tls, config.insecure) {
+        (Some(files), false) => Some(files.load()?),
+        _ => None,
+    };
+    let store = Store::open(&config.state_dir)?;
+    let pool = LeasePool::new(config.cluster_cidr, config.host_subnet_prefix);
+    let timing = Timing {
+        heartbeat_interval: config.heartbeat_interval,
+        grace_period: config.grace_period,
+    };
+    let membership = Membership::load(store, pool, timing)?;
+    if let Some(w) = workloads(&membership) {
+        membership.set_workloads(w);
+    }
+    serve(config, tls, membership).await
+}
+
+async fn serve(
+    config: ControllerConfig,
+    tls: Option<TlsMaterial>,
+    membership: Arc<Membership>,
+) -> Result<RunningController, ServerError> {
+    let auth = Auth::new(BearerTokens::new(&config.tokens), config.insecure);
+    let shutdown = CancellationToken::new();
+    let streams = TaskTracker::new();
+
+    let agents = AgentServiceServer::new(AgentApi::new(
+        membership.clone(),
+        auth.clone(),
+        shutdown.clone(),
+        streams.clone(),
+    ))
+    .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
+    .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE);
+    let hosts = InterceptedService::new(
+        HostServiceServer::new(HostApi::new(membership.clone()))
+            .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE),
+        auth.user_interceptor(),
+    );
+    let jobs = InterceptedService::new(
+        JobServiceServer::new(JobApi)
+            .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE),
+        auth.user_interceptor(),
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AgentServiceServer<AgentApi>>().await;
+    health.set_serving::<HostServiceServer<HostApi>>().await;
+    health.set_serving::<JobServiceServer<JobApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(geomx_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .http2_max_header_list_size(MAX_HEADER_LIST_SIZE);
+    if let Some(tls) = &tls {
+        builder = builder.tls_config(tls.server_config().timeout(TLS_HANDSHAKE_TIMEOUT))?;
+    }
+    let router = builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(agents)
+        .add_service(hosts)
+        .add_service(jobs);
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(30)));
+
+    let detector = tokio::spawn(membership.clone().run_loss_detector(shutdown.child_token()));
+    let server = tokio::spawn(
+        router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),
+    );
+
+    let hosts_known = membership.hosts().len();
+    tracing::info!(
+        listen = %local_addr,
+        controller_id = %membership.controller_id(),
+        tls = tls.is_some(),
+        cluster_cidr = %config.cluster_cidr,
+        host_subnet_prefix = config.host_subnet_prefix,
+        state_dir = %config.state_dir.display(),
+        hosts = hosts_known,
+        tokens = config.tokens.len(),
+        "geomx-controller serving"
+    );
+    if tls.is_none() {
+        tracing::warn!(
+            "INSECURE MODE: plaintext gRPC, agents are not authenticated; never use this outside a throwaway lab"
+        );
+    }
+
+    Ok(RunningController {
+        local_addr,
+        membership,
+        shutdown,
+        server,
+        detector,
+        streams,
+        health,
+        shutdown_timeout: config.shutdown_timeout,
+    })
+}
+
+impl RunningController {
+    /// The address the controller listens on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The controller id of the state directory.
+    pub fn controller_id(&self) -> &str {
+        self.membership.controller_id()
+    }
+
+    /// The membership (hosts, leases, desired state).
+    pub fn membership(&self) -> &Arc<Membership> {
+        &self.membership
+    }
+
+    /// A token that, when cancelled, starts the shutdown (as [`RunningController::shutdown`]
+    /// would, without waiting).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until `signal` completes (or the server fails), then shuts down gracefully.
+    pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> Result<(), ServerError> {
+        tokio::select! {
+            () = signal => {
+                tracing::info!("shutdown requested");
+            }
+            () = self.shutdown.cancelled() => {}
+            ended = &mut self.server => {
+                // The server ended on its own: report why after cleaning up.
+                self.shutdown.cancel();
+                self.streams.close();
+                let _ = (&mut self.detector).await;
+                self.membership.store().flush().await?;
+                return match ended {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(e) => Err(e.into()),
+                };
+            }
+        }
+        self.shutdown().await
+    }
+
+    /// Stops accepting connections, ends every watch stream, waits up to the configured
+    /// shutdown timeout for connections to close, and flushes the store.
+    pub async fn shutdown(self) -> Result<(), ServerError> {
+        let RunningController {
+            membership,
+            shutdown,
+            mut server,
+            detector,
+            streams,
+            health,
+            shutdown_timeout,
+            ..
+        } = self;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        shutdown.cancel();
+        streams.close();
+        let result = match tokio::time::timeout(shutdown_timeout, &mut server).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(ServerError::Transport(e)),
+            Ok(Err(e)) => Err(ServerError::Task(e)),
+            Err(_) => {
+                tracing::warn!(
+                    timeout = %humantime::format_duration(shutdown_timeout),
+                    "connections still open after the shutdown timeout; closing them"
+                );
+                server.abort();
+                Ok(())
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(2), streams.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("watch streams did not end in time");
+        }
+        let _ = detector.await;
+        membership.store().flush().await?;
+        tracing::info!("geomx-controller stopped; state flushed");
+        result
+    }
+}

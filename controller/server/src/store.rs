@@ -1,0 +1,630 @@
+//! The controller's durable state in sled.
+//!
+//! Trees: `hosts` (name → [`HostRecord`]), `leases` (subnet → [`LeaseRecord`]), `jobs`
+//! (name → the job layer's records, JSON), `events` (scope + sequence → [`EventRecord`]),
+//! `meta` (controller id, schema version, revision). Values are JSON.
+//!
+//! Every change goes through a [`Batch`] applied by [`Store::commit`]: one sled transaction
+//! over all trees, then `flush_async`, so a change is on disk before the RPC that caused it
+//! returns success.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use ipnet::Ipv4Net;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+/// Version of the on-disk layout written by this build.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META_CONTROLLER_ID: &[u8] = b"controller_id";
+const META_SCHEMA: &[u8] = b"schema_version";
+const META_REVISION: &[u8] = b"revision";
+
+/// Errors of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process holds the state directory.
+    #[error(
+        "state dir {} is in use by another process (is another geomx-controller running?)",
+        .0.display()
+    )]
+    Locked(PathBuf),
+    /// The state directory could not be created.
+    #[error("cannot create state dir {}: {source}", path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state was written by a newer geomx.
+    #[error("state dir {} has schema version {found}; this geomx-controller understands up to {SCHEMA_VERSION}", path.display())]
+    Schema {
+        /// The directory.
+        path: PathBuf,
+        /// The version found.
+        found: u64,
+    },
+    /// sled failed.
+    #[error("state store: {0}")]
+    Sled(#[from] sled::Error),
+    /// A record could not be encoded or decoded.
+    #[error("state store: record {key:?} in tree {tree}: {source}")]
+    Codec {
+        /// Tree name.
+        tree: &'static str,
+        /// Key, lossily decoded.
+        key: String,
+        /// serde_json's error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Membership state of a host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostState {
+    /// Heartbeating; a route target for its peers.
+    Ready,
+    /// Silent for longer than the grace period; keeps its lease, withdrawn from peers.
+    Lost,
+    /// Left the cluster; its lease is released.
+    Left,
+}
+
+impl HostState {
+    /// `ready`, `lost` or `left`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostState::Ready => "ready",
+            HostState::Lost => "lost",
+            HostState::Left => "left",
+        }
+    }
+}
+
+/// Network status from a host's last report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    /// The last reconciliation left everything as desired.
+    pub converged: bool,
+    /// Peer routes installed.
+    pub routes: u32,
+    /// Last reconciliation error, empty if none.
+    pub error: String,
+}
+
+/// A host as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// Host name (also the key).
+    pub name: String,
+    /// Underlay IPv4 address.
+    pub underlay_ip: Ipv4Addr,
+    /// Current lease; `None` once the host left.
+    pub subnet: Option<Ipv4Net>,
+    /// The last subnet the host held (preferred when it registers again).
+    pub last_subnet: Option<Ipv4Net>,
+    /// The subnet the agent pinned, if any.
+    #[serde(default)]
+    pub pinned_subnet: Option<Ipv4Net>,
+    /// Membership state.
+    pub state: HostState,
+    /// Since when (Unix ms) the host is in `state`.
+    pub state_since_ms: i64,
+    /// First registration (Unix ms).
+    pub registered_at_ms: i64,
+    /// Agent version from the last Register/Report.
+    pub agent_version: String,
+    /// Where the agent serves `AgentNodeService`.
+    pub agent_url: String,
+    /// Network status from the last report.
+    #[serde(default)]
+    pub network: NetworkRecord,
+    /// Images present on the host (repo:tag), sorted, from the last report.
+    #[serde(default)]
+    pub images: Vec<String>,
+}
+
+/// A subnet lease as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    /// The subnet.
+    pub subnet: Ipv4Net,
+    /// Its holder.
+    pub host: String,
+    /// When granted (Unix ms).
+    pub granted_at_ms: i64,
+}
+
+/// Something that happened, for `events` listings. Mirrors `geomx.v1.Event`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// When (Unix ms).
+    pub at_ms: i64,
+    /// Short kind, e.g. `HostLost`.
+    pub kind: String,
+    /// Human-readable details.
+    pub message: String,
+    /// Host concerned, if any.
+    #[serde(default)]
+    pub host: String,
+    /// Job concerned, if any.
+    #[serde(default)]
+    pub job: String,
+    /// Node concerned, if any.
+    #[serde(default)]
+    pub node: String,
+    /// Job attempt, if any.
+    #[serde(default)]
+    pub generation: u32,
+}
+
+/// Which listing an event belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventScope<'a> {
+    /// Events of a host (membership).
+    Host(&'a str),
+    /// Events of a job.
+    Job(&'a str),
+}
+
+impl EventScope<'_> {
+    fn prefix(&self) -> Vec<u8> {
+        let (kind, name) = match self {
+            EventScope::Host(n) => ("host", n),
+            EventScope::Job(n) => ("job", n),
+        };
+        let mut p = Vec::with_capacity(kind.len() + name.len() + 2);
+        p.extend_from_slice(kind.as_bytes());
+        p.push(0);
+        p.extend_from_slice(name.as_bytes());
+        p.push(0);
+        p
+    }
+}
+
+/// The trees of the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TreeId {
+    /// `hosts`.
+    Hosts,
+    /// `leases`.
+    Leases,
+    /// `jobs`.
+    Jobs,
+    /// `events`.
+    Events,
+    /// `meta`.
+    Meta,
+}
+
+impl TreeId {
+    const ALL: [TreeId; 5] = [
+        TreeId::Hosts,
+        TreeId::Leases,
+        TreeId::Jobs,
+        TreeId::Events,
+        TreeId::Meta,
+    ];
+
+    /// The sled tree name.
+    pub fn name(self) -> &'static str {
+        match self {
+            TreeId::Hosts => "hosts",
+            TreeId::Leases => "leases",
+            TreeId::Jobs => "jobs",
+            TreeId::Events => "events",
+            TreeId::Meta => "meta",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            TreeId::Hosts => 0,
+            TreeId::Leases => 1,
+            TreeId::Jobs => 2,
+            TreeId::Events => 3,
+            TreeId::Meta => 4,
+        }
+    }
+}
+
+/// Key of a lease: network address (big endian) then prefix length, so leases sort by address.
+pub fn lease_key(subnet: Ipv4Net) -> [u8; 5] {
+    let o = subnet.network().octets();
+    [o[0], o[1], o[2], o[3], subnet.prefix_len()]
+}
+
+#[derive(Debug)]
+enum Op {
+    Put(TreeId, Vec<u8>, Vec<u8>),
+    Remove(TreeId, Vec<u8>),
+    Event(Vec<u8>, Vec<u8>),
+}
+
+/// A set of changes applied atomically by [`Store::commit`].
+#[derive(Debug, Default)]
+pub struct Batch {
+    ops: Vec<Op>,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Batch::default()
+    }
+
+    /// True when the batch changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Stores `value` as JSON under `key` in `tree`.
+    pub fn put_json<T: Serialize>(
+        &mut self,
+        tree: TreeId,
+        key: impl AsRef<[u8]>,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        let key = key.as_ref().to_vec();
+        let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Codec {
+            tree: tree.name(),
+            key: String::from_utf8_lossy(&key).into_owned(),
+            source,
+        })?;
+        self.ops.push(Op::Put(tree, key, bytes));
+        Ok(())
+    }
+
+    /// Removes `key` from `tree`.
+    pub fn remove(&mut self, tree: TreeId, key: impl AsRef<[u8]>) {
+        self.ops.push(Op::Remove(tree, key.as_ref().to_vec()));
+    }
+
+    /// Stores a host record.
+    pub fn put_host(&mut self, host: &HostRecord) -> Result<(), StoreError> {
+        self.put_json(TreeId::Hosts, host.name.as_bytes(), host)
+    }
+
+    /// Stores a lease.
+    pub fn put_lease(&mut self, lease: &LeaseRecord) -> Result<(), StoreError> {
+        self.put_json(TreeId::Leases, lease_key(lease.subnet), lease)
+    }
+
+    /// Releases the lease of `subnet`.
+    pub fn remove_lease(&mut self, subnet: Ipv4Net) {
+        self.remove(TreeId::Leases, lease_key(subnet));
+    }
+
+    /// Appends an event to `scope`'s listing (its sequence number is assigned at commit).
+    pub fn event(&mut self, scope: EventScope<'_>, event: &EventRecord) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(event).map_err(|source| StoreError::Codec {
+            tree: TreeId::Events.name(),
+            key: event.kind.clone(),
+            source,
+        })?;
+        self.ops.push(Op::Event(scope.prefix(), bytes));
+        Ok(())
+    }
+
+    /// Records the cluster revision.
+    pub fn set_revision(&mut self, revision: u64) {
+        self.ops.push(Op::Put(
+            TreeId::Meta,
+            META_REVISION.to_vec(),
+            revision.to_be_bytes().to_vec(),
+        ));
+    }
+}
+
+/// The sled database of one controller.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: sled::Db,
+    trees: [sled::Tree; 5],
+    controller_id: String,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`. A directory held by another process
+    /// gives [`StoreError::Locked`]. A fresh directory gets a new controller id.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            builder.mode(0o700);
+        }
+        builder
+            .create(dir)
+            .map_err(|source| StoreError::CreateDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .mode(sled::Mode::HighThroughput)
+            // sled's default page cache is 1 GiB; the controller's state is small.
+            .cache_capacity(64 << 20)
+            .open()
+            .map_err(|e| match &e {
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                    StoreError::Locked(dir.to_owned())
+                }
+                _ => StoreError::Sled(e),
+            })?;
+        let open = |t: TreeId| db.open_tree(t.name());
+        let trees = [
+            open(TreeId::Hosts)?,
+            open(TreeId::Leases)?,
+            open(TreeId::Jobs)?,
+            open(TreeId::Events)?,
+            open(TreeId::Meta)?,
+        ];
+        let meta = &trees[TreeId::Meta.index()];
+        if let Some(v) = meta.get(META_SCHEMA)? {
+            let found = decode_u64(&v);
+            if found > SCHEMA_VERSION {
+                return Err(StoreError::Schema {
+                    path: dir.to_owned(),
+                    found,
+                });
+            }
+        }
+        let controller_id = match meta.get(META_CONTROLLER_ID)? {
+            Some(v) => String::from_utf8_lossy(&v).into_owned(),
+            None => {
+                let id = uuid::Uuid::new_v4().to_string();
+                meta.insert(META_CONTROLLER_ID, id.as_bytes())?;
+                meta.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+                db.flush()?;
+                id
+            }
+        };
+        Ok(Store {
+            db,
+            trees,
+            controller_id,
+            path: dir.to_owned(),
+        })
+    }
+
+    /// The id of this state directory, generated once when it was created.
+    pub fn controller_id(&self) -> &str {
+        &self.controller_id
+    }
+
+    /// The state directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The raw sled tree `tree`, for reads the typed helpers do not cover.
+    pub fn tree(&self, tree: TreeId) -> &sled::Tree {
+        &self.trees[tree.index()]
+    }
+
+    /// Applies `batch` atomically and flushes it to disk before returning.
+    pub async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // Sequence numbers of events are taken before the transaction (sled ids are
+        // monotonic across restarts), so the closure can be re-run on conflicts.
+        let mut ops = Vec::with_capacity(batch.ops.len());
+        for op in batch.ops {
+            ops.push(match op {
+                Op::Event(mut key, value) => {
+                    key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+                    (TreeId::Events, key, Some(value))
+                }
+                Op::Put(tree, key, value) => (tree, key, Some(value)),
+                Op::Remove(tree, key) => (tree, key, None),
+            });
+        }
+        let trees: Vec<&sled::Tree> = TreeId::ALL.iter().map(|t| self.tree(*t)).collect();
+        trees
+            .as_slice()
+            .transaction(|tx| {
+                for (tree, key, value) in &ops {
+                    let t = &tx[tree.index()];
+                    match value {
+                        Some(v) => {
+                            t.insert(key.as_slice(), v.as_slice())?;
+                        }
+                        None => {
+                            t.remove(key.as_slice())?;
+                        }
+                    }
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => StoreError::Sled(e),
+                TransactionError::Abort(()) => {
+                    StoreError::Sled(sled::Error::ReportableBug("transaction aborted".into()))
+                }
+            })?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Flushes everything to disk.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Reads one JSON record.
+    pub fn get_json<T: DeserializeOwned>(
+        &self,
+        tree: TreeId,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<T>, StoreError> {
+        let key = key.as_ref();
+        match self.tree(tree).get(key)? {
+            Some(v) => decode(tree, key, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads every JSON record of `tree` in key order.
+    pub fn scan_json<T: DeserializeOwned>(&self, tree: TreeId) -> Result<Vec<T>, StoreError> {
+        self.scan_prefix_json(tree, b"")
+    }
+
+    /// Reads every JSON record of `tree` whose key starts with `prefix`, in key order.
+    pub fn scan_prefix_json<T: DeserializeOwned>(
+        &self,
+        tree: TreeId,
+        prefix: &[u8],
+    ) -> Result<Vec<T>, StoreError> {
+        self.tree(tree)
+            .scan_prefix(prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(tree, &k, &v)
+            })
+            .collect()
+    }
+
+    /// Every host record, by name.
+    pub fn hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
+        self.scan_json(TreeId::Hosts)
+    }
+
+    /// Every lease, by address.
+    pub fn leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        self.scan_json(TreeId::Leases)
+    }
+
+    /// The events of `scope`, oldest first.
+    pub fn events(&self, scope: EventScope<'_>) -> Result<Vec<EventRecord>, StoreError> {
+        self.scan_prefix_json(TreeId::Events, &scope.prefix())
+    }
+
+    /// The last recorded cluster revision (0 for a fresh store).
+    pub fn revision(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .tree(TreeId::Meta)
+            .get(META_REVISION)?
+            .map_or(0, |v| decode_u64(&v)))
+    }
+}
+
+fn decode<T: DeserializeOwned>(tree: TreeId, key: &[u8], value: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(value).map_err(|source| StoreError::Codec {
+        tree: tree.name(),
+        key: String::from_utf8_lossy(key).into_owned(),
+        source,
+    })
+}
+
+fn decode_u64(v: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = v.len().min(8);
+    b[8 - n..].copy_from_slice(&v[v.len() - n..]);
+    u64::from_be_bytes(b)
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, subnet: &str) -> HostRecord {
+        HostRecord {
+            name: name.into(),
+            underlay_ip: "10.1.1.1".parse().unwrap(),
+            subnet: Some(subnet.parse().unwrap()),
+            last_subnet: Some(subnet.parse().unwrap()),
+            pinned_subnet: None,
+            state: HostState::Ready,
+            state_since_ms: 1,
+            registered_at_ms: 1,
+            agent_version: "t".into(),
+            agent_url: String::new(),
+            network: NetworkRecord::default(),
+            images: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn commit_persists_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let id;
+        {
+            let store = Store::open(dir.path()).unwrap();
+            id = store.controller_id().to_owned();
+            let mut b = Batch::new();
+            b.put_host(&host("a", "172.17.1.0/24")).unwrap();
+            b.put_lease(&LeaseRecord {
+                subnet: "172.17.1.0/24".parse().unwrap(),
+                host: "a".into(),
+                granted_at_ms: 1,
+            })
+            .unwrap();
+            b.event(
+                EventScope::Host("a"),
+                &EventRecord {
+                    kind: "Registered".into(),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            b.event(
+                EventScope::Host("a"),
+                &EventRecord {
+                    kind: "Lost".into(),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            b.set_revision(7);
+            store.commit(b).await.unwrap();
+            // A second open of a held directory is refused clearly.
+            let err = Store::open(dir.path()).unwrap_err();
+            assert!(matches!(err, StoreError::Locked(_)), "{err}");
+            assert!(err.to_string().contains("in use by another process"));
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.controller_id(), id);
+        assert_eq!(store.hosts().unwrap(), vec![host("a", "172.17.1.0/24")]);
+        assert_eq!(store.leases().unwrap().len(), 1);
+        assert_eq!(store.revision().unwrap(), 7);
+        let kinds: Vec<String> = store
+            .events(EventScope::Host("a"))
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(kinds, vec!["Registered", "Lost"]);
+        assert!(store.events(EventScope::Job("a")).unwrap().is_empty());
+        let mut b = Batch::new();
+        b.remove_lease("172.17.1.0/24".parse().unwrap());
+        store.commit(b).await.unwrap();
+        assert!(store.leases().unwrap().is_empty());
+    }
+
+    #[test]
+    fn lease_keys_sort_by_address() {
+        let a = lease_key("172.17.2.0/24".parse().unwrap());
+        let b = lease_key("172.17.10.0/24".parse().unwrap());
+        assert!(a < b);
+    }
+}
