@@ -1,1 +1,218 @@
-fn main() {}
+//! `geomx-agent`: the geomx host agent.
+//!
+//! * `geomx-agent network apply --config host.toml [--watch]`: host networking from a static
+//!   peer list, without a controller (once, or kept in place until stopped);
+//! * `geomx-agent network show [--output table|json]`: what geomx owns on this host;
+//! * `geomx-agent cleanup`: removes it and gives daemon.json back its pre-geomx values;
+//! * `geomx-agent run`: the daemon connected to the controller (comes with the control plane).
+//!
+//! Exit codes: 0 success, 1 failure, 2 usage (and `run` in a build without the control plane).
+
+mod config;
+mod network;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use geomx_net::{
+    DEFAULT_DAEMON_JSON, DEFAULT_DOCKER_HOST, DEFAULT_DOCKER_RESTART_COMMAND, DEFAULT_STATE_DIR,
+    NetConfig,
+};
+
+/// geomx host agent: owns this host's docker0 bip, peer routes and masquerade rules, and
+/// (with the control plane) runs the role containers of GeoMX jobs.
+#[derive(Debug, Parser)]
+#[command(name = "geomx-agent", version)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags every subcommand shares (each also read from a `GEOMX_*` variable).
+#[derive(Clone, Debug, Args)]
+pub struct Common {
+    /// The agent's state directory (what daemon.json held before geomx, the host lock).
+    #[arg(long, global = true, env = "GEOMX_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Docker's daemon.json.
+    #[arg(long, global = true, env = "GEOMX_DAEMON_JSON", default_value = DEFAULT_DAEMON_JSON)]
+    pub daemon_json: PathBuf,
+    /// Docker API address.
+    #[arg(long, global = true, env = "GEOMX_DOCKER_HOST", default_value = DEFAULT_DOCKER_HOST)]
+    pub docker_host: String,
+    /// Command that restarts Docker (run with `sh -c`) when daemon.json changed.
+    #[arg(
+        long,
+        global = true,
+        env = "GEOMX_DOCKER_RESTART_COMMAND",
+        default_value = DEFAULT_DOCKER_RESTART_COMMAND
+    )]
+    pub docker_restart_command: String,
+    /// How long Docker may take to answer again after a restart.
+    #[arg(long, global = true, env = "GEOMX_DOCKER_READY_TIMEOUT", default_value = "60s",
+          value_parser = humantime::parse_duration)]
+    pub docker_ready_timeout: Duration,
+    /// This host's name in logs (default: `name` of host.toml, else the kernel hostname).
+    #[arg(long, global = true, env = "GEOMX_HOST_NAME")]
+    pub host_name: Option<String>,
+    /// Log format (logs go to standard error; level from GEOMX_LOG or RUST_LOG, default info).
+    #[arg(long, global = true, env = "GEOMX_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Log format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Output format of commands that print results.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// For people.
+    Table,
+    /// For programs.
+    Json,
+}
+
+impl Common {
+    /// The reconciler settings for the host `host`.
+    pub fn net_config(&self, host: &str, interval: Option<Duration>) -> NetConfig {
+        let mut c = NetConfig::new(host);
+        c.daemon_json = self.daemon_json.clone();
+        c.state_dir = self.state_dir.clone();
+        c.docker_host = self.docker_host.clone();
+        c.docker_restart_command = self.docker_restart_command.clone();
+        c.docker_ready_timeout = self.docker_ready_timeout;
+        if let Some(i) = interval {
+            c.interval = i;
+        }
+        c
+    }
+
+    /// This host's name: `--host-name`, else `fallback`, else the kernel hostname.
+    pub fn host(&self, fallback: Option<&str>) -> String {
+        self.host_name
+            .clone()
+            .or_else(|| fallback.map(str::to_string))
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|s| s.trim().to_string())
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "localhost".into())
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Host networking without a controller: apply a static host file, show the state.
+    #[command(subcommand)]
+    Network(network::NetworkCommand),
+    /// Remove every route (proto 247), chain and jump geomx owns on this host and give
+    /// daemon.json back its pre-geomx bip/ip-masq/allow-direct-routing (restarting Docker
+    /// when the file changes). Stop a running agent first.
+    Cleanup(network::CleanupArgs),
+    /// Run as the host's daemon, connected to the controller.
+    Run(RunArgs),
+}
+
+/// Arguments of `geomx-agent run` (the controller connection comes with the control plane).
+#[derive(Debug, Args)]
+struct RunArgs {}
+
+/// `geomx-agent run` in a build without the control plane.
+fn run_daemon(_common: &Common, _args: RunArgs) -> anyhow::Result<ExitCode> {
+    eprintln!(
+        "geomx-agent run: the control-plane mode is not part of this build yet; \
+         use `geomx-agent network apply --config host.toml [--watch]` for host networking"
+    );
+    Ok(ExitCode::from(2))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = std::env::var("GEOMX_LOG")
+        .ok()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .or_else(|| tracing_subscriber::EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.common.log_format);
+    let result = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(dispatch(cli)),
+        Err(e) => Err(anyhow::Error::new(e).context("starting the async runtime")),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("geomx-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let common = cli.common;
+    match cli.command {
+        Command::Network(cmd) => network::network(&common, cmd).await,
+        Command::Cleanup(args) => network::cleanup(&common, args).await,
+        Command::Run(args) => run_daemon(&common, args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn common_flags_work_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "geomx-agent",
+            "network",
+            "apply",
+            "--config",
+            "h.toml",
+            "--watch",
+            "--interval",
+            "1s",
+            "--daemon-json",
+            "/x/daemon.json",
+            "--docker-restart-command",
+            "/x/restart.sh",
+        ])
+        .expect("parses");
+        assert_eq!(cli.common.daemon_json, PathBuf::from("/x/daemon.json"));
+        let c = cli.common.net_config("a", Some(Duration::from_secs(1)));
+        assert_eq!(c.docker_restart_command, "/x/restart.sh");
+        assert_eq!(c.interval, Duration::from_secs(1));
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+    }
+}

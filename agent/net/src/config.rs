@@ -1,0 +1,58 @@
+//! Where the reconciler finds things on the host, and how often it re-checks.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default state directory (what daemon.json held before geomx).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/geomx-agent";
+/// Default daemon.json.
+pub const DEFAULT_DAEMON_JSON: &str = "/etc/docker/daemon.json";
+/// Default Docker API address.
+pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+/// Default Docker restart command (run with `sh -c`).
+pub const DEFAULT_DOCKER_RESTART_COMMAND: &str = "systemctl restart docker";
+/// Default re-check interval.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+/// Default time Docker gets to answer again after a restart.
+pub const DEFAULT_DOCKER_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Name of the state file inside the state directory.
+pub const STATE_FILE: &str = "daemon-json-before-geomx.json";
+
+/// The reconciler's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// This host's name (log field `host`; a peer may not carry it).
+    pub host: String,
+    /// Docker's daemon.json.
+    pub daemon_json: PathBuf,
+    /// The agent's state directory.
+    pub state_dir: PathBuf,
+    /// Docker API address (`unix:///var/run/docker.sock`).
+    pub docker_host: String,
+    /// Command that restarts Docker, run with `sh -c`.
+    pub docker_restart_command: String,
+    /// How long Docker gets to answer after a restart.
+    pub docker_ready_timeout: Duration,
+    /// Re-check interval of [`crate::Reconciler::run`].
+    pub interval: Duration,
+}
+
+impl NetConfig {
+    /// The defaults for the host `host`.
+    pub fn new(host: impl Into<String>) -> NetConfig {
+        NetConfig {
+            host: host.into(),
+            daemon_json: PathBuf::from(DEFAULT_DAEMON_JSON),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            docker_host: DEFAULT_DOCKER_HOST.into(),
+            docker_restart_command: DEFAULT_DOCKER_RESTART_COMMAND.into(),
+            docker_ready_timeout: DEFAULT_DOCKER_READY_TIMEOUT,
+            interval: DEFAULT_INTERVAL,
+        }
+    }
+
+    /// The state file.
+    pub fn state_file(&self) -> PathBuf {
+        self.state_dir.join(STATE_FILE)
+    }
+}

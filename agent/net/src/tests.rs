@@ -1,0 +1,582 @@
+//! The decision logic against the in-memory host: no kernel, no Docker.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::fake::{FakeHost, FakeKernel};
+use crate::kernel::{DockerVersion, KernelRoute, RouteKind, RuleSpec};
+use crate::{Change, DesiredNetwork, NetConfig, NetError, Peer, ROUTE_PROTOCOL, Reconciler};
+
+fn net(s: &str) -> ipnet::Ipv4Net {
+    s.parse().expect("test network")
+}
+
+fn peer(name: &str, ip: &str, subnet: &str) -> Peer {
+    Peer {
+        name: name.into(),
+        underlay_ip: ip.parse().expect("test ip"),
+        subnet: net(subnet),
+    }
+}
+
+fn seed_a() -> DesiredNetwork {
+    DesiredNetwork {
+        subnet: net("172.17.34.0/24"),
+        cluster: net("172.17.0.0/16"),
+        peers: vec![
+            peer("b", "10.1.1.29", "172.17.29.0/24"),
+            peer("c", "10.1.1.33", "172.17.33.0/24"),
+        ],
+    }
+}
+
+fn reconciler(fake: &FakeKernel) -> Reconciler {
+    let mut config = NetConfig::new("a");
+    config.docker_ready_timeout = Duration::from_millis(300);
+    config.interval = Duration::from_millis(50);
+    Reconciler::new(config, fake.kernel())
+}
+
+const NAT_RULES: [&str; 2] = [
+    r#"-s 172.17.0.0/16 -d 172.17.0.0/16 -m comment --comment "geomx: traffic inside the cluster keeps its source address" -j RETURN"#,
+    r#"-s 172.17.34.0/24 ! -d 224.0.0.0/4 -m comment --comment "geomx: masquerade container traffic that leaves the cluster" -j MASQUERADE --random-fully"#,
+];
+const NAT_JUMP: &str = r#"-m comment --comment "geomx: masquerade container traffic that leaves the cluster" -j GEOMX-POSTROUTING"#;
+const FILTER_JUMP: &str =
+    r#"-m comment --comment "geomx: forward cluster traffic" -j GEOMX-FORWARD"#;
+
+#[tokio::test]
+async fn first_pass_builds_everything_and_the_second_changes_nothing() {
+    let fake = FakeKernel::new();
+    let mut r = reconciler(&fake);
+    let changes = r.reconcile(&seed_a()).await.expect("first pass");
+    let kinds: Vec<String> = changes
+        .iter()
+        .map(|c| {
+            serde_json::to_value(c).expect("json")["kind"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "remembered",
+            "daemon_json_updated",
+            "docker_restarted",
+            "ip_forward_enabled",
+            "route_added",
+            "route_added",
+            "chain_created",
+            "jump_restored",
+            "chain_created",
+            "jump_restored"
+        ]
+    );
+    {
+        let h = fake.host();
+        let doc: serde_json::Value =
+            serde_json::from_str(h.daemon_json.as_deref().expect("daemon.json")).expect("json");
+        assert_eq!(doc["bip"], "172.17.34.1/24");
+        assert_eq!(doc["ip-masq"], false);
+        assert!(
+            doc.get("allow-direct-routing").is_none(),
+            "Docker 20.10 refuses unknown keys"
+        );
+        assert_eq!(h.restarts, 1);
+        assert_eq!(h.links["docker0"], vec![net("172.17.34.1/24")]);
+        assert_eq!(h.sysctls["net.ipv4.ip_forward"], "1");
+        assert_eq!(
+            h.geomx_routes(),
+            [
+                "172.17.29.0/24 via 10.1.1.29",
+                "172.17.33.0/24 via 10.1.1.33"
+            ]
+        );
+        assert_eq!(h.rules("nat", "GEOMX-POSTROUTING"), NAT_RULES);
+        assert_eq!(h.rules("nat", "POSTROUTING")[0], NAT_JUMP);
+        assert_eq!(h.rules("filter", "FORWARD")[0], FILTER_JUMP);
+        assert_eq!(h.rules("filter", "GEOMX-FORWARD").len(), 2);
+    }
+    let log_before = fake.host().log.len();
+    let again = r.reconcile(&seed_a()).await.expect("second pass");
+    assert_eq!(again, vec![], "a second pass must change nothing");
+    assert_eq!(fake.host().log.len(), log_before, "nothing mutated");
+    assert_eq!(r.last_applied(), Some(&seed_a()));
+}
+
+async fn assert_refused_without_change(fake: &FakeKernel, desired: &DesiredNetwork) -> NetError {
+    let before = fake.host().clone();
+    let e = reconciler(fake)
+        .reconcile(desired)
+        .await
+        .expect_err("must be refused");
+    let after = fake.host();
+    assert!(after.log.is_empty(), "{e}: mutated {:?}", after.log);
+    assert_eq!(after.routes, before.routes);
+    assert_eq!(after.tables, before.tables);
+    assert_eq!(after.daemon_json, before.daemon_json);
+    assert_eq!(after.state, before.state);
+    e
+}
+
+#[tokio::test]
+async fn invalid_desired_states_change_nothing() {
+    let fake = FakeKernel::new();
+    let mut d = seed_a();
+    d.subnet = net("10.200.0.0/24");
+    let e = assert_refused_without_change(&fake, &d).await;
+    assert_eq!(
+        e.to_string(),
+        "invalid desired network: this host's subnet 10.200.0.0/24 is outside the cluster CIDR 172.17.0.0/16"
+    );
+    let mut d = seed_a();
+    d.peers[1].subnet = net("172.17.29.0/25");
+    let e = assert_refused_without_change(&fake, &d).await;
+    assert!(
+        e.to_string()
+            .contains("peers b (172.17.29.0/24) and c (172.17.29.0/25)"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_docker_changes_nothing() {
+    let fake = FakeKernel::new();
+    fake.host().docker = None;
+    let e = assert_refused_without_change(&fake, &seed_a()).await;
+    assert!(matches!(e, NetError::DockerUnavailable { .. }), "{e}");
+    assert!(e.to_string().contains("does not exist"), "{e}");
+}
+
+#[tokio::test]
+async fn a_malformed_daemon_json_changes_nothing() {
+    let fake = FakeKernel::new();
+    fake.host().daemon_json = Some("{\n  \"debug\": true,\n}\n".into());
+    let e = assert_refused_without_change(&fake, &seed_a()).await;
+    assert_eq!(
+        e.to_string(),
+        "/etc/docker/daemon.json: malformed JSON at line 3, column 1: trailing comma"
+    );
+}
+
+#[tokio::test]
+async fn peers_off_link_and_foreign_routes_to_peer_subnets_change_nothing() {
+    let fake = FakeKernel::new();
+    let mut d = seed_a();
+    d.peers[0].underlay_ip = "192.0.2.7".parse().expect("ip");
+    let e = assert_refused_without_change(&fake, &d).await;
+    assert_eq!(
+        e.to_string(),
+        "peer b: underlay address 192.0.2.7 is not on a directly connected network (it is reached via 10.1.1.1); geomx routes a peer's subnet via the peer's underlay address, which must be on-link"
+    );
+    let mut d = seed_a();
+    d.peers[0].underlay_ip = "10.1.1.34".parse().expect("ip");
+    let e = assert_refused_without_change(&fake, &d).await;
+    assert!(e.to_string().contains("an address of this host"), "{e}");
+
+    // the seed recipe's hand-made route: geomx refuses to overwrite it
+    fake.host().routes.push(KernelRoute {
+        destination: net("172.17.29.0/24"),
+        gateway: Some("10.1.1.29".parse().expect("ip")),
+        device: Some("eth0".into()),
+        protocol: 3,
+        metric: 0,
+        kind: RouteKind::Unicast,
+    });
+    let e = assert_refused_without_change(&fake, &seed_a()).await;
+    assert!(matches!(e, NetError::RouteConflict { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("(172.17.29.0/24 via 10.1.1.29 dev eth0 proto boot)"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn routes_follow_the_peers_and_foreign_routes_stay() {
+    let fake = FakeKernel::new();
+    let foreign = KernelRoute {
+        destination: net("192.168.50.0/24"),
+        gateway: Some("10.1.1.1".parse().expect("ip")),
+        device: Some("eth0".into()),
+        protocol: 4,
+        metric: 0,
+        kind: RouteKind::Unicast,
+    };
+    fake.host().routes.push(foreign.clone());
+    let mut r = reconciler(&fake);
+    r.reconcile(&seed_a()).await.expect("first pass");
+
+    // b moved to another underlay address, c left, d joined; a stray geomx route appeared
+    fake.host()
+        .connected
+        .push((net("10.1.2.0/24"), "eth1".into()));
+    fake.host().routes.push(KernelRoute {
+        destination: net("172.17.99.0/24"),
+        gateway: Some("10.1.1.99".parse().expect("ip")),
+        device: Some("eth0".into()),
+        protocol: ROUTE_PROTOCOL,
+        metric: 100,
+        kind: RouteKind::Unicast,
+    });
+    let mut d = seed_a();
+    d.peers[0].underlay_ip = "10.1.2.29".parse().expect("ip");
+    d.peers[1] = peer("d", "10.1.1.40", "172.17.40.0/24");
+    let changes = r.reconcile(&d).await.expect("pass");
+    let shown: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+    assert_eq!(
+        shown,
+        [
+            "replaced route 172.17.29.0/24 via 10.1.1.29 with via 10.1.2.29",
+            "added route 172.17.40.0/24 via 10.1.1.40 proto 247",
+            "deleted route 172.17.33.0/24 via 10.1.1.33",
+            "deleted route 172.17.99.0/24 via 10.1.1.99",
+        ]
+    );
+    let h = fake.host();
+    assert_eq!(
+        h.geomx_routes(),
+        [
+            "172.17.29.0/24 via 10.1.2.29",
+            "172.17.40.0/24 via 10.1.1.40"
+        ]
+    );
+    assert!(h.routes.contains(&foreign), "a foreign route was touched");
+}
+
+#[tokio::test]
+async fn chains_are_rebuilt_in_order_and_jumps_kept_first_and_single() {
+    let fake = FakeKernel::new();
+    let mut r = reconciler(&fake);
+    r.reconcile(&seed_a()).await.expect("first pass");
+
+    // the MASQUERADE rule deleted by hand
+    fake.host()
+        .tables
+        .get_mut("nat")
+        .and_then(|t| t.get_mut("GEOMX-POSTROUTING"))
+        .expect("chain")
+        .pop();
+    let c = r.reconcile(&seed_a()).await.expect("repair");
+    assert_eq!(c.len(), 1);
+    assert!(
+        matches!(&c[0], Change::ChainRebuilt { missing, unexpected, .. } if missing.len() == 1 && unexpected.is_empty())
+    );
+    assert_eq!(fake.host().rules("nat", "GEOMX-POSTROUTING"), NAT_RULES);
+
+    // rules swapped, a stranger added to our chain
+    {
+        let mut h = fake.host();
+        let chain = h
+            .tables
+            .get_mut("filter")
+            .and_then(|t| t.get_mut("GEOMX-FORWARD"))
+            .expect("chain");
+        chain.reverse();
+        chain.push(RuleSpec::parse("-s 10.9.9.9/32 -j ACCEPT"));
+    }
+    let c = r.reconcile(&seed_a()).await.expect("repair");
+    assert_eq!(c.len(), 1);
+    assert_eq!(
+        c[0].to_string(),
+        "rebuilt chain filter GEOMX-FORWARD (missing: []; unexpected: [-s 10.9.9.9/32 -j ACCEPT])"
+    );
+
+    // Docker restarted: its rules went in front of our jump, and someone added a second jump
+    {
+        let mut h = fake.host();
+        let fwd = h
+            .tables
+            .get_mut("filter")
+            .and_then(|t| t.get_mut("FORWARD"))
+            .expect("FORWARD");
+        let jump = fwd.remove(0);
+        fwd.push(jump);
+        let post = h
+            .tables
+            .get_mut("nat")
+            .and_then(|t| t.get_mut("POSTROUTING"))
+            .expect("POSTROUTING");
+        post.push(RuleSpec::parse("-s 10.0.0.0/8 -j GEOMX-POSTROUTING"));
+    }
+    let c = r.reconcile(&seed_a()).await.expect("repair");
+    let shown: Vec<String> = c.iter().map(|c| c.to_string()).collect();
+    assert_eq!(
+        shown,
+        [
+            "put the jump nat POSTROUTING -> GEOMX-POSTROUTING at position 1 (found at position 1, 3)",
+            "put the jump filter FORWARD -> GEOMX-FORWARD at position 1 (found at position 3)",
+        ]
+    );
+    let h = fake.host();
+    let post = h.rules("nat", "POSTROUTING");
+    assert_eq!(post[0], NAT_JUMP);
+    assert_eq!(
+        post.iter()
+            .filter(|r| r.ends_with("-j GEOMX-POSTROUTING"))
+            .count(),
+        1
+    );
+    assert_eq!(
+        h.rules("filter", "FORWARD"),
+        [FILTER_JUMP, "-j DOCKER-USER", "-o docker0 -j DOCKER"]
+    );
+}
+
+#[tokio::test]
+async fn docker_28_gets_allow_direct_routing_and_restarts_only_on_change() {
+    let fake = FakeKernel::new();
+    {
+        let mut h = fake.host();
+        h.docker = Some(DockerVersion {
+            version: "28.0.4".into(),
+            api_version: "1.48".into(),
+        });
+        h.daemon_json = Some(r#"{"log-level": "warn", "bip": "172.17.34.1/24"}"#.into());
+    }
+    let mut r = reconciler(&fake);
+    let c = r.reconcile(&seed_a()).await.expect("pass");
+    let updated = c
+        .iter()
+        .find_map(|c| match c {
+            Change::DaemonJsonUpdated { keys, .. } => Some(keys.clone()),
+            _ => None,
+        })
+        .expect("daemon.json updated");
+    let keys: Vec<&str> = updated.iter().map(|k| k.key.as_str()).collect();
+    assert_eq!(keys, ["ip-masq", "allow-direct-routing"]);
+    let doc: serde_json::Value =
+        serde_json::from_str(fake.host().daemon_json.as_deref().expect("file")).expect("json");
+    assert_eq!(doc["log-level"], "warn");
+    assert_eq!(doc["allow-direct-routing"], true);
+    assert_eq!(fake.host().restarts, 1);
+    r.reconcile(&seed_a()).await.expect("again");
+    assert_eq!(fake.host().restarts, 1);
+}
+
+#[tokio::test]
+async fn docker_that_does_not_apply_bip_is_an_error_without_restart_loops() {
+    let fake = FakeKernel::new();
+    fake.host().docker_ignores_bip = true;
+    let mut r = reconciler(&fake);
+    let e = r.reconcile(&seed_a()).await.expect_err("docker0 mismatch");
+    assert_eq!(
+        e.to_string(),
+        "docker0 carries 172.17.0.1/16 but /etc/docker/daemon.json sets bip 172.17.34.1/24; Docker did not apply it (see the dockerd log)"
+    );
+    assert_eq!(fake.host().restarts, 1);
+    // the file is right now: one more restart for this bip, then no more
+    let _ = r.reconcile(&seed_a()).await.expect_err("still wrong");
+    assert_eq!(fake.host().restarts, 2);
+    let _ = r.reconcile(&seed_a()).await.expect_err("still wrong");
+    assert_eq!(fake.host().restarts, 2);
+    // routes and rules were not touched while docker0 is wrong
+    assert!(fake.host().geomx_routes().is_empty());
+
+    fake.host().docker_ignores_bip = false;
+    let mut fresh = reconciler(&fake);
+    let c = fresh
+        .reconcile(&seed_a())
+        .await
+        .expect("a restarted agent tries once more");
+    assert!(
+        matches!(&c[0], Change::DockerRestarted { reason } if reason.starts_with("docker0 carried 172.17.0.1/16"))
+    );
+}
+
+#[tokio::test]
+async fn masquerade_falls_back_without_random_fully() {
+    let fake = FakeKernel::new();
+    fake.host().random_fully = false;
+    let mut r = reconciler(&fake);
+    r.reconcile(&seed_a()).await.expect("pass");
+    let rules = fake.host().rules("nat", "GEOMX-POSTROUTING");
+    assert!(rules[1].ends_with("-j MASQUERADE"), "{}", rules[1]);
+    assert_eq!(r.reconcile(&seed_a()).await.expect("again"), vec![]);
+}
+
+#[tokio::test]
+async fn cleanup_restores_the_host_as_it_was() {
+    let original = FakeHost {
+        daemon_json: Some("{\n  \"debug\": true\n}\n".into()),
+        ..FakeHost::default()
+    };
+    let fake = FakeKernel::with(original.clone());
+    let mut r = reconciler(&fake);
+    r.reconcile(&seed_a()).await.expect("pass");
+    // Docker drops its own MASQUERADE rule with ip-masq false
+    fake.host()
+        .tables
+        .get_mut("nat")
+        .and_then(|t| t.get_mut("POSTROUTING"))
+        .expect("POSTROUTING")
+        .retain(|r| r.target() != Some("MASQUERADE"));
+    assert!(fake.host().state.is_some());
+
+    let changes = r.cleanup().await.expect("cleanup");
+    let shown: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+    assert_eq!(
+        shown,
+        [
+            "deleted the jump nat POSTROUTING -> GEOMX-POSTROUTING",
+            "deleted chain nat GEOMX-POSTROUTING",
+            "deleted the jump filter FORWARD -> GEOMX-FORWARD",
+            "deleted chain filter GEOMX-FORWARD",
+            "deleted route 172.17.29.0/24 via 10.1.1.29",
+            "deleted route 172.17.33.0/24 via 10.1.1.33",
+            "restarted Docker (bring docker0 back to its pre-geomx address 172.17.0.1/16 before removing bip)",
+            "restored /etc/docker/daemon.json: bip: \"172.17.34.1/24\" -> absent, ip-masq: false -> absent",
+            "restarted Docker (daemon.json restored)",
+        ]
+    );
+    {
+        let h = fake.host();
+        assert_eq!(h.daemon_json, original.daemon_json, "byte for byte");
+        assert_eq!(h.state, None);
+        assert_eq!(h.routes, original.routes);
+        assert_eq!(h.links["docker0"], original.links["docker0"]);
+        assert_eq!(
+            h.rules("filter", "FORWARD"),
+            original.rules("filter", "FORWARD")
+        );
+        assert!(!h.tables["nat"].contains_key("GEOMX-POSTROUTING"));
+    }
+    assert_eq!(r.cleanup().await.expect("cleanup twice"), vec![]);
+}
+
+#[tokio::test]
+async fn a_cleanup_whose_docker_restart_failed_can_be_run_again() {
+    let original = FakeHost::default();
+    let fake = FakeKernel::with(original.clone());
+    let mut r = reconciler(&fake);
+    r.reconcile(&seed_a()).await.expect("pass");
+    fake.host().restart_fails = true;
+    let e = r.cleanup().await.expect_err("restart fails");
+    assert!(matches!(e, NetError::DockerRestartFailed { .. }), "{e}");
+    assert!(
+        fake.host().state.is_some(),
+        "the state must survive a failed cleanup"
+    );
+    fake.host().restart_fails = false;
+    r.cleanup().await.expect("second cleanup");
+    let h = fake.host();
+    assert_eq!(h.daemon_json, original.daemon_json);
+    assert_eq!(h.links["docker0"], original.links["docker0"]);
+    assert_eq!(h.state, None);
+}
+
+#[tokio::test]
+async fn cleanup_with_a_malformed_daemon_json_changes_nothing() {
+    let fake = FakeKernel::new();
+    let mut r = reconciler(&fake);
+    r.reconcile(&seed_a()).await.expect("pass");
+    fake.host().daemon_json = Some("{".into());
+    fake.host().log.clear();
+    let e = r.cleanup().await.expect_err("malformed");
+    assert!(matches!(e, NetError::MalformedDaemonJson { .. }), "{e}");
+    assert!(fake.host().log.is_empty());
+}
+
+#[tokio::test]
+async fn the_loop_reapplies_the_last_desired_state_and_follows_changes() {
+    let fake = FakeKernel::new();
+    let mut r = reconciler(&fake);
+    let trigger = r.trigger();
+    let (tx, rx) = watch::channel::<Option<DesiredNetwork>>(None);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let passes = std::sync::Arc::new(std::sync::Mutex::new(Vec::<usize>::new()));
+    let seen = passes.clone();
+    let fake2 = fake.clone();
+    let task = tokio::spawn(async move {
+        r.run(
+            rx,
+            async {
+                let _ = stop_rx.await;
+            },
+            move |_, result| {
+                seen.lock()
+                    .expect("lock")
+                    .push(result.as_ref().map_or(usize::MAX, Vec::len));
+            },
+        )
+        .await;
+        r
+    });
+    let wait_for = |what: &'static str, cond: Box<dyn Fn() -> bool + Send>| async move {
+        for _ in 0..200 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    };
+
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert!(
+        passes.lock().expect("lock").is_empty(),
+        "no pass before a desired state"
+    );
+
+    tx.send_replace(Some(seed_a()));
+    let f = fake2.clone();
+    wait_for(
+        "routes",
+        Box::new(move || f.host().geomx_routes().len() == 2),
+    )
+    .await;
+
+    // a route deleted by hand comes back within an interval
+    fake2
+        .host()
+        .routes
+        .retain(|r| r.destination != net("172.17.33.0/24"));
+    let f = fake2.clone();
+    wait_for(
+        "repair",
+        Box::new(move || f.host().geomx_routes().len() == 2),
+    )
+    .await;
+
+    // a peer removed from the desired state loses its route
+    let mut d = seed_a();
+    d.peers.pop();
+    tx.send_replace(Some(d));
+    let f = fake2.clone();
+    wait_for(
+        "removal",
+        Box::new(move || f.host().geomx_routes().len() == 1),
+    )
+    .await;
+
+    // the controller goes away: the last desired state stays in force
+    drop(tx);
+    fake2.host().routes.retain(|r| r.protocol != ROUTE_PROTOCOL);
+    let f = fake2.clone();
+    wait_for(
+        "static stability",
+        Box::new(move || f.host().geomx_routes().len() == 1),
+    )
+    .await;
+
+    let n = passes.lock().expect("lock").len();
+    trigger.now();
+    let p = passes.clone();
+    wait_for(
+        "triggered pass",
+        Box::new(move || p.lock().expect("lock").len() > n),
+    )
+    .await;
+
+    let _ = stop_tx.send(());
+    let r = task.await.expect("loop ends on shutdown");
+    assert_eq!(r.last_applied().map(|d| d.peers.len()), Some(1));
+    let passes = passes.lock().expect("lock");
+    assert!(
+        passes.iter().all(|n| *n != usize::MAX),
+        "a pass failed: {passes:?}"
+    );
+}
