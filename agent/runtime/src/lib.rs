@@ -1,1 +1,82 @@
-//! placeholder
+//! geomx-runtime: the role containers of one host, through Docker (bollard 0.21).
+//!
+//! The agent daemon converts the controller's desired state into [`ContainerSpec`]s and
+//! calls [`Runtime::apply`]; it reports [`Runtime::snapshot`] (and reacts to
+//! [`Runtime::subscribe`]) as `NodeStatus`es, serves [`Runtime::logs`] to the controller and
+//! [`Runtime::images`] in its heartbeats, and runs the [`heartbeat`] endpoint on its docker0
+//! gateway with the runtime as sink.
+//!
+//! - A docker0 node gets a network sandbox `geomx-net.<job>.<node>` (a small container
+//!   holding the node's network namespace) as soon as it is desired: its address is in the
+//!   node's status before anything runs, so the controller can give a scheduler its own
+//!   address (ps-lite binds exactly `DMLC_PS_ROOT_URI`) and the others the schedulers'.
+//!   Once the spec says `start`, the role container `geomx.<job>.<node>` is created in the
+//!   sandbox's network. Host-network nodes (network "pseudo") have no sandbox.
+//! - Containers are labelled `io.geomx.*` (see [`spec`]), including `io.geomx.kind`
+//!   (`sandbox`/`role`) and `io.geomx.spec`, a hash of everything that shapes the container:
+//!   a container whose hash differs from the desired spec's is replaced.
+//! - A new runtime (agent restart) adopts the labelled containers it finds, running or
+//!   ended, and rebuilds their progress from their output; applying the same desired
+//!   state again then changes nothing.
+//! - Ended containers stay (with exit code and log tail) until the desired state drops
+//!   them; nothing is ever restarted by the runtime (geomx restarts whole jobs).
+//! - Progress comes from the containers' output ([`progress`]) and from the nodes' own
+//!   HTTP heartbeats ([`heartbeat`]).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), geomx_runtime::RuntimeError> {
+//! use geomx_runtime::{ContainerSpec, Runtime, RuntimeConfig};
+//! let rt = Runtime::connect_unix(
+//!     std::path::Path::new("/var/run/docker.sock"),
+//!     RuntimeConfig { agent_url: "http://172.17.34.1:7948".into(), ..Default::default() },
+//! )
+//! .await?;
+//! let report = rt
+//!     .apply(vec![ContainerSpec {
+//!         job: "job1".into(),
+//!         node: "a-scheduler".into(),
+//!         role: "scheduler".into(),
+//!         party: "a".into(),
+//!         image: "geomx-test/psnode:latest".into(),
+//!         command: vec!["python".into(), "-c".into(), "import mxnet".into()],
+//!         start: true,
+//!         ..Default::default()
+//!     }])
+//!     .await?;
+//! assert!(report.errors().next().is_none());
+//! let mut updates = rt.subscribe();
+//! updates.changed().await.ok();
+//! println!("{:?}", updates.borrow().node("job1", "a-scheduler"));
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod engine;
+mod error;
+pub mod heartbeat;
+mod lines;
+pub mod progress;
+pub mod reconcile;
+mod runtime;
+pub mod spec;
+pub mod status;
+
+pub use engine::{BollardEngine, Engine};
+pub use error::{Result, RuntimeError};
+pub use heartbeat::{
+    DEFAULT_HEARTBEAT_PORT, HeartbeatError, HeartbeatReport, HeartbeatServer, HeartbeatSink,
+    agent_url,
+};
+pub use progress::{Progress, ProgressParser, ProgressTracker};
+pub use reconcile::{Action, ContainerKey, RemoveReason};
+pub use runtime::{ApplyReport, Outcome, Runtime, RuntimeConfig};
+pub use spec::{
+    ContainerKind, ContainerSpec, NodeKey, SandboxConfig, container_name, sandbox_name,
+};
+pub use status::{LogChunk, NodeState, NodeStatus, Snapshot};
+/// The cancellation token [`HeartbeatServer::serve`] stops on (re-exported from tokio-util).
+pub use tokio_util::sync::CancellationToken;
+
+#[cfg(test)]
+mod fake;

@@ -18,6 +18,7 @@
 pub mod cmd;
 mod dockerd;
 mod error;
+pub mod images;
 mod lab;
 mod netns;
 mod process;
@@ -25,6 +26,7 @@ mod rootfs;
 
 pub use dockerd::Dockerd;
 pub use error::{LabError, Result};
+pub use images::{PSNODE_IMAGE, build_psnode_image, find_psnode_binary};
 pub use lab::{
     DEFAULT_ROOT, HostSpec, Lab, LabHost, LabSpec, OUTSIDE_IP, SEED_HOSTS, UNDERLAY_PREFIX,
     sweep_stale,

@@ -1,0 +1,465 @@
+//! Docker access behind a trait ([`Engine`]), so that the runtime's decisions can be tested
+//! with a fake; [`BollardEngine`] is the real one (bollard 0.21).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::errors::Error as BollardError;
+use bollard::models::{ContainerCreateBody, ContainerStateStatusEnum, ContainerSummaryStateEnum};
+use bollard::query_parameters::{
+    CreateContainerOptions, EventsOptions, InspectContainerOptions, ListContainersOptions,
+    ListImagesOptions, LogsOptions, RemoveContainerOptions, StopContainerOptions,
+};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+
+use crate::error::{Result, RuntimeError};
+use crate::spec::LABEL_MANAGED;
+use crate::status::parse_rfc3339_ms;
+
+/// A container's state as Docker names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineState {
+    /// Created, never started.
+    Created,
+    /// Running.
+    Running,
+    /// Paused.
+    Paused,
+    /// Being restarted by Docker.
+    Restarting,
+    /// Being removed.
+    Removing,
+    /// Ended.
+    Exited,
+    /// Ended and could not be cleaned up.
+    Dead,
+    /// Anything else.
+    Unknown,
+}
+
+impl EngineState {
+    fn from_name(s: &str) -> EngineState {
+        match s {
+            "created" => EngineState::Created,
+            "running" => EngineState::Running,
+            "paused" => EngineState::Paused,
+            "restarting" => EngineState::Restarting,
+            "removing" => EngineState::Removing,
+            "exited" => EngineState::Exited,
+            "dead" => EngineState::Dead,
+            _ => EngineState::Unknown,
+        }
+    }
+}
+
+/// A labelled container as listed (cheap: no inspect).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActualContainer {
+    /// Container id.
+    pub id: String,
+    /// Name without the leading slash.
+    pub name: String,
+    /// All labels.
+    pub labels: HashMap<String, String>,
+    /// State.
+    pub state: EngineState,
+}
+
+/// What inspecting one container tells.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Inspection {
+    /// Container id.
+    pub id: String,
+    /// Name without the leading slash.
+    pub name: String,
+    /// All labels.
+    pub labels: HashMap<String, String>,
+    /// State.
+    pub state: EngineState,
+    /// Exit code (meaningful once ended; Docker also sets it when a start fails).
+    pub exit_code: Option<i64>,
+    /// Docker's error (e.g. why a start failed), empty if none.
+    pub error: String,
+    /// Killed by the OOM killer.
+    pub oom_killed: bool,
+    /// IPv4 address on its bridge network, if it has one.
+    pub ip: Option<String>,
+    /// Runs with host networking.
+    pub host_network: bool,
+    /// Start time, Unix ms; 0 if never started.
+    pub started_at_ms: i64,
+    /// End time, Unix ms; 0 if not ended.
+    pub finished_at_ms: i64,
+    /// Docker's restart count.
+    pub restart_count: u32,
+}
+
+/// How to read a container's output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogRequest {
+    /// Keep streaming until the container ends.
+    pub follow: bool,
+    /// Only the last N lines; `None` for all.
+    pub tail: Option<u32>,
+    /// Prefix every line with Docker's RFC 3339 timestamp and a space.
+    pub timestamps: bool,
+}
+
+/// One piece of output as Docker sends it (not necessarily whole lines).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogFrame {
+    /// From standard error.
+    pub stderr: bool,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+/// A container event of a geomx container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineEvent {
+    /// Container id.
+    pub id: String,
+    /// Docker's action: create, start, die, oom, kill, stop, destroy, ...
+    pub action: String,
+}
+
+/// The Docker operations the runtime needs.
+pub trait Engine: Send + Sync + 'static {
+    /// Every container (running or not) labelled `io.geomx.managed=true`.
+    fn list_managed(&self) -> impl Future<Output = Result<Vec<ActualContainer>>> + Send;
+    /// Inspects a container by id or name; `None` when it does not exist.
+    fn inspect(&self, id: &str) -> impl Future<Output = Result<Option<Inspection>>> + Send;
+    /// Whether the image is present locally.
+    fn image_present(&self, image: &str) -> impl Future<Output = Result<bool>> + Send;
+    /// Every `repo:tag` present locally.
+    fn images(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// Creates a container; returns its id.
+    fn create(
+        &self,
+        name: &str,
+        body: ContainerCreateBody,
+    ) -> impl Future<Output = Result<String>> + Send;
+    /// Starts a created container.
+    fn start(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Stops a container (SIGTERM, SIGKILL after `timeout`); no error if already stopped or gone.
+    fn stop(&self, id: &str, timeout: Duration) -> impl Future<Output = Result<()>> + Send;
+    /// Removes a container (forcefully); no error if already gone.
+    fn remove(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
+    /// The container's output.
+    fn logs(&self, id: &str, req: LogRequest) -> BoxStream<'static, Result<LogFrame>>;
+    /// Container events of geomx containers, from now on.
+    fn events(&self) -> BoxStream<'static, Result<EngineEvent>>;
+}
+
+/// [`Engine`] over a real dockerd through bollard.
+#[derive(Clone, Debug)]
+pub struct BollardEngine {
+    docker: Docker,
+}
+
+/// Timeout of single Docker API requests (not of streams), in seconds.
+const REQUEST_TIMEOUT_S: u64 = 120;
+
+impl BollardEngine {
+    /// Wraps a connected client (call `negotiate_version` on it first).
+    pub fn new(docker: Docker) -> BollardEngine {
+        BollardEngine { docker }
+    }
+
+    /// Connects to the dockerd API socket at `path` and negotiates the API version
+    /// (Debian's dockerd 20.10 speaks 1.41 at most).
+    pub async fn connect_unix(path: &Path) -> Result<BollardEngine> {
+        let p = path.to_string_lossy().into_owned();
+        let docker = Docker::connect_with_unix(&p, REQUEST_TIMEOUT_S, bollard::API_DEFAULT_VERSION)
+            .map_err(|e| RuntimeError::docker(format!("connect {p}"), e))?
+            .negotiate_version()
+            .await
+            .map_err(|e| RuntimeError::docker(format!("negotiate API version at {p}"), e))?;
+        Ok(BollardEngine { docker })
+    }
+
+    /// Connects as the docker CLI would (`DOCKER_HOST` or the default socket) and
+    /// negotiates the API version.
+    pub async fn connect_local() -> Result<BollardEngine> {
+        let docker = Docker::connect_with_local_defaults()
+            .map_err(|e| RuntimeError::docker("connect", e))?
+            .negotiate_version()
+            .await
+            .map_err(|e| RuntimeError::docker("negotiate API version", e))?;
+        Ok(BollardEngine { docker })
+    }
+
+    /// The bollard client.
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+}
+
+fn is_status(e: &BollardError, code: u16) -> bool {
+    matches!(e, BollardError::DockerResponseServerError { status_code, .. } if *status_code == code)
+}
+
+fn managed_filter() -> HashMap<String, Vec<String>> {
+    HashMap::from([("label".to_string(), vec![format!("{LABEL_MANAGED}=true")])])
+}
+
+impl Engine for BollardEngine {
+    async fn list_managed(&self) -> Result<Vec<ActualContainer>> {
+        let opts = ListContainersOptions {
+            all: true,
+            filters: Some(managed_filter()),
+            ..Default::default()
+        };
+        let list = self
+            .docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(|e| RuntimeError::docker("list containers", e))?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                let id = c.id?;
+                let name = c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .unwrap_or_default()
+                    .trim_start_matches('/')
+                    .to_string();
+                let state = c
+                    .state
+                    .map(|s| match s {
+                        ContainerSummaryStateEnum::EMPTY => EngineState::Unknown,
+                        other => EngineState::from_name(other.as_ref()),
+                    })
+                    .unwrap_or(EngineState::Unknown);
+                Some(ActualContainer {
+                    id,
+                    name,
+                    labels: c.labels.unwrap_or_default(),
+                    state,
+                })
+            })
+            .collect())
+    }
+
+    async fn inspect(&self, id: &str) -> Result<Option<Inspection>> {
+        let r = match self
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if is_status(&e, 404) => return Ok(None),
+            Err(e) => return Err(RuntimeError::docker(format!("inspect {id}"), e)),
+        };
+        let st = r.state.unwrap_or_default();
+        let state = st
+            .status
+            .map(|s| match s {
+                ContainerStateStatusEnum::EMPTY => EngineState::Unknown,
+                other => EngineState::from_name(other.as_ref()),
+            })
+            .unwrap_or(EngineState::Unknown);
+        let host_network = r
+            .host_config
+            .as_ref()
+            .and_then(|h| h.network_mode.as_deref())
+            .is_some_and(|m| m == "host");
+        let ip = r
+            .network_settings
+            .and_then(|n| n.networks)
+            .and_then(|nets| {
+                let mut v: Vec<(String, String)> = nets
+                    .into_iter()
+                    .filter_map(|(name, ep)| ep.ip_address.map(|ip| (name, ip)))
+                    .filter(|(_, ip)| !ip.is_empty())
+                    .collect();
+                // prefer the default bridge (docker0)
+                v.sort_by_key(|(name, _)| name != "bridge");
+                v.into_iter().next().map(|(_, ip)| ip)
+            });
+        Ok(Some(Inspection {
+            id: r.id.unwrap_or_else(|| id.to_string()),
+            name: r
+                .name
+                .unwrap_or_default()
+                .trim_start_matches('/')
+                .to_string(),
+            labels: r.config.and_then(|c| c.labels).unwrap_or_default(),
+            state,
+            exit_code: st.exit_code,
+            error: st.error.unwrap_or_default(),
+            oom_killed: st.oom_killed.unwrap_or(false),
+            ip,
+            host_network,
+            started_at_ms: st
+                .started_at
+                .as_deref()
+                .and_then(parse_rfc3339_ms)
+                .unwrap_or(0),
+            finished_at_ms: st
+                .finished_at
+                .as_deref()
+                .and_then(parse_rfc3339_ms)
+                .unwrap_or(0),
+            restart_count: r
+                .restart_count
+                .and_then(|c| u32::try_from(c).ok())
+                .unwrap_or(0),
+        }))
+    }
+
+    async fn image_present(&self, image: &str) -> Result<bool> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_status(&e, 404) => Ok(false),
+            Err(e) => Err(RuntimeError::docker(format!("inspect image {image}"), e)),
+        }
+    }
+
+    async fn images(&self) -> Result<Vec<String>> {
+        let list = self
+            .docker
+            .list_images(Some(ListImagesOptions::default()))
+            .await
+            .map_err(|e| RuntimeError::docker("list images", e))?;
+        let mut tags: Vec<String> = list
+            .into_iter()
+            .flat_map(|i| i.repo_tags)
+            .filter(|t| t != "<none>:<none>")
+            .collect();
+        tags.sort();
+        tags.dedup();
+        Ok(tags)
+    }
+
+    async fn create(&self, name: &str, body: ContainerCreateBody) -> Result<String> {
+        let image = body.image.clone().unwrap_or_default();
+        let opts = CreateContainerOptions {
+            name: Some(name.to_string()),
+            ..Default::default()
+        };
+        match self.docker.create_container(Some(opts), body).await {
+            Ok(r) => Ok(r.id),
+            Err(e) if is_status(&e, 404) => Err(RuntimeError::ImageMissing { image }),
+            Err(BollardError::DockerResponseServerError {
+                status_code,
+                message,
+            }) if (400..500).contains(&status_code) => Err(RuntimeError::Refused {
+                what: format!("creating {name}"),
+                message,
+            }),
+            Err(e) => Err(RuntimeError::docker(format!("create {name}"), e)),
+        }
+    }
+
+    async fn start(&self, id: &str) -> Result<()> {
+        match self.docker.start_container(id, None).await {
+            Ok(()) => Ok(()),
+            Err(BollardError::DockerResponseServerError {
+                status_code,
+                message,
+            }) if (400..500).contains(&status_code) || message.contains("OCI runtime") => {
+                Err(RuntimeError::Refused {
+                    what: format!("starting {id}"),
+                    message,
+                })
+            }
+            Err(e) => Err(RuntimeError::docker(format!("start {id}"), e)),
+        }
+    }
+
+    async fn stop(&self, id: &str, timeout: Duration) -> Result<()> {
+        let opts = StopContainerOptions {
+            t: Some(i32::try_from(timeout.as_secs()).unwrap_or(i32::MAX)),
+            ..Default::default()
+        };
+        match self.docker.stop_container(id, Some(opts)).await {
+            // 304: already stopped; 404: gone
+            Ok(()) => Ok(()),
+            Err(e) if is_status(&e, 304) || is_status(&e, 404) => Ok(()),
+            Err(e) => Err(RuntimeError::docker(format!("stop {id}"), e)),
+        }
+    }
+
+    async fn remove(&self, id: &str) -> Result<()> {
+        let opts = RemoveContainerOptions {
+            force: true,
+            ..Default::default()
+        };
+        match self.docker.remove_container(id, Some(opts)).await {
+            Ok(()) => Ok(()),
+            // 404: gone; 409: removal already in progress
+            Err(e) if is_status(&e, 404) || is_status(&e, 409) => Ok(()),
+            Err(e) => Err(RuntimeError::docker(format!("remove {id}"), e)),
+        }
+    }
+
+    fn logs(&self, id: &str, req: LogRequest) -> BoxStream<'static, Result<LogFrame>> {
+        let opts = LogsOptions {
+            follow: req.follow,
+            stdout: true,
+            stderr: true,
+            timestamps: req.timestamps,
+            tail: req
+                .tail
+                .map_or_else(|| "all".to_string(), |n| n.to_string()),
+            ..Default::default()
+        };
+        let id_owned = id.to_string();
+        self.docker
+            .logs(id, Some(opts))
+            .filter_map(move |r| {
+                let out = match r {
+                    Ok(bollard::container::LogOutput::StdErr { message }) => Some(Ok(LogFrame {
+                        stderr: true,
+                        data: message.to_vec(),
+                    })),
+                    Ok(
+                        bollard::container::LogOutput::StdOut { message }
+                        | bollard::container::LogOutput::Console { message },
+                    ) => Some(Ok(LogFrame {
+                        stderr: false,
+                        data: message.to_vec(),
+                    })),
+                    Ok(bollard::container::LogOutput::StdIn { .. }) => None,
+                    Err(e) if is_status(&e, 404) => Some(Err(RuntimeError::NoSuchNode {
+                        job: String::new(),
+                        node: id_owned.clone(),
+                    })),
+                    Err(e) => Some(Err(RuntimeError::docker(format!("logs {id_owned}"), e))),
+                };
+                futures::future::ready(out)
+            })
+            .boxed()
+    }
+
+    fn events(&self) -> BoxStream<'static, Result<EngineEvent>> {
+        let mut filters = managed_filter();
+        filters.insert("type".into(), vec!["container".into()]);
+        let opts = EventsOptions {
+            filters: Some(filters),
+            ..Default::default()
+        };
+        self.docker
+            .events(Some(opts))
+            .filter_map(|r| {
+                let out = match r {
+                    Ok(ev) => {
+                        let id = ev.actor.and_then(|a| a.id).unwrap_or_default();
+                        let action = ev.action.unwrap_or_default();
+                        // "exec_start: sh -c ..." and the like carry a suffix
+                        let action = action.split(':').next().unwrap_or("").trim().to_string();
+                        (!id.is_empty()).then_some(Ok(EngineEvent { id, action }))
+                    }
+                    Err(e) => Some(Err(RuntimeError::docker("events", e))),
+                };
+                futures::future::ready(out)
+            })
+            .boxed()
+    }
+}

@@ -1,0 +1,95 @@
+//! Errors of the container runtime.
+
+/// Everything that can go wrong driving role containers.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// A Docker API call failed.
+    #[error("docker {op}: {source}")]
+    Docker {
+        /// What was being done (e.g. "create geomx.job1.worker-0").
+        op: String,
+        /// The underlying error.
+        #[source]
+        source: bollard::errors::Error,
+    },
+    /// The image a container needs is not present on this host. geomx never pulls (there
+    /// is no registry): the image has to be built or loaded on the host first.
+    #[error(
+        "image {image} is not present on this host (geomx does not pull; build or `docker load` it here first)"
+    )]
+    ImageMissing {
+        /// The image reference.
+        image: String,
+    },
+    /// Docker refused the container's configuration (bad command, bad device request ...).
+    #[error("docker refused {what}: {message}")]
+    Refused {
+        /// What was refused.
+        what: String,
+        /// Docker's message.
+        message: String,
+    },
+    /// A container spec cannot be turned into a container.
+    #[error("invalid container spec {job}/{node}: {reason}")]
+    InvalidSpec {
+        /// Job name.
+        job: String,
+        /// Node name.
+        node: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No container of this job and node exists on this host.
+    #[error("no container for node {node} of job {job} on this host")]
+    NoSuchNode {
+        /// Job name.
+        job: String,
+        /// Node name.
+        node: String,
+    },
+    /// The progress regular expression of a spec does not compile.
+    #[error("progress regex {regex:?}: {source}")]
+    InvalidRegex {
+        /// The expression.
+        regex: String,
+        /// The compile error.
+        #[source]
+        source: Box<regex::Error>,
+    },
+    /// An I/O error (binding the heartbeat endpoint, ...).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RuntimeError {
+    pub(crate) fn docker(op: impl Into<String>, source: bollard::errors::Error) -> Self {
+        RuntimeError::Docker {
+            op: op.into(),
+            source,
+        }
+    }
+
+    /// Whether retrying the same operation later may succeed (Docker unreachable or
+    /// overloaded) as opposed to a definitive refusal (missing image, invalid spec).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RuntimeError::Docker { source, .. } => match source {
+                bollard::errors::Error::DockerResponseServerError { status_code, .. } => {
+                    *status_code >= 500
+                }
+                _ => true,
+            },
+            RuntimeError::Io { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Result alias of the runtime.
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

@@ -1,0 +1,848 @@
+//! An in-memory [`Engine`] for the runtime's unit tests, and those tests.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bollard::models::ContainerCreateBody;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tokio::sync::broadcast;
+
+use crate::engine::{
+    ActualContainer, Engine, EngineEvent, EngineState, Inspection, LogFrame, LogRequest,
+};
+use crate::error::{Result, RuntimeError};
+use crate::spec::LABEL_MANAGED;
+use crate::status::now_ms;
+
+#[derive(Clone, Debug)]
+pub(crate) struct FakeContainer {
+    pub id: String,
+    pub name: String,
+    pub labels: HashMap<String, String>,
+    pub state: EngineState,
+    pub exit_code: i64,
+    pub started_at_ms: i64,
+    pub finished_at_ms: i64,
+    pub ip: String,
+    pub host_network: bool,
+    pub logs: Vec<(bool, String)>,
+    pub body: ContainerCreateBody,
+}
+
+#[derive(Default)]
+pub(crate) struct FakeState {
+    pub containers: BTreeMap<String, FakeContainer>,
+    pub images: BTreeSet<String>,
+    pub next: u64,
+    pub calls: Vec<String>,
+}
+
+#[derive(Clone)]
+pub(crate) struct FakeEngine {
+    pub state: Arc<Mutex<FakeState>>,
+    events: broadcast::Sender<EngineEvent>,
+}
+
+impl FakeEngine {
+    pub fn new(images: &[&str]) -> FakeEngine {
+        let (events, _) = broadcast::channel(1024);
+        let st = FakeState {
+            images: images.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        FakeEngine {
+            state: Arc::new(Mutex::new(st)),
+            events,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, id: &str, action: &str) {
+        let _ = self.events.send(EngineEvent {
+            id: id.to_string(),
+            action: action.to_string(),
+        });
+    }
+
+    pub fn print(&self, id: &str, line: &str) {
+        if let Some(c) = self.lock().containers.get_mut(id) {
+            c.logs.push((false, format!("{line}\n")));
+        }
+    }
+
+    pub fn exit(&self, id: &str, code: i64) {
+        if let Some(c) = self.lock().containers.get_mut(id) {
+            c.state = EngineState::Exited;
+            c.exit_code = code;
+            c.finished_at_ms = now_ms();
+        }
+        self.emit(id, "die");
+    }
+
+    /// `docker rm -f` by someone else.
+    pub fn remove_behind_back(&self, id: &str) {
+        self.lock().containers.remove(id);
+        self.emit(id, "destroy");
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        self.lock().containers.keys().cloned().collect()
+    }
+
+    /// The id of the container named `name`.
+    pub fn id_of(&self, name: &str) -> Option<String> {
+        self.find(name).map(|c| c.id)
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .lock()
+            .containers
+            .values()
+            .map(|c| c.name.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.lock().calls.clone()
+    }
+
+    fn find(&self, id_or_name: &str) -> Option<FakeContainer> {
+        let st = self.lock();
+        st.containers
+            .values()
+            .find(|c| c.id == id_or_name || c.name == id_or_name)
+            .cloned()
+    }
+}
+
+impl Engine for FakeEngine {
+    async fn list_managed(&self) -> Result<Vec<ActualContainer>> {
+        Ok(self
+            .lock()
+            .containers
+            .values()
+            .filter(|c| c.labels.get(LABEL_MANAGED).is_some_and(|v| v == "true"))
+            .map(|c| ActualContainer {
+                id: c.id.clone(),
+                name: c.name.clone(),
+                labels: c.labels.clone(),
+                state: c.state,
+            })
+            .collect())
+    }
+
+    async fn inspect(&self, id: &str) -> Result<Option<Inspection>> {
+        Ok(self.find(id).map(|c| Inspection {
+            id: c.id.clone(),
+            name: c.name.clone(),
+            labels: c.labels.clone(),
+            state: c.state,
+            exit_code: Some(c.exit_code),
+            error: String::new(),
+            oom_killed: false,
+            ip: (c.state == EngineState::Running && !c.ip.is_empty()).then(|| c.ip.clone()),
+            host_network: c.host_network,
+            started_at_ms: c.started_at_ms,
+            finished_at_ms: c.finished_at_ms,
+            restart_count: 0,
+        }))
+    }
+
+    async fn image_present(&self, image: &str) -> Result<bool> {
+        let mut st = self.lock();
+        st.calls.push(format!("image {image}"));
+        Ok(st.images.contains(image))
+    }
+
+    async fn images(&self) -> Result<Vec<String>> {
+        Ok(self.lock().images.iter().cloned().collect())
+    }
+
+    async fn create(&self, name: &str, body: ContainerCreateBody) -> Result<String> {
+        let mut st = self.lock();
+        st.calls.push(format!("create {name}"));
+        let image = body.image.clone().unwrap_or_default();
+        if !st.images.contains(&image) {
+            return Err(RuntimeError::ImageMissing { image });
+        }
+        if st.containers.values().any(|c| c.name == name) {
+            return Err(RuntimeError::Refused {
+                what: format!("creating {name}"),
+                message: "name in use".into(),
+            });
+        }
+        st.next += 1;
+        let n = st.next;
+        let id = format!("{n:064x}");
+        let mode = body
+            .host_config
+            .as_ref()
+            .and_then(|h| h.network_mode.clone())
+            .unwrap_or_default();
+        if let Some(net) = mode.strip_prefix("container:")
+            && st
+                .containers
+                .get(net)
+                .is_none_or(|c| c.state != EngineState::Running)
+        {
+            return Err(RuntimeError::Refused {
+                what: format!("creating {name}"),
+                message: format!("cannot join the network of {net}: not running"),
+            });
+        }
+        let host_network = mode == "host";
+        let own_ip = mode == "bridge";
+        st.containers.insert(
+            id.clone(),
+            FakeContainer {
+                id: id.clone(),
+                name: name.to_string(),
+                labels: body.labels.clone().unwrap_or_default(),
+                state: EngineState::Created,
+                exit_code: 0,
+                started_at_ms: 0,
+                finished_at_ms: 0,
+                ip: if own_ip {
+                    format!("172.17.34.{}", n + 1)
+                } else {
+                    String::new()
+                },
+                host_network,
+                logs: Vec::new(),
+                body,
+            },
+        );
+        drop(st);
+        self.emit(&id, "create");
+        Ok(id)
+    }
+
+    async fn start(&self, id: &str) -> Result<()> {
+        {
+            let mut st = self.lock();
+            st.calls.push(format!("start {id}"));
+            let c = st.containers.get_mut(id).ok_or(RuntimeError::NoSuchNode {
+                job: String::new(),
+                node: id.to_string(),
+            })?;
+            c.state = EngineState::Running;
+            c.started_at_ms = now_ms();
+        }
+        self.emit(id, "start");
+        Ok(())
+    }
+
+    async fn stop(&self, id: &str, _timeout: Duration) -> Result<()> {
+        let was_running = {
+            let mut st = self.lock();
+            st.calls.push(format!("stop {id}"));
+            match st.containers.get_mut(id) {
+                Some(c) if c.state == EngineState::Running => {
+                    c.state = EngineState::Exited;
+                    c.exit_code = 143;
+                    c.finished_at_ms = now_ms();
+                    true
+                }
+                _ => false,
+            }
+        };
+        if was_running {
+            self.emit(id, "die");
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, id: &str) -> Result<()> {
+        let existed = {
+            let mut st = self.lock();
+            st.calls.push(format!("remove {id}"));
+            st.containers.remove(id).is_some()
+        };
+        if existed {
+            self.emit(id, "destroy");
+        }
+        Ok(())
+    }
+
+    fn logs(&self, id: &str, req: LogRequest) -> BoxStream<'static, Result<LogFrame>> {
+        let me = self.clone();
+        let id = id.to_string();
+        if !req.follow {
+            let lines = self.find(&id).map(|c| c.logs).unwrap_or_default();
+            let skip = req
+                .tail
+                .map_or(0, |n| lines.len().saturating_sub(n as usize));
+            return futures::stream::iter(lines.into_iter().skip(skip).map(|(stderr, l)| {
+                Ok(LogFrame {
+                    stderr,
+                    data: l.into_bytes(),
+                })
+            }))
+            .boxed();
+        }
+        futures::stream::unfold(0usize, move |next| {
+            let me = me.clone();
+            let id = id.clone();
+            async move {
+                loop {
+                    let c = me.find(&id)?;
+                    if let Some((stderr, l)) = c.logs.get(next) {
+                        let frame = LogFrame {
+                            stderr: *stderr,
+                            data: l.clone().into_bytes(),
+                        };
+                        return Some((Ok(frame), next + 1));
+                    }
+                    if c.state != EngineState::Running && c.state != EngineState::Created {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        })
+        .boxed()
+    }
+
+    fn events(&self) -> BoxStream<'static, Result<EngineEvent>> {
+        let rx = self.events.subscribe();
+        futures::stream::unfold(rx, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => return Some((Ok(ev), rx)),
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::heartbeat::{HeartbeatError, HeartbeatReport};
+    use crate::reconcile::Action;
+    use crate::runtime::{Runtime, RuntimeConfig};
+    use crate::spec::{ContainerSpec, LABEL_JOB, LABEL_SPEC};
+    use crate::status::{NodeState, NodeStatus};
+
+    const IMG: &str = "geomx-test/psnode:latest";
+
+    fn config() -> RuntimeConfig {
+        RuntimeConfig {
+            agent_url: "http://172.17.34.1:7948".into(),
+            resync_interval: Duration::from_millis(200),
+            ..Default::default()
+        }
+    }
+
+    fn spec(node: &str) -> ContainerSpec {
+        ContainerSpec {
+            job: "job1".into(),
+            node: node.into(),
+            role: "worker".into(),
+            party: "a".into(),
+            image: IMG.into(),
+            command: vec!["python".into(), "cnn.py".into()],
+            env: BTreeMap::from([("DMLC_ROLE".into(), "worker".into())]),
+            controller_id: "ctl".into(),
+            start: true,
+            ..Default::default()
+        }
+    }
+
+    fn role_id(fake: &FakeEngine, node: &str) -> String {
+        fake.id_of(&format!("geomx.job1.{node}"))
+            .unwrap_or_else(|| panic!("no role container for {node}: {:?}", fake.names()))
+    }
+
+    async fn wait_for(
+        rt: &Runtime<FakeEngine>,
+        what: &str,
+        f: impl Fn(&crate::status::Snapshot) -> bool,
+    ) -> crate::status::Snapshot {
+        let mut rx = rt.subscribe();
+        let r = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                {
+                    let s = rx.borrow_and_update().clone();
+                    if f(&s) {
+                        return s;
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return rt.snapshot();
+                }
+            }
+        })
+        .await;
+        match r {
+            Ok(s) => s,
+            Err(_) => panic!("timed out waiting for {what}: {:#?}", rt.snapshot()),
+        }
+    }
+
+    fn node<'a>(s: &'a crate::status::Snapshot, n: &str) -> &'a NodeStatus {
+        s.node("job1", n)
+            .unwrap_or_else(|| panic!("no node {n} in {s:#?}"))
+    }
+
+    #[tokio::test]
+    async fn apply_creates_then_is_a_no_op() {
+        let fake = FakeEngine::new(&[IMG]);
+        let rt = Runtime::start(fake.clone(), config()).await.expect("start");
+        let report = rt.apply(vec![spec("w0"), spec("w1")]).await.expect("apply");
+        assert_eq!(
+            report.changes().count(),
+            4,
+            "two sandboxes, two roles: {report:?}"
+        );
+        assert!(report.errors().next().is_none(), "{report:?}");
+        let s = wait_for(&rt, "running", |s| {
+            s.nodes.len() == 2 && s.nodes.iter().all(|n| n.state == NodeState::Running)
+        })
+        .await;
+        let w0 = node(&s, "w0");
+        assert!(w0.ip.starts_with("172.17.34."));
+        assert!(w0.started_at_ms > 0);
+        assert_eq!(w0.role, "worker");
+        {
+            let st = fake.lock();
+            let c = st
+                .containers
+                .values()
+                .find(|c| c.name == "geomx.job1.w0")
+                .expect("named geomx.job1.w0");
+            assert_eq!(c.labels[LABEL_JOB], "job1");
+            assert_eq!(
+                c.labels[LABEL_SPEC],
+                spec("w0").spec_hash(&config().agent_url, &config().sandbox)
+            );
+            let env = c.body.env.clone().unwrap_or_default();
+            assert!(env.contains(&"GEOMX_AGENT_URL=http://172.17.34.1:7948".to_string()));
+        }
+        let report = rt.apply(vec![spec("w0"), spec("w1")]).await.expect("apply");
+        assert!(report.is_no_op(), "{report:?}");
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_new_runtime_adopts_without_restarting_and_rebuilds_progress() {
+        let fake = FakeEngine::new(&[IMG]);
+        let rt = Runtime::start(fake.clone(), config()).await.expect("start");
+        rt.apply(vec![spec("w0")]).await.expect("apply");
+        let id = role_id(&fake, "w0");
+        fake.print(&id, "Start training on 2 workers, my rank is 0.");
+        fake.print(&id, "[Time 0.2][Epoch 0][Iteration 1] Test Acc 0.10");
+        fake.print(&id, "[Time 0.4][Epoch 0][Iteration 2] Test Acc 0.20");
+        wait_for(&rt, "progress", |s| {
+            s.node("job1", "w0")
+                .and_then(|n| n.progress.as_ref())
+                .is_some_and(|p| p.iteration == 2)
+        })
+        .await;
+        let before = rt.status("job1", "w0").expect("status");
+        rt.shutdown();
+        drop(rt);
+
+        let calls_before = fake.calls().len();
+        let rt2 = Runtime::start(fake.clone(), config())
+            .await
+            .expect("restart");
+        let s = wait_for(&rt2, "adopted progress", |s| {
+            s.node("job1", "w0")
+                .and_then(|n| n.progress.as_ref())
+                .is_some_and(|p| p.iteration == 2)
+        })
+        .await;
+        let after = node(&s, "w0");
+        assert_eq!(after.container_id, before.container_id);
+        assert_eq!(after.started_at_ms, before.started_at_ms);
+        assert_eq!(after.state, NodeState::Running);
+        assert_eq!(after.progress.as_ref().and_then(|p| p.accuracy), Some(0.2));
+        let report = rt2.apply(vec![spec("w0")]).await.expect("apply");
+        assert!(report.is_no_op(), "{report:?}");
+        assert_eq!(fake.calls().len(), calls_before, "{:?}", fake.calls());
+        rt2.shutdown();
+    }
+
+    #[tokio::test]
+    async fn missing_image_fails_the_node_clearly() {
+        let fake = FakeEngine::new(&[]);
+        let rt = Runtime::start(fake.clone(), config()).await.expect("start");
+        let report = rt.apply(vec![spec("w0")]).await.expect("apply");
+        let err = report.errors().next().and_then(|o| o.error.clone());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains(IMG) && e.contains("not present")),
+            "{report:?}"
+        );
+        let st = rt.status("job1", "w0").expect("status");
+        assert_eq!(st.state, NodeState::Failed);
+        assert!(st.error.contains("not present"), "{st:?}");
+        assert!(fake.ids().is_empty());
+        assert!(!fake.calls().iter().any(|c| c.starts_with("create")));
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn the_sandbox_gives_the_address_before_the_role_container_starts() {
+        let fake = FakeEngine::new(&[IMG]);
+        let rt = Runtime::start(fake.clone(), config()).await.expect("start");
+        let mut sched = spec("sched");
+        sched.start = false;
+        let report = rt.apply(vec![sched.clone()]).await.expect("apply");
+        assert_eq!(report.changes().count(), 1, "{report:?}");
+        let s = wait_for(&rt, "address", |s| {
+            s.node("job1", "sched").is_some_and(|n| !n.ip.is_empty())
+        })
+        .await;
+        let n = node(&s, "sched");
+        assert_eq!(n.state, NodeState::Pending);
+        assert!(n.container_id.is_empty());
+        let ip = n.ip.clone();
+        assert_eq!(fake.names(), vec!["geomx-net.job1.sched".to_string()]);
+        // started: the role container joins the sandbox's network and keeps its address
+        sched.start = true;
+        let report = rt.apply(vec![sched.clone()]).await.expect("apply");
+        assert_eq!(report.changes().count(), 1, "{report:?}");
+        let s = wait_for(&rt, "running", |s| {
+            s.node("job1", "sched")
+                .is_some_and(|n| n.state == NodeState::Running)
+        })
+        .await;
+        assert_eq!(node(&s, "sched").ip, ip);
+        let sandbox = fake.id_of("geomx-net.job1.sched").expect("sandbox");
+        let body = fake
+            .find("geomx.job1.sched")
+            .map(|c| c.body)
+            .expect("role container");
+        assert_eq!(
+            body.host_config.and_then(|h| h.network_mode),
+            Some(format!("container:{sandbox}"))
+        );
+        // the sandbox dying fails the node
+        fake.exit(&sandbox, 137);
+        let s = wait_for(&rt, "failed", |s| {
+            s.node("job1", "sched")
+                .is_some_and(|n| n.state == NodeState::Failed)
+        })
+        .await;
+        assert!(node(&s, "sched").error.contains("network sandbox"), "{s:?}");
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn host_network_nodes_have_no_sandbox_and_report_the_host_address() {
+        let fake = FakeEngine::new(&[IMG]);
+        let cfg = RuntimeConfig {
+            host_ip: Some(std::net::Ipv4Addr::new(10, 1, 1, 34)),
+            ..config()
+        };
+        let rt = Runtime::start(fake.clone(), cfg).await.expect("start");
+        let mut w = spec("w0");
+        w.host_network = true;
+        w.start = false;
+        let report = rt.apply(vec![w.clone()]).await.expect("apply");
+        assert!(report.is_no_op(), "{report:?}");
+        assert_eq!(
+            rt.status("job1", "w0").map(|s| s.state),
+            Some(NodeState::Pending)
+        );
+        w.start = true;
+        rt.apply(vec![w]).await.expect("apply");
+        let s = wait_for(&rt, "running", |s| {
+            s.node("job1", "w0")
+                .is_some_and(|n| n.state == NodeState::Running)
+        })
+        .await;
+        assert_eq!(node(&s, "w0").ip, "10.1.1.34");
+        assert_eq!(fake.names(), vec!["geomx.job1.w0".to_string()]);
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_container_created_but_never_started_is_started_once() {
+        let fake = FakeEngine::new(&[IMG]);
+        let mut w = spec("w0");
+        w.host_network = true;
+        // an agent died between create and start
+        let cfg = config();
+        let id = fake
+            .create(
+                &w.container_name(),
+                w.create_body(&cfg.agent_url, &cfg.sandbox, None),
+            )
+            .await
+            .expect("create");
+        let rt = Runtime::start(fake.clone(), cfg).await.expect("start");
+        assert_eq!(
+            rt.status("job1", "w0").map(|s| s.state),
+            Some(NodeState::Created)
+        );
+        let report = rt.apply(vec![w.clone()]).await.expect("apply");
+        assert!(
+            matches!(&report.outcomes[..], [o] if matches!(o.action, Action::Start { .. })),
+            "{report:?}"
+        );
+        wait_for(&rt, "running", |s| {
+            s.node("job1", "w0")
+                .is_some_and(|n| n.state == NodeState::Running)
+        })
+        .await;
+        assert_eq!(role_id(&fake, "w0"), id);
+        assert!(rt.apply(vec![w]).await.expect("apply").is_no_op());
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_missing_image_is_retried_by_apply_not_by_the_resync() {
+        let fake = FakeEngine::new(&[]);
+        let rt = Runtime::start(fake.clone(), config()).await.expect("start");
+        rt.apply(vec![spec("w0")]).await.expect("apply");
+        let checks = |f: &FakeEngine| f.calls().iter().filter(|c| c.starts_with("image")).count();
+        assert_eq!(checks(&fake), 1);
+        tokio::time::sleep(config().resync_interval * 3).await;
+        assert_eq!(checks(&fake), 1, "{:?}", fake.calls());
+        assert_eq!(
+            rt.status("job1", "w0").map(|s| s.state),
+            Some(NodeState::Failed)
+        );
+        fake.lock().images.insert(IMG.into());
+        let report = rt.apply(vec![spec("w0")]).await.expect("apply");
+        assert!(report.errors().next().is_none(), "{report:?}");
+        wait_for(&rt, "running", |s| {
+            s.node("job1", "w0")
+                .is_some_and(|n| n.state == NodeState::Running)
+        })
+        .await;
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_vanished_undesired_container_is_forgotten() {
+        let fake = FakeEngine::new(&[IMG]);
+        let rt = Runtime::start(fake.clone(), config()).await.expect("start");
+        rt.apply(vec![spec("w0")]).await.expect("apply");
+        rt.shutdown();
+        drop(rt);
+        // agent restart: adopted before any desired state arrives, then removed by someone
+        let rt = Runtime::start(fake.clone(), config())
+            .await
+            .expect("restart");
+        let id = role_id(&fake, "w0");
+        fake.remove_behind_back(&id);
+        wait_for(&rt, "missing", |s| {
+            s.node("job1", "w0")
+                .is_some_and(|n| n.state == NodeState::Missing)
+        })
+        .await;
+        let report = rt.apply(vec![]).await.expect("apply");
+        assert_eq!(
+            report.changes().count(),
+            1,
+            "only the sandbox left: {report:?}"
+        );
+        wait_for(&rt, "forgotten", |s| s.nodes.is_empty()).await;
+        assert!(fake.ids().is_empty());
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn ended_containers_report_and_stay_until_dropped() {
+        let fake = FakeEngine::new(&[IMG]);
+        let rt = Runtime::start(fake.clone(), config()).await.expect("start");
+        rt.apply(vec![spec("w0")]).await.expect("apply");
+        let id = role_id(&fake, "w0");
+        for i in 0..30 {
+            fake.print(&id, &format!("line {i}"));
+        }
+        fake.print(&id, "psnode: simulated crash");
+        fake.exit(&id, 3);
+        let s = wait_for(&rt, "failed", |s| {
+            s.node("job1", "w0")
+                .is_some_and(|n| n.state == NodeState::Failed && !n.log_tail.is_empty())
+        })
+        .await;
+        let w0 = node(&s, "w0");
+        assert_eq!(w0.exit_code, Some(3));
+        assert_eq!(w0.log_tail.len(), 20);
+        assert_eq!(
+            w0.log_tail.last().map(String::as_str),
+            Some("psnode: simulated crash")
+        );
+        assert!(w0.finished_at_ms > 0);
+        // the same desired state keeps it (no restart) ...
+        let report = rt.apply(vec![spec("w0")]).await.expect("apply");
+        assert!(report.is_no_op(), "{report:?}");
+        assert_eq!(fake.ids().len(), 2);
+        assert_eq!(role_id(&fake, "w0"), id);
+        // ... until it is no longer desired
+        let report = rt.apply(vec![]).await.expect("apply");
+        assert_eq!(report.outcomes.len(), 2, "{report:?}");
+        assert!(
+            report
+                .outcomes
+                .iter()
+                .all(|o| matches!(o.action, Action::Remove { .. })),
+            "{report:?}"
+        );
+        assert!(fake.ids().is_empty());
+        let s = wait_for(&rt, "forgotten", |s| s.nodes.is_empty()).await;
+        assert!(s.nodes.is_empty());
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn removed_behind_our_back_is_missing_and_not_recreated() {
+        let fake = FakeEngine::new(&[IMG]);
+        let rt = Runtime::start(fake.clone(), config()).await.expect("start");
+        rt.apply(vec![spec("w0")]).await.expect("apply");
+        let id = role_id(&fake, "w0");
+        fake.remove_behind_back(&id);
+        wait_for(&rt, "missing", |s| {
+            s.node("job1", "w0")
+                .is_some_and(|n| n.state == NodeState::Missing)
+        })
+        .await;
+        let report = rt.apply(vec![spec("w0")]).await.expect("apply");
+        assert!(report.is_no_op(), "{report:?}");
+        assert_eq!(fake.names(), vec!["geomx-net.job1.w0".to_string()]);
+        // the next generation is created (sandbox and role replaced or created)
+        let mut g1 = spec("w0");
+        g1.generation = 1;
+        let report = rt.apply(vec![g1]).await.expect("apply");
+        assert_eq!(report.changes().count(), 2, "{report:?}");
+        assert_eq!(fake.ids().len(), 2);
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_new_generation_replaces_and_strangers_are_removed() {
+        let fake = FakeEngine::new(&[IMG]);
+        let rt = Runtime::start(fake.clone(), config()).await.expect("start");
+        rt.apply(vec![spec("w0"), spec("w1")]).await.expect("apply");
+        let old = rt.status("job1", "w0").expect("w0").container_id;
+        let mut g1 = spec("w0");
+        g1.generation = 1;
+        let mut rx = rt.subscribe();
+        let states = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while rx.changed().await.is_ok() {
+                let s = rx.borrow_and_update().clone();
+                if let Some(n) = s.node("job1", "w0") {
+                    seen.push(n.state);
+                    if n.generation == 1 && n.state == NodeState::Running {
+                        break;
+                    }
+                }
+            }
+            seen
+        });
+        let report = rt.apply(vec![g1]).await.expect("apply");
+        // w0: sandbox and role replaced; w1: sandbox and role removed
+        assert_eq!(report.changes().count(), 4, "{report:?}");
+        let seen = tokio::time::timeout(Duration::from_secs(5), states)
+            .await
+            .expect("replaced in time")
+            .expect("collector");
+        assert!(
+            !seen
+                .iter()
+                .any(|s| matches!(s, NodeState::Failed | NodeState::Missing)),
+            "{seen:?}"
+        );
+        let s = wait_for(&rt, "replaced", |s| {
+            s.nodes.len() == 1
+                && s.node("job1", "w0").is_some_and(|n| {
+                    n.state == NodeState::Running && n.generation == 1 && n.container_id != old
+                })
+        })
+        .await;
+        assert_eq!(node(&s, "w0").generation, 1);
+        assert_eq!(
+            fake.names(),
+            vec!["geomx-net.job1.w0".to_string(), "geomx.job1.w0".to_string()]
+        );
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn heartbeats_merge_into_progress() {
+        let fake = FakeEngine::new(&[IMG]);
+        let rt = Runtime::start(fake.clone(), config()).await.expect("start");
+        rt.apply(vec![spec("w0")]).await.expect("apply");
+        let s = wait_for(&rt, "running", |s| {
+            s.node("job1", "w0")
+                .is_some_and(|n| n.state == NodeState::Running)
+        })
+        .await;
+        let ip: IpAddr = node(&s, "w0").ip.parse().expect("ip");
+        let hb = HeartbeatReport {
+            job: Some("job1".into()),
+            node: Some("w0".into()),
+            step: Some(12),
+            epoch: Some(0),
+            metrics: BTreeMap::from([("accuracy".into(), 0.9), ("loss".into(), 0.3)]),
+        };
+        let other: IpAddr = "172.17.34.200".parse().expect("ip");
+        assert_eq!(
+            rt.record_heartbeat(&hb, other).expect("named"),
+            ("job1".to_string(), "w0".to_string())
+        );
+        let p = rt
+            .status("job1", "w0")
+            .and_then(|s| s.progress)
+            .expect("progress");
+        assert_eq!((p.iteration, p.accuracy), (12, Some(0.9)));
+        let anon = HeartbeatReport {
+            step: Some(13),
+            ..Default::default()
+        };
+        assert!(rt.record_heartbeat(&anon, ip).is_ok());
+        assert!(matches!(
+            rt.record_heartbeat(&anon, other),
+            Err(HeartbeatError::UnknownPeer(_))
+        ));
+        let stranger = HeartbeatReport {
+            job: Some("job1".into()),
+            node: Some("nope".into()),
+            step: Some(1),
+            ..Default::default()
+        };
+        assert!(matches!(
+            rt.record_heartbeat(&stranger, ip),
+            Err(HeartbeatError::UnknownNode { .. })
+        ));
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn invalid_specs_are_refused_per_node() {
+        let fake = FakeEngine::new(&[IMG]);
+        let rt = Runtime::start(fake.clone(), config()).await.expect("start");
+        let report = rt
+            .apply(vec![spec("bad name"), spec("w0"), spec("w0")])
+            .await
+            .expect("apply");
+        assert_eq!(report.errors().count(), 2, "{report:?}");
+        assert_eq!(fake.ids().len(), 2);
+        assert_eq!(
+            rt.status("job1", "bad name").map(|s| s.state),
+            Some(NodeState::Failed)
+        );
+        rt.shutdown();
+    }
+}

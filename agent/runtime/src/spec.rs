@@ -1,0 +1,525 @@
+//! What a role container must be: [`ContainerSpec`], its Docker name, labels and spec hash,
+//! and the Docker create body made from it.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bollard::models::{
+    ContainerCreateBody, DeviceRequest, HostConfig, RestartPolicy, RestartPolicyNameEnum,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, RuntimeError};
+
+/// Label every geomx container carries (`true`).
+pub const LABEL_MANAGED: &str = "io.geomx.managed";
+/// Label: job name.
+pub const LABEL_JOB: &str = "io.geomx.job";
+/// Label: node name within the job.
+pub const LABEL_NODE: &str = "io.geomx.node";
+/// Label: role (global_scheduler, global_server, scheduler, server, master_worker, worker).
+pub const LABEL_ROLE: &str = "io.geomx.role";
+/// Label: party name ("central" for the central party).
+pub const LABEL_PARTY: &str = "io.geomx.party";
+/// Label: id of the controller state the container was made for.
+pub const LABEL_CONTROLLER: &str = "io.geomx.controller";
+/// Label: attempt number of the job.
+pub const LABEL_GENERATION: &str = "io.geomx.generation";
+/// Label: [`ContainerSpec::spec_hash`] of the spec the container was made from.
+pub const LABEL_SPEC: &str = "io.geomx.spec";
+/// Label: the spec's custom progress regex, if any (so that an adopting agent parses the
+/// container's output the same way before it has seen the desired state).
+pub const LABEL_PROGRESS_REGEX: &str = "io.geomx.progress-regex";
+
+/// Label: what the container is for, [`ContainerKind`] (`role` or `sandbox`); a geomx
+/// container without it is a role container.
+pub const LABEL_KIND: &str = "io.geomx.kind";
+
+/// Env var naming the job, set in every container.
+pub const ENV_JOB: &str = "GEOMX_JOB";
+/// Env var naming the node, set in every container.
+pub const ENV_NODE: &str = "GEOMX_NODE";
+/// Env var with the base URL of the agent's heartbeat endpoint, set in every container.
+pub const ENV_AGENT_URL: &str = "GEOMX_AGENT_URL";
+
+/// One role container of a job, as the controller wants it on this host.
+///
+/// The agent daemon converts `geomx.v1.ContainerSpec` (plus `DesiredState.controller_id`)
+/// into this type; an empty `progress_regex` in the proto becomes `None`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    /// Job name (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`).
+    pub job: String,
+    /// Node name within the job, e.g. "a-worker-0" (same character set).
+    pub node: String,
+    /// Role: global_scheduler, global_server, scheduler, server, master_worker, worker.
+    pub role: String,
+    /// Party name, "central" for the central party.
+    pub party: String,
+    /// Image reference; must be present on the host (never pulled).
+    pub image: String,
+    /// Command argv; empty for the image's default command.
+    pub command: Vec<String>,
+    /// Environment (scheduler addresses already filled in). `GEOMX_JOB`, `GEOMX_NODE` and
+    /// `GEOMX_AGENT_URL` are added by the runtime and override entries of the same name.
+    pub env: BTreeMap<String, String>,
+    /// Host networking (network "pseudo") instead of docker0.
+    pub host_network: bool,
+    /// GPUs to request through a Docker device request; 0 for none.
+    pub gpus: u32,
+    /// Attempt number of the job (0 first, +1 per whole-job restart).
+    pub generation: u32,
+    /// Extra progress regex with named groups (epoch, iteration, accuracy, step);
+    /// `None` for the default parsers only.
+    pub progress_regex: Option<String>,
+    /// The controller's state id, stored as label `io.geomx.controller`.
+    pub controller_id: String,
+    /// Create and start the role container now (its env is complete). While false only
+    /// the network sandbox exists (docker0 nodes) or nothing (host networking).
+    pub start: bool,
+}
+
+/// Identifies a node on a host: (job, node).
+pub type NodeKey = (String, String);
+
+/// The two containers of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ContainerKind {
+    /// The network sandbox of a docker0 node: a small container that only holds the
+    /// node's network namespace, so that its IP is known before the role container
+    /// exists (the pattern of a Kubernetes pod's pause container).
+    Sandbox,
+    /// The role container: the GeoMX process itself (joins the sandbox's network).
+    Role,
+}
+
+impl ContainerKind {
+    /// The value of label `io.geomx.kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContainerKind::Sandbox => "sandbox",
+            ContainerKind::Role => "role",
+        }
+    }
+
+    /// The kind of a container from its labels (no label: a role container).
+    pub fn of_labels(labels: &HashMap<String, String>) -> ContainerKind {
+        match labels.get(LABEL_KIND).map(String::as_str) {
+            Some("sandbox") => ContainerKind::Sandbox,
+            _ => ContainerKind::Role,
+        }
+    }
+}
+
+/// How network sandboxes are made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxConfig {
+    /// The sandbox image; `None` for the node's own image (always present, since the role
+    /// container needs it too).
+    pub image: Option<String>,
+    /// The sandbox's argv (set as entrypoint); it must run until stopped. The default
+    /// needs `/bin/sh` and `sleep` in the image and ends at once on SIGTERM.
+    pub command: Vec<String>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            image: None,
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done".into(),
+            ],
+        }
+    }
+}
+
+impl ContainerSpec {
+    /// (job, node).
+    pub fn key(&self) -> NodeKey {
+        (self.job.clone(), self.node.clone())
+    }
+
+    /// The Docker container name: `geomx.<job>.<node>`.
+    pub fn container_name(&self) -> String {
+        container_name(&self.job, &self.node)
+    }
+
+    /// The name of the node's network sandbox: `geomx-net.<job>.<node>`.
+    pub fn sandbox_name(&self) -> String {
+        sandbox_name(&self.job, &self.node)
+    }
+
+    /// Whether the node has a network sandbox (every docker0 node does).
+    pub fn has_sandbox(&self) -> bool {
+        !self.host_network
+    }
+
+    /// The image of the node's sandbox.
+    pub fn sandbox_image<'a>(&'a self, sandbox: &'a SandboxConfig) -> &'a str {
+        sandbox.image.as_deref().unwrap_or(&self.image)
+    }
+
+    /// The spec hash of the node's sandbox: image, command, generation and controller id
+    /// (a new attempt of the job gets a fresh network namespace and address).
+    pub fn sandbox_hash(&self, sandbox: &SandboxConfig) -> String {
+        let shape = serde_json::json!({
+            "sandbox": self.sandbox_image(sandbox),
+            "command": sandbox.command,
+            "generation": self.generation,
+            "controller": self.controller_id,
+        });
+        format!("{:016x}", fnv1a64(shape.to_string().as_bytes()))
+    }
+
+    /// The sandbox's Docker create body.
+    pub fn sandbox_body(&self, sandbox: &SandboxConfig) -> ContainerCreateBody {
+        let mut labels = self.common_labels();
+        labels.insert(LABEL_KIND.into(), ContainerKind::Sandbox.as_str().into());
+        labels.insert(LABEL_SPEC.into(), self.sandbox_hash(sandbox));
+        ContainerCreateBody {
+            image: Some(self.sandbox_image(sandbox).to_string()),
+            entrypoint: Some(sandbox.command.clone()),
+            cmd: Some(Vec::new()),
+            env: Some(vec![
+                format!("{ENV_JOB}={}", self.job),
+                format!("{ENV_NODE}={}", self.node),
+            ]),
+            labels: Some(labels),
+            host_config: Some(HostConfig {
+                network_mode: Some("bridge".into()),
+                restart_policy: Some(RestartPolicy {
+                    name: Some(RestartPolicyNameEnum::NO),
+                    maximum_retry_count: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Checks names and the progress regex.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |reason: String| RuntimeError::InvalidSpec {
+            job: self.job.clone(),
+            node: self.node.clone(),
+            reason,
+        };
+        for (what, v) in [("job", &self.job), ("node", &self.node)] {
+            if !valid_name_part(v) {
+                return Err(invalid(format!(
+                    "{what} name {v:?} must be 1..=100 characters of [a-zA-Z0-9_.-], starting with a letter or digit"
+                )));
+            }
+        }
+        if self.image.trim().is_empty() {
+            return Err(invalid("no image".into()));
+        }
+        if let Some(re) = &self.progress_regex {
+            crate::progress::ProgressParser::new(Some(re))?;
+        }
+        Ok(())
+    }
+
+    /// The complete environment of the container: the spec's env plus `GEOMX_JOB`,
+    /// `GEOMX_NODE` and (when not empty) `GEOMX_AGENT_URL`.
+    pub fn full_env(&self, agent_url: &str) -> BTreeMap<String, String> {
+        let mut env = self.env.clone();
+        env.insert(ENV_JOB.into(), self.job.clone());
+        env.insert(ENV_NODE.into(), self.node.clone());
+        if !agent_url.is_empty() {
+            env.insert(ENV_AGENT_URL.into(), agent_url.to_string());
+        }
+        env
+    }
+
+    /// A stable hash (FNV-1a 64, hex) of everything that shapes the container: image,
+    /// command, full env, networking (host, or the sandbox's hash), GPUs, generation, role,
+    /// party and controller id.
+    /// Not the progress regex (changing it re-parses, it does not restart). Stable across
+    /// processes and agent versions, so an agent restart finds the same hashes.
+    pub fn spec_hash(&self, agent_url: &str, sandbox: &SandboxConfig) -> String {
+        #[derive(Serialize)]
+        struct Shape<'a> {
+            image: &'a str,
+            command: &'a [String],
+            env: BTreeMap<String, String>,
+            network: String,
+            gpus: u32,
+            generation: u32,
+            role: &'a str,
+            party: &'a str,
+            controller: &'a str,
+        }
+        let shape = Shape {
+            image: &self.image,
+            command: &self.command,
+            env: self.full_env(agent_url),
+            // a new sandbox means a new network namespace: the role container follows it
+            network: if self.has_sandbox() {
+                format!("sandbox:{}", self.sandbox_hash(sandbox))
+            } else {
+                "host".into()
+            },
+            gpus: self.gpus,
+            generation: self.generation,
+            role: &self.role,
+            party: &self.party,
+            controller: &self.controller_id,
+        };
+        // serializing plain strings, numbers and a BTreeMap cannot fail
+        let bytes = serde_json::to_vec(&shape).unwrap_or_default();
+        format!("{:016x}", fnv1a64(&bytes))
+    }
+
+    fn common_labels(&self) -> HashMap<String, String> {
+        let mut l = HashMap::new();
+        l.insert(LABEL_MANAGED.into(), "true".into());
+        l.insert(LABEL_JOB.into(), self.job.clone());
+        l.insert(LABEL_NODE.into(), self.node.clone());
+        l.insert(LABEL_ROLE.into(), self.role.clone());
+        l.insert(LABEL_PARTY.into(), self.party.clone());
+        l.insert(LABEL_CONTROLLER.into(), self.controller_id.clone());
+        l.insert(LABEL_GENERATION.into(), self.generation.to_string());
+        l
+    }
+
+    /// The labels of the role container.
+    pub fn labels(&self, agent_url: &str, sandbox: &SandboxConfig) -> HashMap<String, String> {
+        let mut l = self.common_labels();
+        l.insert(LABEL_KIND.into(), ContainerKind::Role.as_str().into());
+        l.insert(LABEL_SPEC.into(), self.spec_hash(agent_url, sandbox));
+        if let Some(re) = &self.progress_regex {
+            l.insert(LABEL_PROGRESS_REGEX.into(), re.clone());
+        }
+        l
+    }
+
+    /// The role container's Docker create body: image, command, env, labels, the network
+    /// of `sandbox_id` (`container:<id>`) or the host's, a GPU device request when
+    /// `gpus > 0`, and restart policy "no" (geomx restarts whole jobs, never single
+    /// containers).
+    pub fn create_body(
+        &self,
+        agent_url: &str,
+        sandbox: &SandboxConfig,
+        sandbox_id: Option<&str>,
+    ) -> ContainerCreateBody {
+        let env = self
+            .full_env(agent_url)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let device_requests = (self.gpus > 0).then(|| {
+            vec![DeviceRequest {
+                driver: Some(String::new()),
+                count: Some(i64::from(self.gpus)),
+                capabilities: Some(vec![vec!["gpu".to_string()]]),
+                ..Default::default()
+            }]
+        });
+        ContainerCreateBody {
+            image: Some(self.image.clone()),
+            cmd: (!self.command.is_empty()).then(|| self.command.clone()),
+            env: Some(env),
+            labels: Some(self.labels(agent_url, sandbox)),
+            host_config: Some(HostConfig {
+                network_mode: Some(match (self.host_network, sandbox_id) {
+                    (true, _) => "host".to_string(),
+                    (false, Some(id)) => format!("container:{id}"),
+                    (false, None) => "bridge".to_string(),
+                }),
+                device_requests,
+                restart_policy: Some(RestartPolicy {
+                    name: Some(RestartPolicyNameEnum::NO),
+                    maximum_retry_count: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+/// The Docker container name of a node: `geomx.<job>.<node>`.
+pub fn container_name(job: &str, node: &str) -> String {
+    format!("geomx.{job}.{node}")
+}
+
+/// The Docker container name of a node's network sandbox: `geomx-net.<job>.<node>`.
+pub fn sandbox_name(job: &str, node: &str) -> String {
+    format!("geomx-net.{job}.{node}")
+}
+
+fn valid_name_part(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 100
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const URL: &str = "http://172.17.0.1:7948";
+
+    pub(crate) fn spec(job: &str, node: &str) -> ContainerSpec {
+        ContainerSpec {
+            job: job.into(),
+            node: node.into(),
+            role: "worker".into(),
+            party: "a".into(),
+            image: "geomx-test/psnode:latest".into(),
+            command: vec!["python".into(), "cnn.py".into()],
+            env: [("DMLC_ROLE".to_string(), "worker".to_string())].into(),
+            host_network: false,
+            gpus: 0,
+            generation: 0,
+            progress_regex: None,
+            controller_id: "c1".into(),
+            start: true,
+        }
+    }
+
+    fn sb() -> SandboxConfig {
+        SandboxConfig::default()
+    }
+
+    #[test]
+    fn hash_is_stable_and_tracks_what_shapes_the_container() {
+        let s = spec("j", "w0");
+        let h = s.spec_hash(URL, &sb());
+        assert_eq!(h, s.clone().spec_hash(URL, &sb()));
+        assert_eq!(h.len(), 16);
+        let mut g = s.clone();
+        g.generation = 1;
+        assert_ne!(g.spec_hash(URL, &sb()), h);
+        let mut e = s.clone();
+        e.env.insert("X".into(), "1".into());
+        assert_ne!(e.spec_hash(URL, &sb()), h);
+        let mut i = s.clone();
+        i.image = "other:1".into();
+        assert_ne!(i.spec_hash(URL, &sb()), h);
+        assert_ne!(s.spec_hash("http://172.17.9.1:7948", &sb()), h);
+        let mut hn = s.clone();
+        hn.host_network = true;
+        assert_ne!(hn.spec_hash(URL, &sb()), h);
+        // another sandbox image means another network namespace
+        let other = SandboxConfig {
+            image: Some("pause:1".into()),
+            ..sb()
+        };
+        assert_ne!(s.spec_hash(URL, &other), h);
+        // not: the progress regex and the start flag
+        let mut r = s.clone();
+        r.progress_regex = Some("it=(?P<iteration>\\d+)".into());
+        r.start = false;
+        assert_eq!(r.spec_hash(URL, &sb()), h);
+        // the sandbox follows generation and image, not env or command
+        let sh = s.sandbox_hash(&sb());
+        assert_eq!(e.sandbox_hash(&sb()), sh);
+        assert_ne!(g.sandbox_hash(&sb()), sh);
+        assert_ne!(i.sandbox_hash(&sb()), sh);
+    }
+
+    #[test]
+    fn create_body_has_labels_env_network_and_no_restart_policy() {
+        let mut s = spec("job1", "a-worker-0");
+        s.env.insert("GEOMX_JOB".into(), "spoofed".into());
+        let b = s.create_body("http://172.17.34.1:7948", &sb(), Some("abc"));
+        let env = b.env.clone().unwrap_or_default();
+        assert!(env.contains(&"GEOMX_JOB=job1".to_string()));
+        assert!(env.contains(&"GEOMX_NODE=a-worker-0".to_string()));
+        assert!(env.contains(&"GEOMX_AGENT_URL=http://172.17.34.1:7948".to_string()));
+        assert!(env.contains(&"DMLC_ROLE=worker".to_string()));
+        let labels = b.labels.clone().unwrap_or_default();
+        assert_eq!(labels[LABEL_MANAGED], "true");
+        assert_eq!(labels[LABEL_JOB], "job1");
+        assert_eq!(labels[LABEL_NODE], "a-worker-0");
+        assert_eq!(labels[LABEL_ROLE], "worker");
+        assert_eq!(labels[LABEL_PARTY], "a");
+        assert_eq!(labels[LABEL_CONTROLLER], "c1");
+        assert_eq!(labels[LABEL_GENERATION], "0");
+        assert_eq!(labels[LABEL_KIND], "role");
+        assert_eq!(
+            labels[LABEL_SPEC],
+            s.spec_hash("http://172.17.34.1:7948", &sb())
+        );
+        let hc = b.host_config.clone().unwrap_or_default();
+        assert_eq!(hc.network_mode.as_deref(), Some("container:abc"));
+        assert!(hc.device_requests.is_none());
+        assert_eq!(
+            hc.restart_policy.and_then(|r| r.name),
+            Some(RestartPolicyNameEnum::NO)
+        );
+        assert_eq!(s.container_name(), "geomx.job1.a-worker-0");
+        assert_eq!(s.sandbox_name(), "geomx-net.job1.a-worker-0");
+    }
+
+    #[test]
+    fn sandbox_body() {
+        let s = spec("job1", "a-scheduler");
+        let b = s.sandbox_body(&sb());
+        assert_eq!(b.image.as_deref(), Some("geomx-test/psnode:latest"));
+        assert_eq!(b.entrypoint, Some(sb().command));
+        let labels = b.labels.unwrap_or_default();
+        assert_eq!(labels[LABEL_KIND], "sandbox");
+        assert_eq!(labels[LABEL_NODE], "a-scheduler");
+        assert_eq!(labels[LABEL_SPEC], s.sandbox_hash(&sb()));
+        assert_eq!(ContainerKind::of_labels(&labels), ContainerKind::Sandbox);
+        assert_eq!(
+            ContainerKind::of_labels(&HashMap::new()),
+            ContainerKind::Role
+        );
+        let hc = b.host_config.unwrap_or_default();
+        assert_eq!(hc.network_mode.as_deref(), Some("bridge"));
+    }
+
+    #[test]
+    fn host_network_and_gpus() {
+        let mut s = spec("j", "n");
+        s.host_network = true;
+        s.gpus = 2;
+        assert!(!s.has_sandbox());
+        let hc = s
+            .create_body("", &sb(), None)
+            .host_config
+            .unwrap_or_default();
+        assert_eq!(hc.network_mode.as_deref(), Some("host"));
+        let dr = hc.device_requests.unwrap_or_default();
+        assert_eq!(dr.len(), 1);
+        assert_eq!(dr[0].count, Some(2));
+        assert_eq!(dr[0].capabilities, Some(vec![vec!["gpu".to_string()]]));
+        // no agent URL: the variable is left out rather than set empty
+        let env = s.create_body("", &sb(), None).env.unwrap_or_default();
+        assert!(!env.iter().any(|e| e.starts_with("GEOMX_AGENT_URL=")));
+    }
+
+    #[test]
+    fn validation() {
+        assert!(spec("job1", "a-worker-0").validate().is_ok());
+        assert!(spec("job 1", "w").validate().is_err());
+        assert!(spec("", "w").validate().is_err());
+        assert!(spec("j", "-w").validate().is_err());
+        let mut s = spec("j", "w");
+        s.progress_regex = Some("(".into());
+        assert!(matches!(
+            s.validate(),
+            Err(RuntimeError::InvalidRegex { .. })
+        ));
+        s.progress_regex = None;
+        s.image = " ".into();
+        assert!(s.validate().is_err());
+    }
+}
