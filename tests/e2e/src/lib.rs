@@ -2,6 +2,8 @@
 
 #![warn(missing_docs)]
 
+pub mod net;
+
 use std::time::{Duration, Instant};
 
 /// Polls `f` every 50 ms until it returns `Some`, or fails after `timeout` with `what`.

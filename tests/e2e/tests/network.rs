@@ -4,15 +4,15 @@
 //!
 //! Needs the binary: `cargo build --workspace --bins` before `cargo test`.
 
-use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use geomx_e2e::net::{geomx_routes, import_busybox, tcp_source};
 use geomx_e2e::{eventually, lab_tests_enabled};
-use geomx_lab::{Lab, LabHost, LabSpec, Netns, OUTSIDE_IP, Rootfs};
+use geomx_lab::{Lab, LabHost, LabSpec, Netns, OUTSIDE_IP};
 
 const CLUSTER: &str = "172.17.0.0/16";
 const IMAGE: &str = "geomx-test/busybox:net";
@@ -230,14 +230,6 @@ fn chain_rules(host: &LabHost, table: &str, chain: &str) -> anyhow::Result<Vec<S
         .collect())
 }
 
-fn geomx_routes(host: &LabHost) -> anyhow::Result<Vec<String>> {
-    Ok(host
-        .run(&["ip", "-4", "route", "show", "proto", "247"])?
-        .lines()
-        .map(|l| l.trim().to_string())
-        .collect())
-}
-
 /// The rules geomx wants on a host whose jumps are in place.
 fn assert_geomx_rules_in_place(host: &LabHost) -> anyhow::Result<()> {
     let post = chain_rules(host, "nat", "POSTROUTING")?;
@@ -273,84 +265,6 @@ fn assert_geomx_rules_in_place(host: &LabHost) -> anyhow::Result<()> {
         "a geomx rule without its comment: {nat:#?}"
     );
     Ok(())
-}
-
-/// Builds the busybox image once and imports it into the dockerds of `hosts`.
-fn import_image(lab: &Lab, hosts: &[&LabHost]) -> anyhow::Result<()> {
-    let rootfs = Rootfs::new(&lab.dir().join("rootfs"))?.with_busybox()?;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = hosts
-            .iter()
-            .map(|h| {
-                let rootfs = &rootfs;
-                s.spawn(move || -> anyhow::Result<()> {
-                    rootfs.import(h.dockerd()?, IMAGE, &["/bin/sh"])?;
-                    Ok(())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().map_err(|_| anyhow::anyhow!("import panicked"))?)
-    })
-}
-
-/// Accepts one connection on `listener` within `timeout` and returns the peer's address
-/// and what it sent.
-fn accept_one(listener: &TcpListener, timeout: Duration) -> anyhow::Result<(SocketAddr, String)> {
-    listener.set_nonblocking(true)?;
-    let start = Instant::now();
-    loop {
-        match listener.accept() {
-            Ok((mut stream, peer)) => {
-                stream.set_nonblocking(false)?;
-                stream.set_read_timeout(Some(Duration::from_secs(3)))?;
-                let mut got = String::new();
-                let _ = stream.read_to_string(&mut got);
-                return Ok((peer, got));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if start.elapsed() > timeout {
-                    bail!("no connection within {timeout:?}");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-/// Sends a line from container `container` on `host` to `addr` with busybox nc, and returns
-/// the source address the listener saw.
-fn tcp_source(
-    host: &LabHost,
-    container: &str,
-    listener: &TcpListener,
-    addr: SocketAddr,
-) -> anyhow::Result<Ipv4Addr> {
-    let d = host.dockerd()?;
-    let send = format!(
-        "echo hello-from-{container} | nc -w 3 {} {}",
-        addr.ip(),
-        addr.port()
-    );
-    let (peer, got) = std::thread::scope(|s| {
-        let sender = s.spawn(|| d.docker(&["exec", container, "sh", "-c", &send]));
-        let accepted = accept_one(listener, Duration::from_secs(5));
-        let sent = sender
-            .join()
-            .map_err(|_| anyhow::anyhow!("sender panicked"))?;
-        let accepted = accepted.with_context(|| format!("sender said {sent:?}"))?;
-        anyhow::Ok(accepted)
-    })?;
-    ensure!(
-        got.trim() == format!("hello-from-{container}"),
-        "listener at {addr} received {got:?}"
-    );
-    match peer.ip() {
-        std::net::IpAddr::V4(ip) => Ok(ip),
-        other => bail!("unexpected peer address {other}"),
-    }
 }
 
 #[test]
@@ -410,7 +324,7 @@ fn agent_connects_containers_across_hosts_and_cleanup_restores_the_host() -> any
     assert_foreign_state_intact(a)?;
 
     // containers on a and c talk directly, without NAT
-    import_image(&lab, &[a, c])?;
+    import_busybox(&lab, &[a, c], IMAGE)?;
     let (da, dc) = (a.dockerd()?, c.dockerd()?);
     for (d, name) in [(da, "xa"), (dc, "xc")] {
         d.docker(&["run", "-d", "--name", name, IMAGE, "sleep", "600"])?;

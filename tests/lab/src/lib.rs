@@ -15,6 +15,7 @@
 
 #![warn(missing_docs)]
 
+pub mod cluster;
 pub mod cmd;
 mod dockerd;
 mod error;
@@ -24,6 +25,9 @@ mod netns;
 mod process;
 mod rootfs;
 
+pub use cluster::{
+    Binaries, CONTROLLER_PORT, Cluster, ClusterSpec, GEOMX_IMAGE, MXNET_IMAGE, seed_subnet,
+};
 pub use dockerd::Dockerd;
 pub use error::{LabError, Result};
 pub use images::{PSNODE_IMAGE, build_psnode_image, find_psnode_binary};

@@ -1,0 +1,611 @@
+//! A whole geomx cluster in a lab: certificates, the controller in the underlay namespace
+//! (10.1.1.1:7946, the address every host reaches), one agent per host, and the images jobs
+//! need. Everything runs as real processes from the workspace's binaries, configured the
+//! way docs/deploy.md tells people to configure real hosts.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use crate::cmd;
+use crate::error::{LabError, Result};
+use crate::images::{PSNODE_IMAGE, build_psnode_image};
+use crate::lab::{HostSpec, Lab, LabHost, OUTSIDE_IP};
+use crate::netns::Netns;
+use crate::process::LabProcess;
+
+/// The controller's gRPC port.
+pub const CONTROLLER_PORT: u16 = 7946;
+/// The image name the seed's job files use; the lab tags its stand-in image with it.
+pub const GEOMX_IMAGE: &str = "lizonghango00o1/geomx:cpu-only";
+/// The tag of the real MXNet image (scripts/build-mxnet-image.sh).
+pub const MXNET_IMAGE: &str = "geomx/mxnet:1.9.1";
+
+/// The seed documents' container subnets of hosts a, b and c.
+pub fn seed_subnet(host: &str) -> Option<&'static str> {
+    match host {
+        "a" => Some("172.17.34.0/24"),
+        "b" => Some("172.17.29.0/24"),
+        "c" => Some("172.17.33.0/24"),
+        _ => None,
+    }
+}
+
+/// The geomx programs a cluster runs.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    /// `geomx-controller`.
+    pub controller: PathBuf,
+    /// `geomx-agent`.
+    pub agent: PathBuf,
+    /// `geomxctl`.
+    pub ctl: PathBuf,
+    /// `geomx-psnode` (the test image's entrypoint).
+    pub psnode: PathBuf,
+}
+
+impl Binaries {
+    /// Finds the binaries in `$GEOMX_BIN_DIR`, else next to the running program (for a test,
+    /// the parent of its `deps/` directory: cargo's target/debug).
+    pub fn find() -> Result<Binaries> {
+        let dir = match std::env::var_os("GEOMX_BIN_DIR") {
+            Some(d) => PathBuf::from(d),
+            None => {
+                let exe = std::env::current_exe()
+                    .map_err(|e| LabError::Setup(format!("locating this program: {e}")))?;
+                let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+                if dir.ends_with("deps") {
+                    dir.pop();
+                }
+                dir
+            }
+        };
+        Binaries::in_dir(&dir)
+    }
+
+    /// The binaries in `dir`; an error names every one that is missing.
+    pub fn in_dir(dir: &Path) -> Result<Binaries> {
+        let b = Binaries {
+            controller: dir.join("geomx-controller"),
+            agent: dir.join("geomx-agent"),
+            ctl: dir.join("geomxctl"),
+            psnode: dir.join("geomx-psnode"),
+        };
+        let missing: Vec<String> = [&b.controller, &b.agent, &b.ctl, &b.psnode]
+            .into_iter()
+            .filter(|p| !p.exists())
+            .map(|p| p.display().to_string())
+            .collect();
+        if missing.is_empty() {
+            Ok(b)
+        } else {
+            Err(LabError::Setup(format!(
+                "missing geomx binaries: {} (run `cargo build --workspace --bins`, or set GEOMX_BIN_DIR)",
+                missing.join(", ")
+            )))
+        }
+    }
+}
+
+/// How to run the cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    /// TLS everywhere (mTLS for agents, a bearer token for users); false runs `--insecure`.
+    pub tls: bool,
+    /// How often agents report.
+    pub heartbeat_interval: Duration,
+    /// After how long without a report a host is lost.
+    pub grace_period: Duration,
+    /// The agents' periodic network re-check.
+    pub network_interval: Duration,
+    /// Pin hosts a, b, c to the seed documents' subnets (172.17.34/29/33.0/24).
+    pub seed_subnets: bool,
+    /// Build the psnode test image on every host, also tagged as [`GEOMX_IMAGE`].
+    pub psnode_image: bool,
+    /// A root file system tarball of the MXNet image to import as [`MXNET_IMAGE`].
+    pub mxnet_tar: Option<PathBuf>,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            tls: true,
+            heartbeat_interval: Duration::from_millis(500),
+            grace_period: Duration::from_secs(3),
+            network_interval: Duration::from_secs(2),
+            seed_subnets: false,
+            psnode_image: true,
+            mxnet_tar: None,
+        }
+    }
+}
+
+/// A running cluster in a lab.
+#[derive(Debug)]
+pub struct Cluster {
+    lab: Lab,
+    spec: ClusterSpec,
+    bins: Binaries,
+    token: String,
+}
+
+impl Cluster {
+    /// Starts the controller and an agent on every host of `lab`, builds the images, and
+    /// waits until every host is ready with its network converged.
+    pub fn up(lab: Lab, spec: ClusterSpec, bins: Binaries) -> Result<Cluster> {
+        let mut cluster = Cluster {
+            lab,
+            spec,
+            bins,
+            token: String::new(),
+        };
+        cluster.make_certificates()?;
+        cluster.write_controller_config()?;
+        cluster.start_controller()?;
+        let hosts: Vec<LabHost> = cluster.lab.hosts().to_vec();
+        std::thread::scope(|s| -> Result<()> {
+            let images = s.spawn(|| cluster.build_images(&hosts));
+            for h in &hosts {
+                cluster.write_agent_config(h)?;
+                cluster.start_agent(&h.name)?;
+            }
+            images
+                .join()
+                .map_err(|_| LabError::Setup("image build panicked".into()))?
+        })?;
+        let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
+        cluster.wait_hosts_ready(&names, Duration::from_secs(90))?;
+        Ok(cluster)
+    }
+
+    /// Re-opens the cluster of a lab made by `geomx-lab up` (a persistent lab).
+    pub fn attach(lab: Lab, bins: Binaries) -> Result<Cluster> {
+        let token_file = lab.dir().join("tls").join("tokens");
+        let token = std::fs::read_to_string(&token_file)
+            .map_err(|e| LabError::io(&token_file, e))?
+            .lines()
+            .find(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let tls = lab.dir().join("tls").join("ca.pem").exists();
+        Ok(Cluster {
+            lab,
+            spec: ClusterSpec {
+                tls,
+                ..ClusterSpec::default()
+            },
+            bins,
+            token,
+        })
+    }
+
+    /// The lab underneath.
+    pub fn lab(&self) -> &Lab {
+        &self.lab
+    }
+
+    /// The binaries in use.
+    pub fn binaries(&self) -> &Binaries {
+        &self.bins
+    }
+
+    /// The user token.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The controller's URL as hosts (and the underlay namespace) reach it.
+    pub fn controller_url(&self) -> String {
+        let scheme = if self.spec.tls { "https" } else { "http" };
+        format!("{scheme}://{OUTSIDE_IP}:{CONTROLLER_PORT}")
+    }
+
+    /// The controller's address in the underlay namespace.
+    pub fn controller_addr(&self) -> SocketAddr {
+        SocketAddr::from((OUTSIDE_IP, CONTROLLER_PORT))
+    }
+
+    fn tls_dir(&self) -> PathBuf {
+        self.lab.dir().join("tls")
+    }
+
+    fn controller_dir(&self) -> PathBuf {
+        self.lab.dir().join("controller")
+    }
+
+    /// The environment for geomxctl (`GEOMX_CONTROLLER`, `GEOMX_TOKEN`, `GEOMX_CA`) with the
+    /// controller at `url`.
+    pub fn ctl_env(&self, url: &str) -> Vec<(String, String)> {
+        let mut env = vec![("GEOMX_CONTROLLER".to_string(), url.to_string())];
+        if self.spec.tls {
+            env.push(("GEOMX_TOKEN".into(), self.token.clone()));
+            env.push((
+                "GEOMX_CA".into(),
+                self.tls_dir().join("ca.pem").display().to_string(),
+            ));
+        }
+        env
+    }
+
+    fn make_certificates(&mut self) -> Result<()> {
+        let dir = self.tls_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| LabError::io(&dir, e))?;
+        if !self.spec.tls {
+            return Ok(());
+        }
+        let d = dir.display().to_string();
+        self.geomxctl_local(&["certs", "init", "--dir", &d])?;
+        self.geomxctl_local(&[
+            "certs",
+            "controller",
+            "--dir",
+            &d,
+            "--san",
+            &OUTSIDE_IP.to_string(),
+        ])?;
+        for h in self.lab.hosts().to_vec() {
+            self.issue_agent_certificate(&h)?;
+        }
+        let tokens = dir.join("tokens");
+        let out =
+            self.geomxctl_local(&["certs", "token", "--append", &tokens.display().to_string()])?;
+        self.token = out.trim().to_string();
+        if self.token.is_empty() {
+            return Err(LabError::Setup(
+                "geomxctl certs token printed no token".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn issue_agent_certificate(&self, h: &LabHost) -> Result<()> {
+        if !self.spec.tls {
+            return Ok(());
+        }
+        let d = self.tls_dir().display().to_string();
+        self.geomxctl_local(&[
+            "certs",
+            "agent",
+            "--dir",
+            &d,
+            "--name",
+            &h.name,
+            "--ip",
+            &h.underlay_ip.to_string(),
+            "--force",
+        ])
+        .map(drop)
+    }
+
+    fn geomxctl_local(&self, args: &[&str]) -> Result<String> {
+        cmd::run(Command::new(&self.bins.ctl).args(args))
+    }
+
+    fn write_controller_config(&self) -> Result<()> {
+        let dir = self.controller_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| LabError::io(&dir, e))?;
+        let tls = self.tls_dir();
+        let mut text = format!(
+            "# geomx-controller of lab {lab}\n\
+             listen = \"{OUTSIDE_IP}:{CONTROLLER_PORT}\"\n\
+             cluster_cidr = \"172.17.0.0/16\"\n\
+             host_subnet_prefix = 24\n\
+             state_dir = \"{state}\"\n\
+             heartbeat_interval = \"{hb}ms\"\n\
+             grace_period = \"{grace}ms\"\n\
+             shutdown_timeout = \"3s\"\n",
+            lab = self.lab.name(),
+            state = dir.join("state").display(),
+            hb = self.spec.heartbeat_interval.as_millis(),
+            grace = self.spec.grace_period.as_millis(),
+        );
+        if self.spec.tls {
+            text.push_str(&format!(
+                "\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[auth]\ntokens_file = \"{}\"\n",
+                tls.join("ca.pem").display(),
+                tls.join("controller.pem").display(),
+                tls.join("controller-key.pem").display(),
+                tls.join("tokens").display(),
+            ));
+        } else {
+            text.push_str("insecure = true\n");
+        }
+        let file = dir.join("controller.toml");
+        std::fs::write(&file, text).map_err(|e| LabError::io(&file, e))
+    }
+
+    /// Starts the controller (again) and waits until it accepts connections.
+    pub fn start_controller(&self) -> Result<LabProcess> {
+        let config = self.controller_dir().join("controller.toml");
+        let p = self.lab.spawn(
+            self.lab.underlay(),
+            "controller",
+            &[
+                self.bins.controller.display().to_string(),
+                "--config".into(),
+                config.display().to_string(),
+            ],
+            &[("GEOMX_LOG".into(), "info".into())],
+        )?;
+        let start = Instant::now();
+        loop {
+            if p.pid().is_none() {
+                return Err(LabError::Setup(format!(
+                    "the controller exited at start:\n{}",
+                    p.log_tail(20)
+                )));
+            }
+            if self
+                .lab
+                .underlay()
+                .connect_tcp(self.controller_addr(), Duration::from_millis(200))
+                .is_ok()
+            {
+                return Ok(p);
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                return Err(LabError::Timeout {
+                    what: format!("the controller to listen:\n{}", p.log_tail(20)),
+                    seconds: 20.0,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The controller process.
+    pub fn controller(&self) -> LabProcess {
+        self.lab.process("controller")
+    }
+
+    fn agent_config_path(&self, host: &str) -> PathBuf {
+        self.lab.dir().join(host).join("agent.toml")
+    }
+
+    fn write_agent_config(&self, h: &LabHost) -> Result<()> {
+        let d = h.dockerd()?;
+        let tls = self.tls_dir();
+        let mut text = format!(
+            "# geomx-agent of host {name} in lab {lab}\n\
+             name = \"{name}\"\n\
+             controller = \"{url}\"\n\
+             underlay_ip = \"{ip}\"\n\
+             state_dir = \"{state}\"\n\
+             daemon_json = \"{daemon_json}\"\n\
+             docker_host = \"{docker}\"\n\
+             docker_restart_command = \"{restart}\"\n\
+             network_interval = \"{interval}ms\"\n",
+            name = h.name,
+            lab = self.lab.name(),
+            url = self.controller_url(),
+            ip = h.underlay_ip,
+            state = h.dir().join("agent-state").display(),
+            daemon_json = d.daemon_json().display(),
+            docker = d.url(),
+            restart = d.restart_script().display(),
+            interval = self.spec.network_interval.as_millis(),
+        );
+        if self.spec.seed_subnets
+            && let Some(s) = seed_subnet(&h.name)
+        {
+            text.push_str(&format!("pinned_subnet = \"{s}\"\n"));
+        }
+        if self.spec.tls {
+            text.push_str(&format!(
+                "\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                tls.join("ca.pem").display(),
+                tls.join(format!("agent-{}.pem", h.name)).display(),
+                tls.join(format!("agent-{}-key.pem", h.name)).display(),
+            ));
+        } else {
+            text.push_str("insecure = true\n");
+        }
+        let file = self.agent_config_path(&h.name);
+        std::fs::write(&file, text).map_err(|e| LabError::io(&file, e))
+    }
+
+    /// Starts the agent of `host` (again).
+    pub fn start_agent(&self, host: &str) -> Result<LabProcess> {
+        let h = self.lab.host(host)?;
+        self.lab.spawn(
+            h.netns(),
+            &format!("agent-{host}"),
+            &[
+                self.bins.agent.display().to_string(),
+                "run".into(),
+                "--config".into(),
+                self.agent_config_path(host).display().to_string(),
+            ],
+            &[("GEOMX_LOG".into(), "info".into())],
+        )
+    }
+
+    /// The agent process of `host`.
+    pub fn agent(&self, host: &str) -> LabProcess {
+        self.lab.process(&format!("agent-{host}"))
+    }
+
+    /// Adds a host to the lab and starts its agent (images included); does not wait.
+    pub fn add_host(&mut self, spec: HostSpec) -> Result<()> {
+        let h = self.lab.add_host(spec)?.clone();
+        self.issue_agent_certificate(&h)?;
+        self.build_images(std::slice::from_ref(&h))?;
+        self.write_agent_config(&h)?;
+        self.start_agent(&h.name).map(drop)
+    }
+
+    fn build_images(&self, hosts: &[LabHost]) -> Result<()> {
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = hosts
+                .iter()
+                .map(|h| s.spawn(move || self.build_host_images(h)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|j| {
+                    j.join()
+                        .unwrap_or_else(|_| Err(LabError::Setup("image build panicked".into())))
+                })
+                .collect()
+        });
+        results.into_iter().collect()
+    }
+
+    fn build_host_images(&self, h: &LabHost) -> Result<()> {
+        let d = h.dockerd()?;
+        if self.spec.psnode_image {
+            build_psnode_image(
+                d,
+                &self.bins.psnode,
+                PSNODE_IMAGE,
+                &h.dir().join("psnode-image"),
+            )?;
+            d.docker(&["tag", PSNODE_IMAGE, GEOMX_IMAGE])?;
+        }
+        if let Some(tar) = &self.spec.mxnet_tar {
+            import_rootfs_tar(h, tar, MXNET_IMAGE)?;
+        }
+        Ok(())
+    }
+
+    /// Runs geomxctl inside the underlay namespace (where 10.1.1.1 is) with the lab's
+    /// controller URL, token and CA.
+    pub fn ctl(&self, args: &[&str]) -> Result<Output> {
+        let mut c = self
+            .lab
+            .underlay()
+            .command(&self.bins.ctl.display().to_string());
+        c.args(args).envs(self.ctl_env(&self.controller_url()));
+        cmd::output(&mut c)
+    }
+
+    /// Runs `geomxctl <args> --output json` and parses what it prints; fails on a non-zero
+    /// exit.
+    pub fn ctl_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--output", "json"]);
+        let out = self.ctl(&all)?;
+        if !out.status.success() {
+            return Err(LabError::Command {
+                command: format!("geomxctl {}", all.join(" ")),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| {
+            LabError::Setup(format!(
+                "geomxctl {}: not JSON ({e}): {}",
+                all.join(" "),
+                String::from_utf8_lossy(&out.stdout)
+            ))
+        })
+    }
+
+    /// The controller's view of the hosts (`geomxctl hosts --output json`).
+    pub fn hosts(&self) -> Result<Vec<serde_json::Value>> {
+        let v = self.ctl_json(&["hosts"])?;
+        Ok(v.get("hosts")
+            .and_then(|h| h.as_array())
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// Waits until every host in `names` is ready with its network converged.
+    pub fn wait_hosts_ready(&self, names: &[String], timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let last = match self.hosts() {
+                Ok(hosts) => {
+                    let ready = |n: &String| {
+                        hosts.iter().any(|h| {
+                            h["name"] == n.as_str()
+                                && h["state"] == "ready"
+                                && h["network_converged"] == true
+                        })
+                    };
+                    if names.iter().all(ready) {
+                        return Ok(());
+                    }
+                    serde_json::to_string(&hosts).unwrap_or_default()
+                }
+                Err(e) => e.to_string(),
+            };
+            for n in names {
+                let a = self.agent(n);
+                if a.pid().is_none() {
+                    return Err(LabError::Setup(format!(
+                        "the agent of {n} exited:\n{}",
+                        a.log_tail(30)
+                    )));
+                }
+            }
+            if start.elapsed() > timeout {
+                return Err(LabError::Timeout {
+                    what: format!("hosts {names:?} to be ready (last: {last})"),
+                    seconds: timeout.as_secs_f64(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Tears the cluster and its lab down.
+    pub fn down(self) -> Result<()> {
+        self.lab.down()
+    }
+}
+
+/// Imports a root file system tarball as image `tag` into a host's dockerd.
+pub fn import_rootfs_tar(h: &LabHost, tar: &Path, tag: &str) -> Result<()> {
+    let d = h.dockerd()?;
+    d.docker(&[
+        "import".as_ref(),
+        "--change".as_ref(),
+        "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".as_ref(),
+        "--change".as_ref(),
+        "ENV PYTHONUNBUFFERED=1".as_ref(),
+        "--change".as_ref(),
+        "WORKDIR /opt/geomx".as_ref(),
+        "--change".as_ref(),
+        "CMD [\"python3\"]".as_ref(),
+        tar.as_os_str(),
+        tag.as_ref(),
+    ])
+    .map(drop)
+}
+
+/// A TCP forwarder: accepts on `listen` (in the namespace this process runs in) and connects
+/// each client to `target` inside `netns`. Lets programs in the machine's own namespace (a
+/// person's geomxctl) reach the lab's controller over loopback. Runs until killed.
+pub fn forward(listen: SocketAddr, netns: &Netns, target: SocketAddr) -> Result<()> {
+    let listener = std::net::TcpListener::bind(listen)
+        .map_err(|e| LabError::Setup(format!("bind {listen}: {e}")))?;
+    for client in listener.incoming() {
+        let Ok(client) = client else { continue };
+        let upstream = match netns.connect_tcp(target, Duration::from_secs(5)) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(error = %e, "forward: connecting to the controller");
+                continue;
+            }
+        };
+        let _ = client.set_nodelay(true);
+        let _ = upstream.set_nodelay(true);
+        let (Ok(c2), Ok(u2)) = (client.try_clone(), upstream.try_clone()) else {
+            continue;
+        };
+        std::thread::spawn(move || pipe(client, u2));
+        std::thread::spawn(move || pipe(upstream, c2));
+    }
+    Ok(())
+}
+
+fn pipe(mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+/// The IPv4 loopback address and port people's geomxctl uses to reach a lab's controller.
+pub const FORWARD_ADDR: (Ipv4Addr, u16) = (Ipv4Addr::LOCALHOST, CONTROLLER_PORT);
