@@ -9,10 +9,16 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod cancel;
 mod certs;
 mod client;
+mod events;
 mod hosts;
+mod jobs;
+mod logs;
 mod plan;
+mod status;
+mod submit;
 mod table;
 
 /// How results are printed.
@@ -58,6 +64,19 @@ pub struct Cli {
 pub enum Command {
     /// Validate a job file and print the nodes it compiles to, without deploying.
     Plan(plan::PlanArgs),
+    /// Submit a job file, then follow the job until it ends (exit 0 succeeded, 1 failed,
+    /// 2 refused).
+    Submit(submit::SubmitArgs),
+    /// List the jobs: phase, nodes running, restarts, age, reason.
+    Jobs(jobs::JobsArgs),
+    /// One job with every node: host, IP, state, last heartbeat, progress.
+    Status(status::StatusArgs),
+    /// A node's output, fetched through the agent of its host.
+    Logs(logs::LogsArgs),
+    /// Stop every container of a job on every host.
+    Cancel(cancel::CancelArgs),
+    /// What happened to a job, oldest first.
+    Events(events::EventsArgs),
     /// List the hosts the controller knows: subnet, state, last heartbeat.
     Hosts(hosts::HostsArgs),
     /// Make the CA, certificates and tokens of a cluster (no controller needed).
@@ -68,6 +87,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Plan(args) => plan::run(args, cli.output),
+        Command::Submit(args) => submit::run(args, &cli),
+        Command::Jobs(args) => jobs::run(args, &cli),
+        Command::Status(args) => status::run(args, &cli),
+        Command::Logs(args) => logs::run(args, &cli),
+        Command::Cancel(args) => cancel::run(args, &cli),
+        Command::Events(args) => events::run(args, &cli),
         Command::Hosts(args) => hosts::run(args, &cli),
         Command::Certs(args) => certs::run(args, cli.output),
     };

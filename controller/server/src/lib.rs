@@ -6,7 +6,9 @@
 //! * [`membership`]: registration, heartbeats, loss detection, each host's desired state.
 //! * [`workloads`]: the seam where the jobs layer adds role containers and sees reports.
 //! * [`auth`]: who may call which service (agent certificates, user tokens).
-//! * [`agents`], [`hosts`], [`jobs`]: the gRPC services.
+//! * [`jobs`]: the jobs layer (submission, placement, state machine, heartbeat aggregation)
+//!   and its gRPC service.
+//! * [`agents`], [`hosts`]: the other gRPC services.
 //! * [`server`]: wiring, health, reflection, graceful shutdown.
 //!
 //! Start one in-process with [`start`] (see [`server`]).
@@ -26,4 +28,5 @@ pub mod validate;
 pub mod workloads;
 
 pub use config::{Args, ControllerConfig};
-pub use server::{RunningController, ServerError, start, start_with_workloads};
+pub use jobs::JobOptions;
+pub use server::{RunningController, ServerError, start, start_with_options, start_with_workloads};

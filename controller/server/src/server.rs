@@ -32,11 +32,12 @@ use crate::agents::AgentApi;
 use crate::auth::Auth;
 use crate::config::{ConfigError, ControllerConfig};
 use crate::hosts::HostApi;
-use crate::jobs::JobApi;
+use crate::jobs::stub::NoJobApi;
+use crate::jobs::{JobApi, JobOptions, Jobs, JobsError};
 use crate::leases::LeasePool;
 use crate::membership::{Membership, MembershipError, Timing};
 use crate::store::{Store, StoreError};
-use crate::workloads::Workloads;
+use crate::workloads::{NoWorkloads, Workloads};
 
 /// Largest request the controller decodes (4 MiB).
 pub const MAX_DECODING_MESSAGE_SIZE: usize = 4 << 20;
@@ -67,6 +68,9 @@ pub enum ServerError {
     /// Loading the membership failed.
     #[error(transparent)]
     Membership(#[from] MembershipError),
+    /// Loading the jobs failed.
+    #[error(transparent)]
+    Jobs(#[from] JobsError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -95,18 +99,53 @@ pub struct RunningController {
     shutdown: CancellationToken,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     detector: JoinHandle<()>,
+    jobs: Option<Arc<Jobs>>,
+    ticker: Option<JoinHandle<()>>,
     streams: TaskTracker,
     health: HealthReporter,
     shutdown_timeout: Duration,
 }
 
-/// Starts a controller with no jobs layer (every host runs no container).
+/// Starts a controller with the jobs layer and default [`JobOptions`].
 pub async fn start(config: ControllerConfig) -> Result<RunningController, ServerError> {
-    start_with_workloads(config, |_| None).await
+    start_with_options(config, JobOptions::default()).await
 }
 
-/// Starts a controller; `workloads` may build the jobs layer from the membership before
-/// anything is served (so no agent ever sees a desired state without its containers).
+/// Starts a controller with the jobs layer tuned by `options` (tests shorten timings). The
+/// jobs are loaded from the state directory and installed before anything is served, so no
+/// agent ever sees a desired state without its containers.
+pub async fn start_with_options(
+    config: ControllerConfig,
+    options: JobOptions,
+) -> Result<RunningController, ServerError> {
+    config.validate()?;
+    let tls = match (&config.tls, config.insecure) {
+        (Some(files), false) => Some(files.load()?),
+        _ => None,
+    };
+    let membership = open_membership(&config)?;
+    let jobs = Jobs::load(
+        membership.clone(),
+        tls.as_ref().map(TlsMaterial::client_config),
+        options,
+    )?;
+    membership.set_workloads(jobs.clone());
+    serve(config, tls, membership, Some(jobs)).await
+}
+
+fn open_membership(config: &ControllerConfig) -> Result<Arc<Membership>, ServerError> {
+    let store = Store::open(&config.state_dir)?;
+    let pool = LeasePool::new(config.cluster_cidr, config.host_subnet_prefix);
+    let timing = Timing {
+        heartbeat_interval: config.heartbeat_interval,
+        grace_period: config.grace_period,
+    };
+    Ok(Membership::load(store, pool, timing)?)
+}
+
+/// Starts a controller with custom workloads instead of the jobs layer (`None`: no role
+/// containers at all); its `JobService` answers `UNIMPLEMENTED`. `workloads` is built from
+/// the membership before anything is served.
 pub async fn start_with_workloads<F>(
     config: ControllerConfig,
     workloads: F,
@@ -119,23 +158,18 @@ where
         (Some(files), false) => Some(files.load()?),
         _ => None,
     };
-    let store = Store::open(&config.state_dir)?;
-    let pool = LeasePool::new(config.cluster_cidr, config.host_subnet_prefix);
-    let timing = Timing {
-        heartbeat_interval: config.heartbeat_interval,
-        grace_period: config.grace_period,
-    };
-    let membership = Membership::load(store, pool, timing)?;
+    let membership = open_membership(&config)?;
     if let Some(w) = workloads(&membership) {
         membership.set_workloads(w);
     }
-    serve(config, tls, membership).await
+    serve(config, tls, membership, None).await
 }
 
 async fn serve(
     config: ControllerConfig,
     tls: Option<TlsMaterial>,
     membership: Arc<Membership>,
+    jobs: Option<Arc<Jobs>>,
 ) -> Result<RunningController, ServerError> {
     let auth = Auth::new(BearerTokens::new(&config.tokens), config.insecure);
     let shutdown = CancellationToken::new();
@@ -151,12 +185,6 @@ async fn serve(
     .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE);
     let hosts = InterceptedService::new(
         HostServiceServer::new(HostApi::new(membership.clone()))
-            .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
-            .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE),
-        auth.user_interceptor(),
-    );
-    let jobs = InterceptedService::new(
-        JobServiceServer::new(JobApi)
             .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE),
         auth.user_interceptor(),
@@ -182,8 +210,21 @@ async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(agents)
-        .add_service(hosts)
-        .add_service(jobs);
+        .add_service(hosts);
+    let router = match &jobs {
+        Some(jobs) => router.add_service(InterceptedService::new(
+            JobServiceServer::new(JobApi::new(jobs.clone(), shutdown.clone(), streams.clone()))
+                .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE),
+            auth.user_interceptor(),
+        )),
+        None => router.add_service(InterceptedService::new(
+            JobServiceServer::new(NoJobApi)
+                .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE),
+            auth.user_interceptor(),
+        )),
+    };
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -200,6 +241,9 @@ async fn serve(
         .with_keepalive(Some(Duration::from_secs(30)));
 
     let detector = tokio::spawn(membership.clone().run_loss_detector(shutdown.child_token()));
+    let ticker = jobs
+        .as_ref()
+        .map(|j| tokio::spawn(j.clone().run_ticker(shutdown.child_token())));
     let server = tokio::spawn(
         router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),
     );
@@ -213,6 +257,7 @@ async fn serve(
         host_subnet_prefix = config.host_subnet_prefix,
         state_dir = %config.state_dir.display(),
         hosts = hosts_known,
+        active_jobs = jobs.as_ref().map_or(0, |j| j.active_jobs().len()),
         tokens = config.tokens.len(),
         "geomx-controller serving"
     );
@@ -228,6 +273,8 @@ async fn serve(
         shutdown,
         server,
         detector,
+        jobs,
+        ticker,
         streams,
         health,
         shutdown_timeout: config.shutdown_timeout,
@@ -250,6 +297,11 @@ impl RunningController {
         &self.membership
     }
 
+    /// The jobs layer (`None` when started with custom workloads).
+    pub fn jobs(&self) -> Option<&Arc<Jobs>> {
+        self.jobs.as_ref()
+    }
+
     /// A token that, when cancelled, starts the shutdown (as [`RunningController::shutdown`]
     /// would, without waiting).
     pub fn shutdown_token(&self) -> CancellationToken {
@@ -268,6 +320,12 @@ impl RunningController {
                 self.shutdown.cancel();
                 self.streams.close();
                 let _ = (&mut self.detector).await;
+                if let Some(t) = self.ticker.as_mut() {
+                    let _ = t.await;
+                }
+                // The jobs layer and the membership refer to each other: break the cycle
+                // so that the store (and its lock on the state dir) is released.
+                self.membership.set_workloads(Arc::new(NoWorkloads));
                 self.membership.store().flush().await?;
                 return match ended {
                     Ok(Ok(())) => Ok(()),
@@ -287,6 +345,7 @@ impl RunningController {
             shutdown,
             mut server,
             detector,
+            ticker,
             streams,
             health,
             shutdown_timeout,
@@ -317,6 +376,12 @@ impl RunningController {
             tracing::warn!("watch streams did not end in time");
         }
         let _ = detector.await;
+        if let Some(t) = ticker {
+            let _ = t.await;
+        }
+        // The jobs layer and the membership refer to each other: break the cycle so that
+        // the store (and its lock on the state dir) is released.
+        membership.set_workloads(Arc::new(NoWorkloads));
         membership.store().flush().await?;
         tracing::info!("geomx-controller stopped; state flushed");
         result

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use geomx_controller::{ControllerConfig, RunningController};
+use geomx_controller::{ControllerConfig, JobOptions, RunningController};
 use geomx_proto::pki::{LabPki, make_lab_pki};
 use geomx_proto::tls::{BearerInterceptor, TlsFiles, client_config_ca_only};
 use geomx_proto::v1::agent_service_client::AgentServiceClient;
@@ -46,6 +46,8 @@ pub struct Lab {
     pub controller: Option<RunningController>,
     pub addr: SocketAddr,
     pub insecure: bool,
+    /// Options of the jobs layer used by [`Lab::boot`].
+    pub job_options: JobOptions,
 }
 
 pub type UserHosts = HostServiceClient<InterceptedService<Channel, BearerInterceptor>>;
@@ -60,7 +62,16 @@ impl Lab {
         Lab::start_with(true).await
     }
 
+    /// A TLS lab whose controller runs the jobs layer with `job_options`.
+    pub async fn start_with_jobs(job_options: JobOptions) -> Lab {
+        Lab::start_full(false, job_options).await
+    }
+
     async fn start_with(insecure: bool) -> Lab {
+        Lab::start_full(insecure, JobOptions::default()).await
+    }
+
+    async fn start_full(insecure: bool, job_options: JobOptions) -> Lab {
         let dir = tempfile::tempdir().expect("tempdir");
         let agents: Vec<(String, IpAddr)> = HOSTS
             .iter()
@@ -80,6 +91,7 @@ impl Lab {
             controller: None,
             addr: "127.0.0.1:0".parse().expect("addr"),
             insecure,
+            job_options,
         };
         lab.boot().await;
         lab
@@ -102,7 +114,7 @@ impl Lab {
     }
 
     pub async fn boot(&mut self) {
-        let running = geomx_controller::start(self.config())
+        let running = geomx_controller::start_with_options(self.config(), self.job_options.clone())
             .await
             .expect("controller starts");
         self.addr = running.local_addr();

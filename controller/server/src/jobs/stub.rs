@@ -1,7 +1,6 @@
-//! `geomx.v1.JobService`: registered so clients see the service, not implemented yet.
-//!
-//! Issue 5 replaces this with the job state machine; it plugs into the agents' desired
-//! state through [`crate::workloads::Workloads`].
+//! `JobService` of a controller started without the jobs layer
+//! ([`crate::server::start_with_workloads`] with custom workloads): every RPC answers
+//! `UNIMPLEMENTED`.
 
 use futures::stream::BoxStream;
 use geomx_proto::v1::job_service_server::JobService;
@@ -11,14 +10,14 @@ use geomx_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-const NOT_YET: &str = "jobs arrive with issue 5";
+const NOT_YET: &str = "this controller was started without the jobs layer";
 
 /// Placeholder `JobService`: every RPC answers `UNIMPLEMENTED`.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct JobApi;
+pub struct NoJobApi;
 
 #[tonic::async_trait]
-impl JobService for JobApi {
+impl JobService for NoJobApi {
     async fn submit_job(
         &self,
         _request: Request<SubmitJobRequest>,

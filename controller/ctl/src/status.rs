@@ -1,0 +1,207 @@
+//! `geomxctl status JOB`: one job with every node.
+//!
+//! A header (phase, generation, restarts, nodes running, times, reason), then one row per
+//! node: NAME, ROLE, PARTY, HOST, IP, STATE (`failed(3)` with the exit code), HEARTBEAT
+//! (age of its agent's last report), EPOCH, ITER, ACC, IT/S (iterations per second over the
+//! last minute). `JOB#RUN` shows an earlier run of a reused name. `--output json` prints the
+//! job with its nodes.
+
+use std::process::ExitCode;
+
+use geomx_proto::v1::{GetJobRequest, Job};
+
+use crate::client::{ConnectOptions, connect, runtime};
+use crate::jobs::{
+    age_ms, dash, is_terminal, job_json, node_state, now_ms, phase_name, refused, short_duration,
+};
+use crate::table::Table;
+use crate::{Cli, Output};
+
+/// Arguments of `geomxctl status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The job (NAME, or NAME#RUN for an earlier run of the name).
+    pub job: String,
+}
+
+/// Runs `geomxctl status`.
+pub fn run(args: &StatusArgs, cli: &Cli) -> anyhow::Result<ExitCode> {
+    let opts = ConnectOptions::from_cli(cli);
+    runtime()?.block_on(async {
+        let remote = connect(&opts).await?;
+        let job = match remote
+            .jobs()
+            .get_job(GetJobRequest {
+                name: args.job.clone(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) => return refused(&remote, "getting the job", s, cli.output),
+        };
+        match cli.output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&job))?),
+            Output::Table => print!("{}", render(&job, now_ms())),
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// The header lines of a job.
+pub fn header(job: &Job, now: i64) -> String {
+    let mut out = format!(
+        "job {}: {} (mode {}, generation {}, restarts {}/{}), {}/{} nodes running\n",
+        job.name,
+        phase_name(job.phase),
+        job.mode,
+        job.generation,
+        job.restarts,
+        job.max_restarts,
+        job.running_nodes,
+        job.node_count
+    );
+    let mut times = vec![format!(
+        "submitted {} ago",
+        short_duration(age_ms(now, job.submitted_at_ms))
+    )];
+    if job.running_at_ms > 0 {
+        times.push(format!(
+            "running since {} ago",
+            short_duration(age_ms(now, job.running_at_ms))
+        ));
+    }
+    if job.finished_at_ms > 0 {
+        times.push(format!(
+            "ended {} ago",
+            short_duration(age_ms(now, job.finished_at_ms))
+        ));
+    }
+    out.push_str(&times.join(", "));
+    out.push('\n');
+    if is_terminal(job.phase) {
+        out.push_str("the job's containers are removed; node states are as last reported\n");
+    }
+    if !job.reason.is_empty() {
+        let mut lines = job.reason.lines();
+        if let Some(first) = lines.next() {
+            out.push_str(&format!("reason: {first}\n"));
+        }
+        for l in lines {
+            out.push_str(&format!("  {l}\n"));
+        }
+    }
+    out
+}
+
+/// The node table of a job.
+pub fn node_table(job: &Job) -> String {
+    let mut t = Table::new([
+        "NAME",
+        "ROLE",
+        "PARTY",
+        "HOST",
+        "IP",
+        "STATE",
+        "HEARTBEAT",
+        "EPOCH",
+        "ITER",
+        "ACC",
+        "IT/S",
+    ]);
+    for n in &job.nodes {
+        let s = n.status.clone().unwrap_or_default();
+        let p = s.progress.as_ref();
+        t.row([
+            n.name.clone(),
+            n.role.clone(),
+            n.party.clone(),
+            n.host.clone(),
+            dash(&s.ip),
+            node_state(n),
+            if n.heartbeat_age_ms == 0 {
+                "-".to_owned()
+            } else {
+                format!("{} ago", short_duration(n.heartbeat_age_ms))
+            },
+            p.map_or_else(|| "-".to_owned(), |p| p.epoch.to_string()),
+            p.map_or_else(|| "-".to_owned(), |p| p.iteration.to_string()),
+            p.and_then(|p| p.accuracy)
+                .map_or_else(|| "-".to_owned(), |a| format!("{a:.4}")),
+            if n.iterations_per_s > 0.0 {
+                format!("{:.2}", n.iterations_per_s)
+            } else {
+                "-".to_owned()
+            },
+        ]);
+    }
+    t.render()
+}
+
+fn render(job: &Job, now: i64) -> String {
+    format!("{}\n{}", header(job, now), node_table(job))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use geomx_proto::v1::{ContainerState, JobNode, JobPhase, NodeStatus, Progress};
+
+    #[test]
+    fn status_table() {
+        let job = Job {
+            name: "hips".into(),
+            mode: "hips".into(),
+            phase: JobPhase::Failed as i32,
+            reason: "node w (worker) on host b failed with exit code 3\nlast log lines:\n  boom"
+                .into(),
+            node_count: 2,
+            running_nodes: 1,
+            submitted_at_ms: 1_000,
+            finished_at_ms: 61_000,
+            nodes: vec![
+                JobNode {
+                    name: "w".into(),
+                    role: "worker".into(),
+                    party: "p".into(),
+                    host: "b".into(),
+                    status: Some(NodeStatus {
+                        state: ContainerState::Failed as i32,
+                        exit_code: Some(3),
+                        ip: "172.17.2.5".into(),
+                        progress: Some(Progress {
+                            epoch: 1,
+                            iteration: 17,
+                            accuracy: Some(0.93125),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    heartbeat_age_ms: 400,
+                    iterations_per_s: 2.5,
+                },
+                JobNode {
+                    name: "s".into(),
+                    role: "scheduler".into(),
+                    party: "p".into(),
+                    host: "b".into(),
+                    status: Some(NodeStatus {
+                        state: ContainerState::Running as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let out = render(&job, 121_000);
+        assert!(out.starts_with("job hips: Failed (mode hips, generation 0, restarts 0/0), 1/2 nodes running\nsubmitted 2m00s ago, ended 1m00s ago\nthe job's containers are removed; node states are as last reported\nreason: node w"), "{out}");
+        assert!(out.contains("\n  last log lines:\n    boom\n"), "{out}");
+        let row = out.lines().find(|l| l.starts_with("w ")).expect("row");
+        assert!(
+            row.contains("172.17.2.5  failed(3)  0.4s ago   1      17    0.9313  2.50"),
+            "{row}"
+        );
+        let row = out.lines().find(|l| l.starts_with("s ")).expect("row");
+        assert!(row.contains("running    -          -"), "{row}");
+    }
+}

@@ -1,0 +1,1669 @@
+//! The job state machine, as pure functions.
+//!
+//! [`evaluate`] looks at one run: its persisted records ([`JobMeta`], [`NodeRecord`]s), the
+//! soft observations of its agents ([`JobSoft`]: the latest `NodeStatus` of every node,
+//! heartbeat times, progress) and the state of its hosts ([`Ctx`]), and returns the
+//! [`Changes`] to persist: new records, events, and whether the hosts' desired state changed.
+//! It performs no I/O and reads no clock (the caller passes `now`), so every decision is
+//! unit-tested here; the service ([`super::Jobs`]) persists the changes, applies them to
+//! memory and publishes.
+//!
+//! One pass, in order:
+//! 1. ended jobs change no more; a cancel ends the job;
+//! 2. a host of the job that is lost, left or unknown fails it (not restartable: nodes are
+//!    pinned to hosts by the job file);
+//! 3. Restarting: once every host reported none of the job's containers (or the drain timeout
+//!    passed), the generation is bumped and the job starts again;
+//! 4. the agents' reports of the current generation update the node records (IP, state, exit
+//!    code, log tail);
+//! 5. a node that failed, went missing, is no longer reported, or (a training worker) stalled
+//!    fails the job, or restarts it under `restart = "on-failure"` while restarts are left;
+//! 6. every training worker exited 0: Succeeded;
+//! 7. nodes whose addresses are known (and, for servers and workers, whose schedulers run)
+//!    get their resolved environment and `start`;
+//! 8. Pending → Starting (first start), SchedulersUp, Starting → Running (every node runs).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use geomx_job::{Network, Plan, RestartPolicy, Role};
+use geomx_proto::v1::NodeStatus;
+
+use super::record::{JobMeta, NodeRecord, NodeState, Phase};
+use crate::store::EventRecord;
+
+/// Lines of a node's log tail quoted in a failure reason.
+pub const REASON_LOG_LINES: usize = 10;
+/// Window of the throughput measurement.
+pub const THROUGHPUT_WINDOW: Duration = Duration::from_secs(60);
+/// Minimum spacing of throughput samples.
+const SAMPLE_SPACING: Duration = Duration::from_millis(500);
+
+/// A plan with the lookups the engine needs, computed once.
+#[derive(Clone, Debug)]
+pub struct PlanIndex {
+    /// The plan.
+    pub plan: Plan,
+    /// Node name → position in `plan.nodes`.
+    pub index: HashMap<String, usize>,
+    /// Per node: the nodes whose IP its environment needs (a scheduler: itself).
+    pub deps: Vec<Vec<usize>>,
+    /// Per node: the schedulers that must run before it starts (empty for schedulers).
+    pub waits_for: Vec<Vec<usize>>,
+    /// Per node: a training worker (role worker or master_worker).
+    pub training: Vec<bool>,
+    /// Host → its nodes, in plan order.
+    pub by_host: BTreeMap<String, Vec<usize>>,
+    /// The schedulers, in plan order.
+    pub schedulers: Vec<usize>,
+}
+
+/// A plan that cannot be deployed (a placeholder or `reaches` naming no node).
+#[derive(Debug, thiserror::Error)]
+#[error("node {node}: refers to node {missing:?}, which the plan does not have")]
+pub struct PlanIndexError {
+    /// The node with the reference.
+    pub node: String,
+    /// The missing node.
+    pub missing: String,
+}
+
+impl PlanIndex {
+    /// Indexes `plan`.
+    pub fn new(plan: Plan) -> Result<PlanIndex, PlanIndexError> {
+        let index: HashMap<String, usize> = plan
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), i))
+            .collect();
+        let lookup = |node: &str, name: &str| {
+            index.get(name).copied().ok_or_else(|| PlanIndexError {
+                node: node.to_owned(),
+                missing: name.to_owned(),
+            })
+        };
+        let mut deps = Vec::with_capacity(plan.nodes.len());
+        let mut waits_for = Vec::with_capacity(plan.nodes.len());
+        let mut by_host: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let mut schedulers = Vec::new();
+        for (i, n) in plan.nodes.iter().enumerate() {
+            let d = n
+                .depends_on()
+                .iter()
+                .map(|name| lookup(&n.name, name))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut w = Vec::new();
+            if n.role.is_scheduler() {
+                schedulers.push(i);
+            } else {
+                for name in &n.reaches {
+                    w.push(lookup(&n.name, name)?);
+                }
+                for &j in &d {
+                    if plan.nodes[j].role.is_scheduler() {
+                        w.push(j);
+                    }
+                }
+                w.sort_unstable();
+                w.dedup();
+                w.retain(|&j| j != i);
+            }
+            deps.push(d);
+            waits_for.push(w);
+            by_host.entry(n.host.clone()).or_default().push(i);
+        }
+        let training = plan
+            .nodes
+            .iter()
+            .map(|n| matches!(n.role, Role::Worker | Role::MasterWorker))
+            .collect();
+        Ok(PlanIndex {
+            plan,
+            index,
+            deps,
+            waits_for,
+            training,
+            by_host,
+            schedulers,
+        })
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.plan.nodes.len()
+    }
+
+    /// True for a plan without nodes (never for a compiled job).
+    pub fn is_empty(&self) -> bool {
+        self.plan.nodes.is_empty()
+    }
+}
+
+/// What the controller currently observes of one node (in memory only).
+#[derive(Clone, Debug, Default)]
+pub struct NodeSoft {
+    /// The latest status its agent reported for the current generation.
+    pub status: Option<NodeStatus>,
+    /// When its agent last reported it.
+    pub last_report: Option<Instant>,
+    /// When it was first seen running (in this controller process and generation).
+    pub running_since: Option<Instant>,
+    /// The last progress seen: (epoch, iteration, observed_at_ms).
+    pub progress_key: Option<(u64, u64, i64)>,
+    /// When the progress last changed.
+    pub progress_at: Option<Instant>,
+    /// (time, iteration) samples over the last minute, for throughput.
+    pub samples: VecDeque<(Instant, u64)>,
+    /// When `start` was sent (in this controller process).
+    pub start_sent: Option<Instant>,
+}
+
+impl NodeSoft {
+    /// Records a status of the current generation received at `now`. Returns whether
+    /// anything a watcher shows (state, progress) changed.
+    pub fn observe(&mut self, status: NodeStatus, now: Instant) -> bool {
+        let mut changed = self
+            .status
+            .as_ref()
+            .is_none_or(|old| old.state != status.state || old.ip != status.ip);
+        if NodeState::from_proto(status.state) == Some(NodeState::Running)
+            && self.running_since.is_none()
+        {
+            self.running_since = Some(now);
+        }
+        if let Some(p) = &status.progress {
+            let key = (p.epoch, p.iteration, p.observed_at_ms);
+            if self.progress_key != Some(key) {
+                self.progress_key = Some(key);
+                self.progress_at = Some(now);
+                changed = true;
+            }
+            if self
+                .samples
+                .back()
+                .is_none_or(|(t, _)| now.saturating_duration_since(*t) >= SAMPLE_SPACING)
+            {
+                self.samples.push_back((now, p.iteration));
+            }
+            while self
+                .samples
+                .front()
+                .is_some_and(|(t, _)| now.saturating_duration_since(*t) > THROUGHPUT_WINDOW)
+            {
+                self.samples.pop_front();
+            }
+        }
+        self.last_report = Some(now);
+        self.status = Some(status);
+        changed
+    }
+
+    /// Training iterations per second over the last minute, as of `now` (0 without two
+    /// samples in the window).
+    pub fn iterations_per_s(&self, now: Instant) -> f64 {
+        let mut window = self
+            .samples
+            .iter()
+            .filter(|(t, _)| now.saturating_duration_since(*t) <= THROUGHPUT_WINDOW);
+        let Some(first) = window.next() else {
+            return 0.0;
+        };
+        let Some(last) = window.next_back() else {
+            return 0.0;
+        };
+        let secs = last.0.saturating_duration_since(first.0).as_secs_f64();
+        if secs <= 0.0 {
+            return 0.0;
+        }
+        last.1.saturating_sub(first.1) as f64 / secs
+    }
+}
+
+/// When a host of a job last reported, and whether it listed any container of the job.
+#[derive(Clone, Copy, Debug)]
+pub struct HostSeen {
+    /// When.
+    pub at: Instant,
+    /// Whether the report held any container of the job (any generation).
+    pub has_nodes: bool,
+}
+
+/// The soft state of one run.
+#[derive(Clone, Debug)]
+pub struct JobSoft {
+    /// Per node, in plan order.
+    pub nodes: Vec<NodeSoft>,
+    /// Per host of the job: its last report.
+    pub hosts: HashMap<String, HostSeen>,
+    /// When the job entered its phase (or when this process loaded it).
+    pub phase_since: Instant,
+    /// When this process loaded or accepted the job.
+    pub loaded_at: Instant,
+}
+
+impl JobSoft {
+    /// Fresh soft state for `nodes` nodes at `now`.
+    pub fn new(nodes: usize, now: Instant) -> JobSoft {
+        JobSoft {
+            nodes: vec![NodeSoft::default(); nodes],
+            hosts: HashMap::new(),
+            phase_since: now,
+            loaded_at: now,
+        }
+    }
+}
+
+/// Membership state of a host, as the engine sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostCond {
+    /// Heartbeating.
+    Ready,
+    /// Silent for the grace period.
+    Lost,
+    /// Left the cluster.
+    Left,
+    /// Not known to the membership.
+    Unknown,
+}
+
+/// Everything a pass needs besides the job.
+#[derive(Clone, Copy, Debug)]
+pub struct Ctx<'a> {
+    /// Now (monotonic).
+    pub now: Instant,
+    /// Now (Unix ms), for records and events.
+    pub now_ms: i64,
+    /// State of every known host.
+    pub hosts: &'a BTreeMap<String, HostCond>,
+    /// The stall timeout in effect for this job.
+    pub stall_timeout: Duration,
+    /// A started node its host stops reporting for this long is missing.
+    pub absent_timeout: Duration,
+    /// How long a restart waits for the old containers to go.
+    pub drain_timeout: Duration,
+}
+
+impl Ctx<'_> {
+    fn host(&self, host: &str) -> HostCond {
+        self.hosts.get(host).copied().unwrap_or(HostCond::Unknown)
+    }
+}
+
+/// A user's request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Stop every container; the job ends Cancelled.
+    Cancel,
+}
+
+/// What a pass decided: records to write, events to append, and whether the hosts'
+/// desired state changed.
+#[derive(Clone, Debug, Default)]
+pub struct Changes {
+    /// The new meta, when it changed.
+    pub meta: Option<JobMeta>,
+    /// Node records that changed, by position.
+    pub nodes: Vec<(usize, NodeRecord)>,
+    /// Events to append, oldest first.
+    pub events: Vec<EventRecord>,
+    /// True when `containers_for` of some host changes (publish a new revision).
+    pub publish: bool,
+    /// Nodes that got `start` in this pass.
+    pub started: Vec<usize>,
+    /// True when the generation was bumped (soft state must be reset).
+    pub new_generation: bool,
+}
+
+impl Changes {
+    /// True when nothing is to be written.
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_none() && self.nodes.is_empty() && self.events.is_empty()
+    }
+
+    /// The phase after the changes, if it changed.
+    pub fn new_phase(&self) -> Option<Phase> {
+        self.meta.as_ref().map(|m| m.phase)
+    }
+}
+
+/// A copy-on-write view of a run during a pass.
+struct Draft<'a> {
+    base_meta: &'a JobMeta,
+    base_nodes: &'a [NodeRecord],
+    meta: JobMeta,
+    nodes: BTreeMap<usize, NodeRecord>,
+    events: Vec<EventRecord>,
+    started: Vec<usize>,
+    now_ms: i64,
+}
+
+impl<'a> Draft<'a> {
+    fn new(meta: &'a JobMeta, nodes: &'a [NodeRecord], now_ms: i64) -> Draft<'a> {
+        Draft {
+            base_meta: meta,
+            base_nodes: nodes,
+            meta: meta.clone(),
+            nodes: BTreeMap::new(),
+            events: Vec::new(),
+            started: Vec::new(),
+            now_ms,
+        }
+    }
+
+    fn node(&self, i: usize) -> &NodeRecord {
+        self.nodes.get(&i).unwrap_or(&self.base_nodes[i])
+    }
+
+    fn node_mut(&mut self, i: usize) -> &mut NodeRecord {
+        let base = &self.base_nodes[i];
+        self.nodes.entry(i).or_insert_with(|| base.clone())
+    }
+
+    fn event(&mut self, kind: &str, message: String, node: &str, host: &str) {
+        self.events.push(EventRecord {
+            at_ms: self.now_ms,
+            kind: kind.to_owned(),
+            message,
+            host: host.to_owned(),
+            job: self.meta.name.clone(),
+            node: node.to_owned(),
+            generation: self.meta.generation,
+        });
+    }
+
+    fn set_phase(&mut self, phase: Phase, reason: String) {
+        if self.meta.phase != phase {
+            self.meta.phase = phase;
+            self.meta.phase_since_ms = self.now_ms;
+        }
+        self.meta.reason = reason;
+        if phase.is_terminal() {
+            self.meta.finished_at_ms = self.now_ms;
+        }
+    }
+
+    fn finish(self) -> Changes {
+        let new_generation = self.meta.generation != self.base_meta.generation;
+        let env_changed = self
+            .nodes
+            .iter()
+            .any(|(i, n)| n.env != self.base_nodes[*i].env);
+        let publish = new_generation
+            || env_changed
+            || self.meta.phase.runs_containers() != self.base_meta.phase.runs_containers();
+        let nodes: Vec<(usize, NodeRecord)> = self
+            .nodes
+            .into_iter()
+            .filter(|(i, n)| *n != self.base_nodes[*i])
+            .collect();
+        Changes {
+            meta: (self.meta != *self.base_meta).then_some(self.meta),
+            nodes,
+            events: self.events,
+            publish,
+            started: self.started,
+            new_generation,
+        }
+    }
+}
+
+/// One pass of the state machine over a run (see the module docs).
+pub fn evaluate(
+    idx: &PlanIndex,
+    meta: &JobMeta,
+    nodes: &[NodeRecord],
+    soft: &JobSoft,
+    ctx: &Ctx<'_>,
+    command: Option<Command>,
+) -> Changes {
+    debug_assert_eq!(nodes.len(), idx.len(), "one record per node");
+    let mut d = Draft::new(meta, nodes, ctx.now_ms);
+    if d.meta.phase.is_terminal() {
+        return d.finish();
+    }
+    if command == Some(Command::Cancel) {
+        let what = match d.meta.phase {
+            Phase::Running => "while running",
+            Phase::Restarting => "while restarting",
+            _ => "while starting",
+        };
+        let reason = format!("cancelled by a user {what}; every container is being removed");
+        d.event("Cancelled", reason.clone(), "", "");
+        d.set_phase(Phase::Cancelled, reason);
+        return d.finish();
+    }
+    if let Some(reason) = host_problem(idx, &mut d, ctx) {
+        fail(idx, &mut d, reason, false);
+        return d.finish();
+    }
+    if d.meta.phase == Phase::Restarting {
+        let drained = idx.by_host.keys().all(|h| {
+            soft.hosts
+                .get(h)
+                .is_some_and(|s| s.at >= soft.phase_since && !s.has_nodes)
+        });
+        let waited = ctx.now.saturating_duration_since(soft.phase_since);
+        if !drained && waited < ctx.drain_timeout {
+            return d.finish();
+        }
+        if !drained {
+            d.event(
+                "RestartDrainTimeout",
+                format!(
+                    "old containers still reported after {}; starting generation {} anyway (agents replace containers of an older generation)",
+                    humantime::format_duration(ctx.drain_timeout),
+                    d.meta.generation + 1
+                ),
+                "",
+                "",
+            );
+        }
+        restart_now(idx, &mut d);
+    } else {
+        observe(idx, &mut d, soft);
+    }
+    if let Some(reason) = node_problem(idx, &mut d, soft, ctx) {
+        fail(idx, &mut d, reason, true);
+        return d.finish();
+    }
+    let training: Vec<usize> = (0..idx.len()).filter(|&i| idx.training[i]).collect();
+    if !training.is_empty()
+        && training
+            .iter()
+            .all(|&i| d.node(i).state == NodeState::Exited)
+    {
+        let reason = format!(
+            "all {} training worker{} exited 0",
+            training.len(),
+            plural(training.len())
+        );
+        d.event("Succeeded", reason.clone(), "", "");
+        d.set_phase(Phase::Succeeded, reason);
+        return d.finish();
+    }
+    start_ready(idx, &mut d);
+    advance(idx, &mut d);
+    d.finish()
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// `a, b, c and 4 more`.
+pub fn list_names<'a>(names: impl IntoIterator<Item = &'a str>, max: usize) -> String {
+    let names: Vec<&str> = names.into_iter().collect();
+    if names.len() <= max {
+        return names.join(", ");
+    }
+    format!("{} and {} more", names[..max].join(", "), names.len() - max)
+}
+
+/// A host of the job that is not ready: records an event and returns the reason.
+fn host_problem(idx: &PlanIndex, d: &mut Draft<'_>, ctx: &Ctx<'_>) -> Option<String> {
+    for (host, on) in &idx.by_host {
+        let cond = ctx.host(host);
+        if cond == HostCond::Ready {
+            continue;
+        }
+        let nodes = list_names(on.iter().map(|&i| idx.plan.nodes[i].name.as_str()), 8);
+        let (kind, reason) = match cond {
+            HostCond::Lost => (
+                "HostLost",
+                format!(
+                    "host {host} was lost (no heartbeat within the grace period) with node{} {nodes}",
+                    plural(on.len())
+                ),
+            ),
+            HostCond::Left => (
+                "HostLeft",
+                format!(
+                    "host {host} left the cluster with node{} {nodes}",
+                    plural(on.len())
+                ),
+            ),
+            _ => (
+                "HostUnknown",
+                format!("host {host} is no longer known to the controller (nodes {nodes})"),
+            ),
+        };
+        d.event(kind, reason.clone(), "", host);
+        return Some(reason);
+    }
+    None
+}
+
+/// Fails the job, or restarts it when the policy allows and restarts are left.
+fn fail(idx: &PlanIndex, d: &mut Draft<'_>, reason: String, restartable: bool) {
+    let policy = &idx.plan.policy;
+    let on_failure = policy.restart == RestartPolicy::OnFailure;
+    if restartable && on_failure && d.meta.restarts < policy.max_restarts {
+        d.meta.restarts += 1;
+        let why = format!(
+            "restart {} of {} after: {reason}",
+            d.meta.restarts, policy.max_restarts
+        );
+        d.event("Restarting", why.clone(), "", "");
+        d.set_phase(Phase::Restarting, why);
+        return;
+    }
+    let reason = if on_failure && restartable {
+        format!(
+            "{reason} (no restart left: {} of {} used)",
+            d.meta.restarts, policy.max_restarts
+        )
+    } else if on_failure {
+        format!("{reason} (not restarted: the job's nodes are pinned to this host)")
+    } else {
+        reason
+    };
+    d.event("Failed", reason.clone(), "", "");
+    d.set_phase(Phase::Failed, reason);
+}
+
+/// Bumps the generation: every node starts over.
+fn restart_now(idx: &PlanIndex, d: &mut Draft<'_>) {
+    d.meta.generation += 1;
+    d.meta.schedulers_up = false;
+    for (i, n) in idx.plan.nodes.iter().enumerate() {
+        *d.node_mut(i) = NodeRecord::new(&n.name);
+    }
+    d.event(
+        "Restarted",
+        format!(
+            "old containers are gone; generation {} starts (restart {} of {})",
+            d.meta.generation, d.meta.restarts, idx.plan.policy.max_restarts
+        ),
+        "",
+        "",
+    );
+    d.set_phase(Phase::Starting, String::new());
+}
+
+/// Folds the latest reports of the current generation into the node records.
+fn observe(idx: &PlanIndex, d: &mut Draft<'_>, soft: &JobSoft) {
+    let generation = d.meta.generation;
+    for (i, n) in idx.plan.nodes.iter().enumerate() {
+        let Some(st) = soft.nodes[i].status.as_ref() else {
+            continue;
+        };
+        if st.generation != generation {
+            continue;
+        }
+        let (rec_state, rec_ip, rec_started) = {
+            let r = d.node(i);
+            (r.state, r.ip, r.started())
+        };
+        if rec_state.is_ended() {
+            continue;
+        }
+        let Some(mut state) = NodeState::from_proto(st.state) else {
+            continue;
+        };
+        if state == NodeState::Exited && st.exit_code.is_some_and(|c| c != 0) {
+            state = NodeState::Failed;
+        }
+        let ip: Option<Ipv4Addr> = st.ip.trim().parse().ok();
+        if let Some(ip) = ip
+            && rec_ip != Some(ip)
+        {
+            match rec_ip {
+                Some(old) if rec_started => {
+                    let msg = format!(
+                        "node {} on host {}: its address changed from {old} to {ip} (its network sandbox was recreated); its peers still use the old one",
+                        n.name, n.host
+                    );
+                    let now_ms = d.now_ms;
+                    let r = d.node_mut(i);
+                    r.state = NodeState::Failed;
+                    r.error = msg.clone();
+                    r.finished_at_ms = now_ms;
+                    d.event("AddressChanged", msg, &n.name, &n.host);
+                    continue;
+                }
+                _ => d.node_mut(i).ip = Some(ip),
+            }
+        }
+        if state == rec_state {
+            continue;
+        }
+        let now_ms = d.now_ms;
+        let r = d.node_mut(i);
+        r.state = state;
+        match state {
+            NodeState::Running => {
+                r.started_at_ms = if st.started_at_ms > 0 {
+                    st.started_at_ms
+                } else {
+                    now_ms
+                };
+            }
+            NodeState::Exited | NodeState::Failed | NodeState::Missing => {
+                r.exit_code = st.exit_code;
+                r.error.clone_from(&st.error);
+                r.log_tail.clone_from(&st.log_tail);
+                if st.started_at_ms > 0 {
+                    r.started_at_ms = st.started_at_ms;
+                }
+                r.finished_at_ms = if st.finished_at_ms > 0 {
+                    st.finished_at_ms
+                } else {
+                    now_ms
+                };
+            }
+            NodeState::Pending | NodeState::Created => {}
+        }
+        let r = d.node(i).clone();
+        match state {
+            NodeState::Exited => {
+                let what = if idx.training[i] {
+                    "training worker finished"
+                } else {
+                    "not a training worker: the job goes on"
+                };
+                d.event(
+                    "NodeExited",
+                    format!(
+                        "node {} ({}) on host {} exited 0 ({what})",
+                        n.name,
+                        n.role.as_str(),
+                        n.host
+                    ),
+                    &n.name,
+                    &n.host,
+                );
+            }
+            NodeState::Failed => {
+                d.event("NodeFailed", failure_text(n, &r), &n.name, &n.host);
+            }
+            NodeState::Missing => {
+                d.event("NodeMissing", failure_text(n, &r), &n.name, &n.host);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Why a failed or missing node failed, with the last lines of its log.
+pub fn failure_text(n: &geomx_job::Node, r: &NodeRecord) -> String {
+    let mut text = match (r.state, r.exit_code) {
+        (NodeState::Missing, _) => format!(
+            "node {} ({}) on host {} is missing: its container is gone",
+            n.name,
+            n.role.as_str(),
+            n.host
+        ),
+        (_, Some(code)) => format!(
+            "node {} ({}) on host {} failed with exit code {code}",
+            n.name,
+            n.role.as_str(),
+            n.host
+        ),
+        (_, None) => format!(
+            "node {} ({}) on host {} could not start",
+            n.name,
+            n.role.as_str(),
+            n.host
+        ),
+    };
+    let error = r.error.trim();
+    if error.starts_with(&format!("node {} ", n.name)) {
+        // A message the controller wrote itself (absence, address change): complete.
+        text = error.to_owned();
+    } else if !error.is_empty() {
+        text.push_str(": ");
+        text.push_str(error);
+    }
+    let tail: Vec<&String> = r
+        .log_tail
+        .iter()
+        .rev()
+        .take(REASON_LOG_LINES)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    if !tail.is_empty() {
+        text.push_str("\nlast log lines:");
+        for line in tail {
+            text.push_str("\n  ");
+            text.push_str(line);
+        }
+    }
+    text
+}
+
+/// The first node problem that fails the job, if any (records its event).
+fn node_problem(
+    idx: &PlanIndex,
+    d: &mut Draft<'_>,
+    soft: &JobSoft,
+    ctx: &Ctx<'_>,
+) -> Option<String> {
+    for (i, n) in idx.plan.nodes.iter().enumerate() {
+        let r = d.node(i);
+        if matches!(r.state, NodeState::Failed | NodeState::Missing) {
+            return Some(failure_text(n, r));
+        }
+    }
+    // Started nodes their host stopped reporting.
+    for (i, n) in idx.plan.nodes.iter().enumerate() {
+        let r = d.node(i);
+        if !r.started() || r.state.is_ended() {
+            continue;
+        }
+        let s = &soft.nodes[i];
+        let Some(seen) = soft.hosts.get(&n.host) else {
+            continue;
+        };
+        let baseline = [s.last_report, s.start_sent, Some(soft.loaded_at)]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(soft.loaded_at);
+        let gap = seen.at.saturating_duration_since(baseline);
+        if gap > ctx.absent_timeout {
+            let msg = format!(
+                "node {} ({}) on host {} is missing: its agent has not reported it for {} although the host reports",
+                n.name,
+                n.role.as_str(),
+                n.host,
+                humantime::format_duration(round_ms(gap))
+            );
+            let now_ms = d.now_ms;
+            let r = d.node_mut(i);
+            r.state = NodeState::Missing;
+            r.error = msg.clone();
+            r.finished_at_ms = now_ms;
+            d.event("NodeMissing", msg.clone(), &n.name, &n.host);
+            return Some(msg);
+        }
+    }
+    // Training workers without progress.
+    for (i, n) in idx.plan.nodes.iter().enumerate() {
+        if !idx.training[i] || d.node(i).state != NodeState::Running {
+            continue;
+        }
+        let s = &soft.nodes[i];
+        let running = s
+            .status
+            .as_ref()
+            .is_some_and(|st| NodeState::from_proto(st.state) == Some(NodeState::Running));
+        let Some(since) = s.running_since else {
+            continue;
+        };
+        if !running {
+            continue;
+        }
+        let last = s.progress_at.map_or(since, |p| p.max(since));
+        let quiet = ctx.now.saturating_duration_since(last);
+        if quiet > ctx.stall_timeout {
+            let progress = match s.status.as_ref().and_then(|st| st.progress.as_ref()) {
+                Some(p) => {
+                    let acc = p
+                        .accuracy
+                        .map(|a| format!(", accuracy {a:.4}"))
+                        .unwrap_or_default();
+                    format!(
+                        "last progress: epoch {}, iteration {}{acc}",
+                        p.epoch, p.iteration
+                    )
+                }
+                None => "no progress reported since it started".to_owned(),
+            };
+            let msg = format!(
+                "node {} ({}) on host {} stalled: no progress for {} (stall_timeout {}); {progress}",
+                n.name,
+                n.role.as_str(),
+                n.host,
+                humantime::format_duration(Duration::from_secs(quiet.as_secs())),
+                humantime::format_duration(ctx.stall_timeout)
+            );
+            d.event("Stalled", msg.clone(), &n.name, &n.host);
+            return Some(msg);
+        }
+    }
+    None
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Sends `start` (with the resolved environment) to every node that can start now.
+fn start_ready(idx: &PlanIndex, d: &mut Draft<'_>) {
+    if !d.meta.phase.runs_containers() {
+        return;
+    }
+    let mut started = Vec::new();
+    for (i, n) in idx.plan.nodes.iter().enumerate() {
+        if d.node(i).started() {
+            continue;
+        }
+        if !idx.deps[i].iter().all(|&j| d.node(j).ip.is_some()) {
+            continue;
+        }
+        if !idx.waits_for[i]
+            .iter()
+            .all(|&j| d.node(j).state == NodeState::Running)
+        {
+            continue;
+        }
+        let ips = |name: &str| idx.index.get(name).and_then(|&j| d.node(j).ip);
+        match n.resolve_env(&ips) {
+            Ok(env) => started.push((i, env)),
+            Err(e) => {
+                // Unreachable: every dependency has an IP. Keep waiting rather than panic.
+                tracing::error!(job = %d.meta.name, node = %n.name, error = %e, "cannot resolve environment");
+            }
+        }
+    }
+    if started.is_empty() {
+        return;
+    }
+    let pseudo = idx.plan.network == Network::Pseudo;
+    let describe = |i: usize, d: &Draft<'_>| {
+        let n = &idx.plan.nodes[i];
+        match (pseudo, d.node(i).ip) {
+            (true, _) => format!("{} on {}", n.name, n.host),
+            (false, Some(ip)) => format!("{} ({ip} on {})", n.name, n.host),
+            (false, None) => format!("{} on {}", n.name, n.host),
+        }
+    };
+    let schedulers: Vec<String> = started
+        .iter()
+        .filter(|(i, _)| idx.plan.nodes[*i].role.is_scheduler())
+        .map(|(i, _)| describe(*i, d))
+        .collect();
+    let others: Vec<String> = started
+        .iter()
+        .filter(|(i, _)| !idx.plan.nodes[*i].role.is_scheduler())
+        .map(|(i, _)| idx.plan.nodes[*i].name.clone())
+        .collect();
+    for (i, env) in started {
+        d.node_mut(i).env = Some(env);
+        d.started.push(i);
+    }
+    if !schedulers.is_empty() {
+        d.event(
+            "SchedulersStarting",
+            format!(
+                "starting scheduler{} {}",
+                plural(schedulers.len()),
+                list_names(schedulers.iter().map(String::as_str), 16)
+            ),
+            "",
+            "",
+        );
+    }
+    if !others.is_empty() {
+        d.event(
+            "NodesStarting",
+            format!(
+                "starting {} server{}/worker{}: {}",
+                others.len(),
+                plural(others.len()),
+                plural(others.len()),
+                list_names(others.iter().map(String::as_str), 16)
+            ),
+            "",
+            "",
+        );
+    }
+}
+
+/// Pending → Starting, SchedulersUp, Starting → Running.
+fn advance(idx: &PlanIndex, d: &mut Draft<'_>) {
+    if d.meta.phase == Phase::Pending && (0..idx.len()).any(|i| d.node(i).started()) {
+        d.set_phase(Phase::Starting, String::new());
+    }
+    if !d.meta.schedulers_up
+        && !idx.schedulers.is_empty()
+        && idx
+            .schedulers
+            .iter()
+            .all(|&i| d.node(i).state == NodeState::Running)
+    {
+        d.meta.schedulers_up = true;
+        d.event(
+            "SchedulersUp",
+            format!(
+                "all {} scheduler{} run: {}",
+                idx.schedulers.len(),
+                plural(idx.schedulers.len()),
+                list_names(
+                    idx.schedulers
+                        .iter()
+                        .map(|&i| idx.plan.nodes[i].name.as_str()),
+                    16
+                )
+            ),
+            "",
+            "",
+        );
+    }
+    let all_run = (0..idx.len()).all(|i| {
+        let r = d.node(i);
+        r.started() && matches!(r.state, NodeState::Running | NodeState::Exited)
+    });
+    if d.meta.phase == Phase::Starting && all_run {
+        d.meta.running_at_ms = d.now_ms;
+        d.event(
+            "Running",
+            format!(
+                "all {} node{} run (generation {})",
+                idx.len(),
+                plural(idx.len()),
+                d.meta.generation
+            ),
+            "",
+            "",
+        );
+        d.set_phase(Phase::Running, String::new());
+    }
+}
+
+/// Why an active job is in its phase, for people (Pending, Starting); empty otherwise.
+pub fn waiting_for(idx: &PlanIndex, meta: &JobMeta, nodes: &[NodeRecord]) -> String {
+    let names = |f: &dyn Fn(usize) -> bool| {
+        let v: Vec<&str> = (0..idx.len())
+            .filter(|&i| f(i))
+            .map(|i| idx.plan.nodes[i].name.as_str())
+            .collect();
+        (v.len(), list_names(v, 6))
+    };
+    match meta.phase {
+        Phase::Pending | Phase::Starting => {
+            let (n, no_ip) = names(&|i| {
+                !nodes[i].started() && idx.deps[i].iter().any(|&j| nodes[j].ip.is_none())
+            });
+            if n > 0 && idx.schedulers.iter().any(|&i| !nodes[i].started()) {
+                return format!("waiting for the network sandboxes (IPs) of {no_ip}");
+            }
+            let (n, sched) = names(&|i| {
+                idx.plan.nodes[i].role.is_scheduler() && nodes[i].state != NodeState::Running
+            });
+            if n > 0 {
+                return format!("waiting for scheduler{} {sched} to run", plural(n));
+            }
+            let (n, rest) =
+                names(&|i| !matches!(nodes[i].state, NodeState::Running | NodeState::Exited));
+            if n > 0 {
+                return format!("waiting for {n} node{} to run: {rest}", plural(n));
+            }
+            String::new()
+        }
+        _ => meta.reason.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use geomx_proto::v1::{ContainerState, Progress};
+
+    const ROUTED: &str = r#"
+name = "j"
+mode = "hips"
+image = "img:1"
+[central]
+host = "a"
+[[party]]
+name = "p"
+hosts = ["b"]
+workers = 2
+"#;
+
+    const PSEUDO: &str = r#"
+name = "pj"
+mode = "ps"
+image = "img:1"
+network = "pseudo"
+[[party]]
+name = "p"
+hosts = ["a"]
+workers = 1
+"#;
+
+    fn index(src: &str) -> PlanIndex {
+        PlanIndex::new(geomx_job::plan("t.toml", src).expect("valid job")).expect("index")
+    }
+
+    fn with_policy(src: &str, policy: &str) -> String {
+        format!("{src}\n[policy]\n{policy}\n")
+    }
+
+    struct Fixture {
+        idx: PlanIndex,
+        meta: JobMeta,
+        nodes: Vec<NodeRecord>,
+        soft: JobSoft,
+        hosts: BTreeMap<String, HostCond>,
+        t0: Instant,
+        now: Instant,
+    }
+
+    impl Fixture {
+        fn new(src: &str) -> Fixture {
+            let idx = index(src);
+            let t0 = Instant::now();
+            let nodes = idx
+                .plan
+                .nodes
+                .iter()
+                .map(|n| NodeRecord::new(&n.name))
+                .collect();
+            let hosts = idx
+                .by_host
+                .keys()
+                .map(|h| (h.clone(), HostCond::Ready))
+                .collect();
+            let meta = JobMeta {
+                name: idx.plan.job.clone(),
+                run: 1,
+                ..Default::default()
+            };
+            let soft = JobSoft::new(idx.len(), t0);
+            Fixture {
+                idx,
+                meta,
+                nodes,
+                soft,
+                hosts,
+                t0,
+                now: t0,
+            }
+        }
+
+        fn i(&self, name: &str) -> usize {
+            self.idx.index[name]
+        }
+
+        fn ctx(&self) -> Ctx<'_> {
+            Ctx {
+                now: self.now,
+                now_ms: 1_000,
+                hosts: &self.hosts,
+                stall_timeout: Duration::from_secs(10),
+                absent_timeout: Duration::from_secs(3),
+                drain_timeout: Duration::from_secs(30),
+            }
+        }
+
+        /// One pass, applied as the service would.
+        fn pass(&mut self, command: Option<Command>) -> Changes {
+            let changes = evaluate(
+                &self.idx,
+                &self.meta,
+                &self.nodes,
+                &self.soft,
+                &self.ctx(),
+                command,
+            );
+            if let Some(m) = &changes.meta {
+                if m.phase != self.meta.phase {
+                    self.soft.phase_since = self.now;
+                }
+                self.meta = m.clone();
+            }
+            for (i, n) in &changes.nodes {
+                self.nodes[*i] = n.clone();
+            }
+            if changes.new_generation {
+                self.soft.nodes = vec![NodeSoft::default(); self.idx.len()];
+            }
+            for &i in &changes.started {
+                self.soft.nodes[i].start_sent = Some(self.now);
+            }
+            changes
+        }
+
+        fn report(&mut self, name: &str, state: ContainerState, ip: &str) {
+            let i = self.i(name);
+            let host = self.idx.plan.nodes[i].host.clone();
+            let st = NodeStatus {
+                job: self.meta.name.clone(),
+                node: name.into(),
+                generation: self.meta.generation,
+                state: state as i32,
+                ip: ip.into(),
+                ..Default::default()
+            };
+            self.soft.nodes[i].observe(st, self.now);
+            self.soft.hosts.insert(
+                host,
+                HostSeen {
+                    at: self.now,
+                    has_nodes: true,
+                },
+            );
+        }
+
+        fn report_status(&mut self, st: NodeStatus) {
+            let i = self.i(&st.node);
+            self.soft.nodes[i].observe(st, self.now);
+        }
+
+        fn kinds(changes: &Changes) -> Vec<&str> {
+            changes.events.iter().map(|e| e.kind.as_str()).collect()
+        }
+
+        fn started(&self) -> Vec<&str> {
+            self.idx
+                .plan
+                .nodes
+                .iter()
+                .zip(&self.nodes)
+                .filter(|(_, r)| r.started())
+                .map(|(n, _)| n.name.as_str())
+                .collect()
+        }
+
+        fn run_everything(&mut self) {
+            let names: Vec<String> = self.idx.plan.nodes.iter().map(|n| n.name.clone()).collect();
+            for (k, name) in names.iter().enumerate() {
+                self.report(
+                    name,
+                    ContainerState::Pending,
+                    &format!("172.17.0.{}", k + 2),
+                );
+            }
+            for _ in 0..3 {
+                self.pass(None);
+                for (k, name) in names.iter().enumerate() {
+                    if self.nodes[self.i(name)].started() {
+                        self.report(
+                            name,
+                            ContainerState::Running,
+                            &format!("172.17.0.{}", k + 2),
+                        );
+                    }
+                }
+            }
+            self.pass(None);
+            assert_eq!(self.meta.phase, Phase::Running);
+        }
+    }
+
+    #[test]
+    fn index_knows_dependencies() {
+        let idx = index(ROUTED);
+        let gs = idx.index["global-scheduler"];
+        let srv = idx.index["p-server"];
+        assert_eq!(idx.deps[gs], vec![gs], "a scheduler needs its own IP");
+        assert!(idx.waits_for[gs].is_empty());
+        let names = |v: &[usize]| -> Vec<String> {
+            v.iter().map(|&i| idx.plan.nodes[i].name.clone()).collect()
+        };
+        assert_eq!(
+            names(&idx.waits_for[srv]),
+            ["global-scheduler", "p-scheduler"]
+        );
+        assert!(idx.training[idx.index["master-worker"]]);
+        assert!(idx.training[idx.index["p-worker-1"]]);
+        assert!(!idx.training[srv]);
+        assert_eq!(idx.by_host.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(idx.schedulers.len(), 3);
+    }
+
+    #[test]
+    fn routed_start_order_follows_ips_and_running_schedulers() {
+        let mut f = Fixture::new(ROUTED);
+        // Nothing is known: nothing starts, the job stays Pending.
+        let c = f.pass(None);
+        assert!(c.is_empty());
+        assert_eq!(f.meta.phase, Phase::Pending);
+
+        // Sandbox IPs of the central nodes arrive: the two central schedulers start.
+        f.report("global-scheduler", ContainerState::Pending, "172.17.1.2");
+        f.report("central-scheduler", ContainerState::Pending, "172.17.1.3");
+        f.report("global-server-0", ContainerState::Pending, "172.17.1.4");
+        let c = f.pass(None);
+        assert!(c.publish);
+        assert_eq!(Fixture::kinds(&c), ["SchedulersStarting"]);
+        assert_eq!(f.started(), ["global-scheduler", "central-scheduler"]);
+        assert_eq!(f.meta.phase, Phase::Starting);
+        let gs = &f.nodes[f.i("global-scheduler")];
+        let env = gs.env.as_ref().unwrap();
+        assert_eq!(env["DMLC_PS_GLOBAL_ROOT_URI"], "172.17.1.2");
+        let cs = f.nodes[f.i("central-scheduler")].env.clone().unwrap();
+        assert_eq!(cs["DMLC_PS_ROOT_URI"], "172.17.1.3");
+
+        // A pass with nothing new changes nothing (idempotent).
+        assert!(f.pass(None).is_empty());
+
+        // The global server knows every IP but its schedulers do not run yet.
+        f.report("p-scheduler", ContainerState::Pending, "172.17.2.2");
+        f.pass(None);
+        assert!(!f.nodes[f.i("global-server-0")].started());
+        assert!(f.nodes[f.i("p-scheduler")].started());
+
+        // Central schedulers run: the global server and the master start (their
+        // schedulers run and their IPs are known); the party server waits for p-scheduler.
+        f.report("global-scheduler", ContainerState::Running, "172.17.1.2");
+        f.report("central-scheduler", ContainerState::Running, "172.17.1.3");
+        f.report("master-worker", ContainerState::Pending, "172.17.1.5");
+        f.report("p-server", ContainerState::Pending, "172.17.2.3");
+        let c = f.pass(None);
+        assert_eq!(Fixture::kinds(&c), ["NodesStarting"]);
+        assert!(f.nodes[f.i("global-server-0")].started());
+        assert!(f.nodes[f.i("master-worker")].started());
+        assert!(!f.nodes[f.i("p-server")].started());
+        let gsrv = f.nodes[f.i("global-server-0")].env.clone().unwrap();
+        assert_eq!(gsrv["DMLC_PS_GLOBAL_ROOT_URI"], "172.17.1.2");
+        assert_eq!(gsrv["DMLC_PS_ROOT_URI"], "172.17.1.3");
+
+        f.report("p-scheduler", ContainerState::Running, "172.17.2.2");
+        let c = f.pass(None);
+        assert!(Fixture::kinds(&c).contains(&"SchedulersUp"));
+        assert!(f.nodes[f.i("p-server")].started());
+        // Workers need no IP of their own: they started with the server.
+        assert!(f.nodes[f.i("p-worker-0")].started());
+        let w = f.nodes[f.i("p-worker-1")].env.clone().unwrap();
+        assert_eq!(w["DMLC_PS_ROOT_URI"], "172.17.2.2");
+        assert!(!w.contains_key("DMLC_PS_GLOBAL_ROOT_URI"));
+        assert_eq!(f.meta.phase, Phase::Starting);
+
+        // Everything runs: Running.
+        for name in [
+            "global-server-0",
+            "master-worker",
+            "p-server",
+            "p-worker-0",
+            "p-worker-1",
+        ] {
+            let ip = f.nodes[f.i(name)]
+                .ip
+                .map(|i| i.to_string())
+                .unwrap_or_default();
+            f.report(name, ContainerState::Running, &ip);
+        }
+        let c = f.pass(None);
+        assert_eq!(Fixture::kinds(&c), ["Running"]);
+        assert_eq!(f.meta.phase, Phase::Running);
+        assert!(!c.publish, "becoming Running changes no container");
+    }
+
+    #[test]
+    fn pseudo_schedulers_start_at_once_then_the_rest() {
+        let mut f = Fixture::new(PSEUDO);
+        let c = f.pass(None);
+        assert_eq!(f.started(), ["p-scheduler"]);
+        assert_eq!(f.meta.phase, Phase::Starting);
+        assert!(c.publish);
+        assert_eq!(
+            f.nodes[0].env.as_ref().unwrap()["DMLC_PS_ROOT_URI"],
+            "127.0.0.1"
+        );
+        f.report("p-scheduler", ContainerState::Running, "10.1.1.1");
+        f.pass(None);
+        assert_eq!(f.started(), ["p-scheduler", "p-server-0", "p-worker-0"]);
+    }
+
+    #[test]
+    fn started_env_never_changes() {
+        let mut f = Fixture::new(PSEUDO);
+        f.pass(None);
+        let before = f.nodes[0].env.clone();
+        // An IP reported later (pseudo: the host's) does not touch the started env.
+        f.report("p-scheduler", ContainerState::Running, "10.1.1.1");
+        f.pass(None);
+        assert_eq!(f.nodes[0].env, before);
+    }
+
+    #[test]
+    fn worker_failure_fails_with_node_host_code_and_log_tail() {
+        let mut f = Fixture::new(ROUTED);
+        f.run_everything();
+        let mut st = NodeStatus {
+            job: "j".into(),
+            node: "p-worker-1".into(),
+            state: ContainerState::Failed as i32,
+            exit_code: Some(3),
+            log_tail: (0..15).map(|k| format!("line {k}")).collect(),
+            ..Default::default()
+        };
+        st.ip = "172.17.0.9".into();
+        f.report_status(st);
+        let c = f.pass(None);
+        assert_eq!(Fixture::kinds(&c), ["NodeFailed", "Failed"]);
+        assert!(c.publish, "containers are dropped");
+        assert_eq!(f.meta.phase, Phase::Failed);
+        let r = &f.meta.reason;
+        assert!(
+            r.starts_with("node p-worker-1 (worker) on host b failed with exit code 3"),
+            "{r}"
+        );
+        assert!(
+            r.contains("line 14") && r.contains("line 5") && !r.contains("line 4\n"),
+            "{r}"
+        );
+        assert_eq!(c.events[0].node, "p-worker-1");
+        assert_eq!(c.events[0].host, "b");
+        assert!(f.meta.finished_at_ms > 0);
+        // Ended: nothing changes any more.
+        f.report("p-worker-0", ContainerState::Failed, "");
+        assert!(f.pass(None).is_empty());
+    }
+
+    #[test]
+    fn exited_with_nonzero_code_is_a_failure_and_zero_on_a_server_is_not() {
+        let mut f = Fixture::new(ROUTED);
+        f.run_everything();
+        let ip = f.nodes[f.i("p-server")].ip.unwrap().to_string();
+        f.report("p-server", ContainerState::Exited, &ip);
+        let c = f.pass(None);
+        assert_eq!(Fixture::kinds(&c), ["NodeExited"]);
+        assert_eq!(f.meta.phase, Phase::Running);
+        f.report_status(NodeStatus {
+            node: "p-worker-0".into(),
+            state: ContainerState::Exited as i32,
+            exit_code: Some(1),
+            ..Default::default()
+        });
+        f.pass(None);
+        assert_eq!(f.meta.phase, Phase::Failed);
+    }
+
+    #[test]
+    fn success_when_every_training_worker_exits_zero() {
+        let mut f = Fixture::new(ROUTED);
+        f.run_everything();
+        for name in ["p-worker-0", "p-worker-1"] {
+            f.report_status(NodeStatus {
+                node: name.into(),
+                state: ContainerState::Exited as i32,
+                exit_code: Some(0),
+                ..Default::default()
+            });
+            f.pass(None);
+        }
+        assert_eq!(f.meta.phase, Phase::Running, "the master still trains");
+        f.report_status(NodeStatus {
+            node: "master-worker".into(),
+            state: ContainerState::Exited as i32,
+            exit_code: Some(0),
+            ..Default::default()
+        });
+        let c = f.pass(None);
+        assert_eq!(Fixture::kinds(&c), ["NodeExited", "Succeeded"]);
+        assert_eq!(f.meta.phase, Phase::Succeeded);
+        assert!(c.publish);
+        assert_eq!(f.meta.reason, "all 3 training workers exited 0");
+    }
+
+    #[test]
+    fn stall_after_timeout_measured_from_progress() {
+        let mut f = Fixture::new(ROUTED);
+        f.run_everything();
+        let progress = |it: u64, at: i64| NodeStatus {
+            node: "p-worker-0".into(),
+            state: ContainerState::Running as i32,
+            progress: Some(Progress {
+                epoch: 0,
+                iteration: it,
+                accuracy: Some(0.5),
+                observed_at_ms: at,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // Others keep reporting progress; p-worker-0 progresses, then stops.
+        for k in 0..5u64 {
+            f.now = f.t0 + Duration::from_secs(3 * k);
+            f.report_status(progress(k + 1, k as i64));
+            for w in ["p-worker-1", "master-worker"] {
+                let mut st = progress(k + 1, k as i64);
+                st.node = w.into();
+                f.report_status(st);
+            }
+            assert!(f.pass(None).is_empty());
+        }
+        // 12s: p-worker-0's last progress was at 12s; the others go on.
+        for s in [15u64, 20, 22] {
+            f.now = f.t0 + Duration::from_secs(s);
+            f.report_status(progress(5, 4));
+            for w in ["p-worker-1", "master-worker"] {
+                let mut st = progress(s, s as i64);
+                st.node = w.into();
+                f.report_status(st);
+            }
+            assert!(f.pass(None).is_empty(), "not stalled at {s}s");
+        }
+        f.now = f.t0 + Duration::from_secs(23);
+        let c = f.pass(None);
+        assert_eq!(Fixture::kinds(&c), ["Stalled", "Failed"]);
+        assert!(
+            f.meta.reason.contains("p-worker-0")
+                && f.meta.reason.contains("stalled")
+                && f.meta.reason.contains("iteration 5"),
+            "{}",
+            f.meta.reason
+        );
+    }
+
+    #[test]
+    fn restart_on_failure_drains_then_bumps_generation() {
+        let mut f = Fixture::new(&with_policy(
+            PSEUDO,
+            "restart = \"on-failure\"\nmax_restarts = 1",
+        ));
+        f.run_everything();
+        f.report_status(NodeStatus {
+            node: "p-worker-0".into(),
+            state: ContainerState::Failed as i32,
+            exit_code: Some(3),
+            ..Default::default()
+        });
+        let c = f.pass(None);
+        assert_eq!(Fixture::kinds(&c), ["NodeFailed", "Restarting"]);
+        assert!(c.publish);
+        assert_eq!(f.meta.phase, Phase::Restarting);
+        assert_eq!(f.meta.restarts, 1);
+        assert!(
+            f.meta
+                .reason
+                .starts_with("restart 1 of 1 after: node p-worker-0")
+        );
+        // The host still reports the old containers: wait.
+        f.now += Duration::from_secs(1);
+        f.soft.hosts.insert(
+            "a".into(),
+            HostSeen {
+                at: f.now,
+                has_nodes: true,
+            },
+        );
+        assert!(f.pass(None).is_empty());
+        // Gone: generation 1 starts, schedulers first.
+        f.now += Duration::from_secs(1);
+        f.soft.hosts.insert(
+            "a".into(),
+            HostSeen {
+                at: f.now,
+                has_nodes: false,
+            },
+        );
+        let c = f.pass(None);
+        assert_eq!(Fixture::kinds(&c), ["Restarted", "SchedulersStarting"]);
+        assert!(c.new_generation && c.publish);
+        assert_eq!(f.meta.generation, 1);
+        assert_eq!(f.meta.phase, Phase::Starting);
+        assert_eq!(f.started(), ["p-scheduler"]);
+        // Old-generation reports are ignored.
+        f.soft.nodes[0].observe(
+            NodeStatus {
+                node: "p-scheduler".into(),
+                generation: 0,
+                state: ContainerState::Failed as i32,
+                ..Default::default()
+            },
+            f.now,
+        );
+        assert!(f.pass(None).is_empty());
+        // A second failure: no restart left.
+        f.run_everything();
+        f.report_status(NodeStatus {
+            node: "p-worker-0".into(),
+            generation: 1,
+            state: ContainerState::Failed as i32,
+            exit_code: Some(3),
+            ..Default::default()
+        });
+        f.pass(None);
+        assert_eq!(f.meta.phase, Phase::Failed);
+        assert!(
+            f.meta.reason.contains("no restart left: 1 of 1 used"),
+            "{}",
+            f.meta.reason
+        );
+    }
+
+    #[test]
+    fn restart_proceeds_after_the_drain_timeout() {
+        let mut f = Fixture::new(&with_policy(PSEUDO, "restart = \"on-failure\""));
+        f.run_everything();
+        f.report("p-server-0", ContainerState::Failed, "10.1.1.1");
+        f.pass(None);
+        assert_eq!(f.meta.phase, Phase::Restarting);
+        f.now += Duration::from_secs(31);
+        let c = f.pass(None);
+        assert_eq!(
+            Fixture::kinds(&c),
+            ["RestartDrainTimeout", "Restarted", "SchedulersStarting"]
+        );
+    }
+
+    #[test]
+    fn lost_host_fails_without_restart() {
+        let mut f = Fixture::new(&with_policy(ROUTED, "restart = \"on-failure\""));
+        f.run_everything();
+        f.hosts.insert("b".into(), HostCond::Lost);
+        let c = f.pass(None);
+        assert_eq!(Fixture::kinds(&c), ["HostLost", "Failed"]);
+        assert_eq!(f.meta.phase, Phase::Failed);
+        assert!(
+            f.meta.reason.starts_with("host b was lost"),
+            "{}",
+            f.meta.reason
+        );
+        assert!(f.meta.reason.contains("p-worker-0"));
+        assert_eq!(c.events[0].host, "b");
+    }
+
+    #[test]
+    fn cancel_ends_everything() {
+        let mut f = Fixture::new(ROUTED);
+        f.run_everything();
+        let c = f.pass(Some(Command::Cancel));
+        assert_eq!(Fixture::kinds(&c), ["Cancelled"]);
+        assert!(c.publish);
+        assert_eq!(f.meta.phase, Phase::Cancelled);
+        assert!(
+            f.pass(Some(Command::Cancel)).is_empty(),
+            "cancel twice is a no-op"
+        );
+    }
+
+    #[test]
+    fn a_started_node_no_longer_reported_goes_missing() {
+        let mut f = Fixture::new(ROUTED);
+        f.run_everything();
+        // Host b keeps reporting its other nodes, but not p-worker-0.
+        let w = f.i("p-worker-0");
+        let last = f.soft.nodes[w].last_report.unwrap();
+        for (secs, expect_missing) in [(2, false), (4, true)] {
+            f.now = last + Duration::from_secs(secs);
+            for o in ["p-scheduler", "p-server", "p-worker-1"] {
+                let ip = f.nodes[f.i(o)]
+                    .ip
+                    .map(|i| i.to_string())
+                    .unwrap_or_default();
+                f.report(o, ContainerState::Running, &ip);
+            }
+            let c = f.pass(None);
+            if expect_missing {
+                assert_eq!(Fixture::kinds(&c), ["NodeMissing", "Failed"]);
+                assert!(f.meta.reason.contains("p-worker-0"), "{}", f.meta.reason);
+            } else {
+                assert!(c.is_empty(), "within the absence timeout");
+            }
+        }
+    }
+
+    #[test]
+    fn address_change_of_a_started_node_fails_it() {
+        let mut f = Fixture::new(ROUTED);
+        f.run_everything();
+        f.report("p-scheduler", ContainerState::Running, "172.17.9.9");
+        let c = f.pass(None);
+        assert_eq!(Fixture::kinds(&c), ["AddressChanged", "Failed"]);
+        assert!(
+            f.meta.reason.contains("address changed"),
+            "{}",
+            f.meta.reason
+        );
+    }
+
+    #[test]
+    fn could_not_start_names_the_error() {
+        let mut f = Fixture::new(PSEUDO);
+        f.pass(None);
+        f.report_status(NodeStatus {
+            node: "p-scheduler".into(),
+            state: ContainerState::Failed as i32,
+            error: "image img:1 not found".into(),
+            ..Default::default()
+        });
+        f.pass(None);
+        assert_eq!(
+            f.meta.reason,
+            "node p-scheduler (scheduler) on host a could not start: image img:1 not found"
+        );
+    }
+
+    #[test]
+    fn throughput_over_the_last_minute() {
+        let t0 = Instant::now();
+        let mut s = NodeSoft::default();
+        for k in 0..=10u64 {
+            s.observe(
+                NodeStatus {
+                    state: ContainerState::Running as i32,
+                    progress: Some(Progress {
+                        iteration: k * 2,
+                        observed_at_ms: k as i64,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                t0 + Duration::from_secs(k),
+            );
+        }
+        let ips = s.iterations_per_s(t0 + Duration::from_secs(10));
+        assert!((ips - 2.0).abs() < 1e-9, "{ips}");
+        assert_eq!(s.iterations_per_s(t0 + Duration::from_secs(200)), 0.0);
+        assert!(s.samples.len() <= 11);
+    }
+
+    #[test]
+    fn waiting_for_explains_pending_and_starting() {
+        let mut f = Fixture::new(ROUTED);
+        let w = waiting_for(&f.idx, &f.meta, &f.nodes);
+        assert!(w.starts_with("waiting for the network sandboxes"), "{w}");
+        f.report("global-scheduler", ContainerState::Pending, "172.17.1.2");
+        f.report("central-scheduler", ContainerState::Pending, "172.17.1.3");
+        f.report("p-scheduler", ContainerState::Pending, "172.17.2.2");
+        f.pass(None);
+        let w = waiting_for(&f.idx, &f.meta, &f.nodes);
+        assert!(w.starts_with("waiting for schedulers"), "{w}");
+    }
+
+    #[test]
+    fn names_are_listed_with_a_limit() {
+        assert_eq!(list_names(["a", "b"], 3), "a, b");
+        assert_eq!(list_names(["a", "b", "c", "d"], 2), "a, b and 2 more");
+    }
+}

@@ -1,0 +1,950 @@
+//! Jobs: submission, placement, the state machine, heartbeat aggregation, and
+//! `geomx.v1.JobService`.
+//!
+//! * [`record`]: what is persisted in sled, and the key layout.
+//! * [`engine`]: the state machine as pure functions (decisions from records + reports).
+//! * [`placement`]: admission checks (hosts ready, images present, pseudo ports free).
+//! * [`view`]: the API messages (`Job`, `JobNode`, `Event`, `ContainerSpec`).
+//! * [`logs`]: the `NodeLogs` proxy to the agents.
+//! * [`api`]: the gRPC service over [`Jobs`].
+//!
+//! [`Jobs`] is the jobs layer: it implements [`Workloads`] (the role containers of each
+//! host's desired state, the agents' reports, membership changes), keeps every run's records
+//! in memory (loaded from sled at start), and changes them in one place,
+//! [`Jobs::reconcile`]: under one async lock it runs [`engine::evaluate`], commits the
+//! changes durably, applies them to memory, and publishes a new revision when a host's
+//! containers changed.
+//!
+//! Heartbeats are cheap: [`Workloads::host_reported`] updates the in-memory soft state of the
+//! reported nodes (status, heartbeat time, progress, throughput) under a short lock and only
+//! reconciles a job when a report says something the records do not know yet (a new state,
+//! a sandbox IP, an exit). A periodic tick ([`JobOptions::tick`]) catches what no report
+//! announces: stalls, nodes no longer reported, restart drains.
+
+pub mod api;
+pub mod engine;
+pub mod logs;
+pub mod placement;
+pub mod record;
+pub mod stub;
+pub mod view;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures::stream::BoxStream;
+use geomx_proto::v1::{
+    ContainerSpec, Event, HostReport, Job, LogChunk, NodeLogsRequest, NodeStatus, UserLogsRequest,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tonic::transport::ClientTlsConfig;
+use tracing::Instrument;
+
+use self::engine::{Changes, Command, Ctx, HostCond, HostSeen, JobSoft, NodeSoft, PlanIndex};
+use self::logs::AgentConnector;
+use self::placement::PortUse;
+use self::record::{
+    CURRENT_PREFIX, CurrentRecord, JobMeta, JobSource, NodeRecord, NodeState, Phase, current_key,
+    event_scope, meta_key, node_key, node_prefix, parse_job_ref, source_key,
+};
+use self::view::RunRef;
+use crate::membership::{Membership, MembershipError};
+use crate::store::{Batch, EventRecord, EventScope, HostState, StoreError, TreeId, now_ms};
+use crate::validate;
+use crate::workloads::{HostChange, Workloads};
+
+pub use self::api::JobApi;
+
+/// Largest job file accepted (1 MiB).
+pub const MAX_JOB_FILE_LEN: usize = 1 << 20;
+/// Longest file name accepted with a job.
+pub const MAX_FILE_NAME_LEN: usize = 256;
+/// Lines of a node's log tail kept from a report.
+pub const MAX_LOG_TAIL_LINES: usize = 50;
+/// Longest log line kept from a report.
+pub const MAX_LOG_LINE_LEN: usize = 1024;
+/// Longest error kept from a report.
+pub const MAX_NODE_ERROR_LEN: usize = 4096;
+
+/// Tunables of the jobs layer. Not in the config file or flags: the defaults are what a
+/// cluster wants; tests shorten them programmatically.
+#[derive(Clone, Debug)]
+pub struct JobOptions {
+    /// How often stalls, vanished nodes and restart drains are checked (default 500 ms).
+    pub tick: Duration,
+    /// Replaces the `stall_timeout` of every job. **For tests only**: job files cannot set
+    /// less than 10 s (`geomx_job::limits::STALL_TIMEOUT_MIN_SECS`), and nothing outside
+    /// code can set this (no config key, flag or variable).
+    pub stall_timeout_override: Option<Duration>,
+    /// How long a restart waits for the agents to remove the old generation's containers
+    /// before it starts the next one anyway (default 30 s).
+    pub restart_drain_timeout: Duration,
+    /// Connect timeout of `NodeLogs` to an agent (default 5 s).
+    pub agent_connect_timeout: Duration,
+}
+
+impl Default for JobOptions {
+    fn default() -> Self {
+        JobOptions {
+            tick: Duration::from_millis(500),
+            stall_timeout_override: None,
+            restart_drain_timeout: Duration::from_secs(30),
+            agent_connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Errors of the jobs layer (besides refusals, which are gRPC statuses).
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Committing or publishing through the membership failed.
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+    /// A stored job is unusable.
+    #[error("stored job {job}: {message}")]
+    Corrupt {
+        /// The job.
+        job: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl From<JobsError> for Status {
+    fn from(e: JobsError) -> Status {
+        Status::internal(e.to_string())
+    }
+}
+
+/// One run in memory.
+#[derive(Debug)]
+struct JobEntry {
+    meta: JobMeta,
+    job_toml: String,
+    idx: Arc<PlanIndex>,
+    nodes: Vec<NodeRecord>,
+    soft: JobSoft,
+}
+
+impl JobEntry {
+    fn run_ref(&self) -> RunRef<'_> {
+        RunRef {
+            meta: &self.meta,
+            job_toml: &self.job_toml,
+            idx: &self.idx,
+            nodes: &self.nodes,
+            soft: Some(&self.soft),
+        }
+    }
+
+    fn is_active(&self) -> bool {
+        !self.meta.phase.is_terminal()
+    }
+
+    /// Applies persisted changes and resets the soft state they invalidate.
+    fn apply(&mut self, changes: &Changes, now: Instant) {
+        if let Some(m) = &changes.meta {
+            if m.phase != self.meta.phase {
+                self.soft.phase_since = now;
+            }
+            self.meta = m.clone();
+        }
+        for (i, n) in &changes.nodes {
+            self.nodes[*i] = n.clone();
+        }
+        if changes.new_generation {
+            self.soft.nodes = vec![NodeSoft::default(); self.idx.len()];
+        }
+        for &i in &changes.started {
+            self.soft.nodes[i].start_sent = Some(now);
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// The latest run of every name.
+    jobs: HashMap<String, JobEntry>,
+    /// Host → names of the jobs with nodes on it.
+    by_host: HashMap<String, BTreeSet<String>>,
+}
+
+/// The jobs layer. Shared as `Arc<Jobs>`; see the module docs.
+pub struct Jobs {
+    membership: Arc<Membership>,
+    options: JobOptions,
+    connector: AgentConnector,
+    inner: Mutex<Inner>,
+    write: tokio::sync::Mutex<()>,
+    /// Bumped after every persisted change of any job.
+    changes: watch::Sender<u64>,
+    /// Bumped when reports change what a watcher shows (progress, states).
+    reports: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Jobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jobs")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Jobs {
+    /// Loads every job from the membership's store. `agent_tls` is the controller's client
+    /// identity for `NodeLogs` (mTLS to the agents); `None` in insecure mode.
+    pub fn load(
+        membership: Arc<Membership>,
+        agent_tls: Option<ClientTlsConfig>,
+        options: JobOptions,
+    ) -> Result<Arc<Jobs>, JobsError> {
+        let store = membership.store();
+        let now = Instant::now();
+        let mut inner = Inner::default();
+        let currents: Vec<CurrentRecord> =
+            store.scan_prefix_json(TreeId::Jobs, CURRENT_PREFIX.as_bytes())?;
+        for cur in currents {
+            let entry = load_run(store, &cur.name, cur.run, now)?;
+            if entry.is_active() {
+                tracing::info!(
+                    job = %entry.meta.name,
+                    run = entry.meta.run,
+                    phase = entry.meta.phase.as_str(),
+                    generation = entry.meta.generation,
+                    "job reloaded; its agents' next reports refresh its nodes"
+                );
+            }
+            for host in entry.idx.by_host.keys() {
+                inner
+                    .by_host
+                    .entry(host.clone())
+                    .or_default()
+                    .insert(cur.name.clone());
+            }
+            inner.jobs.insert(cur.name, entry);
+        }
+        let (changes, _) = watch::channel(0);
+        let (reports, _) = watch::channel(0);
+        Ok(Arc::new(Jobs {
+            membership,
+            connector: AgentConnector::new(agent_tls, options.agent_connect_timeout),
+            options,
+            inner: Mutex::new(inner),
+            write: tokio::sync::Mutex::new(()),
+            changes,
+            reports,
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The options in effect.
+    pub fn options(&self) -> &JobOptions {
+        &self.options
+    }
+
+    /// Subscribes to persisted changes (a counter bumped after each).
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Subscribes to report-driven changes (progress, node states as reported).
+    pub fn subscribe_reports(&self) -> watch::Receiver<u64> {
+        self.reports.subscribe()
+    }
+
+    fn host_conds(&self) -> BTreeMap<String, HostCond> {
+        self.membership
+            .hosts()
+            .into_iter()
+            .map(|h| {
+                let cond = match h.record.state {
+                    HostState::Ready => HostCond::Ready,
+                    HostState::Lost => HostCond::Lost,
+                    HostState::Left => HostCond::Left,
+                };
+                (h.record.name, cond)
+            })
+            .collect()
+    }
+
+    /// Compiles, checks and stores a job, then starts what can start. Refusals:
+    /// `INVALID_ARGUMENT` (the file, with every problem), `ALREADY_EXISTS` (an active job of
+    /// that name), `FAILED_PRECONDITION` (placement: hosts, images, ports).
+    pub async fn submit(&self, file_name: &str, job_toml: &str) -> Result<Job, Status> {
+        let file_name = if file_name.trim().is_empty() {
+            "job.toml".to_owned()
+        } else {
+            validate::printable("file_name", file_name, MAX_FILE_NAME_LEN)?
+        };
+        if job_toml.len() > MAX_JOB_FILE_LEN {
+            return Err(Status::invalid_argument(format!(
+                "{file_name}: {} bytes; a job file may have at most {MAX_JOB_FILE_LEN}",
+                job_toml.len()
+            )));
+        }
+        let plan = geomx_job::plan(&file_name, job_toml).map_err(|errors| {
+            let n = errors.len();
+            Status::invalid_argument(format!(
+                "{errors}\n{file_name}: {n} problem{} found, nothing submitted",
+                if n == 1 { "" } else { "s" }
+            ))
+        })?;
+        let name = plan.job.clone();
+        let idx = PlanIndex::new(plan)
+            .map_err(|e| Status::invalid_argument(format!("{file_name}: {e}")))?;
+        let span = tracing::info_span!("submit", job = %name);
+        async move {
+            let _write = self.write.lock().await;
+            let (run, taken) = {
+                let inner = self.lock();
+                if let Some(e) = inner.jobs.get(&name)
+                    && e.is_active()
+                {
+                    return Err(Status::already_exists(format!(
+                        "job {name} is already {} (run {}); cancel it (geomxctl cancel {name}) or choose another name",
+                        e.meta.phase.as_str(),
+                        e.meta.run
+                    )));
+                }
+                let run = inner.jobs.get(&name).map_or(1, |e| e.meta.run + 1);
+                let taken: Vec<PortUse> = inner
+                    .jobs
+                    .values()
+                    .filter(|e| e.is_active())
+                    .flat_map(|e| placement::scheduler_ports(&e.idx.plan))
+                    .collect();
+                (run, taken)
+            };
+            let problems = placement::check(&idx.plan, &self.membership.hosts(), &taken);
+            if !problems.is_empty() {
+                tracing::info!(problems = problems.len(), "job refused");
+                return Err(Status::failed_precondition(format!(
+                    "job {name} cannot be placed, nothing was started:\n{}",
+                    problems.join("\n")
+                )));
+            }
+
+            let now = Instant::now();
+            let at = now_ms();
+            let idx = Arc::new(idx);
+            let plan = &idx.plan;
+            let mut entry = JobEntry {
+                meta: JobMeta {
+                    name: name.clone(),
+                    run,
+                    phase: Phase::Pending,
+                    submitted_at_ms: at,
+                    phase_since_ms: at,
+                    ..Default::default()
+                },
+                job_toml: job_toml.to_owned(),
+                nodes: plan.nodes.iter().map(|n| NodeRecord::new(&n.name)).collect(),
+                soft: JobSoft::new(plan.nodes.len(), now),
+                idx: idx.clone(),
+            };
+            let event = |kind: &str, message: String| EventRecord {
+                at_ms: at,
+                kind: kind.to_owned(),
+                message,
+                job: name.clone(),
+                ..Default::default()
+            };
+            let hosts = plan.hosts();
+            let mut events = vec![
+                event(
+                    "Submitted",
+                    format!(
+                        "run {run} of {name} from {file_name}: mode {}, network {}, {} nodes on {} host{}; restart {}, max_restarts {}, stall_timeout {}",
+                        plan.mode.as_str(),
+                        plan.network.as_str(),
+                        plan.nodes.len(),
+                        hosts.len(),
+                        if hosts.len() == 1 { "" } else { "s" },
+                        plan.policy.restart.as_str(),
+                        plan.policy.max_restarts,
+                        plan.policy.stall_timeout_text()
+                    ),
+                ),
+                event(
+                    "Placed",
+                    hosts
+                        .iter()
+                        .map(|h| {
+                            let nodes: Vec<&str> =
+                                plan.nodes_on(h).map(|n| n.name.as_str()).collect();
+                            format!("{h}: {}", engine::list_names(nodes, 8))
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ),
+            ];
+            let conds = self.host_conds();
+            let changes = self.evaluate_entry(&entry, &conds, now, None);
+            entry.apply(&changes, now);
+            events.extend(changes.events);
+
+            let scope = event_scope(&name, run);
+            let mut batch = Batch::new();
+            batch
+                .put_json(TreeId::Jobs, current_key(&name), &CurrentRecord { name: name.clone(), run })
+                .map_err(JobsError::from)?;
+            batch
+                .put_json(
+                    TreeId::Jobs,
+                    source_key(&name, run),
+                    &JobSource {
+                        file_name: file_name.clone(),
+                        job_toml: job_toml.to_owned(),
+                        plan: plan.clone(),
+                    },
+                )
+                .map_err(JobsError::from)?;
+            batch
+                .put_json(TreeId::Jobs, meta_key(&name, run), &entry.meta)
+                .map_err(JobsError::from)?;
+            for rec in &entry.nodes {
+                batch
+                    .put_json(TreeId::Jobs, node_key(&name, run, &rec.name), rec)
+                    .map_err(JobsError::from)?;
+            }
+            for e in &events {
+                batch
+                    .event(EventScope::Job(&scope), e)
+                    .map_err(JobsError::from)?;
+            }
+            self.membership
+                .commit(batch, false)
+                .await
+                .map_err(JobsError::from)?;
+            let job = view::job_message(entry.run_ref(), true, now);
+            {
+                let mut inner = self.lock();
+                for host in idx.by_host.keys() {
+                    inner
+                        .by_host
+                        .entry(host.clone())
+                        .or_default()
+                        .insert(name.clone());
+                }
+                inner.jobs.insert(name.clone(), entry);
+            }
+            self.membership.publish().await.map_err(JobsError::from)?;
+            self.changes.send_modify(|v| *v += 1);
+            tracing::info!(run, nodes = idx.len(), phase = ?job.phase, "job accepted");
+            Ok(job)
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn evaluate_entry(
+        &self,
+        entry: &JobEntry,
+        hosts: &BTreeMap<String, HostCond>,
+        now: Instant,
+        command: Option<Command>,
+    ) -> Changes {
+        let ctx = Ctx {
+            now,
+            now_ms: now_ms(),
+            hosts,
+            stall_timeout: self
+                .options
+                .stall_timeout_override
+                .unwrap_or(entry.idx.plan.policy.stall_timeout),
+            absent_timeout: self.membership.timing().grace_period,
+            drain_timeout: self.options.restart_drain_timeout,
+        };
+        engine::evaluate(
+            &entry.idx,
+            &entry.meta,
+            &entry.nodes,
+            &entry.soft,
+            &ctx,
+            command,
+        )
+    }
+
+    /// Runs one pass of the state machine over job `name` (see [`engine::evaluate`]) and
+    /// persists, applies and publishes what it decided.
+    pub async fn reconcile(&self, name: &str, command: Option<Command>) -> Result<(), JobsError> {
+        let conds = self.host_conds();
+        self.reconcile_with(name, command, &conds).await
+    }
+
+    async fn reconcile_with(
+        &self,
+        name: &str,
+        command: Option<Command>,
+        conds: &BTreeMap<String, HostCond>,
+    ) -> Result<(), JobsError> {
+        let _write = self.write.lock().await;
+        let now = Instant::now();
+        let (changes, run, old_phase) = {
+            let inner = self.lock();
+            let Some(entry) = inner.jobs.get(name) else {
+                return Ok(());
+            };
+            (
+                self.evaluate_entry(entry, conds, now, command),
+                entry.meta.run,
+                entry.meta.phase,
+            )
+        };
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let scope = event_scope(name, run);
+        let mut batch = Batch::new();
+        if let Some(meta) = &changes.meta {
+            batch.put_json(TreeId::Jobs, meta_key(name, run), meta)?;
+        }
+        for (_, rec) in &changes.nodes {
+            batch.put_json(TreeId::Jobs, node_key(name, run, &rec.name), rec)?;
+        }
+        for e in &changes.events {
+            batch.event(EventScope::Job(&scope), e)?;
+        }
+        self.membership.commit(batch, false).await?;
+        {
+            let mut inner = self.lock();
+            if let Some(entry) = inner.jobs.get_mut(name) {
+                entry.apply(&changes, now);
+            }
+        }
+        for e in &changes.events {
+            let level_warn = matches!(
+                e.kind.as_str(),
+                "Failed" | "NodeFailed" | "NodeMissing" | "Stalled" | "HostLost" | "HostLeft"
+            );
+            if level_warn {
+                tracing::warn!(job = name, node = %e.node, host = %e.host, generation = e.generation, kind = %e.kind, "{}", e.message);
+            } else {
+                tracing::info!(job = name, node = %e.node, host = %e.host, generation = e.generation, kind = %e.kind, "{}", e.message);
+            }
+        }
+        if let Some(phase) = changes.new_phase()
+            && phase != old_phase
+        {
+            tracing::info!(
+                job = name,
+                from = old_phase.as_str(),
+                to = phase.as_str(),
+                "job phase"
+            );
+        }
+        if changes.publish {
+            self.membership.publish().await?;
+        }
+        self.changes.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    /// Cancels job `name`: it ends Cancelled and its containers leave the desired state at
+    /// once. Cancelling an ended job changes nothing.
+    pub async fn cancel(&self, name: &str) -> Result<Job, Status> {
+        validate_job_name(name)?;
+        if !self.lock().jobs.contains_key(name) {
+            return Err(not_found(name));
+        }
+        let span = tracing::info_span!("cancel", job = %name);
+        self.reconcile(name, Some(Command::Cancel))
+            .instrument(span)
+            .await?;
+        self.get(name)
+    }
+
+    /// Names of the jobs still active.
+    pub fn active_jobs(&self) -> Vec<String> {
+        self.lock()
+            .jobs
+            .values()
+            .filter(|e| e.is_active())
+            .map(|e| e.meta.name.clone())
+            .collect()
+    }
+
+    /// Resolves `name` or `name#run` to (name, run).
+    pub fn resolve(&self, reference: &str) -> Result<(String, u32), Status> {
+        let (name, run) = parse_job_ref(reference).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "{}: a job is named NAME or NAME#RUN",
+                validate::shorten(reference)
+            ))
+        })?;
+        validate_job_name(name)?;
+        let current = self.lock().jobs.get(name).map(|e| e.meta.run);
+        match (current, run) {
+            (Some(cur), None) => Ok((name.to_owned(), cur)),
+            (Some(cur), Some(r)) if r >= 1 && r <= cur => Ok((name.to_owned(), r)),
+            (Some(cur), Some(r)) => Err(Status::not_found(format!(
+                "job {name} has runs 1 to {cur}, not {r}"
+            ))),
+            (None, _) => Err(not_found(name)),
+        }
+    }
+
+    /// One job with every node (`name` or `name#run` for an earlier run).
+    pub fn get(&self, reference: &str) -> Result<Job, Status> {
+        let (name, run) = self.resolve(reference)?;
+        self.get_run(&name, run)
+    }
+
+    /// Run `run` of job `name`.
+    pub fn get_run(&self, name: &str, run: u32) -> Result<Job, Status> {
+        let now = Instant::now();
+        {
+            let inner = self.lock();
+            if let Some(e) = inner.jobs.get(name)
+                && e.meta.run == run
+            {
+                return Ok(view::job_message(e.run_ref(), true, now));
+            }
+        }
+        let entry = load_run(self.membership.store(), name, run, now)?;
+        let mut run_ref = entry.run_ref();
+        run_ref.soft = None;
+        Ok(view::job_message(run_ref, true, now))
+    }
+
+    /// Every job's latest run, newest first, without nodes.
+    pub fn list(&self) -> Vec<Job> {
+        let now = Instant::now();
+        let inner = self.lock();
+        let mut jobs: Vec<&JobEntry> = inner.jobs.values().collect();
+        jobs.sort_by(|a, b| {
+            b.meta
+                .submitted_at_ms
+                .cmp(&a.meta.submitted_at_ms)
+                .then_with(|| a.meta.name.cmp(&b.meta.name))
+        });
+        jobs.into_iter()
+            .map(|e| view::job_message(e.run_ref(), false, now))
+            .collect()
+    }
+
+    /// The events of a job (`name` or `name#run`), oldest first.
+    pub fn events(&self, reference: &str) -> Result<Vec<Event>, Status> {
+        let (name, run) = self.resolve(reference)?;
+        let scope = event_scope(&name, run);
+        Ok(self
+            .membership
+            .store()
+            .events(EventScope::Job(&scope))
+            .map_err(JobsError::from)?
+            .into_iter()
+            .map(view::event_message)
+            .collect())
+    }
+
+    /// Streams a node's output from the agent of its host.
+    pub async fn logs(
+        &self,
+        request: UserLogsRequest,
+    ) -> Result<BoxStream<'static, Result<LogChunk, Status>>, Status> {
+        let (name, _) = self.resolve(&request.job)?;
+        let host = {
+            let inner = self.lock();
+            let entry = inner.jobs.get(&name).ok_or_else(|| not_found(&name))?;
+            let node = entry.idx.plan.node(&request.node).ok_or_else(|| {
+                Status::not_found(format!(
+                    "job {name} has no node {}; geomxctl status {name} lists them",
+                    validate::shorten(&request.node)
+                ))
+            })?;
+            node.host.clone()
+        };
+        let view = self.membership.host(&host).ok_or_else(|| {
+            Status::unavailable(format!("host {host} is not registered any more"))
+        })?;
+        let span = tracing::info_span!("logs", job = %name, node = %request.node, host = %host);
+        self.connector
+            .logs(
+                &host,
+                &view.record.agent_url,
+                NodeLogsRequest {
+                    job: name,
+                    node: request.node,
+                    follow: request.follow,
+                    tail: request.tail,
+                },
+            )
+            .instrument(span)
+            .await
+    }
+
+    /// Checks stalls, vanished nodes and restart drains every [`JobOptions::tick`] until
+    /// `cancel`.
+    pub async fn run_ticker(self: Arc<Self>, cancel: CancellationToken) {
+        let mut interval = tokio::time::interval(self.options.tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                () = cancel.cancelled() => break,
+            }
+            let names = self.active_jobs();
+            if names.is_empty() {
+                continue;
+            }
+            let conds = self.host_conds();
+            for name in names {
+                if let Err(e) = self.reconcile_with(&name, None, &conds).await {
+                    tracing::error!(job = %name, error = %e, "cannot update job");
+                }
+            }
+        }
+    }
+}
+
+fn not_found(name: &str) -> Status {
+    Status::not_found(format!(
+        "no job named {}; geomxctl jobs lists them",
+        validate::shorten(name)
+    ))
+}
+
+fn validate_job_name(name: &str) -> Result<(), Status> {
+    if geomx_job::is_valid_name(name, geomx_job::limits::JOB_NAME_MAX) {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "{} is not a job name ([a-z0-9-], 1..={} characters)",
+            validate::shorten(name),
+            geomx_job::limits::JOB_NAME_MAX
+        )))
+    }
+}
+
+/// Reads run `run` of `name` from the store.
+fn load_run(
+    store: &crate::store::Store,
+    name: &str,
+    run: u32,
+    now: Instant,
+) -> Result<JobEntry, JobsError> {
+    let corrupt = |message: String| JobsError::Corrupt {
+        job: format!("{name}#{run}"),
+        message,
+    };
+    let meta: JobMeta = store
+        .get_json(TreeId::Jobs, meta_key(name, run))?
+        .ok_or_else(|| corrupt("no meta record".into()))?;
+    let source: JobSource = store
+        .get_json(TreeId::Jobs, source_key(name, run))?
+        .ok_or_else(|| corrupt("no source record".into()))?;
+    let idx = PlanIndex::new(source.plan).map_err(|e| corrupt(e.to_string()))?;
+    let stored: Vec<NodeRecord> =
+        store.scan_prefix_json(TreeId::Jobs, node_prefix(name, run).as_bytes())?;
+    let mut by_name: HashMap<String, NodeRecord> =
+        stored.into_iter().map(|r| (r.name.clone(), r)).collect();
+    let nodes = idx
+        .plan
+        .nodes
+        .iter()
+        .map(|n| {
+            by_name
+                .remove(&n.name)
+                .unwrap_or_else(|| NodeRecord::new(&n.name))
+        })
+        .collect();
+    let soft = JobSoft::new(idx.len(), now);
+    Ok(JobEntry {
+        meta,
+        job_toml: source.job_toml,
+        idx: Arc::new(idx),
+        nodes,
+        soft,
+    })
+}
+
+/// A report's node status made safe to keep: bounded log tail, lines and error.
+fn sanitize(st: &NodeStatus) -> NodeStatus {
+    let mut s = st.clone();
+    if s.log_tail.len() > MAX_LOG_TAIL_LINES {
+        s.log_tail.drain(..s.log_tail.len() - MAX_LOG_TAIL_LINES);
+    }
+    for line in &mut s.log_tail {
+        if line.len() > MAX_LOG_LINE_LEN {
+            *line = validate::truncate(line, MAX_LOG_LINE_LEN);
+        }
+    }
+    if s.error.len() > MAX_NODE_ERROR_LEN {
+        s.error = validate::truncate(&s.error, MAX_NODE_ERROR_LEN);
+    }
+    s
+}
+
+/// Whether a report of the current generation tells something the record does not know.
+fn notable(rec: &NodeRecord, st: &NodeStatus) -> bool {
+    if rec.state.is_ended() {
+        return false;
+    }
+    if NodeState::from_proto(st.state).is_some_and(|s| s != rec.state) {
+        return true;
+    }
+    match st.ip.trim().parse::<Ipv4Addr>() {
+        Ok(ip) => rec.ip != Some(ip),
+        Err(_) => false,
+    }
+}
+
+#[tonic::async_trait]
+impl Workloads for Jobs {
+    fn containers_for(&self, host: &str) -> Vec<ContainerSpec> {
+        let inner = self.lock();
+        let Some(names) = inner.by_host.get(host) else {
+            return Vec::new();
+        };
+        let mut specs = Vec::new();
+        for name in names {
+            let Some(e) = inner.jobs.get(name) else {
+                continue;
+            };
+            if !e.meta.phase.runs_containers() {
+                continue;
+            }
+            for &i in e.idx.by_host.get(host).map_or(&[][..], Vec::as_slice) {
+                specs.push(view::container_spec(&e.meta, &e.idx, &e.nodes[i], i));
+            }
+        }
+        specs
+    }
+
+    async fn host_reported(&self, host: &str, report: &HostReport) -> Result<(), Status> {
+        let now = Instant::now();
+        let mut dirty = BTreeSet::new();
+        let mut shown_changed = false;
+        {
+            let mut guard = self.lock();
+            let Inner { jobs, by_host } = &mut *guard;
+            let mut present: HashSet<&str> = HashSet::new();
+            for st in &report.nodes {
+                let Some(entry) = jobs.get_mut(st.job.as_str()) else {
+                    continue;
+                };
+                if !entry.is_active() {
+                    continue;
+                }
+                present.insert(st.job.as_str());
+                let Some(&i) = entry.idx.index.get(&st.node) else {
+                    continue;
+                };
+                if entry.idx.plan.nodes[i].host != host {
+                    tracing::warn!(job = %st.job, node = %st.node, host, expected = %entry.idx.plan.nodes[i].host, "a host reported a node placed on another host; ignored");
+                    continue;
+                }
+                if st.generation != entry.meta.generation {
+                    continue;
+                }
+                if notable(&entry.nodes[i], st) {
+                    dirty.insert(entry.meta.name.clone());
+                }
+                shown_changed |= entry.soft.nodes[i].observe(sanitize(st), now);
+            }
+            if let Some(names) = by_host.get(host) {
+                for name in names {
+                    let Some(entry) = jobs.get_mut(name) else {
+                        continue;
+                    };
+                    if !entry.is_active() {
+                        continue;
+                    }
+                    let has_nodes = present.contains(name.as_str());
+                    entry
+                        .soft
+                        .hosts
+                        .insert(host.to_owned(), HostSeen { at: now, has_nodes });
+                    if entry.meta.phase == Phase::Restarting && !has_nodes {
+                        dirty.insert(name.clone());
+                    }
+                }
+            }
+        }
+        if shown_changed {
+            self.reports.send_modify(|v| *v += 1);
+        }
+        for name in dirty {
+            let span = tracing::debug_span!("job_report", job = %name, host);
+            if let Err(e) = self.reconcile(&name, None).instrument(span).await {
+                tracing::error!(job = %name, host, error = %e, "cannot update job after a report");
+            }
+        }
+        Ok(())
+    }
+
+    async fn host_changed(&self, host: &str, change: HostChange) {
+        if matches!(change, HostChange::Joined | HostChange::Returned) {
+            return;
+        }
+        let names: Vec<String> = {
+            let inner = self.lock();
+            inner
+                .by_host
+                .get(host)
+                .map(|names| {
+                    names
+                        .iter()
+                        .filter(|n| inner.jobs.get(*n).is_some_and(JobEntry::is_active))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for name in names {
+            let span = tracing::info_span!("job_host_change", job = %name, host, ?change);
+            if let Err(e) = self.reconcile(&name, None).instrument(span).await {
+                tracing::error!(job = %name, host, error = %e, "cannot update job after a host change");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use geomx_proto::v1::ContainerState;
+
+    #[test]
+    fn notable_reports() {
+        let mut rec = NodeRecord::new("n");
+        let st = |state: ContainerState, ip: &str| NodeStatus {
+            state: state as i32,
+            ip: ip.into(),
+            ..Default::default()
+        };
+        assert!(!notable(&rec, &st(ContainerState::Pending, "")));
+        assert!(notable(&rec, &st(ContainerState::Pending, "172.17.1.2")));
+        rec.ip = Some("172.17.1.2".parse().unwrap());
+        assert!(!notable(&rec, &st(ContainerState::Pending, "172.17.1.2")));
+        assert!(notable(&rec, &st(ContainerState::Running, "172.17.1.2")));
+        rec.state = NodeState::Failed;
+        assert!(!notable(&rec, &st(ContainerState::Running, "x")));
+    }
+
+    #[test]
+    fn reports_are_bounded() {
+        let st = NodeStatus {
+            log_tail: (0..200)
+                .map(|i| format!("{i}{}", "x".repeat(5000)))
+                .collect(),
+            error: "e".repeat(10_000),
+            ..Default::default()
+        };
+        let s = sanitize(&st);
+        assert_eq!(s.log_tail.len(), MAX_LOG_TAIL_LINES);
+        assert!(s.log_tail[0].starts_with("150"));
+        assert!(s.log_tail.iter().all(|l| l.len() <= MAX_LOG_LINE_LEN));
+        assert_eq!(s.error.len(), MAX_NODE_ERROR_LEN);
+    }
+}

@@ -1,0 +1,1497 @@
+//! Jobs end to end: a real controller in-process with TLS, simulated agents over real gRPC
+//! (register with an agent certificate, watch the desired state, run "containers" in memory
+//! with sandbox IPs from their subnet, report NodeStatus), and a fake AgentNodeService for
+//! the logs proxy.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use geomx_controller::JobOptions;
+use geomx_proto::pki::CertificateAuthority;
+use geomx_proto::tls::{TlsMaterial, require_controller};
+use geomx_proto::v1::agent_node_service_server::{AgentNodeService, AgentNodeServiceServer};
+use geomx_proto::v1::agent_service_client::AgentServiceClient;
+use geomx_proto::v1::{
+    CancelJobRequest, ContainerSpec, ContainerState, DesiredState, GetJobRequest, HostReport, Job,
+    JobEventsRequest, JobPhase, ListJobsRequest, LogChunk, NodeLogsRequest, NodeStatus, Progress,
+    SubmitJobRequest, UserLogsRequest, WatchRequest,
+};
+use ipnet::Ipv4Net;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+const IMAGE: &str = "geomx/test:1";
+
+/// central on a, party p (2 workers) on b, party q (1 worker) on c: 11 nodes.
+const ROUTED: &str = r#"
+name = "hips-test"
+mode = "hips"
+image = "geomx/test:1"
+
+[central]
+host = "a"
+
+[[party]]
+name = "p"
+hosts = ["b"]
+workers = 2
+
+[[party]]
+name = "q"
+hosts = ["c"]
+workers = 1
+"#;
+
+/// Plain ps on one host with host networking: 4 nodes.
+fn pseudo(name: &str, port: u16, policy: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+mode = "ps"
+image = "geomx/test:1"
+network = "pseudo"
+
+[[party]]
+name = "p"
+hosts = ["a"]
+workers = 2
+scheduler_port = {port}
+
+[policy]
+{policy}
+"#
+    )
+}
+
+fn routed_with_policy(policy: &str) -> String {
+    format!("{ROUTED}\n[policy]\n{policy}\n")
+}
+
+fn options() -> JobOptions {
+    JobOptions {
+        tick: Duration::from_millis(100),
+        restart_drain_timeout: Duration::from_secs(10),
+        ..JobOptions::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The simulated agent.
+
+/// Something a simulated agent saw or did, in order, across all agents.
+#[derive(Clone, Debug)]
+enum Happening {
+    /// `start` arrived for a node.
+    Start { node: String, at: Instant },
+    /// The node's container runs (reported from now on).
+    Running { node: String, at: Instant },
+}
+
+type Journal = Arc<Mutex<Vec<Happening>>>;
+
+#[derive(Clone, Debug)]
+struct SimNode {
+    spec: ContainerSpec,
+    started: Option<ContainerSpec>,
+    state: ContainerState,
+    ip: String,
+    exit_code: Option<i32>,
+    log_tail: Vec<String>,
+    progress: Option<Progress>,
+    started_at_ms: i64,
+    /// The container was replaced because its spec changed after it started.
+    recreated: u32,
+}
+
+#[derive(Debug)]
+struct SimState {
+    nodes: BTreeMap<(String, String), SimNode>,
+    last: Option<DesiredState>,
+    states: usize,
+    next_ip: u32,
+    reporting: bool,
+    images: Vec<String>,
+    listening_ports: Vec<u32>,
+    scheduler_delay: Duration,
+}
+
+/// A fake geomx-agent: registers, watches, runs containers in memory, reports.
+struct Sim {
+    host: String,
+    subnet: Ipv4Net,
+    agent_url: String,
+    state: Arc<Mutex<SimState>>,
+    kick: Arc<Notify>,
+    journal: Journal,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Sim {
+    async fn start(lab: &Lab, host: &str, journal: &Journal) -> Sim {
+        Sim::start_with(lab, host, journal, None).await
+    }
+
+    async fn start_with(
+        lab: &Lab,
+        host: &str,
+        journal: &Journal,
+        agent_url: Option<String>,
+    ) -> Sim {
+        let mut client = lab.agent(host).await;
+        let mut req = register_request(host);
+        if let Some(url) = &agent_url {
+            req.agent_url = url.clone();
+        }
+        let agent_url = req.agent_url.clone();
+        let reg = client.register(req).await.expect("register").into_inner();
+        let mut sim = Sim {
+            host: host.to_owned(),
+            subnet: reg.subnet.parse().expect("subnet"),
+            agent_url,
+            state: Arc::new(Mutex::new(SimState {
+                nodes: BTreeMap::new(),
+                last: None,
+                states: 0,
+                next_ip: 2,
+                reporting: true,
+                images: vec![IMAGE.to_owned(), "busybox:latest".to_owned()],
+                listening_ports: vec![22],
+                scheduler_delay: Duration::ZERO,
+            })),
+            kick: Arc::new(Notify::new()),
+            journal: journal.clone(),
+            tasks: Vec::new(),
+        };
+        sim.spawn(client).await;
+        sim
+    }
+
+    async fn spawn(&mut self, client: AgentServiceClient<Channel>) {
+        // A first report, so that the controller knows the host's images before a submit.
+        let report = self.report();
+        client.clone().report(report).await.expect("first report");
+        let mut watch = client
+            .clone()
+            .watch(WatchRequest {
+                host: self.host.clone(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let (state, kick, journal, host, subnet) = (
+            self.state.clone(),
+            self.kick.clone(),
+            self.journal.clone(),
+            self.host.clone(),
+            self.subnet,
+        );
+        self.tasks.push(tokio::spawn(async move {
+            while let Ok(Some(desired)) = watch.message().await {
+                apply(&state, &journal, &kick, &host, subnet, desired);
+                kick.notify_one();
+            }
+        }));
+        let (state, kick, host) = (self.state.clone(), self.kick.clone(), self.host.clone());
+        let mut client = client;
+        self.tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(HEARTBEAT) => {}
+                    () = kick.notified() => {}
+                }
+                let report = {
+                    let s = state.lock().unwrap();
+                    if !s.reporting {
+                        continue;
+                    }
+                    build_report(&host, &s)
+                };
+                let _ = client.report(report).await;
+            }
+        }));
+    }
+
+    fn report(&self) -> HostReport {
+        build_report(&self.host, &self.state.lock().unwrap())
+    }
+
+    /// Reconnects to a restarted controller, keeping its "containers".
+    async fn reconnect(&mut self, lab: &Lab) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        let mut client = lab.agent(&self.host).await;
+        let mut req = register_request(&self.host);
+        req.agent_url = self.agent_url.clone();
+        client.register(req).await.expect("register again");
+        self.spawn(client).await;
+    }
+
+    fn stop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+
+    fn pause_reports(&self) {
+        self.state.lock().unwrap().reporting = false;
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut SimState) -> R) -> R {
+        let r = f(&mut self.state.lock().unwrap());
+        self.kick.notify_one();
+        r
+    }
+
+    fn node(&self, job: &str, node: &str) -> Option<SimNode> {
+        self.state
+            .lock()
+            .unwrap()
+            .nodes
+            .get(&(job.to_owned(), node.to_owned()))
+            .cloned()
+    }
+
+    fn ip(&self, job: &str, node: &str) -> String {
+        self.node(job, node).expect("node on this sim").ip
+    }
+
+    fn set(&self, job: &str, node: &str, f: impl FnOnce(&mut SimNode)) {
+        self.with(|s| {
+            let n = s
+                .nodes
+                .get_mut(&(job.to_owned(), node.to_owned()))
+                .expect("node on this sim");
+            f(n);
+        });
+    }
+
+    /// Progress of a node that may be gone already (the job ended): then nothing.
+    fn try_progress(&self, job: &str, node: &str, iteration: u64, accuracy: f64) {
+        if self.node(job, node).is_some() {
+            self.with(|s| {
+                if let Some(n) = s.nodes.get_mut(&(job.to_owned(), node.to_owned())) {
+                    n.progress = Some(Progress {
+                        epoch: iteration / 10,
+                        iteration,
+                        accuracy: Some(accuracy),
+                        observed_at_ms: now_ms(),
+                        ..Default::default()
+                    });
+                }
+            });
+        }
+    }
+
+    fn exit(&self, job: &str, node: &str, code: i32, tail: &[&str]) {
+        self.set(job, node, |n| {
+            n.state = if code == 0 {
+                ContainerState::Exited
+            } else {
+                ContainerState::Failed
+            };
+            n.exit_code = Some(code);
+            n.log_tail = tail.iter().map(|s| s.to_string()).collect();
+        });
+    }
+
+    fn progress(&self, job: &str, node: &str, iteration: u64, accuracy: f64) {
+        self.set(job, node, |n| {
+            n.progress = Some(Progress {
+                epoch: iteration / 10,
+                iteration,
+                accuracy: Some(accuracy),
+                observed_at_ms: now_ms(),
+                ..Default::default()
+            });
+        });
+    }
+
+    /// The containers of the last desired state.
+    fn desired(&self) -> Vec<ContainerSpec> {
+        self.state
+            .lock()
+            .unwrap()
+            .last
+            .as_ref()
+            .map(|d| d.containers.clone())
+            .unwrap_or_default()
+    }
+
+    fn recreated(&self) -> u32 {
+        self.state
+            .lock()
+            .unwrap()
+            .nodes
+            .values()
+            .map(|n| n.recreated)
+            .sum()
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn build_report(host: &str, s: &SimState) -> HostReport {
+    HostReport {
+        host: host.to_owned(),
+        applied_revision: s.last.as_ref().map_or(0, |d| d.revision),
+        nodes: s
+            .nodes
+            .values()
+            .map(|n| NodeStatus {
+                job: n.spec.job.clone(),
+                node: n.spec.node.clone(),
+                generation: n.spec.generation,
+                state: n.state as i32,
+                container_id: format!("c-{}-{}", n.spec.job, n.spec.node),
+                ip: n.ip.clone(),
+                exit_code: n.exit_code,
+                restarts: 0,
+                progress: n.progress.clone(),
+                log_tail: n.log_tail.clone(),
+                error: String::new(),
+                started_at_ms: n.started_at_ms,
+                finished_at_ms: 0,
+            })
+            .collect(),
+        images: s.images.clone(),
+        network: None,
+        agent_version: "sim-agent 0.1".to_owned(),
+        listening_ports: s.listening_ports.clone(),
+    }
+}
+
+/// What a real agent does with a desired state: sandboxes for new nodes, containers for
+/// started ones, removal of the rest.
+fn apply(
+    state: &Arc<Mutex<SimState>>,
+    journal: &Journal,
+    kick: &Arc<Notify>,
+    host: &str,
+    subnet: Ipv4Net,
+    desired: DesiredState,
+) {
+    let mut s = state.lock().unwrap();
+    s.states += 1;
+    let wanted: BTreeMap<(String, String), ContainerSpec> = desired
+        .containers
+        .iter()
+        .map(|c| ((c.job.clone(), c.node.clone()), c.clone()))
+        .collect();
+    s.nodes.retain(|k, n| {
+        wanted
+            .get(k)
+            .is_some_and(|spec| spec.generation == n.spec.generation)
+    });
+    for (key, spec) in wanted {
+        if !s.nodes.contains_key(&key) {
+            let ip = if spec.host_network {
+                ip_of(host).to_owned()
+            } else {
+                let base = u32::from(subnet.network());
+                let ip = Ipv4Addr::from(base + s.next_ip);
+                s.next_ip += 1;
+                ip.to_string()
+            };
+            s.nodes.insert(
+                key.clone(),
+                SimNode {
+                    spec: spec.clone(),
+                    started: None,
+                    state: ContainerState::Pending,
+                    ip,
+                    exit_code: None,
+                    log_tail: Vec::new(),
+                    progress: None,
+                    started_at_ms: 0,
+                    recreated: 0,
+                },
+            );
+        }
+        let delay = s.scheduler_delay;
+        let n = s.nodes.get_mut(&key).expect("inserted");
+        n.spec = spec.clone();
+        if !spec.start {
+            continue;
+        }
+        match &n.started {
+            None => {
+                n.started = Some(spec.clone());
+                journal.lock().unwrap().push(Happening::Start {
+                    node: spec.node.clone(),
+                    at: Instant::now(),
+                });
+                let scheduler = spec.role.ends_with("scheduler");
+                if scheduler && !delay.is_zero() {
+                    n.state = ContainerState::Created;
+                    let (state, journal, kick) = (state.clone(), journal.clone(), kick.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        {
+                            let mut s = state.lock().unwrap();
+                            if let Some(n) = s.nodes.get_mut(&key) {
+                                n.state = ContainerState::Running;
+                                n.started_at_ms = now_ms();
+                            }
+                            journal.lock().unwrap().push(Happening::Running {
+                                node: key.1.clone(),
+                                at: Instant::now(),
+                            });
+                        }
+                        kick.notify_one();
+                    });
+                } else {
+                    n.state = ContainerState::Running;
+                    n.started_at_ms = now_ms();
+                    journal.lock().unwrap().push(Happening::Running {
+                        node: spec.node.clone(),
+                        at: Instant::now(),
+                    });
+                }
+            }
+            Some(old) if *old != spec => {
+                n.recreated += 1;
+                n.started = Some(spec.clone());
+            }
+            Some(_) => {}
+        }
+    }
+    s.last = Some(desired);
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers.
+
+struct Cluster {
+    lab: Lab,
+    journal: Journal,
+    sims: BTreeMap<String, Sim>,
+    jobs: UserJobs,
+}
+
+impl Cluster {
+    async fn start(hosts: &[&str]) -> Cluster {
+        Cluster::start_with(hosts, options()).await
+    }
+
+    async fn start_with(hosts: &[&str], opts: JobOptions) -> Cluster {
+        let lab = Lab::start_with_jobs(opts).await;
+        let journal: Journal = Arc::default();
+        let mut sims = BTreeMap::new();
+        for h in hosts {
+            sims.insert((*h).to_owned(), Sim::start(&lab, h, &journal).await);
+        }
+        let jobs = lab.user_jobs(&lab.pki.token).await;
+        Cluster {
+            lab,
+            journal,
+            sims,
+            jobs,
+        }
+    }
+
+    fn sim(&self, host: &str) -> &Sim {
+        &self.sims[host]
+    }
+
+    async fn submit(&self, toml: &str) -> Result<Job, Status> {
+        self.jobs
+            .clone()
+            .submit_job(SubmitJobRequest {
+                job_toml: toml.to_owned(),
+                file_name: "test.toml".to_owned(),
+            })
+            .await
+            .map(|r| r.into_inner().job.expect("job"))
+    }
+
+    async fn get(&self, name: &str) -> Job {
+        self.jobs
+            .clone()
+            .get_job(GetJobRequest { name: name.into() })
+            .await
+            .expect("get job")
+            .into_inner()
+    }
+
+    /// Polls the job until `pred` holds.
+    async fn wait(&self, name: &str, within: Duration, pred: impl Fn(&Job) -> bool) -> Job {
+        let deadline = Instant::now() + within;
+        loop {
+            let job = self.get(name).await;
+            if pred(&job) {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {name} did not get there within {within:?}; it is {:?}: {}\n{:#?}",
+                JobPhase::try_from(job.phase),
+                job.reason,
+                job.nodes
+                    .iter()
+                    .map(|n| (n.name.clone(), n.status.as_ref().map(|s| s.state)))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_phase(&self, name: &str, phase: JobPhase, within: Duration) -> Job {
+        self.wait(name, within, |j| j.phase == phase as i32).await
+    }
+
+    async fn events(&self, name: &str) -> Vec<geomx_proto::v1::Event> {
+        self.jobs
+            .clone()
+            .job_events(JobEventsRequest { name: name.into() })
+            .await
+            .expect("events")
+            .into_inner()
+            .events
+    }
+
+    /// Waits until no sim's desired state holds containers of `job`.
+    async fn wait_no_containers(&self, job: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let left: usize = self
+                .sims
+                .values()
+                .map(|s| s.desired().iter().filter(|c| c.job == job).count())
+                .sum();
+            if left == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{left} containers of {job} still desired after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn started_env(&self, job: &str, host: &str, node: &str) -> BTreeMap<String, String> {
+        self.sim(host)
+            .node(job, node)
+            .and_then(|n| n.started)
+            .map(|s| s.env.into_iter().collect())
+            .unwrap_or_else(|| panic!("{node} was not started on {host}"))
+    }
+
+    fn happened(&self, node: &str, running: bool) -> Option<Instant> {
+        self.journal.lock().unwrap().iter().find_map(|h| match h {
+            Happening::Start { node: n, at } if !running && n == node => Some(*at),
+            Happening::Running { node: n, at } if running && n == node => Some(*at),
+            _ => None,
+        })
+    }
+}
+
+fn node<'a>(job: &'a Job, name: &str) -> &'a geomx_proto::v1::JobNode {
+    job.nodes.iter().find(|n| n.name == name).expect("node")
+}
+
+fn state_of(job: &Job, name: &str) -> i32 {
+    node(job, name).status.as_ref().map_or(0, |s| s.state)
+}
+
+const TRAINING: [(&str, &str); 4] = [
+    ("a", "master-worker"),
+    ("b", "p-worker-0"),
+    ("b", "p-worker-1"),
+    ("c", "q-worker-0"),
+];
+
+async fn running_routed(c: &Cluster) -> Job {
+    let job = c.submit(ROUTED).await.expect("accepted");
+    assert_eq!(job.node_count, 11);
+    c.wait_phase("hips-test", JobPhase::Running, Duration::from_secs(5))
+        .await
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests.
+
+#[tokio::test]
+async fn routed_gang_start_fills_scheduler_ips_and_orders_starts() {
+    let c = Cluster::start(&["a", "b", "c"]).await;
+    for s in c.sims.values() {
+        s.with(|st| st.scheduler_delay = Duration::from_millis(300));
+    }
+    let submitted = c.submit(ROUTED).await.expect("accepted");
+    assert_eq!(submitted.phase, JobPhase::Pending as i32);
+    assert_eq!(submitted.mode, "hips");
+    assert_eq!(submitted.nodes.len(), 11);
+    assert!(submitted.job_toml.contains("hips-test"));
+
+    let job = c
+        .wait_phase("hips-test", JobPhase::Running, Duration::from_secs(5))
+        .await;
+    assert_eq!(job.running_nodes, 11);
+    assert_eq!(job.generation, 0);
+    assert!(job.running_at_ms >= job.submitted_at_ms);
+
+    // Each node's IP is its sandbox's, as its agent reported it.
+    let j = "hips-test";
+    for n in &job.nodes {
+        let status = n.status.as_ref().expect("status");
+        assert_eq!(status.ip, c.sim(&n.host).ip(j, &n.name), "{}", n.name);
+        assert_eq!(status.state, ContainerState::Running as i32);
+    }
+    let gs_ip = c.sim("a").ip(j, "global-scheduler");
+    let cs_ip = c.sim("a").ip(j, "central-scheduler");
+    let ps_ip = c.sim("b").ip(j, "p-scheduler");
+    let qs_ip = c.sim("c").ip(j, "q-scheduler");
+    assert!(gs_ip.starts_with(&c.sim("a").subnet.to_string()[..7]));
+
+    // Schedulers bind their own sandbox IP.
+    let env = c.started_env(j, "a", "global-scheduler");
+    assert_eq!(env["DMLC_PS_GLOBAL_ROOT_URI"], gs_ip);
+    assert_eq!(
+        c.started_env(j, "a", "central-scheduler")["DMLC_PS_ROOT_URI"],
+        cs_ip
+    );
+    assert_eq!(
+        c.started_env(j, "b", "p-scheduler")["DMLC_PS_ROOT_URI"],
+        ps_ip
+    );
+    // The others get the schedulers' IPs, across hosts.
+    let gsrv = c.started_env(j, "a", "global-server-0");
+    assert_eq!(gsrv["DMLC_PS_GLOBAL_ROOT_URI"], gs_ip);
+    assert_eq!(gsrv["DMLC_PS_ROOT_URI"], cs_ip);
+    assert_eq!(
+        c.started_env(j, "a", "master-worker")["DMLC_PS_ROOT_URI"],
+        cs_ip
+    );
+    let psrv = c.started_env(j, "b", "p-server");
+    assert_eq!(psrv["DMLC_PS_GLOBAL_ROOT_URI"], gs_ip);
+    assert_eq!(psrv["DMLC_PS_ROOT_URI"], ps_ip);
+    assert_eq!(
+        c.started_env(j, "b", "p-worker-1")["DMLC_PS_ROOT_URI"],
+        ps_ip
+    );
+    assert_eq!(
+        c.started_env(j, "c", "q-worker-0")["DMLC_PS_ROOT_URI"],
+        qs_ip
+    );
+    assert_eq!(
+        c.started_env(j, "c", "q-server")["DMLC_PS_GLOBAL_ROOT_URI"],
+        gs_ip
+    );
+
+    // Order: a server or worker starts only after every scheduler it registers with runs.
+    let waits: [(&str, &[&str]); 7] = [
+        (
+            "global-server-0",
+            &["global-scheduler", "central-scheduler"],
+        ),
+        ("master-worker", &["central-scheduler"]),
+        ("p-server", &["global-scheduler", "p-scheduler"]),
+        ("p-worker-0", &["p-scheduler"]),
+        ("p-worker-1", &["p-scheduler"]),
+        ("q-server", &["global-scheduler", "q-scheduler"]),
+        ("q-worker-0", &["q-scheduler"]),
+    ];
+    for (n, schedulers) in waits {
+        let started = c.happened(n, false).expect("started");
+        for s in schedulers {
+            let running = c.happened(s, true).expect("scheduler ran");
+            assert!(
+                started > running,
+                "{n} started before its scheduler {s} ran"
+            );
+        }
+    }
+    // Schedulers start in parallel, as soon as their own IP is known.
+    for s in [
+        "global-scheduler",
+        "central-scheduler",
+        "p-scheduler",
+        "q-scheduler",
+    ] {
+        let started = c.happened(s, false).expect("scheduler started");
+        assert!(c.happened("p-worker-0", false).expect("worker started") > started);
+    }
+
+    // Specs carry what the agent needs.
+    let spec = c
+        .sim("b")
+        .desired()
+        .into_iter()
+        .find(|s| s.node == "p-worker-0")
+        .expect("spec");
+    assert_eq!(spec.role, "worker");
+    assert_eq!(spec.party, "p");
+    assert_eq!(spec.image, IMAGE);
+    assert!(!spec.host_network);
+    assert_eq!(spec.generation, 0);
+    assert!(spec.start);
+    assert!(spec.progress_regex.is_empty(), "default progress parsing");
+    assert!(spec.command.iter().any(|a| a == "--data-slice-idx"));
+    // Nothing was recreated: specs never changed once started.
+    assert_eq!(c.sims.values().map(Sim::recreated).sum::<u32>(), 0);
+
+    let kinds: Vec<String> = c.events(j).await.into_iter().map(|e| e.kind).collect();
+    for k in [
+        "Submitted",
+        "Placed",
+        "SchedulersStarting",
+        "SchedulersUp",
+        "NodesStarting",
+        "Running",
+    ] {
+        assert!(kinds.contains(&k.to_owned()), "{k} missing in {kinds:?}");
+    }
+    assert_eq!(kinds[0], "Submitted");
+    assert_eq!(kinds.last().map(String::as_str), Some("Running"));
+}
+
+#[tokio::test]
+async fn pending_sandboxes_get_no_start_until_ips_are_known() {
+    let c = Cluster::start(&["a", "b", "c"]).await;
+    // Host c's agent does not report its sandboxes yet.
+    c.sim("c").pause_reports();
+    c.submit(ROUTED).await.expect("accepted");
+    let job = c
+        .wait("hips-test", Duration::from_secs(3), |j| {
+            j.phase == JobPhase::Starting as i32
+                && state_of(j, "p-worker-0") == ContainerState::Running as i32
+        })
+        .await;
+    assert!(job.reason.contains("q-scheduler"), "{}", job.reason);
+    let on_c = c.sim("c").desired();
+    assert_eq!(on_c.len(), 3);
+    assert!(
+        on_c.iter().all(|s| !s.start && s.env.is_empty()),
+        "{on_c:?}"
+    );
+    // Once c reports, the rest starts.
+    c.sim("c").with(|s| s.reporting = true);
+    c.wait_phase("hips-test", JobPhase::Running, Duration::from_secs(3))
+        .await;
+}
+
+#[tokio::test]
+async fn succeeds_when_training_workers_exit_zero_and_containers_go() {
+    let c = Cluster::start(&["a", "b", "c"]).await;
+    running_routed(&c).await;
+    let j = "hips-test";
+    // Progress and throughput are aggregated per node.
+    for it in 1..=6u64 {
+        for (h, n) in TRAINING {
+            c.sim(h).progress(j, n, it * 2, 0.5 + it as f64 / 100.0);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let job = c
+        .wait(j, Duration::from_secs(2), |j| {
+            node(j, "p-worker-0").iterations_per_s > 0.0
+        })
+        .await;
+    let w = node(&job, "p-worker-0");
+    let p = w
+        .status
+        .as_ref()
+        .and_then(|s| s.progress.as_ref())
+        .expect("progress");
+    assert_eq!(p.iteration, 12);
+    assert_eq!(p.epoch, 1);
+    assert!((p.accuracy.unwrap_or_default() - 0.56).abs() < 1e-9);
+    assert!(w.heartbeat_age_ms < 1000, "{}", w.heartbeat_age_ms);
+    assert!(
+        (4.0..=12.0).contains(&w.iterations_per_s),
+        "about 8 it/s: {}",
+        w.iterations_per_s
+    );
+    // A server exiting 0 early is not a failure.
+    c.sim("c").exit(j, "q-server", 0, &[]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(c.get(j).await.phase, JobPhase::Running as i32);
+
+    // A watcher sees the end.
+    let mut watch = c
+        .jobs
+        .clone()
+        .watch_job(GetJobRequest { name: j.into() })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = watch.message().await.expect("ok").expect("a job");
+    assert_eq!(first.phase, JobPhase::Running as i32);
+
+    for (h, n) in TRAINING {
+        c.sim(h).exit(j, n, 0, &["done"]);
+    }
+    let job = c
+        .wait_phase(j, JobPhase::Succeeded, Duration::from_secs(3))
+        .await;
+    assert_eq!(job.reason, "all 4 training workers exited 0");
+    assert!(job.finished_at_ms > 0);
+    c.wait_no_containers(j, Duration::from_secs(2)).await;
+
+    let last = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut last = None;
+        while let Some(j) = watch.message().await.expect("stream ok") {
+            last = Some(j);
+        }
+        last
+    })
+    .await
+    .expect("the watch ends with the job")
+    .expect("messages");
+    assert_eq!(last.phase, JobPhase::Succeeded as i32);
+
+    let events = c.events(j).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert!(kinds.contains(&"NodeExited"));
+    assert_eq!(kinds.last(), Some(&"Succeeded"));
+    let listed = c
+        .jobs
+        .clone()
+        .list_jobs(ListJobsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .jobs;
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].nodes.is_empty());
+    assert_eq!(listed[0].node_count, 11);
+}
+
+#[tokio::test]
+async fn crashed_worker_fails_the_job_within_two_seconds() {
+    let c = Cluster::start(&["a", "b", "c"]).await;
+    running_routed(&c).await;
+    let j = "hips-test";
+    let crashed = Instant::now();
+    c.sim("b").exit(
+        j,
+        "p-worker-1",
+        3,
+        &[
+            "[Epoch 0][Iteration 5] Test Acc 0.5",
+            "Traceback (most recent call last):",
+            "RuntimeError: boom",
+        ],
+    );
+    let job = c
+        .wait_phase(j, JobPhase::Failed, Duration::from_secs(2))
+        .await;
+    let took = crashed.elapsed();
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    let r = &job.reason;
+    assert!(
+        r.starts_with("node p-worker-1 (worker) on host b failed with exit code 3"),
+        "{r}"
+    );
+    assert!(
+        r.contains("RuntimeError: boom") && r.contains("Traceback"),
+        "{r}"
+    );
+    // Every container of the job leaves every host's desired state at once.
+    c.wait_no_containers(j, Duration::from_secs(1)).await;
+    let w = node(&job, "p-worker-1").status.clone().expect("status");
+    assert_eq!(w.state, ContainerState::Failed as i32);
+    assert_eq!(w.exit_code, Some(3));
+    assert_eq!(w.log_tail.len(), 3);
+
+    let events = c.events(j).await;
+    let failed = events
+        .iter()
+        .find(|e| e.kind == "NodeFailed")
+        .expect("NodeFailed event");
+    assert_eq!(failed.node, "p-worker-1");
+    assert_eq!(failed.host, "b");
+    assert!(
+        failed.message.contains("exit code 3") && failed.message.contains("RuntimeError: boom")
+    );
+    assert_eq!(events.last().map(|e| e.kind.as_str()), Some("Failed"));
+    // The name stays taken by the ended job until it is submitted again (allowed).
+    let again = c
+        .submit(ROUTED)
+        .await
+        .expect("a finished name may be reused");
+    assert_eq!(again.phase, JobPhase::Pending as i32);
+    assert_eq!(again.restarts, 0);
+    // The first run's history is kept under NAME#1.
+    let old = c.get("hips-test#1").await;
+    assert_eq!(old.phase, JobPhase::Failed as i32);
+    let old_events = c.events("hips-test#1").await;
+    assert_eq!(old_events.last().map(|e| e.kind.as_str()), Some("Failed"));
+    let new_events = c.events("hips-test").await;
+    assert_eq!(new_events[0].kind, "Submitted");
+    assert!(new_events[0].message.starts_with("run 2 of hips-test"));
+}
+
+#[tokio::test]
+async fn stalled_worker_fails_after_stall_timeout() {
+    let c = Cluster::start_with(
+        &["a", "b", "c"],
+        JobOptions {
+            stall_timeout_override: Some(Duration::from_millis(1200)),
+            ..options()
+        },
+    )
+    .await;
+    running_routed(&c).await;
+    let j = "hips-test";
+    let since = Instant::now();
+    // Everyone progresses, except p-worker-0 after its first iteration.
+    c.sim("b").progress(j, "p-worker-0", 1, 0.1);
+    let progressing = async {
+        for it in 1..100u64 {
+            for (h, n) in TRAINING {
+                if n != "p-worker-0" {
+                    c.sim(h).try_progress(j, n, it, 0.2);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    };
+    let job = tokio::select! {
+        job = c.wait_phase(j, JobPhase::Failed, Duration::from_secs(4)) => job,
+        () = progressing => panic!("not failed"),
+    };
+    let took = since.elapsed();
+    assert!(took >= Duration::from_millis(1200), "too early: {took:?}");
+    assert!(took < Duration::from_secs(3), "too late: {took:?}");
+    assert!(
+        job.reason
+            .starts_with("node p-worker-0 (worker) on host b stalled: no progress for"),
+        "{}",
+        job.reason
+    );
+    assert!(job.reason.contains("iteration 1"), "{}", job.reason);
+    let kinds: Vec<String> = c.events(j).await.into_iter().map(|e| e.kind).collect();
+    assert!(kinds.contains(&"Stalled".to_owned()), "{kinds:?}");
+    c.wait_no_containers(j, Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn restart_on_failure_starts_a_new_generation() {
+    let c = Cluster::start(&["a", "b", "c"]).await;
+    let j = "hips-test";
+    c.submit(&routed_with_policy(
+        "restart = \"on-failure\"\nmax_restarts = 2",
+    ))
+    .await
+    .expect("accepted");
+    let before = c
+        .wait_phase(j, JobPhase::Running, Duration::from_secs(5))
+        .await;
+    assert_eq!(before.max_restarts, 2);
+    c.sim("c").exit(j, "q-worker-0", 7, &["oops"]);
+    let job = c
+        .wait(j, Duration::from_secs(5), |j| {
+            j.generation == 1 && j.phase == JobPhase::Running as i32
+        })
+        .await;
+    assert_eq!(job.restarts, 1);
+    // Every container is of the new generation and started again.
+    for s in c.sims.values() {
+        let specs = s.desired();
+        assert!(!specs.is_empty());
+        assert!(
+            specs.iter().all(|c| c.generation == 1 && c.start),
+            "{specs:?}"
+        );
+    }
+    let kinds: Vec<String> = c.events(j).await.into_iter().map(|e| e.kind).collect();
+    let pos = |k: &str| kinds.iter().position(|x| x == k).unwrap_or(usize::MAX);
+    assert!(pos("NodeFailed") < pos("Restarting"));
+    assert!(pos("Restarting") < pos("Restarted"));
+    assert!(
+        kinds.iter().filter(|k| *k == "Running").count() == 2,
+        "{kinds:?}"
+    );
+    let restarting = c
+        .events(j)
+        .await
+        .into_iter()
+        .find(|e| e.kind == "Restarting")
+        .expect("event");
+    assert!(
+        restarting
+            .message
+            .starts_with("restart 1 of 2 after: node q-worker-0"),
+        "{}",
+        restarting.message
+    );
+    assert_eq!(restarting.generation, 0);
+}
+
+#[tokio::test]
+async fn lost_host_fails_the_job_naming_the_host() {
+    let c = Cluster::start(&["a", "b", "c"]).await;
+    running_routed(&c).await;
+    let j = "hips-test";
+    let cut = Instant::now();
+    c.sim("c").pause_reports();
+    let job = c
+        .wait_phase(j, JobPhase::Failed, GRACE + Duration::from_secs(2))
+        .await;
+    assert!(cut.elapsed() >= GRACE - Duration::from_millis(100));
+    assert!(job.reason.starts_with("host c was lost"), "{}", job.reason);
+    assert!(job.reason.contains("q-worker-0"), "{}", job.reason);
+    let lost = c
+        .events(j)
+        .await
+        .into_iter()
+        .find(|e| e.kind == "HostLost")
+        .expect("HostLost event");
+    assert_eq!(lost.host, "c");
+    c.wait_no_containers(j, Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn cancel_removes_every_container_at_once() {
+    let c = Cluster::start(&["a", "b", "c"]).await;
+    running_routed(&c).await;
+    let j = "hips-test";
+    let asked = Instant::now();
+    let job = c
+        .jobs
+        .clone()
+        .cancel_job(CancelJobRequest { name: j.into() })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert_eq!(job.phase, JobPhase::Cancelled as i32);
+    c.wait_no_containers(j, Duration::from_secs(1)).await;
+    assert!(asked.elapsed() < Duration::from_secs(1));
+    // The sims removed their containers.
+    for s in c.sims.values() {
+        assert!(s.node(j, "p-worker-0").is_none());
+    }
+    let kinds: Vec<String> = c.events(j).await.into_iter().map(|e| e.kind).collect();
+    assert_eq!(kinds.last().map(String::as_str), Some("Cancelled"));
+    // Cancelling again changes nothing; unknown jobs are NOT_FOUND.
+    let again = c
+        .jobs
+        .clone()
+        .cancel_job(CancelJobRequest { name: j.into() })
+        .await
+        .expect("cancel twice")
+        .into_inner();
+    assert_eq!(again.phase, JobPhase::Cancelled as i32);
+    let err = c
+        .jobs
+        .clone()
+        .cancel_job(CancelJobRequest {
+            name: "nope".into(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn controller_restart_keeps_the_job_running_with_identical_specs() {
+    let mut c = Cluster::start(&["a", "b", "c"]).await;
+    running_routed(&c).await;
+    let j = "hips-test";
+    let before: BTreeMap<String, Vec<ContainerSpec>> = c
+        .sims
+        .iter()
+        .map(|(h, s)| (h.clone(), s.desired()))
+        .collect();
+    let states_before: BTreeMap<String, usize> = c
+        .sims
+        .iter()
+        .map(|(h, s)| (h.clone(), s.state.lock().unwrap().states))
+        .collect();
+    for s in c.sims.values_mut() {
+        s.stop();
+    }
+    c.lab.restart().await;
+    // The job is back from sled, Running with all its nodes, before any agent reported.
+    c.jobs = c.lab.user_jobs(&c.lab.pki.token).await;
+    let job = c.get(j).await;
+    assert_eq!(job.phase, JobPhase::Running as i32);
+    assert_eq!(job.nodes.len(), 11);
+    // Reports only come after a while: no failure for that.
+    tokio::time::sleep(GRACE / 2).await;
+    assert_eq!(c.get(j).await.phase, JobPhase::Running as i32);
+    let lab = &c.lab;
+    for s in c.sims.values_mut() {
+        s.reconnect(lab).await;
+    }
+    // Every agent gets byte-identical container specs: nothing is recreated.
+    for (h, s) in &c.sims {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while s.state.lock().unwrap().states == states_before[h] {
+            assert!(Instant::now() < deadline, "no desired state for {h}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(s.desired(), before[h], "specs of host {h} changed");
+        assert_eq!(s.recreated(), 0);
+    }
+    tokio::time::sleep(GRACE + Duration::from_millis(500)).await;
+    let job = c.get(j).await;
+    assert_eq!(job.phase, JobPhase::Running as i32, "{}", job.reason);
+    assert_eq!(job.running_nodes, 11);
+    assert!(job.nodes.iter().all(|n| n.heartbeat_age_ms < 1000));
+    // And it still ends normally.
+    for (h, n) in TRAINING {
+        c.sim(h).exit(j, n, 0, &[]);
+    }
+    c.wait_phase(j, JobPhase::Succeeded, Duration::from_secs(3))
+        .await;
+}
+
+#[tokio::test]
+async fn refusals_happen_before_anything_starts() {
+    let c = Cluster::start(&["a", "b"]).await;
+    // Host c is not registered.
+    let err = c.submit(ROUTED).await.expect_err("unknown host");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .contains("host c (nodes q-scheduler, q-server, q-worker-0) is not registered"),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("nothing was started"));
+
+    // Host c registered but lost.
+    let mut cc = lab_agent(&c.lab, "c").await;
+    register(&mut cc, "c").await;
+    cc.report(HostReport {
+        images: vec![IMAGE.into()],
+        ..report("c")
+    })
+    .await
+    .expect("report");
+    let deadline = Instant::now() + GRACE + Duration::from_secs(2);
+    while c.lab.host("c").await.state != "lost" {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let err = c.submit(ROUTED).await.expect_err("lost host");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("host c (nodes q-scheduler"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains("is lost: no heartbeat for"),
+        "{}",
+        err.message()
+    );
+
+    // An image missing on a host.
+    let other_image = ROUTED.replace("geomx/test:1", "geomx/other:2");
+    let err = c.submit(&other_image).await.expect_err("image");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .contains("image geomx/other:2 is not present on host a"),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("on host b"));
+
+    // Pseudo: a scheduler port already listening on the host.
+    c.sim("a").with(|s| s.listening_ports = vec![22, 9500]);
+    tokio::time::sleep(HEARTBEAT * 2).await;
+    let err = c.submit(&pseudo("pj", 9500, "")).await.expect_err("port");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .contains("port 9500 of node p-scheduler is already in use on host a"),
+        "{}",
+        err.message()
+    );
+    // Pseudo: a port bound by another active pseudo job.
+    c.submit(&pseudo("pj1", 9600, ""))
+        .await
+        .expect("first pseudo job");
+    let err = c
+        .submit(&pseudo("pj2", 9600, ""))
+        .await
+        .expect_err("taken by pj1");
+    assert!(
+        err.message().contains(
+            "port 9600 of node p-scheduler on host a is bound by node p-scheduler of active job pj1"
+        ),
+        "{}",
+        err.message()
+    );
+    // A duplicate active name.
+    let err = c
+        .submit(&pseudo("pj1", 9700, ""))
+        .await
+        .expect_err("duplicate");
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert!(
+        err.message().contains("job pj1 is already"),
+        "{}",
+        err.message()
+    );
+    // An invalid file: every problem, with file:line:col.
+    let bad = "name = \"Bad\"\nmode = \"hips\"\nimage = \"i\"\n[central]\nhost = \"a\"\n[[party]]\nname = \"p\"\nhosts = [\"b\"]\nworkers = 0\n";
+    let err = c.submit(bad).await.expect_err("invalid");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let msg = err.message();
+    assert!(msg.contains("test.toml:1:8: job name \"Bad\""), "{msg}");
+    assert!(msg.contains("test.toml:9:11:"), "{msg}");
+    assert!(
+        msg.ends_with("test.toml: 2 problems found, nothing submitted"),
+        "{msg}"
+    );
+
+    // Nothing of the refused jobs exists anywhere.
+    let listed = c
+        .jobs
+        .clone()
+        .list_jobs(ListJobsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .jobs;
+    let names: Vec<&str> = listed.iter().map(|j| j.name.as_str()).collect();
+    assert_eq!(names, ["pj1"]);
+    for s in c.sims.values() {
+        assert!(s.desired().iter().all(|c| c.job == "pj1"));
+    }
+    // The pseudo job itself ran with host networking and 127.0.0.1.
+    let job = c
+        .wait_phase("pj1", JobPhase::Running, Duration::from_secs(3))
+        .await;
+    assert_eq!(job.node_count, 4);
+    let specs = c.sim("a").desired();
+    assert!(specs.iter().all(|s| s.host_network));
+    assert!(
+        specs
+            .iter()
+            .all(|s| s.env["DMLC_PS_ROOT_URI"] == "127.0.0.1")
+    );
+    // Schedulers first in pseudo too.
+    let sched = c.happened("p-scheduler", true).expect("ran");
+    assert!(c.happened("p-worker-0", false).expect("started") > sched);
+}
+
+async fn lab_agent(lab: &Lab, host: &str) -> AgentServiceClient<Channel> {
+    lab.agent(host).await
+}
+
+// ---------------------------------------------------------------------------------------
+// NodeLogs through a fake agent API.
+
+#[derive(Clone, Default)]
+struct FakeAgentApi {
+    seen: Arc<Mutex<Vec<NodeLogsRequest>>>,
+}
+
+#[tonic::async_trait]
+impl AgentNodeService for FakeAgentApi {
+    type LogsStream = futures::stream::BoxStream<'static, Result<LogChunk, Status>>;
+
+    async fn logs(
+        &self,
+        request: Request<NodeLogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        require_controller(&request)?;
+        let req = request.into_inner();
+        if req.node == "nope" {
+            return Err(Status::not_found("no such container"));
+        }
+        self.seen.lock().unwrap().push(req.clone());
+        let chunks = vec![
+            Ok(LogChunk {
+                lines: vec![format!("hello from {}", req.node), "line 2".into()],
+                stderr: false,
+            }),
+            Ok(LogChunk {
+                lines: vec!["warning".into()],
+                stderr: true,
+            }),
+        ];
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+}
+
+#[tokio::test]
+async fn node_logs_are_proxied_from_the_agent_with_mtls() {
+    let lab = Lab::start_with_jobs(options()).await;
+    // The agent of host a serves AgentNodeService on 127.0.0.1 with a certificate of the
+    // lab CA, requiring the controller's client certificate.
+    let ca = CertificateAuthority::load(&lab.pki.dir).expect("lab CA");
+    let issued = ca
+        .issue_agent("a", "127.0.0.1".parse().expect("ip"), &[], 30)
+        .expect("agent cert");
+    let tls = TlsMaterial::from_pem(ca.cert_pem().as_bytes(), issued.cert_pem, issued.key_pem)
+        .expect("tls");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let fake = FakeAgentApi::default();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(tls.server_config_client_required())
+            .expect("tls config")
+            .add_service(AgentNodeServiceServer::new(fake.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let journal: Journal = Arc::default();
+    let _a = Sim::start_with(
+        &lab,
+        "a",
+        &journal,
+        Some(format!("https://127.0.0.1:{}", addr.port())),
+    )
+    .await;
+    // Host b's agent is unreachable.
+    let _b = Sim::start_with(&lab, "b", &journal, Some("https://127.0.0.1:1".into())).await;
+    let jobs = lab.user_jobs(&lab.pki.token).await;
+    jobs.clone()
+        .submit_job(SubmitJobRequest {
+            job_toml: pseudo("logs", 9800, ""),
+            file_name: "logs.toml".into(),
+        })
+        .await
+        .expect("accepted");
+
+    let mut stream = jobs
+        .clone()
+        .node_logs(UserLogsRequest {
+            job: "logs".into(),
+            node: "p-worker-1".into(),
+            follow: true,
+            tail: 20,
+        })
+        .await
+        .expect("logs")
+        .into_inner();
+    let mut chunks = Vec::new();
+    while let Some(chunk) = stream.message().await.expect("stream ok") {
+        chunks.push(chunk);
+    }
+    assert_eq!(chunks.len(), 2);
+    assert_eq!(chunks[0].lines, ["hello from p-worker-1", "line 2"]);
+    assert!(chunks[1].stderr);
+    let seen = fake.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [NodeLogsRequest {
+            job: "logs".into(),
+            node: "p-worker-1".into(),
+            follow: true,
+            tail: 20
+        }]
+    );
+
+    // Errors: unknown node, unknown job, the agent's own NOT_FOUND.
+    let err = jobs
+        .clone()
+        .node_logs(UserLogsRequest {
+            job: "logs".into(),
+            node: "x-worker-9".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown node");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = jobs
+        .clone()
+        .node_logs(UserLogsRequest {
+            job: "nojob".into(),
+            node: "p-worker-0".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown job");
+    assert_eq!(err.code(), Code::NotFound);
+
+    // An unreachable agent: UNAVAILABLE, naming host and URL.
+    let other = pseudo("logs-b", 9801, "").replace("hosts = [\"a\"]", "hosts = [\"b\"]");
+    jobs.clone()
+        .submit_job(SubmitJobRequest {
+            job_toml: other,
+            file_name: "b.toml".into(),
+        })
+        .await
+        .expect("accepted on b");
+    let err = jobs
+        .clone()
+        .node_logs(UserLogsRequest {
+            job: "logs-b".into(),
+            node: "p-worker-0".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("unreachable");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(
+        err.message()
+            .contains("cannot reach the agent of host b at https://127.0.0.1:1"),
+        "{}",
+        err.message()
+    );
+    server.abort();
+}
+
+/// Heartbeat aggregation cost: reports of 1000 running nodes straight into the jobs layer
+/// (no gRPC). Run with `cargo test --release -p geomx-controller --test jobs -- --ignored
+/// --nocapture heartbeat_throughput`.
+#[tokio::test]
+#[ignore = "a measurement, not a check"]
+async fn heartbeat_throughput() {
+    use geomx_controller::workloads::Workloads;
+    let c = Cluster::start(&["a", "b"]).await;
+    let toml = r#"
+name = "big"
+mode = "ps"
+image = "geomx/test:1"
+[[party]]
+name = "p"
+hosts = ["b"]
+workers = 1000
+"#;
+    c.submit(toml).await.expect("accepted");
+    c.wait_phase("big", JobPhase::Running, Duration::from_secs(20))
+        .await;
+    c.sims["b"].pause_reports();
+    let jobs = c.lab.controller().jobs().expect("jobs layer").clone();
+    let base = c.sims["b"].report();
+    let rounds = 200u64;
+    let started = Instant::now();
+    for r in 0..rounds {
+        let mut report = base.clone();
+        for n in &mut report.nodes {
+            n.progress = Some(Progress {
+                iteration: r,
+                observed_at_ms: r as i64,
+                ..Default::default()
+            });
+        }
+        jobs.host_reported("b", &report).await.expect("report");
+    }
+    let took = started.elapsed();
+    let per_s = (rounds * 1002) as f64 / took.as_secs_f64();
+    println!(
+        "{} node heartbeats in {took:?}: {per_s:.0}/s",
+        rounds * 1002
+    );
+    assert_eq!(c.get("big").await.phase, JobPhase::Running as i32);
+}
