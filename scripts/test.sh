@@ -16,6 +16,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build (the integration tests run the real binaries)"
 cargo build --workspace --bins --locked
 
+echo "== the real MXNet image's root file system (cached in /var/cache/geomx)"
+scripts/build-mxnet-image.sh
+
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast

@@ -551,6 +551,89 @@ impl Cluster {
         }
     }
 
+    /// Writes `job_toml` to `<lab>/jobs/<file_name>` and submits it with
+    /// `geomxctl submit --detach`; returns geomxctl's output whatever its exit status.
+    pub fn submit_text(&self, file_name: &str, job_toml: &str) -> Result<Output> {
+        let dir = self.lab.dir().join("jobs");
+        std::fs::create_dir_all(&dir).map_err(|e| LabError::io(&dir, e))?;
+        let file = dir.join(file_name);
+        std::fs::write(&file, job_toml).map_err(|e| LabError::io(&file, e))?;
+        self.ctl(&["submit", "--detach", &file.display().to_string()])
+    }
+
+    /// Submits `job_toml` and fails unless the controller accepted it.
+    pub fn submit_ok(&self, file_name: &str, job_toml: &str) -> Result<()> {
+        let out = self.submit_text(file_name, job_toml)?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(LabError::Command {
+                command: format!("geomxctl submit --detach {file_name}"),
+                status: out.status.to_string(),
+                stderr: format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            })
+        }
+    }
+
+    /// `geomxctl status JOB --output json`.
+    pub fn job(&self, name: &str) -> Result<serde_json::Value> {
+        self.ctl_json(&["status", name])
+    }
+
+    /// Polls the job until `done` accepts it, failing after `timeout` with the last status.
+    pub fn wait_job(
+        &self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        mut done: impl FnMut(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let start = Instant::now();
+        loop {
+            let last = match self.job(name) {
+                Ok(j) if done(&j) => return Ok(j),
+                Ok(j) => j.to_string(),
+                Err(e) => e.to_string(),
+            };
+            if start.elapsed() > timeout {
+                return Err(LabError::Timeout {
+                    what: format!("job {name}: {what} (last status: {last})"),
+                    seconds: timeout.as_secs_f64(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the job's phase is `phase` (e.g. "Running", "Succeeded").
+    pub fn wait_phase(
+        &self,
+        name: &str,
+        phase: &str,
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        self.wait_job(name, timeout, &format!("phase {phase}"), |j| {
+            j["phase"] == phase
+        })
+    }
+
+    /// The names of the geomx containers (role containers and sandboxes) on `host`.
+    pub fn geomx_containers(&self, host: &str) -> Result<Vec<String>> {
+        let out = self.lab.host(host)?.dockerd()?.docker(&[
+            "ps",
+            "-a",
+            "--filter",
+            "label=io.geomx.managed=true",
+            "--format",
+            "{{.Names}}",
+        ])?;
+        Ok(out.lines().map(str::to_string).collect())
+    }
+
     /// Tears the cluster and its lab down.
     pub fn down(self) -> Result<()> {
         self.lab.down()

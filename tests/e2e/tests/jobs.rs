@@ -1,0 +1,504 @@
+//! Jobs end to end in a lab: `geomxctl submit` against the real controller, agents starting
+//! role containers in three dockerds, the test image (geomx-psnode) standing in for GeoMX.
+//!
+//! Needs the binaries: `cargo build --workspace --bins` before `cargo test`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use geomx_e2e::{eventually, lab_tests_enabled};
+use geomx_lab::{Binaries, Cluster, ClusterSpec, Lab, LabSpec};
+use serde_json::Value;
+
+fn repo_file(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel)
+}
+
+fn cluster() -> anyhow::Result<Cluster> {
+    let lab = Lab::up(LabSpec::for_test().seed_hosts())?;
+    Ok(Cluster::up(
+        lab,
+        ClusterSpec {
+            grace_period: Duration::from_secs(3),
+            heartbeat_interval: Duration::from_millis(500),
+            ..ClusterSpec::default()
+        },
+        Binaries::find()?,
+    )?)
+}
+
+fn nodes(job: &Value) -> Vec<Value> {
+    job["nodes"].as_array().cloned().unwrap_or_default()
+}
+
+fn node<'j>(job: &'j Value, name: &str) -> Option<&'j Value> {
+    job["nodes"].as_array()?.iter().find(|n| n["name"] == name)
+}
+
+/// Waits until no geomx container (role or sandbox) is left on any host.
+fn assert_no_containers_within(c: &Cluster, timeout: Duration) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    eventually("every geomx container removed", timeout, || {
+        c.lab()
+            .hosts()
+            .iter()
+            .all(|h| c.geomx_containers(&h.name).is_ok_and(|v| v.is_empty()))
+            .then_some(())
+    })?;
+    Ok(start.elapsed())
+}
+
+fn logs(c: &Cluster, job: &str, node: &str) -> anyhow::Result<String> {
+    let out = c.ctl(&["logs", job, node])?;
+    ensure!(
+        out.status.success(),
+        "geomxctl logs {job} {node}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn events(c: &Cluster, job: &str) -> anyhow::Result<Vec<Value>> {
+    Ok(c.ctl_json(&["events", job])?["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
+}
+
+/// A small single-party job (mode ps) on hosts b and c with extra worker env.
+fn small_job(name: &str, worker_env: &str, policy: &str) -> String {
+    format!(
+        r#"name = "{name}"
+mode = "ps"
+image = "lizonghango00o1/geomx:cpu-only"
+network = "routed"
+
+[env]
+workers = {{ GEOMX_PSNODE_INTERVAL = "100ms", {worker_env} }}
+
+[[party]]
+name = "p"
+hosts = ["b", "c"]
+workers = 2
+servers = 1
+scheduler_port = 9100
+
+[policy]
+{policy}
+"#
+    )
+}
+
+#[test]
+fn hips_example_runs_across_three_hosts_to_success() -> anyhow::Result<()> {
+    if !lab_tests_enabled() {
+        return Ok(());
+    }
+    let c = cluster()?;
+    let file = repo_file("examples/hips.toml");
+    let out = c.ctl(&["submit", "--detach", &file.display().to_string()])?;
+    ensure!(
+        out.status.success(),
+        "submit refused: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // every one of the 12 nodes runs, on the host the job file names, with an IP of that
+    // host's subnet
+    let job = c.wait_phase("hips-mnist", "Running", Duration::from_secs(90))?;
+    let ns = nodes(&job);
+    ensure!(ns.len() == 12, "{} nodes: {job}", ns.len());
+    let hosts = c.hosts()?;
+    let subnet_of = |h: &str| -> Option<ipnet::Ipv4Net> {
+        hosts
+            .iter()
+            .find(|x| x["name"] == h)
+            .and_then(|x| x["subnet"].as_str()?.parse().ok())
+    };
+    let mut per_host: BTreeMap<String, usize> = BTreeMap::new();
+    for n in &ns {
+        let host = n["host"].as_str().unwrap_or_default();
+        *per_host.entry(host.to_string()).or_default() += 1;
+        let ip: std::net::Ipv4Addr = n["ip"]
+            .as_str()
+            .unwrap_or_default()
+            .parse()
+            .with_context(|| format!("node {n}"))?;
+        let subnet = subnet_of(host).context("host subnet")?;
+        ensure!(
+            subnet.contains(&ip),
+            "{} has ip {ip} outside {host}'s {subnet}",
+            n["name"]
+        );
+    }
+    ensure!(
+        per_host == BTreeMap::from([("a".into(), 4), ("b".into(), 4), ("c".into(), 4)]),
+        "nodes per host: {per_host:?}"
+    );
+
+    // the schedulers saw exactly the registrations the counts promise (so counts and
+    // routing are right): read through the agents' log API
+    for (sched, want) in [
+        ("global-scheduler", "complete: servers=1 workers=2"),
+        ("central-scheduler", "complete: servers=1 workers=1"),
+        ("a-scheduler", "complete: servers=1 workers=2"),
+        ("b-scheduler", "complete: servers=1 workers=2"),
+    ] {
+        let text = eventually(
+            &format!("{sched} complete"),
+            Duration::from_secs(20),
+            || {
+                logs(&c, "hips-mnist", sched)
+                    .ok()
+                    .filter(|t| t.contains(want))
+            },
+        )
+        .with_context(|| format!("{sched} log: {:?}", logs(&c, "hips-mnist", sched)))?;
+        let ip = node(&job, sched)
+            .and_then(|n| n["ip"].as_str())
+            .unwrap_or_default();
+        ensure!(
+            text.contains(ip),
+            "{sched} did not bind its own IP {ip}: {text}"
+        );
+    }
+
+    // status shows progress of the training workers, then the job succeeds
+    c.wait_job(
+        "hips-mnist",
+        Duration::from_secs(30),
+        "worker progress",
+        |j| node(j, "a-worker-0").is_some_and(|n| n["progress"]["iteration"].as_u64() > Some(2)),
+    )?;
+    let table = c.ctl(&["status", "hips-mnist"])?;
+    let table = String::from_utf8_lossy(&table.stdout);
+    ensure!(
+        table.contains("a-worker-0") && table.contains("ITER"),
+        "status table: {table}"
+    );
+    let done = c.wait_phase("hips-mnist", "Succeeded", Duration::from_secs(90))?;
+    for w in ["a-worker-0", "a-worker-1", "b-worker-0", "b-worker-1"] {
+        let n = node(&done, w).context(w)?;
+        ensure!(n["exit_code"] == 0, "{w}: {n}");
+        ensure!(
+            n["progress"]["iteration"].as_u64() == Some(20),
+            "{w} progress: {n}"
+        );
+    }
+    let kinds: Vec<String> = events(&c, "hips-mnist")?
+        .iter()
+        .filter_map(|e| e["kind"].as_str().map(str::to_string))
+        .collect();
+    for k in ["Submitted", "Running", "Succeeded"] {
+        ensure!(kinds.iter().any(|x| x == k), "no {k} event in {kinds:?}");
+    }
+    assert_no_containers_within(&c, Duration::from_secs(10))?;
+    c.down()?;
+    Ok(())
+}
+
+#[test]
+fn failures_are_detected_reported_and_cleaned_up() -> anyhow::Result<()> {
+    if !lab_tests_enabled() {
+        return Ok(());
+    }
+    let c = cluster()?;
+
+    // refused before anything starts
+    let unknown = small_job("unknown-host", "GEOMX_PSNODE_ITERATIONS = \"5\"", "")
+        .replace(r#"hosts = ["b", "c"]"#, r#"hosts = ["b", "zz"]"#);
+    let no_image = small_job("no-image", "GEOMX_PSNODE_ITERATIONS = \"5\"", "")
+        .replace("lizonghango00o1/geomx:cpu-only", "geomx-test/absent:1");
+    for (file, text, want) in [
+        ("unknown.toml", unknown, "zz"),
+        ("noimage.toml", no_image, "geomx-test/absent:1"),
+    ] {
+        let out = c.submit_text(file, &text)?;
+        let msg = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(
+            out.status.code() == Some(2),
+            "{file} not refused with exit 2: {msg}"
+        );
+        ensure!(
+            msg.contains(want),
+            "{file}: the refusal does not name {want}: {msg}"
+        );
+    }
+    // a pseudo job whose scheduler port is taken on its host
+    let listener = c.lab().spawn(
+        c.lab().host("a")?.netns(),
+        "port-9300",
+        &[
+            "busybox".into(),
+            "nc".into(),
+            "-l".into(),
+            "-p".into(),
+            "9300".into(),
+        ],
+        &[],
+    )?;
+    let pseudo = r#"name = "pseudo-taken"
+mode = "ps"
+image = "lizonghango00o1/geomx:cpu-only"
+network = "pseudo"
+[[party]]
+name = "p"
+hosts = ["a"]
+workers = 1
+scheduler_port = 9300
+"#;
+    let out = eventually(
+        "port 9300 reported and the job refused",
+        Duration::from_secs(10),
+        || {
+            c.submit_text("pseudo.toml", pseudo)
+                .ok()
+                .filter(|o| o.status.code() == Some(2))
+        },
+    )?;
+    let msg =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        msg.contains("9300"),
+        "the refusal does not name the port: {msg}"
+    );
+    listener.kill9()?;
+    for h in ["a", "b", "c"] {
+        ensure!(
+            c.geomx_containers(h)?.is_empty(),
+            "a refused job left containers on {h}"
+        );
+    }
+
+    // a crashing worker fails the job within 2 s, with node, host, exit code and log tail,
+    // and every container of the job goes away
+    c.submit_ok(
+        "crash.toml",
+        &small_job(
+            "crash",
+            "GEOMX_PSNODE_CRASH_AFTER = \"5\", GEOMX_PSNODE_ITERATIONS = \"50\"",
+            "",
+        ),
+    )?;
+    let failed = c.wait_phase("crash", "Failed", Duration::from_secs(60))?;
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    let crashed = nodes(&failed)
+        .into_iter()
+        .filter(|n| n["exit_code"] == 3)
+        .min_by_key(|n| n["finished_at_ms"].as_i64())
+        .context("no node exited with 3")?;
+    let crashed_name = crashed["name"].as_str().unwrap_or_default();
+    let host = crashed["host"].as_str().unwrap_or_default();
+    for part in [crashed_name, host, "3"] {
+        ensure!(
+            reason.contains(part),
+            "reason {reason:?} does not name {part}"
+        );
+    }
+    ensure!(
+        reason.contains("crash") || reason.contains("iteration"),
+        "no log tail in the reason: {reason:?}"
+    );
+    let detect_ms = failed["finished_at_ms"].as_i64().unwrap_or_default()
+        - crashed["finished_at_ms"].as_i64().unwrap_or_default();
+    eprintln!("crash_detect_ms={detect_ms}");
+    ensure!(detect_ms <= 2000, "Failed {detect_ms} ms after the crash");
+    ensure!(
+        events(&c, "crash")?
+            .iter()
+            .any(|e| e["kind"] == "NodeFailed" || e["kind"] == "Failed"),
+        "no failure event"
+    );
+    assert_no_containers_within(&c, Duration::from_secs(5))?;
+
+    // restart = "on-failure": restarted as a whole, restarts counted, then Failed
+    c.submit_ok(
+        "restart.toml",
+        &small_job(
+            "restart",
+            "GEOMX_PSNODE_CRASH_AFTER = \"3\"",
+            "restart = \"on-failure\"\nmax_restarts = 1",
+        ),
+    )?;
+    let failed = c.wait_phase("restart", "Failed", Duration::from_secs(90))?;
+    ensure!(
+        failed["restarts"] == 1 && failed["generation"] == 1,
+        "restart: {failed}"
+    );
+    ensure!(
+        events(&c, "restart")?
+            .iter()
+            .any(|e| e["kind"] == "Restarting"),
+        "no Restarting event"
+    );
+    assert_no_containers_within(&c, Duration::from_secs(5))?;
+
+    // a worker that hangs without progress: Failed as stalled after stall_timeout
+    c.submit_ok(
+        "stall.toml",
+        &small_job(
+            "stall",
+            "GEOMX_PSNODE_HANG_AFTER = \"2\"",
+            "stall_timeout = \"10s\"",
+        ),
+    )?;
+    c.wait_phase("stall", "Running", Duration::from_secs(60))?;
+    let failed = c.wait_phase("stall", "Failed", Duration::from_secs(40))?;
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    ensure!(
+        reason.contains("stall"),
+        "not failed as stalled: {reason:?}"
+    );
+    assert_no_containers_within(&c, Duration::from_secs(5))?;
+
+    // cancel removes every container within 5 s
+    c.submit_ok(
+        "cancel.toml",
+        &small_job("cancel", "GEOMX_PSNODE_ITERATIONS = \"100000\"", ""),
+    )?;
+    c.wait_phase("cancel", "Running", Duration::from_secs(60))?;
+    let out = c.ctl(&["cancel", "cancel"])?;
+    ensure!(
+        out.status.success(),
+        "cancel: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let took = assert_no_containers_within(&c, Duration::from_secs(5))?;
+    eprintln!("cancel_cleanup_ms={}", took.as_millis());
+    ensure!(c.job("cancel")?["phase"] == "Cancelled");
+
+    // a host cut off mid-job: the job fails and says which host was lost
+    c.submit_ok(
+        "lost.toml",
+        &small_job("lost", "GEOMX_PSNODE_ITERATIONS = \"100000\"", ""),
+    )?;
+    c.wait_phase("lost", "Running", Duration::from_secs(60))?;
+    c.lab().cut_link("c")?;
+    let failed = c.wait_phase("lost", "Failed", Duration::from_secs(15))?;
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    ensure!(
+        reason.contains("host c") || reason.contains("\"c\""),
+        "reason does not name host c: {reason:?}"
+    );
+    // and a job naming the lost host is refused
+    let out = c.submit_text(
+        "lost2.toml",
+        &small_job("lost2", "GEOMX_PSNODE_ITERATIONS = \"5\"", ""),
+    )?;
+    ensure!(
+        out.status.code() == Some(2),
+        "a job on a lost host was accepted"
+    );
+    c.lab().restore_link("c")?;
+    c.down()?;
+    Ok(())
+}
+
+#[test]
+fn jobs_survive_agent_and_controller_kill9() -> anyhow::Result<()> {
+    if !lab_tests_enabled() {
+        return Ok(());
+    }
+    let c = cluster()?;
+    c.submit_ok(
+        "long.toml",
+        &small_job("long", "GEOMX_PSNODE_ITERATIONS = \"150\"", "")
+            .replace(r#"hosts = ["b", "c"]"#, r#"hosts = ["a", "b"]"#),
+    )?;
+    c.wait_phase("long", "Running", Duration::from_secs(60))?;
+    let ids = |h: &str| -> anyhow::Result<String> {
+        let d = c.lab().host(h)?.dockerd()?;
+        Ok(d.docker(&[
+            "ps",
+            "--filter",
+            "label=io.geomx.managed=true",
+            "--format",
+            "{{.ID}} {{.Names}} {{.RunningFor}}",
+        ])?
+        .lines()
+        .map(|l| l.split(' ').take(2).collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join("\n"))
+    };
+    let before = (ids("a")?, ids("b")?);
+
+    // kill -9 of an agent: it adopts the running containers (none restarted), job goes on
+    c.agent("b").kill9()?;
+    c.start_agent("b")?;
+    c.wait_hosts_ready(&["b".into()], Duration::from_secs(30))?;
+    let it = |j: &Value| {
+        nodes(j)
+            .iter()
+            .filter_map(|n| n["progress"]["iteration"].as_u64())
+            .max()
+            .unwrap_or(0)
+    };
+    let at = it(&c.job("long")?);
+    c.wait_job(
+        "long",
+        Duration::from_secs(20),
+        "progress after the agent restart",
+        |j| j["phase"] == "Running" && it(j) > at,
+    )?;
+    ensure!(
+        (ids("a")?, ids("b")?) == before,
+        "containers changed across the agent restart"
+    );
+
+    // kill -9 of the controller: after its restart the job is still Running with every node
+    c.controller().kill9()?;
+    c.start_controller()?;
+    let job = c.wait_job(
+        "long",
+        Duration::from_secs(20),
+        "Running after the controller restart",
+        |j| j["phase"] == "Running" && j["running_nodes"] == 4,
+    )?;
+    ensure!(job["restarts"] == 0, "{job}");
+    ensure!(
+        (ids("a")?, ids("b")?) == before,
+        "containers changed across the controller restart"
+    );
+    c.wait_phase("long", "Succeeded", Duration::from_secs(90))?;
+    assert_no_containers_within(&c, Duration::from_secs(10))?;
+    c.down()?;
+    Ok(())
+}
+
+#[test]
+fn pseudo_example_runs_on_one_host_with_host_networking() -> anyhow::Result<()> {
+    if !lab_tests_enabled() {
+        return Ok(());
+    }
+    let c = cluster()?;
+    let file = repo_file("examples/pseudo-hips.toml");
+    let out = c.ctl(&["submit", &file.display().to_string()])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "submit (followed to the end) failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job = c.job("pseudo-hips")?;
+    ensure!(job["phase"] == "Succeeded", "{job}");
+    ensure!(
+        nodes(&job).iter().all(|n| n["host"] == "a"),
+        "pseudo nodes off host a"
+    );
+    ensure!(
+        text.contains("Succeeded"),
+        "submit's output does not say how it ended: {text}"
+    );
+    assert_no_containers_within(&c, Duration::from_secs(10))?;
+    c.down()?;
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! Real training: examples/mxnet-ps.toml on the MXNet 1.9.1 image (scripts/build-mxnet-image.sh)
+//! across two lab hosts, kvstore dist_sync over the routed container network.
+//!
+//! Needs the image's root file system tarball: `scripts/build-mxnet-image.sh` (the README's
+//! test command builds it), or `GEOMX_MXNET_TAR=/path/to/tar`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use geomx_e2e::lab_tests_enabled;
+use geomx_lab::{Binaries, Cluster, ClusterSpec, Lab, LabSpec, SEED_HOSTS};
+
+fn mxnet_tar() -> anyhow::Result<PathBuf> {
+    let p = std::env::var_os("GEOMX_MXNET_TAR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/geomx/mxnet-1.9.1.tar"));
+    if !p.exists() {
+        bail!(
+            "{} is missing: build it with scripts/build-mxnet-image.sh (or set GEOMX_MXNET_TAR)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+#[test]
+fn mxnet_example_trains_across_two_hosts() -> anyhow::Result<()> {
+    if !lab_tests_enabled() {
+        return Ok(());
+    }
+    let tar = mxnet_tar()?;
+    let mut spec = LabSpec::for_test();
+    for (n, ip) in &SEED_HOSTS[..2] {
+        spec = spec.host(n, *ip);
+    }
+    let c = Cluster::up(
+        Lab::up(spec)?,
+        ClusterSpec {
+            psnode_image: false,
+            mxnet_tar: Some(tar),
+            ..ClusterSpec::default()
+        },
+        Binaries::find()?,
+    )?;
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/mxnet-ps.toml");
+    let out = c.ctl(&["submit", "--detach", &file.display().to_string()])?;
+    ensure!(
+        out.status.success(),
+        "submit refused: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // sample every worker's accuracy while it trains
+    let start = Instant::now();
+    let mut seen: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    let job = loop {
+        let job = c.job("mxnet-ps")?;
+        for n in job["nodes"].as_array().into_iter().flatten() {
+            if let Some(acc) = n["progress"]["accuracy"].as_f64() {
+                let name = n["name"].as_str().unwrap_or_default().to_string();
+                let v = seen.entry(name).or_default();
+                if v.last() != Some(&acc) {
+                    v.push(acc);
+                }
+            }
+        }
+        match job["phase"].as_str() {
+            Some("Succeeded") => break job,
+            Some("Failed" | "Cancelled") => {
+                bail!("the job ended {}: {}", job["phase"], job["reason"])
+            }
+            _ => {}
+        }
+        if start.elapsed() > Duration::from_secs(240) {
+            bail!("no end after 4 minutes: {job}");
+        }
+        std::thread::sleep(Duration::from_millis(150));
+    };
+
+    let workers: Vec<&serde_json::Value> = job["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["role"] == "worker")
+        .collect();
+    ensure!(workers.len() == 4, "{job}");
+    let hosts: std::collections::BTreeSet<&str> =
+        workers.iter().filter_map(|n| n["host"].as_str()).collect();
+    ensure!(
+        hosts.len() == 2,
+        "workers did not span two hosts: {hosts:?}"
+    );
+    for w in &workers {
+        let name = w["name"].as_str().unwrap_or_default();
+        ensure!(w["exit_code"] == 0, "{name}: {w}");
+        let final_acc = w["progress"]["accuracy"]
+            .as_f64()
+            .context("final accuracy")?;
+        let first = seen
+            .get(name)
+            .and_then(|v| v.first().copied())
+            .unwrap_or(final_acc);
+        eprintln!(
+            "{name}: accuracy {first:.3} -> {final_acc:.3} ({} samples)",
+            seen.get(name).map_or(0, Vec::len)
+        );
+        ensure!(final_acc > 0.6, "{name} ended with accuracy {final_acc}");
+        ensure!(
+            final_acc > first,
+            "{name}: accuracy did not rise ({first} -> {final_acc})"
+        );
+    }
+    c.down()?;
+    Ok(())
+}
