@@ -1,0 +1,3 @@
+//! `geomx-bench`: geomx's benchmarks (see docs/performance.md).
+
+fn main() {}
