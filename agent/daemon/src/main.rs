@@ -4,11 +4,15 @@
 //!   peer list, without a controller (once, or kept in place until stopped);
 //! * `geomx-agent network show [--output table|json]`: what geomx owns on this host;
 //! * `geomx-agent cleanup`: removes it and gives daemon.json back its pre-geomx values;
-//! * `geomx-agent run`: the daemon connected to the controller (comes with the control plane).
+//! * `geomx-agent run [--config /etc/geomx/agent.toml]`: the daemon connected to the
+//!   controller (see [`daemon`]);
+//! * `geomx-agent leave`: tells the controller the host leaves, removes its geomx containers
+//!   and cleans up its network.
 //!
-//! Exit codes: 0 success, 1 failure, 2 usage (and `run` in a build without the control plane).
+//! Exit codes: 0 success, 1 failure, 2 usage or configuration error.
 
 mod config;
+mod daemon;
 mod network;
 
 use std::path::PathBuf;
@@ -17,8 +21,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use geomx_net::{
-    DEFAULT_DAEMON_JSON, DEFAULT_DOCKER_HOST, DEFAULT_DOCKER_RESTART_COMMAND, DEFAULT_STATE_DIR,
-    NetConfig,
+    DEFAULT_DAEMON_JSON, DEFAULT_DOCKER_HOST, DEFAULT_DOCKER_READY_TIMEOUT,
+    DEFAULT_DOCKER_RESTART_COMMAND, DEFAULT_STATE_DIR, NetConfig,
 };
 
 /// geomx host agent: owns this host's docker0 bip, peer routes and masquerade rules, and
@@ -32,31 +36,29 @@ struct Cli {
     command: Command,
 }
 
-/// Flags every subcommand shares (each also read from a `GEOMX_*` variable).
-#[derive(Clone, Debug, Args)]
+/// Flags every subcommand shares (each also read from a `GEOMX_*` variable). Those without
+/// a value fall back to agent.toml (`run`, `leave`), then to their default.
+#[derive(Clone, Debug, Default, Args)]
 pub struct Common {
-    /// The agent's state directory (what daemon.json held before geomx, the host lock).
-    #[arg(long, global = true, env = "GEOMX_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
-    /// Docker's daemon.json.
-    #[arg(long, global = true, env = "GEOMX_DAEMON_JSON", default_value = DEFAULT_DAEMON_JSON)]
-    pub daemon_json: PathBuf,
-    /// Docker API address.
-    #[arg(long, global = true, env = "GEOMX_DOCKER_HOST", default_value = DEFAULT_DOCKER_HOST)]
-    pub docker_host: String,
-    /// Command that restarts Docker (run with `sh -c`) when daemon.json changed.
-    #[arg(
-        long,
-        global = true,
-        env = "GEOMX_DOCKER_RESTART_COMMAND",
-        default_value = DEFAULT_DOCKER_RESTART_COMMAND
-    )]
-    pub docker_restart_command: String,
-    /// How long Docker may take to answer again after a restart.
-    #[arg(long, global = true, env = "GEOMX_DOCKER_READY_TIMEOUT", default_value = "60s",
+    /// The agent's state directory (lock, what daemon.json held before geomx, the last
+    /// desired state) [default: /var/lib/geomx-agent].
+    #[arg(long, global = true, env = "GEOMX_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Docker's daemon.json [default: /etc/docker/daemon.json].
+    #[arg(long, global = true, env = "GEOMX_DAEMON_JSON")]
+    pub daemon_json: Option<PathBuf>,
+    /// Docker API address [default: unix:///var/run/docker.sock].
+    #[arg(long, global = true, env = "GEOMX_DOCKER_HOST")]
+    pub docker_host: Option<String>,
+    /// Command that restarts Docker (run with `sh -c`) when daemon.json changed
+    /// [default: systemctl restart docker].
+    #[arg(long, global = true, env = "GEOMX_DOCKER_RESTART_COMMAND")]
+    pub docker_restart_command: Option<String>,
+    /// How long Docker may take to answer again after a restart [default: 60s].
+    #[arg(long, global = true, env = "GEOMX_DOCKER_READY_TIMEOUT",
           value_parser = humantime::parse_duration)]
-    pub docker_ready_timeout: Duration,
-    /// This host's name in logs (default: `name` of host.toml, else the kernel hostname).
+    pub docker_ready_timeout: Option<Duration>,
+    /// This host's name (default: `name` of host.toml / agent.toml, else the kernel hostname).
     #[arg(long, global = true, env = "GEOMX_HOST_NAME")]
     pub host_name: Option<String>,
     /// Log format (logs go to standard error; level from GEOMX_LOG or RUST_LOG, default info).
@@ -65,9 +67,10 @@ pub struct Common {
 }
 
 /// Log format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.
+    #[default]
     Text,
     /// One JSON object per line.
     Json,
@@ -86,11 +89,25 @@ impl Common {
     /// The reconciler settings for the host `host`.
     pub fn net_config(&self, host: &str, interval: Option<Duration>) -> NetConfig {
         let mut c = NetConfig::new(host);
-        c.daemon_json = self.daemon_json.clone();
-        c.state_dir = self.state_dir.clone();
-        c.docker_host = self.docker_host.clone();
-        c.docker_restart_command = self.docker_restart_command.clone();
-        c.docker_ready_timeout = self.docker_ready_timeout;
+        c.daemon_json = self
+            .daemon_json
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DAEMON_JSON));
+        c.state_dir = self
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        c.docker_host = self
+            .docker_host
+            .clone()
+            .unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_string());
+        c.docker_restart_command = self
+            .docker_restart_command
+            .clone()
+            .unwrap_or_else(|| DEFAULT_DOCKER_RESTART_COMMAND.to_string());
+        c.docker_ready_timeout = self
+            .docker_ready_timeout
+            .unwrap_or(DEFAULT_DOCKER_READY_TIMEOUT);
         if let Some(i) = interval {
             c.interval = i;
         }
@@ -121,21 +138,13 @@ enum Command {
     /// daemon.json back its pre-geomx bip/ip-masq/allow-direct-routing (restarting Docker
     /// when the file changes). Stop a running agent first.
     Cleanup(network::CleanupArgs),
-    /// Run as the host's daemon, connected to the controller.
-    Run(RunArgs),
-}
-
-/// Arguments of `geomx-agent run` (the controller connection comes with the control plane).
-#[derive(Debug, Args)]
-struct RunArgs {}
-
-/// `geomx-agent run` in a build without the control plane.
-fn run_daemon(_common: &Common, _args: RunArgs) -> anyhow::Result<ExitCode> {
-    eprintln!(
-        "geomx-agent run: the control-plane mode is not part of this build yet; \
-         use `geomx-agent network apply --config host.toml [--watch]` for host networking"
-    );
-    Ok(ExitCode::from(2))
+    /// Run as the host's daemon (systemd: geomx-agent.service): register with the
+    /// controller, keep the host network and the role containers as it wants them, report.
+    /// Stops on SIGTERM/SIGINT leaving containers and network in place.
+    Run(daemon::config::AgentArgs),
+    /// Leave the cluster: tell the controller, remove this host's geomx containers, then
+    /// clean up the network as `cleanup` does. Stop the agent first.
+    Leave(daemon::leave::LeaveArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -178,7 +187,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Network(cmd) => network::network(&common, cmd).await,
         Command::Cleanup(args) => network::cleanup(&common, args).await,
-        Command::Run(args) => run_daemon(&common, args),
+        Command::Run(args) => daemon::run(&common, &args).await,
+        Command::Leave(args) => daemon::leave::leave(&common, &args).await,
     }
 }
 
@@ -209,7 +219,10 @@ mod tests {
             "/x/restart.sh",
         ])
         .expect("parses");
-        assert_eq!(cli.common.daemon_json, PathBuf::from("/x/daemon.json"));
+        assert_eq!(
+            cli.common.daemon_json,
+            Some(PathBuf::from("/x/daemon.json"))
+        );
         let c = cli.common.net_config("a", Some(Duration::from_secs(1)));
         assert_eq!(c.docker_restart_command, "/x/restart.sh");
         assert_eq!(c.interval, Duration::from_secs(1));

@@ -56,6 +56,12 @@ pub enum RuntimeError {
         #[source]
         source: Box<regex::Error>,
     },
+    /// This build has no pause binary for network sandboxes (it was built without a C
+    /// compiler or static libc): sandboxes use the job's image and a shell loop instead.
+    #[error(
+        "this geomx build has no pause binary (no C compiler or static libc when it was built); network sandboxes use a shell loop in the job's image"
+    )]
+    PauseUnavailable,
     /// An I/O error (binding the heartbeat endpoint, ...).
     #[error("{what}: {source}")]
     Io {

@@ -22,6 +22,12 @@
 //!   them; nothing is ever restarted by the runtime (geomx restarts whole jobs).
 //! - Progress comes from the containers' output ([`progress`]) and from the nodes' own
 //!   HTTP heartbeats ([`heartbeat`]).
+//! - Sandboxes run the tiny static [`pause`] program from the image `geomx/pause:<version>`
+//!   when the daemon imported it ([`pause::ensure_image`]), else a shell loop in the job's
+//!   own image.
+//! - Every role container gets `PYTHONUNBUFFERED=1` unless its spec sets the variable (see
+//!   [`ContainerSpec::full_env`]): Python buffers a pipe's output, which would hide progress
+//!   lines from the output follower and make a healthy node look stalled.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), geomx_runtime::RuntimeError> {
@@ -56,6 +62,7 @@ pub mod engine;
 mod error;
 pub mod heartbeat;
 mod lines;
+pub mod pause;
 pub mod progress;
 pub mod reconcile;
 mod runtime;

@@ -1087,7 +1087,7 @@ impl<E: Engine> Runtime<E> {
         let weak = Arc::downgrade(&self.inner);
         let cancel = self.inner.cancel.clone();
         let every = self.inner.config.resync_interval;
-        tokio::spawn(async move {
+        let resync = async move {
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -1100,14 +1100,16 @@ impl<E: Engine> Runtime<E> {
                     _ = rt.resync() => {}
                 }
             }
-        });
+        };
+        // the caller's span (the agent's `host` field) stays on the loop's logs
+        tokio::spawn(resync.in_current_span());
     }
 
     fn spawn_event_loop(&self) {
         let weak = Arc::downgrade(&self.inner);
         let cancel = self.inner.cancel.clone();
         let mut stream = self.inner.engine.events();
-        tokio::spawn(async move {
+        let events = async move {
             loop {
                 loop {
                     let ev = tokio::select! {
@@ -1123,7 +1125,8 @@ impl<E: Engine> Runtime<E> {
                                 "destroy" => rt.on_gone(&ev.id),
                                 "start" | "die" | "oom" | "stop" | "restart" | "pause"
                                 | "unpause" => {
-                                    tokio::spawn(async move { rt.refresh(&ev.id).await });
+                                    let refresh = async move { rt.refresh(&ev.id).await };
+                                    tokio::spawn(refresh.in_current_span());
                                 }
                                 _ => {}
                             }
@@ -1146,9 +1149,11 @@ impl<E: Engine> Runtime<E> {
                 let rt = Runtime { inner };
                 stream = rt.inner.engine.events();
                 let rt2 = rt.clone();
-                tokio::spawn(async move { rt2.resync().await });
+                let resync = async move { rt2.resync().await };
+                tokio::spawn(resync.in_current_span());
             }
-        });
+        };
+        tokio::spawn(events.in_current_span());
     }
 
     /// The output of one node's role container (`geomxctl logs`): the last `tail` lines

@@ -40,6 +40,10 @@ pub const ENV_JOB: &str = "GEOMX_JOB";
 pub const ENV_NODE: &str = "GEOMX_NODE";
 /// Env var with the base URL of the agent's heartbeat endpoint, set in every container.
 pub const ENV_AGENT_URL: &str = "GEOMX_AGENT_URL";
+/// Env var set to `1` in every role container unless the spec sets it: Python block-buffers
+/// its output when it is not a terminal, so progress lines would reach the output follower
+/// late (or only at exit) and a healthy node would look stalled.
+pub const ENV_PYTHONUNBUFFERED: &str = "PYTHONUNBUFFERED";
 
 /// One role container of a job, as the controller wants it on this host.
 ///
@@ -60,7 +64,8 @@ pub struct ContainerSpec {
     /// Command argv; empty for the image's default command.
     pub command: Vec<String>,
     /// Environment (scheduler addresses already filled in). `GEOMX_JOB`, `GEOMX_NODE` and
-    /// `GEOMX_AGENT_URL` are added by the runtime and override entries of the same name.
+    /// `GEOMX_AGENT_URL` are added by the runtime and override entries of the same name;
+    /// `PYTHONUNBUFFERED=1` is added unless the spec sets `PYTHONUNBUFFERED` itself.
     pub env: BTreeMap<String, String>,
     /// Host networking (network "pseudo") instead of docker0.
     pub host_network: bool,
@@ -222,9 +227,13 @@ impl ContainerSpec {
     }
 
     /// The complete environment of the container: the spec's env plus `GEOMX_JOB`,
-    /// `GEOMX_NODE` and (when not empty) `GEOMX_AGENT_URL`.
+    /// `GEOMX_NODE`, (when not empty) `GEOMX_AGENT_URL`, and `PYTHONUNBUFFERED=1` unless the
+    /// spec sets `PYTHONUNBUFFERED` (to any value: `""` or `0` keep Python's buffering).
+    /// Part of the spec hash like every other variable.
     pub fn full_env(&self, agent_url: &str) -> BTreeMap<String, String> {
         let mut env = self.env.clone();
+        env.entry(ENV_PYTHONUNBUFFERED.into())
+            .or_insert_with(|| "1".into());
         env.insert(ENV_JOB.into(), self.job.clone());
         env.insert(ENV_NODE.into(), self.node.clone());
         if !agent_url.is_empty() {
@@ -443,6 +452,7 @@ mod tests {
         assert!(env.contains(&"GEOMX_NODE=a-worker-0".to_string()));
         assert!(env.contains(&"GEOMX_AGENT_URL=http://172.17.34.1:7948".to_string()));
         assert!(env.contains(&"DMLC_ROLE=worker".to_string()));
+        assert!(env.contains(&"PYTHONUNBUFFERED=1".to_string()));
         let labels = b.labels.clone().unwrap_or_default();
         assert_eq!(labels[LABEL_MANAGED], "true");
         assert_eq!(labels[LABEL_JOB], "job1");
@@ -504,6 +514,20 @@ mod tests {
         // no agent URL: the variable is left out rather than set empty
         let env = s.create_body("", &sb(), None).env.unwrap_or_default();
         assert!(!env.iter().any(|e| e.starts_with("GEOMX_AGENT_URL=")));
+    }
+
+    #[test]
+    fn python_output_is_unbuffered_unless_the_spec_says_otherwise() {
+        let s = spec("j", "w");
+        assert_eq!(s.full_env(URL)["PYTHONUNBUFFERED"], "1");
+        let mut own = s.clone();
+        own.env.insert("PYTHONUNBUFFERED".into(), "0".into());
+        assert_eq!(own.full_env(URL)["PYTHONUNBUFFERED"], "0");
+        // the spec's own value shapes the container like any other variable
+        assert_ne!(own.spec_hash(URL, &sb()), s.spec_hash(URL, &sb()));
+        let mut same = s.clone();
+        same.env.insert("PYTHONUNBUFFERED".into(), "1".into());
+        assert_eq!(same.spec_hash(URL, &sb()), s.spec_hash(URL, &sb()));
     }
 
     #[test]

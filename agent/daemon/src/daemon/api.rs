@@ -1,0 +1,178 @@
+//! `geomx.v1.AgentNodeService`, served on the agent's API address for the controller:
+//! mTLS requiring a client certificate signed by the geomx CA, and only the controller's
+//! (OU=controller) may call it ([`require_controller`]). In insecure mode it is plaintext
+//! and open (labs only).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use geomx_proto::tls::{TlsMaterial, require_controller};
+use geomx_proto::v1::agent_node_service_server::{AgentNodeService, AgentNodeServiceServer};
+use geomx_proto::v1::{LogChunk, NodeLogsRequest};
+use geomx_runtime::{CancellationToken, Engine, Runtime, RuntimeError};
+use tokio::sync::watch;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use super::backoff::ErrorLog;
+use super::docker::error_chain;
+use super::{Ctx, convert};
+
+/// Longest job or node name accepted (the runtime's limit).
+const MAX_NAME_LEN: usize = 100;
+
+/// The service: logs of this host's role containers.
+pub struct NodeApi<E: Engine> {
+    runtime: watch::Receiver<Option<Runtime<E>>>,
+    require_cert: bool,
+    shutdown: CancellationToken,
+}
+
+impl<E: Engine> NodeApi<E> {
+    /// The service over the runtime published in `runtime`; `require_cert`: only the
+    /// controller's certificate may call it.
+    pub fn new(
+        runtime: watch::Receiver<Option<Runtime<E>>>,
+        require_cert: bool,
+        shutdown: CancellationToken,
+    ) -> Self {
+        NodeApi {
+            runtime,
+            require_cert,
+            shutdown,
+        }
+    }
+}
+
+fn check_name(what: &str, v: &str) -> Result<(), Status> {
+    let ok = !v.is_empty()
+        && v.len() <= MAX_NAME_LEN
+        && v.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "{what}: must be 1..={MAX_NAME_LEN} characters of [a-zA-Z0-9_.-], starting with a letter or digit"
+        )))
+    }
+}
+
+fn status_of(e: &RuntimeError) -> Status {
+    match e {
+        RuntimeError::NoSuchNode { .. } => Status::not_found(e.to_string()),
+        RuntimeError::Docker { .. } | RuntimeError::Io { .. } => {
+            Status::unavailable(error_chain(e))
+        }
+        _ => Status::internal(error_chain(e)),
+    }
+}
+
+#[tonic::async_trait]
+impl<E: Engine> AgentNodeService for NodeApi<E> {
+    type LogsStream = BoxStream<'static, Result<LogChunk, Status>>;
+
+    async fn logs(
+        &self,
+        request: Request<NodeLogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        if self.require_cert {
+            require_controller(&request).inspect_err(|s| {
+                warn!(peer = ?request.remote_addr(), error = %s.message(), "log request refused");
+            })?;
+        }
+        let req = request.into_inner();
+        check_name("job", &req.job)?;
+        check_name("node", &req.node)?;
+        let runtime = self
+            .runtime
+            .borrow()
+            .clone()
+            .ok_or_else(|| Status::unavailable("this agent is not connected to Docker yet"))?;
+        debug!(job = %req.job, node = %req.node, follow = req.follow, tail = req.tail, "streaming logs");
+        let stream = runtime
+            .logs(&req.job, &req.node, req.follow, req.tail)
+            .await
+            .map_err(|e| status_of(&e))?;
+        let stream = stream
+            .map(|r| r.map(convert::log_chunk).map_err(|e| status_of(&e)))
+            // a following stream ends when the agent stops
+            .take_until(self.shutdown.clone().cancelled_owned())
+            .boxed();
+        Ok(Response::new(stream))
+    }
+}
+
+/// Serves the API on `addr` (binding retried with backoff until it works) until
+/// `shutdown`.
+pub async fn serve<E: Engine>(
+    ctx: Arc<Ctx<E>>,
+    addr: SocketAddr,
+    tls: Option<TlsMaterial>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = ctx.settings.backoff();
+    let mut errors = ErrorLog::default();
+    let listener = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e) => {
+                let msg = e.to_string();
+                if errors.failed(&msg) {
+                    warn!(%addr, error = %msg, "cannot listen for the controller's API calls yet (logs); retrying");
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    };
+    let mut builder = Server::builder();
+    if let Some(tls) = &tls {
+        builder = match builder.tls_config(tls.server_config_client_required()) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "cannot serve the agent API with TLS");
+                return;
+            }
+        };
+    }
+    let api = NodeApi::new(ctx.runtime.subscribe(), tls.is_some(), shutdown.clone());
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    info!(%addr, mtls = tls.is_some(), "serving the agent API (AgentNodeService, controller only)");
+    if let Err(e) = builder
+        .add_service(AgentNodeServiceServer::new(api))
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await
+    {
+        warn!(error = %error_chain(&e), "the agent API stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("job", "job1").is_ok());
+        assert!(check_name("node", "a-worker-0").is_ok());
+        assert!(check_name("job", "").is_err());
+        assert!(check_name("job", "../etc").is_err());
+        assert!(check_name("job", &"x".repeat(101)).is_err());
+        assert_eq!(
+            status_of(&RuntimeError::NoSuchNode {
+                job: "j".into(),
+                node: "n".into()
+            })
+            .code(),
+            tonic::Code::NotFound
+        );
+    }
+}

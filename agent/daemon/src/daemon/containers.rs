@@ -1,0 +1,324 @@
+//! The container side of the daemon: once the host network is in place (the first
+//! successful network pass, so docker0 has the host's bip) and the host's subnet is known
+//! (from the controller or the persisted state), connect to Docker (retrying while it is down), make sure the
+//! pause image is there, start the runtime (which adopts the containers it finds, starting,
+//! stopping and restarting nothing), serve the nodes' HTTP heartbeats on the docker0
+//! gateway, and apply every desired state's containers (serialized, and again every
+//! network interval).
+//!
+//! The gateway (first address of the subnet) is in every container's `GEOMX_AGENT_URL`;
+//! if the controller ever leases the host another subnet, the runtime is restarted with
+//! the new URL (its containers are replaced: their network changed with docker0 anyway).
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use geomx_proto::v1::DesiredState;
+use geomx_runtime::{
+    Action, CancellationToken, Engine, HeartbeatServer, Runtime, RuntimeConfig, agent_url,
+};
+use ipnet::Ipv4Net;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::backoff::ErrorLog;
+use super::docker::{EngineSource, error_chain};
+use super::{Ctx, convert};
+
+/// docker0's address for the subnet of `state`: its first address.
+pub fn gateway(state: &DesiredState) -> Option<Ipv4Addr> {
+    let net: Ipv4Net = state.subnet.trim().parse().ok()?;
+    Some(Ipv4Addr::from(u32::from(net.network()).saturating_add(1)))
+}
+
+/// Runs the container side until `shutdown` (see the module docs).
+pub async fn containers_loop<S: EngineSource>(
+    ctx: Arc<Ctx<S::Engine>>,
+    source: S,
+    shutdown: CancellationToken,
+) {
+    let mut desired = ctx.desired.subscribe();
+    let mut underlay_rx = ctx.underlay.subscribe();
+    // containers start once the host network is in place: a sandbox made before Docker
+    // got the host's bip would get an address of the wrong subnet (and be killed by the
+    // Docker restart that applies it)
+    let mut net_ready = ctx.net_ready.subscribe();
+    tokio::select! {
+        () = shutdown.cancelled() => return,
+        r = net_ready.wait_for(|r| *r) => if r.is_err() { return },
+    }
+    loop {
+        // the subnet decides GEOMX_AGENT_URL: wait for a desired state that names one
+        let gw = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = desired.wait_for(|d| d.as_deref().and_then(gateway).is_some()) => match r {
+                Ok(d) => d.as_deref().and_then(gateway),
+                Err(_) => return,
+            },
+        };
+        let Some(gw) = gw else { return };
+        let host_ip = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = underlay_rx.wait_for(Option::is_some) => match r {
+                Ok(ip) => *ip,
+                Err(_) => return,
+            },
+        };
+
+        let Some((engine, sandbox)) = connect(&ctx, &source, &shutdown).await else {
+            return;
+        };
+        let agent_url = ctx
+            .settings
+            .heartbeat_port
+            .map(|p| agent_url(IpAddr::V4(gw), p))
+            .unwrap_or_default();
+        let config = RuntimeConfig {
+            agent_url: agent_url.clone(),
+            host_ip,
+            sandbox,
+            ..Default::default()
+        };
+        let runtime = match Runtime::start(engine, config).await {
+            Ok(rt) => rt,
+            Err(e) => {
+                warn!(error = %error_chain(&e), "cannot start the container runtime; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(ctx.settings.backoff_max) => {}
+                }
+                continue;
+            }
+        };
+        let adopted = runtime.snapshot().nodes.len();
+        info!(
+            agent_url = %agent_url,
+            adopted,
+            "container runtime started (running containers are adopted, none restarted)"
+        );
+        ctx.runtime.send_replace(Some(runtime.clone()));
+
+        let heartbeats = shutdown.child_token();
+        if let Some(port) = ctx.settings.heartbeat_port {
+            let addr = SocketAddr::new(IpAddr::V4(gw), port);
+            let rt = runtime.clone();
+            let token = heartbeats.clone();
+            tokio::spawn(
+                serve_heartbeats(rt, addr, token)
+                    .instrument(info_span!("heartbeats", host = %ctx.settings.host)),
+            );
+        }
+
+        let restart = apply_loop(&ctx, &runtime, gw, &mut desired, &shutdown).await;
+        heartbeats.cancel();
+        ctx.runtime.send_replace(None);
+        runtime.shutdown();
+        if !restart {
+            return;
+        }
+        info!(
+            "the host's subnet changed: restarting the container runtime with the new GEOMX_AGENT_URL"
+        );
+    }
+}
+
+/// Connects to Docker and prepares the sandbox settings, retrying with backoff (each
+/// distinct error logged once); triggers a network pass once Docker answers (so that a
+/// bip written while Docker was down is verified at once). `None` on shutdown.
+async fn connect<S: EngineSource>(
+    ctx: &Ctx<S::Engine>,
+    source: &S,
+    shutdown: &CancellationToken,
+) -> Option<(S::Engine, geomx_runtime::SandboxConfig)> {
+    let mut backoff = ctx.settings.backoff();
+    let mut errors = ErrorLog::default();
+    loop {
+        let attempt = async {
+            let engine = source.connect().await?;
+            ctx.net_trigger.now();
+            let sandbox = source.sandbox(&engine).await?;
+            Ok::<_, String>((engine, sandbox))
+        };
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            r = attempt => r,
+        };
+        match result {
+            Ok(r) => {
+                if errors.succeeded() {
+                    info!("Docker answers: starting the container runtime");
+                }
+                return Some(r);
+            }
+            Err(e) => {
+                if errors.failed(&e) {
+                    warn!(error = %e, "Docker is not available yet; retrying with backoff (containers are left as they are)");
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+/// Applies the desired containers whenever the desired state changes and every network
+/// interval. Returns true when the runtime must be restarted (the gateway changed), false
+/// on shutdown.
+async fn apply_loop<E: Engine>(
+    ctx: &Ctx<E>,
+    runtime: &Runtime<E>,
+    gw: Ipv4Addr,
+    desired: &mut tokio::sync::watch::Receiver<Option<Arc<DesiredState>>>,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut errors = ErrorLog::default();
+    let mut failing: BTreeSet<String> = BTreeSet::new();
+    let mut tick = tokio::time::interval(ctx.settings.network_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let state = desired.borrow_and_update().clone();
+        if let Some(state) = state {
+            if gateway(&state).is_some_and(|g| g != gw) {
+                return true;
+            }
+            apply(ctx, runtime, &state, &mut errors, &mut failing).await;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            r = desired.changed() => if r.is_err() { return false },
+            _ = tick.tick() => {}
+        }
+    }
+}
+
+async fn apply<E: Engine>(
+    ctx: &Ctx<E>,
+    runtime: &Runtime<E>,
+    state: &DesiredState,
+    errors: &mut ErrorLog,
+    failing: &mut BTreeSet<String>,
+) {
+    let specs = convert::container_specs(state);
+    match runtime.apply(specs).await {
+        Ok(report) => {
+            if errors.succeeded() {
+                info!("applying containers works again");
+            }
+            let changes = report.changes().count();
+            if changes > 0 {
+                info!(
+                    revision = state.revision,
+                    changes, "applied the desired containers"
+                );
+            } else {
+                debug!(
+                    revision = state.revision,
+                    "desired containers already in place"
+                );
+            }
+            let now: BTreeSet<String> = report
+                .errors()
+                .map(|o| {
+                    format!(
+                        "{}: {}",
+                        describe(&o.action),
+                        o.error.as_deref().unwrap_or("")
+                    )
+                })
+                .collect();
+            for e in now.difference(failing) {
+                warn!(revision = state.revision, error = %e, "a container step failed (reported to the controller in the node's status)");
+            }
+            *failing = now;
+            ctx.applied_revision
+                .fetch_max(state.revision, Ordering::SeqCst);
+        }
+        Err(e) => {
+            let msg = error_chain(&e);
+            if errors.failed(&msg) {
+                warn!(error = %msg, "cannot apply the desired containers (Docker unreachable?); retrying every network interval");
+            }
+        }
+    }
+}
+
+/// One line for a planned step: what, which container of which node.
+fn describe(action: &Action) -> String {
+    let node = |job: &str, node: &str| format!("{job}/{node}");
+    match action {
+        Action::Create { kind, spec, .. } => {
+            format!(
+                "create {} of {}",
+                kind.as_str(),
+                node(&spec.job, &spec.node)
+            )
+        }
+        Action::Replace { kind, spec, .. } => {
+            format!(
+                "replace {} of {}",
+                kind.as_str(),
+                node(&spec.job, &spec.node)
+            )
+        }
+        Action::Start { kind, key, .. } => {
+            format!("start {} of {}", kind.as_str(), node(&key.0, &key.1))
+        }
+        Action::Keep { kind, key, .. } => {
+            format!("keep {} of {}", kind.as_str(), node(&key.0, &key.1))
+        }
+        Action::Remove { name, .. } => format!("remove {name}"),
+        Action::Missing { kind, spec } => {
+            format!(
+                "{} of {} is missing",
+                kind.as_str(),
+                node(&spec.job, &spec.node)
+            )
+        }
+        Action::Invalid { spec } => format!("invalid spec {}", node(&spec.job, &spec.node)),
+    }
+}
+
+/// Serves the nodes' HTTP heartbeats on `addr` (the docker0 gateway) once that address
+/// exists, until `token` is cancelled.
+async fn serve_heartbeats<E: Engine>(rt: Runtime<E>, addr: SocketAddr, token: CancellationToken) {
+    let mut errors = ErrorLog::default();
+    loop {
+        match HeartbeatServer::bind(addr).await {
+            Ok(server) => {
+                info!(url = %format!("http://{addr}"), "serving node heartbeats (GEOMX_AGENT_URL)");
+                if let Err(e) = server.serve(rt, token).await {
+                    warn!(error = %error_chain(&e), "the heartbeat endpoint stopped");
+                }
+                return;
+            }
+            Err(e) => {
+                let msg = error_chain(&e);
+                if errors.failed(&msg) {
+                    info!(error = %msg, "the heartbeat endpoint waits for docker0 to carry its address; retrying every second");
+                }
+            }
+        }
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gateway_is_the_first_address() {
+        let s = DesiredState {
+            subnet: "172.17.34.0/24".into(),
+            ..Default::default()
+        };
+        assert_eq!(gateway(&s), Some(Ipv4Addr::new(172, 17, 34, 1)));
+        assert_eq!(gateway(&DesiredState::default()), None);
+    }
+}

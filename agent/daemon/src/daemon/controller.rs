@@ -1,0 +1,595 @@
+//! The agent's side of `AgentService`: register, keep the watch stream open, report.
+//!
+//! * [`session_loop`]: registers (backoff with jitter, capped; each distinct error logged
+//!   once), then keeps `Watch` open. Every desired state is persisted and published to the
+//!   other tasks. When the stream ends (a controller restart) it is reopened with backoff;
+//!   when the controller says the host is unknown (or left), the agent registers again.
+//!   While the controller is away nothing changes on the host: the last desired state
+//!   stays in force.
+//! * [`report_loop`]: a `HostReport` every heartbeat interval, and promptly (debounced,
+//!   at most [`crate::daemon::debounce::MAX_DELAY`] after the first change) when a
+//!   container's lifecycle (state, exit code, address, error) or the network status
+//!   changes. Progress alone rides on the periodic report (it changes with every output
+//!   line).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use geomx_proto::v1::agent_service_client::AgentServiceClient;
+use geomx_proto::v1::{
+    DesiredState, HostReport, NetworkStatus as WireNetworkStatus, RegisterRequest,
+    RegisterResponse, WatchRequest,
+};
+use geomx_runtime::{CancellationToken, Engine, Snapshot};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tracing::{debug, info, warn};
+
+use super::backoff::{Backoff, ErrorLog};
+use super::debounce::Debouncer;
+use super::{Ctx, Settings, convert, ports};
+
+/// How long one unary call (Register, Report) may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the list of images may be old in a report.
+const IMAGES_REFRESH: Duration = Duration::from_secs(2);
+
+/// A lazily connecting channel to the controller (mTLS unless insecure). Reconnects by
+/// itself; HTTP/2 keepalives notice a controller that vanished without closing.
+pub fn channel(settings: &Settings) -> Result<Channel, String> {
+    let mut ep = Endpoint::from_shared(settings.controller.clone())
+        .map_err(|e| format!("controller URL {}: {e}", settings.controller))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    if let Some(tls) = &settings.tls {
+        ep = ep
+            .tls_config(tls.client_config())
+            .map_err(|e| format!("TLS configuration for {}: {e}", settings.controller))?;
+    }
+    Ok(ep.connect_lazy())
+}
+
+/// Whether `status` means "register (again) first".
+fn needs_register(status: &Status) -> bool {
+    matches!(status.code(), Code::NotFound | Code::FailedPrecondition)
+}
+
+/// A status as one line, with a hint for the errors people can fix.
+pub fn describe(status: &Status) -> String {
+    let hint = match status.code() {
+        Code::Unauthenticated | Code::PermissionDenied => {
+            " (check [tls] in agent.toml: the agent certificate must be signed by the controller's CA, with OU=agent and CN=<name>)"
+        }
+        _ => "",
+    };
+    let mut msg = format!("{:?}: {}", status.code(), status.message());
+    let mut source = std::error::Error::source(status);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    msg.push_str(hint);
+    msg
+}
+
+/// The source address of the kernel's route to the controller (no packet is sent).
+pub async fn route_source(controller: &str) -> Result<Ipv4Addr, String> {
+    let uri: tonic::codegen::http::Uri = controller
+        .parse()
+        .map_err(|_| format!("{controller:?} is not a URL"))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("{controller:?} has no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(7946);
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|e| format!("resolving {host}: {e}"))?
+        .collect();
+    let target = addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .ok_or_else(|| format!("{host} has no IPv4 address (the underlay is IPv4)"))?;
+    let socket = tokio::net::UdpSocket::bind("0.0.0.0:0")
+        .await
+        .map_err(|e| format!("UDP socket: {e}"))?;
+    socket
+        .connect(target)
+        .await
+        .map_err(|e| format!("no route to the controller at {target}: {e}"))?;
+    match socket.local_addr() {
+        Ok(SocketAddr::V4(a)) if !a.ip().is_unspecified() => Ok(*a.ip()),
+        Ok(a) => Err(format!("unexpected source address {a}")),
+        Err(e) => Err(format!("source address: {e}")),
+    }
+}
+
+/// Resolves this host's underlay address once (the configured one, else the route source
+/// towards the controller, retried with backoff) and publishes it.
+pub async fn underlay_loop<E: Engine>(ctx: Arc<Ctx<E>>, shutdown: CancellationToken) {
+    if let Some(ip) = ctx.settings.underlay_ip {
+        ctx.underlay.send_replace(Some(ip));
+        return;
+    }
+    let mut backoff = ctx.settings.backoff();
+    let mut errors = ErrorLog::default();
+    loop {
+        match route_source(&ctx.settings.controller).await {
+            Ok(ip) => {
+                info!(underlay_ip = %ip, "underlay address: the source of the route to the controller");
+                ctx.underlay.send_replace(Some(ip));
+                return;
+            }
+            Err(e) => {
+                if errors.failed(&e) {
+                    warn!(error = %e, "cannot find this host's underlay address yet (set underlay_ip in agent.toml to skip this); retrying");
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+async fn wait_underlay<E: Engine>(ctx: &Ctx<E>, shutdown: &CancellationToken) -> Option<Ipv4Addr> {
+    let mut rx = ctx.underlay.subscribe();
+    tokio::select! {
+        r = rx.wait_for(Option::is_some) => r.ok().and_then(|v| *v),
+        () = shutdown.cancelled() => None,
+    }
+}
+
+/// Sleeps for the next backoff delay, or until a report got through again (the controller
+/// is back); false when shutting down.
+async fn pause<E: Engine>(
+    ctx: &Ctx<E>,
+    backoff: &mut Backoff,
+    shutdown: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = tokio::time::sleep(backoff.next_delay()) => true,
+        () = ctx.controller_back.notified() => true,
+    }
+}
+
+/// Registers, then keeps the watch stream open, until `shutdown`.
+pub async fn session_loop<E: Engine>(
+    ctx: Arc<Ctx<E>>,
+    mut client: AgentServiceClient<Channel>,
+    shutdown: CancellationToken,
+) {
+    let Some(underlay) = wait_underlay(&ctx, &shutdown).await else {
+        return;
+    };
+    let s = &ctx.settings;
+    let mut backoff = s.backoff();
+    let mut register_errors = ErrorLog::default();
+    let mut watch_errors = ErrorLog::default();
+    let mut ever_registered = false;
+    'register: loop {
+        let request = RegisterRequest {
+            host: s.host.clone(),
+            underlay_ip: underlay.to_string(),
+            pinned_subnet: s.pinned_subnet.map(|n| n.to_string()).unwrap_or_default(),
+            agent_version: s.agent_version.clone(),
+            agent_url: s.agent_url(underlay),
+        };
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = tokio::time::timeout(CALL_TIMEOUT, client.register(request)) => r,
+        };
+        let response = match result {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) => {
+                let msg = describe(&status);
+                if register_errors.failed(&msg) {
+                    warn!(controller = %s.controller, error = %msg, "registration failed; retrying with backoff (the host network and containers stay as they are)");
+                }
+                if !pause(&ctx, &mut backoff, &shutdown).await {
+                    return;
+                }
+                continue 'register;
+            }
+            Err(_) => {
+                let msg = format!("no answer within {CALL_TIMEOUT:?}");
+                if register_errors.failed(&msg) {
+                    warn!(controller = %s.controller, error = %msg, "registration failed; retrying with backoff");
+                }
+                if !pause(&ctx, &mut backoff, &shutdown).await {
+                    return;
+                }
+                continue 'register;
+            }
+        };
+        register_errors.succeeded();
+        backoff.reset();
+        registered(&ctx, &response, underlay, ever_registered);
+        ever_registered = true;
+
+        // the watch stream, reopened whenever it ends
+        loop {
+            let opened = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = client.watch(WatchRequest { host: s.host.clone() }) => r,
+            };
+            let mut stream = match opened {
+                Ok(r) => r.into_inner(),
+                Err(status) if needs_register(&status) => {
+                    info!(reason = %status.message(), "the controller does not know this host (any more): registering again");
+                    continue 'register;
+                }
+                Err(status) => {
+                    let msg = describe(&status);
+                    if watch_errors.failed(&msg) {
+                        warn!(controller = %s.controller, error = %msg, "cannot watch the desired state; retrying with backoff (the last desired state stays in force)");
+                    }
+                    if !pause(&ctx, &mut backoff, &shutdown).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let mut first = true;
+            loop {
+                let item = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = ctx.reregister.notified() => {
+                        info!("a report was refused because the controller does not know this host: registering again");
+                        continue 'register;
+                    }
+                    m = stream.message() => m,
+                };
+                match item {
+                    Ok(Some(state)) => {
+                        if first {
+                            if watch_errors.succeeded() {
+                                info!(controller = %s.controller, "watching the desired state again");
+                            } else {
+                                debug!("watching the desired state");
+                            }
+                            first = false;
+                            backoff.reset();
+                        }
+                        received(&ctx, state);
+                    }
+                    Ok(None) => {
+                        let msg = "the controller ended the watch stream".to_owned();
+                        if watch_errors.failed(&msg) {
+                            info!(controller = %s.controller, "{msg} (restarting?); reconnecting with backoff, the last desired state stays in force");
+                        }
+                        break;
+                    }
+                    Err(status) if needs_register(&status) => {
+                        info!(reason = %status.message(), "the controller no longer knows this host: registering again");
+                        continue 'register;
+                    }
+                    Err(status) => {
+                        let msg = describe(&status);
+                        if watch_errors.failed(&msg) {
+                            warn!(controller = %s.controller, error = %msg, "the watch stream broke; reconnecting with backoff, the last desired state stays in force");
+                        }
+                        break;
+                    }
+                }
+            }
+            if !pause(&ctx, &mut backoff, &shutdown).await {
+                return;
+            }
+        }
+    }
+}
+
+fn registered<E: Engine>(ctx: &Ctx<E>, r: &RegisterResponse, underlay: Ipv4Addr, again: bool) {
+    let interval = Duration::from_millis(u64::from(r.heartbeat_interval_ms));
+    if !interval.is_zero() {
+        ctx.heartbeat_interval.send_replace(interval);
+    }
+    let held = ctx
+        .desired
+        .borrow()
+        .as_ref()
+        .map(|d| d.subnet.clone())
+        .filter(|s| !s.is_empty());
+    if let Some(held) = held
+        && held != r.subnet
+    {
+        warn!(was = %held, now = %r.subnet, "the controller leased this host a different subnet: docker0 and the containers' addresses will change");
+    }
+    info!(
+        controller = %ctx.settings.controller,
+        subnet = %r.subnet,
+        cluster = %r.cluster_cidr,
+        %underlay,
+        heartbeat_interval = %humantime::format_duration(interval),
+        controller_id = %r.controller_id,
+        "{}",
+        if again { "registered again" } else { "registered" }
+    );
+    ctx.registered.send_replace(Some(r.clone()));
+}
+
+fn received<E: Engine>(ctx: &Ctx<E>, state: DesiredState) {
+    if state.host != ctx.settings.host {
+        warn!(for_host = %state.host, "ignoring a desired state for another host");
+        return;
+    }
+    let interval = Duration::from_millis(u64::from(state.heartbeat_interval_ms));
+    if !interval.is_zero() {
+        ctx.heartbeat_interval.send_if_modified(|i| {
+            let changed = *i != interval;
+            *i = interval;
+            changed
+        });
+    }
+    if let Err(e) = ctx.state_file.save(&state) {
+        warn!(error = %e, "cannot persist the desired state (a restart without the controller would not have it)");
+    }
+    let starting = state.containers.iter().filter(|c| c.start).count();
+    info!(
+        revision = state.revision,
+        subnet = %state.subnet,
+        peers = state.peers.len(),
+        containers = state.containers.len(),
+        starting,
+        "desired state"
+    );
+    ctx.desired.send_replace(Some(Arc::new(state)));
+}
+
+/// What of the nodes' statuses makes a prompt report worth it: their lifecycle (state,
+/// exit code, container, address, error, log tail), not their progress. Progress changes
+/// with every output line of every node; it travels with the next periodic report.
+fn lifecycle(s: &Snapshot) -> String {
+    let mut out = String::new();
+    for n in &s.nodes {
+        out.push_str(&format!(
+            "{}/{}#{} {:?} {} {} {:?} {} {}\n",
+            n.job,
+            n.node,
+            n.generation,
+            n.state,
+            n.container_id,
+            n.ip,
+            n.exit_code,
+            n.error,
+            n.log_tail.len()
+        ));
+    }
+    out
+}
+
+/// Waits until the lifecycle of the runtime's nodes differs from `reported` (what the last
+/// report carried; see [`lifecycle`]); at once if it does already. False when the runtime
+/// is gone; never completes without a runtime.
+async fn snapshot_changed(rx: &mut Option<watch::Receiver<Snapshot>>, reported: &str) -> bool {
+    let Some(r) = rx else {
+        return std::future::pending().await;
+    };
+    loop {
+        if lifecycle(&r.borrow_and_update()) != reported {
+            return true;
+        }
+        if r.changed().await.is_err() {
+            return false;
+        }
+    }
+}
+
+/// Reports every heartbeat interval, and promptly after a change.
+pub async fn report_loop<E: Engine>(
+    ctx: Arc<Ctx<E>>,
+    mut client: AgentServiceClient<Channel>,
+    shutdown: CancellationToken,
+) {
+    let mut runtime_rx = ctx.runtime.subscribe();
+    let mut snapshots = runtime_rx
+        .borrow_and_update()
+        .as_ref()
+        .map(|r| r.subscribe());
+    let mut net_rx = ctx.net.subscribe();
+    let mut registered_rx = ctx.registered.subscribe();
+    let mut debounce = Debouncer::default();
+    // the node lifecycle the last report carried
+    let mut reported = String::new();
+    let mut next = Instant::now();
+    let mut errors = ErrorLog::default();
+    let mut images_at: Option<Instant> = None;
+    loop {
+        let wake = debounce.deadline().map_or(next, |d| d.min(next));
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep_until(wake) => {}
+            // (not while a report is pending: it will carry the change)
+            ok = snapshot_changed(&mut snapshots, &reported), if debounce.deadline().is_none() => {
+                if ok {
+                    debounce.changed(Instant::now());
+                } else {
+                    snapshots = None;
+                }
+            }
+            r = runtime_rx.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                snapshots = runtime_rx.borrow_and_update().as_ref().map(|r| r.subscribe());
+                images_at = None;
+                debounce.changed(Instant::now());
+            }
+            r = net_rx.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                debounce.changed(Instant::now());
+            }
+            r = registered_rx.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                // just registered: report at once
+                next = Instant::now();
+            }
+        }
+        let now = Instant::now();
+        if now < next && !debounce.due(now) {
+            continue;
+        }
+        let interval = *ctx.heartbeat_interval.borrow();
+        debounce.reported();
+        if ctx.registered.borrow().is_none() {
+            next = now + interval;
+            continue;
+        }
+        if images_at.is_none_or(|t| now.duration_since(t) >= IMAGES_REFRESH) {
+            refresh_images(&ctx).await;
+            images_at = Some(now);
+        }
+        let (report, carried) = build_report(&ctx);
+        reported = carried;
+        let timeout = interval.clamp(Duration::from_secs(1), Duration::from_secs(5));
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = tokio::time::timeout(timeout, client.report(report)) => r,
+        };
+        match result {
+            Ok(Ok(r)) => {
+                if errors.succeeded() {
+                    info!(controller = %ctx.settings.controller, "reporting to the controller again");
+                    // the controller is back: the session need not sit out its backoff
+                    ctx.controller_back.notify_one();
+                }
+                let i = Duration::from_millis(u64::from(r.into_inner().heartbeat_interval_ms));
+                if !i.is_zero() && i != interval {
+                    info!(interval = %humantime::format_duration(i), "the controller changed the heartbeat interval");
+                    ctx.heartbeat_interval.send_replace(i);
+                }
+            }
+            Ok(Err(status)) => {
+                if needs_register(&status) {
+                    ctx.reregister.notify_one();
+                }
+                let msg = describe(&status);
+                if errors.failed(&msg) {
+                    warn!(controller = %ctx.settings.controller, error = %msg, "report failed; retrying every heartbeat interval");
+                }
+            }
+            Err(_) => {
+                let msg = format!("no answer within {timeout:?}");
+                if errors.failed(&msg) {
+                    warn!(controller = %ctx.settings.controller, error = %msg, "report failed; retrying every heartbeat interval");
+                }
+            }
+        }
+        next = Instant::now() + *ctx.heartbeat_interval.borrow();
+    }
+}
+
+async fn refresh_images<E: Engine>(ctx: &Ctx<E>) {
+    let Some(rt) = ctx.runtime.borrow().clone() else {
+        return;
+    };
+    match tokio::time::timeout(Duration::from_secs(2), rt.images()).await {
+        Ok(Ok(images)) => {
+            *ctx.images.lock().unwrap_or_else(|p| p.into_inner()) = images;
+        }
+        Ok(Err(e)) => debug!(error = %e, "listing images failed; reporting the last list"),
+        Err(_) => debug!("listing images timed out; reporting the last list"),
+    }
+}
+
+/// The report of this host now, and the lifecycle of the nodes it carries.
+pub fn build_report<E: Engine>(ctx: &Ctx<E>) -> (HostReport, String) {
+    let snapshot = ctx
+        .runtime
+        .borrow()
+        .as_ref()
+        .map(|rt| rt.snapshot())
+        .unwrap_or_default();
+    let net = ctx.net.borrow().clone();
+    let report = HostReport {
+        host: ctx.settings.host.clone(),
+        applied_revision: ctx.applied_revision.load(Ordering::SeqCst),
+        nodes: snapshot.nodes.iter().map(convert::node_status).collect(),
+        images: ctx.images.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        network: Some(WireNetworkStatus {
+            converged: net.converged,
+            routes: net.routes,
+            error: net.error,
+        }),
+        agent_version: ctx.settings.agent_version.clone(),
+        listening_ports: ports::listening_ports(),
+    };
+    (report, lifecycle(&snapshot))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_route_source_towards_loopback_is_loopback() {
+        assert_eq!(
+            route_source("https://127.0.0.1:7946").await,
+            Ok(Ipv4Addr::LOCALHOST)
+        );
+        assert!(route_source("not a url").await.is_err());
+    }
+
+    #[test]
+    fn progress_alone_is_not_a_lifecycle_change() {
+        use geomx_runtime::{NodeState, NodeStatus, Progress};
+        let node = NodeStatus {
+            job: "j".into(),
+            node: "w0".into(),
+            state: NodeState::Running,
+            ip: "172.17.34.2".into(),
+            ..Default::default()
+        };
+        let base = Snapshot {
+            revision: 1,
+            nodes: vec![node.clone()],
+        };
+        let mut progressed = base.clone();
+        progressed.revision = 2;
+        progressed.nodes[0].progress = Some(Progress {
+            iteration: 5,
+            ..Default::default()
+        });
+        assert_eq!(lifecycle(&base), lifecycle(&progressed));
+        let mut crashed = progressed.clone();
+        crashed.nodes[0].state = NodeState::Failed;
+        crashed.nodes[0].exit_code = Some(3);
+        assert_ne!(lifecycle(&base), lifecycle(&crashed));
+        let mut moved = base.clone();
+        moved.nodes[0].ip = "172.17.34.9".into();
+        assert_ne!(lifecycle(&base), lifecycle(&moved));
+    }
+
+    #[test]
+    fn statuses_are_described_with_hints() {
+        let s = Status::permission_denied("certificate CN=b may not act for host a");
+        let d = describe(&s);
+        assert!(d.starts_with("PermissionDenied: certificate CN=b"), "{d}");
+        assert!(d.contains("OU=agent"), "{d}");
+        assert!(needs_register(&Status::not_found(
+            "host \"a\" is not registered"
+        )));
+        assert!(needs_register(&Status::failed_precondition("left")));
+        assert!(!needs_register(&Status::unavailable("down")));
+    }
+}
