@@ -16,7 +16,6 @@ them.
 """
 
 import argparse
-import os
 import time
 
 import mxnet as mx
@@ -31,9 +30,9 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-slice-idx", type=int, default=None,
                    help="which slice of the training set this worker trains on (default: its rank)")
-    p.add_argument("--epochs", type=int, default=int(os.environ.get("GEOMX_EPOCHS", "3")))
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--samples", type=int, default=int(os.environ.get("GEOMX_SAMPLES", "4096")))
+    p.add_argument("--samples", type=int, default=4096)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--kvstore", default="dist_sync")
     p.add_argument("--cpu", action="store_true", help="accepted for GeoMX compatibility; always CPU")

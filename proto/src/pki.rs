@@ -242,6 +242,62 @@ impl CertificateAuthority {
         self.issue_leaf(host, ROLE_AGENT, sans, days)
     }
 
+    /// **For tests only** (geomx itself never calls it): issues a leaf certificate like
+    /// [`CertificateAuthority::issue_agent`], but with any organizational unit (`None`: no OU
+    /// at all) and any validity window: e.g. one that ended in the past (an expired
+    /// certificate), or an OU that is not a geomx role. `sans` are IP addresses or DNS names.
+    pub fn issue_for_tests(
+        &self,
+        common_name: &str,
+        organizational_unit: Option<&str>,
+        sans: &[String],
+        not_before: std::time::SystemTime,
+        not_after: std::time::SystemTime,
+    ) -> Result<IssuedCert, PkiError> {
+        let what = || format!("issuing the test certificate of {common_name:?}");
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, ORGANIZATION);
+        if let Some(ou) = organizational_unit {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationalUnitName, ou);
+        }
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.subject_alt_names = sans
+            .iter()
+            .map(|s| parse_san(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        params.not_before = OffsetDateTime::from(not_before);
+        params.not_after = OffsetDateTime::from(not_after);
+        let key = KeyPair::generate().map_err(|source| PkiError::Generate {
+            what: what(),
+            source,
+        })?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|source| PkiError::Generate {
+                what: what(),
+                source,
+            })?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
     fn issue_leaf(
         &self,
         common_name: &str,

@@ -34,6 +34,7 @@ struct HostJson<'a> {
     containers: u32,
     agent_url: &'a str,
     registered_at_ms: i64,
+    images: &'a [String],
 }
 
 /// Runs `geomxctl hosts`.
@@ -73,6 +74,7 @@ fn host_json(h: &Host) -> HostJson<'_> {
         containers: h.containers,
         agent_url: &h.agent_url,
         registered_at_ms: h.registered_at_ms,
+        images: &h.images,
     }
 }
 

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use crate::plan::{CENTRAL_PARTY, Node, Plan, Policy, Progress, Role, address_placeholder};
-use crate::spec::{JobSpec, Mode, Network, SLICE_OPTION, SLICE_PLACEHOLDER};
+use crate::spec::{JobSpec, Mode, Network, SLICE_OPTION, SLICE_PLACEHOLDER, limits};
 
 /// Node name of the global scheduler.
 pub const GLOBAL_SCHEDULER: &str = "global-scheduler";
@@ -33,7 +33,8 @@ enum Class {
 ///
 /// `spec` must be valid: it is when it came from [`crate::parse`]; check a hand-built one with
 /// [`JobSpec::validate`]. An invalid spec compiles to some plan without panicking, but that
-/// plan is not meaningful.
+/// plan is not meaningful; its counts are capped at geomx's limits (a negative count is 0),
+/// so that even absurd ones (`workers = i64::MAX`) give a plan of bounded size.
 pub fn compile(spec: &JobSpec) -> Plan {
     let mut c = Compiler {
         spec,
@@ -63,6 +64,11 @@ pub fn compile(spec: &JobSpec) -> Plan {
 
 fn to_u32(v: i64) -> u32 {
     u32::try_from(v.max(0)).unwrap_or(u32::MAX)
+}
+
+/// A count of nodes as compiled: within `0..=max` (the limit validation enforces).
+fn count(v: i64, max: i64) -> i64 {
+    v.clamp(0, max)
 }
 
 fn to_port(v: i64) -> u16 {
@@ -154,11 +160,14 @@ impl Compiler<'_> {
         };
         let parties = &spec.parties;
         let p = parties.len();
-        let sg = central.global_servers.max(0);
-        let k = central.workers.max(0);
+        let sg = count(central.global_servers, limits::SERVERS_MAX);
+        let k = count(central.workers, limits::WORKERS_PER_PARTY_MAX);
         let central_training = k > 0;
         let c = if central_training { k + 1 } else { 1 };
-        let sum_w: i64 = parties.iter().map(|p| p.workers.max(0)).sum();
+        let sum_w: i64 = parties
+            .iter()
+            .map(|p| count(p.workers, limits::WORKERS_PER_PARTY_MAX))
+            .sum();
         let all = sum_w + if central_training { c } else { 0 };
         let gport = central.global_scheduler_port;
         let cport = central.scheduler_port;
@@ -286,7 +295,7 @@ impl Compiler<'_> {
             let sched = format!("{}-scheduler", party.name);
             let uri = self.uri(&sched);
             let port = spec.party_scheduler_port(i);
-            let w = party.workers.max(0);
+            let w = count(party.workers, limits::WORKERS_PER_PARTY_MAX);
             let first_host = party.hosts.first().cloned().unwrap_or_default();
             let local_vars = |role: &str| {
                 vec![
@@ -358,8 +367,8 @@ impl Compiler<'_> {
         let sched = format!("{}-scheduler", party.name);
         let uri = self.uri(&sched);
         let port = spec.party_scheduler_port(0);
-        let s = party.servers.max(0);
-        let w = party.workers.max(0);
+        let s = count(party.servers, limits::SERVERS_MAX);
+        let w = count(party.workers, limits::WORKERS_PER_PARTY_MAX);
         let first_host = party.hosts.first().cloned().unwrap_or_default();
         let vars = |role: &str| {
             vec![

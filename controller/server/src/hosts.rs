@@ -35,6 +35,7 @@ pub fn host_message(view: &HostView) -> Host {
         containers: view.containers,
         agent_url: r.agent_url.clone(),
         registered_at_ms: r.registered_at_ms,
+        images: r.images.clone(),
     }
 }
 

@@ -151,6 +151,7 @@ fn controller_leases_subnets_connects_hosts_and_admits_a_fourth() -> anyhow::Res
         "the existing hosts got d's route {converged_after} ms after it registered (> 2 s)"
     );
     c.wait_hosts_ready(&["d".to_string()], Duration::from_secs(60))?;
+    c.build_images(&[c.lab().host("d")?.clone()])?;
     assert_containers_connected(c.lab().host("d")?, c.lab().host("b")?, PSNODE_IMAGE)?;
 
     // security: a wrong token and a client that does not trust the controller are refused

@@ -78,7 +78,7 @@ image = "lizonghango00o1/geomx:cpu-only"
 network = "routed"
 
 [env]
-workers = {{ GEOMX_PSNODE_INTERVAL = "100ms", {worker_env} }}
+workers = {{ PSNODE_INTERVAL = "100ms", {worker_env} }}
 
 [[party]]
 name = "p"
@@ -210,9 +210,9 @@ fn failures_are_detected_reported_and_cleaned_up() -> anyhow::Result<()> {
     let c = cluster()?;
 
     // refused before anything starts
-    let unknown = small_job("unknown-host", "GEOMX_PSNODE_ITERATIONS = \"5\"", "")
+    let unknown = small_job("unknown-host", "PSNODE_ITERATIONS = \"5\"", "")
         .replace(r#"hosts = ["b", "c"]"#, r#"hosts = ["b", "zz"]"#);
-    let no_image = small_job("no-image", "GEOMX_PSNODE_ITERATIONS = \"5\"", "")
+    let no_image = small_job("no-image", "PSNODE_ITERATIONS = \"5\"", "")
         .replace("lizonghango00o1/geomx:cpu-only", "geomx-test/absent:1");
     for (file, text, want) in [
         ("unknown.toml", unknown, "zz"),
@@ -256,17 +256,15 @@ hosts = ["a"]
 workers = 1
 scheduler_port = 9300
 "#;
-    let out = eventually(
-        "port 9300 reported and the job refused",
-        Duration::from_secs(10),
-        || {
-            c.submit_text("pseudo.toml", pseudo)
-                .ok()
-                .filter(|o| o.status.code() == Some(2))
-        },
-    )?;
+    // the agent reports its host's listening ports with every heartbeat (500 ms here)
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = c.submit_text("pseudo.toml", pseudo)?;
     let msg =
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.code() == Some(2),
+        "a pseudo job on a taken port was accepted: {msg}"
+    );
     ensure!(
         msg.contains("9300"),
         "the refusal does not name the port: {msg}"
@@ -285,7 +283,7 @@ scheduler_port = 9300
         "crash.toml",
         &small_job(
             "crash",
-            "GEOMX_PSNODE_CRASH_AFTER = \"5\", GEOMX_PSNODE_ITERATIONS = \"50\"",
+            "PSNODE_CRASH_AFTER = \"5\", PSNODE_ITERATIONS = \"50\"",
             "",
         ),
     )?;
@@ -325,7 +323,7 @@ scheduler_port = 9300
         "restart.toml",
         &small_job(
             "restart",
-            "GEOMX_PSNODE_CRASH_AFTER = \"3\"",
+            "PSNODE_CRASH_AFTER = \"3\"",
             "restart = \"on-failure\"\nmax_restarts = 1",
         ),
     )?;
@@ -347,7 +345,7 @@ scheduler_port = 9300
         "stall.toml",
         &small_job(
             "stall",
-            "GEOMX_PSNODE_HANG_AFTER = \"2\"",
+            "PSNODE_HANG_AFTER = \"2\"",
             "stall_timeout = \"10s\"",
         ),
     )?;
@@ -363,7 +361,7 @@ scheduler_port = 9300
     // cancel removes every container within 5 s
     c.submit_ok(
         "cancel.toml",
-        &small_job("cancel", "GEOMX_PSNODE_ITERATIONS = \"100000\"", ""),
+        &small_job("cancel", "PSNODE_ITERATIONS = \"100000\"", ""),
     )?;
     c.wait_phase("cancel", "Running", Duration::from_secs(60))?;
     let out = c.ctl(&["cancel", "cancel"])?;
@@ -379,7 +377,7 @@ scheduler_port = 9300
     // a host cut off mid-job: the job fails and says which host was lost
     c.submit_ok(
         "lost.toml",
-        &small_job("lost", "GEOMX_PSNODE_ITERATIONS = \"100000\"", ""),
+        &small_job("lost", "PSNODE_ITERATIONS = \"100000\"", ""),
     )?;
     c.wait_phase("lost", "Running", Duration::from_secs(60))?;
     c.lab().cut_link("c")?;
@@ -392,7 +390,7 @@ scheduler_port = 9300
     // and a job naming the lost host is refused
     let out = c.submit_text(
         "lost2.toml",
-        &small_job("lost2", "GEOMX_PSNODE_ITERATIONS = \"5\"", ""),
+        &small_job("lost2", "PSNODE_ITERATIONS = \"5\"", ""),
     )?;
     ensure!(
         out.status.code() == Some(2),
@@ -411,7 +409,7 @@ fn jobs_survive_agent_and_controller_kill9() -> anyhow::Result<()> {
     let c = cluster()?;
     c.submit_ok(
         "long.toml",
-        &small_job("long", "GEOMX_PSNODE_ITERATIONS = \"150\"", "")
+        &small_job("long", "PSNODE_ITERATIONS = \"150\"", "")
             .replace(r#"hosts = ["b", "c"]"#, r#"hosts = ["a", "b"]"#),
     )?;
     c.wait_phase("long", "Running", Duration::from_secs(60))?;

@@ -107,6 +107,11 @@ fn mxnet_example_trains_across_two_hosts() -> anyhow::Result<()> {
             seen.get(name).map_or(0, Vec::len)
         );
         ensure!(final_acc > 0.6, "{name} ended with accuracy {final_acc}");
+        let samples = seen.get(name).map_or(0, Vec::len);
+        ensure!(
+            samples >= 3,
+            "status showed {name}'s accuracy only {samples} times while it trained"
+        );
         ensure!(
             final_acc > first,
             "{name}: accuracy did not rise ({first} -> {final_acc})"

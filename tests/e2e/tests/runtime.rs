@@ -59,9 +59,9 @@ fn cluster(sched_ip: Option<&str>) -> Vec<ContainerSpec> {
     };
     let worker = |i: usize, extra: &[(&str, &str)]| {
         let mut env = local("worker");
-        env.push(("GEOMX_PSNODE_INTERVAL", "150ms".into()));
-        env.push(("GEOMX_PSNODE_ITERATIONS", "12".into()));
-        env.push(("GEOMX_PSNODE_ITERS_PER_EPOCH", "4".into()));
+        env.push(("PSNODE_INTERVAL", "150ms".into()));
+        env.push(("PSNODE_ITERATIONS", "12".into()));
+        env.push(("PSNODE_ITERS_PER_EPOCH", "4".into()));
         env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
         let slice = i.to_string();
         spec(
@@ -91,8 +91,8 @@ fn cluster(sched_ip: Option<&str>) -> Vec<ContainerSpec> {
             &local("server"),
         ),
         worker(0, &[]),
-        worker(1, &[("GEOMX_PSNODE_HTTP_HEARTBEAT", "1")]),
-        worker(2, &[("GEOMX_PSNODE_CRASH_AFTER", "3")]),
+        worker(1, &[("PSNODE_HTTP_HEARTBEAT", "1")]),
+        worker(2, &[("PSNODE_CRASH_AFTER", "3")]),
     ];
     for n in &mut nodes {
         n.start = sched_ip.is_some();
@@ -287,10 +287,7 @@ async fn scenario(
         pseudo(
             "worker-0",
             "worker",
-            &[
-                ("GEOMX_PSNODE_INTERVAL", "50ms"),
-                ("GEOMX_PSNODE_ITERATIONS", "3"),
-            ],
+            &[("PSNODE_INTERVAL", "50ms"), ("PSNODE_ITERATIONS", "3")],
         ),
     ];
     let report = rt.apply(pseudo_job).await?;

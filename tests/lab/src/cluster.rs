@@ -144,18 +144,14 @@ impl Cluster {
         cluster.write_controller_config()?;
         cluster.start_controller()?;
         let hosts: Vec<LabHost> = cluster.lab.hosts().to_vec();
-        std::thread::scope(|s| -> Result<()> {
-            let images = s.spawn(|| cluster.build_images(&hosts));
-            for h in &hosts {
-                cluster.write_agent_config(h)?;
-                cluster.start_agent(&h.name)?;
-            }
-            images
-                .join()
-                .map_err(|_| LabError::Setup("image build panicked".into()))?
-        })?;
+        for h in &hosts {
+            cluster.write_agent_config(h)?;
+            cluster.start_agent(&h.name)?;
+        }
         let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
         cluster.wait_hosts_ready(&names, Duration::from_secs(90))?;
+        // only now: an agent's first pass restarts its host's dockerd to set the bip
+        cluster.build_images(&hosts)?;
         Ok(cluster)
     }
 
@@ -427,16 +423,18 @@ impl Cluster {
         self.lab.process(&format!("agent-{host}"))
     }
 
-    /// Adds a host to the lab and starts its agent (images included); does not wait.
+    /// Adds a host to the lab and starts its agent; does not wait for it, and builds no
+    /// images on it (see [`Cluster::build_images`]).
     pub fn add_host(&mut self, spec: HostSpec) -> Result<()> {
         let h = self.lab.add_host(spec)?.clone();
         self.issue_agent_certificate(&h)?;
-        self.build_images(std::slice::from_ref(&h))?;
         self.write_agent_config(&h)?;
         self.start_agent(&h.name).map(drop)
     }
 
-    fn build_images(&self, hosts: &[LabHost]) -> Result<()> {
+    /// Builds the cluster's images on `hosts` (after their agents set the bip: an agent's
+    /// first pass restarts dockerd).
+    pub fn build_images(&self, hosts: &[LabHost]) -> Result<()> {
         let results: Vec<Result<()>> = std::thread::scope(|s| {
             let handles: Vec<_> = hosts
                 .iter()
@@ -450,7 +448,39 @@ impl Cluster {
                 })
                 .collect()
         });
-        results.into_iter().collect()
+        results.into_iter().collect::<Result<()>>()?;
+        // jobs are admitted on what the agents reported: wait until the controller knows
+        let mut wanted: Vec<&str> = Vec::new();
+        if self.spec.psnode_image {
+            wanted.push(GEOMX_IMAGE);
+        }
+        if self.spec.mxnet_tar.is_some() {
+            wanted.push(MXNET_IMAGE);
+        }
+        let start = Instant::now();
+        loop {
+            let hosts_json = self.hosts()?;
+            let known = |h: &LabHost| {
+                hosts_json.iter().any(|j| {
+                    j["name"] == h.name.as_str()
+                        && wanted.iter().all(|w| {
+                            j["images"]
+                                .as_array()
+                                .is_some_and(|imgs| imgs.iter().any(|i| i == *w))
+                        })
+                })
+            };
+            if hosts.iter().all(known) {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                return Err(LabError::Timeout {
+                    what: format!("the controller to see images {wanted:?} on every host"),
+                    seconds: 30.0,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     fn build_host_images(&self, h: &LabHost) -> Result<()> {

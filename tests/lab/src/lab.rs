@@ -478,6 +478,7 @@ impl Lab {
             }
         });
         let dir = self.dir();
+        self.keep_logs();
         // then whatever is left: processes started for the lab or living in its namespaces
         kill_lab_processes(&dir, &self.namespaces(), &self.cgroup_dirs());
         note(unmount_under(&dir));
@@ -519,8 +520,8 @@ impl Lab {
         v
     }
 
-    /// Prints the last lines of every log of the lab to standard error (for failing tests).
-    pub fn dump_logs(&self, lines: usize) {
+    /// Every log file of the lab: each dockerd's and each process's.
+    pub fn log_files(&self) -> Vec<PathBuf> {
         let mut logs: Vec<PathBuf> = self
             .hosts
             .iter()
@@ -533,7 +534,43 @@ impl Lab {
                     .filter(|p| p.extension().is_some_and(|x| x == "log")),
             );
         }
-        for log in logs {
+        logs.retain(|p| p.exists());
+        logs
+    }
+
+    /// With `GEOMX_LAB_LOGS=<dir>` set, copies every log to `<dir>/<lab name>/` before the
+    /// lab's files go (for looking into a failed test afterwards).
+    fn keep_logs(&self) {
+        let Some(root) = std::env::var_os("GEOMX_LAB_LOGS") else {
+            return;
+        };
+        let dest = PathBuf::from(root).join(&self.spec.name);
+        if std::fs::create_dir_all(&dest).is_err() {
+            return;
+        }
+        for log in self.log_files() {
+            let name = match log.parent().and_then(|p| p.file_name()) {
+                // <host>/docker/dockerd.log -> <host>-dockerd.log
+                Some(p) if p == "docker" => format!(
+                    "{}-dockerd.log",
+                    log.parent()
+                        .and_then(|p| p.parent())
+                        .and_then(|p| p.file_name())
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                ),
+                _ => log
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            };
+            let _ = std::fs::copy(&log, dest.join(name));
+        }
+    }
+
+    /// Prints the last lines of every log of the lab to standard error (for failing tests).
+    pub fn dump_logs(&self, lines: usize) {
+        for log in self.log_files() {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let all: Vec<&str> = text.lines().collect();
             eprintln!("----- {} (last {lines} lines)", log.display());
@@ -549,9 +586,9 @@ impl Drop for Lab {
         if self.down || self.spec.persistent {
             return;
         }
-        if std::thread::panicking() {
-            self.dump_logs(40);
-        }
+        // dropped without `down()`: a test failed (returned early or panicked); its harness
+        // shows this output only for failing tests
+        self.dump_logs(40);
         if let Err(e) = self.teardown() {
             eprintln!("geomx-lab: tearing down lab {}: {e}", self.spec.name);
         }

@@ -126,6 +126,12 @@ impl Rootfs {
             .arg(tag)
             .stdin(tar_out);
         let result = cmd::run(&mut import);
+        // the Command still holds the pipe's read end: drop it, or a tar that could not write
+        // everything (docker import failed early) would wait forever
+        drop(import);
+        if result.is_err() {
+            let _ = tar.kill();
+        }
         let _ = tar.wait();
         result.map(drop)
     }

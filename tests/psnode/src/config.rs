@@ -1,5 +1,5 @@
 //! What a node is, read from the DMLC_* environment exactly as GeoMX reads it, plus the
-//! psnode's own GEOMX_PSNODE_* switches and the `python ...` arguments.
+//! psnode's own PSNODE_* switches and the `python ...` arguments.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -139,19 +139,19 @@ pub struct Config {
     pub all_workers: usize,
     /// `--data-slice-idx`.
     pub data_slice: Option<u64>,
-    /// `GEOMX_PSNODE_INTERVAL` (ms, or with a unit: 200ms, 1s).
+    /// `PSNODE_INTERVAL` (ms, or with a unit: 200ms, 1s).
     pub interval: Duration,
-    /// `GEOMX_PSNODE_ITERATIONS`.
+    /// `PSNODE_ITERATIONS`.
     pub iterations: u64,
-    /// `GEOMX_PSNODE_ITERS_PER_EPOCH`.
+    /// `PSNODE_ITERS_PER_EPOCH`.
     pub iters_per_epoch: u64,
-    /// `GEOMX_PSNODE_CRASH_AFTER`: exit 3 after that many iterations.
+    /// `PSNODE_CRASH_AFTER`: exit 3 after that many iterations.
     pub crash_after: Option<u64>,
-    /// `GEOMX_PSNODE_HANG_AFTER`: stop printing and sleep after that many iterations.
+    /// `PSNODE_HANG_AFTER`: stop printing and sleep after that many iterations.
     pub hang_after: Option<u64>,
-    /// `GEOMX_PSNODE_EXIT_CODE`: exit code after the last iteration (default 0).
+    /// `PSNODE_EXIT_CODE`: exit code after the last iteration (default 0).
     pub exit_code: i32,
-    /// `GEOMX_PSNODE_HTTP_HEARTBEAT=1`: POST progress to `GEOMX_AGENT_URL` too.
+    /// `PSNODE_HTTP_HEARTBEAT=1`: POST progress to `GEOMX_AGENT_URL` too.
     pub http_heartbeat: bool,
     /// `GEOMX_AGENT_URL`.
     pub agent_url: Option<String>,
@@ -297,14 +297,14 @@ impl Config {
             Some(n) => n,
             None => e.num("DMLC_NUM_WORKER")?.unwrap_or(1),
         };
-        let interval = match e.get("GEOMX_PSNODE_INTERVAL") {
+        let interval = match e.get("PSNODE_INTERVAL") {
             None => Duration::from_millis(200),
             Some(v) => parse_duration(v)
-                .with_context(|| format!("GEOMX_PSNODE_INTERVAL={v:?}: use e.g. 200 or 200ms"))?,
+                .with_context(|| format!("PSNODE_INTERVAL={v:?}: use e.g. 200 or 200ms"))?,
         };
-        let iters_per_epoch: u64 = e.num("GEOMX_PSNODE_ITERS_PER_EPOCH")?.unwrap_or(10);
+        let iters_per_epoch: u64 = e.num("PSNODE_ITERS_PER_EPOCH")?.unwrap_or(10);
         if iters_per_epoch == 0 {
-            bail!("GEOMX_PSNODE_ITERS_PER_EPOCH must be at least 1");
+            bail!("PSNODE_ITERS_PER_EPOCH must be at least 1");
         }
         Ok(Config {
             role,
@@ -316,12 +316,12 @@ impl Config {
             all_workers,
             data_slice: data_slice(args)?,
             interval,
-            iterations: e.num("GEOMX_PSNODE_ITERATIONS")?.unwrap_or(20),
+            iterations: e.num("PSNODE_ITERATIONS")?.unwrap_or(20),
             iters_per_epoch,
-            crash_after: e.num("GEOMX_PSNODE_CRASH_AFTER")?,
-            hang_after: e.num("GEOMX_PSNODE_HANG_AFTER")?,
-            exit_code: e.num("GEOMX_PSNODE_EXIT_CODE")?.unwrap_or(0),
-            http_heartbeat: e.get("GEOMX_PSNODE_HTTP_HEARTBEAT") == Some("1"),
+            crash_after: e.num("PSNODE_CRASH_AFTER")?,
+            hang_after: e.num("PSNODE_HANG_AFTER")?,
+            exit_code: e.num("PSNODE_EXIT_CODE")?.unwrap_or(0),
+            http_heartbeat: e.get("PSNODE_HTTP_HEARTBEAT") == Some("1"),
             agent_url: e.get("GEOMX_AGENT_URL").map(str::to_string),
             job: e.get("GEOMX_JOB").map(str::to_string),
             name: e
@@ -458,7 +458,7 @@ mod tests {
         .map(String::from)
         .to_vec();
         let c = Config::from_env(
-            &env("DMLC_ROLE=worker DMLC_PS_ROOT_URI=10.0.0.3 DMLC_PS_ROOT_PORT=9094 DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=2 DMLC_NUM_ALL_WORKER=4 GEOMX_PSNODE_INTERVAL=50ms GEOMX_PSNODE_ITERATIONS=7 GEOMX_PSNODE_CRASH_AFTER=2 GEOMX_PSNODE_EXIT_CODE=5 GEOMX_PSNODE_HTTP_HEARTBEAT=1 GEOMX_AGENT_URL=http://172.17.0.1:7948 GEOMX_NODE=a-worker-1 DMLC_NODE_HOST=172.17.0.5"),
+            &env("DMLC_ROLE=worker DMLC_PS_ROOT_URI=10.0.0.3 DMLC_PS_ROOT_PORT=9094 DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=2 DMLC_NUM_ALL_WORKER=4 PSNODE_INTERVAL=50ms PSNODE_ITERATIONS=7 PSNODE_CRASH_AFTER=2 PSNODE_EXIT_CODE=5 PSNODE_HTTP_HEARTBEAT=1 GEOMX_AGENT_URL=http://172.17.0.1:7948 GEOMX_NODE=a-worker-1 DMLC_NODE_HOST=172.17.0.5"),
             &args,
         )
         .expect("worker");

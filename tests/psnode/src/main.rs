@@ -9,10 +9,10 @@
 //! so GeoMX's commands (`python -c "import mxnet"`, `python examples/cnn.py
 //! --data-slice-idx 0 --cpu`) run unchanged.
 //!
-//! Switches: `GEOMX_PSNODE_INTERVAL` (200ms), `GEOMX_PSNODE_ITERATIONS` (20),
-//! `GEOMX_PSNODE_ITERS_PER_EPOCH` (10), `GEOMX_PSNODE_CRASH_AFTER=n` (exit 3 after n
-//! iterations), `GEOMX_PSNODE_HANG_AFTER=n` (stop printing after n iterations),
-//! `GEOMX_PSNODE_EXIT_CODE` (0), `GEOMX_PSNODE_HTTP_HEARTBEAT=1` (also POST progress to
+//! Switches: `PSNODE_INTERVAL` (200ms), `PSNODE_ITERATIONS` (20),
+//! `PSNODE_ITERS_PER_EPOCH` (10), `PSNODE_CRASH_AFTER=n` (exit 3 after n
+//! iterations), `PSNODE_HANG_AFTER=n` (stop printing after n iterations),
+//! `PSNODE_EXIT_CODE` (0), `PSNODE_HTTP_HEARTBEAT=1` (also POST progress to
 //! `GEOMX_AGENT_URL/v1/heartbeat`). SIGTERM and SIGINT end it at once with exit code 0.
 
 mod config;
@@ -46,7 +46,7 @@ fn install_signal_handlers() {
 }
 
 const USAGE: &str = "usage: geomx-psnode [python arguments ...]
-A stand-in for a ps-lite node; configured by DMLC_* and GEOMX_PSNODE_* environment variables.";
+A stand-in for a ps-lite node; configured by DMLC_* and PSNODE_* environment variables.";
 
 fn run(env: &BTreeMap<String, String>, args: &[String]) -> anyhow::Result<i32> {
     let cfg = Config::from_env(env, args)?;

@@ -34,14 +34,12 @@ pub fn train(cfg: &Config, rank: usize) -> i32 {
     let mut warned = false;
     for i in 0..=cfg.iterations {
         if cfg.crash_after == Some(i) {
-            eprintln!(
-                "psnode: simulated crash after {i} iterations (GEOMX_PSNODE_CRASH_AFTER={i})"
-            );
+            eprintln!("psnode: simulated crash after {i} iterations (PSNODE_CRASH_AFTER={i})");
             eprintln!("RuntimeError: simulated failure in iteration {}", i + 1);
             return CRASH_EXIT_CODE;
         }
         if cfg.hang_after == Some(i) {
-            eprintln!("psnode: hanging after {i} iterations (GEOMX_PSNODE_HANG_AFTER={i})");
+            eprintln!("psnode: hanging after {i} iterations (PSNODE_HANG_AFTER={i})");
             loop {
                 std::thread::park();
             }
@@ -190,12 +188,12 @@ mod tests {
     #[test]
     fn crash_and_exit_codes() {
         let mut env: BTreeMap<String, String> = BTreeMap::new();
-        env.insert("GEOMX_PSNODE_INTERVAL".into(), "1".into());
-        env.insert("GEOMX_PSNODE_ITERATIONS".into(), "3".into());
-        env.insert("GEOMX_PSNODE_EXIT_CODE".into(), "7".into());
+        env.insert("PSNODE_INTERVAL".into(), "1".into());
+        env.insert("PSNODE_ITERATIONS".into(), "3".into());
+        env.insert("PSNODE_EXIT_CODE".into(), "7".into());
         let cfg = Config::from_env(&env, &[]).expect("config");
         assert_eq!(train(&cfg, 0), 7);
-        env.insert("GEOMX_PSNODE_CRASH_AFTER".into(), "2".into());
+        env.insert("PSNODE_CRASH_AFTER".into(), "2".into());
         let cfg = Config::from_env(&env, &[]).expect("config");
         assert_eq!(train(&cfg, 0), CRASH_EXIT_CODE);
     }

@@ -130,9 +130,9 @@ fn hips_topology_registers_trains_and_stops() {
     let (g, c, a, b) = (g.to_string(), c.to_string(), a.to_string(), b.to_string());
     let ip = "127.0.0.1";
     let fast = [
-        ("GEOMX_PSNODE_INTERVAL", "20ms"),
-        ("GEOMX_PSNODE_ITERATIONS", "6"),
-        ("GEOMX_PSNODE_ITERS_PER_EPOCH", "3"),
+        ("PSNODE_INTERVAL", "20ms"),
+        ("PSNODE_ITERATIONS", "6"),
+        ("PSNODE_ITERS_PER_EPOCH", "3"),
     ];
     let global = [
         ("DMLC_PS_GLOBAL_ROOT_URI", ip),
