@@ -359,6 +359,7 @@ mod tests {
             env: BTreeMap::from([("DMLC_ROLE".into(), "worker".into())]),
             controller_id: "ctl".into(),
             start: true,
+            sandbox: true,
             ..Default::default()
         }
     }
@@ -541,6 +542,39 @@ mod tests {
         })
         .await;
         assert!(node(&s, "sched").error.contains("network sandbox"), "{s:?}");
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_node_without_a_sandbox_starts_directly_on_docker0_with_its_own_address() {
+        let fake = FakeEngine::new(&[IMG]);
+        let rt = Runtime::start(fake.clone(), config()).await.expect("start");
+        let mut w = spec("w0");
+        w.sandbox = false;
+        w.start = false;
+        // not started, no sandbox: nothing to create, no address yet
+        let report = rt.apply(vec![w.clone()]).await.expect("apply");
+        assert!(report.is_no_op(), "{report:?}");
+        let pending = rt.status("job1", "w0").expect("tracked");
+        assert_eq!(pending.state, NodeState::Pending);
+        assert!(pending.ip.is_empty(), "{pending:?}");
+        w.start = true;
+        rt.apply(vec![w]).await.expect("apply");
+        let s = wait_for(&rt, "running with an address", |s| {
+            s.node("job1", "w0")
+                .is_some_and(|n| n.state == NodeState::Running && !n.ip.is_empty())
+        })
+        .await;
+        assert_eq!(fake.names(), vec!["geomx.job1.w0".to_string()]);
+        let body = fake
+            .find("geomx.job1.w0")
+            .map(|c| c.body)
+            .expect("role container");
+        assert_eq!(
+            body.host_config.and_then(|h| h.network_mode),
+            Some("bridge".to_string())
+        );
+        assert!(!node(&s, "w0").ip.is_empty());
         rt.shutdown();
     }
 

@@ -46,6 +46,7 @@
 //!         image: "geomx-test/psnode:latest".into(),
 //!         command: vec!["python".into(), "-c".into(), "import mxnet".into()],
 //!         start: true,
+//!         sandbox: true,
 //!         ..Default::default()
 //!     }])
 //!     .await?;

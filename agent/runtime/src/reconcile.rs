@@ -300,6 +300,7 @@ mod tests {
             controller_id: "c".into(),
             host_network: true,
             start: true,
+            sandbox: true,
             ..Default::default()
         }
     }

@@ -79,8 +79,12 @@ pub struct ContainerSpec {
     /// The controller's state id, stored as label `io.geomx.controller`.
     pub controller_id: String,
     /// Create and start the role container now (its env is complete). While false only
-    /// the network sandbox exists (docker0 nodes) or nothing (host networking).
+    /// the network sandbox exists (if `sandbox`) or nothing.
     pub start: bool,
+    /// Give the node a network sandbox so that its docker0 address is known before its
+    /// role container exists (a scheduler's env names its own address); otherwise the
+    /// role container starts directly on docker0. Ignored with host networking.
+    pub sandbox: bool,
 }
 
 /// Identifies a node on a host: (job, node).
@@ -93,7 +97,7 @@ pub enum ContainerKind {
     /// node's network namespace, so that its IP is known before the role container
     /// exists (the pattern of a Kubernetes pod's pause container).
     Sandbox,
-    /// The role container: the GeoMX process itself (joins the sandbox's network).
+    /// The role container: the GeoMX process itself (joins the sandbox's network, if any).
     Role,
 }
 
@@ -155,9 +159,9 @@ impl ContainerSpec {
         sandbox_name(&self.job, &self.node)
     }
 
-    /// Whether the node has a network sandbox (every docker0 node does).
+    /// Whether the node has a network sandbox (a docker0 node that asked for one).
     pub fn has_sandbox(&self) -> bool {
-        !self.host_network
+        self.sandbox && !self.host_network
     }
 
     /// The image of the node's sandbox.
@@ -398,6 +402,7 @@ mod tests {
             progress_regex: None,
             controller_id: "c1".into(),
             start: true,
+            sandbox: true,
         }
     }
 

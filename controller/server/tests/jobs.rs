@@ -379,8 +379,16 @@ fn build_report(host: &str, s: &SimState) -> HostReport {
     }
 }
 
-/// What a real agent does with a desired state: sandboxes for new nodes, containers for
-/// started ones, removal of the rest.
+/// The next container address of a simulated host.
+fn next_ip(s: &mut SimState, subnet: Ipv4Net) -> String {
+    let ip = Ipv4Addr::from(u32::from(subnet.network()) + s.next_ip);
+    s.next_ip += 1;
+    ip.to_string()
+}
+
+/// What a real agent does with a desired state: sandboxes for new nodes that ask for one
+/// (their IP is known before they start), containers for started ones (a node without a
+/// sandbox gets its IP when its container starts), removal of the rest.
 fn apply(
     state: &Arc<Mutex<SimState>>,
     journal: &Journal,
@@ -405,11 +413,10 @@ fn apply(
         if !s.nodes.contains_key(&key) {
             let ip = if spec.host_network {
                 ip_of(host).to_owned()
+            } else if spec.sandbox {
+                next_ip(&mut s, subnet)
             } else {
-                let base = u32::from(subnet.network());
-                let ip = Ipv4Addr::from(base + s.next_ip);
-                s.next_ip += 1;
-                ip.to_string()
+                String::new()
             };
             s.nodes.insert(
                 key.clone(),
@@ -427,6 +434,12 @@ fn apply(
             );
         }
         let delay = s.scheduler_delay;
+        if spec.start && s.nodes.get(&key).is_some_and(|n| n.ip.is_empty()) {
+            let ip = next_ip(&mut s, subnet);
+            if let Some(n) = s.nodes.get_mut(&key) {
+                n.ip = ip;
+            }
+        }
         let n = s.nodes.get_mut(&key).expect("inserted");
         n.spec = spec.clone();
         if !spec.start {
@@ -649,7 +662,14 @@ async fn routed_gang_start_fills_scheduler_ips_and_orders_starts() {
     assert_eq!(job.generation, 0);
     assert!(job.running_at_ms >= job.submitted_at_ms);
 
-    // Each node's IP is its sandbox's, as its agent reported it.
+    // Only the schedulers (their env names their own address) get a network sandbox.
+    for h in ["a", "b", "c"] {
+        for spec in c.sim(h).desired() {
+            let scheduler = spec.role.ends_with("scheduler");
+            assert_eq!(spec.sandbox, scheduler, "{}: sandbox", spec.node);
+        }
+    }
+    // Each node's IP is the one its agent reported (sandbox or container).
     let j = "hips-test";
     for n in &job.nodes {
         let status = n.status.as_ref().expect("status");

@@ -99,6 +99,7 @@ async fn scenario(d: &Dockerd) -> anyhow::Result<()> {
         env: BTreeMap::new(),
         controller_id: "e2e".into(),
         start: true,
+        sandbox: true,
         ..Default::default()
     };
     let report = rt.apply(vec![spec]).await?;

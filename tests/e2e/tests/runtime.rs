@@ -38,6 +38,7 @@ fn spec(node: &str, role: &str, command: &[&str], env: &[(&str, String)]) -> Con
             .collect::<BTreeMap<_, _>>(),
         controller_id: "e2e".into(),
         start: true,
+        sandbox: true,
         ..Default::default()
     }
 }

@@ -90,6 +90,7 @@ pub fn container_spec(c: &v1::ContainerSpec, controller_id: &str) -> ContainerSp
         progress_regex: Some(c.progress_regex.clone()).filter(|r| !r.trim().is_empty()),
         controller_id: controller_id.to_owned(),
         start: c.start,
+        sandbox: c.sandbox,
     }
 }
 
@@ -174,6 +175,7 @@ mod tests {
                 generation: 2,
                 progress_regex: String::new(),
                 start: true,
+                sandbox: true,
             }],
             heartbeat_interval_ms: 1000,
             controller_id: "ctl-1".into(),

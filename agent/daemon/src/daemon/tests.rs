@@ -101,6 +101,7 @@ fn worker(job: &str, node: &str) -> ContainerSpec {
         command: vec!["python".into(), "cnn.py".into()],
         env: [("DMLC_ROLE".to_string(), "worker".to_string())].into(),
         start: true,
+        sandbox: true,
         ..Default::default()
     }
 }

@@ -976,8 +976,10 @@ pub fn waiting_for(idx: &PlanIndex, meta: &JobMeta, nodes: &[NodeRecord]) -> Str
     };
     match meta.phase {
         Phase::Pending | Phase::Starting => {
-            let (n, no_ip) = names(&|i| {
-                !nodes[i].started() && idx.deps[i].iter().any(|&j| nodes[j].ip.is_none())
+            // the nodes whose address someone not yet started is waiting for
+            let (n, no_ip) = names(&|j| {
+                nodes[j].ip.is_none()
+                    && (0..idx.len()).any(|i| !nodes[i].started() && idx.deps[i].contains(&j))
             });
             if n > 0 && idx.schedulers.iter().any(|&i| !nodes[i].started()) {
                 return format!("waiting for the network sandboxes (IPs) of {no_ip}");

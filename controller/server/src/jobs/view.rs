@@ -148,6 +148,8 @@ pub fn container_spec(
             regex.clone()
         },
         start: rec.started(),
+        // only a node whose env names its own address needs it before it starts
+        sandbox: idx.plan.network != Network::Pseudo && n.depends_on().contains(&n.name),
     }
 }
 
