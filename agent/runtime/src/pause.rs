@@ -6,8 +6,9 @@
 //! SIGINT, exits 0, and reaps re-parented children. `build.rs` compiles it with the system C
 //! compiler (`cc -static -Os -s`) and this module embeds the result ([`binary`]).
 //!
-//! [`ensure_image`] imports it once per host as `geomx/pause:<crate version>`
-//! ([`image_tag`]): a one-file image (`/pause`, entrypoint `/pause`, label
+//! [`ensure_image`] imports it once per host as `geomx/pause:<hash of the program>`
+//! ([`image_tag`]; content-addressed, so a new agent version with the same pause program
+//! leaves running sandboxes — and the jobs in them — alone): a one-file image (`/pause`, entrypoint `/pause`, label
 //! `io.geomx.managed=true`) made with `docker import` (bollard's `create_image` with
 //! `fromSrc=-` and an in-memory tar body). The daemon then sets
 //! [`SandboxConfig`] to [`sandbox_config`]`(tag)`.
@@ -42,9 +43,18 @@ pub fn binary() -> Option<&'static [u8]> {
     BINARY
 }
 
-/// The pause image's reference on every host: `geomx/pause:<crate version>`.
+/// The tag of the pause image: a hash of the embedded program (the crate version in a build
+/// without one, which never imports it).
+fn tag_of_binary() -> String {
+    match binary() {
+        Some(b) => format!("{:016x}", crate::spec::fnv1a64(b)),
+        None => env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+/// The pause image's reference on every host: `geomx/pause:<hash of the program>`.
 pub fn image_tag() -> String {
-    format!("{PAUSE_REPO}:{}", env!("CARGO_PKG_VERSION"))
+    format!("{PAUSE_REPO}:{}", tag_of_binary())
 }
 
 /// The sandbox settings for the imported pause image `tag`: the image, and `/pause` as
@@ -73,7 +83,7 @@ pub async fn ensure_image(engine: &BollardEngine) -> Result<String> {
     let options = CreateImageOptions {
         from_src: Some("-".to_string()),
         repo: Some(PAUSE_REPO.to_string()),
-        tag: Some(env!("CARGO_PKG_VERSION").to_string()),
+        tag: Some(tag_of_binary()),
         message: Some("geomx network sandbox (pause)".to_string()),
         changes: vec![
             format!("LABEL {LABEL_MANAGED}=true"),
