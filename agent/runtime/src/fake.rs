@@ -1,6 +1,9 @@
-//! An in-memory [`Engine`] for the runtime's unit tests, and those tests.
+//! An in-memory [`Engine`] for unit tests (the runtime's own, below, and the agent daemon's
+//! with the `fake` feature): containers, images, logs and events in a map, with switches to
+//! make a container print or exit and Docker stop answering.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,8 +19,10 @@ use crate::error::{Result, RuntimeError};
 use crate::spec::LABEL_MANAGED;
 use crate::status::now_ms;
 
+/// A container of the fake engine.
 #[derive(Clone, Debug)]
-pub(crate) struct FakeContainer {
+#[allow(missing_docs)]
+pub struct FakeContainer {
     pub id: String,
     pub name: String,
     pub labels: HashMap<String, String>,
@@ -31,21 +36,28 @@ pub(crate) struct FakeContainer {
     pub body: ContainerCreateBody,
 }
 
+/// Everything the fake engine holds.
 #[derive(Default)]
-pub(crate) struct FakeState {
+#[allow(missing_docs)]
+pub struct FakeState {
     pub containers: BTreeMap<String, FakeContainer>,
     pub images: BTreeSet<String>,
     pub next: u64,
     pub calls: Vec<String>,
 }
 
+/// An in-memory Docker engine; clones share their state.
 #[derive(Clone)]
-pub(crate) struct FakeEngine {
+pub struct FakeEngine {
+    /// The containers, images and calls.
     pub state: Arc<Mutex<FakeState>>,
     events: broadcast::Sender<EngineEvent>,
+    down: Arc<AtomicBool>,
 }
 
+#[allow(missing_docs)]
 impl FakeEngine {
+    /// An engine holding `images` and no container.
     pub fn new(images: &[&str]) -> FakeEngine {
         let (events, _) = broadcast::channel(1024);
         let st = FakeState {
@@ -55,11 +67,40 @@ impl FakeEngine {
         FakeEngine {
             state: Arc::new(Mutex::new(st)),
             events,
+            down: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
+    /// The state, locked.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Docker does not answer while `down`.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// An error while Docker is down.
+    pub fn check(&self) -> Result<()> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(RuntimeError::Io {
+                what: "fake docker".into(),
+                source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "down"),
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The environment a container named `name` was created with.
+    pub fn env_of(&self, name: &str) -> Vec<String> {
+        self.lock()
+            .containers
+            .values()
+            .find(|c| c.name == name)
+            .and_then(|c| c.body.env.clone())
+            .unwrap_or_default()
     }
 
     fn emit(&self, id: &str, action: &str) {
@@ -125,6 +166,7 @@ impl FakeEngine {
 
 impl Engine for FakeEngine {
     async fn list_managed(&self) -> Result<Vec<ActualContainer>> {
+        self.check()?;
         Ok(self
             .lock()
             .containers
@@ -140,6 +182,7 @@ impl Engine for FakeEngine {
     }
 
     async fn inspect(&self, id: &str) -> Result<Option<Inspection>> {
+        self.check()?;
         Ok(self.find(id).map(|c| Inspection {
             id: c.id.clone(),
             name: c.name.clone(),
@@ -157,16 +200,19 @@ impl Engine for FakeEngine {
     }
 
     async fn image_present(&self, image: &str) -> Result<bool> {
+        self.check()?;
         let mut st = self.lock();
         st.calls.push(format!("image {image}"));
         Ok(st.images.contains(image))
     }
 
     async fn images(&self) -> Result<Vec<String>> {
+        self.check()?;
         Ok(self.lock().images.iter().cloned().collect())
     }
 
     async fn create(&self, name: &str, body: ContainerCreateBody) -> Result<String> {
+        self.check()?;
         let mut st = self.lock();
         st.calls.push(format!("create {name}"));
         let image = body.image.clone().unwrap_or_default();
@@ -226,6 +272,7 @@ impl Engine for FakeEngine {
     }
 
     async fn start(&self, id: &str) -> Result<()> {
+        self.check()?;
         {
             let mut st = self.lock();
             st.calls.push(format!("start {id}"));
@@ -241,6 +288,7 @@ impl Engine for FakeEngine {
     }
 
     async fn stop(&self, id: &str, _timeout: Duration) -> Result<()> {
+        self.check()?;
         let was_running = {
             let mut st = self.lock();
             st.calls.push(format!("stop {id}"));
@@ -261,6 +309,7 @@ impl Engine for FakeEngine {
     }
 
     async fn remove(&self, id: &str) -> Result<()> {
+        self.check()?;
         let existed = {
             let mut st = self.lock();
             st.calls.push(format!("remove {id}"));

@@ -86,5 +86,5 @@ pub use status::{LogChunk, NodeState, NodeStatus, Snapshot};
 /// The cancellation token [`HeartbeatServer::serve`] stops on (re-exported from tokio-util).
 pub use tokio_util::sync::CancellationToken;
 
-#[cfg(test)]
-mod fake;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;

@@ -33,8 +33,6 @@ pub mod ports;
 pub mod state;
 
 #[cfg(test)]
-mod fake_engine;
-#[cfg(test)]
 mod tests;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

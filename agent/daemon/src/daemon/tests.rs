@@ -1,5 +1,5 @@
 //! The daemon against a real controller in-process (TLS, a fresh PKI), with the network
-//! and Docker faked (`geomx_net::fake::FakeKernel`, [`super::fake_engine::FakeEngine`]):
+//! and Docker faked (`geomx_net::fake::FakeKernel`, [`geomx_runtime::fake::FakeEngine`]):
 //! registration, desired state, reports, crash reporting latency, logs over the agent API,
 //! controller restarts and loss, static stability, Docker down at start.
 
@@ -26,7 +26,10 @@ use tonic::Status;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::docker::tolerant;
-use super::fake_engine::{FakeEngine, FakeSource};
+use geomx_runtime::fake::FakeEngine;
+use geomx_runtime::{RuntimeError, SandboxConfig};
+
+use super::docker::EngineSource;
 use super::state::StateFile;
 use super::{Running, Settings, agent_version, start};
 
@@ -723,4 +726,22 @@ async fn docker_down_at_start_still_gives_routes_then_containers() {
     .await;
     assert_eq!(fake.host().restarts, 0, "Docker started with the right bip");
     running.stop(Duration::from_secs(5)).await;
+}
+
+/// An [`EngineSource`] handing out clones of one fake engine (the sandboxes use the default
+/// shell loop in the job's image).
+#[derive(Clone)]
+struct FakeSource(FakeEngine);
+
+impl EngineSource for FakeSource {
+    type Engine = FakeEngine;
+
+    async fn connect(&self) -> Result<FakeEngine, String> {
+        self.0.check().map_err(|e: RuntimeError| e.to_string())?;
+        Ok(self.0.clone())
+    }
+
+    async fn sandbox(&self, _engine: &FakeEngine) -> Result<SandboxConfig, String> {
+        Ok(SandboxConfig::default())
+    }
 }
