@@ -6,6 +6,7 @@
 //! * [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
 //! * [`tls`]: loading PEM files into tonic TLS configs, the caller's certificate identity,
 //!   bearer tokens.
+//! * [`config_file`]: TOML configuration files with errors at line and column.
 //! * [`pki`]: a small CA and the controller and agent certificates (for labs and tests, and
 //!   behind `geomxctl certs`).
 
@@ -17,6 +18,7 @@ pub mod v1 {
     tonic::include_proto!("geomx.v1");
 }
 
+pub mod config_file;
 pub mod pki;
 pub mod tls;
 

@@ -31,6 +31,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use geomx_proto::config_file::{line_col, parse_toml};
 use geomx_proto::tls::{TlsFiles, parse_tokens_file, validate_token};
 use ipnet::Ipv4Net;
 use serde::Deserialize;
@@ -335,25 +336,12 @@ fn read(path: &Path, what: &'static str) -> Result<String, ConfigError> {
 }
 
 fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| {
-        let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-        ConfigError::Parse {
-            path: path.to_owned(),
-            line,
-            col,
-            message: e.message().trim().to_owned(),
-        }
+    parse_toml(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        line: e.line,
+        col: e.col,
+        message: e.message,
     })
-}
-
-/// 1-based line and column (in characters) of byte `offset` in `text`.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = text.get(..offset).unwrap_or(text);
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let col = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
-    (line, col)
 }
 
 /// Where each setting came from, for error messages.
@@ -702,11 +690,5 @@ mod tests {
             PathBuf::from("/etc/geomx/tls/controller.pem")
         );
         assert_eq!(cfg.tokens.len(), 1);
-    }
-
-    #[test]
-    fn line_col_counts_chars() {
-        assert_eq!(line_col("ab\ncd", 4), (2, 2));
-        assert_eq!(line_col("", 10), (1, 1));
     }
 }

@@ -35,6 +35,7 @@ use geomx_net::{
     DEFAULT_DAEMON_JSON, DEFAULT_DOCKER_HOST, DEFAULT_DOCKER_READY_TIMEOUT,
     DEFAULT_DOCKER_RESTART_COMMAND, DEFAULT_INTERVAL, DEFAULT_STATE_DIR, NetConfig,
 };
+use geomx_proto::config_file::{line_col, parse_toml};
 use geomx_proto::tls::TlsFiles;
 use geomx_runtime::DEFAULT_HEARTBEAT_PORT;
 use ipnet::Ipv4Net;
@@ -237,25 +238,12 @@ fn read(path: &Path) -> Result<String, ConfigError> {
 }
 
 fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| {
-        let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-        ConfigError::Parse {
-            path: path.to_owned(),
-            line,
-            col,
-            message: e.message().trim().to_owned(),
-        }
+    parse_toml(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        line: e.line,
+        col: e.col,
+        message: e.message,
     })
-}
-
-/// 1-based line and column (in characters) of byte `offset` in `text`.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = text.get(..offset).unwrap_or(text);
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let col = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
-    (line, col)
 }
 
 fn flag(name: &str) -> String {
