@@ -11,7 +11,8 @@ use geomx_net::daemon_json::{self, Remembered};
 mod daemon_json_checks;
 
 fn inputs() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fuzz/regressions/daemon_json");
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fuzz/regressions/daemon_json");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.expect("dir entry").path())

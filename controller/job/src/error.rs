@@ -102,7 +102,42 @@ pub struct UnresolvedAddress {
     pub needs: String,
 }
 
+/// Most problems one parse reports; past it, one last entry says how many more there were.
+/// Keeps the report (and the time spent placing each problem) bounded whatever the file.
+pub const MAX_REPORTED_PROBLEMS: usize = 100;
+
+/// Where the lines of a text start, to place many byte offsets in `O(log lines)` each
+/// rather than by scanning the text from its start every time.
+#[derive(Debug)]
+pub(crate) struct LineIndex {
+    /// Byte offset of the start of every line (the first is 0).
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    pub(crate) fn new(src: &str) -> Self {
+        let mut starts = vec![0];
+        starts.extend(src.match_indices('\n').map(|(i, _)| i + 1));
+        LineIndex { starts }
+    }
+
+    /// 1-based line and column (in characters) of a byte offset in `src`, the text this
+    /// index was made from.
+    pub(crate) fn line_col(&self, src: &str, offset: usize) -> (usize, usize) {
+        let mut offset = offset.min(src.len());
+        while !src.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        // The last line start at or before offset (starts[0] = 0 <= offset).
+        let line = self.starts.partition_point(|&s| s <= offset);
+        let start = self.starts.get(line.wrapping_sub(1)).copied().unwrap_or(0);
+        let col = src.get(start..offset).map_or(0, |t| t.chars().count()) + 1;
+        (line.max(1), col)
+    }
+}
+
 /// 1-based line and column (in characters) of a byte offset in `src`.
+#[cfg(test)]
 pub(crate) fn line_col(src: &str, offset: usize) -> (usize, usize) {
     let mut offset = offset.min(src.len());
     while !src.is_char_boundary(offset) {
@@ -128,6 +163,27 @@ mod tests {
         // "bé = " is 5 characters but 6 bytes
         assert_eq!(line_col(src, 6 + 6), (2, 6));
         assert_eq!(line_col(src, 1000), (3, 1));
+    }
+
+    #[test]
+    fn line_index_agrees_with_line_col() {
+        for src in [
+            "",
+            "a",
+            "\n",
+            "a = 1\nbé = 2\n",
+            "\n\nx\r\né\u{1F600}z\n",
+            "no newline é",
+        ] {
+            let index = LineIndex::new(src);
+            for offset in 0..=src.len() + 2 {
+                assert_eq!(
+                    index.line_col(src, offset),
+                    line_col(src, offset),
+                    "{src:?} at {offset}"
+                );
+            }
+        }
     }
 
     #[test]

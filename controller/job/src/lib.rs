@@ -32,7 +32,7 @@ mod spec;
 mod validate;
 
 pub use compile::{CENTRAL_SCHEDULER, GLOBAL_SCHEDULER, MASTER_WORKER, compile};
-pub use error::{ErrorKind, JobError, JobErrors, UnresolvedAddress};
+pub use error::{ErrorKind, JobError, JobErrors, MAX_REPORTED_PROBLEMS, UnresolvedAddress};
 pub use parse::{TOP_LEVEL_KEYS, parse};
 pub use plan::{CENTRAL_PARTY, Node, Plan, Policy, Progress, Role, address_placeholder};
 pub use spec::{

@@ -6,7 +6,7 @@
 //! (2) the typed [`JobSpec`] via serde. When serde refuses the document, each section is
 //! deserialized on its own so that every section's problem is reported, not just the first.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 use serde::Deserialize;
@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
-use crate::error::{ErrorKind, JobError, JobErrors, line_col};
+use crate::error::{ErrorKind, JobError, JobErrors, LineIndex, MAX_REPORTED_PROBLEMS};
 use crate::spec::{
     CentralSpec, CommandSpec, EnvSpec, JobSpec, Mode, Network, PartySpec, PolicySpec, ProgressSpec,
 };
@@ -47,8 +47,8 @@ const REQUIRED_TOP_LEVEL_KEYS: [(&str, &str); 3] = [
 /// Spans of every key and value in a document, by field path.
 #[derive(Debug, Default)]
 struct Spans {
-    /// path → (key span, value span)
-    map: HashMap<String, (Range<usize>, Range<usize>)>,
+    /// path → (key span, value span); ordered, so that a field's subtree is a range.
+    map: BTreeMap<String, (Range<usize>, Range<usize>)>,
 }
 
 impl Spans {
@@ -85,10 +85,20 @@ impl Spans {
         }
     }
 
-    /// The field whose value span is the smallest one containing `span`.
-    fn innermost(&self, span: &Range<usize>) -> Option<String> {
+    /// The field whose value span is the smallest one containing `span`, among `within`
+    /// and the fields under it (`within.key`, `within[i]`). Looks at that subtree only, so
+    /// placing one problem per `[[party]]` stays linear in the file.
+    fn innermost(&self, within: &str, span: &Range<usize>) -> Option<String> {
+        // Every path starting with "X." sorts in ["X.", "X/"), with "X[" in ["X[", "X\\").
+        let under = |open: char, close: char| {
+            self.map
+                .range(format!("{within}{open}")..format!("{within}{close}"))
+        };
         self.map
-            .iter()
+            .get_key_value(within)
+            .into_iter()
+            .chain(under('.', '/'))
+            .chain(under('[', '\\'))
             .filter(|(_, (_, v))| v.start <= span.start && span.end <= v.end)
             .min_by_key(|(path, (_, v))| (v.end - v.start, std::cmp::Reverse(path.len())))
             .map(|(path, _)| path.clone())
@@ -107,6 +117,13 @@ impl Spans {
     }
 }
 
+/// A problem and the byte offset it is about; its line and column are worked out only for
+/// the problems that are reported (see [`sorted`]).
+struct Located {
+    offset: Option<usize>,
+    error: JobError,
+}
+
 /// Builds errors for one file.
 struct Reporter<'a> {
     file: &'a str,
@@ -120,25 +137,21 @@ impl Reporter<'_> {
         field: Option<String>,
         kind: ErrorKind,
         message: String,
-    ) -> JobError {
-        let (line, col) = match span {
-            Some(span) => {
-                let (l, c) = line_col(self.src, span.start);
-                (Some(l), Some(c))
-            }
-            None => (None, None),
-        };
-        JobError {
-            file: self.file.to_string(),
-            line,
-            col,
-            field,
-            kind,
-            message,
+    ) -> Located {
+        Located {
+            offset: span.map(|s| s.start),
+            error: JobError {
+                file: self.file.to_string(),
+                line: None,
+                col: None,
+                field,
+                kind,
+                message,
+            },
         }
     }
 
-    fn toml(&self, e: &toml::de::Error, field: Option<String>, kind: ErrorKind) -> JobError {
+    fn toml(&self, e: &toml::de::Error, field: Option<String>, kind: ErrorKind) -> Located {
         let message = e.message().trim().replace('\n', " ");
         self.at(e.span(), field, kind, message)
     }
@@ -152,19 +165,33 @@ pub fn parse(file: &str, src: &str) -> Result<JobSpec, JobErrors> {
     let r = Reporter { file, src };
     let (doc, syntax) = DeTable::parse_recoverable(src);
     if !syntax.is_empty() {
-        let errors = syntax
+        // A garbage file can have a syntax error every other byte: build only those that
+        // can be reported, in file order, and count the rest.
+        let mut order: Vec<(bool, Option<usize>, usize)> = syntax
             .iter()
-            .map(|e| {
-                let mut error = r.toml(e, None, ErrorKind::Syntax);
-                if let Some(key) = e.span().and_then(|s| src.get(s))
-                    && error.message == "duplicate key"
-                {
-                    error.message = format!("duplicate key `{key}`");
-                }
-                error
+            .enumerate()
+            .map(|(i, e)| {
+                let at = e.span().map(|s| s.start);
+                (at.is_none(), at, i)
             })
             .collect();
-        return Err(sorted(errors));
+        order.sort_unstable();
+        let dropped = order.len().saturating_sub(MAX_REPORTED_PROBLEMS + 1);
+        order.truncate(MAX_REPORTED_PROBLEMS + 1);
+        let errors = order
+            .into_iter()
+            .filter_map(|(_, _, i)| syntax.get(i))
+            .map(|e| {
+                let mut located = r.toml(e, None, ErrorKind::Syntax);
+                if let Some(key) = e.span().and_then(|s| src.get(s))
+                    && located.error.message == "duplicate key"
+                {
+                    located.error.message = format!("duplicate key `{key}`");
+                }
+                located
+            })
+            .collect();
+        return Err(sorted(&r, errors, dropped));
     }
     let spans = Spans::from_doc(&doc);
 
@@ -175,7 +202,7 @@ pub fn parse(file: &str, src: &str) -> Result<JobSpec, JobErrors> {
             if errors.is_empty() {
                 errors.push(r.toml(&whole, None, ErrorKind::Schema));
             }
-            return Err(sorted(errors));
+            return Err(sorted(&r, errors, 0));
         }
     };
 
@@ -196,14 +223,46 @@ pub fn parse(file: &str, src: &str) -> Result<JobSpec, JobErrors> {
             },
         )
         .collect();
-    Err(sorted(errors))
+    Err(sorted(&r, errors, 0))
 }
 
-/// Problems sorted by position (unlocated ones last, in the order found).
-fn sorted(mut errors: Vec<JobError>) -> JobErrors {
-    errors.sort_by_key(|e| (e.line.is_none(), e.line, e.col));
-    errors.dedup();
-    JobErrors(errors)
+/// Problems sorted by position (unlocated ones last, in the order found), each placed at
+/// its line and column; at most [`MAX_REPORTED_PROBLEMS`], then one entry saying how many
+/// more there were (`dropped` of them already left out by the caller).
+fn sorted(r: &Reporter<'_>, mut errors: Vec<Located>, dropped: usize) -> JobErrors {
+    errors.sort_by_key(|e| (e.offset.is_none(), e.offset));
+    let lines = LineIndex::new(r.src);
+    let mut out: Vec<JobError> = Vec::new();
+    let mut left = errors.into_iter();
+    for Located { offset, mut error } in left.by_ref() {
+        if let Some(offset) = offset {
+            let (line, col) = lines.line_col(r.src, offset);
+            error.line = Some(line);
+            error.col = Some(col);
+        }
+        if out.last() != Some(&error) {
+            out.push(error);
+        }
+        if out.len() == MAX_REPORTED_PROBLEMS {
+            break;
+        }
+    }
+    let mut more = left.map(|l| l.error);
+    if let Some(next) = more.next() {
+        let n = 1 + more.count() + dropped;
+        out.push(JobError {
+            file: r.file.to_string(),
+            line: None,
+            col: None,
+            field: None,
+            kind: next.kind,
+            message: format!(
+                "... and {n} more problem{} (only the first {MAX_REPORTED_PROBLEMS} are shown)",
+                if n == 1 { "" } else { "s" }
+            ),
+        });
+    }
+    JobErrors(out)
 }
 
 /// Keys of the sub-tables, for reporting every unknown key (serde stops at the first).
@@ -244,7 +303,7 @@ fn one_of(keys: &[&str]) -> String {
 }
 
 /// Deserializes each top-level section on its own, collecting every format error.
-fn diagnose(r: &Reporter<'_>, doc: &Spanned<DeTable<'_>>, spans: &Spans) -> Vec<JobError> {
+fn diagnose(r: &Reporter<'_>, doc: &Spanned<DeTable<'_>>, spans: &Spans) -> Vec<Located> {
     let table = doc.get_ref();
     let party_names = match table.get("party").map(|v| v.get_ref()) {
         Some(DeValue::Array(items)) => items
@@ -337,7 +396,7 @@ struct Diagnosis<'a, 'r> {
     spans: &'a Spans,
     /// Valid names of the `[[party]]` tables, by index.
     party_names: Vec<Option<String>>,
-    errors: Vec<JobError>,
+    errors: Vec<Located>,
 }
 
 impl Diagnosis<'_, '_> {
@@ -348,12 +407,15 @@ impl Diagnosis<'_, '_> {
             // Name the innermost field the error is about.
             let field = e
                 .span()
-                .and_then(|span| self.spans.innermost(&span))
-                .filter(|inner| inner.starts_with(&field))
+                .and_then(|span| self.spans.innermost(&field, &span))
                 .unwrap_or(field);
-            let mut error = self.r.toml(&e, Some(field.clone()), ErrorKind::Schema);
-            error.message = format!("{}: {}", self.human(&field), friendlier(&error.message));
-            self.errors.push(error);
+            let mut located = self.r.toml(&e, Some(field.clone()), ErrorKind::Schema);
+            located.error.message = format!(
+                "{}: {}",
+                self.human(&field),
+                friendlier(&located.error.message)
+            );
+            self.errors.push(located);
         }
     }
 

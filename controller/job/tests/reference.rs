@@ -333,7 +333,9 @@ fn mxnet_ps_is_one_party_with_two_servers_and_four_workers() {
     assert_eq!(w2.slice, Some(2));
     assert_eq!(
         w2.command,
-        argv("python3 /opt/geomx/examples/mxnet_ps_train.py --data-slice-idx 2 --epochs 20 --lr 0.0002")
+        argv(
+            "python3 /opt/geomx/examples/mxnet_ps_train.py --data-slice-idx 2 --epochs 20 --lr 0.0002"
+        )
     );
     assert_eq!(plan.policy.max_restarts, 2);
     assert_eq!(plan.policy.stall_timeout.as_secs(), 300);

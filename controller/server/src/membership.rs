@@ -69,7 +69,7 @@ impl From<MembershipError> for Status {
             MembershipError::Lease(LeaseError::PinnedTaken { .. }) => Status::already_exists(msg),
             MembershipError::Lease(LeaseError::Exhausted { .. }) => Status::resource_exhausted(msg),
             MembershipError::Lease(_) => Status::invalid_argument(format!("pinned_subnet: {msg}")),
-            MembershipError::Store(_) => Status::internal(msg),
+            MembershipError::Store(s) => Status::new(s.code(), msg),
             MembershipError::Workload(status) => status,
         }
     }

@@ -20,6 +20,13 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 /// Version of the on-disk layout written by this build.
 pub const SCHEMA_VERSION: u64 = 1;
 
+/// Space the state directory's file system must have available beyond twice a change's
+/// own bytes before [`Store::commit`] writes it. sled appends to its log in segments of
+/// 512 KiB and, once a write to its log fails, refuses every later write until the process
+/// restarts; so a change that might not fit is refused before sled sees it, and the
+/// controller goes on by itself once space is freed.
+pub const MIN_FREE_BYTES: u64 = 1 << 20;
+
 const META_CONTROLLER_ID: &[u8] = b"controller_id";
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_REVISION: &[u8] = b"revision";
@@ -50,6 +57,20 @@ pub enum StoreError {
         /// The version found.
         found: u64,
     },
+    /// The state directory's file system has too little space for a change; nothing was
+    /// written.
+    #[error(
+        "no space left on device for the state dir {}: {available} bytes available, {needed} needed for this change; nothing was written (free space there: the controller goes on by itself)",
+        path.display()
+    )]
+    NoSpace {
+        /// The state directory.
+        path: PathBuf,
+        /// Bytes available to the controller there.
+        available: u64,
+        /// Bytes the change needs available (see [`MIN_FREE_BYTES`]).
+        needed: u64,
+    },
     /// sled failed.
     #[error("state store: {0}")]
     Sled(#[from] sled::Error),
@@ -64,6 +85,24 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+impl StoreError {
+    /// The gRPC code of a request that failed on this error: `RESOURCE_EXHAUSTED` when the
+    /// state directory's disk is full (the request may be retried once space is freed),
+    /// `UNAVAILABLE` for another I/O error, `INTERNAL` otherwise.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            StoreError::NoSpace { .. } => tonic::Code::ResourceExhausted,
+            StoreError::Sled(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) =>
+            {
+                tonic::Code::ResourceExhausted
+            }
+            StoreError::Sled(sled::Error::Io(_)) => tonic::Code::Unavailable,
+            _ => tonic::Code::Internal,
+        }
+    }
 }
 
 /// Membership state of a host.
@@ -249,6 +288,16 @@ enum Op {
     Event(Vec<u8>, Vec<u8>),
 }
 
+impl Op {
+    /// Bytes of keys and values.
+    fn len(&self) -> usize {
+        match self {
+            Op::Put(_, k, v) | Op::Event(k, v) => k.len() + v.len(),
+            Op::Remove(_, k) => k.len(),
+        }
+    }
+}
+
 /// A set of changes applied atomically by [`Store::commit`].
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -413,11 +462,15 @@ impl Store {
         &self.trees[tree.index()]
     }
 
-    /// Applies `batch` atomically and flushes it to disk before returning.
+    /// Applies `batch` atomically and flushes it to disk before returning. A batch the state
+    /// directory's file system might not have room for is refused with
+    /// [`StoreError::NoSpace`] before anything is written (see [`MIN_FREE_BYTES`]).
     pub async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
+        let bytes: u64 = batch.ops.iter().map(|op| op.len() as u64).sum();
+        self.ensure_space(bytes)?;
         // Sequence numbers of events are taken before the transaction (sled ids are
         // monotonic across restarts), so the closure can be re-run on conflicts.
         let mut ops = Vec::with_capacity(batch.ops.len());
@@ -455,6 +508,27 @@ impl Store {
                 }
             })?;
         self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Refuses a change of `bytes` when the state directory's file system has less than
+    /// twice that plus [`MIN_FREE_BYTES`] available. A file system that cannot tell is not
+    /// checked.
+    fn ensure_space(&self, bytes: u64) -> Result<(), StoreError> {
+        let Ok(st) = nix::sys::statvfs::statvfs(&self.path) else {
+            return Ok(());
+        };
+        #[allow(clippy::useless_conversion)] // the field types differ between platforms
+        let available =
+            u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size()));
+        let needed = MIN_FREE_BYTES.saturating_add(bytes.saturating_mul(2));
+        if available < needed {
+            return Err(StoreError::NoSpace {
+                path: self.path.clone(),
+                available,
+                needed,
+            });
+        }
         Ok(())
     }
 
@@ -619,6 +693,26 @@ mod tests {
         b.remove_lease("172.17.1.0/24".parse().unwrap());
         store.commit(b).await.unwrap();
         assert!(store.leases().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_full_disk_is_resource_exhausted() {
+        let full = StoreError::NoSpace {
+            path: "/var/lib/geomx-controller".into(),
+            available: 0,
+            needed: MIN_FREE_BYTES,
+        };
+        assert_eq!(full.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            full.to_string().starts_with("no space left on device"),
+            "{full}"
+        );
+        let enospc = StoreError::Sled(sled::Error::Io(std::io::Error::from_raw_os_error(28)));
+        assert_eq!(enospc.code(), tonic::Code::ResourceExhausted);
+        let eio = StoreError::Sled(sled::Error::Io(std::io::Error::from_raw_os_error(5)));
+        assert_eq!(eio.code(), tonic::Code::Unavailable);
+        let bug = StoreError::Sled(sled::Error::ReportableBug("x".into()));
+        assert_eq!(bug.code(), tonic::Code::Internal);
     }
 
     #[test]

@@ -85,7 +85,10 @@ fn check_errors(src: &str, errors: &geomx_job::JobErrors) {
         assert_eq!(e.line.is_some(), e.col.is_some(), "{e:?}");
         if let (Some(line), Some(col)) = (e.line, e.col) {
             assert!(line >= 1 && line <= lines, "line {line} of {lines}: {e:?}");
-            let width = src.split('\n').nth(line - 1).map_or(0, |l| l.chars().count());
+            let width = src
+                .split('\n')
+                .nth(line - 1)
+                .map_or(0, |l| l.chars().count());
             assert!(col >= 1 && col <= width + 1, "col {col} of {width}: {e:?}");
         }
         assert!(!e.message.is_empty(), "{e:?}");
@@ -400,7 +403,12 @@ pub fn check_plan_matches_spec(spec: &JobSpec, plan: &Plan) {
     let slice_in_cmd = worker_cmd.iter().any(|a| a.contains("{slice}"));
     for n in &plan.nodes {
         assert_eq!(n.image, spec.image, "{}", n.name);
-        assert_eq!(get(n, "DMLC_INTERFACE"), Some(spec.interface()), "{}", n.name);
+        assert_eq!(
+            get(n, "DMLC_INTERFACE"),
+            Some(spec.interface()),
+            "{}",
+            n.name
+        );
         assert_eq!(
             n.env.get("PS_VERBOSE").cloned(),
             spec.verbose.map(|v| v.to_string()),

@@ -69,6 +69,19 @@ pub const MAX_LOG_TAIL_LINES: usize = 50;
 pub const MAX_LOG_LINE_LEN: usize = 1024;
 /// Longest error kept from a report.
 pub const MAX_NODE_ERROR_LEN: usize = 4096;
+/// Longest container id kept from a report (Docker's are 64 hex digits).
+pub const MAX_CONTAINER_ID_LEN: usize = 128;
+/// Longest node address kept from a report (an IPv4 address is at most 15 characters).
+pub const MAX_NODE_IP_LEN: usize = 64;
+/// Most progress metrics kept from a report (those with the first names).
+pub const MAX_METRICS: usize = 32;
+/// Longest metric name kept from a report.
+pub const MAX_METRIC_NAME_LEN: usize = 64;
+/// Longest list of problems in the message of a refused submission. The problems of a job
+/// file echo its values, and the message travels percent-encoded in the `grpc-message`
+/// trailer, which clients refuse past 16 KiB of headers (hyper's default): 4 KiB stays
+/// under it even if every byte is encoded (3 bytes each).
+pub const MAX_SUBMIT_ERROR_LEN: usize = 4 << 10;
 
 /// Tunables of the jobs layer. Not in the config file or flags: the defaults are what a
 /// cluster wants; tests shorten them programmatically.
@@ -119,7 +132,11 @@ pub enum JobsError {
 
 impl From<JobsError> for Status {
     fn from(e: JobsError) -> Status {
-        Status::internal(e.to_string())
+        let code = match &e {
+            JobsError::Store(s) | JobsError::Membership(MembershipError::Store(s)) => s.code(),
+            _ => tonic::Code::Internal,
+        };
+        Status::new(code, e.to_string())
     }
 }
 
@@ -292,10 +309,24 @@ impl Jobs {
                 job_toml.len()
             )));
         }
-        let plan = geomx_job::plan(&file_name, job_toml).map_err(|errors| {
+        // Up to a second of CPU for a 1 MiB file full of problems: off the async workers.
+        let plan = {
+            let (file_name, job_toml) = (file_name.clone(), job_toml.to_owned());
+            tokio::task::spawn_blocking(move || geomx_job::plan(&file_name, &job_toml))
+                .await
+                .map_err(|e| Status::internal(format!("reading the job file: {e}")))?
+        };
+        let plan = plan.map_err(|errors| {
             let n = errors.len();
+            let mut listed = errors.to_string();
+            if listed.len() > MAX_SUBMIT_ERROR_LEN {
+                listed = format!(
+                    "{}\n... (problems cut at {MAX_SUBMIT_ERROR_LEN} bytes; `geomxctl plan` shows them)",
+                    validate::truncate(&listed, MAX_SUBMIT_ERROR_LEN)
+                );
+            }
             Status::invalid_argument(format!(
-                "{errors}\n{file_name}: {n} problem{} found, nothing submitted",
+                "{listed}\n{file_name}: {n} problem{} found, nothing submitted",
                 if n == 1 { "" } else { "s" }
             ))
         })?;
@@ -768,9 +799,28 @@ fn load_run(
     })
 }
 
-/// A report's node status made safe to keep: bounded log tail, lines and error.
+/// A report's node status made safe to keep: bounded log tail, lines, error, container id,
+/// address and metrics.
 fn sanitize(st: &NodeStatus) -> NodeStatus {
     let mut s = st.clone();
+    if s.container_id.len() > MAX_CONTAINER_ID_LEN {
+        s.container_id = validate::truncate(&s.container_id, MAX_CONTAINER_ID_LEN);
+    }
+    if s.ip.len() > MAX_NODE_IP_LEN {
+        s.ip = validate::truncate(&s.ip, MAX_NODE_IP_LEN);
+    }
+    if let Some(p) = s.progress.as_mut()
+        && (p.metrics.len() > MAX_METRICS
+            || p.metrics.keys().any(|k| k.len() > MAX_METRIC_NAME_LEN))
+    {
+        let mut kept: Vec<(String, f64)> = std::mem::take(&mut p.metrics)
+            .into_iter()
+            .filter(|(k, _)| k.len() <= MAX_METRIC_NAME_LEN)
+            .collect();
+        kept.sort_by(|a, b| a.0.cmp(&b.0));
+        kept.truncate(MAX_METRICS);
+        p.metrics = kept.into_iter().collect();
+    }
     if s.log_tail.len() > MAX_LOG_TAIL_LINES {
         s.log_tail.drain(..s.log_tail.len() - MAX_LOG_TAIL_LINES);
     }
@@ -946,5 +996,24 @@ mod tests {
         assert!(s.log_tail[0].starts_with("150"));
         assert!(s.log_tail.iter().all(|l| l.len() <= MAX_LOG_LINE_LEN));
         assert_eq!(s.error.len(), MAX_NODE_ERROR_LEN);
+
+        let st = NodeStatus {
+            container_id: "c".repeat(100_000),
+            ip: "1".repeat(100_000),
+            progress: Some(geomx_proto::v1::Progress {
+                metrics: (0..1000)
+                    .map(|i| (format!("m{i}"), 1.0))
+                    .chain([("k".repeat(100_000), 2.0)])
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let s = sanitize(&st);
+        assert_eq!(s.container_id.len(), MAX_CONTAINER_ID_LEN);
+        assert_eq!(s.ip.len(), MAX_NODE_IP_LEN);
+        let metrics = &s.progress.as_ref().expect("progress").metrics;
+        assert_eq!(metrics.len(), MAX_METRICS);
+        assert!(metrics.keys().all(|k| k.len() <= MAX_METRIC_NAME_LEN));
     }
 }
