@@ -530,6 +530,8 @@ impl Agent {
             }),
             agent_version: AGENT_VERSION.to_owned(),
             listening_ports: Vec::new(),
+            // newer optional fields (nodes_known, images_known): absent means "known"
+            ..Default::default()
         };
         Agent {
             index,

@@ -153,12 +153,21 @@ pub trait Engine: Send + Sync + 'static {
     fn logs(&self, id: &str, req: LogRequest) -> BoxStream<'static, Result<LogFrame>>;
     /// Container events of geomx containers, from now on.
     fn events(&self) -> BoxStream<'static, Result<EngineEvent>>;
+    /// Whether the daemon keeps containers running while it is down (`live-restore`); if
+    /// not, a restart of the daemon stops every container.
+    fn live_restore(&self) -> impl Future<Output = Result<bool>> + Send;
+    /// An identity of the running daemon process, which changes when the daemon restarts
+    /// (for a local socket: the peer's pid and start time); `None` when the engine cannot
+    /// tell (a TCP daemon, another pid namespace).
+    fn daemon_id(&self) -> impl Future<Output = Result<Option<String>>> + Send;
 }
 
 /// [`Engine`] over a real dockerd through bollard.
 #[derive(Clone, Debug)]
 pub struct BollardEngine {
     docker: Docker,
+    /// The daemon's unix socket, when connected through one (for [`Engine::daemon_id`]).
+    socket: Option<std::path::PathBuf>,
 }
 
 /// Timeout of single Docker API requests (not of streams), in seconds.
@@ -167,7 +176,10 @@ const REQUEST_TIMEOUT_S: u64 = 120;
 impl BollardEngine {
     /// Wraps a connected client (call `negotiate_version` on it first).
     pub fn new(docker: Docker) -> BollardEngine {
-        BollardEngine { docker }
+        BollardEngine {
+            docker,
+            socket: None,
+        }
     }
 
     /// Connects to the dockerd API socket at `path` and negotiates the API version
@@ -179,7 +191,10 @@ impl BollardEngine {
             .negotiate_version()
             .await
             .map_err(|e| RuntimeError::docker(format!("negotiate API version at {p}"), e))?;
-        Ok(BollardEngine { docker })
+        Ok(BollardEngine {
+            docker,
+            socket: Some(path.to_path_buf()),
+        })
     }
 
     /// Connects as the docker CLI would (`DOCKER_HOST` or the default socket) and
@@ -190,7 +205,10 @@ impl BollardEngine {
             .negotiate_version()
             .await
             .map_err(|e| RuntimeError::docker("negotiate API version", e))?;
-        Ok(BollardEngine { docker })
+        Ok(BollardEngine {
+            docker,
+            socket: None,
+        })
     }
 
     /// The bollard client.
@@ -461,5 +479,47 @@ impl Engine for BollardEngine {
                 futures::future::ready(out)
             })
             .boxed()
+    }
+
+    async fn live_restore(&self) -> Result<bool> {
+        let info = self
+            .docker
+            .info()
+            .await
+            .map_err(|e| RuntimeError::docker("info", e))?;
+        Ok(info.live_restore_enabled.unwrap_or(false))
+    }
+
+    async fn daemon_id(&self) -> Result<Option<String>> {
+        let Some(path) = &self.socket else {
+            return Ok(None);
+        };
+        let stream = tokio::net::UnixStream::connect(path)
+            .await
+            .map_err(|source| RuntimeError::Io {
+                what: format!("connecting to {}", path.display()),
+                source,
+            })?;
+        let cred = stream.peer_cred().map_err(|source| RuntimeError::Io {
+            what: format!("the peer of {}", path.display()),
+            source,
+        })?;
+        Ok(cred.pid().filter(|p| *p > 0).map(process_identity))
+    }
+}
+
+/// `<pid>@<start time in clock ticks since boot>` (field 22 of `/proc/<pid>/stat`), or the
+/// pid alone when `/proc` does not tell: a restarted process has another identity even if
+/// it got the same pid.
+fn process_identity(pid: i32) -> String {
+    let start = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(19).map(str::to_owned))
+        });
+    match start {
+        Some(t) => format!("{pid}@{t}"),
+        None => pid.to_string(),
     }
 }

@@ -53,6 +53,14 @@ pub struct FakeEngine {
     pub state: Arc<Mutex<FakeState>>,
     events: broadcast::Sender<EngineEvent>,
     down: Arc<AtomicBool>,
+    /// Bumped by [`FakeEngine::stop_daemon`]: ends every event stream (the daemon closed
+    /// its API).
+    daemon_runs: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Bumped by [`FakeEngine::start_daemon`]: a new daemon process.
+    daemon_starts: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Whether [`Engine::daemon_id`] tells the daemon's identity (default yes).
+    daemon_ids: Arc<AtomicBool>,
+    live_restore: Arc<AtomicBool>,
 }
 
 #[allow(missing_docs)]
@@ -68,6 +76,62 @@ impl FakeEngine {
             state: Arc::new(Mutex::new(st)),
             events,
             down: Arc::new(AtomicBool::new(false)),
+            daemon_runs: Arc::new(tokio::sync::watch::Sender::new(0)),
+            daemon_starts: Arc::new(tokio::sync::watch::Sender::new(0)),
+            daemon_ids: Arc::new(AtomicBool::new(true)),
+            live_restore: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Whether the daemon's identity can be told (like a local socket's peer); off: like a
+    /// TCP daemon.
+    pub fn set_daemon_ids(&self, on: bool) {
+        self.daemon_ids.store(on, Ordering::SeqCst);
+    }
+
+    /// The daemon's `live-restore` setting (default off, like Docker's).
+    pub fn set_live_restore(&self, on: bool) {
+        self.live_restore.store(on, Ordering::SeqCst);
+    }
+
+    /// The daemon stops, as dockerd does: it closes its API (event streams end, calls fail
+    /// until [`FakeEngine::start_daemon`]), then, without live-restore, stops every running
+    /// container, which exits with `exit_code` (0: a program that exits on SIGTERM; 137:
+    /// one killed after the stop timeout).
+    pub fn stop_daemon(&self, exit_code: i64) {
+        self.set_down(true);
+        self.daemon_runs.send_modify(|n| *n += 1);
+        if self.live_restore.load(Ordering::SeqCst) {
+            return;
+        }
+        let now = now_ms();
+        for c in self.lock().containers.values_mut() {
+            if c.state == EngineState::Running {
+                c.state = EngineState::Exited;
+                c.exit_code = exit_code;
+                c.finished_at_ms = now;
+            }
+        }
+    }
+
+    /// Every event stream ends while the daemon stays up (a broken connection).
+    pub fn break_event_streams(&self) {
+        self.daemon_runs.send_modify(|n| *n += 1);
+    }
+
+    /// A new daemon answers (after [`FakeEngine::stop_daemon`]).
+    pub fn start_daemon(&self) {
+        self.daemon_starts.send_modify(|n| *n += 1);
+        self.set_down(false);
+    }
+
+    /// A container ends by itself while the daemon is down (with live-restore the daemon
+    /// finds it exited when it comes back); no event (nobody is listening).
+    pub fn exit_silently(&self, id: &str, code: i64) {
+        if let Some(c) = self.lock().containers.get_mut(id) {
+            c.state = EngineState::Exited;
+            c.exit_code = code;
+            c.finished_at_ms = now_ms();
         }
     }
 
@@ -361,17 +425,39 @@ impl Engine for FakeEngine {
     }
 
     fn events(&self) -> BoxStream<'static, Result<EngineEvent>> {
+        if let Err(e) = self.check() {
+            return futures::stream::iter([Err(e)]).boxed();
+        }
         let rx = self.events.subscribe();
-        futures::stream::unfold(rx, |mut rx| async move {
+        let mut runs = self.daemon_runs.subscribe();
+        runs.mark_unchanged();
+        futures::stream::unfold((rx, runs), |(mut rx, mut runs)| async move {
             loop {
-                match rx.recv().await {
-                    Ok(ev) => return Some((Ok(ev), rx)),
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return None,
+                tokio::select! {
+                    // the daemon stopped: its API closes the stream
+                    _ = runs.changed() => return None,
+                    r = rx.recv() => match r {
+                        Ok(ev) => return Some((Ok(ev), (rx, runs))),
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    },
                 }
             }
         })
         .boxed()
+    }
+
+    async fn live_restore(&self) -> Result<bool> {
+        self.check()?;
+        Ok(self.live_restore.load(Ordering::SeqCst))
+    }
+
+    async fn daemon_id(&self) -> Result<Option<String>> {
+        self.check()?;
+        Ok(self
+            .daemon_ids
+            .load(Ordering::SeqCst)
+            .then(|| format!("fake-dockerd-{}", *self.daemon_starts.borrow())))
     }
 }
 
@@ -909,6 +995,138 @@ mod tests {
             rt.record_heartbeat(&stranger, ip),
             Err(HeartbeatError::UnknownNode { .. })
         ));
+        rt.shutdown();
+    }
+
+    fn config_on(host: &str) -> RuntimeConfig {
+        RuntimeConfig {
+            host: host.into(),
+            ..config()
+        }
+    }
+
+    async fn running_w0(fake: &FakeEngine, rt: &Runtime<FakeEngine>) -> String {
+        rt.apply(vec![spec("w0")]).await.expect("apply");
+        wait_for(rt, "w0 running", |s| {
+            s.node("job1", "w0")
+                .is_some_and(|n| n.state == NodeState::Running)
+        })
+        .await;
+        role_id(fake, "w0")
+    }
+
+    #[tokio::test]
+    async fn a_worker_stopped_by_a_docker_restart_fails_whatever_its_exit_code() {
+        // 0: a script that exits on SIGTERM (psnode, checkpointing scripts); 137: one
+        // killed after Docker's stop timeout
+        // (without the daemon's identity, e.g. Docker over TCP: told by Docker not
+        // answering after the event stream ended)
+        for (code, ids) in [(0, true), (137, true), (0, false)] {
+            let fake = FakeEngine::new(&[IMG]);
+            fake.set_daemon_ids(ids);
+            let rt = Runtime::start(fake.clone(), config_on("b"))
+                .await
+                .expect("start");
+            running_w0(&fake, &rt).await;
+            fake.stop_daemon(code);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            fake.start_daemon();
+            let s = wait_for(&rt, "w0 failed", |s| {
+                s.node("job1", "w0")
+                    .is_some_and(|n| n.state == NodeState::Failed)
+            })
+            .await;
+            let n = node(&s, "w0");
+            assert_eq!(n.exit_code, Some(code as i32), "{n:?}");
+            assert!(
+                n.error
+                    .starts_with("stopped by a restart of Docker on host b"),
+                "{}",
+                n.error
+            );
+            // it stays failed through later resyncs and refreshes
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let n = rt.status("job1", "w0").expect("w0");
+            assert_eq!(n.state, NodeState::Failed, "{n:?}");
+            // the sandbox stopped too: that alone does not overwrite the reason
+            assert!(n.error.contains("restart of Docker"), "{}", n.error);
+            rt.shutdown();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_finished_before_docker_went_away_keeps_its_success() {
+        let fake = FakeEngine::new(&[IMG]);
+        let rt = Runtime::start(fake.clone(), config_on("b"))
+            .await
+            .expect("start");
+        let id = running_w0(&fake, &rt).await;
+        fake.exit(&id, 0);
+        wait_for(&rt, "w0 exited", |s| {
+            s.node("job1", "w0")
+                .is_some_and(|n| n.state == NodeState::Exited)
+        })
+        .await;
+        fake.stop_daemon(0);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        fake.start_daemon();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let n = rt.status("job1", "w0").expect("w0");
+        assert_eq!(
+            (n.state, n.exit_code),
+            (NodeState::Exited, Some(0)),
+            "{n:?}"
+        );
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn with_live_restore_or_a_broken_event_stream_an_exit_is_an_exit() {
+        // live-restore: Docker's restart stops nothing; w0 finishes meanwhile
+        let fake = FakeEngine::new(&[IMG]);
+        fake.set_live_restore(true);
+        let rt = Runtime::start(fake.clone(), config_on("b"))
+            .await
+            .expect("start");
+        let id = running_w0(&fake, &rt).await;
+        fake.stop_daemon(0);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        fake.exit_silently(&id, 0);
+        fake.start_daemon();
+        let s = wait_for(&rt, "w0 exited", |s| {
+            s.node("job1", "w0")
+                .is_some_and(|n| n.state != NodeState::Running)
+        })
+        .await;
+        let n = node(&s, "w0");
+        assert_eq!(
+            (n.state, n.exit_code),
+            (NodeState::Exited, Some(0)),
+            "{n:?}"
+        );
+        assert!(n.error.is_empty(), "{}", n.error);
+        rt.shutdown();
+
+        // the event stream breaks while Docker stays up, w0 finishes right after
+        let fake = FakeEngine::new(&[IMG]);
+        let rt = Runtime::start(fake.clone(), config_on("b"))
+            .await
+            .expect("start");
+        let id = running_w0(&fake, &rt).await;
+        fake.break_event_streams();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        fake.exit_silently(&id, 0);
+        let s = wait_for(&rt, "w0 exited", |s| {
+            s.node("job1", "w0")
+                .is_some_and(|n| n.state != NodeState::Running)
+        })
+        .await;
+        let n = node(&s, "w0");
+        assert_eq!(
+            (n.state, n.exit_code),
+            (NodeState::Exited, Some(0)),
+            "{n:?}"
+        );
         rt.shutdown();
     }
 

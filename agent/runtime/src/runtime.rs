@@ -46,6 +46,8 @@ pub struct RuntimeConfig {
     pub resync_interval: Duration,
     /// Lines of output kept as [`NodeStatus::log_tail`] once a container has ended.
     pub log_tail_lines: u32,
+    /// The host's name, for messages (a node stopped by a restart of Docker "on host b").
+    pub host: String,
 }
 
 impl Default for RuntimeConfig {
@@ -57,6 +59,7 @@ impl Default for RuntimeConfig {
             stop_timeout: Duration::from_secs(2),
             resync_interval: Duration::from_secs(5),
             log_tail_lines: 20,
+            host: String::new(),
         }
     }
 }
@@ -145,6 +148,36 @@ struct State {
     /// Spec hash per container of the containers created or adopted (and not removed by us).
     seen: BTreeMap<ContainerKey, String>,
     start_attempted: BTreeSet<String>,
+    /// Docker went away while role containers ran (see [`DockerLoss`]); `None` otherwise.
+    docker_lost: Option<DockerLoss>,
+    /// The identity of the daemon last seen answering ([`Engine::daemon_id`]), if known.
+    daemon_id: Option<String>,
+}
+
+/// Docker went away: its event stream ended. Without live-restore a dockerd that stops
+/// stops every container (SIGTERM, SIGKILL after the stop timeout): a role container that
+/// ran when Docker went away and has ended when Docker answers again, now as another
+/// daemon, was stopped by the restart, whatever its exit code. A training script that
+/// handles SIGTERM and exits 0 would otherwise look like a worker that finished.
+///
+/// The restart is told by the daemon's identity ([`Engine::daemon_id`]: the socket peer's
+/// pid and start time); when that is unknown, by Docker not answering right after the event
+/// stream ended (a broken stream of a daemon that stays up is not a restart). The time a
+/// container finished is no help: dockerd closes its API first and stops the containers
+/// afterwards, and the agent notices only when the stream breaks, once dockerd exits.
+#[derive(Clone, Debug)]
+struct DockerLoss {
+    /// When the event stream ended (Unix ms).
+    at_ms: i64,
+    /// The role containers that ran then, not judged yet.
+    running: BTreeSet<String>,
+    /// The daemon that ran before, if its identity is known.
+    daemon_before: Option<String>,
+    /// Docker did not answer right after the stream ended.
+    unreachable: bool,
+    /// Once Docker answers again: whether it stopped its containers (restarted, without
+    /// live-restore).
+    stopped: Option<bool>,
 }
 
 impl State {
@@ -178,6 +211,9 @@ struct Tracked {
     follow_done: bool,
     /// The log tail of the ended role container has been fetched.
     finalized: bool,
+    /// Why the role container counts as failed whatever its exit code: it was stopped by a
+    /// restart of Docker (see [`DockerLoss`]).
+    stopped_by_docker: Option<String>,
 }
 
 struct SandboxStatus {
@@ -212,6 +248,7 @@ impl Tracked {
             follower: None,
             follow_done: false,
             finalized: false,
+            stopped_by_docker: None,
         }
     }
 
@@ -231,6 +268,7 @@ impl Tracked {
             follower: None,
             follow_done: false,
             finalized: false,
+            stopped_by_docker: None,
         }
     }
 
@@ -282,6 +320,8 @@ impl<E: Engine> Runtime<E> {
             let _g = rt.inner.apply_lock.lock().await;
             let actual = rt.inner.engine.list_managed().await?;
             rt.adopt_untracked(&actual).await;
+            let daemon = rt.inner.engine.daemon_id().await.ok().flatten();
+            rt.lock().daemon_id = daemon;
         }
         rt.publish();
         rt.spawn_event_loop();
@@ -924,8 +964,14 @@ impl<E: Engine> Runtime<E> {
             self.on_gone(id);
             return;
         };
+        self.decide_docker_loss(&insp.id).await;
         let need_tail = {
             let mut st = self.lock();
+            // (under the same lock as the update below: a suspect of a Docker loss is never
+            // shown ended before it is judged)
+            if !self.judge_docker_loss(&mut st, &insp) {
+                return;
+            }
             let Some((key, kind)) = st.find(id) else {
                 return;
             };
@@ -940,6 +986,10 @@ impl<E: Engine> Runtime<E> {
                 ContainerKind::Role => {
                     apply_inspection(&mut t.status, &insp, self.inner.config.host_ip);
                     let ended = matches!(insp.state, EngineState::Exited | EngineState::Dead);
+                    if ended && let Some(why) = &t.stopped_by_docker {
+                        t.status.state = NodeState::Failed;
+                        t.status.error.clone_from(why);
+                    }
                     if insp.state == EngineState::Running {
                         // running again after it ended (started by someone: geomx sets no
                         // restart policy): follow it again
@@ -965,6 +1015,160 @@ impl<E: Engine> Runtime<E> {
             }
         }
         self.publish();
+    }
+
+    /// Docker's event stream ended (see [`DockerLoss`]): remembers when, which role
+    /// containers ran, which daemon that was, and whether Docker answers right after.
+    async fn on_event_stream_ended(&self) {
+        let at_ms = now_ms();
+        let running: BTreeSet<String> = self
+            .lock()
+            .nodes
+            .values()
+            .filter(|t| t.status.state == NodeState::Running && !t.status.container_id.is_empty())
+            .map(|t| t.status.container_id.clone())
+            .collect();
+        // a stopping dockerd has closed its socket: the call fails at once; a frozen one
+        // does not answer (and stops nothing); a live one answers
+        let probe =
+            tokio::time::timeout(Duration::from_secs(2), self.inner.engine.list_managed()).await;
+        let unreachable = match &probe {
+            Ok(Err(e)) => Some(e.to_string()),
+            Ok(Ok(_)) => None,
+            Err(_) => return,
+        };
+        let mut st = self.lock();
+        let daemon_before = st.daemon_id.clone();
+        match &mut st.docker_lost {
+            // still judging an earlier loss: the containers that ran then stay suspects
+            Some(loss) => {
+                loss.unreachable |= unreachable.is_some();
+                loss.stopped = None;
+            }
+            None => {
+                if running.is_empty() {
+                    return;
+                }
+                if let Some(e) = &unreachable {
+                    warn!(
+                        error = %e,
+                        running = running.len(),
+                        "Docker went away; its running containers will be checked when it answers again"
+                    );
+                }
+                st.docker_lost = Some(DockerLoss {
+                    at_ms,
+                    running,
+                    daemon_before,
+                    unreachable: unreachable.is_some(),
+                    stopped: None,
+                });
+            }
+        }
+    }
+
+    /// Once Docker answers about container `id`, a suspect of a Docker loss: decides
+    /// whether Docker restarted meanwhile (another daemon, or not answering right after the
+    /// stream ended when its identity is unknown) without live-restore, i.e. whether it
+    /// stopped its containers.
+    async fn decide_docker_loss(&self, id: &str) {
+        let undecided = self
+            .lock()
+            .docker_lost
+            .as_ref()
+            .is_some_and(|l| l.running.contains(id) && l.stopped.is_none());
+        if !undecided {
+            return;
+        }
+        let now_id = match self.inner.engine.daemon_id().await {
+            Ok(id) => id,
+            Err(e) => {
+                debug!(error = %e, "cannot tell the Docker daemon's identity");
+                None
+            }
+        };
+        // unknown means Docker's default: off
+        let live = self.inner.engine.live_restore().await.unwrap_or(false);
+        let mut st = self.lock();
+        if let Some(loss) = &mut st.docker_lost
+            && loss.stopped.is_none()
+        {
+            let restarted = match (&loss.daemon_before, &now_id) {
+                (Some(before), Some(now)) => before != now,
+                _ => loss.unreachable,
+            };
+            info!(
+                restarted,
+                live_restore = live,
+                daemon_before = loss.daemon_before.as_deref().unwrap_or("unknown"),
+                daemon_now = now_id.as_deref().unwrap_or("unknown"),
+                "Docker answers again"
+            );
+            loss.stopped = Some(restarted && !live);
+        }
+        if now_id.is_some() {
+            st.daemon_id = now_id;
+        }
+    }
+
+    /// Judges a role container that ran when Docker went away, as Docker now shows it
+    /// (`insp`): stopped by a restart of Docker if it has ended and Docker stopped its
+    /// containers (see [`Runtime::decide_docker_loss`]); marks the node
+    /// ([`Tracked::stopped_by_docker`]). False when the inspection must not be applied yet
+    /// (the loss is not decided: a new loss began meanwhile; the next resync looks again).
+    fn judge_docker_loss(&self, st: &mut State, insp: &Inspection) -> bool {
+        let Some(loss) = &mut st.docker_lost else {
+            return true;
+        };
+        if !loss.running.contains(&insp.id)
+            || matches!(insp.state, EngineState::Removing | EngineState::Unknown)
+        {
+            return true;
+        }
+        let Some(stopped) = loss.stopped else {
+            return false;
+        };
+        loss.running.remove(&insp.id);
+        let lost_at = loss.at_ms;
+        if loss.running.is_empty() {
+            st.docker_lost = None;
+        }
+        let ended = matches!(insp.state, EngineState::Exited | EngineState::Dead);
+        if !(ended && stopped) {
+            return true;
+        }
+        let host = if self.inner.config.host.is_empty() {
+            "this host".to_owned()
+        } else {
+            format!("host {}", self.inner.config.host)
+        };
+        if let Some((key, ContainerKind::Role)) = st.find(&insp.id)
+            && let Some(t) = st.nodes.get_mut(&key)
+        {
+            warn!(
+                job = %key.0,
+                node = %key.1,
+                id = %short(&insp.id),
+                exit_code = insp.exit_code.unwrap_or(-1),
+                lost_at_ms = lost_at,
+                finished_at_ms = insp.finished_at_ms,
+                "a role container was stopped by a restart of Docker: reporting it failed"
+            );
+            t.stopped_by_docker = Some(format!(
+                "stopped by a restart of Docker on {host} (it was running when Docker went away; its exit code says nothing about the training)"
+            ));
+        }
+        true
+    }
+
+    /// The containers that ran when Docker went away, not judged yet (after a resync found
+    /// Docker back, each is inspected once).
+    fn docker_loss_suspects(&self) -> Vec<String> {
+        self.lock()
+            .docker_lost
+            .as_ref()
+            .map(|l| l.running.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     async fn tail(&self, id: &str) -> Vec<String> {
@@ -1078,8 +1282,24 @@ impl<E: Engine> Runtime<E> {
             }
             v
         };
-        for id in stale {
+        // (Docker answers again) judge the containers that ran when it went away
+        let mut ids = stale;
+        for id in self.docker_loss_suspects() {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        for id in ids {
             self.refresh(&id).await;
+        }
+        // suspects Docker no longer has were removed meanwhile: nothing to judge
+        let known: BTreeSet<&str> = actual.iter().map(|c| c.id.as_str()).collect();
+        let mut st = self.lock();
+        if let Some(loss) = &mut st.docker_lost {
+            loss.running.retain(|id| known.contains(id.as_str()));
+            if loss.running.is_empty() {
+                st.docker_lost = None;
+            }
         }
     }
 
@@ -1139,6 +1359,13 @@ impl<E: Engine> Runtime<E> {
                             warn!("docker event stream ended; reconnecting");
                             break;
                         }
+                    }
+                }
+                if let Some(inner) = weak.upgrade() {
+                    let rt = Runtime { inner };
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        () = rt.on_event_stream_ended() => {}
                     }
                 }
                 tokio::select! {

@@ -180,6 +180,9 @@ fn heartbeat_data(report: &HostReport) -> Result<HeartbeatData, Status> {
     }
     images.sort();
     images.dedup();
+    // an agent that has not listed Docker's images yet (just restarted, Docker slow) sends
+    // none: keep the last known list rather than refuse jobs for "missing" images
+    let images = (report.images_known != Some(false)).then_some(images);
     let network = report
         .network
         .as_ref()
@@ -205,7 +208,9 @@ fn heartbeat_data(report: &HostReport) -> Result<HeartbeatData, Status> {
         agent_version,
         network,
         images,
-        running_containers: u32::try_from(running).unwrap_or(u32::MAX),
+        // before the agent adopted its containers its node list means nothing
+        running_containers: (report.nodes_known != Some(false))
+            .then(|| u32::try_from(running).unwrap_or(u32::MAX)),
         listening_ports,
     })
 }

@@ -106,10 +106,12 @@ pub struct HeartbeatData {
     pub agent_version: String,
     /// Network status.
     pub network: NetworkRecord,
-    /// Images on the host, sorted.
-    pub images: Vec<String>,
-    /// Role containers running.
-    pub running_containers: u32,
+    /// Images on the host, sorted; `None` when the agent does not know them yet (the last
+    /// known list is kept).
+    pub images: Option<Vec<String>>,
+    /// Role containers running; `None` when the agent does not know its containers yet
+    /// (the last known count is kept).
+    pub running_containers: Option<u32>,
     /// TCP ports listening on the host's own addresses, sorted.
     pub listening_ports: Vec<u32>,
 }
@@ -451,12 +453,14 @@ impl Membership {
                 return Err(MembershipError::HostLeft(host.to_owned()));
             }
             e.last_seen = Instant::now();
-            e.containers = data.running_containers;
+            if let Some(n) = data.running_containers {
+                e.containers = n;
+            }
             e.listening_ports.clone_from(&data.listening_ports);
             e.record.state == HostState::Lost
                 || e.record.agent_version != data.agent_version
                 || e.record.network != data.network
-                || e.record.images != data.images
+                || data.images.as_ref().is_some_and(|i| *i != e.record.images)
         };
         let mut change = None;
         if needs_write {
@@ -487,7 +491,9 @@ impl Membership {
             let mut rec = old.clone();
             rec.agent_version = data.agent_version;
             rec.network = data.network;
-            rec.images = data.images;
+            if let Some(images) = data.images {
+                rec.images = images;
+            }
             let mut batch = Batch::new();
             let mut revision = None;
             if rec.state == HostState::Lost {
@@ -863,6 +869,41 @@ mod tests {
         assert_eq!(m.host("a").unwrap().record.state, HostState::Ready);
         assert_eq!(m.host("a").unwrap().record.subnet, Some(a));
         assert_eq!(m.desired_state_for("b").unwrap().peers.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_report_without_known_images_or_containers_keeps_the_last_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = open(dir.path(), 1000);
+        m.register(reg("a", "10.1.1.1")).await.unwrap();
+        let known = HeartbeatData {
+            images: Some(vec!["img:1".into()]),
+            running_containers: Some(3),
+            ..Default::default()
+        };
+        m.report("a", known, &HostReport::default()).await.unwrap();
+        // an agent just restarted, its Docker slow: it knows neither yet
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        m.report("a", HeartbeatData::default(), &HostReport::default())
+            .await
+            .unwrap();
+        let h = m.host("a").unwrap();
+        assert_eq!(h.record.images, ["img:1"]);
+        assert_eq!(h.containers, 3);
+        assert!(
+            h.heartbeat_age < Duration::from_millis(50),
+            "the host's liveness is refreshed"
+        );
+        // known again, and empty: taken as it is
+        let empty = HeartbeatData {
+            images: Some(vec![]),
+            running_containers: Some(0),
+            ..Default::default()
+        };
+        m.report("a", empty, &HostReport::default()).await.unwrap();
+        let h = m.host("a").unwrap();
+        assert!(h.record.images.is_empty());
+        assert_eq!(h.containers, 0);
     }
 
     #[tokio::test]

@@ -620,6 +620,9 @@ async fn malformed_requests_get_status_errors() {
         }),
         agent_version: "test-agent 0.2".into(),
         listening_ports: vec![9092, 22, 22],
+        // as an agent from before these fields sends it: absent means known
+        nodes_known: None,
+        images_known: None,
     })
     .await
     .expect("report");
@@ -638,6 +641,20 @@ async fn malformed_requests_get_status_errors() {
     assert!(host.network_converged);
     assert_eq!(host.containers, 1);
     assert_eq!(host.agent_version, "test-agent 0.2");
+
+    // An agent that has not adopted its containers nor listed its images yet (restarted
+    // while Docker is slow): the last known ones stay.
+    a.report(HostReport {
+        nodes_known: Some(false),
+        images_known: Some(false),
+        agent_version: "test-agent 0.2".into(),
+        ..report("a")
+    })
+    .await
+    .expect("report");
+    let host = lab.host("a").await;
+    assert_eq!(host.images, ["geomx/psnode:test"]);
+    assert_eq!(host.containers, 1);
 
     // The controller is still fine.
     assert_eq!(lab.list_hosts().await.len(), 1);

@@ -120,6 +120,9 @@ struct SimState {
     images: Vec<String>,
     listening_ports: Vec<u32>,
     scheduler_delay: Duration,
+    /// The agent has not adopted its containers yet (restarted while Docker is slow): it
+    /// reports with `nodes_known: false`, `images_known: false`, no node, no image.
+    nodes_unknown: bool,
 }
 
 /// A fake geomx-agent: registers, watches, runs containers in memory, reports.
@@ -171,6 +174,7 @@ impl Sim {
                 images: vec![IMAGE.to_owned(), "busybox:latest".to_owned()],
                 listening_ports: vec![22],
                 scheduler_delay: Duration::ZERO,
+                nodes_unknown: false,
             })),
             kick: Arc::new(Notify::new()),
             journal: journal.clone(),
@@ -350,6 +354,17 @@ impl Drop for Sim {
 }
 
 fn build_report(host: &str, s: &SimState) -> HostReport {
+    if s.nodes_unknown {
+        return HostReport {
+            host: host.to_owned(),
+            applied_revision: s.last.as_ref().map_or(0, |d| d.revision),
+            agent_version: "sim-agent 0.1".to_owned(),
+            listening_ports: s.listening_ports.clone(),
+            nodes_known: Some(false),
+            images_known: Some(false),
+            ..Default::default()
+        };
+    }
     HostReport {
         host: host.to_owned(),
         applied_revision: s.last.as_ref().map_or(0, |d| d.revision),
@@ -376,6 +391,8 @@ fn build_report(host: &str, s: &SimState) -> HostReport {
         network: None,
         agent_version: "sim-agent 0.1".to_owned(),
         listening_ports: s.listening_ports.clone(),
+        nodes_known: Some(true),
+        images_known: Some(true),
     }
 }
 
@@ -1079,6 +1096,44 @@ async fn lost_host_fails_the_job_naming_the_host() {
         .expect("HostLost event");
     assert_eq!(lost.host, "c");
     c.wait_no_containers(j, Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn an_agent_that_has_not_adopted_its_containers_yet_loses_no_node_nor_image() {
+    let c = Cluster::start(&["a", "b", "c"]).await;
+    running_routed(&c).await;
+    let j = "hips-test";
+    // the agents of a and b restarted while their Docker is slow: they report (the hosts
+    // live) but know no container and no image yet, for several grace periods
+    for h in ["a", "b"] {
+        c.sim(h).with(|s| s.nodes_unknown = true);
+    }
+    tokio::time::sleep(GRACE * 3).await;
+    let job = c.get(j).await;
+    assert_eq!(job.phase, JobPhase::Running as i32, "{}", job.reason);
+    for h in ["a", "b"] {
+        let host = c.lab.host(h).await;
+        assert_eq!(host.state, "ready");
+        assert!(host.images.contains(&IMAGE.to_owned()), "{:?}", host.images);
+    }
+    // the last known images of a stand: a job there is not refused for a missing image
+    c.submit(&pseudo("pj", 9500, ""))
+        .await
+        .expect("accepted on a");
+    // adopted: everything reported again, nothing happened
+    for h in ["a", "b"] {
+        c.sim(h).with(|s| s.nodes_unknown = false);
+    }
+    tokio::time::sleep(GRACE * 2).await;
+    let job = c.get(j).await;
+    assert_eq!(job.phase, JobPhase::Running as i32, "{}", job.reason);
+    let kinds: Vec<String> = c.events(j).await.into_iter().map(|e| e.kind).collect();
+    assert!(
+        !kinds
+            .iter()
+            .any(|k| ["NodeMissing", "NodeFailed", "Failed", "HostLost"].contains(&k.as_str())),
+        "{kinds:?}"
+    );
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 
 #![warn(missing_docs)]
 
+pub mod faults;
 pub mod net;
 
 use std::time::{Duration, Instant};

@@ -71,26 +71,8 @@ fn events(c: &Cluster, job: &str) -> anyhow::Result<Vec<Value>> {
 
 /// A small single-party job (mode ps) on hosts b and c with extra worker env.
 fn small_job(name: &str, worker_env: &str, policy: &str) -> String {
-    format!(
-        r#"name = "{name}"
-mode = "ps"
-image = "lizonghango00o1/geomx:cpu-only"
-network = "routed"
-
-[env]
-workers = {{ PSNODE_INTERVAL = "100ms", {worker_env} }}
-
-[[party]]
-name = "p"
-hosts = ["b", "c"]
-workers = 2
-servers = 1
-scheduler_port = 9100
-
-[policy]
-{policy}
-"#
-    )
+    let env = format!("PSNODE_INTERVAL = \"100ms\", {worker_env}");
+    geomx_lab::jobfile::ps_job(name, &["b", "c"], 2, &env, policy)
 }
 
 #[test]

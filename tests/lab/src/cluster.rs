@@ -211,6 +211,18 @@ impl Cluster {
         self.lab.dir().join("controller")
     }
 
+    /// Where the controller of a cluster on `lab` keeps its state (its `state_dir`). Known
+    /// before [`Cluster::up`], so that a test can put a file system of its own there first
+    /// (a small tmpfs, say: the lab unmounts everything under its directory at teardown).
+    pub fn controller_state_dir_of(lab: &Lab) -> PathBuf {
+        lab.dir().join("controller").join("state")
+    }
+
+    /// The controller's state directory (see [`Cluster::controller_state_dir_of`]).
+    pub fn controller_state_dir(&self) -> PathBuf {
+        Cluster::controller_state_dir_of(&self.lab)
+    }
+
     /// The environment for geomxctl (`GEOMX_CONTROLLER`, `GEOMX_TOKEN`, `GEOMX_CA`) with the
     /// controller at `url`.
     pub fn ctl_env(&self, url: &str) -> Vec<(String, String)> {
@@ -293,7 +305,7 @@ impl Cluster {
              grace_period = \"{grace}ms\"\n\
              shutdown_timeout = \"3s\"\n",
             lab = self.lab.name(),
-            state = dir.join("state").display(),
+            state = self.controller_state_dir().display(),
             hb = self.spec.heartbeat_interval.as_millis(),
             grace = self.spec.grace_period.as_millis(),
         );
@@ -356,6 +368,12 @@ impl Cluster {
         self.lab.process("controller")
     }
 
+    /// The `state_dir` of the agent of `host` (its lock, the last desired state, what
+    /// daemon.json held before geomx).
+    pub fn agent_state_dir(&self, host: &str) -> Result<PathBuf> {
+        Ok(self.lab.host(host)?.dir().join("agent-state"))
+    }
+
     fn agent_config_path(&self, host: &str) -> PathBuf {
         self.lab.dir().join(host).join("agent.toml")
     }
@@ -377,7 +395,7 @@ impl Cluster {
             lab = self.lab.name(),
             url = self.controller_url(),
             ip = h.underlay_ip,
-            state = h.dir().join("agent-state").display(),
+            state = self.agent_state_dir(&h.name)?.display(),
             daemon_json = d.daemon_json().display(),
             docker = d.url(),
             restart = d.restart_script().display(),

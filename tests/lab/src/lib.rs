@@ -20,6 +20,7 @@ pub mod cmd;
 mod dockerd;
 mod error;
 pub mod images;
+pub mod jobfile;
 mod lab;
 mod netns;
 mod process;

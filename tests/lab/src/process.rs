@@ -38,6 +38,9 @@ impl LabProcess {
                 p.pidfile.display()
             )));
         }
+        // a previous instance that died (crashed, killed) may still be exiting with its
+        // files open: wait until it is really gone before starting the next one
+        p.signal(Signal::SIGKILL, Duration::from_secs(5))?;
         let (program, args) = argv
             .split_first()
             .ok_or_else(|| LabError::Setup(format!("{name}: empty command")))?;
@@ -94,21 +97,44 @@ impl LabProcess {
         alive(pid).then_some(pid)
     }
 
-    /// Sends `signal` and, for TERM/KILL, waits up to `timeout` for the process to go
-    /// (KILL after the timeout).
+    /// The pid in its pid file, whatever the state of that process (running, a zombie, or
+    /// gone).
+    fn recorded_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(&self.pidfile)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Sends `signal` and, for TERM/INT/KILL, waits until the process is really gone (KILL
+    /// after `timeout`): reaped, or gone from `/proc`, or a zombie whose every thread has
+    /// exited. Only then are its files closed, so its locks (flock) and listening sockets
+    /// are released: a restart right after cannot race the dying process.
+    ///
+    /// (A multi-threaded process shows as a zombie as soon as its main thread exited, while
+    /// its other threads may still be exiting with its files open; the kernel reports a
+    /// thread group leader to `waitpid` only once the whole group has exited.)
     pub fn signal(&self, signal: Signal, timeout: Duration) -> Result<()> {
-        let Some(pid) = self.pid() else {
+        let Some(pid) = self.recorded_pid() else {
             return Ok(());
         };
-        let _ = kill(Pid::from_raw(pid as i32), signal);
+        if gone(pid) {
+            let _ = std::fs::remove_file(&self.pidfile);
+            return Ok(());
+        }
+        if alive(pid) {
+            let _ = kill(Pid::from_raw(pid as i32), signal);
+        }
         if !matches!(signal, Signal::SIGTERM | Signal::SIGKILL | Signal::SIGINT) {
             return Ok(());
         }
         let start = Instant::now();
-        while alive(pid) {
-            reap(pid);
-            if start.elapsed() > timeout {
+        let mut killed = signal == Signal::SIGKILL;
+        while !gone(pid) {
+            if start.elapsed() > timeout && !killed {
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                killed = true;
             }
             if start.elapsed() > timeout + Duration::from_secs(5) {
                 return Err(LabError::Timeout {
@@ -116,18 +142,19 @@ impl LabProcess {
                     seconds: timeout.as_secs_f64() + 5.0,
                 });
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
         }
         let _ = std::fs::remove_file(&self.pidfile);
         Ok(())
     }
 
-    /// SIGKILL, like `kill -9`, and wait until it is gone.
+    /// SIGKILL, like `kill -9`, and wait until it is really gone (see [`LabProcess::signal`]).
     pub fn kill9(&self) -> Result<()> {
         self.signal(Signal::SIGKILL, Duration::from_secs(5))
     }
 
-    /// SIGTERM with a grace period.
+    /// SIGTERM with a grace period (then SIGKILL), and wait until it is really gone (see
+    /// [`LabProcess::signal`]).
     pub fn stop(&self, grace: Duration) -> Result<()> {
         self.signal(Signal::SIGTERM, grace)
     }
@@ -155,10 +182,34 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
-fn reap(pid: u32) {
-    // reap our own children so they do not linger as zombies; harmless for others
-    let _ = nix::sys::wait::waitpid(
-        Pid::from_raw(pid as i32),
-        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
-    );
+/// Whether `pid` is really gone: reaped now (our child), gone from `/proc`, or a zombie
+/// whose every thread has exited (someone else's child, not reaped yet). A process that is
+/// gone holds no file, lock or socket any more.
+pub fn gone(pid: u32) -> bool {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    // our own children: reaped only once the whole thread group has exited
+    match waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::StillAlive) => return false,
+        Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => return true,
+        // stopped/continued (not asked for) or not our child: look at /proc
+        Ok(_) | Err(_) => {}
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    match state {
+        Some('Z') | Some('X') => {
+            // a zombie leader: gone once no other thread of it is left
+            match std::fs::read_dir(format!("/proc/{pid}/task")) {
+                Ok(tasks) => tasks
+                    .filter_map(|t| t.ok())
+                    .all(|t| t.file_name().to_str() == Some(pid.to_string().as_str())),
+                Err(_) => true,
+            }
+        }
+        _ => false,
+    }
 }

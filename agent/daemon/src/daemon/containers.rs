@@ -78,6 +78,7 @@ pub async fn containers_loop<S: EngineSource>(
             agent_url: agent_url.clone(),
             host_ip,
             sandbox,
+            host: ctx.settings.host.clone(),
             ..Default::default()
         };
         let runtime = match Runtime::start(engine, config).await {

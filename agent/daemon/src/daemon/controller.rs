@@ -505,7 +505,7 @@ async fn refresh_images<E: Engine>(ctx: &Ctx<E>) {
     };
     match tokio::time::timeout(Duration::from_secs(2), rt.images()).await {
         Ok(Ok(images)) => {
-            *ctx.images.lock().unwrap_or_else(|p| p.into_inner()) = images;
+            *ctx.images.lock().unwrap_or_else(|p| p.into_inner()) = Some(images);
         }
         Ok(Err(e)) => debug!(error = %e, "listing images failed; reporting the last list"),
         Err(_) => debug!("listing images timed out; reporting the last list"),
@@ -513,19 +513,23 @@ async fn refresh_images<E: Engine>(ctx: &Ctx<E>) {
 }
 
 /// The report of this host now, and the lifecycle of the nodes it carries.
+///
+/// Until the container runtime has started (it adopts the host's containers, which needs
+/// Docker) the report carries no node and says so (`nodes_known: false`): the controller
+/// then refreshes the host's liveness but takes none of its nodes for gone. Likewise
+/// `images_known` is false until Docker listed the images once.
 pub fn build_report<E: Engine>(ctx: &Ctx<E>) -> (HostReport, String) {
-    let snapshot = ctx
-        .runtime
-        .borrow()
-        .as_ref()
-        .map(|rt| rt.snapshot())
-        .unwrap_or_default();
+    let runtime = ctx.runtime.borrow().clone();
+    let nodes_known = runtime.is_some();
+    let snapshot = runtime.map(|rt| rt.snapshot()).unwrap_or_default();
     let net = ctx.net.borrow().clone();
+    let images = ctx.images.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let report = HostReport {
         host: ctx.settings.host.clone(),
         applied_revision: ctx.applied_revision.load(Ordering::SeqCst),
         nodes: snapshot.nodes.iter().map(convert::node_status).collect(),
-        images: ctx.images.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        images_known: Some(images.is_some()),
+        images: images.unwrap_or_default(),
         network: Some(WireNetworkStatus {
             converged: net.converged,
             routes: net.routes,
@@ -533,6 +537,7 @@ pub fn build_report<E: Engine>(ctx: &Ctx<E>) -> (HostReport, String) {
         }),
         agent_version: ctx.settings.agent_version.clone(),
         listening_ports: ports::listening_ports(),
+        nodes_known: Some(nodes_known),
     };
     (report, lifecycle(&snapshot))
 }

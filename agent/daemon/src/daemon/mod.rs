@@ -168,8 +168,9 @@ pub struct Ctx<E: Engine> {
     pub heartbeat_interval: watch::Sender<Duration>,
     /// Revision of the last desired state whose containers were applied.
     pub applied_revision: AtomicU64,
-    /// Images on the host, refreshed by the reporter.
-    pub images: Mutex<Vec<String>>,
+    /// Images on the host, refreshed by the reporter; `None` until Docker listed them once
+    /// (reports then say `images_known: false`).
+    pub images: Mutex<Option<Vec<String>>>,
     /// Asks the session to register again (a report was refused as unknown).
     pub reregister: Notify,
     /// Tells the session that reports get through again (skip the rest of its backoff).
@@ -243,7 +244,7 @@ pub fn start<S: EngineSource>(
         underlay: watch::Sender::new(None),
         heartbeat_interval: watch::Sender::new(Duration::from_secs(1)),
         applied_revision: AtomicU64::new(0),
-        images: Mutex::new(Vec::new()),
+        images: Mutex::new(None),
         reregister: Notify::new(),
         controller_back: Notify::new(),
         net_trigger: reconciler.trigger(),

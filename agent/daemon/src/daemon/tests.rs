@@ -692,6 +692,11 @@ async fn docker_down_at_start_still_gives_routes_then_containers() {
         },
     )
     .await;
+    // no runtime yet: the report says it does not know the host's nodes and images (the
+    // controller must not take the job's nodes for gone, nor the images for missing)
+    assert_eq!(r.nodes_known, Some(false), "{r:?}");
+    assert_eq!(r.images_known, Some(false), "{r:?}");
+    assert!(r.nodes.is_empty() && r.images.is_empty(), "{r:?}");
     assert!(!r.network.expect("network").converged);
     assert!(engine.names().is_empty());
 
@@ -718,12 +723,14 @@ async fn docker_down_at_start_still_gives_routes_then_containers() {
         || engine.id_of("geomx.job1.a-worker-0"),
     )
     .await;
-    eventually("a converged report", Duration::from_secs(5), || {
-        lab.workloads
-            .last_report("a")
-            .filter(|r| r.network.as_ref().is_some_and(|n| n.converged))
+    let r = eventually("a converged report", Duration::from_secs(5), || {
+        lab.workloads.last_report("a").filter(|r| {
+            r.network.as_ref().is_some_and(|n| n.converged) && r.images_known == Some(true)
+        })
     })
     .await;
+    assert_eq!(r.nodes_known, Some(true), "{r:?}");
+    assert!(r.images.contains(&IMAGE.to_string()), "{:?}", r.images);
     assert_eq!(fake.host().restarts, 0, "Docker started with the right bip");
     running.stop(Duration::from_secs(5)).await;
 }

@@ -221,13 +221,51 @@ impl NodeSoft {
     }
 }
 
-/// When a host of a job last reported, and whether it listed any container of the job.
+/// When a host of a job last reported its containers, and whether it listed any of the job.
+///
+/// Only reports whose agent knows the host's containers (`nodes_known`, see
+/// [`JobSoft::host_reported`]) say anything about the job's nodes: an agent that has not
+/// adopted its containers yet (just restarted, Docker slow or down) reports none of them
+/// though they run on.
 #[derive(Clone, Copy, Debug)]
 pub struct HostSeen {
-    /// When.
+    /// When the host last reported with its containers known.
     pub at: Instant,
-    /// Whether the report held any container of the job (any generation).
+    /// Whether that report held any container of the job (any generation).
     pub has_nodes: bool,
+    /// Whether the host's latest report knew its containers. While false, none of the
+    /// host's nodes is taken for gone (nor the host for drained).
+    pub nodes_known: bool,
+    /// The first report of the current run of reports with the containers known: absence
+    /// of a node is measured from here at the earliest, so that an agent that just adopted
+    /// its containers is not blamed for the time it did not know them.
+    pub known_since: Instant,
+}
+
+/// What one host report says about the containers of one job (see
+/// [`JobSoft::host_reported`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostNodes {
+    /// The agent knows the host's containers; `has_nodes`: any of the job's among them.
+    Known {
+        /// Whether the report held any container of the job.
+        has_nodes: bool,
+    },
+    /// The agent has not adopted the host's containers yet (`nodes_known: false`): its
+    /// node list means nothing.
+    Unknown,
+}
+
+impl HostNodes {
+    /// From a report: whether the agent knows its containers (`nodes_known`, absent for
+    /// agents that predate the field: known) and whether the job has any among them.
+    pub fn of_report(nodes_known: Option<bool>, has_nodes: bool) -> HostNodes {
+        if nodes_known == Some(false) {
+            HostNodes::Unknown
+        } else {
+            HostNodes::Known { has_nodes }
+        }
+    }
 }
 
 /// The soft state of one run.
@@ -251,6 +289,38 @@ impl JobSoft {
             hosts: HashMap::new(),
             phase_since: now,
             loaded_at: now,
+        }
+    }
+
+    /// Records a report of `host` received at `now`. A report that knows the host's
+    /// containers updates [`HostSeen`]; one that does not only marks the host's nodes as
+    /// not known (the host's liveness is the membership's business). Returns whether the
+    /// report says the host runs none of the job's containers (a restart may proceed).
+    pub fn host_reported(&mut self, host: &str, now: Instant, nodes: HostNodes) -> bool {
+        match nodes {
+            HostNodes::Known { has_nodes } => {
+                let known_since = self
+                    .hosts
+                    .get(host)
+                    .filter(|s| s.nodes_known)
+                    .map_or(now, |s| s.known_since);
+                self.hosts.insert(
+                    host.to_owned(),
+                    HostSeen {
+                        at: now,
+                        has_nodes,
+                        nodes_known: true,
+                        known_since,
+                    },
+                );
+                !has_nodes
+            }
+            HostNodes::Unknown => {
+                if let Some(s) = self.hosts.get_mut(host) {
+                    s.nodes_known = false;
+                }
+                false
+            }
         }
     }
 }
@@ -442,7 +512,7 @@ pub fn evaluate(
         let drained = idx.by_host.keys().all(|h| {
             soft.hosts
                 .get(h)
-                .is_some_and(|s| s.at >= soft.phase_since && !s.has_nodes)
+                .is_some_and(|s| s.nodes_known && s.at >= soft.phase_since && !s.has_nodes)
         });
         let waited = ctx.now.saturating_duration_since(soft.phase_since);
         if !drained && waited < ctx.drain_timeout {
@@ -758,11 +828,20 @@ fn node_problem(
         let Some(seen) = soft.hosts.get(&n.host) else {
             continue;
         };
-        let baseline = [s.last_report, s.start_sent, Some(soft.loaded_at)]
-            .into_iter()
-            .flatten()
-            .max()
-            .unwrap_or(soft.loaded_at);
+        if !seen.nodes_known {
+            // the agent has not adopted its containers yet: its silence means nothing
+            continue;
+        }
+        let baseline = [
+            s.last_report,
+            s.start_sent,
+            Some(soft.loaded_at),
+            Some(seen.known_since),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(soft.loaded_at);
         let gap = seen.at.saturating_duration_since(baseline);
         if gap > ctx.absent_timeout {
             let msg = format!(
@@ -795,6 +874,10 @@ fn node_problem(
             continue;
         };
         if !running {
+            continue;
+        }
+        if soft.hosts.get(&n.host).is_some_and(|h| !h.nodes_known) {
+            // its agent does not see it (not adopted yet): no news is not a stall
             continue;
         }
         let last = s.progress_at.map_or(since, |p| p.max(since));
@@ -1134,13 +1217,8 @@ workers = 1
                 ..Default::default()
             };
             self.soft.nodes[i].observe(st, self.now);
-            self.soft.hosts.insert(
-                host,
-                HostSeen {
-                    at: self.now,
-                    has_nodes: true,
-                },
-            );
+            self.soft
+                .host_reported(&host, self.now, HostNodes::Known { has_nodes: true });
         }
 
         fn report_status(&mut self, st: NodeStatus) {
@@ -1471,23 +1549,13 @@ workers = 1
         );
         // The host still reports the old containers: wait.
         f.now += Duration::from_secs(1);
-        f.soft.hosts.insert(
-            "a".into(),
-            HostSeen {
-                at: f.now,
-                has_nodes: true,
-            },
-        );
+        f.soft
+            .host_reported("a", f.now, HostNodes::Known { has_nodes: true });
         assert!(f.pass(None).is_empty());
         // Gone: generation 1 starts, schedulers first.
         f.now += Duration::from_secs(1);
-        f.soft.hosts.insert(
-            "a".into(),
-            HostSeen {
-                at: f.now,
-                has_nodes: false,
-            },
-        );
+        f.soft
+            .host_reported("a", f.now, HostNodes::Known { has_nodes: false });
         let c = f.pass(None);
         assert_eq!(Fixture::kinds(&c), ["Restarted", "SchedulersStarting"]);
         assert!(c.new_generation && c.publish);
@@ -1593,6 +1661,137 @@ workers = 1
                 assert!(c.is_empty(), "within the absence timeout");
             }
         }
+    }
+
+    /// The nodes of `host` except `except`, reported running at `f.now` (with their
+    /// addresses), the training workers at iteration `iteration`.
+    fn report_host_except(f: &mut Fixture, host: &str, except: &str, iteration: u64) {
+        let names: Vec<(String, bool)> = f.idx.by_host[host]
+            .iter()
+            .map(|&i| (f.idx.plan.nodes[i].name.clone(), f.idx.training[i]))
+            .collect();
+        for (o, training) in names {
+            if o == except {
+                continue;
+            }
+            let ip = f.nodes[f.i(&o)]
+                .ip
+                .map(|i| i.to_string())
+                .unwrap_or_default();
+            f.report(&o, ContainerState::Running, &ip);
+            if training {
+                f.report_status(NodeStatus {
+                    job: f.meta.name.clone(),
+                    node: o,
+                    state: ContainerState::Running as i32,
+                    ip,
+                    progress: Some(Progress {
+                        iteration,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+
+    #[test]
+    fn a_host_whose_agent_does_not_know_its_nodes_yet_loses_none() {
+        let mut f = Fixture::new(ROUTED);
+        f.run_everything();
+        let t = f.now;
+        // b's agent restarted while its Docker is slow: it reports (the host is alive) but
+        // knows no container, for far longer than the absence timeout (3 s) and the stall
+        // timeout (10 s)
+        for secs in 1..=20 {
+            f.now = t + Duration::from_secs(secs);
+            assert!(
+                !f.soft
+                    .host_reported("b", f.now, HostNodes::of_report(Some(false), false))
+            );
+            report_host_except(&mut f, "a", "", secs);
+            let c = f.pass(None);
+            assert!(c.is_empty(), "after {secs}s: {:?}", Fixture::kinds(&c));
+        }
+        assert_eq!(f.meta.phase, Phase::Running);
+        // adopted: every node is there again, nothing happened
+        f.now += Duration::from_secs(1);
+        report_host_except(&mut f, "b", "", 200);
+        assert!(f.pass(None).is_empty());
+        assert_eq!(f.meta.phase, Phase::Running);
+    }
+
+    #[test]
+    fn a_node_absent_after_adoption_goes_missing_after_the_absence_timeout() {
+        let mut f = Fixture::new(ROUTED);
+        f.run_everything();
+        let t = f.now;
+        f.now = t + Duration::from_secs(4);
+        f.soft
+            .host_reported("b", f.now, HostNodes::of_report(Some(false), false));
+        report_host_except(&mut f, "a", "", 4);
+        assert!(f.pass(None).is_empty());
+        // b's agent adopted its containers, p-worker-0's is gone (removed meanwhile): its
+        // absence counts from the first report that knew the containers, not from the last
+        // report of the node before the agent restarted
+        let adopted = t + Duration::from_secs(5);
+        for (secs, expect_missing) in [(5, false), (7, false), (9, true)] {
+            f.now = t + Duration::from_secs(secs);
+            report_host_except(&mut f, "a", "", secs);
+            report_host_except(&mut f, "b", "p-worker-0", secs);
+            let c = f.pass(None);
+            if expect_missing {
+                assert_eq!(Fixture::kinds(&c), ["NodeMissing", "Failed"]);
+                assert!(
+                    f.meta.reason.contains("p-worker-0")
+                        && f.meta.reason.contains("has not reported it for 4s"),
+                    "{}",
+                    f.meta.reason
+                );
+            } else {
+                assert!(
+                    c.is_empty(),
+                    "{}s after adoption: {c:?}",
+                    (f.now - adopted).as_secs()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn agents_without_the_nodes_known_field_are_taken_at_their_word() {
+        // an agent from before the field: absent means known, as before
+        assert_eq!(
+            HostNodes::of_report(None, false),
+            HostNodes::Known { has_nodes: false }
+        );
+        assert_eq!(
+            HostNodes::of_report(Some(true), true),
+            HostNodes::Known { has_nodes: true }
+        );
+        assert_eq!(HostNodes::of_report(Some(false), true), HostNodes::Unknown);
+    }
+
+    #[test]
+    fn a_restart_does_not_take_an_unknown_host_for_drained() {
+        let mut f = Fixture::new(&with_policy(PSEUDO, "restart = \"on-failure\""));
+        f.run_everything();
+        f.report("p-server-0", ContainerState::Failed, "10.1.1.1");
+        f.pass(None);
+        assert_eq!(f.meta.phase, Phase::Restarting);
+        // the agent of a restarted and does not know its containers yet: not drained
+        f.now += Duration::from_secs(1);
+        assert!(!f.soft.host_reported("a", f.now, HostNodes::Unknown));
+        assert!(f.pass(None).is_empty());
+        assert_eq!(f.meta.phase, Phase::Restarting);
+        // it knows them: none of the job's left
+        f.now += Duration::from_secs(1);
+        assert!(
+            f.soft
+                .host_reported("a", f.now, HostNodes::Known { has_nodes: false })
+        );
+        let c = f.pass(None);
+        assert_eq!(Fixture::kinds(&c), ["Restarted", "SchedulersStarting"]);
     }
 
     #[test]

@@ -44,7 +44,7 @@ use tonic::Status;
 use tonic::transport::ClientTlsConfig;
 use tracing::Instrument;
 
-use self::engine::{Changes, Command, Ctx, HostCond, HostSeen, JobSoft, NodeSoft, PlanIndex};
+use self::engine::{Changes, Command, Ctx, HostCond, HostNodes, JobSoft, NodeSoft, PlanIndex};
 use self::logs::AgentConnector;
 use self::placement::PortUse;
 use self::record::{
@@ -910,12 +910,10 @@ impl Workloads for Jobs {
                     if !entry.is_active() {
                         continue;
                     }
-                    let has_nodes = present.contains(name.as_str());
-                    entry
-                        .soft
-                        .hosts
-                        .insert(host.to_owned(), HostSeen { at: now, has_nodes });
-                    if entry.meta.phase == Phase::Restarting && !has_nodes {
+                    let nodes =
+                        HostNodes::of_report(report.nodes_known, present.contains(name.as_str()));
+                    let drained = entry.soft.host_reported(host, now, nodes);
+                    if entry.meta.phase == Phase::Restarting && drained {
                         dirty.insert(name.clone());
                     }
                 }
