@@ -6,12 +6,16 @@
 //! SIGINT, exits 0, and reaps re-parented children. `build.rs` compiles it with the system C
 //! compiler (`cc -static -Os -s`) and this module embeds the result ([`binary`]).
 //!
-//! [`ensure_image`] imports it once per host as `geomx/pause:<hash of the program>`
-//! ([`image_tag`]; content-addressed, so a new agent version with the same pause program
-//! leaves running sandboxes — and the jobs in them — alone): a one-file image (`/pause`, entrypoint `/pause`, label
-//! `io.geomx.managed=true`) made with `docker import` (bollard's `create_image` with
-//! `fromSrc=-` and an in-memory tar body). The daemon then sets
+//! [`ensure_image`] imports it once per host as `geomx/pause:<hash>` ([`image_tag`]; a hash
+//! of the program and the image settings, so a new agent version with the same pause image
+//! leaves running sandboxes — and the jobs in them — alone): a one-file image (`/pause`,
+//! entrypoint `/pause`, label `io.geomx.image=pause`) made with `docker import` (bollard's
+//! `create_image` with `fromSrc=-` and an in-memory tar body). The daemon then sets
 //! [`SandboxConfig`] to [`sandbox_config`]`(tag)`.
+//!
+//! The image deliberately does not carry `io.geomx.managed`: containers inherit their
+//! image's labels, and the agent removes every managed container that is not one of its
+//! jobs'. A container someone else starts from the pause image is not geomx's.
 //!
 //! A build without a C compiler or a static libc has no binary ([`binary`] is `None`,
 //! [`ensure_image`] fails with [`RuntimeError::PauseUnavailable`]): sandboxes then run the
@@ -25,12 +29,15 @@ use tracing::info;
 
 use crate::engine::BollardEngine;
 use crate::error::{Result, RuntimeError};
-use crate::spec::{LABEL_MANAGED, SandboxConfig};
+use crate::spec::SandboxConfig;
 
 /// Repository of the pause image.
 pub const PAUSE_REPO: &str = "geomx/pause";
 /// Path of the pause program inside the image (also its entrypoint).
 pub const PAUSE_PATH: &str = "/pause";
+/// The label of the pause image (informational: it marks the image as geomx's, and is
+/// inherited by sandboxes, which carry their own ownership labels besides).
+pub const LABEL_IMAGE: &str = "io.geomx.image";
 
 #[cfg(geomx_pause)]
 static BINARY: Option<&[u8]> = Some(include_bytes!(concat!(env!("OUT_DIR"), "/pause")));
@@ -43,16 +50,31 @@ pub fn binary() -> Option<&'static [u8]> {
     BINARY
 }
 
-/// The tag of the pause image: a hash of the embedded program (the crate version in a build
-/// without one, which never imports it).
+/// The Dockerfile instructions applied when the image is imported.
+fn image_changes() -> Vec<String> {
+    vec![
+        format!("LABEL {LABEL_IMAGE}=pause"),
+        format!("ENTRYPOINT [\"{PAUSE_PATH}\"]"),
+    ]
+}
+
+/// The tag of the pause image: a hash of the embedded program and of [`image_changes`] (the
+/// crate version in a build without a program, which never imports it).
 fn tag_of_binary() -> String {
     match binary() {
-        Some(b) => format!("{:016x}", crate::spec::fnv1a64(b)),
+        Some(b) => {
+            let mut content = b.to_vec();
+            for change in image_changes() {
+                content.push(0);
+                content.extend_from_slice(change.as_bytes());
+            }
+            format!("{:016x}", crate::spec::fnv1a64(&content))
+        }
         None => env!("CARGO_PKG_VERSION").to_string(),
     }
 }
 
-/// The pause image's reference on every host: `geomx/pause:<hash of the program>`.
+/// The pause image's reference on every host: `geomx/pause:<hash of program and settings>`.
 pub fn image_tag() -> String {
     format!("{PAUSE_REPO}:{}", tag_of_binary())
 }
@@ -68,7 +90,7 @@ pub fn sandbox_config(tag: impl Into<String>) -> SandboxConfig {
 
 /// Makes sure the pause image is present on the host behind `engine` and returns its tag:
 /// nothing is done when [`image_tag`] exists already, otherwise the embedded binary is
-/// imported (`docker import` of a one-file tar, labelled `io.geomx.managed=true`, with
+/// imported (`docker import` of a one-file tar, labelled `io.geomx.image=pause`, with
 /// entrypoint `/pause`).
 pub async fn ensure_image(engine: &BollardEngine) -> Result<String> {
     let tag = image_tag();
@@ -85,10 +107,7 @@ pub async fn ensure_image(engine: &BollardEngine) -> Result<String> {
         repo: Some(PAUSE_REPO.to_string()),
         tag: Some(tag_of_binary()),
         message: Some("geomx network sandbox (pause)".to_string()),
-        changes: vec![
-            format!("LABEL {LABEL_MANAGED}=true"),
-            format!("ENTRYPOINT [\"{PAUSE_PATH}\"]"),
-        ],
+        changes: image_changes(),
         ..Default::default()
     };
     let mut progress = docker.create_image(

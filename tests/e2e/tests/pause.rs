@@ -55,8 +55,15 @@ async fn scenario(d: &Dockerd) -> anyhow::Result<()> {
     ensure!(tag == pause::image_tag(), "{tag}");
     let id = inspect(d, &tag, "{{.Id}}")?;
     ensure!(
-        inspect(d, &tag, "{{index .Config.Labels \"io.geomx.managed\"}}")? == "true",
+        inspect(d, &tag, "{{index .Config.Labels \"io.geomx.image\"}}")? == "pause",
         "the image is not labelled"
+    );
+    // containers inherit image labels: the ownership label would make the agent remove
+    // anybody's container of this image as one of its own
+    let managed = inspect(d, &tag, "{{index .Config.Labels \"io.geomx.managed\"}}")?;
+    ensure!(
+        managed.is_empty() || managed == "<no value>",
+        "the image carries the ownership label: {managed:?}"
     );
     ensure!(
         inspect(d, &tag, "{{json .Config.Entrypoint}}")? == "[\"/pause\"]",
@@ -81,6 +88,8 @@ async fn scenario(d: &Dockerd) -> anyhow::Result<()> {
     );
     ensure!(inspect(d, "pause-alone", "{{.State.ExitCode}}")? == "0");
     d.docker(&["rm", "pause-alone"])?;
+    // somebody else's container of the pause image: not geomx's, so never removed
+    d.docker(&["run", "-d", "--name", "pause-foreign", &tag])?;
 
     // a node's sandbox runs it; the role container joins the sandbox's network
     let config = RuntimeConfig {
@@ -140,6 +149,11 @@ async fn scenario(d: &Dockerd) -> anyhow::Result<()> {
     );
     let left = d.docker(&["ps", "-aq", "--filter", "label=io.geomx.job=pz"])?;
     ensure!(left.trim().is_empty(), "left behind: {left}");
+    ensure!(
+        inspect(d, "pause-foreign", "{{.State.Status}}")? == "running",
+        "the agent's runtime touched a container it does not own"
+    );
+    d.docker(&["rm", "-f", "pause-foreign"])?;
     rt.shutdown();
     Ok(())
 }
