@@ -1,5 +1,5 @@
 //! Footprints (issue 6, item 5): release binary sizes, the controller's idle RSS and CPU,
-//! and (not measured yet) the agent's idle and running RSS and CPU.
+//! and (in a lab cluster) the agents' RSS and CPU, idle and while a job runs.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,6 +8,7 @@ use anyhow::Context;
 
 use crate::bins;
 use crate::controller::{ControllerProcess, Pki};
+use crate::labcluster::{BenchCluster, HOSTS};
 use crate::procfs::{self, PreciseCpuWindow};
 use crate::report::{Line, note};
 
@@ -25,10 +26,10 @@ pub struct Options {
 }
 
 /// Runs every footprint measurement; prints one line each.
+/// (The agent's figures need a lab: [`agent_footprint`].)
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     binary_sizes(&opts.bin_dir)?;
     controller_idle(opts)?;
-    agent_footprint(&opts.bin_dir);
     Ok(())
 }
 
@@ -95,17 +96,119 @@ pub fn controller_idle(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The agent's RSS and CPU, idle and during a job. Not measured yet: the agent daemon
-/// (`geomx-agent run`) is being finished elsewhere. When it lands, start it in a lab host
-/// (`geomx_lab::Cluster` does) and measure it like [`controller_idle`] does (VmRSS, VmHWM,
-/// utime+stime over a window), once idle and once while a job runs on its host. Targets:
-/// ≤ 25 MB RSS, ≤ 0.5 % of a core idle.
-pub fn agent_footprint(bin_dir: &Path) {
-    let present = bin_dir.join("geomx-agent").is_file();
-    Line::new("footprint_agent_idle_rss_mb", "not_measured_yet")
-        .kv("agent_idle_cpu_pct", "not_measured_yet")
-        .kv("agent_job_rss_mb", "not_measured_yet")
-        .kv("agent_job_cpu_pct", "not_measured_yet")
-        .kv("agent_binary_present", present)
+/// The agent's footprint target: resident memory, MB (10^6 bytes).
+pub const AGENT_RSS_TARGET_MB: f64 = 25.0;
+/// The agent's footprint target: CPU when idle, % of one core.
+pub const AGENT_IDLE_CPU_TARGET_PCT: f64 = 0.5;
+
+/// RSS, peak RSS (MiB), threads and CPU (% of a core, scheduler run time of its threads)
+/// of every process in `pids` over `window`, measured together.
+fn measure(pids: &[u32], window: Duration) -> anyhow::Result<Vec<(f64, f64, f64, f64)>> {
+    let windows: Vec<PreciseCpuWindow> = pids
+        .iter()
+        .map(|p| PreciseCpuWindow::start(*p))
+        .collect::<anyhow::Result<_>>()?;
+    std::thread::sleep(window);
+    pids.iter()
+        .zip(&windows)
+        .map(|(pid, w)| {
+            Ok((
+                procfs::rss_mib(*pid)?,
+                procfs::peak_rss_mib(*pid)?,
+                procfs::status_value(*pid, "Threads").unwrap_or(0.0),
+                w.percent()?,
+            ))
+        })
+        .collect()
+}
+
+/// The agents' RSS and CPU in a lab cluster (hosts a, b, c, each agent registered, its
+/// network converged): first idle (no job) over `window`, after 1 s of settling, then
+/// while the 12-node reference job runs (4 role containers and their sandboxes per host,
+/// progress lines parsed, a report to the controller every heartbeat interval). The
+/// figures are host a's agent's; `*_max_*` is the largest of the three agents'.
+pub fn agent_footprint(bc: &BenchCluster, window: Duration) -> anyhow::Result<()> {
+    let load_before = procfs::loadavg();
+    let pids: Vec<u32> = HOSTS
+        .iter()
+        .map(|h| {
+            bc.cluster()
+                .agent(h)
+                .pid()
+                .with_context(|| format!("the agent of {h} does not run"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let idle = measure(&pids, window)?;
+    // during a job
+    let job = "bench-footprint";
+    bc.submit(job, &crate::deploy::job_toml(job))?;
+    let during = (|| -> anyhow::Result<_> {
+        bc.wait_job(
+            job,
+            Duration::from_millis(200),
+            Duration::from_secs(120),
+            "phase Running",
+            |j| j["phase"] == "Running",
+        )?;
+        std::thread::sleep(Duration::from_secs(1));
+        let containers = bc
+            .cluster()
+            .geomx_containers("a")
+            .context("listing a's containers")?
+            .len();
+        Ok((measure(&pids, window)?, containers))
+    })();
+    let cleared = bc.cancel_and_clear(job, Duration::from_secs(60));
+    let (during, containers) = during?;
+    cleared?;
+    let max = |v: &[(f64, f64, f64, f64)], f: fn(&(f64, f64, f64, f64)) -> f64| {
+        v.iter().map(f).fold(f64::NAN, f64::max)
+    };
+    let (rss, hwm, threads, cpu) = idle[0];
+    let (jrss, jhwm, _, jcpu) = during[0];
+    Line::new("footprint_agent_idle_rss_mb", format!("{rss:.1}"))
+        .f("agent_idle_peak_rss_mb", hwm, 1)
+        .f("agent_idle_cpu_pct", cpu, 3)
+        .f("agent_idle_cpu_max_pct", max(&idle, |m| m.3), 3)
+        .f("agent_idle_rss_max_mb", max(&idle, |m| m.0), 1)
+        .f("agent_job_rss_mb", jrss, 1)
+        .f("agent_job_peak_rss_mb", jhwm, 1)
+        .f("agent_job_cpu_pct", jcpu, 3)
+        .f("agent_job_cpu_max_pct", max(&during, |m| m.3), 3)
+        .f("agent_job_rss_max_mb", max(&during, |m| m.0), 1)
+        .kv("agent_job_containers_on_a", containers)
+        .f("agent_threads", threads, 0)
+        .f("window_s", window.as_secs_f64(), 1)
+        .f(
+            "heartbeat_interval_s",
+            bc.spec().heartbeat_interval.as_secs_f64(),
+            1,
+        )
+        .f(
+            "network_interval_s",
+            bc.spec().network_interval.as_secs_f64(),
+            1,
+        )
+        .f("loadavg_before", load_before, 1)
+        .f("loadavg", procfs::loadavg(), 1)
         .print();
+    // MiB → MB for the target
+    let mb = |mib: f64| mib * 1.048_576;
+    let peak = max(&idle, |m| m.1).max(max(&during, |m| m.1));
+    Line::new(
+        "footprint_agent_rss_25mb_met",
+        mb(peak) <= AGENT_RSS_TARGET_MB,
+    )
+    .kv(
+        "agent_idle_cpu_05pct_met",
+        max(&idle, |m| m.3) <= AGENT_IDLE_CPU_TARGET_PCT,
+    )
+    .print();
+    Ok(())
+}
+
+/// The agent line when no lab runs (`--skip-lab`, `GEOMX_SKIP_LAB=1`).
+pub fn agent_skipped() {
+    Line::new("footprint_agent_idle_rss_mb", "skipped").print();
 }

@@ -3,8 +3,11 @@
 //! ```text
 //! geomx-bench heartbeats [--nodes 1000,10000,50000] [--agents 100] ...
 //! geomx-bench dataplane  [--reps 5] [--seconds 5] [--no-overlay]      (root: a lab)
-//! geomx-bench footprint  [--idle 10s]
-//! geomx-bench all [--quick]
+//! geomx-bench footprint  [--idle 10s] [--agent-window 10s] [--skip-lab]
+//! geomx-bench deploy      [--runs 5]                               (root: a lab)
+//! geomx-bench convergence [--cycles 5]                             (root: a lab)
+//! geomx-bench detection   [--reps 3]                               (root: a lab)
+//! geomx-bench all [--quick] [--skip-lab]
 //! ```
 //!
 //! Every benchmark prints its figures on standard output as `key=value` lines (easy to
@@ -15,9 +18,13 @@
 
 mod bins;
 mod controller;
+mod convergence;
 mod dataplane;
+mod deploy;
+mod detection;
 mod footprint;
 mod heartbeats;
+mod labcluster;
 mod procfs;
 mod report;
 
@@ -28,6 +35,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use crate::labcluster::BenchCluster;
 use crate::report::{Line, note};
 
 #[derive(Debug, Parser)]
@@ -47,9 +55,16 @@ enum Cmd {
     Heartbeats(HeartbeatArgs),
     /// Container-to-container throughput across lab hosts vs host-to-host (needs root).
     Dataplane(DataplaneArgs),
-    /// Release binary sizes and the idle controller's memory and CPU.
+    /// Release binary sizes, the idle controller's and the agents' memory and CPU.
     Footprint(FootprintArgs),
-    /// Everything, in order: footprint, heartbeats, dataplane.
+    /// Submit → all 12 nodes of the HiPS reference job running, vs plain `docker run -d`.
+    Deploy(DeployArgs),
+    /// A fourth host joins / is lost: until every other host has / withdrew its route.
+    Convergence(ConvergenceArgs),
+    /// A node crash → job Failed; an agent killed and cut off → host lost.
+    Detection(DetectionArgs),
+    /// Everything: footprint, heartbeats, dataplane, then in one lab cluster deploy,
+    /// detection, convergence.
     All(AllArgs),
 }
 
@@ -118,6 +133,40 @@ struct FootprintArgs {
     /// How long the controller idles before it is measured [default: 10s; quick: 2s].
     #[arg(long, value_parser = humantime::parse_duration)]
     idle: Option<Duration>,
+    /// Window over which each agent is measured, idle and during a job [default: 10s;
+    /// quick: 3s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    agent_window: Option<Duration>,
+    /// Skip the agent's figures (they need a lab: root, dockerd); also GEOMX_SKIP_LAB=1.
+    #[arg(long)]
+    skip_lab: bool,
+}
+
+#[derive(Clone, Debug, Args)]
+struct DeployArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Recorded runs of geomx and of the baseline each [default: 5; quick: 2].
+    #[arg(long)]
+    runs: Option<usize>,
+}
+
+#[derive(Clone, Debug, Args)]
+struct ConvergenceArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Join / loss / leave cycles of the fourth host [default: 5; quick: 2].
+    #[arg(long)]
+    cycles: Option<usize>,
+}
+
+#[derive(Clone, Debug, Args)]
+struct DetectionArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Repetitions of the node crash and of the host loss [default: 3; quick: 1].
+    #[arg(long)]
+    reps: Option<usize>,
 }
 
 #[derive(Clone, Debug, Args)]
@@ -135,6 +184,9 @@ fn main() -> ExitCode {
         Cmd::Heartbeats(a) => heartbeats(&a),
         Cmd::Dataplane(a) => dataplane(&a),
         Cmd::Footprint(a) => footprint(&a),
+        Cmd::Deploy(a) => in_cluster(&a.common, |bc| deploy(bc, &a)),
+        Cmd::Convergence(a) => in_cluster(&a.common, |bc| convergence(bc, &a)),
+        Cmd::Detection(a) => in_cluster(&a.common, |bc| detection(bc, &a)),
         Cmd::All(a) => all(&a),
     };
     match result {
@@ -216,6 +268,14 @@ fn dataplane(a: &DataplaneArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn skip_lab_env() -> bool {
+    std::env::var("GEOMX_SKIP_LAB").is_ok_and(|v| v == "1")
+}
+
+fn agent_window(common: &Common, flag: Option<Duration>) -> Duration {
+    flag.unwrap_or(Duration::from_secs(if common.quick { 3 } else { 10 }))
+}
+
 fn footprint(a: &FootprintArgs) -> anyhow::Result<()> {
     let q = a.common.quick;
     let dir = bins::bin_dir(a.common.bin_dir.as_deref())?;
@@ -224,12 +284,58 @@ fn footprint(a: &FootprintArgs) -> anyhow::Result<()> {
         idle: a
             .idle
             .unwrap_or(Duration::from_secs(if q { 2 } else { 10 })),
-    })
+    })?;
+    if a.skip_lab || skip_lab_env() {
+        note("agent footprint skipped (--skip-lab or GEOMX_SKIP_LAB=1)");
+        footprint::agent_skipped();
+        return Ok(());
+    }
+    let window = agent_window(&a.common, a.agent_window);
+    let dir = bins::bin_dir(a.common.bin_dir.as_deref())?;
+    // the agents' figures with a real deployment's timing, not the lab tests' faster one
+    let bc = BenchCluster::up_production_timing(&dir)?;
+    let r = footprint::agent_footprint(&bc, window);
+    let down = bc.down(r.is_err());
+    r?;
+    down
+}
+
+/// Starts a lab cluster with the binaries of `common`, runs `f` in it, tears it down (also
+/// when `f` fails, after printing the end of every log).
+fn in_cluster(
+    common: &Common,
+    f: impl FnOnce(&mut BenchCluster) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let dir = bins::bin_dir(common.bin_dir.as_deref())?;
+    warn_if_debug(&dir);
+    let mut bc = BenchCluster::up(&dir)?;
+    let r = f(&mut bc);
+    let down = bc.down(r.is_err());
+    r?;
+    down
+}
+
+fn deploy(bc: &mut BenchCluster, a: &DeployArgs) -> anyhow::Result<()> {
+    let runs = a.runs.unwrap_or(if a.common.quick { 2 } else { 5 }).max(1);
+    deploy::run(bc, &deploy::Options { runs })
+}
+
+fn convergence(bc: &mut BenchCluster, a: &ConvergenceArgs) -> anyhow::Result<()> {
+    let cycles = a
+        .cycles
+        .unwrap_or(if a.common.quick { 2 } else { 5 })
+        .max(1);
+    convergence::run(bc, &convergence::Options { cycles })
+}
+
+fn detection(bc: &mut BenchCluster, a: &DetectionArgs) -> anyhow::Result<()> {
+    let reps = a.reps.unwrap_or(if a.common.quick { 1 } else { 3 }).max(1);
+    detection::run(bc, &detection::Options { reps })
 }
 
 fn all(a: &AllArgs) -> anyhow::Result<()> {
     let common = a.common.clone();
-    let skip_lab = a.skip_lab || std::env::var("GEOMX_SKIP_LAB").is_ok_and(|v| v == "1");
+    let skip_lab = a.skip_lab || skip_lab_env();
     let mut failed = Vec::new();
     let mut step = |name: &str, r: anyhow::Result<()>| {
         if let Err(e) = r {
@@ -242,6 +348,8 @@ fn all(a: &AllArgs) -> anyhow::Result<()> {
         footprint(&FootprintArgs {
             common: common.clone(),
             idle: None,
+            agent_window: None,
+            skip_lab,
         }),
     );
     step(
@@ -259,19 +367,74 @@ fn all(a: &AllArgs) -> anyhow::Result<()> {
         }),
     );
     if skip_lab {
-        note("dataplane skipped (--skip-lab or GEOMX_SKIP_LAB=1)");
+        note("dataplane and the lab cluster benchmarks skipped (--skip-lab or GEOMX_SKIP_LAB=1)");
         Line::new("dataplane_ratio", "skipped").print();
+        Line::new("deploy_ratio", "skipped").print();
+        Line::new("convergence_join_p50_s", "skipped").print();
+        Line::new("detection_node_crash_p50_s", "skipped").print();
     } else {
         step(
             "dataplane",
             dataplane(&DataplaneArgs {
-                common,
+                common: common.clone(),
                 reps: None,
                 seconds: None,
                 streams: 1,
                 no_overlay: false,
             }),
         );
+        // one cluster for deploy, detection and convergence (which adds a host, so it goes
+        // last); a failing benchmark does not stop the next
+        let mut inner: Vec<(String, anyhow::Error)> = Vec::new();
+        let r = in_cluster(&common, |bc| {
+            let mut run = |name: &str, r: anyhow::Result<()>| {
+                if let Err(e) = r {
+                    inner.push((name.to_owned(), e));
+                }
+            };
+            run(
+                "deploy",
+                deploy(
+                    bc,
+                    &DeployArgs {
+                        common: common.clone(),
+                        runs: None,
+                    },
+                ),
+            );
+            run(
+                "detection",
+                detection(
+                    bc,
+                    &DetectionArgs {
+                        common: common.clone(),
+                        reps: None,
+                    },
+                ),
+            );
+            run(
+                "convergence",
+                convergence(
+                    bc,
+                    &ConvergenceArgs {
+                        common: common.clone(),
+                        cycles: None,
+                    },
+                ),
+            );
+            if inner.is_empty() {
+                Ok(())
+            } else {
+                anyhow::bail!("{} failed", inner.len())
+            }
+        });
+        for (name, e) in inner.drain(..) {
+            step(&name, Err(e));
+        }
+        if let Err(e) = r {
+            // the cluster itself (up or down) failed, or the steps above did
+            step("lab cluster", Err(e));
+        }
     }
     if failed.is_empty() {
         Ok(())

@@ -3,8 +3,8 @@
 //! busy test machine says nothing about performance).
 //!
 //! Needs the binaries next to the test's geomx-bench (`cargo build --workspace --bins`
-//! first, as for the e2e tests) and, for the data-plane part, root and dockerd (a lab);
-//! `GEOMX_SKIP_LAB=1` skips that part.
+//! first, as for the e2e tests) and, for the lab parts (the agents' footprint, data plane,
+//! deploy, detection, convergence), root and dockerd; `GEOMX_SKIP_LAB=1` skips those.
 
 use std::path::Path;
 use std::process::Command;
@@ -13,13 +13,19 @@ use std::process::Command;
 fn all_quick_prints_every_figure() {
     let exe = Path::new(env!("CARGO_BIN_EXE_geomx-bench"));
     let dir = exe.parent().expect("geomx-bench has a directory");
-    for bin in ["geomx-controller", "geomx-agent"] {
+    for bin in [
+        "geomx-controller",
+        "geomx-agent",
+        "geomxctl",
+        "geomx-psnode",
+    ] {
         assert!(
             dir.join(bin).exists(),
             "{} is missing: run `cargo build --workspace --bins` before the tests",
             dir.join(bin).display()
         );
     }
+    let started = std::time::Instant::now();
     let out = Command::new(exe)
         .args(["all", "--quick"])
         .arg("--bin-dir")
@@ -33,13 +39,16 @@ fn all_quick_prints_every_figure() {
         "geomx-bench all --quick failed ({}):\n{stdout}\n{stderr}",
         out.status
     );
+    eprintln!(
+        "geomx-bench all --quick took {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
     let skip_lab = std::env::var("GEOMX_SKIP_LAB").is_ok_and(|v| v == "1");
     let mut expected = vec![
         "footprint_binary=geomx-controller size_bytes=",
         "footprint_binary=geomx-agent size_bytes=",
         "footprint_binary=geomxctl size_bytes=",
         "footprint_controller_idle_rss_mb=",
-        "footprint_agent_idle_rss_mb=not_measured_yet",
         "heartbeat_nodes=2000 agents=20 phase=health ",
         "heartbeat_nodes=2000 agents=20 phase=nojobs ",
         "heartbeat_nodes=2000 agents=20 phase=paced ",
@@ -49,13 +58,59 @@ fn all_quick_prints_every_figure() {
         "heartbeat_target_nodes=2000 ",
     ];
     if skip_lab {
-        expected.push("dataplane_ratio=skipped");
+        expected.extend([
+            "footprint_agent_idle_rss_mb=skipped",
+            "dataplane_ratio=skipped",
+            "deploy_ratio=skipped",
+            "convergence_join_p50_s=skipped",
+            "detection_node_crash_p50_s=skipped",
+        ]);
     } else {
         expected.extend([
+            "footprint_agent_idle_rss_mb=",
+            " agent_idle_cpu_pct=",
+            " agent_job_rss_mb=",
+            " agent_job_cpu_pct=",
+            "footprint_agent_rss_25mb_met=",
+            " agent_idle_cpu_05pct_met=",
             "dataplane_ratio=",
             "overlay_gbps=",
             "dataplane_target_ratio_095_met=",
+            "deploy_ratio=",
+            " geomx_p50_s=",
+            " docker_p50_s=",
+            " runs=2 ",
+            "deploy_breakdown=geomx_p50_ms_from_submit ",
+            " running_ms=",
+            "deploy_target_ratio_15_met=",
+            "detection_node_crash_p50_s=",
+            " host_loss_p50_s=",
+            " host_loss_minus_grace_p50_s=",
+            "detection_node_crash_target_1s_met=",
+            " host_loss_target_grace_plus_1s_met=",
+            "convergence_join_p50_s=",
+            " join_after_register_p50_s=",
+            " loss_p50_s=",
+            " loss_minus_grace_p50_s=",
+            "convergence_join_target_1s_met=",
+            " loss_target_grace_plus_1s_met=",
         ]);
+        // every figure of the lab benchmarks is a number (a NaN means a step measured
+        // nothing)
+        for prefix in [
+            "footprint_agent_idle_rss_mb=",
+            "deploy_ratio=",
+            "deploy_breakdown=",
+            "detection_node_crash_p50_s=",
+            "convergence_join_p50_s=",
+        ] {
+            for line in stdout.lines().filter(|l| l.starts_with(prefix)) {
+                assert!(
+                    !line.contains("=NaN") && !line.contains(",NaN") && !line.contains("=-1 "),
+                    "a figure is missing in {line}"
+                );
+            }
+        }
     }
     for want in expected {
         assert!(
