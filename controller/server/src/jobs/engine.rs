@@ -240,6 +240,10 @@ pub struct HostSeen {
     /// of a node is measured from here at the earliest, so that an agent that just adopted
     /// its containers is not blamed for the time it did not know them.
     pub known_since: Instant,
+    /// Since when the host's reports have not known its containers (`None` while they
+    /// do). Bounded: after the job's stall timeout the host's started nodes are missing,
+    /// so that an agent that never gets to its Docker does not hold the job forever.
+    pub unknown_since: Option<Instant>,
 }
 
 /// What one host report says about the containers of one job (see
@@ -311,6 +315,7 @@ impl JobSoft {
                         has_nodes,
                         nodes_known: true,
                         known_since,
+                        unknown_since: None,
                     },
                 );
                 !has_nodes
@@ -318,6 +323,7 @@ impl JobSoft {
             HostNodes::Unknown => {
                 if let Some(s) = self.hosts.get_mut(host) {
                     s.nodes_known = false;
+                    s.unknown_since.get_or_insert(now);
                 }
                 false
             }
@@ -829,7 +835,29 @@ fn node_problem(
             continue;
         };
         if !seen.nodes_known {
-            // the agent has not adopted its containers yet: its silence means nothing
+            // the agent has not adopted its containers yet: its silence means nothing,
+            // for as long as the job tolerates no news at all (its stall timeout)
+            let unknown_for = seen.unknown_since.map_or(Duration::ZERO, |since| {
+                ctx.now.saturating_duration_since(since)
+            });
+            if unknown_for > ctx.stall_timeout {
+                let msg = format!(
+                    "node {} ({}) on host {} is unaccounted for: the agent on host {} has not known its containers for {} (stall_timeout {}); is Docker running there?",
+                    n.name,
+                    n.role.as_str(),
+                    n.host,
+                    n.host,
+                    humantime::format_duration(round_ms(unknown_for)),
+                    humantime::format_duration(ctx.stall_timeout)
+                );
+                let now_ms = d.now_ms;
+                let r = d.node_mut(i);
+                r.state = NodeState::Missing;
+                r.error = msg.clone();
+                r.finished_at_ms = now_ms;
+                d.event("NodeMissing", msg.clone(), &n.name, &n.host);
+                return Some(msg);
+            }
             continue;
         }
         let baseline = [
@@ -1701,9 +1729,9 @@ workers = 1
         f.run_everything();
         let t = f.now;
         // b's agent restarted while its Docker is slow: it reports (the host is alive) but
-        // knows no container, for far longer than the absence timeout (3 s) and the stall
-        // timeout (10 s)
-        for secs in 1..=20 {
+        // knows no container, for far longer than the absence timeout (3 s), as long as the
+        // stall timeout (10 s) allows (see the next test for longer)
+        for secs in 1..=11 {
             f.now = t + Duration::from_secs(secs);
             assert!(
                 !f.soft
@@ -1719,6 +1747,37 @@ workers = 1
         report_host_except(&mut f, "b", "", 200);
         assert!(f.pass(None).is_empty());
         assert_eq!(f.meta.phase, Phase::Running);
+    }
+
+    #[test]
+    fn a_host_that_never_knows_its_nodes_again_fails_the_job_after_the_stall_timeout() {
+        let mut f = Fixture::new(ROUTED);
+        f.run_everything();
+        let t = f.now;
+        // b's agent cannot get to its Docker at all: 10 s (the stall timeout) are
+        // tolerated, then its started nodes are unaccounted for
+        for secs in 1..=12 {
+            f.now = t + Duration::from_secs(secs);
+            f.soft
+                .host_reported("b", f.now, HostNodes::of_report(Some(false), false));
+            report_host_except(&mut f, "a", "", secs);
+            let c = f.pass(None);
+            if secs <= 11 {
+                assert!(c.is_empty(), "after {secs}s: {:?}", Fixture::kinds(&c));
+            } else {
+                assert_eq!(Fixture::kinds(&c), ["NodeMissing", "Failed"]);
+            }
+        }
+        assert_eq!(f.meta.phase, Phase::Failed);
+        assert!(
+            f.meta.reason.contains("on host b is unaccounted for")
+                && f.meta
+                    .reason
+                    .contains("has not known its containers for 11s")
+                && f.meta.reason.contains("is Docker running there?"),
+            "{}",
+            f.meta.reason
+        );
     }
 
     #[test]
