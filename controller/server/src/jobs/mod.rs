@@ -733,6 +733,8 @@ impl Jobs {
                 if let Err(e) = self.reconcile_with(&name, None, &conds).await {
                     tracing::error!(job = %name, error = %e, "cannot update job");
                 }
+                // one job at a time: let the reports queued on this worker run in between
+                tokio::task::yield_now().await;
             }
         }
     }
