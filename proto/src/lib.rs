@@ -22,5 +22,21 @@ pub mod config_file;
 pub mod pki;
 pub mod tls;
 
+/// An error with its sources, on one line (`a: b: c`); a source whose text the message
+/// already holds is not repeated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    msg
+}
+
 /// Encoded `FileDescriptorSet` of the geomx API, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("geomx_descriptor");

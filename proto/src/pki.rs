@@ -144,7 +144,7 @@ impl CertificateAuthority {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        set_validity(&mut params, days)?;
+        (params.not_before, params.not_after) = validity(days)?;
         params.serial_number = Some(random_serial());
         let key = KeyPair::generate().map_err(|source| PkiError::Generate {
             what: what(),
@@ -254,48 +254,17 @@ impl CertificateAuthority {
         not_before: std::time::SystemTime,
         not_after: std::time::SystemTime,
     ) -> Result<IssuedCert, PkiError> {
-        let what = || format!("issuing the test certificate of {common_name:?}");
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, ORGANIZATION);
-        if let Some(ou) = organizational_unit {
-            params
-                .distinguished_name
-                .push(DnType::OrganizationalUnitName, ou);
-        }
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
-        params.subject_alt_names = sans
+        let sans = sans
             .iter()
             .map(|s| parse_san(s))
             .collect::<Result<Vec<_>, _>>()?;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
-        params.not_before = OffsetDateTime::from(not_before);
-        params.not_after = OffsetDateTime::from(not_after);
-        let key = KeyPair::generate().map_err(|source| PkiError::Generate {
-            what: what(),
-            source,
-        })?;
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(|source| PkiError::Generate {
-                what: what(),
-                source,
-            })?;
-        Ok(IssuedCert {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        self.sign_leaf(
+            common_name,
+            organizational_unit,
+            sans,
+            OffsetDateTime::from(not_before),
+            OffsetDateTime::from(not_after),
+        )
     }
 
     fn issue_leaf(
@@ -305,15 +274,31 @@ impl CertificateAuthority {
         sans: Vec<SanType>,
         days: u32,
     ) -> Result<IssuedCert, PkiError> {
+        let (not_before, not_after) = validity(days)?;
+        self.sign_leaf(common_name, Some(role), sans, not_before, not_after)
+    }
+
+    /// Signs a leaf certificate (server and client auth) for `common_name` with the
+    /// organizational unit `role` (`None`: none), `sans` and the validity window.
+    fn sign_leaf(
+        &self,
+        common_name: &str,
+        role: Option<&str>,
+        sans: Vec<SanType>,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<IssuedCert, PkiError> {
         let what = || format!("issuing the certificate of {common_name:?}");
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
         params
             .distinguished_name
             .push(DnType::OrganizationName, ORGANIZATION);
-        params
-            .distinguished_name
-            .push(DnType::OrganizationalUnitName, role);
+        if let Some(role) = role {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationalUnitName, role);
+        }
         params
             .distinguished_name
             .push(DnType::CommonName, common_name);
@@ -326,7 +311,8 @@ impl CertificateAuthority {
         ];
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial());
-        set_validity(&mut params, days)?;
+        params.not_before = not_before;
+        params.not_after = not_after;
         let key = KeyPair::generate().map_err(|source| PkiError::Generate {
             what: what(),
             source,
@@ -492,17 +478,19 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-fn set_validity(params: &mut CertificateParams, days: u32) -> Result<(), PkiError> {
+/// The validity window of a certificate valid for `days` from now (an hour of slack for
+/// clocks that are a little behind).
+fn validity(days: u32) -> Result<(OffsetDateTime, OffsetDateTime), PkiError> {
     if days == 0 || days > 36_500 {
         return Err(PkiError::Invalid(format!(
             "validity must be 1..=36500 days, not {days}"
         )));
     }
     let now = OffsetDateTime::now_utc();
-    // An hour of slack for clocks that are a little behind.
-    params.not_before = now - Duration::hours(1);
-    params.not_after = now + Duration::days(i64::from(days));
-    Ok(())
+    Ok((
+        now - Duration::hours(1),
+        now + Duration::days(i64::from(days)),
+    ))
 }
 
 fn parse_san(s: &str) -> Result<SanType, PkiError> {

@@ -3,29 +3,18 @@
 //! minimized) with the very checks the target runs (`tests/fuzz/src/daemon_json_checks.rs`,
 //! included below). See `tests/fuzz/README.md`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use geomx_net::daemon_json::{self, Remembered};
 
 #[path = "../../../tests/fuzz/src/daemon_json_checks.rs"]
 mod daemon_json_checks;
-
-fn inputs() -> Vec<PathBuf> {
-    let dir =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fuzz/regressions/daemon_json");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no inputs in {}", dir.display());
-    files
-}
+#[path = "../../../tests/fuzz/src/regressions.rs"]
+mod regressions;
 
 #[test]
 fn daemon_json_regressions_pass_the_fuzz_checks() {
-    for path in inputs() {
+    for path in regressions::inputs("daemon_json") {
         let data = std::fs::read(&path).expect("read");
         eprintln!("daemon_json: {}", path.display());
         daemon_json_checks::check_daemon_json(&data);

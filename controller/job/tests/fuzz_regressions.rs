@@ -5,7 +5,6 @@
 //! `compile` of an invalid job with absurd counts, and job files whose problems took
 //! quadratic time to report. See `tests/fuzz/README.md`.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use geomx_job::{
@@ -17,24 +16,12 @@ use geomx_job::{
 mod job_checks;
 #[path = "../../../tests/fuzz/src/job_gen.rs"]
 mod job_gen;
-
-fn inputs(target: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fuzz/regressions")
-        .join(target);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no inputs in {}", dir.display());
-    files
-}
+#[path = "../../../tests/fuzz/src/regressions.rs"]
+mod regressions;
 
 #[test]
 fn job_file_regressions_pass_the_fuzz_checks() {
-    for path in inputs("job_file") {
+    for path in regressions::inputs("job_file") {
         let data = std::fs::read(&path).expect("read");
         eprintln!("job_file: {}", path.display());
         job_checks::check_job_file(&data);
@@ -43,7 +30,7 @@ fn job_file_regressions_pass_the_fuzz_checks() {
 
 #[test]
 fn job_compile_regressions_pass_the_fuzz_checks() {
-    for path in inputs("job_compile") {
+    for path in regressions::inputs("job_compile") {
         let data = std::fs::read(&path).expect("read");
         eprintln!("job_compile: {}", path.display());
         job_checks::check_job_spec(&job_gen::job_spec(&data));

@@ -300,20 +300,7 @@ impl EngineSource for DockerSource {
     }
 }
 
-/// An error with its sources, on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        source = s.source();
-    }
-    msg
-}
+pub use geomx_proto::error_chain;
 
 #[cfg(test)]
 mod tests {

@@ -5,6 +5,7 @@
 //! accepts only the controller's), in insecure mode it speaks plaintext to `http://` URLs.
 //! An agent that cannot be reached gives a clear `UNAVAILABLE`.
 
+use geomx_proto::error_chain;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -87,18 +88,4 @@ fn agent_status(host: &str, status: &Status) -> Status {
         c => c,
     };
     Status::new(code, format!("agent of host {host}: {}", status.message()))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        source = s.source();
-    }
-    msg
 }
