@@ -103,6 +103,7 @@ fn measure_join(
             .add_host(HostSpec {
                 name: NEW_HOST.into(),
                 underlay_ip: NEW_IP,
+                dc: None,
             })
             .context("adding host d")?;
         (Instant::now(), now_ms())

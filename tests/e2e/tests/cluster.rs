@@ -129,6 +129,7 @@ fn controller_leases_subnets_connects_hosts_and_admits_a_fourth() -> anyhow::Res
     c.add_host(HostSpec {
         name: "d".into(),
         underlay_ip: Ipv4Addr::new(10, 1, 1, 40),
+        dc: None,
     })?;
     let d = eventually("d registered", Duration::from_secs(60), || {
         host_json(&c, "d").filter(|h| h["subnet"].as_str().is_some_and(|s| !s.is_empty()))

@@ -356,10 +356,12 @@ fn controller_kill9_loop_during_joins_submits_and_heartbeats() -> anyhow::Result
         HostSpec {
             name: "d".into(),
             underlay_ip: Ipv4Addr::new(10, 1, 1, 40),
+            dc: None,
         },
         HostSpec {
             name: "e".into(),
             underlay_ip: Ipv4Addr::new(10, 1, 1, 41),
+            dc: None,
         },
     ];
 

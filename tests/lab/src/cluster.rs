@@ -1,6 +1,6 @@
-//! A whole geomx cluster in a lab: certificates, the controller in the underlay namespace
-//! (10.1.1.1:7946, the address every host reaches), one agent per host, and the images jobs
-//! need. Everything runs as real processes from the workspace's binaries, configured the
+//! A whole geomx cluster in a lab: certificates, the controller (in a flat lab in the
+//! underlay namespace at 10.1.1.1:7946, in a geo-distributed lab at its data center's service
+//! address), one agent per host, and the images jobs need. Everything runs as real processes from the workspace's binaries, configured the
 //! way docs/deploy.md tells people to configure real hosts.
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::cmd;
 use crate::error::{LabError, Result};
 use crate::images::{PSNODE_IMAGE, build_psnode_image};
-use crate::lab::{HostSpec, Lab, LabHost, OUTSIDE_IP};
+use crate::lab::{HostSpec, Lab, LabHost};
 use crate::netns::Netns;
 use crate::process::LabProcess;
 
@@ -195,12 +195,12 @@ impl Cluster {
     /// The controller's URL as hosts (and the underlay namespace) reach it.
     pub fn controller_url(&self) -> String {
         let scheme = if self.spec.tls { "https" } else { "http" };
-        format!("{scheme}://{OUTSIDE_IP}:{CONTROLLER_PORT}")
+        format!("{scheme}://{}:{CONTROLLER_PORT}", self.lab.controller_ip())
     }
 
     /// The controller's address in the underlay namespace.
     pub fn controller_addr(&self) -> SocketAddr {
-        SocketAddr::from((OUTSIDE_IP, CONTROLLER_PORT))
+        SocketAddr::from((self.lab.controller_ip(), CONTROLLER_PORT))
     }
 
     fn tls_dir(&self) -> PathBuf {
@@ -251,7 +251,7 @@ impl Cluster {
             "--dir",
             &d,
             "--san",
-            &OUTSIDE_IP.to_string(),
+            &self.lab.controller_ip().to_string(),
         ])?;
         for h in self.lab.hosts().to_vec() {
             self.issue_agent_certificate(&h)?;
@@ -297,7 +297,7 @@ impl Cluster {
         let tls = self.tls_dir();
         let mut text = format!(
             "# geomx-controller of lab {lab}\n\
-             listen = \"{OUTSIDE_IP}:{CONTROLLER_PORT}\"\n\
+             listen = \"{ctl_ip}:{CONTROLLER_PORT}\"\n\
              cluster_cidr = \"172.17.0.0/16\"\n\
              host_subnet_prefix = 24\n\
              state_dir = \"{state}\"\n\
@@ -305,6 +305,7 @@ impl Cluster {
              grace_period = \"{grace}ms\"\n\
              shutdown_timeout = \"3s\"\n",
             lab = self.lab.name(),
+            ctl_ip = self.lab.controller_ip(),
             state = self.controller_state_dir().display(),
             hb = self.spec.heartbeat_interval.as_millis(),
             grace = self.spec.grace_period.as_millis(),
@@ -328,7 +329,7 @@ impl Cluster {
     pub fn start_controller(&self) -> Result<LabProcess> {
         let config = self.controller_dir().join("controller.toml");
         let p = self.lab.spawn(
-            self.lab.underlay(),
+            &self.lab.controller_netns(),
             "controller",
             &[
                 self.bins.controller.display().to_string(),
@@ -347,7 +348,7 @@ impl Cluster {
             }
             if self
                 .lab
-                .underlay()
+                .controller_netns()
                 .connect_tcp(self.controller_addr(), Duration::from_millis(200))
                 .is_ok()
             {
@@ -523,7 +524,7 @@ impl Cluster {
     pub fn ctl(&self, args: &[&str]) -> Result<Output> {
         let mut c = self
             .lab
-            .underlay()
+            .controller_netns()
             .command(&self.bins.ctl.display().to_string());
         c.args(args).envs(self.ctl_env(&self.controller_url()));
         cmd::output(&mut c)

@@ -15,10 +15,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::cmd;
+use crate::delayline;
 use crate::dockerd::Dockerd;
 use crate::error::{LabError, Result};
 use crate::netns::Netns;
 use crate::process::{LabProcess, alive};
+use crate::topology::{Link, Shape, Topology, TopologyFile};
+use crate::wan;
 
 /// The underlay's own address in its namespace: a stand-in for anything outside the cluster.
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
@@ -38,8 +41,11 @@ pub const DEFAULT_ROOT: &str = "/var/tmp/geomx-lab";
 pub struct HostSpec {
     /// Host name, `[a-z0-9]`, at most 12 characters.
     pub name: String,
-    /// Its address on the underlay (10.1.1.0/24).
+    /// Its address on the underlay (10.1.1.0/24, or its data center's network).
     pub underlay_ip: Ipv4Addr,
+    /// Its data center, in a geo-distributed lab.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dc: Option<String>,
 }
 
 /// What to build.
@@ -58,6 +64,9 @@ pub struct LabSpec {
     /// The process that owns a non-persistent lab.
     #[serde(default)]
     pub owner_pid: u32,
+    /// Data centers and WAN links; `None` is the flat lab (every host on one bridge).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<Topology>,
 }
 
 static TEST_LABS: AtomicU32 = AtomicU32::new(0);
@@ -74,7 +83,15 @@ impl LabSpec {
             docker: true,
             persistent: false,
             owner_pid: std::process::id(),
+            topology: None,
         }
+    }
+
+    /// Makes the lab geo-distributed: the topology's data centers and links, and its hosts.
+    pub fn topology(mut self, file: TopologyFile) -> LabSpec {
+        self.topology = Some(file.topology);
+        self.hosts = file.hosts;
+        self
     }
 
     /// A lab with a name unique to this process and call, for tests run in parallel.
@@ -96,6 +113,7 @@ impl LabSpec {
         self.hosts.push(HostSpec {
             name: name.to_string(),
             underlay_ip,
+            dc: None,
         });
         self
     }
@@ -119,13 +137,13 @@ impl LabSpec {
     }
 
     fn validate(&self) -> Result<()> {
-        let ok_name = |s: &str, max: usize| {
-            !s.is_empty()
-                && s.len() <= max
-                && s.chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        };
-        if !ok_name(&self.name, 24) {
+        let ok_name = !self.name.is_empty()
+            && self.name.len() <= 24
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        if !ok_name {
             return Err(LabError::Setup(format!(
                 "lab name {:?}: use 1..24 characters [a-z0-9]",
                 self.name
@@ -133,18 +151,43 @@ impl LabSpec {
         }
         let mut seen = std::collections::BTreeSet::new();
         for h in &self.hosts {
-            if !ok_name(&h.name, 12) || h.name == "ul" {
+            if !valid_host_name(&h.name) {
                 return Err(LabError::Setup(format!(
                     "host name {:?}: use 1..12 characters [a-z0-9], not \"ul\"",
                     h.name
                 )));
             }
-            let o = h.underlay_ip.octets();
-            if o[..3] != [10, 1, 1] || o[3] < 2 || o[3] == 255 {
-                return Err(LabError::Setup(format!(
-                    "host {}: underlay address {} is not in 10.1.1.2..254",
-                    h.name, h.underlay_ip
-                )));
+            match (&self.topology, &h.dc) {
+                (None, None) => {
+                    let o = h.underlay_ip.octets();
+                    if o[..3] != [10, 1, 1] || o[3] < 2 || o[3] == 255 {
+                        return Err(LabError::Setup(format!(
+                            "host {}: underlay address {} is not in 10.1.1.2..254",
+                            h.name, h.underlay_ip
+                        )));
+                    }
+                }
+                (Some(t), Some(dc)) => {
+                    let dc = t.dc(dc)?;
+                    if !dc.host_address_ok(h.underlay_ip) {
+                        return Err(LabError::Setup(format!(
+                            "host {}: {} is not a host address of data center {} ({})",
+                            h.name, h.underlay_ip, dc.name, dc.subnet
+                        )));
+                    }
+                }
+                (Some(_), None) => {
+                    return Err(LabError::Setup(format!(
+                        "host {}: a geo-distributed lab's hosts each belong to a data center",
+                        h.name
+                    )));
+                }
+                (None, Some(dc)) => {
+                    return Err(LabError::Setup(format!(
+                        "host {}: data center {dc} given, but the lab has no topology",
+                        h.name
+                    )));
+                }
             }
             if !seen.insert(h.name.clone()) || !seen.insert(h.underlay_ip.to_string()) {
                 return Err(LabError::Setup(format!(
@@ -157,6 +200,16 @@ impl LabSpec {
     }
 }
 
+/// Whether `name` may name a lab host: `[a-z0-9]`, at most 12 characters, not "ul".
+pub(crate) fn valid_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 12
+        && name != "ul"
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+}
+
 /// A host of a running lab.
 #[derive(Clone, Debug)]
 pub struct LabHost {
@@ -164,6 +217,8 @@ pub struct LabHost {
     pub name: String,
     /// Underlay address.
     pub underlay_ip: Ipv4Addr,
+    /// Its data center, in a geo-distributed lab.
+    pub dc: Option<String>,
     netns: Netns,
     dir: PathBuf,
     dockerd: Option<Dockerd>,
@@ -238,16 +293,25 @@ impl Lab {
         lab.save()?;
         Netns::create(&lab.underlay.name())?;
         let ul = &lab.underlay;
-        ul.run(&["ip", "link", "add", "br0", "type", "bridge"])?;
-        ul.run(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{OUTSIDE_IP}/{UNDERLAY_PREFIX}"),
-            "dev",
-            "br0",
-        ])?;
-        ul.run(&["ip", "link", "set", "br0", "up"])?;
+        match &spec.topology {
+            None => {
+                ul.run(&["ip", "link", "add", "br0", "type", "bridge"])?;
+                ul.run(&[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("{OUTSIDE_IP}/{UNDERLAY_PREFIX}"),
+                    "dev",
+                    "br0",
+                ])?;
+                ul.run(&["ip", "link", "set", "br0", "up"])?;
+            }
+            Some(topo) => {
+                wan::build(&spec.name, ul, topo)?;
+                lab.start_delay_line()?;
+                wan::apply_links(ul, None, topo)?;
+            }
+        }
         for h in &spec.hosts {
             lab.add_host_without_docker(h.clone())?;
         }
@@ -274,6 +338,7 @@ impl Lab {
             .map(|h| LabHost {
                 name: h.name.clone(),
                 underlay_ip: h.underlay_ip,
+                dc: h.dc.clone(),
                 netns: Netns::named(&format!("{}-{}", spec.name, h.name)),
                 dir: dir.join(&h.name),
                 dockerd: spec
@@ -311,9 +376,132 @@ impl Lab {
         self.spec.dir()
     }
 
-    /// The underlay namespace (the bridge, and 10.1.1.1 "outside").
+    /// The underlay namespace: in a flat lab the bridge, and 10.1.1.1 "outside"; in a
+    /// geo-distributed lab the WAN router between the data centers.
     pub fn underlay(&self) -> &Netns {
         &self.underlay
+    }
+
+    /// The data centers and links of a geo-distributed lab (`None` for a flat one).
+    pub fn topology(&self) -> Option<&Topology> {
+        self.spec.topology.as_ref()
+    }
+
+    fn topology_or_err(&self) -> Result<&Topology> {
+        self.topology().ok_or_else(|| {
+            LabError::Setup(format!(
+                "lab {} is flat (one bridge, no data centers): build it with --topology FILE",
+                self.spec.name
+            ))
+        })
+    }
+
+    /// The links of a geo-distributed lab, one per pair of data centers.
+    pub fn links(&self) -> Result<&[Link]> {
+        self.topology_or_err().map(|t| t.links.as_slice())
+    }
+
+    /// The WAN router's namespace of a geo-distributed lab.
+    pub fn router(&self) -> Result<&Netns> {
+        self.topology_or_err().map(|_| &self.underlay)
+    }
+
+    /// The namespace of data center `dc`'s bridge (it carries the data center's service
+    /// address, where lab services such as the controller listen).
+    pub fn dc_netns(&self, dc: &str) -> Result<Netns> {
+        let t = self.topology_or_err()?;
+        Ok(wan::dc_netns(&self.spec.name, &t.dc(dc)?.name))
+    }
+
+    /// The namespace holding the bridge `host`'s `eth0` is plugged into.
+    pub fn bridge_netns_of(&self, host: &LabHost) -> Result<Netns> {
+        match &host.dc {
+            Some(dc) => self.dc_netns(dc),
+            None => Ok(self.underlay.clone()),
+        }
+    }
+
+    /// Where the controller of a cluster on this lab runs: the underlay namespace of a flat
+    /// lab, the controller data center's bridge namespace of a geo-distributed one.
+    pub fn controller_netns(&self) -> Netns {
+        match self.topology() {
+            Some(t) => wan::dc_netns(&self.spec.name, &t.controller_dc),
+            None => self.underlay.clone(),
+        }
+    }
+
+    /// The controller's address: 10.1.1.1, or the service address of its data center.
+    pub fn controller_ip(&self) -> Ipv4Addr {
+        self.topology()
+            .and_then(|t| t.dc(&t.controller_dc).ok())
+            .map_or(OUTSIDE_IP, |dc| dc.service_ip())
+    }
+
+    /// Changes the link between data centers `a` and `b` while the lab runs: delays first
+    /// (the delay line confirms), then rates and rules at once. On failure the link is put
+    /// back as it was.
+    pub fn set_link(&mut self, a: &str, b: &str, change: impl FnOnce(&mut Shape)) -> Result<Link> {
+        let before = self.topology_or_err()?.clone();
+        let k = before.link_index(a, b)?;
+        let mut after = before.clone();
+        change(&mut after.links[k].shape);
+        after.links[k]
+            .shape
+            .check()
+            .map_err(|e| LabError::Setup(format!("link {a} - {b}: {e}")))?;
+        let dir = self.dir();
+        let applied = (|| {
+            delayline::write_config(&dir, &wan::delay_config(&after))?;
+            delayline::control(&dir, "reload", Duration::from_secs(5))?;
+            wan::apply_links(&self.underlay, Some(&before), &after)
+        })();
+        if let Err(e) = applied {
+            let _ = delayline::write_config(&dir, &wan::delay_config(&before));
+            let _ = delayline::control(&dir, "reload", Duration::from_secs(5));
+            let _ = wan::apply_links(&self.underlay, Some(&after), &before);
+            return Err(e);
+        }
+        let link = after.links[k].clone();
+        self.spec.topology = Some(after);
+        self.save()?;
+        Ok(link)
+    }
+
+    fn start_delay_line(&self) -> Result<()> {
+        let topo = self.topology_or_err()?;
+        let dir = self.dir();
+        delayline::write_config(&dir, &wan::delay_config(topo))?;
+        let exe = lab_binary()?;
+        let p = self.spawn(
+            &self.underlay,
+            "delayline",
+            &[
+                exe.display().to_string(),
+                "--name".into(),
+                self.spec.name.clone(),
+                "--root".into(),
+                self.spec.root.display().to_string(),
+                "delay-line".into(),
+                "--dir".into(),
+                dir.display().to_string(),
+            ],
+            &[],
+        )?;
+        let start = std::time::Instant::now();
+        loop {
+            match delayline::control(&dir, "ping", Duration::from_millis(500)) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    if p.pid().is_none() || start.elapsed() > Duration::from_secs(10) {
+                        return Err(LabError::Setup(format!(
+                            "the delay line did not start ({e}):\n{}",
+                            p.log_tail(10)
+                        )));
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Every host.
@@ -351,29 +539,41 @@ impl Lab {
         self.spec.hosts.push(spec.clone());
         self.save()?;
         let port = format!("v-{}", spec.name);
-        let ul = self.underlay.name();
+        let (bridge_ns, prefix, gateway) = match (&self.spec.topology, &spec.dc) {
+            (Some(t), Some(dc)) => {
+                let dc = t.dc(dc)?;
+                (
+                    wan::dc_netns(&self.spec.name, &dc.name),
+                    dc.subnet.prefix_len(),
+                    dc.gateway(),
+                )
+            }
+            _ => (self.underlay.clone(), UNDERLAY_PREFIX, OUTSIDE_IP),
+        };
         netns.run(&[
-            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", &ul,
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            &bridge_ns.name(),
         ])?;
-        self.underlay
-            .run(&["ip", "link", "set", &port, "master", "br0", "up"])?;
+        bridge_ns.run(&["ip", "link", "set", &port, "master", "br0", "up"])?;
         netns.run(&[
             "ip",
             "addr",
             "add",
-            &format!("{}/{UNDERLAY_PREFIX}", spec.underlay_ip),
+            &format!("{}/{prefix}", spec.underlay_ip),
             "dev",
             "eth0",
         ])?;
         netns.run(&["ip", "link", "set", "eth0", "up"])?;
-        netns.run(&[
-            "ip",
-            "route",
-            "add",
-            "default",
-            "via",
-            &OUTSIDE_IP.to_string(),
-        ])?;
+        netns.run(&["ip", "route", "add", "default", "via", &gateway.to_string()])?;
         let dockerd = if self.spec.docker {
             Some(Dockerd::prepare(
                 &dir.join("docker"),
@@ -386,6 +586,7 @@ impl Lab {
         self.hosts.push(LabHost {
             name: spec.name,
             underlay_ip: spec.underlay_ip,
+            dc: spec.dc,
             netns,
             dir,
             dockerd,
@@ -420,7 +621,7 @@ impl Lab {
     /// from the outside).
     pub fn cut_link(&self, host: &str) -> Result<()> {
         let h = self.host(host)?;
-        self.underlay
+        self.bridge_netns_of(h)?
             .run(&["ip", "link", "set", &h.bridge_port(), "down"])
             .map(drop)
     }
@@ -428,7 +629,7 @@ impl Lab {
     /// Brings a cut link back.
     pub fn restore_link(&self, host: &str) -> Result<()> {
         let h = self.host(host)?;
-        self.underlay
+        self.bridge_netns_of(h)?
             .run(&["ip", "link", "set", &h.bridge_port(), "up"])
             .map(drop)
     }
@@ -501,6 +702,13 @@ impl Lab {
             .iter()
             .map(|h| Netns::named(&format!("{}-{}", self.spec.name, h.name)))
             .collect();
+        if let Some(t) = &self.spec.topology {
+            v.extend(
+                t.dcs
+                    .iter()
+                    .map(|d| wan::dc_netns(&self.spec.name, &d.name)),
+            );
+        }
         v.push(self.underlay.clone());
         v
     }
@@ -620,6 +828,36 @@ fn preflight(docker: bool) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The `geomx-lab` program (for the lab's own helper processes, such as the delay line):
+/// this program when it is geomx-lab, else `$GEOMX_BIN_DIR/geomx-lab` or the one beside this
+/// program (for a test, in the parent of its `deps/` directory: cargo's target/debug).
+pub fn lab_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()
+        .map_err(|e| LabError::Setup(format!("locating this program: {e}")))?;
+    if exe.file_name().is_some_and(|n| n == "geomx-lab") {
+        return Ok(exe);
+    }
+    let dir = match std::env::var_os("GEOMX_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+            if dir.ends_with("deps") {
+                dir.pop();
+            }
+            dir
+        }
+    };
+    let p = dir.join("geomx-lab");
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(LabError::Setup(format!(
+            "{} is missing (run `cargo build --workspace --bins`, or set GEOMX_BIN_DIR)",
+            p.display()
+        )))
+    }
 }
 
 /// Tears down every non-persistent lab under `root` whose owning process is gone.

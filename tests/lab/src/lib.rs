@@ -17,14 +17,19 @@
 
 pub mod cluster;
 pub mod cmd;
+pub mod delayline;
 mod dockerd;
 mod error;
 pub mod images;
 pub mod jobfile;
 mod lab;
+pub mod measure;
 mod netns;
+pub mod nfqueue;
 mod process;
 mod rootfs;
+pub mod topology;
+pub mod wan;
 
 pub use cluster::{
     Binaries, CONTROLLER_PORT, Cluster, ClusterSpec, GEOMX_IMAGE, MXNET_IMAGE, seed_subnet,
@@ -34,8 +39,9 @@ pub use error::{LabError, Result};
 pub use images::{PSNODE_IMAGE, build_psnode_image, find_psnode_binary};
 pub use lab::{
     DEFAULT_ROOT, HostSpec, Lab, LabHost, LabSpec, OUTSIDE_IP, SEED_HOSTS, UNDERLAY_PREFIX,
-    sweep_stale,
+    lab_binary, sweep_stale,
 };
 pub use netns::{Netns, normalize_iptables_save};
-pub use process::{LabProcess, alive};
+pub use process::{LabProcess, alive, gone};
 pub use rootfs::{Rootfs, shared_libraries};
+pub use topology::{DataCenter, Link, Shape, Topology, TopologyFile, read_topology};

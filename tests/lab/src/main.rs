@@ -9,9 +9,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use geomx_lab::cluster::{FORWARD_ADDR, forward};
+use geomx_lab::topology::{
+    fmt_duration, fmt_loss, fmt_rate, parse_duration, parse_loss, parse_rate,
+};
 use geomx_lab::{
-    Binaries, CONTROLLER_PORT, Cluster, ClusterSpec, DEFAULT_ROOT, Lab, LabSpec, Netns, OUTSIDE_IP,
-    SEED_HOSTS,
+    Binaries, CONTROLLER_PORT, Cluster, ClusterSpec, DEFAULT_ROOT, Lab, LabSpec, Link, Netns,
+    SEED_HOSTS, delayline, read_topology,
 };
 
 /// Multi-host lab for geomx: hosts as network namespaces on one underlay bridge, one dockerd
@@ -35,9 +38,13 @@ enum Command {
     /// Build a lab of N hosts (a, b, c at the seed addresses 10.1.1.34/.29/.33 with the seed
     /// subnets 172.17.34/29/33.0/24, then d, e, ...) and start geomx on it.
     Up {
-        /// Number of hosts.
-        #[arg(long, default_value_t = 3)]
-        hosts: u8,
+        /// Number of hosts of a flat lab (default 3).
+        #[arg(long, conflicts_with = "topology")]
+        hosts: Option<u8>,
+        /// A geo-distributed lab: data centers on their own routed networks joined by WAN
+        /// links, as this TOML file describes them (see docs/lab.md).
+        #[arg(long)]
+        topology: Option<PathBuf>,
         /// Only namespaces and dockerds: no certificates, controller, agents or images.
         #[arg(long)]
         bare: bool,
@@ -54,17 +61,36 @@ enum Command {
     },
     /// Tear the lab down completely.
     Down,
-    /// Show the lab's hosts.
+    /// Show the lab's data centers, hosts and links.
     Status,
+    /// The WAN links of a geo-distributed lab.
+    Link {
+        #[command(subcommand)]
+        command: LinkCommand,
+    },
     /// Print the environment geomxctl needs (`eval "$(geomx-lab env)"`).
     Env,
     /// Run a command inside a host's namespace, e.g. `geomx-lab exec a -- ip route`.
     Exec {
-        /// Host name, or "ul" for the underlay namespace (where the controller runs).
-        host: String,
-        /// The command.
-        #[arg(trailing_var_arg = true, required = true)]
+        /// Host name, or "ul" for the underlay namespace (a flat lab's bridge and controller).
+        #[arg(required_unless_present_any = ["router", "dc"], conflicts_with_all = ["router", "dc"])]
+        host: Option<String>,
+        /// In the WAN router's namespace of a geo-distributed lab (captures, counters).
+        #[arg(long)]
+        router: bool,
+        /// In a data center's bridge namespace (its service address; the controller's there).
+        #[arg(long, conflicts_with = "router")]
+        dc: Option<String>,
+        /// The command, after `--`.
+        #[arg(last = true, required = true)]
         argv: Vec<String>,
+    },
+    /// (internal) The WAN router's delay line (runs in the router's namespace).
+    #[command(hide = true)]
+    DelayLine {
+        /// The lab directory.
+        #[arg(long)]
+        dir: PathBuf,
     },
     /// (internal) Forward TCP from this namespace into the lab's controller.
     #[command(hide = true)]
@@ -76,6 +102,55 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum LinkCommand {
+    /// Change a link while the lab runs (only what is given changes; nothing restarts).
+    Set {
+        /// One data center.
+        a: String,
+        /// The other.
+        b: String,
+        /// One-way delay, e.g. 40ms (the round trip is twice this); 0 for none.
+        #[arg(long)]
+        delay: Option<String>,
+        /// Uniform jitter of the delay, e.g. 5ms (at most the delay).
+        #[arg(long)]
+        jitter: Option<String>,
+        /// Rate of each direction, e.g. 200mbit; "none" for unshaped.
+        #[arg(long)]
+        rate: Option<String>,
+        /// Random loss of each direction, e.g. 0.1%.
+        #[arg(long)]
+        loss: Option<String>,
+    },
+    /// Show every link.
+    Show {
+        /// table or json.
+        #[arg(long, short = 'o', default_value = "table")]
+        output: Output,
+    },
+    /// Partition: nothing passes between the two data centers, either way.
+    Cut {
+        /// One data center.
+        a: String,
+        /// The other.
+        b: String,
+    },
+    /// End a partition.
+    Heal {
+        /// One data center.
+        a: String,
+        /// The other.
+        b: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 fn main() -> ExitCode {
@@ -115,20 +190,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Up {
             hosts,
+            topology,
             bare,
             insecure,
             mxnet_tar,
             forward: forward_addr,
         } => {
-            if *hosts == 0 || *hosts > 20 {
-                bail!("--hosts must be 1..=20");
-            }
             let bins = if *bare { None } else { Some(Binaries::find()?) };
             let mut spec = LabSpec::new(&cli.name).persistent();
             spec.root = cli.root.clone();
-            for i in 0..*hosts {
-                let (n, ip) = host_spec(i);
-                spec = spec.host(&n, ip);
+            match topology {
+                Some(file) => spec = spec.topology(read_topology(file)?),
+                None => {
+                    let hosts = hosts.unwrap_or(3);
+                    if hosts == 0 || hosts > 20 {
+                        bail!("--hosts must be 1..=20");
+                    }
+                    for i in 0..hosts {
+                        let (n, ip) = host_spec(i);
+                        spec = spec.host(&n, ip);
+                    }
+                }
             }
             let lab = Lab::up(spec).context("building the lab")?;
             let Some(bins) = bins else {
@@ -197,12 +279,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ))?
             );
         }
-        Command::Exec { host, argv } => {
+        Command::Exec {
+            host,
+            router,
+            dc,
+            argv,
+        } => {
             let lab = attach(&cli)?;
-            let ns = if host == "ul" {
-                lab.underlay().clone()
-            } else {
-                lab.host(host)?.netns().clone()
+            let ns = match (host.as_deref(), dc) {
+                _ if *router => lab.router()?.clone(),
+                (_, Some(dc)) => lab.dc_netns(dc)?,
+                (Some("ul"), _) | (None, None) => lab.underlay().clone(),
+                (Some(h), _) => lab.host(h)?.netns().clone(),
             };
             let status = ns
                 .command(&argv[0])
@@ -217,9 +305,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let lab = attach(&cli)?;
             forward(
                 *listen,
-                lab.underlay(),
-                SocketAddr::from((OUTSIDE_IP, CONTROLLER_PORT)),
+                &lab.controller_netns(),
+                SocketAddr::from((lab.controller_ip(), CONTROLLER_PORT)),
             )?;
+        }
+        Command::DelayLine { dir } => delayline::run(dir)?,
+        Command::Link { command } => {
+            let mut lab = attach(&cli)?;
+            link_command(&mut lab, command)?;
         }
     }
     Ok(())
@@ -256,11 +349,130 @@ fn start_forwarder(cluster: &Cluster, listen: SocketAddr) -> anyhow::Result<()> 
     Ok(())
 }
 
+fn link_command(lab: &mut Lab, command: &LinkCommand) -> anyhow::Result<()> {
+    match command {
+        LinkCommand::Set {
+            a,
+            b,
+            delay,
+            jitter,
+            rate,
+            loss,
+        } => {
+            let delay = delay.as_deref().map(parse_duration).transpose();
+            let jitter = jitter.as_deref().map(parse_duration).transpose();
+            let rate = rate.as_deref().map(parse_rate).transpose();
+            let loss = loss.as_deref().map(parse_loss).transpose();
+            let (delay, jitter, rate, loss) = (
+                delay.map_err(|e| anyhow::anyhow!("--delay {e}"))?,
+                jitter.map_err(|e| anyhow::anyhow!("--jitter {e}"))?,
+                rate.map_err(|e| anyhow::anyhow!("--rate {e}"))?,
+                loss.map_err(|e| anyhow::anyhow!("--loss {e}"))?,
+            );
+            let l = lab.set_link(a, b, |s| {
+                if let Some(d) = delay {
+                    s.delay = d;
+                }
+                if let Some(j) = jitter {
+                    s.jitter = j;
+                }
+                if let Some(r) = rate {
+                    s.rate_bps = r;
+                }
+                if let Some(l) = loss {
+                    s.loss = l;
+                }
+            })?;
+            print_links(&[l]);
+        }
+        LinkCommand::Cut { a, b } => {
+            let l = lab.set_link(a, b, |s| s.cut = true)?;
+            print_links(&[l]);
+        }
+        LinkCommand::Heal { a, b } => {
+            let l = lab.set_link(a, b, |s| s.cut = false)?;
+            print_links(&[l]);
+        }
+        LinkCommand::Show { output } => {
+            let links = lab.links()?;
+            match output {
+                Output::Table => print_links(links),
+                Output::Json => {
+                    let v: Vec<serde_json::Value> = links.iter().map(link_json).collect();
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn link_json(l: &Link) -> serde_json::Value {
+    serde_json::json!({
+        "dcs": l.dcs,
+        "delay_ms": l.shape.delay.as_secs_f64() * 1000.0,
+        "jitter_ms": l.shape.jitter.as_secs_f64() * 1000.0,
+        "rate_bps": l.shape.rate_bps,
+        "loss_pct": l.shape.loss * 100.0,
+        "cut": l.shape.cut,
+    })
+}
+
+fn print_links(links: &[Link]) {
+    println!(
+        "{:<26} {:>8} {:>8} {:>10} {:>7}  STATE",
+        "LINK", "DELAY", "JITTER", "RATE", "LOSS"
+    );
+    for l in links {
+        let state = if l.shape.cut {
+            "cut"
+        } else if l.shape.is_unshaped() {
+            "unshaped"
+        } else {
+            "shaped"
+        };
+        println!(
+            "{:<26} {:>8} {:>8} {:>10} {:>7}  {state}",
+            format!("{} - {}", l.dcs[0], l.dcs[1]),
+            fmt_duration(l.shape.delay),
+            fmt_duration(l.shape.jitter),
+            fmt_rate(l.shape.rate_bps),
+            fmt_loss(l.shape.loss),
+        );
+    }
+}
+
 fn print_status(lab: &Lab) {
     println!("lab {} in {}", lab.name(), lab.dir().display());
+    if let Some(t) = lab.topology() {
+        println!();
+        println!(
+            "{:<12} {:<18} {:<15} {:<15} NAMESPACE",
+            "DC", "SUBNET", "GATEWAY", "SERVICES"
+        );
+        for dc in &t.dcs {
+            println!(
+                "{:<12} {:<18} {:<15} {:<15} {}{}",
+                dc.name,
+                dc.subnet.to_string(),
+                dc.gateway().to_string(),
+                dc.service_ip().to_string(),
+                lab.dc_netns(&dc.name).map(|n| n.name()).unwrap_or_default(),
+                if dc.name == t.controller_dc {
+                    "  (controller)"
+                } else {
+                    ""
+                }
+            );
+        }
+        println!("router: namespace {}", lab.underlay().name());
+        println!();
+        print_links(&t.links);
+        println!();
+    }
     println!(
-        "{:<6} {:<14} {:<22} DOCKER_HOST",
-        "HOST", "UNDERLAY", "NAMESPACE"
+        "{:<6} {:<12} {:<14} {:<22} DOCKER_HOST",
+        "HOST", "DC", "UNDERLAY", "NAMESPACE"
     );
     for h in lab.hosts() {
         let docker = h
@@ -274,8 +486,9 @@ fn print_status(lab: &Lab) {
             })
             .unwrap_or_else(|_| "-".into());
         println!(
-            "{:<6} {:<14} {:<22} {docker}",
+            "{:<6} {:<12} {:<14} {:<22} {docker}",
             h.name,
+            h.dc.as_deref().unwrap_or("-"),
             h.underlay_ip.to_string(),
             h.netns().name()
         );
