@@ -19,30 +19,87 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::auth::Auth;
-use crate::membership::{HeartbeatData, Membership, Registration, duration_ms, same_content};
-use crate::store::NetworkRecord;
+use crate::leases::LeaseError;
+use crate::membership::{
+    HeartbeatData, Membership, MembershipError, Registration, duration_ms, same_content,
+};
+use crate::store::{NetworkRecord, StoreError, StoreErrorKind};
 use crate::validate;
+use crate::workloads::{WorkloadError, Workloads};
+
+impl From<MembershipError> for Status {
+    fn from(e: MembershipError) -> Status {
+        let msg = e.to_string();
+        match e {
+            MembershipError::UnknownHost(_) => Status::not_found(msg),
+            MembershipError::HostLeft(_) | MembershipError::NotRemovable { .. } => {
+                Status::failed_precondition(msg)
+            }
+            MembershipError::UnderlayInUse { .. } => Status::already_exists(msg),
+            MembershipError::Lease(LeaseError::PinnedTaken { .. }) => Status::already_exists(msg),
+            MembershipError::Lease(LeaseError::Exhausted { .. }) => Status::resource_exhausted(msg),
+            MembershipError::Lease(_) => Status::invalid_argument(format!("pinned_subnet: {msg}")),
+            MembershipError::Store(s) => Status::new(s.code(), msg),
+        }
+    }
+}
+
+impl StoreError {
+    /// The gRPC code of a request that failed on this error: `RESOURCE_EXHAUSTED` when the
+    /// state directory's disk is full (the request may be retried once space is freed),
+    /// `UNAVAILABLE` for another I/O error, `ABORTED` for a conflicting change, `INTERNAL`
+    /// otherwise.
+    pub fn code(&self) -> tonic::Code {
+        match self.kind() {
+            StoreErrorKind::Full => tonic::Code::ResourceExhausted,
+            StoreErrorKind::Unavailable => tonic::Code::Unavailable,
+            StoreErrorKind::Conflict => tonic::Code::Aborted,
+            StoreErrorKind::Internal => tonic::Code::Internal,
+        }
+    }
+}
+
+impl From<WorkloadError> for Status {
+    fn from(e: WorkloadError) -> Status {
+        match e {
+            WorkloadError::Invalid(m) => Status::invalid_argument(m),
+            WorkloadError::Unavailable(m) => Status::unavailable(m),
+        }
+    }
+}
 
 /// Implementation of `AgentService`.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AgentApi {
     membership: Arc<Membership>,
+    workloads: Arc<dyn Workloads>,
     auth: Auth,
     shutdown: CancellationToken,
     streams: TaskTracker,
 }
 
+impl std::fmt::Debug for AgentApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentApi")
+            .field("membership", &self.membership)
+            .finish_non_exhaustive()
+    }
+}
+
 impl AgentApi {
-    /// The service over `membership`; `Watch` streams end when `shutdown` is cancelled and
-    /// their tasks are tracked by `streams`.
+    /// The service over `membership`, with the role containers and report handling of
+    /// `workloads`; `Watch` streams end when `shutdown` is cancelled and their tasks are
+    /// tracked by `streams`.
     pub fn new(
         membership: Arc<Membership>,
+        workloads: Arc<dyn Workloads>,
         auth: Auth,
         shutdown: CancellationToken,
         streams: TaskTracker,
     ) -> Self {
         AgentApi {
             membership,
+            workloads,
             auth,
             shutdown,
             streams,
@@ -114,10 +171,12 @@ impl AgentService for AgentApi {
         let revisions = self.membership.subscribe(&host)?;
         let (tx, rx) = mpsc::channel(4);
         let membership = self.membership.clone();
+        let workloads = self.workloads.clone();
         let shutdown = self.shutdown.clone();
         let span = tracing::info_span!("watch", host = %host);
-        self.streams
-            .spawn(watch_loop(membership, host, tx, revisions, shutdown).instrument(span));
+        self.streams.spawn(
+            watch_loop(membership, workloads, host, tx, revisions, shutdown).instrument(span),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -131,7 +190,8 @@ impl AgentService for AgentApi {
         let membership = &self.membership;
         async move {
             let data = heartbeat_data(&report)?;
-            membership.report(&host, data, &report).await?;
+            membership.report(&host, data).await?;
+            self.workloads.host_reported(&host, &report).await?;
             Ok(Response::new(ReportResponse {
                 heartbeat_interval_ms: duration_ms(membership.timing().heartbeat_interval),
             }))
@@ -219,6 +279,7 @@ fn heartbeat_data(report: &HostReport) -> Result<HeartbeatData, Status> {
 /// it, until the client goes away, the host leaves, or the controller shuts down.
 async fn watch_loop(
     membership: Arc<Membership>,
+    workloads: Arc<dyn Workloads>,
     host: String,
     tx: mpsc::Sender<Result<DesiredState, Status>>,
     mut revisions: tokio::sync::watch::Receiver<u64>,
@@ -229,7 +290,8 @@ async fn watch_loop(
     loop {
         revisions.borrow_and_update();
         match membership.desired_state_for(&host) {
-            Ok(state) => {
+            Ok(mut state) => {
+                state.containers = workloads.containers_for(&host);
                 if last.as_ref().is_none_or(|l| !same_content(l, &state)) {
                     tracing::debug!(
                         revision = state.revision,

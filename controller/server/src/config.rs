@@ -14,6 +14,7 @@
 //! heartbeat_interval = "1s"
 //! grace_period = "10s"
 //! shutdown_timeout = "10s"
+//! lease_ttl = "7d"              # a host lost this long is forgotten, its subnet freed; "0s": never
 //! # insecure = true            # plaintext, no client authentication: labs only
 //!
 //! [tls]
@@ -27,11 +28,11 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use geomx_proto::config_file::{line_col, parse_toml};
+pub use geomx_proto::config_file::ConfigError;
+use geomx_proto::config_file::{ConfigFile, HumanDuration, Settings, TlsFlags, TlsPick, TlsTable};
 use geomx_proto::tls::{TlsFiles, parse_tokens_file, validate_token};
 use ipnet::Ipv4Net;
 use serde::Deserialize;
@@ -53,42 +54,8 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
 /// Default time allowed for a graceful shutdown.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Errors reading or validating the configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// A file could not be read.
-    #[error("cannot read {what} {}: {source}", path.display())]
-    Read {
-        /// What the file was for.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The config file is not valid TOML or has unknown/mistyped keys.
-    #[error("{}:{line}:{col}: {message}", path.display())]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line.
-        line: usize,
-        /// 1-based column.
-        col: usize,
-        /// What is wrong.
-        message: String,
-    },
-    /// A value is invalid; `origin` says where it came from.
-    #[error("{origin}: {message}")]
-    Invalid {
-        /// `file:line:col (key)`, `--flag / ENV`, or `config` for programmatic configs.
-        origin: String,
-        /// What is wrong.
-        message: String,
-    },
-}
+/// Default time after which a lost host is forgotten and its lease released (7 days).
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Command-line flags (each also read from a `GEOMX_CONTROLLER_*` environment variable).
 #[derive(Clone, Debug, Default, clap::Parser)]
@@ -122,6 +89,9 @@ pub struct Args {
     /// Time allowed for a graceful shutdown [default: 10s].
     #[arg(long, env = "GEOMX_CONTROLLER_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Option<Duration>,
+    /// A host lost for this long is forgotten and its subnet released; 0s: never [default: 7d].
+    #[arg(long, env = "GEOMX_CONTROLLER_LEASE_TTL", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Option<Duration>,
     /// CA certificate (PEM) that signs agent and controller certificates.
     #[arg(long, env = "GEOMX_CONTROLLER_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
@@ -157,6 +127,8 @@ pub struct ControllerConfig {
     pub grace_period: Duration,
     /// Time allowed for a graceful shutdown before connections are dropped.
     pub shutdown_timeout: Duration,
+    /// A host lost for longer than this is forgotten and its lease released; zero: never.
+    pub lease_ttl: Duration,
     /// TLS files; required unless `insecure`.
     pub tls: Option<TlsFiles>,
     /// Plaintext without client authentication.
@@ -180,6 +152,7 @@ impl ControllerConfig {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             grace_period: DEFAULT_GRACE_PERIOD,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            lease_ttl: DEFAULT_LEASE_TTL,
             tls,
             insecure: false,
             tokens: Vec::new(),
@@ -237,6 +210,16 @@ impl ControllerConfig {
                 return Err(invalid(key, "must be at most 24h".into()));
             }
         }
+        if !self.lease_ttl.is_zero() && self.lease_ttl <= self.grace_period {
+            return Err(invalid(
+                "lease_ttl",
+                format!(
+                    "{} must be longer than grace_period ({}), or \"0s\" for never",
+                    humantime::format_duration(self.lease_ttl),
+                    humantime::format_duration(self.grace_period)
+                ),
+            ));
+        }
         if self.heartbeat_interval < Duration::from_millis(50) {
             return Err(invalid(
                 "heartbeat_interval",
@@ -271,53 +254,25 @@ impl ControllerConfig {
     /// Reads the config file named by `args` (or the default one if it exists), applies the
     /// flags, and validates. Returns the configuration and warnings worth logging.
     pub fn load(args: &Args) -> Result<(ControllerConfig, Vec<String>), ConfigError> {
-        let (file, path, text) = match &args.config {
-            Some(path) => {
-                let text = read(path, "config file")?;
-                (parse_file(path, &text)?, Some(path.clone()), text)
-            }
-            None => {
-                let path = PathBuf::from(DEFAULT_CONFIG_PATH);
-                match std::fs::read_to_string(&path) {
-                    Ok(text) => (parse_file(&path, &text)?, Some(path), text),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        (FileConfig::default(), None, String::new())
-                    }
-                    Err(source) => {
-                        return Err(ConfigError::Read {
-                            what: "config file",
-                            path,
-                            source,
-                        });
-                    }
-                }
-            }
-        };
-        resolve(args, file, path.as_deref(), &text)
+        let file = ConfigFile::read(args.config.as_deref(), Path::new(DEFAULT_CONFIG_PATH))?;
+        resolve(args, &file)
     }
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
-    listen: Option<Spanned<String>>,
-    cluster_cidr: Option<Spanned<String>>,
+    listen: Option<Spanned<SocketAddr>>,
+    cluster_cidr: Option<Spanned<Ipv4Net>>,
     host_subnet_prefix: Option<Spanned<u8>>,
     state_dir: Option<Spanned<PathBuf>>,
-    heartbeat_interval: Option<Spanned<String>>,
-    grace_period: Option<Spanned<String>>,
-    shutdown_timeout: Option<Spanned<String>>,
+    heartbeat_interval: Option<Spanned<HumanDuration>>,
+    grace_period: Option<Spanned<HumanDuration>>,
+    shutdown_timeout: Option<Spanned<HumanDuration>>,
+    lease_ttl: Option<Spanned<HumanDuration>>,
     insecure: Option<bool>,
-    tls: Option<FileTls>,
+    tls: Option<TlsTable>,
     auth: Option<FileAuth>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileTls {
-    ca: Option<Spanned<PathBuf>>,
-    cert: Option<Spanned<PathBuf>>,
-    key: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -335,187 +290,117 @@ fn read(path: &Path, what: &'static str) -> Result<String, ConfigError> {
     })
 }
 
-fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
-    parse_toml(text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        line: e.line,
-        col: e.col,
-        message: e.message,
-    })
-}
-
-/// Where each setting came from, for error messages.
-struct Origins<'a> {
-    path: Option<&'a Path>,
-    text: &'a str,
-}
-
-impl Origins<'_> {
-    fn file(&self, key: &str, span: Range<usize>) -> String {
-        let (line, col) = line_col(self.text, span.start);
-        match self.path {
-            Some(p) => format!("{}:{line}:{col} ({key})", p.display()),
-            None => key.to_owned(),
-        }
-    }
-}
-
-fn flag(name: &str) -> String {
-    let env = format!("GEOMX_CONTROLLER_{}", name.to_uppercase().replace('-', "_"));
-    format!("--{name} / {env}")
+/// Takes a value as it is (its type already checked it).
+fn same<T>(v: T) -> Result<T, String> {
+    Ok(v)
 }
 
 fn resolve(
     args: &Args,
-    file: FileConfig,
-    path: Option<&Path>,
-    text: &str,
+    source: &ConfigFile,
 ) -> Result<(ControllerConfig, Vec<String>), ConfigError> {
-    let origins = Origins { path, text };
-    let base_dir = path
-        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_owned()))
-        .and_then(|p| p.parent().map(Path::to_owned))
-        .unwrap_or_default();
-    let rel = |p: &Path| -> PathBuf {
-        if p.is_relative() && !base_dir.as_os_str().is_empty() {
-            base_dir.join(p)
-        } else {
-            p.to_owned()
-        }
-    };
+    let file: FileConfig = source.parse()?;
+    let mut settings = Settings::new(source, "GEOMX_CONTROLLER_");
     let mut warnings = Vec::new();
     let mut cfg = ControllerConfig::new(DEFAULT_STATE_DIR, None);
-    // Remember where each validated key came from, for relational errors.
-    let mut key_origin: std::collections::HashMap<&'static str, String> = Default::default();
+    let duration = |v: Result<Duration, HumanDuration>| Ok(v.unwrap_or_else(|f| f.0));
 
-    macro_rules! setting {
-        ($key:literal, $flag:literal, $arg:expr, $file:expr, $parse:expr, $target:expr) => {
-            if let Some(v) = $arg {
-                $target = v;
-                key_origin.insert($key, flag($flag));
-            } else if let Some(spanned) = $file {
-                let span = spanned.span();
-                let origin = origins.file($key, span);
-                let parsed: Result<_, String> = ($parse)(spanned.into_inner());
-                $target = parsed.map_err(|message| ConfigError::Invalid {
-                    origin: origin.clone(),
-                    message,
-                })?;
-                key_origin.insert($key, origin);
-            }
-        };
+    if let Some(v) = settings.pick_same("listen", "listen", args.listen, file.listen, same)? {
+        cfg.listen = v;
     }
-
-    setting!(
-        "listen",
-        "listen",
-        args.listen,
-        file.listen,
-        |s: String| s
-            .parse::<SocketAddr>()
-            .map_err(|e| format!("{s:?} is not an address:port ({e}), e.g. \"0.0.0.0:7946\"")),
-        cfg.listen
-    );
-    setting!(
+    if let Some(v) = settings.pick_same(
         "cluster_cidr",
         "cluster-cidr",
         args.cluster_cidr,
         file.cluster_cidr,
-        |s: String| s
-            .parse::<Ipv4Net>()
-            .map_err(|_| format!("{s:?} is not an IPv4 CIDR, e.g. \"172.17.0.0/16\"")),
-        cfg.cluster_cidr
-    );
-    setting!(
+        same,
+    )? {
+        cfg.cluster_cidr = v;
+    }
+    if let Some(v) = settings.pick_same(
         "host_subnet_prefix",
         "host-subnet-prefix",
         args.host_subnet_prefix,
         file.host_subnet_prefix,
-        |v: u8| Ok::<u8, String>(v),
-        cfg.host_subnet_prefix
-    );
-    setting!(
+        same,
+    )? {
+        cfg.host_subnet_prefix = v;
+    }
+    if let Some(v) = settings.pick(
         "state_dir",
         "state-dir",
         args.state_dir.clone(),
         file.state_dir,
-        |p: PathBuf| Ok::<PathBuf, String>(rel(&p)),
-        cfg.state_dir
-    );
-    let duration = |s: String| {
-        humantime::parse_duration(&s)
-            .map_err(|e| format!("{s:?} is not a duration ({e}), e.g. \"1s\" or \"500ms\""))
-    };
-    setting!(
-        "heartbeat_interval",
-        "heartbeat-interval",
-        args.heartbeat_interval,
-        file.heartbeat_interval,
-        duration,
-        cfg.heartbeat_interval
-    );
-    setting!(
-        "grace_period",
-        "grace-period",
-        args.grace_period,
-        file.grace_period,
-        duration,
-        cfg.grace_period
-    );
-    setting!(
-        "shutdown_timeout",
-        "shutdown-timeout",
-        args.shutdown_timeout,
-        file.shutdown_timeout,
-        duration,
-        cfg.shutdown_timeout
-    );
+        |v| Ok(v.unwrap_or_else(|p: PathBuf| source.path_of(&p))),
+    )? {
+        cfg.state_dir = v;
+    }
+    for (key, flag, arg, value, target) in [
+        (
+            "heartbeat_interval",
+            "heartbeat-interval",
+            args.heartbeat_interval,
+            file.heartbeat_interval,
+            &mut cfg.heartbeat_interval,
+        ),
+        (
+            "grace_period",
+            "grace-period",
+            args.grace_period,
+            file.grace_period,
+            &mut cfg.grace_period,
+        ),
+        (
+            "shutdown_timeout",
+            "shutdown-timeout",
+            args.shutdown_timeout,
+            file.shutdown_timeout,
+            &mut cfg.shutdown_timeout,
+        ),
+        (
+            "lease_ttl",
+            "lease-ttl",
+            args.lease_ttl,
+            file.lease_ttl,
+            &mut cfg.lease_ttl,
+        ),
+    ] {
+        if let Some(v) = settings.pick(key, flag, arg, value, duration)? {
+            *target = v;
+        }
+    }
 
     cfg.insecure = args.insecure || file.insecure.unwrap_or(false);
 
     // TLS: each file from its flag or the [tls] table.
-    let file_tls = file.tls.unwrap_or_default();
-    let pick = |arg: &Option<PathBuf>, f: Option<Spanned<PathBuf>>| -> Option<PathBuf> {
-        arg.clone().or_else(|| f.map(|s| rel(s.get_ref())))
+    let flags = TlsFlags {
+        ca: args.tls_ca.clone(),
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
     };
-    let ca = pick(&args.tls_ca, file_tls.ca);
-    let cert = pick(&args.tls_cert, file_tls.cert);
-    let key = pick(&args.tls_key, file_tls.key);
-    match (ca, cert, key) {
-        (Some(ca), Some(cert), Some(key)) => {
-            if cfg.insecure {
-                warnings.push("insecure mode: the TLS files are ignored".to_owned());
-            } else {
-                cfg.tls = Some(TlsFiles { ca, cert, key });
-            }
+    match settings.tls(&flags, file.tls) {
+        TlsPick::Complete(files) if cfg.insecure => {
+            let _ = files;
+            warnings.push("insecure mode: the TLS files are ignored".to_owned());
         }
-        (None, None, None) => {}
-        (ca, cert, key) => {
-            let missing: Vec<&str> = [
-                ("ca", ca.is_none()),
-                ("cert", cert.is_none()),
-                ("key", key.is_none()),
-            ]
-            .into_iter()
-            .filter(|(_, m)| *m)
-            .map(|(k, _)| k)
-            .collect();
-            if !cfg.insecure {
-                return Err(ConfigError::Invalid {
-                    origin: "tls".into(),
-                    message: format!(
-                        "incomplete: {} missing (set [tls] ca, cert and key, or --tls-ca/--tls-cert/--tls-key)",
-                        missing.join(", ")
-                    ),
-                });
-            }
+        TlsPick::Complete(files) => cfg.tls = Some(files),
+        TlsPick::None => {}
+        TlsPick::Incomplete(_) if cfg.insecure => {}
+        TlsPick::Incomplete(missing) => {
+            return Err(ConfigError::Invalid {
+                origin: "tls".into(),
+                message: format!(
+                    "incomplete: {} missing (set [tls] ca, cert and key, or --tls-ca/--tls-cert/--tls-key)",
+                    missing.join(", ")
+                ),
+            });
         }
     }
 
     // Tokens: inline list plus the tokens file.
     let auth = file.auth.unwrap_or_default();
     for t in auth.tokens.unwrap_or_default() {
-        let origin = origins.file("auth.tokens", t.span());
+        let origin = source.origin("auth.tokens", t.span());
         let t = t.into_inner();
         validate_token(&t).map_err(|e| ConfigError::Invalid {
             origin,
@@ -526,7 +411,7 @@ fn resolve(
     let tokens_file = args
         .tokens_file
         .clone()
-        .or_else(|| auth.tokens_file.map(|s| rel(s.get_ref())));
+        .or_else(|| auth.tokens_file.map(|s| source.path_of(s.get_ref())));
     if let Some(tf) = tokens_file {
         let text = read(&tf, "tokens file")?;
         for (line, t) in parse_tokens_file(&text) {
@@ -564,12 +449,7 @@ fn resolve(
         );
     }
 
-    cfg.validate_with(&|key: &str| {
-        key_origin
-            .get(key)
-            .cloned()
-            .unwrap_or_else(|| format!("{key} (default)"))
-    })?;
+    cfg.validate_with(&|key: &str| settings.origin(key))?;
     Ok((cfg, warnings))
 }
 
@@ -641,6 +521,31 @@ mod tests {
             .to_string();
         assert!(
             err.contains(":2:11") && err.contains("at least 16"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn lease_ttl_defaults_to_a_week_and_zero_means_never() {
+        let (cfg, _) = load_text("insecure = true\n", &[]).unwrap();
+        assert_eq!(cfg.lease_ttl, DEFAULT_LEASE_TTL);
+        let (cfg, _) = load_text("insecure = true\nlease_ttl = \"0s\"\n", &[]).unwrap();
+        assert!(cfg.lease_ttl.is_zero());
+        let (cfg, _) = load_text("insecure = true\n", &["--lease-ttl", "1h"]).unwrap();
+        assert_eq!(cfg.lease_ttl, Duration::from_secs(3600));
+        let err = load_text("insecure = true\nlease_ttl = \"5s\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("controller.toml:2:13 (lease_ttl)")
+                && err.contains("longer than grace_period"),
+            "{err}"
+        );
+        let err = load_text("insecure = true\nlease_ttl = \"a week\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("controller.toml:2:13 (lease_ttl): \"a week\" is not a duration"),
             "{err}"
         );
     }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use geomx_proto::v1::host_service_server::HostService;
-use geomx_proto::v1::{Host, ListHostsRequest, ListHostsResponse};
+use geomx_proto::v1::{Host, HostRequest, ListHostsRequest, ListHostsResponse};
 use tonic::{Request, Response, Status};
 
 use crate::membership::{HostView, Membership};
@@ -36,7 +36,12 @@ pub fn host_message(view: &HostView) -> Host {
         agent_url: r.agent_url.clone(),
         registered_at_ms: r.registered_at_ms,
         images: r.images.clone(),
+        cordoned: r.cordoned,
     }
+}
+
+fn host_name(request: &Request<HostRequest>) -> Result<String, Status> {
+    crate::validate::host_name("name", &request.get_ref().name)
 }
 
 #[tonic::async_trait]
@@ -47,5 +52,23 @@ impl HostService for HostApi {
     ) -> Result<Response<ListHostsResponse>, Status> {
         let hosts = self.membership.hosts().iter().map(host_message).collect();
         Ok(Response::new(ListHostsResponse { hosts }))
+    }
+
+    async fn cordon_host(&self, request: Request<HostRequest>) -> Result<Response<Host>, Status> {
+        let name = host_name(&request)?;
+        let view = self.membership.set_cordon(&name, true).await?;
+        Ok(Response::new(host_message(&view)))
+    }
+
+    async fn uncordon_host(&self, request: Request<HostRequest>) -> Result<Response<Host>, Status> {
+        let name = host_name(&request)?;
+        let view = self.membership.set_cordon(&name, false).await?;
+        Ok(Response::new(host_message(&view)))
+    }
+
+    async fn remove_host(&self, request: Request<HostRequest>) -> Result<Response<Host>, Status> {
+        let name = host_name(&request)?;
+        let view = self.membership.remove(&name).await?;
+        Ok(Response::new(host_message(&view)))
     }
 }

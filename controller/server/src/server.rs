@@ -35,7 +35,7 @@ use crate::hosts::HostApi;
 use crate::jobs::stub::NoJobApi;
 use crate::jobs::{JobApi, JobOptions, Jobs, JobsError};
 use crate::leases::LeasePool;
-use crate::membership::{Membership, MembershipError, Timing};
+use crate::membership::{HostEvent, Membership, MembershipError, Timing};
 use crate::store::{Store, StoreError};
 use crate::workloads::{NoWorkloads, Workloads};
 
@@ -105,6 +105,7 @@ pub struct RunningController {
     shutdown: CancellationToken,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     detector: JoinHandle<()>,
+    forwarder: JoinHandle<()>,
     jobs: Option<Arc<Jobs>>,
     ticker: Option<JoinHandle<()>>,
     streams: TaskTracker,
@@ -129,24 +130,27 @@ pub async fn start_with_options(
         (Some(files), false) => Some(files.load()?),
         _ => None,
     };
-    let membership = open_membership(&config)?;
+    let membership = open_membership(&config).await?;
     let jobs = Jobs::load(
         membership.clone(),
         tls.as_ref().map(TlsMaterial::client_config),
         options,
     )?;
-    membership.set_workloads(jobs.clone());
-    serve(config, tls, membership, Some(jobs)).await
+    let workloads: Arc<dyn Workloads> = jobs.clone();
+    serve(config, tls, membership, workloads, Some(jobs)).await
 }
 
-fn open_membership(config: &ControllerConfig) -> Result<Arc<Membership>, ServerError> {
+async fn open_membership(config: &ControllerConfig) -> Result<Arc<Membership>, ServerError> {
     let store = Store::open(&config.state_dir)?;
     let pool = LeasePool::new(config.cluster_cidr, config.host_subnet_prefix);
     let timing = Timing {
         heartbeat_interval: config.heartbeat_interval,
         grace_period: config.grace_period,
+        lease_ttl: (!config.lease_ttl.is_zero()).then_some(config.lease_ttl),
     };
-    Ok(Membership::load(store, pool, timing)?)
+    let membership = Membership::load(store, pool, timing)?;
+    membership.release_orphaned_leases().await?;
+    Ok(membership)
 }
 
 /// Starts a controller with custom workloads instead of the jobs layer (`None`: no role
@@ -164,25 +168,53 @@ where
         (Some(files), false) => Some(files.load()?),
         _ => None,
     };
-    let membership = open_membership(&config)?;
-    if let Some(w) = workloads(&membership) {
-        membership.set_workloads(w);
+    let membership = open_membership(&config).await?;
+    let workloads = workloads(&membership).unwrap_or_else(|| Arc::new(NoWorkloads));
+    serve(config, tls, membership, workloads, None).await
+}
+
+/// Hands every host change of `membership` to `workloads` until `cancel`.
+async fn forward_host_changes(
+    mut changes: tokio::sync::broadcast::Receiver<HostEvent>,
+    workloads: Arc<dyn Workloads>,
+    cancel: CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let event = tokio::select! {
+            e = changes.recv() => e,
+            () = cancel.cancelled() => break,
+        };
+        match event {
+            Ok(e) => workloads.host_changed(&e.host, e.change).await,
+            Err(RecvError::Lagged(n)) => {
+                // the jobs ticker re-checks every job's hosts on its own
+                tracing::warn!(missed = n, "host changes missed by the jobs layer");
+            }
+            Err(RecvError::Closed) => break,
+        }
     }
-    serve(config, tls, membership, None).await
 }
 
 async fn serve(
     config: ControllerConfig,
     tls: Option<TlsMaterial>,
     membership: Arc<Membership>,
+    workloads: Arc<dyn Workloads>,
     jobs: Option<Arc<Jobs>>,
 ) -> Result<RunningController, ServerError> {
     let auth = Auth::new(BearerTokens::new(&config.tokens), config.insecure);
     let shutdown = CancellationToken::new();
     let streams = TaskTracker::new();
+    let forwarder = tokio::spawn(forward_host_changes(
+        membership.subscribe_changes(),
+        workloads.clone(),
+        shutdown.child_token(),
+    ));
 
     let agents = AgentServiceServer::new(AgentApi::new(
         membership.clone(),
+        workloads,
         auth.clone(),
         shutdown.clone(),
         streams.clone(),
@@ -280,6 +312,7 @@ async fn serve(
         shutdown,
         server,
         detector,
+        forwarder,
         jobs,
         ticker,
         streams,
@@ -327,12 +360,10 @@ impl RunningController {
                 self.shutdown.cancel();
                 self.streams.close();
                 let _ = (&mut self.detector).await;
+                let _ = (&mut self.forwarder).await;
                 if let Some(t) = self.ticker.as_mut() {
                     let _ = t.await;
                 }
-                // The jobs layer and the membership refer to each other: break the cycle
-                // so that the store (and its lock on the state dir) is released.
-                self.membership.set_workloads(Arc::new(NoWorkloads));
                 self.membership.store().flush().await?;
                 return match ended {
                     Ok(Ok(())) => Ok(()),
@@ -352,6 +383,7 @@ impl RunningController {
             shutdown,
             mut server,
             detector,
+            forwarder,
             ticker,
             streams,
             health,
@@ -383,12 +415,10 @@ impl RunningController {
             tracing::warn!("watch streams did not end in time");
         }
         let _ = detector.await;
+        let _ = forwarder.await;
         if let Some(t) = ticker {
             let _ = t.await;
         }
-        // The jobs layer and the membership refer to each other: break the cycle so that
-        // the store (and its lock on the state dir) is released.
-        membership.set_workloads(Arc::new(NoWorkloads));
         membership.store().flush().await?;
         tracing::info!("geomx-controller stopped; state flushed");
         result

@@ -4,9 +4,14 @@
 //! (name → the job layer's records, JSON), `events` (scope + sequence → [`EventRecord`]),
 //! `meta` (controller id, schema version, revision). Values are JSON.
 //!
-//! Every change goes through a [`Batch`] applied by [`Store::commit`]: one sled transaction
-//! over all trees, then `flush_async`, so a change is on disk before the RPC that caused it
-//! returns success.
+//! Every change goes through a [`Batch`] applied by [`Store::commit`]: one transaction over
+//! all trees (with its preconditions, e.g. [`Batch::expect_lease`], checked inside it), then
+//! a flush, so a change is on disk before the RPC that caused it returns success.
+//!
+//! [`Store`] is the handle the membership and the jobs layer use: typed records over a
+//! [`StoreBackend`], the few operations a backend must provide (read a key, scan a prefix,
+//! commit a batch atomically, flush). [`SledStore`] is the one backend, embedded; a
+//! replicated one can be added behind the same trait without touching membership or jobs.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -14,6 +19,9 @@ use std::path::{Path, PathBuf};
 use ipnet::Ipv4Net;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
@@ -74,6 +82,10 @@ pub enum StoreError {
     /// sled failed.
     #[error("state store: {0}")]
     Sled(#[from] sled::Error),
+    /// A precondition of the batch did not hold (another change came first); nothing was
+    /// written.
+    #[error("state store: conflicting change: {0}")]
+    Conflict(String),
     /// A record could not be encoded or decoded.
     #[error("state store: record {key:?} in tree {tree}: {source}")]
     Codec {
@@ -87,20 +99,32 @@ pub enum StoreError {
     },
 }
 
+/// What kind of failure a [`StoreError`] is, for callers deciding how to answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// The state directory's disk is full: retry once space is freed.
+    Full,
+    /// Another I/O error.
+    Unavailable,
+    /// A precondition failed: another change came first.
+    Conflict,
+    /// Anything else.
+    Internal,
+}
+
 impl StoreError {
-    /// The gRPC code of a request that failed on this error: `RESOURCE_EXHAUSTED` when the
-    /// state directory's disk is full (the request may be retried once space is freed),
-    /// `UNAVAILABLE` for another I/O error, `INTERNAL` otherwise.
-    pub fn code(&self) -> tonic::Code {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> StoreErrorKind {
         match self {
-            StoreError::NoSpace { .. } => tonic::Code::ResourceExhausted,
+            StoreError::NoSpace { .. } => StoreErrorKind::Full,
+            StoreError::Conflict(_) => StoreErrorKind::Conflict,
             StoreError::Sled(sled::Error::Io(e))
                 if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) =>
             {
-                tonic::Code::ResourceExhausted
+                StoreErrorKind::Full
             }
-            StoreError::Sled(sled::Error::Io(_)) => tonic::Code::Unavailable,
-            _ => tonic::Code::Internal,
+            StoreError::Sled(sled::Error::Io(_)) => StoreErrorKind::Unavailable,
+            _ => StoreErrorKind::Internal,
         }
     }
 }
@@ -169,6 +193,9 @@ pub struct HostRecord {
     /// Images present on the host (repo:tag), sorted, from the last report.
     #[serde(default)]
     pub images: Vec<String>,
+    /// Cordoned: no new job may place a node on it (`geomxctl hosts cordon`).
+    #[serde(default)]
+    pub cordoned: bool,
 }
 
 /// A subnet lease as stored.
@@ -281,11 +308,27 @@ pub fn lease_key(subnet: Ipv4Net) -> [u8; 5] {
     [o[0], o[1], o[2], o[3], subnet.prefix_len()]
 }
 
+/// One operation of a [`Batch`], as a [`StoreBackend`] applies it.
 #[derive(Debug)]
-enum Op {
+pub enum Op {
+    /// Store `value` under `key` in the tree.
     Put(TreeId, Vec<u8>, Vec<u8>),
+    /// Remove `key` from the tree.
     Remove(TreeId, Vec<u8>),
+    /// Append an event: the key is the scope prefix; the backend appends a sequence number.
     Event(Vec<u8>, Vec<u8>),
+    /// Precondition: there is no record under `key`, or its JSON field `field` is
+    /// `holder`. The whole batch fails with [`StoreError::Conflict`] otherwise.
+    ExpectFreeOr {
+        /// Tree.
+        tree: TreeId,
+        /// Key.
+        key: Vec<u8>,
+        /// The JSON field compared.
+        field: &'static str,
+        /// The one value the field may have.
+        holder: String,
+    },
 }
 
 impl Op {
@@ -294,7 +337,22 @@ impl Op {
         match self {
             Op::Put(_, k, v) | Op::Event(k, v) => k.len() + v.len(),
             Op::Remove(_, k) => k.len(),
+            Op::ExpectFreeOr { .. } => 0,
         }
+    }
+
+    /// Whether the precondition holds for `current` (the stored value); true for other ops.
+    pub fn holds(&self, current: Option<&[u8]>) -> bool {
+        let Op::ExpectFreeOr { field, holder, .. } = self else {
+            return true;
+        };
+        let Some(current) = current else {
+            return true;
+        };
+        serde_json::from_slice::<serde_json::Value>(current)
+            .ok()
+            .and_then(|j| j.get(*field).and_then(|f| f.as_str().map(str::to_owned)))
+            .is_some_and(|found| found == *holder)
     }
 }
 
@@ -347,6 +405,27 @@ impl Batch {
         self.put_json(TreeId::Leases, lease_key(lease.subnet), lease)
     }
 
+    /// Compare-and-set on leases: the batch applies only if `subnet` is free or already
+    /// leased to `holder` when it commits.
+    pub fn expect_lease(&mut self, subnet: Ipv4Net, holder: &str) {
+        self.ops.push(Op::ExpectFreeOr {
+            tree: TreeId::Leases,
+            key: lease_key(subnet).to_vec(),
+            field: "host",
+            holder: holder.to_owned(),
+        });
+    }
+
+    /// The operations, in order (for a [`StoreBackend`]).
+    pub fn into_ops(self) -> Vec<Op> {
+        self.ops
+    }
+
+    /// Bytes of keys and values the batch writes.
+    pub fn bytes(&self) -> u64 {
+        self.ops.iter().map(|op| op.len() as u64).sum()
+    }
+
     /// Releases the lease of `subnet`.
     pub fn remove_lease(&mut self, subnet: Ipv4Net) {
         self.remove(TreeId::Leases, lease_key(subnet));
@@ -373,19 +452,134 @@ impl Batch {
     }
 }
 
-/// The sled database of one controller.
+/// Keys and values of a scan, in key order.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// What a state backend provides; [`Store`] adds the typed records on top.
+pub trait StoreBackend: Send + Sync + std::fmt::Debug + 'static {
+    /// The id of this state, generated once when it was created.
+    fn controller_id(&self) -> &str;
+    /// Where the state lives, for messages.
+    fn path(&self) -> &Path;
+    /// The value of `key` in `tree`.
+    fn get(&self, tree: TreeId, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every key and value of `tree` starting with `prefix`, in key order.
+    fn scan_prefix(&self, tree: TreeId, prefix: &[u8]) -> Result<Entries, StoreError>;
+    /// Applies `batch` atomically (every precondition checked inside the transaction) and
+    /// makes it durable before returning.
+    fn commit(&self, batch: Batch) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Makes everything durable.
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+}
+
+/// The state of one controller: typed records over a [`StoreBackend`]. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
+    backend: Arc<dyn StoreBackend>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the embedded sled store in `dir` (see [`SledStore::open`]).
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Ok(Store::with_backend(Arc::new(SledStore::open(dir)?)))
+    }
+
+    /// A store over `backend`.
+    pub fn with_backend(backend: Arc<dyn StoreBackend>) -> Store {
+        Store { backend }
+    }
+
+    /// The id of this state directory, generated once when it was created.
+    pub fn controller_id(&self) -> &str {
+        self.backend.controller_id()
+    }
+
+    /// The state directory.
+    pub fn path(&self) -> &Path {
+        self.backend.path()
+    }
+
+    /// Applies `batch` atomically and durably (see [`StoreBackend::commit`]).
+    pub async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.backend.commit(batch).await
+    }
+
+    /// Flushes everything to disk.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.backend.flush().await
+    }
+
+    /// Reads one JSON record.
+    pub fn get_json<T: DeserializeOwned>(
+        &self,
+        tree: TreeId,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<T>, StoreError> {
+        let key = key.as_ref();
+        match self.backend.get(tree, key)? {
+            Some(v) => decode(tree, key, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads every JSON record of `tree` in key order.
+    pub fn scan_json<T: DeserializeOwned>(&self, tree: TreeId) -> Result<Vec<T>, StoreError> {
+        self.scan_prefix_json(tree, b"")
+    }
+
+    /// Reads every JSON record of `tree` whose key starts with `prefix`, in key order.
+    pub fn scan_prefix_json<T: DeserializeOwned>(
+        &self,
+        tree: TreeId,
+        prefix: &[u8],
+    ) -> Result<Vec<T>, StoreError> {
+        self.backend
+            .scan_prefix(tree, prefix)?
+            .into_iter()
+            .map(|(k, v)| decode(tree, &k, &v))
+            .collect()
+    }
+
+    /// Every host record, by name.
+    pub fn hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
+        self.scan_json(TreeId::Hosts)
+    }
+
+    /// Every lease, by address.
+    pub fn leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        self.scan_json(TreeId::Leases)
+    }
+
+    /// The events of `scope`, oldest first.
+    pub fn events(&self, scope: EventScope<'_>) -> Result<Vec<EventRecord>, StoreError> {
+        self.scan_prefix_json(TreeId::Events, &scope.prefix())
+    }
+
+    /// The last recorded cluster revision (0 for a fresh store).
+    pub fn revision(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .backend
+            .get(TreeId::Meta, META_REVISION)?
+            .map_or(0, |v| decode_u64(&v)))
+    }
+}
+
+/// The embedded sled database of one controller.
+#[derive(Clone, Debug)]
+pub struct SledStore {
     db: sled::Db,
     trees: [sled::Tree; 5],
     controller_id: String,
     path: PathBuf,
 }
 
-impl Store {
+impl SledStore {
     /// Opens (creating if needed) the store in `dir`. A directory held by another process
     /// gives [`StoreError::Locked`]. A fresh directory gets a new controller id.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+    pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
         let mut builder = std::fs::DirBuilder::new();
         builder.recursive(true);
         #[cfg(unix)]
@@ -439,22 +633,12 @@ impl Store {
                 id
             }
         };
-        Ok(Store {
+        Ok(SledStore {
             db,
             trees,
             controller_id,
             path: dir.to_owned(),
         })
-    }
-
-    /// The id of this state directory, generated once when it was created.
-    pub fn controller_id(&self) -> &str {
-        &self.controller_id
-    }
-
-    /// The state directory.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// The raw sled tree `tree`, for reads the typed helpers do not cover.
@@ -465,15 +649,13 @@ impl Store {
     /// Applies `batch` atomically and flushes it to disk before returning. A batch the state
     /// directory's file system might not have room for is refused with
     /// [`StoreError::NoSpace`] before anything is written (see [`MIN_FREE_BYTES`]).
-    pub async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let bytes: u64 = batch.ops.iter().map(|op| op.len() as u64).sum();
+    async fn commit_batch(&self, batch: Batch) -> Result<(), StoreError> {
+        let bytes = batch.bytes();
         self.ensure_space(bytes)?;
         // Sequence numbers of events are taken before the transaction (sled ids are
         // monotonic across restarts), so the closure can be re-run on conflicts.
         let mut ops = Vec::with_capacity(batch.ops.len());
+        let mut expects = Vec::new();
         for op in batch.ops {
             ops.push(match op {
                 Op::Event(mut key, value) => {
@@ -482,12 +664,29 @@ impl Store {
                 }
                 Op::Put(tree, key, value) => (tree, key, Some(value)),
                 Op::Remove(tree, key) => (tree, key, None),
+                expect @ Op::ExpectFreeOr { .. } => {
+                    expects.push(expect);
+                    continue;
+                }
             });
         }
         let trees: Vec<&sled::Tree> = TreeId::ALL.iter().map(|t| self.tree(*t)).collect();
         trees
             .as_slice()
             .transaction(|tx| {
+                for expect in &expects {
+                    let Op::ExpectFreeOr { tree, key, .. } = expect else {
+                        continue;
+                    };
+                    let current = tx[tree.index()].get(key.as_slice())?;
+                    if !expect.holds(current.as_deref()) {
+                        return Err(ConflictableTransactionError::Abort(format!(
+                            "{} {:?} changed meanwhile",
+                            tree.name(),
+                            String::from_utf8_lossy(key)
+                        )));
+                    }
+                }
                 for (tree, key, value) in &ops {
                     let t = &tx[tree.index()];
                     match value {
@@ -499,13 +698,11 @@ impl Store {
                         }
                     }
                 }
-                Ok::<(), ConflictableTransactionError<()>>(())
+                Ok::<(), ConflictableTransactionError<String>>(())
             })
             .map_err(|e| match e {
                 TransactionError::Storage(e) => StoreError::Sled(e),
-                TransactionError::Abort(()) => {
-                    StoreError::Sled(sled::Error::ReportableBug("transaction aborted".into()))
-                }
+                TransactionError::Abort(why) => StoreError::Conflict(why),
             })?;
         self.db.flush_async().await?;
         Ok(())
@@ -531,67 +728,40 @@ impl Store {
         }
         Ok(())
     }
+}
 
-    /// Flushes everything to disk.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
-        Ok(())
+impl StoreBackend for SledStore {
+    fn controller_id(&self) -> &str {
+        &self.controller_id
     }
 
-    /// Reads one JSON record.
-    pub fn get_json<T: DeserializeOwned>(
-        &self,
-        tree: TreeId,
-        key: impl AsRef<[u8]>,
-    ) -> Result<Option<T>, StoreError> {
-        let key = key.as_ref();
-        match self.tree(tree).get(key)? {
-            Some(v) => decode(tree, key, &v).map(Some),
-            None => Ok(None),
-        }
+    fn path(&self) -> &Path {
+        &self.path
     }
 
-    /// Reads every JSON record of `tree` in key order.
-    pub fn scan_json<T: DeserializeOwned>(&self, tree: TreeId) -> Result<Vec<T>, StoreError> {
-        self.scan_prefix_json(tree, b"")
+    fn get(&self, tree: TreeId, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree(tree).get(key)?.map(|v| v.to_vec()))
     }
 
-    /// Reads every JSON record of `tree` whose key starts with `prefix`, in key order.
-    pub fn scan_prefix_json<T: DeserializeOwned>(
-        &self,
-        tree: TreeId,
-        prefix: &[u8],
-    ) -> Result<Vec<T>, StoreError> {
+    fn scan_prefix(&self, tree: TreeId, prefix: &[u8]) -> Result<Entries, StoreError> {
         self.tree(tree)
             .scan_prefix(prefix)
             .map(|kv| {
                 let (k, v) = kv?;
-                decode(tree, &k, &v)
+                Ok((k.to_vec(), v.to_vec()))
             })
             .collect()
     }
 
-    /// Every host record, by name.
-    pub fn hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
-        self.scan_json(TreeId::Hosts)
+    fn commit(&self, batch: Batch) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.commit_batch(batch))
     }
 
-    /// Every lease, by address.
-    pub fn leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
-        self.scan_json(TreeId::Leases)
-    }
-
-    /// The events of `scope`, oldest first.
-    pub fn events(&self, scope: EventScope<'_>) -> Result<Vec<EventRecord>, StoreError> {
-        self.scan_prefix_json(TreeId::Events, &scope.prefix())
-    }
-
-    /// The last recorded cluster revision (0 for a fresh store).
-    pub fn revision(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .tree(TreeId::Meta)
-            .get(META_REVISION)?
-            .map_or(0, |v| decode_u64(&v)))
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.db.flush_async().await?;
+            Ok(())
+        })
     }
 }
 
@@ -635,6 +805,7 @@ mod tests {
             agent_url: String::new(),
             network: NetworkRecord::default(),
             images: vec![],
+            cordoned: false,
         }
     }
 
@@ -695,6 +866,37 @@ mod tests {
         assert!(store.leases().unwrap().is_empty());
     }
 
+    #[tokio::test]
+    async fn lease_compare_and_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let subnet: Ipv4Net = "172.17.1.0/24".parse().unwrap();
+        let lease = |host: &str| LeaseRecord {
+            subnet,
+            host: host.into(),
+            granted_at_ms: 1,
+        };
+        let mut b = Batch::new();
+        b.expect_lease(subnet, "a");
+        b.put_lease(&lease("a")).unwrap();
+        store.commit(b).await.unwrap();
+        // b raced with a: its grant of the same subnet fails, nothing is written
+        let mut b = Batch::new();
+        b.expect_lease(subnet, "b");
+        b.put_lease(&lease("b")).unwrap();
+        b.put_host(&host("b", "172.17.1.0/24")).unwrap();
+        let err = store.commit(b).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+        assert!(store.hosts().unwrap().is_empty());
+        assert_eq!(store.leases().unwrap(), vec![lease("a")]);
+        // the holder may renew and release it
+        let mut b = Batch::new();
+        b.expect_lease(subnet, "a");
+        b.remove_lease(subnet);
+        store.commit(b).await.unwrap();
+        assert!(store.leases().unwrap().is_empty());
+    }
+
     #[test]
     fn a_full_disk_is_resource_exhausted() {
         let full = StoreError::NoSpace {
@@ -702,17 +904,17 @@ mod tests {
             available: 0,
             needed: MIN_FREE_BYTES,
         };
-        assert_eq!(full.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(full.kind(), StoreErrorKind::Full);
         assert!(
             full.to_string().starts_with("no space left on device"),
             "{full}"
         );
         let enospc = StoreError::Sled(sled::Error::Io(std::io::Error::from_raw_os_error(28)));
-        assert_eq!(enospc.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(enospc.kind(), StoreErrorKind::Full);
         let eio = StoreError::Sled(sled::Error::Io(std::io::Error::from_raw_os_error(5)));
-        assert_eq!(eio.code(), tonic::Code::Unavailable);
+        assert_eq!(eio.kind(), StoreErrorKind::Unavailable);
         let bug = StoreError::Sled(sled::Error::ReportableBug("x".into()));
-        assert_eq!(bug.code(), tonic::Code::Internal);
+        assert_eq!(bug.kind(), StoreErrorKind::Internal);
     }
 
     #[test]

@@ -1,15 +1,16 @@
-//! The seam between membership (this issue) and jobs (issue 5).
+//! The seam between membership and jobs.
 //!
-//! [`crate::membership::Membership`] composes each host's `DesiredState` from its own
-//! records (subnet, peers) and from a [`Workloads`] implementation (the role containers).
-//! It hands every heartbeat to [`Workloads::host_reported`] and every membership change to
-//! [`Workloads::host_changed`]. The jobs layer implements this trait, installs itself with
-//! [`crate::membership::Membership::set_workloads`], and calls
+//! The gRPC layer ([`crate::agents`]) composes each host's `DesiredState` from the
+//! membership's part (subnet, peers) and from a [`Workloads`] implementation (the role
+//! containers), and hands every heartbeat to [`Workloads::host_reported`] after the
+//! membership recorded it. Membership changes reach the workloads through a subscription
+//! ([`crate::membership::Membership::subscribe_changes`], forwarded to
+//! [`Workloads::host_changed`] by the server): the membership holds no reference to the
+//! jobs layer, which holds the membership. The jobs layer calls
 //! [`crate::membership::Membership::publish`] (or `commit(batch, true)`) after changing
 //! what [`Workloads::containers_for`] returns, so every watching agent gets its new state.
 
 use geomx_proto::v1::{ContainerSpec, HostReport};
-use tonic::Status;
 
 /// A change of a host's membership.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,6 +23,23 @@ pub enum HostChange {
     Returned,
     /// Left the cluster.
     Left,
+    /// Cordoned: no new placements.
+    Cordoned,
+    /// Uncordoned.
+    Uncordoned,
+    /// Forgotten: removed by an operator, or its lease expired.
+    Removed,
+}
+
+/// Why the workloads refused a report.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    /// The report is not acceptable as sent.
+    #[error("{0}")]
+    Invalid(String),
+    /// The workloads cannot take the report now; the agent may retry.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// What runs on the hosts: the jobs layer.
@@ -33,8 +51,8 @@ pub trait Workloads: Send + Sync + 'static {
     fn containers_for(&self, host: &str) -> Vec<ContainerSpec>;
 
     /// A heartbeat of `host` (already authenticated and recorded by the membership).
-    /// An error is returned to the agent as the RPC's status.
-    async fn host_reported(&self, host: &str, report: &HostReport) -> Result<(), Status> {
+    /// An error is returned to the agent.
+    async fn host_reported(&self, host: &str, report: &HostReport) -> Result<(), WorkloadError> {
         let _ = (host, report);
         Ok(())
     }

@@ -26,7 +26,6 @@
 //! ```
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -35,7 +34,8 @@ use geomx_net::{
     DEFAULT_DAEMON_JSON, DEFAULT_DOCKER_HOST, DEFAULT_DOCKER_READY_TIMEOUT,
     DEFAULT_DOCKER_RESTART_COMMAND, DEFAULT_INTERVAL, DEFAULT_STATE_DIR, NetConfig,
 };
-use geomx_proto::config_file::{line_col, parse_toml};
+pub use geomx_proto::config_file::ConfigError;
+use geomx_proto::config_file::{ConfigFile, HumanDuration, Settings, TlsFlags, TlsPick, TlsTable};
 use geomx_proto::tls::TlsFiles;
 use geomx_runtime::DEFAULT_HEARTBEAT_PORT;
 use ipnet::Ipv4Net;
@@ -50,40 +50,6 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/geomx/agent.toml";
 pub const DEFAULT_API_PORT: u16 = 7947;
 /// Default port of the controller, used when the URL names none.
 pub const DEFAULT_CONTROLLER_PORT: u16 = 7946;
-
-/// Errors reading or validating the configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The config file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML, or has an unknown or mistyped key.
-    #[error("{}:{line}:{col}: {message}", path.display())]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line.
-        line: usize,
-        /// 1-based column.
-        col: usize,
-        /// What is wrong.
-        message: String,
-    },
-    /// A value is invalid; `origin` says where it came from.
-    #[error("{origin}: {message}")]
-    Invalid {
-        /// `file:line:col (key)`, `--flag / ENV`, or the key when it has no better origin.
-        origin: String,
-        /// What is wrong.
-        message: String,
-    },
-}
 
 /// The flags of `geomx-agent run` and `leave` (each also read from a `GEOMX_*` variable).
 /// The common flags (`--host-name`, `--state-dir`, `--daemon-json`, `--docker-host`,
@@ -172,22 +138,8 @@ impl AgentConfig {
         common: &Common,
         args: &AgentArgs,
     ) -> Result<(AgentConfig, Vec<String>), ConfigError> {
-        let (path, text) = match &args.config {
-            Some(path) => (Some(path.clone()), read(path)?),
-            None => {
-                let path = PathBuf::from(DEFAULT_CONFIG_PATH);
-                match std::fs::read_to_string(&path) {
-                    Ok(text) => (Some(path), text),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, String::new()),
-                    Err(source) => return Err(ConfigError::Read { path, source }),
-                }
-            }
-        };
-        let file = match &path {
-            Some(p) => parse_file(p, &text)?,
-            None => FileConfig::default(),
-        };
-        resolve(common, args, file, path.as_deref(), &text, kernel_hostname)
+        let file = ConfigFile::read(args.config.as_deref(), Path::new(DEFAULT_CONFIG_PATH))?;
+        resolve(common, args, &file, kernel_hostname)
     }
 
     /// The network reconciler's settings.
@@ -208,47 +160,18 @@ impl AgentConfig {
 struct FileConfig {
     name: Option<Spanned<String>>,
     controller: Option<Spanned<String>>,
-    underlay_ip: Option<Spanned<String>>,
-    pinned_subnet: Option<Spanned<String>>,
-    api_listen: Option<Spanned<String>>,
+    underlay_ip: Option<Spanned<Ipv4Addr>>,
+    pinned_subnet: Option<Spanned<Ipv4Net>>,
+    api_listen: Option<Spanned<SocketAddr>>,
     heartbeat_port: Option<Spanned<u16>>,
     insecure: Option<bool>,
     state_dir: Option<Spanned<PathBuf>>,
     daemon_json: Option<Spanned<PathBuf>>,
     docker_host: Option<Spanned<String>>,
     docker_restart_command: Option<Spanned<String>>,
-    docker_ready_timeout: Option<Spanned<String>>,
-    network_interval: Option<Spanned<String>>,
-    tls: Option<FileTls>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileTls {
-    ca: Option<Spanned<PathBuf>>,
-    cert: Option<Spanned<PathBuf>>,
-    key: Option<Spanned<PathBuf>>,
-}
-
-fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
-    parse_toml(text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        line: e.line,
-        col: e.col,
-        message: e.message,
-    })
-}
-
-fn flag(name: &str) -> String {
-    let env = format!("GEOMX_{}", name.to_uppercase().replace('-', "_"));
-    format!("--{name} / {env}")
+    docker_ready_timeout: Option<Spanned<HumanDuration>>,
+    network_interval: Option<Spanned<HumanDuration>>,
+    tls: Option<TlsTable>,
 }
 
 /// The kernel's host name, if it can be read.
@@ -310,26 +233,17 @@ pub fn normalize_controller_url(url: &str, insecure: bool) -> Result<String, Str
     Ok(url)
 }
 
-fn parse_ipv4(s: &str) -> Result<Ipv4Addr, String> {
-    s.trim()
-        .parse::<Ipv4Addr>()
-        .map_err(|_| format!("{s:?} is not an IPv4 address, e.g. \"10.1.1.34\""))
-        .and_then(|ip| {
-            if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() || ip.is_loopback() {
-                Err(format!(
-                    "{ip} cannot be a host's underlay address (unspecified, loopback, multicast or broadcast)"
-                ))
-            } else {
-                Ok(ip)
-            }
-        })
+fn check_underlay(ip: Ipv4Addr) -> Result<Ipv4Addr, String> {
+    if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() || ip.is_loopback() {
+        Err(format!(
+            "{ip} cannot be a host's underlay address (unspecified, loopback, multicast or broadcast)"
+        ))
+    } else {
+        Ok(ip)
+    }
 }
 
-fn parse_subnet(s: &str) -> Result<Ipv4Net, String> {
-    let net: Ipv4Net = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not an IPv4 CIDR, e.g. \"172.17.34.0/24\""))?;
+fn check_subnet(net: Ipv4Net) -> Result<Ipv4Net, String> {
     if net.trunc() != net {
         return Err(format!(
             "{net} has host bits set; did you mean {}?",
@@ -342,139 +256,66 @@ fn parse_subnet(s: &str) -> Result<Ipv4Net, String> {
     Ok(net)
 }
 
-fn parse_listen(s: &str) -> Result<SocketAddr, String> {
-    s.trim()
-        .parse::<SocketAddr>()
-        .map_err(|e| format!("{s:?} is not an address:port ({e}), e.g. \"10.1.1.34:7947\""))
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{s:?} is not a duration ({e}), e.g. \"10s\" or \"500ms\""))?;
+fn check_duration(d: Duration) -> Result<Duration, String> {
     if d.is_zero() {
         return Err("must be longer than zero".into());
     }
     Ok(d)
 }
 
-struct Origins<'a> {
-    path: Option<&'a Path>,
-    text: &'a str,
-}
-
-impl Origins<'_> {
-    fn file(&self, key: &str, span: Range<usize>) -> String {
-        let (line, col) = line_col(self.text, span.start);
-        match self.path {
-            Some(p) => format!("{}:{line}:{col} ({key})", p.display()),
-            None => key.to_owned(),
+fn not_empty(example: &'static str) -> impl Fn(String) -> Result<String, String> {
+    move |s: String| {
+        if s.trim().is_empty() {
+            Err(format!("must not be empty, e.g. \"{example}\""))
+        } else {
+            Ok(s)
         }
     }
 }
 
-/// A value with where it came from.
-struct Sourced<T> {
-    value: T,
-    origin: String,
+/// A flag given as a string, parsed as `T` (`example` shows the form) or a file's typed
+/// value; then `check`ed.
+fn typed<T: std::str::FromStr>(
+    example: &'static str,
+    what: &'static str,
+    check: fn(T) -> Result<T, String>,
+) -> impl FnOnce(Result<String, T>) -> Result<T, String> {
+    move |v| match v {
+        Ok(s) => s
+            .trim()
+            .parse::<T>()
+            .map_err(|_| format!("{s:?} is not {what}, e.g. \"{example}\""))
+            .and_then(check),
+        Err(v) => check(v),
+    }
 }
 
 fn resolve(
     common: &Common,
     args: &AgentArgs,
-    file: FileConfig,
-    path: Option<&Path>,
-    text: &str,
+    source: &ConfigFile,
     hostname: impl Fn() -> Option<String>,
 ) -> Result<(AgentConfig, Vec<String>), ConfigError> {
-    let origins = Origins { path, text };
-    let base_dir = path
-        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_owned()))
-        .and_then(|p| p.parent().map(Path::to_owned))
-        .unwrap_or_default();
-    let rel = |p: PathBuf| -> PathBuf {
-        if p.is_relative() && !base_dir.as_os_str().is_empty() {
-            base_dir.join(p)
-        } else {
-            p
-        }
-    };
+    let file: FileConfig = source.parse()?;
+    let mut settings = Settings::new(source, "GEOMX_");
     let mut warnings = Vec::new();
-
-    /// flag (already typed or a string to parse) > file (spanned) > nothing.
-    fn pick<T, F, P>(
-        flag_value: Option<F>,
-        flag_name: &str,
-        file_value: Option<Spanned<T>>,
-        key: &str,
-        origins: &Origins<'_>,
-        parse: P,
-    ) -> Result<Option<Sourced<F>>, ConfigError>
-    where
-        P: Fn(T) -> Result<F, String>,
-    {
-        if let Some(v) = flag_value {
-            return Ok(Some(Sourced {
-                value: v,
-                origin: flag(flag_name),
-            }));
-        }
-        match file_value {
-            None => Ok(None),
-            Some(s) => {
-                let origin = origins.file(key, s.span());
-                let value = parse(s.into_inner()).map_err(|message| ConfigError::Invalid {
-                    origin: origin.clone(),
-                    message,
-                })?;
-                Ok(Some(Sourced { value, origin }))
-            }
-        }
-    }
-    let invalid = |origin: String, message: String| ConfigError::Invalid { origin, message };
-    // flags given as strings are parsed with the same rules, their origin named
-    fn parse_flag<T>(
-        name: &str,
-        v: &Option<String>,
-        parse: fn(&str) -> Result<T, String>,
-    ) -> Result<Option<T>, ConfigError> {
-        v.as_deref()
-            .map(|s| {
-                parse(s).map_err(|message| ConfigError::Invalid {
-                    origin: flag(name),
-                    message,
-                })
-            })
-            .transpose()
-    }
-
     let insecure = args.insecure.or(file.insecure).unwrap_or(false);
 
-    // name
-    let name = match pick(
-        common.host_name.clone(),
-        "host-name",
-        file.name,
-        "name",
-        &origins,
-        Ok::<String, String>,
-    )? {
-        Some(s) => {
-            if !valid_host_name(&s.value) {
-                return Err(invalid(
-                    s.origin,
-                    format!(
-                        "{:?} is not a valid host name: [a-z0-9-], 1..63 characters (the CN of the agent's certificate)",
-                        s.value
-                    ),
-                ));
-            }
-            s.value
+    let name = match settings.pick_same("name", "host-name", common.host_name.clone(), file.name, |n| {
+        if valid_host_name(&n) {
+            Ok(n)
+        } else {
+            Err(format!(
+                "{n:?} is not a valid host name: [a-z0-9-], 1..63 characters (the CN of the agent's certificate)"
+            ))
         }
+    })? {
+        Some(n) => n,
         None => {
             let h = hostname().unwrap_or_default();
             if !valid_host_name(&h) {
-                return Err(invalid(
-                    "name".into(),
+                return Err(settings.invalid(
+                    "name",
                     format!(
                         "the kernel hostname {h:?} is not a valid geomx host name ([a-z0-9-], 1..63 characters): set name in agent.toml or --host-name"
                     ),
@@ -484,205 +325,155 @@ fn resolve(
         }
     };
 
-    // controller
-    let controller = pick(
-        args.controller.clone(),
-        "controller",
-        file.controller,
-        "controller",
-        &origins,
-        Ok::<String, String>,
-    )?
-    .ok_or_else(|| {
-        invalid(
-            "controller".into(),
-            "required: set controller = \"https://<controller>:7946\" in agent.toml, or --controller / GEOMX_CONTROLLER".into(),
-        )
-    })?;
-    let controller_url = normalize_controller_url(&controller.value, insecure)
-        .map_err(|m| invalid(controller.origin.clone(), m))?;
+    let controller = settings
+        .pick_same(
+            "controller",
+            "controller",
+            args.controller.clone(),
+            file.controller,
+            |url| normalize_controller_url(&url, insecure),
+        )?
+        .ok_or_else(|| ConfigError::Invalid {
+            origin: "controller".into(),
+            message: "required: set controller = \"https://<controller>:7946\" in agent.toml, or --controller / GEOMX_CONTROLLER".into(),
+        })?;
 
-    let underlay_ip = match parse_flag("underlay-ip", &args.underlay_ip, parse_ipv4)? {
-        Some(v) => Some(v),
-        None => pick(
-            None,
-            "underlay-ip",
-            file.underlay_ip,
-            "underlay_ip",
-            &origins,
-            |s: String| parse_ipv4(&s),
-        )?
-        .map(|s| s.value),
-    };
-    let pinned_subnet = match parse_flag("pinned-subnet", &args.pinned_subnet, parse_subnet)? {
-        Some(v) => Some(v),
-        None => pick(
-            None,
-            "pinned-subnet",
-            file.pinned_subnet,
-            "pinned_subnet",
-            &origins,
-            |s: String| parse_subnet(&s),
-        )?
-        .map(|s| s.value),
-    };
-    let api_listen = match parse_flag("api-listen", &args.api_listen, parse_listen)? {
-        Some(v) => Some(v),
-        None => pick(
-            None,
-            "api-listen",
-            file.api_listen,
-            "api_listen",
-            &origins,
-            |s: String| parse_listen(&s),
-        )?
-        .map(|s| s.value),
-    };
-    let heartbeat_port = pick(
-        args.heartbeat_port,
-        "heartbeat-port",
-        file.heartbeat_port,
-        "heartbeat_port",
-        &origins,
-        |p: u16| {
-            if p == 0 {
-                Err("must be a port number 1..=65535".to_owned())
-            } else {
-                Ok(p)
-            }
-        },
+    let underlay_ip = settings.pick(
+        "underlay_ip",
+        "underlay-ip",
+        args.underlay_ip.clone(),
+        file.underlay_ip,
+        typed("10.1.1.34", "an IPv4 address", check_underlay),
     )?;
-    if let Some(s) = &heartbeat_port
-        && s.value == 0
-    {
-        return Err(invalid(
-            s.origin.clone(),
-            "must be a port number 1..=65535".into(),
-        ));
-    }
-    let heartbeat_port = heartbeat_port.map_or(DEFAULT_HEARTBEAT_PORT, |s| s.value);
+    let pinned_subnet = settings.pick(
+        "pinned_subnet",
+        "pinned-subnet",
+        args.pinned_subnet.clone(),
+        file.pinned_subnet,
+        typed("172.17.34.0/24", "an IPv4 CIDR", check_subnet),
+    )?;
+    let api_listen = settings.pick(
+        "api_listen",
+        "api-listen",
+        args.api_listen.clone(),
+        file.api_listen,
+        typed("10.1.1.34:7947", "an address:port", Ok),
+    )?;
+    let heartbeat_port = settings
+        .pick_same(
+            "heartbeat_port",
+            "heartbeat-port",
+            args.heartbeat_port,
+            file.heartbeat_port,
+            |p| {
+                if p == 0 {
+                    Err("must be a port number 1..=65535".to_owned())
+                } else {
+                    Ok(p)
+                }
+            },
+        )?
+        .unwrap_or(DEFAULT_HEARTBEAT_PORT);
 
-    let state_dir = pick(
-        common.state_dir.clone(),
-        "state-dir",
-        file.state_dir,
+    let mut path = |key: &str, flag: &str, arg: &Option<PathBuf>, value, default: &str| {
+        settings
+            .pick(key, flag, arg.clone(), value, |v| {
+                Ok(v.unwrap_or_else(|p: PathBuf| source.path_of(&p)))
+            })
+            .map(|p| p.unwrap_or_else(|| PathBuf::from(default)))
+    };
+    let state_dir = path(
         "state_dir",
-        &origins,
-        |p: PathBuf| Ok(rel(p)),
-    )?
-    .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), |s| s.value);
-    let daemon_json = pick(
-        common.daemon_json.clone(),
-        "daemon-json",
-        file.daemon_json,
+        "state-dir",
+        &common.state_dir,
+        file.state_dir,
+        DEFAULT_STATE_DIR,
+    )?;
+    let daemon_json = path(
         "daemon_json",
-        &origins,
-        |p: PathBuf| Ok(rel(p)),
-    )?
-    .map_or_else(|| PathBuf::from(DEFAULT_DAEMON_JSON), |s| s.value);
-    let docker_host = pick(
-        common.docker_host.clone(),
-        "docker-host",
-        file.docker_host,
-        "docker_host",
-        &origins,
-        |s: String| {
-            if s.trim().is_empty() {
-                Err("must not be empty, e.g. \"unix:///var/run/docker.sock\"".to_owned())
-            } else {
-                Ok(s)
-            }
-        },
-    )?
-    .map_or_else(|| DEFAULT_DOCKER_HOST.to_owned(), |s| s.value);
-    let docker_restart_command = pick(
-        common.docker_restart_command.clone(),
-        "docker-restart-command",
-        file.docker_restart_command,
-        "docker_restart_command",
-        &origins,
-        |s: String| {
-            if s.trim().is_empty() {
-                Err("must not be empty, e.g. \"systemctl restart docker\"".to_owned())
-            } else {
-                Ok(s)
-            }
-        },
-    )?
-    .map_or_else(|| DEFAULT_DOCKER_RESTART_COMMAND.to_owned(), |s| s.value);
-    let docker_ready_timeout = pick(
-        common.docker_ready_timeout,
-        "docker-ready-timeout",
-        file.docker_ready_timeout,
-        "docker_ready_timeout",
-        &origins,
-        |s: String| parse_duration(&s),
-    )?
-    .map_or(DEFAULT_DOCKER_READY_TIMEOUT, |s| s.value);
-    let network_interval = pick(
-        args.network_interval,
-        "network-interval",
-        file.network_interval,
-        "network_interval",
-        &origins,
-        |s: String| parse_duration(&s),
-    )?
-    .map_or(DEFAULT_INTERVAL, |s| s.value);
+        "daemon-json",
+        &common.daemon_json,
+        file.daemon_json,
+        DEFAULT_DAEMON_JSON,
+    )?;
+    let docker_host = settings
+        .pick_same(
+            "docker_host",
+            "docker-host",
+            common.docker_host.clone(),
+            file.docker_host,
+            not_empty("unix:///var/run/docker.sock"),
+        )?
+        .unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_owned());
+    let docker_restart_command = settings
+        .pick_same(
+            "docker_restart_command",
+            "docker-restart-command",
+            common.docker_restart_command.clone(),
+            file.docker_restart_command,
+            not_empty("systemctl restart docker"),
+        )?
+        .unwrap_or_else(|| DEFAULT_DOCKER_RESTART_COMMAND.to_owned());
+    let duration = |v: Result<Duration, HumanDuration>| check_duration(v.unwrap_or_else(|f| f.0));
+    let docker_ready_timeout = settings
+        .pick(
+            "docker_ready_timeout",
+            "docker-ready-timeout",
+            common.docker_ready_timeout,
+            file.docker_ready_timeout,
+            duration,
+        )?
+        .unwrap_or(DEFAULT_DOCKER_READY_TIMEOUT);
+    let network_interval = settings
+        .pick(
+            "network_interval",
+            "network-interval",
+            args.network_interval,
+            file.network_interval,
+            duration,
+        )?
+        .unwrap_or(DEFAULT_INTERVAL);
     if network_interval < Duration::from_millis(100) {
-        return Err(invalid(
-            "network_interval".into(),
-            "must be at least 100ms".into(),
-        ));
+        return Err(settings.invalid("network_interval", "must be at least 100ms"));
     }
 
     // TLS: each file from its flag or the [tls] table
-    let file_tls = file.tls.unwrap_or_default();
-    let tls_path = |arg: &Option<PathBuf>, f: Option<Spanned<PathBuf>>| -> Option<PathBuf> {
-        arg.clone().or_else(|| f.map(|s| rel(s.into_inner())))
+    let flags = TlsFlags {
+        ca: args.tls_ca.clone(),
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
     };
-    let ca = tls_path(&args.tls_ca, file_tls.ca);
-    let cert = tls_path(&args.tls_cert, file_tls.cert);
-    let key = tls_path(&args.tls_key, file_tls.key);
-    let tls = match (ca, cert, key) {
-        (Some(ca), Some(cert), Some(key)) => {
-            if insecure {
-                warnings.push("insecure mode: the TLS files are ignored".to_owned());
-                None
-            } else {
-                Some(TlsFiles { ca, cert, key })
-            }
+    let tls = match settings.tls(&flags, file.tls) {
+        TlsPick::Complete(files) if !insecure => Some(files),
+        TlsPick::None if insecure => None,
+        TlsPick::Complete(_) | TlsPick::Incomplete(_) if insecure => {
+            warnings.push("insecure mode: the TLS files are ignored".to_owned());
+            None
         }
-        (None, None, None) if insecure => None,
-        (ca, cert, key) => {
-            let missing: Vec<&str> = [
-                ("ca", ca.is_none()),
-                ("cert", cert.is_none()),
-                ("key", key.is_none()),
-            ]
-            .into_iter()
-            .filter(|(_, m)| *m)
-            .map(|(k, _)| k)
-            .collect();
-            if insecure {
-                warnings.push("insecure mode: the TLS files are ignored".to_owned());
-                None
-            } else {
-                return Err(invalid(
-                    "tls".into(),
-                    format!(
-                        "{} missing: set [tls] ca, cert and key (make them with `geomxctl certs agent --name {name}`), or --tls-ca/--tls-cert/--tls-key",
-                        missing.join(", ")
-                    ),
-                ));
-            }
+        TlsPick::Incomplete(missing) => {
+            return Err(ConfigError::Invalid {
+                origin: "tls".into(),
+                message: format!(
+                    "{} missing: set [tls] ca, cert and key (make them with `geomxctl certs agent --name {name}`), or --tls-ca/--tls-cert/--tls-key",
+                    missing.join(", ")
+                ),
+            });
+        }
+        TlsPick::None | TlsPick::Complete(_) => {
+            return Err(ConfigError::Invalid {
+                origin: "tls".into(),
+                message: format!(
+                    "ca, cert, key missing: set [tls] ca, cert and key (make them with `geomxctl certs agent --name {name}`), or --tls-ca/--tls-cert/--tls-key"
+                ),
+            });
         }
     };
 
     Ok((
         AgentConfig {
-            file: path.map(Path::to_owned),
+            file: source.path().map(Path::to_owned),
             name,
-            controller: controller_url,
+            controller,
             underlay_ip,
             pinned_subnet,
             api_listen,
@@ -741,11 +532,8 @@ key = "/etc/geomx/tls/agent-a-key.pem"
 
     fn load(text: &str, argv: &[&str]) -> Result<(AgentConfig, Vec<String>), ConfigError> {
         let c = cli(argv);
-        let path = Path::new("/etc/geomx/agent.toml");
-        let file = parse_file(path, text)?;
-        resolve(&c.common, &c.args, file, Some(path), text, || {
-            Some("box1".into())
-        })
+        let file = ConfigFile::from_text(Path::new("/etc/geomx/agent.toml"), text);
+        resolve(&c.common, &c.args, &file, || Some("box1".into()))
     }
 
     #[test]
@@ -887,7 +675,8 @@ key = "/etc/geomx/tls/agent-a-key.pem"
 
         let e = load("heartbeat_port = \"x\"\n", &[]).unwrap_err();
         assert!(
-            e.to_string().starts_with("/etc/geomx/agent.toml:1:18:"),
+            e.to_string()
+                .starts_with("/etc/geomx/agent.toml:1:18 (heartbeat_port):"),
             "{e}"
         );
 
@@ -933,9 +722,8 @@ key = "/etc/geomx/tls/agent-a-key.pem"
     fn an_unusable_kernel_hostname_asks_for_a_name() {
         let c = cli(&[]);
         let text = "controller = \"http://c:1\"\ninsecure = true\n";
-        let path = Path::new("agent.toml");
-        let file = parse_file(path, text).expect("parses");
-        let e = resolve(&c.common, &c.args, file, Some(path), text, || {
+        let file = ConfigFile::from_text(Path::new("agent.toml"), text);
+        let e = resolve(&c.common, &c.args, &file, || {
             Some("Host.example.com".into())
         })
         .unwrap_err();

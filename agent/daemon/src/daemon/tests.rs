@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use geomx_controller::workloads::Workloads;
+use geomx_controller::workloads::{WorkloadError, Workloads};
 use geomx_controller::{ControllerConfig, RunningController};
 use geomx_net::fake::FakeKernel;
 use geomx_net::{NetConfig, Reconciler};
@@ -22,7 +22,6 @@ use geomx_proto::v1::{
     ContainerSpec, ContainerState, DesiredState, HostReport, NodeLogsRequest, Peer, RegisterRequest,
 };
 use tempfile::TempDir;
-use tonic::Status;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::docker::tolerant;
@@ -52,7 +51,7 @@ impl Workloads for TestWorkloads {
             .unwrap_or_default()
     }
 
-    async fn host_reported(&self, host: &str, report: &HostReport) -> Result<(), Status> {
+    async fn host_reported(&self, host: &str, report: &HostReport) -> Result<(), WorkloadError> {
         if let Ok(mut r) = self.reports.lock() {
             r.push((Instant::now(), host.to_owned(), report.clone()));
         }

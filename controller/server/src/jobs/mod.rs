@@ -55,7 +55,7 @@ use self::view::RunRef;
 use crate::membership::{Membership, MembershipError};
 use crate::store::{Batch, EventRecord, EventScope, HostState, StoreError, TreeId, now_ms};
 use crate::validate;
-use crate::workloads::{HostChange, Workloads};
+use crate::workloads::{HostChange, WorkloadError, Workloads};
 
 pub use self::api::JobApi;
 
@@ -873,7 +873,7 @@ impl Workloads for Jobs {
         specs
     }
 
-    async fn host_reported(&self, host: &str, report: &HostReport) -> Result<(), Status> {
+    async fn host_reported(&self, host: &str, report: &HostReport) -> Result<(), WorkloadError> {
         let now = Instant::now();
         let mut dirty = BTreeSet::new();
         let mut shown_changed = false;
@@ -934,7 +934,13 @@ impl Workloads for Jobs {
     }
 
     async fn host_changed(&self, host: &str, change: HostChange) {
-        if matches!(change, HostChange::Joined | HostChange::Returned) {
+        if matches!(
+            change,
+            HostChange::Joined
+                | HostChange::Returned
+                | HostChange::Cordoned
+                | HostChange::Uncordoned
+        ) {
             return;
         }
         let names: Vec<String> = {

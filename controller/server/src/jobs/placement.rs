@@ -2,7 +2,7 @@
 //!
 //! Checked before anything is stored or started ([`check`]); every problem is reported, not
 //! only the first:
-//! * every host the job names is registered and ready (not lost, not left);
+//! * every host the job names is registered and ready (not lost, not left) and not cordoned;
 //! * every image a node needs is present on its host (from the host's last report; geomx
 //!   never pulls images);
 //! * network "pseudo": no scheduler port is already listening on the host, or bound by a
@@ -68,6 +68,9 @@ pub fn check(plan: &Plan, hosts: &[HostView], taken: &[PortUse]) -> Vec<String> 
                     }
                 ));
             }
+            Some(h) if h.record.cordoned => problems.push(format!(
+                "host {host} (nodes {nodes}) is cordoned: it takes no new job (geomxctl hosts uncordon {host})"
+            )),
             Some(h) => match h.record.state {
                 HostState::Ready => {
                     usable.insert(host);
@@ -175,6 +178,7 @@ mod tests {
                 agent_url: String::new(),
                 network: NetworkRecord::default(),
                 images: images.iter().map(|s| s.to_string()).collect(),
+                cordoned: false,
             },
             heartbeat_age: Duration::from_secs(12),
             containers: 0,
