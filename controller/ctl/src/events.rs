@@ -49,7 +49,8 @@ pub fn run(args: &EventsArgs, cli: &Cli) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn event_json(e: &Event) -> serde_json::Value {
+/// An event in `--output json`.
+pub fn event_json(e: &Event) -> serde_json::Value {
     json!({
         "at_ms": e.at_ms,
         "kind": e.kind,
@@ -60,7 +61,8 @@ fn event_json(e: &Event) -> serde_json::Value {
     })
 }
 
-fn render(events: &[Event]) -> String {
+/// Events as a table (continuation lines indented below their row).
+pub fn render(events: &[Event]) -> String {
     if events.is_empty() {
         return "no events\n".to_owned();
     }

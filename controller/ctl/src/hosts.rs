@@ -11,6 +11,7 @@
 //!   once), and wait until the host runs no role container. Progress on stderr.
 //! * `hosts remove HOST`: forget a lost or departed host and release its subnet; a ready
 //!   host is refused with the reason (exit 2).
+//! * `hosts events HOST`: what happened to it, oldest first (also after it was removed).
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -66,6 +67,11 @@ pub enum HostAction {
     },
     /// Forget a lost or departed host and release its subnet (refused for a ready host).
     Remove {
+        /// The host.
+        host: String,
+    },
+    /// What happened to a host, oldest first.
+    Events {
         /// The host.
         host: String,
     },
@@ -199,6 +205,26 @@ fn run_action(action: &HostAction, cli: &Cli) -> anyhow::Result<ExitCode> {
                 deadline,
                 empty_timeout,
             } => drain(&remote, host, *deadline, *empty_timeout, cli.output).await,
+            HostAction::Events { host } => {
+                let events = match remote
+                    .hosts()
+                    .host_events(HostRequest { name: host.clone() })
+                    .await
+                {
+                    Ok(r) => r.into_inner().events,
+                    Err(s) => return refused(&remote, "listing the host's events", s, cli.output),
+                };
+                match cli.output {
+                    Output::Json => println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({
+                            "events": events.iter().map(crate::events::event_json).collect::<Vec<_>>()
+                        }))?
+                    ),
+                    Output::Table => print!("{}", crate::events::render(&events)),
+                }
+                Ok(ExitCode::SUCCESS)
+            }
         }
     })
 }

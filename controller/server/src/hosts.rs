@@ -3,10 +3,12 @@
 use std::sync::Arc;
 
 use geomx_proto::v1::host_service_server::HostService;
-use geomx_proto::v1::{Host, HostRequest, ListHostsRequest, ListHostsResponse};
+use geomx_proto::v1::{Host, HostEventsResponse, HostRequest, ListHostsRequest, ListHostsResponse};
 use tonic::{Request, Response, Status};
 
+use crate::jobs::view::event_message;
 use crate::membership::{HostView, Membership};
+use crate::store::EventScope;
 
 /// Implementation of `HostService` (authorization is done by the service's interceptor).
 #[derive(Clone, Debug)]
@@ -70,5 +72,25 @@ impl HostService for HostApi {
         let name = host_name(&request)?;
         let view = self.membership.remove(&name).await?;
         Ok(Response::new(host_message(&view)))
+    }
+
+    async fn host_events(
+        &self,
+        request: Request<HostRequest>,
+    ) -> Result<Response<HostEventsResponse>, Status> {
+        let name = host_name(&request)?;
+        let events = self
+            .membership
+            .store()
+            .events(EventScope::Host(&name))
+            .map_err(|e| Status::new(e.code(), e.to_string()))?;
+        if events.is_empty() && self.membership.host(&name).is_none() {
+            return Err(Status::not_found(format!(
+                "host {name:?} is not registered and has no events"
+            )));
+        }
+        Ok(Response::new(HostEventsResponse {
+            events: events.into_iter().map(event_message).collect(),
+        }))
     }
 }

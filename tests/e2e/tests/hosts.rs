@@ -60,6 +60,19 @@ fn long_job(name: &str, hosts: &[&str], iterations: u32) -> String {
     )
 }
 
+/// The kinds of `host`'s events, oldest first (`geomxctl hosts events HOST`).
+fn host_event_kinds(c: &Cluster, host: &str) -> anyhow::Result<Vec<String>> {
+    Ok(c.ctl_json(&["hosts", "events", host])?["events"]
+        .as_array()
+        .map(|events| {
+            events
+                .iter()
+                .map(|e| str_of(e, "kind").to_owned())
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 /// Runs geomxctl, returning (exit code, stdout, stderr).
 fn ctl(c: &Cluster, args: &[&str]) -> anyhow::Result<(Option<i32>, String, String)> {
     let out = c.ctl(args)?;
@@ -181,6 +194,17 @@ fn cordon_drain_remove_and_lease_expiry() -> anyhow::Result<()> {
         "remove of lost c: {out}{err}"
     );
     ensure!(host(&c, "c").is_none(), "c still listed");
+    let kinds = host_event_kinds(&c, "c")?;
+    ensure!(
+        kinds.ends_with(&[
+            "HostCordoned".into(),
+            "HostUncordoned".into(),
+            "HostCordoned".into(),
+            "HostLost".into(),
+            "HostRemoved".into(),
+        ]),
+        "events of c: {kinds:?}"
+    );
     c.add_host(HostSpec {
         name: "d".into(),
         underlay_ip: std::net::Ipv4Addr::new(10, 1, 1, 40),
@@ -216,6 +240,15 @@ fn cordon_drain_remove_and_lease_expiry() -> anyhow::Result<()> {
     ensure!(
         back["registered_at_ms"].as_i64() > before["registered_at_ms"].as_i64(),
         "b came back with its old record: {back}"
+    );
+    let kinds = host_event_kinds(&c, "b")?;
+    ensure!(
+        kinds.ends_with(&[
+            "HostLost".into(),
+            "LeaseExpired".into(),
+            "HostRegistered".into()
+        ]),
+        "events of b: {kinds:?}"
     );
     c.wait_hosts_ready(
         &["a".into(), "b".into(), "d".into()],
