@@ -40,3 +40,9 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Encoded `FileDescriptorSet` of the geomx API, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("geomx_descriptor");
+
+/// Largest `DesiredState` an agent decodes (and the controller may send): the agent's
+/// gRPC decoding limit and the controller's encoding limit. The controller refuses at
+/// submit a job that would bring a host's desired state past
+/// [`MAX_DESIRED_STATE_LEN`] / 2, so what it sends stays well below it.
+pub const MAX_DESIRED_STATE_LEN: usize = 16 << 20;

@@ -127,6 +127,15 @@ pub struct EngineEvent {
     pub action: String,
 }
 
+/// What a host can give containers, as Docker sees it (`docker info`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostCapacity {
+    /// Memory in bytes (`MemTotal`); 0 when unknown.
+    pub memory_bytes: u64,
+    /// CPUs (`NCPU`); 0 when unknown.
+    pub cpus: u32,
+}
+
 /// The Docker operations the runtime needs.
 pub trait Engine: Send + Sync + 'static {
     /// Every container (running or not) labelled `io.geomx.managed=true`.
@@ -160,6 +169,15 @@ pub trait Engine: Send + Sync + 'static {
     /// (for a local socket: the peer's pid and start time); `None` when the engine cannot
     /// tell (a TCP daemon, another pid namespace).
     fn daemon_id(&self) -> impl Future<Output = Result<Option<String>>> + Send;
+    /// The host's memory and CPUs; unknown (zeros) unless the engine can tell.
+    fn capacity(&self) -> impl Future<Output = Result<HostCapacity>> + Send {
+        async { Ok(HostCapacity::default()) }
+    }
+    /// Whether a bind mount's host path exists. Docker resolves bind sources on the
+    /// filesystem of the host it runs on, which is this process's.
+    fn path_exists(&self, path: &str) -> bool {
+        Path::new(path).exists()
+    }
 }
 
 /// [`Engine`] over a real dockerd through bollard.
@@ -488,6 +506,21 @@ impl Engine for BollardEngine {
             .await
             .map_err(|e| RuntimeError::docker("info", e))?;
         Ok(info.live_restore_enabled.unwrap_or(false))
+    }
+
+    async fn capacity(&self) -> Result<HostCapacity> {
+        let info = self
+            .docker
+            .info()
+            .await
+            .map_err(|e| RuntimeError::docker("info", e))?;
+        Ok(HostCapacity {
+            memory_bytes: info
+                .mem_total
+                .and_then(|m| u64::try_from(m).ok())
+                .unwrap_or(0),
+            cpus: info.ncpu.and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
+        })
     }
 
     async fn daemon_id(&self) -> Result<Option<String>> {

@@ -39,6 +39,15 @@ pub enum RuntimeError {
         /// What is wrong.
         reason: String,
     },
+    /// A bind mount's host path does not exist on this host: Docker would create it as an
+    /// empty root-owned directory and the job would train on nothing.
+    #[error(
+        "bind mount source {path} does not exist on this host (create it, or fix [[mount]].source)"
+    )]
+    BindSourceMissing {
+        /// The host path.
+        path: String,
+    },
     /// No container of this job and node exists on this host.
     #[error("no container for node {node} of job {job} on this host")]
     NoSuchNode {

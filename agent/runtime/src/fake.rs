@@ -34,6 +34,7 @@ pub struct FakeContainer {
     pub host_network: bool,
     pub logs: Vec<(bool, String)>,
     pub body: ContainerCreateBody,
+    pub oom_killed: bool,
 }
 
 /// Everything the fake engine holds.
@@ -44,6 +45,8 @@ pub struct FakeState {
     pub images: BTreeSet<String>,
     pub next: u64,
     pub calls: Vec<String>,
+    /// Host paths that exist (for bind mounts); no other path does.
+    pub paths: BTreeSet<String>,
 }
 
 /// An in-memory Docker engine; clones share their state.
@@ -189,6 +192,18 @@ impl FakeEngine {
         self.emit(id, "die");
     }
 
+    /// The kernel's OOM killer ends the container (exit 137, `OOMKilled`).
+    pub fn oom_kill(&self, id: &str) {
+        if let Some(c) = self.lock().containers.get_mut(id) {
+            c.state = EngineState::Exited;
+            c.exit_code = 137;
+            c.oom_killed = true;
+            c.finished_at_ms = now_ms();
+        }
+        self.emit(id, "oom");
+        self.emit(id, "die");
+    }
+
     /// `docker rm -f` by someone else.
     pub fn remove_behind_back(&self, id: &str) {
         self.lock().containers.remove(id);
@@ -254,7 +269,7 @@ impl Engine for FakeEngine {
             state: c.state,
             exit_code: Some(c.exit_code),
             error: String::new(),
-            oom_killed: false,
+            oom_killed: c.oom_killed,
             ip: (c.state == EngineState::Running && !c.ip.is_empty()).then(|| c.ip.clone()),
             host_network: c.host_network,
             started_at_ms: c.started_at_ms,
@@ -328,6 +343,7 @@ impl Engine for FakeEngine {
                 host_network,
                 logs: Vec::new(),
                 body,
+                oom_killed: false,
             },
         );
         drop(st);
@@ -445,6 +461,10 @@ impl Engine for FakeEngine {
             }
         })
         .boxed()
+    }
+
+    fn path_exists(&self, path: &str) -> bool {
+        self.lock().paths.contains(path)
     }
 
     async fn live_restore(&self) -> Result<bool> {
@@ -1145,5 +1165,67 @@ mod tests {
             Some(NodeState::Failed)
         );
         rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_missing_bind_source_fails_the_node_before_anything_is_created() {
+        let fake = FakeEngine::new(&[IMG]);
+        let rt = Runtime::start(fake.clone(), config()).await.expect("start");
+        let mut s = spec("w0");
+        s.mounts = vec![crate::spec::Mount {
+            kind: crate::spec::MountKind::Bind,
+            source: "/srv/geomx/a".into(),
+            target: "/root/data".into(),
+            readonly: true,
+            ..Default::default()
+        }];
+        let report = rt.apply(vec![s.clone()]).await.expect("apply");
+        assert_eq!(report.errors().count(), 1, "{report:?}");
+        let snap = rt.snapshot();
+        let w0 = node(&snap, "w0");
+        assert_eq!(w0.state, NodeState::Failed);
+        assert!(
+            w0.error
+                .contains("bind mount source /srv/geomx/a does not exist on this host"),
+            "{}",
+            w0.error
+        );
+        assert!(
+            fake.names().is_empty(),
+            "nothing created: {:?}",
+            fake.names()
+        );
+
+        // once the path exists, the node is made, with the mount
+        fake.lock().paths.insert("/srv/geomx/a".into());
+        let report = rt.apply(vec![s]).await.expect("apply");
+        assert!(report.errors().next().is_none(), "{report:?}");
+        let id = role_id(&fake, "w0");
+        let body = fake.lock().containers[&id].body.clone();
+        let mounts = body.host_config.and_then(|h| h.mounts).unwrap_or_default();
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(mounts[0].source.as_deref(), Some("/srv/geomx/a"));
+        assert_eq!(mounts[0].read_only, Some(true));
+    }
+
+    #[tokio::test]
+    async fn an_oom_killed_container_fails_saying_so() {
+        let fake = FakeEngine::new(&[IMG]);
+        let rt = Runtime::start(fake.clone(), config()).await.expect("start");
+        rt.apply(vec![spec("w0")]).await.expect("apply");
+        wait_for(&rt, "running", |s| {
+            s.node("job1", "w0")
+                .is_some_and(|n| n.state == NodeState::Running)
+        })
+        .await;
+        fake.oom_kill(&role_id(&fake, "w0"));
+        let s = wait_for(&rt, "failed", |s| {
+            s.node("job1", "w0")
+                .is_some_and(|n| n.state == NodeState::Failed)
+        })
+        .await;
+        let w0 = node(&s, "w0");
+        assert_eq!(w0.exit_code, Some(137));
+        assert!(w0.error.starts_with("OOM-killed"), "{}", w0.error);
     }
 }

@@ -70,7 +70,7 @@ mod runtime;
 pub mod spec;
 pub mod status;
 
-pub use engine::{BollardEngine, Engine};
+pub use engine::{BollardEngine, Engine, HostCapacity};
 pub use error::{Result, RuntimeError};
 pub use heartbeat::{
     DEFAULT_HEARTBEAT_PORT, HeartbeatError, HeartbeatReport, HeartbeatServer, HeartbeatSink,
@@ -78,9 +78,10 @@ pub use heartbeat::{
 };
 pub use progress::{Progress, ProgressParser, ProgressTracker};
 pub use reconcile::{Action, ContainerKey, RemoveReason};
-pub use runtime::{ApplyReport, Outcome, Runtime, RuntimeConfig};
+pub use runtime::{ApplyReport, OOM_KILLED, Outcome, Runtime, RuntimeConfig};
 pub use spec::{
-    ContainerKind, ContainerSpec, NodeKey, SandboxConfig, container_name, sandbox_name,
+    ContainerKind, ContainerSpec, DEFAULT_PIDS_LIMIT, Mount, MountKind, NodeKey, Resources,
+    SandboxConfig, container_name, sandbox_name,
 };
 pub use status::{LogChunk, NodeState, NodeStatus, Snapshot};
 /// The cancellation token [`HeartbeatServer::serve`] stops on (re-exported from tokio-util).

@@ -16,7 +16,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::engine::{ActualContainer, BollardEngine, Engine, EngineState, Inspection, LogRequest};
+use crate::engine::{
+    ActualContainer, BollardEngine, Engine, EngineState, HostCapacity, Inspection, LogRequest,
+};
+
+/// The error of a container the kernel's OOM killer ended (Docker's `OOMKilled`; its exit
+/// code is 137, SIGKILL).
+pub const OOM_KILLED: &str =
+    "OOM-killed (OOMKilled): out of memory, over its [resources] memory limit or the host's";
 use crate::error::{Result, RuntimeError};
 use crate::heartbeat::{HeartbeatError, HeartbeatReport, HeartbeatSink};
 use crate::lines::{LineSplitter, split_timestamp};
@@ -375,6 +382,12 @@ impl<E: Engine> Runtime<E> {
         self.inner.engine.images().await
     }
 
+    /// The host's memory and CPUs as Docker sees them (for the controller's placement
+    /// checks).
+    pub async fn capacity(&self) -> Result<HostCapacity> {
+        self.inner.engine.capacity().await
+    }
+
     /// Makes the host run exactly `desired` (the complete set of nodes this host must run)
     /// and returns what was planned and how it went.
     ///
@@ -407,7 +420,18 @@ impl<E: Engine> Runtime<E> {
             let err = if desired_map.contains_key(&spec.key()) {
                 Some(format!("node {}/{} is listed twice", spec.job, spec.node))
             } else {
-                spec.validate().err().map(|e| e.to_string())
+                spec.validate().err().map(|e| e.to_string()).or_else(|| {
+                    // refused before anything starts: Docker would make the path an empty
+                    // root-owned directory and the node would train on nothing
+                    spec.bind_sources()
+                        .find(|path| !self.inner.engine.path_exists(path))
+                        .map(|path| {
+                            RuntimeError::BindSourceMissing {
+                                path: path.to_string(),
+                            }
+                            .to_string()
+                        })
+                })
             };
             if let Some(err) = err {
                 if retry_failed {
@@ -1683,7 +1707,7 @@ fn apply_inspection(s: &mut NodeStatus, i: &Inspection, host_ip: Option<Ipv4Addr
                 NodeState::Failed
             };
             if i.oom_killed {
-                s.error = "killed by the OOM killer".into();
+                s.error = OOM_KILLED.into();
             } else if !i.error.is_empty() {
                 s.error = i.error.clone();
             }

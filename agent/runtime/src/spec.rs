@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use bollard::models::{
-    ContainerCreateBody, DeviceRequest, HostConfig, RestartPolicy, RestartPolicyNameEnum,
+    ContainerCreateBody, DeviceRequest, HostConfig, HostConfigLogConfig, Mount as DockerMount,
+    MountType as DockerMountType, MountVolumeOptions, MountVolumeOptionsDriverConfig,
+    RestartPolicy, RestartPolicyNameEnum,
 };
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +46,86 @@ pub const ENV_AGENT_URL: &str = "GEOMX_AGENT_URL";
 /// its output when it is not a terminal, so progress lines would reach the output follower
 /// late (or only at exit) and a healthy node would look stalled.
 pub const ENV_PYTHONUNBUFFERED: &str = "PYTHONUNBUFFERED";
+
+/// The pids limit of a role container whose spec sets none: a fork bomb in one container
+/// cannot exhaust the host's process table.
+pub const DEFAULT_PIDS_LIMIT: u64 = 4096;
+/// Log driver of every role container (Docker's `json-file`, rotated).
+pub const LOG_DRIVER: &str = "json-file";
+/// Size at which a role container's log file is rotated (`max-size`).
+pub const LOG_MAX_SIZE: &str = "50m";
+/// Rotated log files kept per role container (`max-file`): at most 150 MB of log each.
+pub const LOG_MAX_FILE: &str = "3";
+/// Security options of every role container: no process gains privileges through setuid
+/// binaries or file capabilities.
+pub const SECURITY_OPTS: [&str; 1] = ["no-new-privileges:true"];
+/// Capabilities dropped from every role container (raw sockets: spoofed packets, ARP
+/// games on the bridge); everything else is Docker's default set.
+pub const CAP_DROP: [&str; 1] = ["NET_RAW"];
+
+/// What a [`Mount`] mounts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MountKind {
+    /// A host path, which must exist.
+    #[default]
+    Bind,
+    /// A Docker named volume, created (with its driver and options) if missing.
+    Volume,
+}
+
+/// One mount of a role container.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Mount {
+    /// Bind or volume.
+    pub kind: MountKind,
+    /// The host path (bind) or the volume's name (volume).
+    pub source: String,
+    /// Absolute path in the container.
+    pub target: String,
+    /// Mounted read-only.
+    pub readonly: bool,
+    /// Volume driver; `None` for Docker's default (`local`).
+    pub driver: Option<String>,
+    /// Volume driver options.
+    pub options: BTreeMap<String, String>,
+}
+
+/// Resource limits of a role container; 0 means unset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Resources {
+    /// Memory limit in bytes.
+    pub memory_bytes: u64,
+    /// CPUs in billionths (Docker's `NanoCpus`).
+    pub nano_cpus: u64,
+    /// Most processes and threads; 0 for [`DEFAULT_PIDS_LIMIT`].
+    pub pids: u64,
+    /// Size of `/dev/shm` in bytes; 0 for Docker's default.
+    pub shm_size_bytes: u64,
+}
+
+impl Resources {
+    /// The pids limit in effect.
+    pub fn pids_limit(&self) -> u64 {
+        if self.pids == 0 {
+            DEFAULT_PIDS_LIMIT
+        } else {
+            self.pids
+        }
+    }
+
+    /// Whether these limits are what a spec without any gets (so that the spec hash of
+    /// such a container stays what it was before limits existed).
+    fn is_default(&self) -> bool {
+        Resources {
+            pids: self.pids_limit(),
+            ..*self
+        } == Resources {
+            pids: DEFAULT_PIDS_LIMIT,
+            ..Resources::default()
+        }
+    }
+}
 
 /// One role container of a job, as the controller wants it on this host.
 ///
@@ -85,6 +167,10 @@ pub struct ContainerSpec {
     /// role container exists (a scheduler's env names its own address); otherwise the
     /// role container starts directly on docker0. Ignored with host networking.
     pub sandbox: bool,
+    /// What to mount into the role container.
+    pub mounts: Vec<Mount>,
+    /// Resource limits of the role container.
+    pub resources: Resources,
 }
 
 /// Identifies a node on a host: (job, node).
@@ -227,7 +313,40 @@ impl ContainerSpec {
         if let Some(re) = &self.progress_regex {
             crate::progress::ProgressParser::new(Some(re))?;
         }
+        let mut targets = std::collections::BTreeSet::new();
+        for m in &self.mounts {
+            if !m.target.starts_with('/') || m.target == "/" {
+                return Err(invalid(format!(
+                    "mount target {:?} is not an absolute path below /",
+                    m.target
+                )));
+            }
+            if !targets.insert(m.target.as_str()) {
+                return Err(invalid(format!(
+                    "mount target {:?} is listed twice",
+                    m.target
+                )));
+            }
+            if m.source.is_empty() || (m.kind == MountKind::Bind && !m.source.starts_with('/')) {
+                return Err(invalid(format!(
+                    "mount source {:?} is not {}",
+                    m.source,
+                    match m.kind {
+                        MountKind::Bind => "an absolute host path",
+                        MountKind::Volume => "a volume name",
+                    }
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// The bind mounts' host paths.
+    pub fn bind_sources(&self) -> impl Iterator<Item = &str> {
+        self.mounts
+            .iter()
+            .filter(|m| m.kind == MountKind::Bind)
+            .map(|m| m.source.as_str())
     }
 
     /// The complete environment of the container: the spec's env plus `GEOMX_JOB`,
@@ -263,6 +382,12 @@ impl ContainerSpec {
             role: &'a str,
             party: &'a str,
             controller: &'a str,
+            // left out when empty or default: the hashes of containers made before
+            // mounts and limits existed stay the same
+            #[serde(skip_serializing_if = "<[Mount]>::is_empty")]
+            mounts: &'a [Mount],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            resources: Option<Resources>,
         }
         let shape = Shape {
             image: &self.image,
@@ -279,6 +404,8 @@ impl ContainerSpec {
             role: &self.role,
             party: &self.party,
             controller: &self.controller_id,
+            mounts: &self.mounts,
+            resources: (!self.resources.is_default()).then_some(self.resources),
         };
         // serializing plain strings, numbers and a BTreeMap cannot fail
         let bytes = serde_json::to_vec(&shape).unwrap_or_default();
@@ -310,8 +437,10 @@ impl ContainerSpec {
 
     /// The role container's Docker create body: image, command, env, labels, the network
     /// of `sandbox_id` (`container:<id>`) or the host's, a GPU device request when
-    /// `gpus > 0`, and restart policy "no" (geomx restarts whole jobs, never single
-    /// containers).
+    /// `gpus > 0`, restart policy "no" (geomx restarts whole jobs, never single
+    /// containers), the mounts, the resource limits, and what protects the host whatever
+    /// the job says: a pids limit ([`DEFAULT_PIDS_LIMIT`] unless set), rotated `json-file`
+    /// logs ([`LOG_MAX_SIZE`] × [`LOG_MAX_FILE`]), [`SECURITY_OPTS`] and [`CAP_DROP`].
     pub fn create_body(
         &self,
         agent_url: &str,
@@ -323,6 +452,7 @@ impl ContainerSpec {
             .into_iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
+        let r = &self.resources;
         let device_requests = (self.gpus > 0).then(|| {
             vec![DeviceRequest {
                 driver: Some(String::new()),
@@ -347,10 +477,60 @@ impl ContainerSpec {
                     name: Some(RestartPolicyNameEnum::NO),
                     maximum_retry_count: None,
                 }),
+                mounts: (!self.mounts.is_empty())
+                    .then(|| self.mounts.iter().map(docker_mount).collect()),
+                memory: nonzero_i64(r.memory_bytes),
+                nano_cpus: nonzero_i64(r.nano_cpus),
+                pids_limit: nonzero_i64(r.pids_limit()),
+                shm_size: nonzero_i64(r.shm_size_bytes),
+                log_config: Some(HostConfigLogConfig {
+                    typ: Some(LOG_DRIVER.into()),
+                    config: Some(HashMap::from([
+                        ("max-size".to_string(), LOG_MAX_SIZE.to_string()),
+                        ("max-file".to_string(), LOG_MAX_FILE.to_string()),
+                    ])),
+                }),
+                security_opt: Some(SECURITY_OPTS.iter().map(|s| s.to_string()).collect()),
+                cap_drop: Some(CAP_DROP.iter().map(|s| s.to_string()).collect()),
                 ..Default::default()
             }),
             ..Default::default()
         }
+    }
+}
+
+/// A byte or CPU count for Docker's API (signed); `None` for 0 (unset).
+fn nonzero_i64(v: u64) -> Option<i64> {
+    (v > 0).then(|| i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+/// A mount in Docker's API form (`HostConfig.Mounts`: no string parsing, so a path with a
+/// colon or comma is fine).
+fn docker_mount(m: &Mount) -> DockerMount {
+    DockerMount {
+        typ: Some(match m.kind {
+            MountKind::Bind => DockerMountType::BIND,
+            MountKind::Volume => DockerMountType::VOLUME,
+        }),
+        source: Some(m.source.clone()),
+        target: Some(m.target.clone()),
+        read_only: Some(m.readonly),
+        // Docker creates a missing volume from this (an existing one is used as it is)
+        volume_options: (m.kind == MountKind::Volume
+            && (m.driver.is_some() || !m.options.is_empty()))
+        .then(|| MountVolumeOptions {
+            driver_config: Some(MountVolumeOptionsDriverConfig {
+                name: m.driver.clone(),
+                options: (!m.options.is_empty()).then(|| {
+                    m.options
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                }),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 
@@ -403,6 +583,8 @@ mod tests {
             controller_id: "c1".into(),
             start: true,
             sandbox: true,
+            mounts: vec![],
+            resources: Resources::default(),
         }
     }
 
@@ -550,5 +732,103 @@ mod tests {
         s.progress_regex = None;
         s.image = " ".into();
         assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn create_body_carries_mounts_limits_and_the_host_protecting_defaults() {
+        let plain = spec("j", "w").create_body(URL, &sb(), None);
+        let hc = plain.host_config.unwrap_or_default();
+        assert_eq!(hc.pids_limit, Some(DEFAULT_PIDS_LIMIT as i64));
+        assert_eq!(hc.memory, None);
+        assert_eq!(hc.nano_cpus, None);
+        assert_eq!(hc.shm_size, None);
+        assert!(hc.mounts.is_none());
+        let log = hc.log_config.unwrap_or_default();
+        assert_eq!(log.typ.as_deref(), Some("json-file"));
+        let cfg = log.config.unwrap_or_default();
+        assert_eq!(cfg["max-size"], LOG_MAX_SIZE);
+        assert_eq!(cfg["max-file"], LOG_MAX_FILE);
+        assert_eq!(
+            hc.security_opt,
+            Some(vec!["no-new-privileges:true".to_string()])
+        );
+        assert_eq!(hc.cap_drop, Some(vec!["NET_RAW".to_string()]));
+
+        let mut s = spec("j", "w");
+        s.resources = Resources {
+            memory_bytes: 64 << 20,
+            nano_cpus: 1_500_000_000,
+            pids: 100,
+            shm_size_bytes: 1 << 30,
+        };
+        s.mounts = vec![
+            Mount {
+                kind: MountKind::Bind,
+                source: "/srv/a".into(),
+                target: "/root/data".into(),
+                readonly: true,
+                ..Default::default()
+            },
+            Mount {
+                kind: MountKind::Volume,
+                source: "geomx-j-output".into(),
+                target: "/root/output".into(),
+                readonly: false,
+                driver: Some("local".into()),
+                options: [("type".to_string(), "tmpfs".to_string())].into(),
+            },
+        ];
+        assert!(s.validate().is_ok());
+        let hc = s
+            .create_body(URL, &sb(), None)
+            .host_config
+            .unwrap_or_default();
+        assert_eq!(hc.memory, Some(64 << 20));
+        assert_eq!(hc.nano_cpus, Some(1_500_000_000));
+        assert_eq!(hc.pids_limit, Some(100));
+        assert_eq!(hc.shm_size, Some(1 << 30));
+        let mounts = hc.mounts.unwrap_or_default();
+        assert_eq!(mounts.len(), 2);
+        assert_eq!(mounts[0].typ, Some(DockerMountType::BIND));
+        assert_eq!(mounts[0].volume_options, None);
+        assert_eq!(mounts[1].typ, Some(DockerMountType::VOLUME));
+        assert_eq!(mounts[1].read_only, Some(false));
+        let driver = mounts[1]
+            .volume_options
+            .clone()
+            .and_then(|o| o.driver_config)
+            .unwrap_or_default();
+        assert_eq!(driver.name.as_deref(), Some("local"));
+        assert_eq!(driver.options.unwrap_or_default()["type"], "tmpfs");
+    }
+
+    #[test]
+    fn mounts_and_limits_shape_the_container_but_old_hashes_stay() {
+        let s = spec("j", "w");
+        let h = s.spec_hash(URL, &sb());
+        // the default pids limit, written out, is what no limit means
+        let mut d = s.clone();
+        d.resources.pids = DEFAULT_PIDS_LIMIT;
+        assert_eq!(d.spec_hash(URL, &sb()), h);
+        let mut m = s.clone();
+        m.resources.memory_bytes = 1 << 30;
+        assert_ne!(m.spec_hash(URL, &sb()), h);
+        let mut v = s.clone();
+        v.mounts.push(Mount {
+            kind: MountKind::Volume,
+            source: "v".into(),
+            target: "/v".into(),
+            ..Default::default()
+        });
+        assert_ne!(v.spec_hash(URL, &sb()), h);
+        v.mounts.push(v.mounts[0].clone());
+        assert!(v.validate().is_err(), "a target twice");
+        v.mounts = vec![Mount {
+            kind: MountKind::Bind,
+            source: "relative".into(),
+            target: "/v".into(),
+            ..Default::default()
+        }];
+        assert!(v.validate().is_err(), "a relative bind source");
     }
 }

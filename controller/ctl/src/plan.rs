@@ -188,6 +188,29 @@ fn render_plan(plan: &Plan, wide: bool) -> String {
             if n.gpus > 0 {
                 out.push_str(&format!("  gpus     {}\n", n.gpus));
             }
+            for (i, m) in n.mounts.iter().enumerate() {
+                let label = if i == 0 { "mounts" } else { "" };
+                let mode = if m.readonly { "ro" } else { "rw" };
+                out.push_str(&format!(
+                    "  {label:<7}  {} {} -> {} ({mode})\n",
+                    m.kind.as_str(),
+                    m.source,
+                    m.target
+                ));
+            }
+            let r = &n.resources;
+            let limits: Vec<String> = [
+                r.memory.map(|b| format!("memory={b}")),
+                r.cpus.map(|c| format!("cpus={}", c.0)),
+                r.pids.map(|p| format!("pids={p}")),
+                r.shm_size.map(|b| format!("shm_size={b}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            if !limits.is_empty() {
+                out.push_str(&format!("  limits   {}\n", limits.join(" ")));
+            }
             for (i, (k, v)) in n.env.iter().enumerate() {
                 let label = if i == 0 { "env" } else { "" };
                 out.push_str(&format!("  {label:<7}  {k}={v}\n"));

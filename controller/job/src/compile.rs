@@ -10,8 +10,14 @@
 
 use std::collections::BTreeMap;
 
-use crate::plan::{CENTRAL_PARTY, Node, Plan, Policy, Progress, Role, address_placeholder};
-use crate::spec::{JobSpec, Mode, Network, SLICE_OPTION, SLICE_PLACEHOLDER, limits};
+use crate::mounts::{expand, parse_size};
+use crate::plan::{
+    CENTRAL_PARTY, Mount, Node, Plan, Policy, Progress, Resources, Role, address_placeholder,
+};
+use crate::spec::{
+    DEFAULT_PIDS_LIMIT, JobSpec, Mode, Network, SLICE_OPTION, SLICE_PLACEHOLDER, limits,
+};
+use crate::validate::mount_classes;
 
 /// Node name of the global scheduler.
 pub const GLOBAL_SCHEDULER: &str = "global-scheduler";
@@ -27,6 +33,18 @@ enum Class {
     Servers,
     Master,
     Workers,
+}
+
+impl Class {
+    /// Its name in `[env]`, `[resources]` and `[[mount]].roles`.
+    fn as_str(self) -> &'static str {
+        match self {
+            Class::Schedulers => "schedulers",
+            Class::Servers => "servers",
+            Class::Master => "master",
+            Class::Workers => "workers",
+        }
+    }
 }
 
 /// Compiles a job into its plan.
@@ -121,6 +139,8 @@ impl Compiler<'_> {
         if let Some(v) = spec.verbose {
             env.insert("PS_VERBOSE".into(), v.to_string());
         }
+        let mounts = self.mounts(class, &facts);
+        let resources = self.resources(class);
         let mut reaches: Vec<String> = facts.reaches.iter().map(|s| s.to_string()).collect();
         reaches.extend(facts.reaches_party);
         self.nodes.push(Node {
@@ -135,7 +155,55 @@ impl Compiler<'_> {
             binds: facts.binds.map(to_port),
             reaches,
             gpus: facts.gpus,
+            mounts,
+            resources,
         });
+    }
+
+    /// The mounts of a node of `class`, placeholders expanded.
+    fn mounts(&self, class: Class, facts: &NodeFacts) -> Vec<Mount> {
+        let spec = self.spec;
+        let fill = |t: &str| expand(t, &spec.name, &facts.party, &facts.name, &facts.host);
+        spec.mounts
+            .iter()
+            .filter(|m| mount_classes(m.roles.as_deref()).contains(class.as_str()))
+            .map(|m| Mount {
+                kind: m.kind,
+                source: fill(&m.source),
+                target: m.target.clone(),
+                readonly: m.readonly,
+                driver: m.driver.clone(),
+                options: m
+                    .options
+                    .iter()
+                    .map(|(k, v)| (k.clone(), fill(v)))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// The resources of a node of `class`: the class's keys, then `all`'s, then the pids
+    /// default.
+    fn resources(&self, class: Class) -> Resources {
+        let r = &self.spec.resources;
+        let own = match class {
+            Class::Schedulers => &r.schedulers,
+            Class::Servers => &r.servers,
+            Class::Master => &r.master,
+            Class::Workers => &r.workers,
+        };
+        let merged = own.or(&r.all);
+        Resources {
+            memory: merged.memory.as_deref().and_then(parse_size),
+            cpus: merged.cpus,
+            pids: Some(
+                merged
+                    .pids
+                    .map_or(DEFAULT_PIDS_LIMIT, |p| p.clamp(1, limits::PIDS_MAX))
+                    .unsigned_abs(),
+            ),
+            shm_size: merged.shm_size.as_deref().and_then(parse_size),
+        }
     }
 
     fn gpus(&self) -> u32 {

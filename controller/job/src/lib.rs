@@ -26,6 +26,7 @@
 
 mod compile;
 mod error;
+mod mounts;
 mod parse;
 mod plan;
 mod spec;
@@ -33,16 +34,24 @@ mod validate;
 
 pub use compile::{CENTRAL_SCHEDULER, GLOBAL_SCHEDULER, MASTER_WORKER, compile};
 pub use error::{ErrorKind, JobError, JobErrors, MAX_REPORTED_PROBLEMS, UnresolvedAddress};
-pub use parse::{TOP_LEVEL_KEYS, parse};
-pub use plan::{CENTRAL_PARTY, Node, Plan, Policy, Progress, Role, address_placeholder};
-pub use spec::{
-    CentralSpec, CommandSpec, DEFAULT_CENTRAL_SCHEDULER_PORT, DEFAULT_FIRST_PARTY_SCHEDULER_PORT,
-    DEFAULT_GLOBAL_SCHEDULER_PORT, DEFAULT_INTERFACE, DEFAULT_MAX_RESTARTS_ON_FAILURE,
-    DEFAULT_PROGRESS_REGEX, DEFAULT_SCHEDULER_COMMAND, DEFAULT_STALL_TIMEOUT,
-    DEFAULT_WORKER_COMMAND, EnvSpec, JobSpec, Mode, Network, PROGRESS_GROUPS, PartySpec,
-    PolicySpec, ProgressSpec, RestartPolicy, SLICE_OPTION, SLICE_PLACEHOLDER, limits,
+pub use mounts::{
+    REFUSED_BIND_SOURCES, REFUSED_TARGETS, bind_source_problem, expand as expand_placeholders,
+    parse_size, target_problem, volume_name_problem,
 };
-pub use validate::{COMPUTED_VARIABLES, is_valid_env_name, is_valid_name};
+pub use parse::{TOP_LEVEL_KEYS, parse};
+pub use plan::{
+    CENTRAL_PARTY, Mount, Node, Plan, Policy, Progress, Resources, Role, address_placeholder,
+};
+pub use spec::{
+    CentralSpec, CommandSpec, Cpus, DEFAULT_CENTRAL_SCHEDULER_PORT,
+    DEFAULT_FIRST_PARTY_SCHEDULER_PORT, DEFAULT_GLOBAL_SCHEDULER_PORT, DEFAULT_INTERFACE,
+    DEFAULT_MAX_RESTARTS_ON_FAILURE, DEFAULT_PIDS_LIMIT, DEFAULT_PROGRESS_REGEX,
+    DEFAULT_SCHEDULER_COMMAND, DEFAULT_STALL_TIMEOUT, DEFAULT_WORKER_COMMAND, EnvSpec, JobSpec,
+    MOUNT_PLACEHOLDERS, Mode, MountSpec, MountType, Network, PROGRESS_GROUPS, PartySpec,
+    PolicySpec, ProgressSpec, ROLE_CLASSES, ResourceLimits, ResourcesSpec, RestartPolicy,
+    SLICE_OPTION, SLICE_PLACEHOLDER, limits,
+};
+pub use validate::{COMPUTED_VARIABLES, is_valid_env_name, is_valid_name, plan_bytes_estimate};
 
 /// Reads, validates and compiles a job file in one step.
 pub fn plan(file: &str, src: &str) -> Result<Plan, JobErrors> {

@@ -16,12 +16,13 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::error::{ErrorKind, JobError, JobErrors, LineIndex, MAX_REPORTED_PROBLEMS};
 use crate::spec::{
-    CentralSpec, CommandSpec, EnvSpec, JobSpec, Mode, Network, PartySpec, PolicySpec, ProgressSpec,
+    CentralSpec, CommandSpec, EnvSpec, JobSpec, Mode, MountSpec, Network, PartySpec, PolicySpec,
+    ProgressSpec, ResourceLimits, ResourcesSpec,
 };
 use crate::validate::{Problem, problems};
 
 /// Top-level keys of a job file, in documentation order.
-pub const TOP_LEVEL_KEYS: [&str; 12] = [
+pub const TOP_LEVEL_KEYS: [&str; 14] = [
     "name",
     "mode",
     "image",
@@ -34,6 +35,8 @@ pub const TOP_LEVEL_KEYS: [&str; 12] = [
     "party",
     "policy",
     "progress",
+    "mount",
+    "resources",
 ];
 const REQUIRED_TOP_LEVEL_KEYS: [(&str, &str); 3] = [
     ("name", "the job name, e.g. name = \"hips-mnist\""),
@@ -284,12 +287,17 @@ const POLICY_KEYS: [&str; 4] = [
     "gpus_per_worker",
 ];
 const PROGRESS_KEYS: [&str; 1] = ["regex"];
+const MOUNT_KEYS: [&str; 7] = [
+    "type", "source", "target", "roles", "readonly", "driver", "options",
+];
+const RESOURCE_KEYS: [&str; 4] = ["memory", "cpus", "pids", "shm_size"];
 
 /// serde's words for TOML types, in TOML's words.
 fn friendlier(message: &str) -> String {
     message
         .replace("missing field", "missing key")
         .replace("expected i64", "expected an integer")
+        .replace("expected f64", "expected a number")
         .replace("expected a sequence", "expected an array")
         .replace("expected a map", "expected a table")
         .replace("expected struct ", "expected a table ")
@@ -350,6 +358,35 @@ fn diagnose(r: &Reporter<'_>, doc: &Spanned<DeTable<'_>>, spans: &Spans) -> Vec<
                     }
                 }
                 _ => d.check::<EnvSpec>(field, value),
+            },
+            "mount" => match value.get_ref() {
+                DeValue::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        let field = format!("mount[{i}]");
+                        let what = d.human(&field);
+                        d.table::<MountSpec>(field, &what, &MOUNT_KEYS, item);
+                    }
+                }
+                DeValue::Table(_) => d.errors.push(r.at(
+                    Some(value.span()),
+                    Some(field),
+                    ErrorKind::Schema,
+                    "mount must be an array of tables: write [[mount]], not [mount]".to_string(),
+                )),
+                _ => d.check::<Vec<MountSpec>>(field, value),
+            },
+            "resources" => match value.get_ref() {
+                DeValue::Table(classes) => {
+                    d.unknown_keys(&field, "[resources]", &ENV_KEYS, classes);
+                    for (class, limits) in classes {
+                        if ENV_KEYS.contains(&class.get_ref().as_ref()) {
+                            let field = format!("resources.{}", class.get_ref());
+                            let what = format!("[{field}]");
+                            d.table::<ResourceLimits>(field, &what, &RESOURCE_KEYS, limits);
+                        }
+                    }
+                }
+                _ => d.check::<ResourcesSpec>(field, value),
             },
             "party" => match value.get_ref() {
                 DeValue::Array(items) => {
@@ -435,13 +472,37 @@ impl Diagnosis<'_, '_> {
                 None => ctx,
             };
         }
+        if let Some(rest) = field.strip_prefix("mount[") {
+            let (index, rest) = rest.split_once(']').unwrap_or((rest, ""));
+            let ctx = match index.parse::<usize>() {
+                Ok(i) => format!("[[mount]] #{}", i + 1),
+                Err(_) => "[[mount]]".to_string(),
+            };
+            return match rest.strip_prefix('.') {
+                Some(key) => format!("{ctx}: {key}"),
+                None => ctx,
+            };
+        }
+        if let Some(rest) = field.strip_prefix("resources.") {
+            return match rest.split_once('.') {
+                Some((class, key)) => format!("[resources.{class}]: {key}"),
+                None => format!("[resources.{rest}]"),
+            };
+        }
         if let Some(rest) = field.strip_prefix("env.") {
             return match rest.split_once('.') {
                 Some((class, var)) => format!("[env.{class}]: {var}"),
                 None => format!("[env.{rest}]"),
             };
         }
-        for table in ["command", "central", "policy", "progress", "env"] {
+        for table in [
+            "command",
+            "central",
+            "policy",
+            "progress",
+            "env",
+            "resources",
+        ] {
             if field == table {
                 return format!("[{table}]");
             }
@@ -527,6 +588,12 @@ workers = 2
     fn key_lists_match_the_structs() {
         let vars = || BTreeMap::from([("A".to_string(), "1".to_string())]);
         let argv = || Some(vec!["x".to_string()]);
+        let limits = || ResourceLimits {
+            memory: Some("1g".into()),
+            cpus: Some(crate::spec::Cpus(1.0)),
+            pids: Some(100),
+            shm_size: Some("1g".into()),
+        };
         let spec = JobSpec {
             name: "n".into(),
             mode: Mode::Hips,
@@ -568,6 +635,22 @@ workers = 2
                 gpus_per_worker: 0,
             },
             progress: Some(ProgressSpec { regex: "x".into() }),
+            mounts: vec![MountSpec {
+                kind: crate::spec::MountType::Volume,
+                source: "v".into(),
+                target: "/v".into(),
+                roles: Some(vec!["all".into()]),
+                readonly: true,
+                driver: Some("local".into()),
+                options: BTreeMap::from([("o".to_string(), "x".to_string())]),
+            }],
+            resources: ResourcesSpec {
+                all: limits(),
+                schedulers: limits(),
+                servers: limits(),
+                master: limits(),
+                workers: limits(),
+            },
         };
         assert_eq!(keys(&spec), sorted_keys(&TOP_LEVEL_KEYS));
         assert_eq!(keys(&spec.command), sorted_keys(&COMMAND_KEYS));
@@ -576,6 +659,9 @@ workers = 2
         assert_eq!(keys(&spec.parties[0]), sorted_keys(&PARTY_KEYS));
         assert_eq!(keys(&spec.policy), sorted_keys(&POLICY_KEYS));
         assert_eq!(keys(&spec.progress), sorted_keys(&PROGRESS_KEYS));
+        assert_eq!(keys(&spec.mounts[0]), sorted_keys(&MOUNT_KEYS));
+        assert_eq!(keys(&spec.resources), sorted_keys(&ENV_KEYS));
+        assert_eq!(keys(&spec.resources.all), sorted_keys(&RESOURCE_KEYS));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::UnresolvedAddress;
-use crate::spec::{Mode, Network, RestartPolicy};
+use crate::spec::{Cpus, Mode, MountType, Network, RestartPolicy};
 
 /// The party name of the central nodes.
 pub const CENTRAL_PARTY: &str = "central";
@@ -111,6 +111,45 @@ pub struct Node {
     pub reaches: Vec<String>,
     /// GPUs to give the container.
     pub gpus: u32,
+    /// What is mounted into the container, placeholders expanded.
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+    /// The container's resource limits.
+    #[serde(default)]
+    pub resources: Resources,
+}
+
+/// One mount of a node, placeholders expanded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    /// `bind` or `volume`.
+    #[serde(rename = "type")]
+    pub kind: MountType,
+    /// The host path (bind) or the volume's name (volume).
+    pub source: String,
+    /// Absolute path in the container.
+    pub target: String,
+    /// Mounted read-only.
+    pub readonly: bool,
+    /// Volume driver; `None` for Docker's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// Volume driver options.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
+}
+
+/// A node's resource limits; `None` leaves Docker's default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// Memory limit in bytes.
+    pub memory: Option<u64>,
+    /// CPUs.
+    pub cpus: Option<Cpus>,
+    /// Most processes and threads ([`crate::DEFAULT_PIDS_LIMIT`] unless the job sets it).
+    pub pids: Option<u64>,
+    /// Size of `/dev/shm` in bytes.
+    pub shm_size: Option<u64>,
 }
 
 /// The placeholder for a node's IP address in a routed plan: `{{<node>.ip}}`.
@@ -246,6 +285,8 @@ mod tests {
             binds: None,
             reaches: vec![],
             gpus: 0,
+            mounts: vec![],
+            resources: Resources::default(),
         }
     }
 

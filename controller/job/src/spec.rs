@@ -41,6 +41,9 @@ pub const SLICE_OPTION: &str = "--data-slice-idx";
 /// `[Time 12.345][Epoch 0][Iteration 17] Test Acc 0.9312`; used when `[progress]` is absent.
 pub const DEFAULT_PROGRESS_REGEX: &str =
     r"\[Epoch (?P<epoch>\d+)\]\[Iteration (?P<iteration>\d+)\] Test Acc (?P<accuracy>[0-9.eE+-]+)";
+/// The pids limit of every container whose job sets no `pids` (a fork bomb in one container
+/// cannot exhaust the host's process table).
+pub const DEFAULT_PIDS_LIMIT: i64 = 4096;
 /// Named groups a `[progress].regex` may use.
 pub const PROGRESS_GROUPS: [&str; 5] = ["epoch", "iteration", "step", "accuracy", "loss"];
 
@@ -83,6 +86,31 @@ pub mod limits {
     pub const IMAGE_MAX: usize = 255;
     /// Longest interface name (Linux IFNAMSIZ - 1).
     pub const INTERFACE_MAX: usize = 15;
+    /// Most bytes a compiled plan may take (see [`crate::plan_bytes_estimate`]): about what
+    /// the controller stores for the job and adds to its hosts' desired states.
+    pub const PLAN_BYTES_MAX: u64 = 8 << 20;
+    /// Most `[[mount]]` tables.
+    pub const MOUNTS_MAX: usize = 32;
+    /// Longest mount source or target, in bytes.
+    pub const MOUNT_PATH_MAX: usize = 1024;
+    /// Most driver options of one volume.
+    pub const MOUNT_OPTIONS_MAX: usize = 32;
+    /// Longest volume driver option (key or value), in bytes.
+    pub const MOUNT_OPTION_MAX: usize = 1024;
+    /// Smallest `memory` (Docker refuses less than 6 MiB).
+    pub const MEMORY_MIN: u64 = 6 << 20;
+    /// Largest `memory` and `shm_size` (1 TiB).
+    pub const MEMORY_MAX: u64 = 1 << 40;
+    /// Smallest `shm_size` (1 MiB).
+    pub const SHM_SIZE_MIN: u64 = 1 << 20;
+    /// Fewest CPUs (`cpus`).
+    pub const CPUS_MIN: f64 = 0.01;
+    /// Most CPUs (`cpus`).
+    pub const CPUS_MAX: f64 = 1024.0;
+    /// Smallest `pids` (a GeoMX process needs a few dozen threads).
+    pub const PIDS_MIN: i64 = 16;
+    /// Largest `pids`.
+    pub const PIDS_MAX: i64 = 1 << 22;
 }
 
 /// Which parameter-server architecture the job runs.
@@ -186,6 +214,149 @@ pub struct JobSpec {
     /// [`DEFAULT_PROGRESS_REGEX`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<ProgressSpec>,
+    /// Host paths and named volumes mounted into the nodes (`[[mount]]`), in file order.
+    #[serde(default, rename = "mount", skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<MountSpec>,
+    /// Resource limits per role class (`[resources.<class>]`).
+    #[serde(default, skip_serializing_if = "ResourcesSpec::is_empty")]
+    pub resources: ResourcesSpec,
+}
+
+/// What a `[[mount]]` mounts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MountType {
+    /// A path of the node's host, which must exist there.
+    Bind,
+    /// A Docker named volume, created (with `driver` and `options`) when missing.
+    Volume,
+}
+
+impl MountType {
+    /// The name used in job files and plans.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MountType::Bind => "bind",
+            MountType::Volume => "volume",
+        }
+    }
+}
+
+/// `[[mount]]`: a host path or a named volume in the containers of some role classes.
+///
+/// `source` may hold the placeholders [`MOUNT_PLACEHOLDERS`], expanded per node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountSpec {
+    /// `bind` or `volume`.
+    #[serde(rename = "type")]
+    pub kind: MountType,
+    /// A bind's absolute host path, or a volume's name.
+    pub source: String,
+    /// Absolute path in the container.
+    pub target: String,
+    /// Role classes whose nodes get the mount (`all`, `schedulers`, `servers`, `master`,
+    /// `workers`); `None` means `["all"]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roles: Option<Vec<String>>,
+    /// Mounted read-only (default true).
+    #[serde(default = "yes")]
+    pub readonly: bool,
+    /// Volume driver (volumes only); `None` is Docker's default (`local`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// Volume driver options (volumes only), e.g. NFS's `type`, `o`, `device`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
+}
+
+/// Placeholders a mount's `source` may use, expanded per node.
+pub const MOUNT_PLACEHOLDERS: [&str; 4] = ["{job}", "{party}", "{node}", "{host}"];
+
+/// Role classes of `[env]`, `[[mount]].roles` and `[resources.<class>]`.
+pub const ROLE_CLASSES: [&str; 5] = ["all", "schedulers", "servers", "master", "workers"];
+
+/// A CPU count (`cpus = 2.5`): a float that validation keeps finite and positive.
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Cpus(pub f64);
+
+// Valid jobs only hold finite values, for which `==` is an equivalence.
+impl Eq for Cpus {}
+
+/// The limits of one role class; unset keys inherit from `all`, then Docker's (or geomx's
+/// host-protecting) defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceLimits {
+    /// Memory limit, e.g. `"8g"`, `"512m"` (units b, k, m, g, t: powers of 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// CPUs, e.g. `2.5`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<Cpus>,
+    /// Most processes and threads in the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<i64>,
+    /// Size of `/dev/shm`, e.g. `"2g"` (Docker's default is 64m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm_size: Option<String>,
+}
+
+impl ResourceLimits {
+    /// True when no key is set.
+    pub fn is_empty(&self) -> bool {
+        *self == ResourceLimits::default()
+    }
+
+    /// `self` with every unset key taken from `base`.
+    pub fn or(&self, base: &ResourceLimits) -> ResourceLimits {
+        ResourceLimits {
+            memory: self.memory.clone().or_else(|| base.memory.clone()),
+            cpus: self.cpus.or(base.cpus),
+            pids: self.pids.or(base.pids),
+            shm_size: self.shm_size.clone().or_else(|| base.shm_size.clone()),
+        }
+    }
+}
+
+/// `[resources]`: limits per role class, merged all → class (the class wins, key by key).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcesSpec {
+    /// Every node.
+    #[serde(default, skip_serializing_if = "ResourceLimits::is_empty")]
+    pub all: ResourceLimits,
+    /// Global and local schedulers.
+    #[serde(default, skip_serializing_if = "ResourceLimits::is_empty")]
+    pub schedulers: ResourceLimits,
+    /// Global and party servers.
+    #[serde(default, skip_serializing_if = "ResourceLimits::is_empty")]
+    pub servers: ResourceLimits,
+    /// The master worker (hips only).
+    #[serde(default, skip_serializing_if = "ResourceLimits::is_empty")]
+    pub master: ResourceLimits,
+    /// Training workers (party and central ones), not the master.
+    #[serde(default, skip_serializing_if = "ResourceLimits::is_empty")]
+    pub workers: ResourceLimits,
+}
+
+impl ResourcesSpec {
+    /// True when no class sets anything.
+    pub fn is_empty(&self) -> bool {
+        *self == ResourcesSpec::default()
+    }
+
+    /// Every class with its name, in [`ROLE_CLASSES`] order.
+    pub fn classes(&self) -> [(&'static str, &ResourceLimits); 5] {
+        [
+            ("all", &self.all),
+            ("schedulers", &self.schedulers),
+            ("servers", &self.servers),
+            ("master", &self.master),
+            ("workers", &self.workers),
+        ]
+    }
 }
 
 /// `[command]`: argv lists per role class. `None` means the default.
@@ -292,12 +463,15 @@ pub struct PolicySpec {
 #[serde(deny_unknown_fields)]
 pub struct ProgressSpec {
     /// A regex with named groups among `epoch`, `iteration`, `step`, `accuracy`, `loss`, at
-    /// least `iteration` or `step`.
+    /// least `iteration` or `step`; default [`DEFAULT_PROGRESS_REGEX`].
     pub regex: String,
 }
 
 fn one() -> i64 {
     1
+}
+fn yes() -> bool {
+    true
 }
 fn default_global_scheduler_port() -> i64 {
     DEFAULT_GLOBAL_SCHEDULER_PORT

@@ -5,8 +5,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::mounts::{bind_source_problem, parse_size, target_problem, volume_name_problem};
 use crate::spec::{
-    CommandSpec, JobSpec, Mode, Network, PROGRESS_GROUPS, RestartPolicy, SLICE_PLACEHOLDER, limits,
+    CommandSpec, JobSpec, Mode, MountType, Network, PROGRESS_GROUPS, ROLE_CLASSES, RestartPolicy,
+    SLICE_PLACEHOLDER, limits,
 };
 
 /// Environment variables geomx computes for every node; `[env]` may not set them.
@@ -101,11 +103,247 @@ pub(crate) fn problems(spec: &JobSpec) -> Vec<Problem> {
         // Only meaningful when every count is within its own limit.
         check_size(spec, &mut p);
     }
+    if p.0.is_empty() {
+        check_plan_bytes(spec, &mut p);
+    }
     check_commands(spec, &mut p);
     check_env(spec, &mut p);
     check_policy(spec, &mut p);
     check_progress(spec, &mut p);
+    check_mounts(spec, &mut p);
+    check_resources(spec, &mut p);
     p.0
+}
+
+/// The role classes a mount's `roles` stands for (`all` is every other class).
+pub(crate) fn mount_classes(roles: Option<&[String]>) -> BTreeSet<&str> {
+    let all = ["all".to_string()];
+    let roles = roles.unwrap_or(&all);
+    let mut out = BTreeSet::new();
+    for r in roles {
+        if r == "all" {
+            out.extend(ROLE_CLASSES.iter().copied().filter(|c| *c != "all"));
+        } else if let Some(c) = ROLE_CLASSES.iter().find(|c| **c == r.as_str()) {
+            out.insert(*c);
+        }
+    }
+    out
+}
+
+fn check_mounts(spec: &JobSpec, p: &mut Problems) {
+    if spec.mounts.len() > limits::MOUNTS_MAX {
+        p.value(
+            "mount",
+            format!(
+                "{} [[mount]] tables: at most {} are allowed",
+                spec.mounts.len(),
+                limits::MOUNTS_MAX
+            ),
+        );
+        return;
+    }
+    // (target, class) → index of the first mount there
+    let mut targets: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    for (i, m) in spec.mounts.iter().enumerate() {
+        let ctx = format!("[[mount]] #{}: ", i + 1);
+        let f = |key: &str| format!("mount[{i}].{key}");
+        let kind = m.kind.as_str();
+        for (key, value) in [("source", &m.source), ("target", &m.target)] {
+            if value.len() > limits::MOUNT_PATH_MAX {
+                p.value(
+                    f(key),
+                    format!(
+                        "{ctx}{key} is {} bytes long: at most {}",
+                        value.len(),
+                        limits::MOUNT_PATH_MAX
+                    ),
+                );
+            }
+        }
+        let source_problem = match m.kind {
+            MountType::Bind => bind_source_problem(&m.source),
+            MountType::Volume => volume_name_problem(&m.source),
+        };
+        if let Some(why) = source_problem {
+            p.value(
+                f("source"),
+                format!("{ctx}{kind} source {:?} {why}", m.source),
+            );
+        }
+        let target_ok = match target_problem(&m.target) {
+            Some(why) => {
+                p.value(f("target"), format!("{ctx}target {:?} {why}", m.target));
+                false
+            }
+            None => true,
+        };
+        match &m.roles {
+            Some(roles) if roles.is_empty() => p.value(
+                f("roles"),
+                format!(
+                    "{ctx}roles is empty: the mount would reach no node (omit it for [\"all\"])"
+                ),
+            ),
+            Some(roles) => {
+                for (j, r) in roles.iter().enumerate() {
+                    if !ROLE_CLASSES.contains(&r.as_str()) {
+                        p.value(
+                            format!("mount[{i}].roles[{j}]"),
+                            format!(
+                                "{ctx}unknown role class {r:?} (one of {})",
+                                ROLE_CLASSES.join(", ")
+                            ),
+                        );
+                    } else if r == "master" && spec.mode == Mode::Ps {
+                        p.value(
+                            format!("mount[{i}].roles[{j}]"),
+                            format!("{ctx}role class \"master\" is for mode \"hips\" only: mode \"ps\" has no master worker"),
+                        );
+                    }
+                }
+            }
+            None => {}
+        }
+        if target_ok {
+            for class in mount_classes(m.roles.as_deref()) {
+                if let Some(first) = targets.get(&(m.target.as_str(), class)) {
+                    p.value(
+                        f("target"),
+                        format!(
+                            "{ctx}target {:?} is also the target of [[mount]] #{} for the {class}",
+                            m.target,
+                            first + 1
+                        ),
+                    );
+                    break;
+                }
+                targets.insert((m.target.as_str(), class), i);
+            }
+        }
+        if m.kind == MountType::Bind {
+            if m.driver.is_some() {
+                p.value(
+                    f("driver"),
+                    format!("{ctx}driver is for volumes only: a bind mount mounts a host path"),
+                );
+            }
+            if !m.options.is_empty() {
+                p.value(
+                    f("options"),
+                    format!("{ctx}options are for volumes only: a bind mount mounts a host path"),
+                );
+            }
+        }
+        if let Some(driver) = &m.driver
+            && (driver.is_empty()
+                || driver.len() > limits::IMAGE_MAX
+                || driver.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            p.value(
+                f("driver"),
+                format!(
+                    "{ctx}driver {driver:?} is not a volume driver name (no spaces or control characters, 1..={} characters)",
+                    limits::IMAGE_MAX
+                ),
+            );
+        }
+        if m.options.len() > limits::MOUNT_OPTIONS_MAX {
+            p.value(
+                f("options"),
+                format!(
+                    "{ctx}{} options: at most {} are allowed",
+                    m.options.len(),
+                    limits::MOUNT_OPTIONS_MAX
+                ),
+            );
+        }
+        for (k, v) in &m.options {
+            let bad_key = k.is_empty() || k.contains(['\0', '=']);
+            if bad_key || v.contains('\0') || k.len().max(v.len()) > limits::MOUNT_OPTION_MAX {
+                p.value(
+                    format!("mount[{i}].options.{k}"),
+                    format!(
+                        "{ctx}option {k:?}: keys are 1..={max} bytes without \"=\" or NUL, values at most {max} bytes without NUL",
+                        max = limits::MOUNT_OPTION_MAX
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn check_resources(spec: &JobSpec, p: &mut Problems) {
+    for (class, limits_of) in spec.resources.classes() {
+        let ctx = format!("[resources.{class}]: ");
+        let f = |key: &str| format!("resources.{class}.{key}");
+        if limits_of.is_empty() {
+            continue;
+        }
+        if class == "master" && spec.mode == Mode::Ps {
+            p.value(
+                format!("resources.{class}"),
+                format!("{ctx}master is for mode \"hips\" only: mode \"ps\" has no master worker"),
+            );
+        }
+        let sizes = [
+            ("memory", &limits_of.memory, limits::MEMORY_MIN),
+            ("shm_size", &limits_of.shm_size, limits::SHM_SIZE_MIN),
+        ];
+        for (key, value, min) in sizes {
+            let Some(text) = value else { continue };
+            match parse_size(text) {
+                None => p.value(
+                    f(key),
+                    format!(
+                        "{ctx}{key} = {text:?} is not a size: write e.g. \"512m\", \"8g\" (units b, k, m, g, t)"
+                    ),
+                ),
+                Some(bytes) if !(min..=limits::MEMORY_MAX).contains(&bytes) => p.value(
+                    f(key),
+                    format!(
+                        "{ctx}{key} = {text:?} is {bytes} bytes: must be between {} and {}",
+                        human_bytes(min),
+                        human_bytes(limits::MEMORY_MAX)
+                    ),
+                ),
+                Some(_) => {}
+            }
+        }
+        if let Some(cpus) = limits_of.cpus
+            && !(cpus.0.is_finite() && (limits::CPUS_MIN..=limits::CPUS_MAX).contains(&cpus.0))
+        {
+            p.value(
+                f("cpus"),
+                format!(
+                    "{ctx}cpus = {}: must be between {} and {}",
+                    cpus.0,
+                    limits::CPUS_MIN,
+                    limits::CPUS_MAX
+                ),
+            );
+        }
+        if let Some(pids) = limits_of.pids {
+            check_count(
+                p,
+                &f("pids"),
+                &ctx,
+                "pids",
+                pids,
+                limits::PIDS_MIN,
+                limits::PIDS_MAX,
+            );
+        }
+    }
+}
+
+/// A byte count as people write it: `6m`, `1t`, or bytes.
+pub(crate) fn human_bytes(bytes: u64) -> String {
+    for (shift, unit) in [(40, "t"), (30, "g"), (20, "m"), (10, "k")] {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes} bytes")
 }
 
 fn check_top(spec: &JobSpec, p: &mut Problems) {
@@ -504,6 +742,104 @@ fn check_size(spec: &JobSpec, p: &mut Problems) {
                 limits::NODES_MAX
             ),
         );
+    }
+}
+
+/// Nodes per role class: (schedulers, servers, master, workers), counts as written (the
+/// caller made sure they are within their limits).
+fn class_counts(spec: &JobSpec) -> [(u64, &'static str); 4] {
+    let n = |v: i64| v.max(0).unsigned_abs();
+    let parties = spec.parties.iter();
+    let (mut sched, mut srv, mut master, mut wrk) = (0u64, 0u64, 0u64, 0u64);
+    for party in parties {
+        sched += 1;
+        srv += n(party.servers);
+        wrk += n(party.workers);
+    }
+    if let (Some(c), Mode::Hips) = (&spec.central, spec.mode) {
+        sched += 2;
+        srv += n(c.global_servers);
+        master += 1;
+        wrk += n(c.workers);
+    }
+    [
+        (sched, "schedulers"),
+        (srv, "servers"),
+        (master, "master"),
+        (wrk, "workers"),
+    ]
+}
+
+/// About how many bytes the compiled plan takes (and each node's record and container spec
+/// with it): every node carries its own command, env and mounts. An estimate from the job
+/// alone, without compiling it (a 1 MiB `[env.all]` times 4096 nodes would be 4 GiB).
+pub fn plan_bytes_estimate(spec: &JobSpec) -> u64 {
+    // name, role, party, host, ports, slice, reaches, framing
+    const NODE_OVERHEAD: u64 = 120;
+    // the computed DMLC_* variables of the widest role
+    const COMPUTED_ENV: u64 = 300;
+    let len = |s: &str| s.len() as u64;
+    let argv = |cmd: &[String]| cmd.iter().map(|a| len(a) + 4).sum::<u64>();
+    let vars =
+        |v: &BTreeMap<String, String>| v.iter().map(|(k, v)| len(k) + len(v) + 8).sum::<u64>();
+    let all_env = vars(&spec.env.all);
+    let mut total = 0u64;
+    for (count, class) in class_counts(spec) {
+        let (env, command) = match class {
+            "schedulers" => (&spec.env.schedulers, spec.scheduler_command()),
+            "servers" => (&spec.env.servers, spec.server_command()),
+            "master" => (&spec.env.master, spec.master_command()),
+            _ => (&spec.env.workers, spec.worker_command()),
+        };
+        let mounts: u64 = spec
+            .mounts
+            .iter()
+            .filter(|m| mount_classes(m.roles.as_deref()).contains(class))
+            .map(|m| {
+                // placeholders expand to names of at most 63 characters (node names a bit more)
+                let source = len(&m.source) + 80 * m.source.matches('{').count() as u64;
+                let options: u64 = m.options.iter().map(|(k, v)| len(k) + len(v) + 8).sum();
+                source + len(&m.target) + len(m.driver.as_deref().unwrap_or("")) + options + 24
+            })
+            .sum();
+        let per_node = NODE_OVERHEAD
+            + len(&spec.image)
+            + argv(&command)
+            + COMPUTED_ENV
+            + all_env
+            + vars(env)
+            + mounts;
+        total = total.saturating_add(count.saturating_mul(per_node));
+    }
+    total
+}
+
+fn check_plan_bytes(spec: &JobSpec, p: &mut Problems) {
+    let bytes = plan_bytes_estimate(spec);
+    if bytes > limits::PLAN_BYTES_MAX {
+        let nodes: u64 = class_counts(spec).iter().map(|(n, _)| n).sum();
+        let field = if spec.env.all.is_empty() {
+            "party"
+        } else {
+            "env.all"
+        };
+        p.value(
+            field,
+            format!(
+                "the job compiles to about {} of node specs ({nodes} nodes, each with its own command, env and mounts): at most {} (the limit on a plan and on what one job may add to a host's desired state); make [env] smaller or the job smaller",
+                human_bytes_approx(bytes),
+                human_bytes_approx(limits::PLAN_BYTES_MAX)
+            ),
+        );
+    }
+}
+
+/// `bytes` in MiB with one decimal (or KiB below 1 MiB).
+pub(crate) fn human_bytes_approx(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
+    } else {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
     }
 }
 

@@ -64,6 +64,8 @@ fn absurd(mode: Mode, count: i64) -> JobSpec {
         parties: vec![party("p"), party("q")],
         policy: PolicySpec::default(),
         progress: None,
+        mounts: Vec::new(),
+        resources: geomx_job::ResourcesSpec::default(),
     }
 }
 

@@ -2,7 +2,8 @@
 //! the compiled env alone (not from the job), and data slices are unique and dense.
 
 use geomx_job::{
-    CentralSpec, CommandSpec, EnvSpec, JobSpec, Mode, Network, PartySpec, Plan, PolicySpec, Role,
+    CentralSpec, CommandSpec, Cpus, EnvSpec, JobSpec, Mode, MountSpec, MountType, Network,
+    PartySpec, Plan, PolicySpec, ResourceLimits, ResourcesSpec, Role,
 };
 use proptest::prelude::*;
 
@@ -22,6 +23,62 @@ fn party_strategy(mode: Mode, pseudo: bool) -> impl Strategy<Value = (Vec<String
         Mode::Ps => (1i64..=4).boxed(),
     };
     (hosts, 1i64..=6, servers)
+}
+
+/// Mount sources with every placeholder, bind and volume; targets distinct per role class.
+fn mounts_strategy(mode: Mode) -> impl Strategy<Value = Vec<MountSpec>> {
+    let classes: Vec<&'static str> = match mode {
+        Mode::Hips => vec!["all", "schedulers", "servers", "master", "workers"],
+        Mode::Ps => vec!["all", "schedulers", "servers", "workers"],
+    };
+    let one = (
+        any::<bool>(),
+        proptest::sample::select(vec![
+            "/srv/geomx/{party}",
+            "/data/{job}/{node}",
+            "/mnt/{host}-{party}",
+            "/var/{party}/data",
+        ]),
+        proptest::sample::select(vec!["geomx-{job}-output", "{party}.{node}", "cache"]),
+        proptest::option::of(proptest::sample::subsequence(classes, 1..=2)),
+        any::<bool>(),
+    );
+    proptest::collection::vec(one, 0..=4).prop_map(|mounts| {
+        mounts
+            .into_iter()
+            .enumerate()
+            .map(
+                |(i, (bind, bind_src, vol_src, roles, readonly))| MountSpec {
+                    kind: if bind {
+                        MountType::Bind
+                    } else {
+                        MountType::Volume
+                    },
+                    source: if bind { bind_src } else { vol_src }.to_string(),
+                    target: format!("/mnt/m{i}"),
+                    roles: roles.map(|r| r.into_iter().map(str::to_string).collect()),
+                    readonly,
+                    driver: (!bind && i % 2 == 0).then(|| "local".to_string()),
+                    options: Default::default(),
+                },
+            )
+            .collect()
+    })
+}
+
+fn limits_strategy() -> impl Strategy<Value = ResourceLimits> {
+    (
+        proptest::option::of(proptest::sample::select(vec!["512m", "8g", "1.5g"])),
+        proptest::option::of(proptest::sample::select(vec![0.5, 2.0, 2.5])),
+        proptest::option::of(16i64..=100_000),
+        proptest::option::of(proptest::sample::select(vec!["64m", "2g"])),
+    )
+        .prop_map(|(memory, cpus, pids, shm)| ResourceLimits {
+            memory: memory.map(str::to_string),
+            cpus: cpus.map(Cpus),
+            pids,
+            shm_size: shm.map(str::to_string),
+        })
 }
 
 prop_compose! {
@@ -45,6 +102,9 @@ prop_compose! {
         verbose in proptest::option::of(0i64..=2),
         slice_in_worker in any::<bool>(),
         extra_env in any::<bool>(),
+        mounts in mounts_strategy(mode),
+        all_limits in limits_strategy(),
+        worker_limits in limits_strategy(),
     ) -> JobSpec {
         let port = |i: usize| if pseudo { base_port + i as i64 } else { routed_ports[i % 7] };
         let central = (mode == Mode::Hips).then(|| CentralSpec {
@@ -95,6 +155,12 @@ prop_compose! {
             parties,
             policy: PolicySpec::default(),
             progress: None,
+            mounts,
+            resources: ResourcesSpec {
+                all: all_limits,
+                workers: worker_limits,
+                ..ResourcesSpec::default()
+            },
         }
     }
 }
@@ -120,6 +186,20 @@ proptest! {
         }
         let plan = geomx_job::compile(&spec);
         check_count_rules(&plan);
+        // The size estimate the limit is checked on is close to the plan's real size.
+        let real = serde_json::to_vec(&plan).expect("json").len() as u64;
+        let estimate = geomx_job::plan_bytes_estimate(&spec);
+        prop_assert!(estimate >= real / 2 && estimate <= real * 2, "estimate {estimate}, plan {real} bytes");
+        // Every node's expanded mounts are valid and the job's for its class.
+        job_checks::check_mounts(&spec, &plan);
+        // Resources: the class's keys, else all's, else the defaults.
+        for n in &plan.nodes {
+            let own = if n.role == Role::Worker { &spec.resources.workers } else { &ResourceLimits::default() };
+            let want = own.or(&spec.resources.all);
+            prop_assert_eq!(n.resources.memory, want.memory.as_deref().and_then(geomx_job::parse_size));
+            prop_assert_eq!(n.resources.cpus, want.cpus);
+            prop_assert_eq!(n.resources.pids, Some(want.pids.unwrap_or(geomx_job::DEFAULT_PIDS_LIMIT) as u64));
+        }
         // PS_VERBOSE exactly when verbose is set.
         for n in &plan.nodes {
             prop_assert_eq!(n.env.get("PS_VERBOSE").cloned(), spec.verbose.map(|v| v.to_string()));

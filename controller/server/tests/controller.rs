@@ -623,6 +623,8 @@ async fn malformed_requests_get_status_errors() {
         // as an agent from before these fields sends it: absent means known
         nodes_known: None,
         images_known: None,
+        memory_bytes: 8 << 30,
+        cpus: 4,
     })
     .await
     .expect("report");

@@ -49,6 +49,10 @@ hosts = ["c"]
 workers = 1
 "#;
 
+/// What every simulated host's Docker reports: 4 GiB, 2 CPUs.
+const SIM_MEMORY: u64 = 4 << 30;
+const SIM_CPUS: u32 = 2;
+
 /// Plain ps on one host with host networking: 4 nodes.
 fn pseudo(name: &str, port: u16, policy: &str) -> String {
     format!(
@@ -123,6 +127,9 @@ struct SimState {
     /// The agent has not adopted its containers yet (restarted while Docker is slow): it
     /// reports with `nodes_known: false`, `images_known: false`, no node, no image.
     nodes_unknown: bool,
+    /// The host's memory and CPUs as its Docker would report them (0: unknown).
+    memory_bytes: u64,
+    cpus: u32,
 }
 
 /// A fake geomx-agent: registers, watches, runs containers in memory, reports.
@@ -154,7 +161,11 @@ impl Sim {
         journal: &Journal,
         agent_url: Option<String>,
     ) -> Sim {
-        let mut client = lab.agent(host).await;
+        // as the agent: what the controller may send, not tonic's 4 MiB default
+        let mut client = lab
+            .agent(host)
+            .await
+            .max_decoding_message_size(geomx_proto::MAX_DESIRED_STATE_LEN);
         let mut req = register_request(host);
         if let Some(url) = &agent_url {
             req.agent_url = url.clone();
@@ -175,6 +186,8 @@ impl Sim {
                 listening_ports: vec![22],
                 scheduler_delay: Duration::ZERO,
                 nodes_unknown: false,
+                memory_bytes: SIM_MEMORY,
+                cpus: SIM_CPUS,
             })),
             kick: Arc::new(Notify::new()),
             journal: journal.clone(),
@@ -393,6 +406,8 @@ fn build_report(host: &str, s: &SimState) -> HostReport {
         listening_ports: s.listening_ports.clone(),
         nodes_known: Some(true),
         images_known: Some(true),
+        memory_bytes: s.memory_bytes,
+        cpus: s.cpus,
     }
 }
 
@@ -1569,4 +1584,156 @@ workers = 1000
         rounds * 1002
     );
     assert_eq!(c.get("big").await.phase, JobPhase::Running as i32);
+}
+
+#[tokio::test]
+async fn mounts_and_limits_reach_the_desired_state_expanded_per_node() {
+    let c = Cluster::start(&["a", "b", "c"]).await;
+    let job = format!(
+        "{ROUTED}{}",
+        r#"
+[[mount]]
+type = "bind"
+source = "/srv/geomx/{party}"
+target = "/root/data"
+roles = ["workers"]
+
+[[mount]]
+type = "volume"
+source = "geomx-{job}-output"
+target = "/root/output"
+roles = ["master"]
+readonly = false
+driver = "local"
+
+[resources.workers]
+memory = "512m"
+cpus = 0.5
+pids = 256
+shm_size = "1g"
+"#
+    );
+    c.submit(&job).await.expect("accepted");
+    c.wait_phase("hips-test", JobPhase::Running, Duration::from_secs(5))
+        .await;
+    let specs = c.sim("b").desired();
+    let worker = specs
+        .iter()
+        .find(|s| s.node == "p-worker-1")
+        .expect("p-worker-1 on b");
+    assert_eq!(worker.mounts.len(), 1);
+    assert_eq!(worker.mounts[0].r#type, "bind");
+    assert_eq!(worker.mounts[0].source, "/srv/geomx/p");
+    assert_eq!(worker.mounts[0].target, "/root/data");
+    assert!(worker.mounts[0].readonly);
+    let r = worker.resources.expect("resources");
+    assert_eq!(r.memory_bytes, 512 << 20);
+    assert_eq!(r.cpus, 0.5);
+    assert_eq!(r.pids, 256);
+    assert_eq!(r.shm_size_bytes, 1 << 30);
+    // the party server mounts nothing and gets the default pids limit
+    let server = specs
+        .iter()
+        .find(|s| s.node == "p-server")
+        .expect("p-server");
+    assert!(server.mounts.is_empty());
+    let r = server.resources.expect("resources");
+    assert_eq!(
+        (r.memory_bytes, r.pids),
+        (0, geomx_job::DEFAULT_PIDS_LIMIT as u64)
+    );
+    let master = c
+        .sim("a")
+        .desired()
+        .into_iter()
+        .find(|s| s.node == "master-worker")
+        .expect("master on a");
+    assert_eq!(master.mounts.len(), 1);
+    assert_eq!(master.mounts[0].source, "geomx-hips-test-output");
+    assert_eq!(master.mounts[0].driver, "local");
+    assert!(!master.mounts[0].readonly);
+}
+
+#[tokio::test]
+async fn a_host_without_the_memory_or_cpus_asked_is_refused_naming_them() {
+    let c = Cluster::start(&["a", "b", "c"]).await;
+    // p's two workers are on b: 2 x 3g and 2 x 1.5 CPUs, b has 4 GiB and 2 CPUs
+    let job = format!("{ROUTED}\n[resources.workers]\nmemory = \"3g\"\ncpus = 1.5\n");
+    let err = c.submit(&job).await.expect_err("refused");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let msg = err.message();
+    assert!(
+        msg.contains("host b cannot hold the memory job hips-test asks there: 6.0GiB asked (2 nodes with a memory limit), 4.0GiB available (4.0GiB on the host)"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("host b cannot hold the CPUs job hips-test asks there: 3 asked (2 nodes with a CPU limit), 2 available (2 on the host)"),
+        "{msg}"
+    );
+    // host c (one worker) holds it: not named
+    assert!(!msg.contains("host c"), "{msg}");
+    assert!(c.sim("b").desired().is_empty(), "nothing placed");
+    // within the host it is accepted
+    let fits = format!("{ROUTED}\n[resources.workers]\nmemory = \"1g\"\ncpus = 1\n");
+    c.submit(&fits).await.expect("accepted");
+}
+
+/// A one-host ps job on b whose every node carries `kib` KiB of env.
+fn heavy(name: &str, workers: u32, kib: usize) -> String {
+    format!(
+        r#"
+name = "{name}"
+mode = "ps"
+image = "geomx/test:1"
+
+[env.all]
+PAYLOAD = "{}"
+
+[[party]]
+name = "p"
+hosts = ["b"]
+workers = {workers}
+"#,
+        "x".repeat(kib << 10)
+    )
+}
+
+#[tokio::test]
+async fn a_job_past_a_hosts_state_limit_is_refused_and_a_small_job_still_runs_there() {
+    let c = Cluster::start(&["a", "b", "c"]).await;
+    // 14 nodes x 400 KiB: 5.5 MiB on b, accepted; a second one would bring b to 11 MiB
+    c.submit(&heavy("heavy-1", 12, 400))
+        .await
+        .expect("accepted");
+    c.wait_phase("heavy-1", JobPhase::Running, Duration::from_secs(10))
+        .await;
+    let err = c
+        .submit(&heavy("heavy-2", 12, 400))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let msg = err.message();
+    assert!(
+        msg.contains("host b: job heavy-2 would add 5.5 MiB of container specs to its desired state on top of 5.5 MiB of other jobs' containers, 10.9 MiB in all: at most 8.0 MiB (an agent decodes at most 16.0 MiB)"),
+        "{msg}"
+    );
+    // a plan past the plan limit is refused by the job model, naming limit and size
+    let err = c
+        .submit(&heavy("heavy-3", 24, 400))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("at most 8.0 MiB (the limit on a plan"),
+        "{}",
+        err.message()
+    );
+    // the host is not starved: a small job on it runs at once
+    let small = ROUTED.replace("hips-test", "small");
+    let asked = Instant::now();
+    c.submit(&small).await.expect("accepted");
+    c.wait_phase("small", JobPhase::Running, Duration::from_secs(30))
+        .await;
+    assert!(asked.elapsed() < Duration::from_secs(30));
 }

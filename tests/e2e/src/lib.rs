@@ -28,6 +28,21 @@ pub fn eventually<T>(
     }
 }
 
+/// A cluster on the lab's seed hosts (a, b, c) with a 3 s grace period and 500 ms
+/// heartbeats, as the job tests use it.
+pub fn seed_cluster() -> anyhow::Result<geomx_lab::Cluster> {
+    let lab = geomx_lab::Lab::up(geomx_lab::LabSpec::for_test().seed_hosts())?;
+    Ok(geomx_lab::Cluster::up(
+        lab,
+        geomx_lab::ClusterSpec {
+            grace_period: Duration::from_secs(3),
+            heartbeat_interval: Duration::from_millis(500),
+            ..geomx_lab::ClusterSpec::default()
+        },
+        geomx_lab::Binaries::find()?,
+    )?)
+}
+
 /// Whether the tests that need root, namespaces and dockerd can run here; they are skipped
 /// (with a message) only when `GEOMX_SKIP_LAB=1` says so explicitly.
 pub fn lab_tests_enabled() -> bool {

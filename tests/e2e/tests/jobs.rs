@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use geomx_e2e::{eventually, lab_tests_enabled};
-use geomx_lab::{Binaries, Cluster, ClusterSpec, Lab, LabSpec};
+use geomx_lab::Cluster;
 use serde_json::Value;
 
 fn repo_file(rel: &str) -> PathBuf {
@@ -19,16 +19,7 @@ fn repo_file(rel: &str) -> PathBuf {
 }
 
 fn cluster() -> anyhow::Result<Cluster> {
-    let lab = Lab::up(LabSpec::for_test().seed_hosts())?;
-    Ok(Cluster::up(
-        lab,
-        ClusterSpec {
-            grace_period: Duration::from_secs(3),
-            heartbeat_interval: Duration::from_millis(500),
-            ..ClusterSpec::default()
-        },
-        Binaries::find()?,
-    )?)
+    geomx_e2e::seed_cluster()
 }
 
 fn nodes(job: &Value) -> Vec<Value> {

@@ -465,6 +465,7 @@ pub fn check_plan_matches_spec(spec: &JobSpec, plan: &Plan) {
             assert_eq!(n.command, want, "{}", n.name);
         }
     }
+    check_mounts(spec, plan);
     // Ports: the ones the job file asks for.
     for n in plan.nodes.iter().filter(|n| n.role.is_scheduler()) {
         let want = if n.role == Role::GlobalScheduler {
@@ -478,5 +479,77 @@ pub fn check_plan_matches_spec(spec: &JobSpec, plan: &Plan) {
                 .map(|i| spec.party_scheduler_port(i))
         };
         assert_eq!(n.binds.map(i64::from), want, "{}", n.name);
+    }
+}
+
+/// The role class of a node (`[env]`, `[resources]`, `[[mount]].roles`).
+fn class_of(role: Role) -> &'static str {
+    match role {
+        Role::GlobalScheduler | Role::Scheduler => "schedulers",
+        Role::GlobalServer | Role::Server => "servers",
+        Role::MasterWorker => "master",
+        Role::Worker => "workers",
+    }
+}
+
+/// Every node's mounts are valid once expanded (no placeholder left, no refused path,
+/// distinct targets), are the job's mounts for its role class in file order, and every
+/// node has a pids limit.
+pub fn check_mounts(spec: &JobSpec, plan: &Plan) {
+    for n in &plan.nodes {
+        let class = class_of(n.role);
+        let wanted: Vec<&geomx_job::MountSpec> = spec
+            .mounts
+            .iter()
+            .filter(|m| {
+                let roles = m.roles.clone().unwrap_or_else(|| vec!["all".to_string()]);
+                roles.iter().any(|r| r == "all" || r == class)
+            })
+            .collect();
+        assert_eq!(
+            n.mounts.len(),
+            wanted.len(),
+            "{}: mounts {:?}",
+            n.name,
+            n.mounts
+        );
+        let mut targets = BTreeSet::new();
+        for (m, w) in n.mounts.iter().zip(&wanted) {
+            assert_eq!(m.kind, w.kind, "{}", n.name);
+            assert_eq!(m.readonly, w.readonly, "{}", n.name);
+            assert_eq!(m.target, w.target, "{}", n.name);
+            let expanded =
+                geomx_job::expand_placeholders(&w.source, &plan.job, &n.party, &n.name, &n.host);
+            assert_eq!(m.source, expanded, "{}", n.name);
+            assert!(
+                !m.source.contains(['{', '}']),
+                "{}: placeholder left in {}",
+                n.name,
+                m.source
+            );
+            let problem = match m.kind {
+                geomx_job::MountType::Bind => geomx_job::bind_source_problem(&m.source),
+                geomx_job::MountType::Volume => geomx_job::volume_name_problem(&m.source),
+            };
+            assert_eq!(problem, None, "{}: source {}", n.name, m.source);
+            assert_eq!(
+                geomx_job::target_problem(&m.target),
+                None,
+                "{}: target {}",
+                n.name,
+                m.target
+            );
+            assert!(
+                targets.insert(m.target.as_str()),
+                "{}: target {} mounted twice",
+                n.name,
+                m.target
+            );
+        }
+        assert!(
+            n.resources.pids.is_some_and(|p| p > 0),
+            "{}: no pids limit",
+            n.name
+        );
     }
 }

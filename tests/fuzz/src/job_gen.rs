@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 
 use geomx_job::{
-    CentralSpec, CommandSpec, EnvSpec, JobSpec, Mode, Network, PartySpec, PolicySpec, ProgressSpec,
-    RestartPolicy,
+    CentralSpec, CommandSpec, Cpus, EnvSpec, JobSpec, Mode, MountSpec, MountType, Network,
+    PartySpec, PolicySpec, ProgressSpec, ResourceLimits, ResourcesSpec, RestartPolicy,
 };
 
 /// Reads choices from fuzz bytes; 0 once they run out.
@@ -134,6 +134,72 @@ const REGEXES: [&str; 7] = [
     "",
 ];
 
+const MOUNT_SOURCES: [&str; 10] = [
+    "/srv/geomx/{party}",
+    "geomx-{job}-output",
+    "/data",
+    "/",
+    "/etc",
+    "/{host}",
+    "/var/run/docker.sock",
+    "rel/path",
+    "/srv/{slice}",
+    "vol.{node}",
+];
+const MOUNT_TARGETS: [&str; 7] = [
+    "/root/data",
+    "/root/output",
+    "/proc/x",
+    "data",
+    "/root/data/",
+    "/x/{node}",
+    "/",
+];
+const MOUNT_ROLES: [&str; 7] = [
+    "all",
+    "workers",
+    "master",
+    "servers",
+    "schedulers",
+    "worker",
+    "",
+];
+const SIZES: [&str; 7] = ["8g", "512m", "1k", "2t", "lots", "", "6m"];
+const CPUS: [f64; 6] = [2.5, 1.0, 0.0, -1.0, 2000.0, 0.01];
+
+fn mount(c: &mut Choices<'_>) -> MountSpec {
+    let roles = c.bool().then(|| {
+        let n = c.below(3);
+        (0..n).map(|_| c.string(&MOUNT_ROLES)).collect()
+    });
+    MountSpec {
+        kind: if c.bool() {
+            MountType::Volume
+        } else {
+            MountType::Bind
+        },
+        source: c.string(&MOUNT_SOURCES),
+        target: c.string(&MOUNT_TARGETS),
+        roles,
+        readonly: c.bool(),
+        driver: c.bool().then(|| c.string(&["local", "", "nfs x"])),
+        options: if c.bool() {
+            BTreeMap::from([("type".to_string(), "nfs".to_string())])
+        } else {
+            BTreeMap::new()
+        },
+    }
+}
+
+fn limits(c: &mut Choices<'_>) -> ResourceLimits {
+    ResourceLimits {
+        memory: c.bool().then(|| c.string(&SIZES)),
+        cpus: c.bool().then(|| Cpus(c.pick(&CPUS))),
+        pids: c.bool().then(|| c.pick(&[16, 15, 4096, 0, -1, i64::MAX])),
+        shm_size: c.bool().then(|| c.string(&SIZES)),
+    }
+}
+
 fn argv(c: &mut Choices<'_>) -> Option<Vec<String>> {
     if !c.bool() {
         return None;
@@ -232,6 +298,19 @@ pub fn job_spec(data: &[u8]) -> JobSpec {
     let progress = c.bool().then(|| ProgressSpec {
         regex: c.string(&REGEXES),
     });
+    // Drawn last: the inputs kept from before mounts existed read as jobs without any.
+    let mounts = (0..c.below(4)).map(|_| mount(&mut c)).collect();
+    let resources = if c.bool() {
+        ResourcesSpec {
+            all: limits(&mut c),
+            schedulers: limits(&mut c),
+            servers: limits(&mut c),
+            master: limits(&mut c),
+            workers: limits(&mut c),
+        }
+    } else {
+        ResourcesSpec::default()
+    };
     JobSpec {
         name,
         mode,
@@ -245,5 +324,7 @@ pub fn job_spec(data: &[u8]) -> JobSpec {
         parties,
         policy,
         progress,
+        mounts,
+        resources,
     }
 }

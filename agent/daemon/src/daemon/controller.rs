@@ -510,6 +510,9 @@ async fn refresh_images<E: Engine>(ctx: &Ctx<E>) {
         Ok(Err(e)) => debug!(error = %e, "listing images failed; reporting the last list"),
         Err(_) => debug!("listing images timed out; reporting the last list"),
     }
+    if let Ok(Ok(capacity)) = tokio::time::timeout(Duration::from_secs(2), rt.capacity()).await {
+        *ctx.capacity.lock().unwrap_or_else(|p| p.into_inner()) = capacity;
+    }
 }
 
 /// The report of this host now, and the lifecycle of the nodes it carries.
@@ -524,6 +527,7 @@ pub fn build_report<E: Engine>(ctx: &Ctx<E>) -> (HostReport, String) {
     let snapshot = runtime.map(|rt| rt.snapshot()).unwrap_or_default();
     let net = ctx.net.borrow().clone();
     let images = ctx.images.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let capacity = *ctx.capacity.lock().unwrap_or_else(|p| p.into_inner());
     let report = HostReport {
         host: ctx.settings.host.clone(),
         applied_revision: ctx.applied_revision.load(Ordering::SeqCst),
@@ -538,6 +542,8 @@ pub fn build_report<E: Engine>(ctx: &Ctx<E>) -> (HostReport, String) {
         agent_version: ctx.settings.agent_version.clone(),
         listening_ports: ports::listening_ports(),
         nodes_known: Some(nodes_known),
+        memory_bytes: capacity.memory_bytes,
+        cpus: capacity.cpus,
     };
     (report, lifecycle(&snapshot))
 }

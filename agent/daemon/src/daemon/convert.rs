@@ -6,7 +6,9 @@ use std::net::Ipv4Addr;
 
 use geomx_net::{DesiredNetwork, Peer};
 use geomx_proto::v1;
-use geomx_runtime::{ContainerSpec, LogChunk, NodeState, NodeStatus, Progress};
+use geomx_runtime::{
+    ContainerSpec, LogChunk, Mount, MountKind, NodeState, NodeStatus, Progress, Resources,
+};
 use ipnet::Ipv4Net;
 
 /// A desired state whose network part cannot be used.
@@ -91,6 +93,43 @@ pub fn container_spec(c: &v1::ContainerSpec, controller_id: &str) -> ContainerSp
         controller_id: controller_id.to_owned(),
         start: c.start,
         sandbox: c.sandbox,
+        mounts: c.mounts.iter().map(mount).collect(),
+        resources: c.resources.as_ref().map(resources).unwrap_or_default(),
+    }
+}
+
+/// One mount; an unknown type is taken for a bind (the stricter: its source must exist).
+pub fn mount(m: &v1::Mount) -> Mount {
+    Mount {
+        kind: if m.r#type == "volume" {
+            MountKind::Volume
+        } else {
+            MountKind::Bind
+        },
+        source: m.source.clone(),
+        target: m.target.clone(),
+        readonly: m.readonly,
+        driver: Some(m.driver.clone()).filter(|d| !d.is_empty()),
+        options: m
+            .options
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
+/// The limits: CPUs to Docker's billionths (a negative or absurd value is no limit).
+pub fn resources(r: &v1::Resources) -> Resources {
+    let nano = r.cpus * 1e9;
+    Resources {
+        memory_bytes: r.memory_bytes,
+        nano_cpus: if (1.0..1e18).contains(&nano) {
+            nano.round() as u64
+        } else {
+            0
+        },
+        pids: r.pids,
+        shm_size_bytes: r.shm_size_bytes,
     }
 }
 
@@ -176,6 +215,20 @@ mod tests {
                 progress_regex: String::new(),
                 start: true,
                 sandbox: true,
+                mounts: vec![v1::Mount {
+                    r#type: "volume".into(),
+                    source: "geomx-job1-output".into(),
+                    target: "/root/output".into(),
+                    readonly: false,
+                    driver: "local".into(),
+                    options: BTreeMap::from([("type".to_string(), "nfs".to_string())]),
+                }],
+                resources: Some(v1::Resources {
+                    memory_bytes: 1 << 30,
+                    cpus: 2.5,
+                    pids: 0,
+                    shm_size_bytes: 0,
+                }),
             }],
             heartbeat_interval_ms: 1000,
             controller_id: "ctl-1".into(),
@@ -203,6 +256,24 @@ mod tests {
         assert!(c.start);
         assert_eq!(c.env["DMLC_ROLE"], "worker");
         assert_eq!(c.command, vec!["python", "cnn.py"]);
+        assert_eq!(c.mounts.len(), 1);
+        assert_eq!(c.mounts[0].kind, MountKind::Volume);
+        assert_eq!(c.mounts[0].driver.as_deref(), Some("local"));
+        assert_eq!(c.mounts[0].options["type"], "nfs");
+        assert!(!c.mounts[0].readonly);
+        assert_eq!(c.resources.memory_bytes, 1 << 30);
+        assert_eq!(c.resources.nano_cpus, 2_500_000_000);
+        // 0: the agent's default
+        assert_eq!(c.resources.pids_limit(), geomx_runtime::DEFAULT_PIDS_LIMIT);
+        // an unknown mount type is a bind (its source must exist); absurd CPUs are no limit
+        let mut odd = s.containers[0].clone();
+        odd.mounts[0].r#type = "tmpfs".into();
+        if let Some(r) = odd.resources.as_mut() {
+            r.cpus = f64::NAN;
+        }
+        let c = container_spec(&odd, "x");
+        assert_eq!(c.mounts[0].kind, MountKind::Bind);
+        assert_eq!(c.resources.nano_cpus, 0);
         let mut with_regex = s.containers[0].clone();
         with_regex.progress_regex = "it=(?P<iteration>\\d+)".into();
         assert_eq!(

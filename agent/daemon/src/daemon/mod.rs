@@ -171,6 +171,9 @@ pub struct Ctx<E: Engine> {
     /// Images on the host, refreshed by the reporter; `None` until Docker listed them once
     /// (reports then say `images_known: false`).
     pub images: Mutex<Option<Vec<String>>>,
+    /// The host's memory and CPUs as Docker sees them, refreshed with the images; unknown
+    /// (zeros) until Docker answered once.
+    pub capacity: Mutex<geomx_runtime::HostCapacity>,
     /// Asks the session to register again (a report was refused as unknown).
     pub reregister: Notify,
     /// Tells the session that reports get through again (skip the rest of its backoff).
@@ -245,6 +248,7 @@ pub fn start<S: EngineSource>(
         heartbeat_interval: watch::Sender::new(Duration::from_secs(1)),
         applied_revision: AtomicU64::new(0),
         images: Mutex::new(None),
+        capacity: Mutex::new(geomx_runtime::HostCapacity::default()),
         reregister: Notify::new(),
         controller_back: Notify::new(),
         net_trigger: reconciler.trigger(),
@@ -427,7 +431,9 @@ pub async fn run(common: &Common, args: &AgentArgs) -> anyhow::Result<ExitCode> 
         let persisted = load_persisted(&settings);
         let client = AgentServiceClient::new(
             controller::channel(&settings).map_err(anyhow::Error::msg)?,
-        );
+        )
+        // what the controller may send (its encoding limit), not tonic's 4 MiB default
+        .max_decoding_message_size(geomx_proto::MAX_DESIRED_STATE_LEN);
         let mut running = start(
             settings,
             reconciler,

@@ -23,6 +23,7 @@
 
 pub mod api;
 pub mod engine;
+pub mod limits;
 pub mod logs;
 pub mod placement;
 pub mod record;
@@ -55,7 +56,7 @@ use self::view::RunRef;
 use crate::membership::{Membership, MembershipError};
 use crate::store::{Batch, EventRecord, EventScope, HostState, StoreError, TreeId, now_ms};
 use crate::validate;
-use crate::workloads::{HostChange, WorkloadError, Workloads};
+use crate::workloads::{HostChange, Workloads};
 
 pub use self::api::JobApi;
 
@@ -204,6 +205,8 @@ pub struct Jobs {
     changes: watch::Sender<u64>,
     /// Bumped when reports change what a watcher shows (progress, states).
     reports: watch::Sender<u64>,
+    /// Each host's memory and CPUs from its agent's last report that said (placement).
+    capacity: Mutex<BTreeMap<String, limits::HostCapacity>>,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -257,6 +260,7 @@ impl Jobs {
             write: tokio::sync::Mutex::new(()),
             changes,
             reports,
+            capacity: Mutex::new(BTreeMap::new()),
         }))
     }
 
@@ -336,7 +340,7 @@ impl Jobs {
         let span = tracing::info_span!("submit", job = %name);
         async move {
             let _write = self.write.lock().await;
-            let (run, taken) = {
+            let (run, taken, reserved) = {
                 let inner = self.lock();
                 if let Some(e) = inner.jobs.get(&name)
                     && e.is_active()
@@ -354,9 +358,38 @@ impl Jobs {
                     .filter(|e| e.is_active())
                     .flat_map(|e| placement::scheduler_ports(&e.idx.plan))
                     .collect();
-                (run, taken)
+                let reserved = limits::reserved(
+                    inner
+                        .jobs
+                        .values()
+                        .filter(|e| e.is_active())
+                        .map(|e| &e.idx.plan),
+                );
+                (run, taken, reserved)
             };
-            let problems = placement::check(&idx.plan, &self.membership.hosts(), &taken);
+            let mut problems = placement::check(&idx.plan, &self.membership.hosts(), &taken);
+            {
+                let capacity = self
+                    .capacity
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
+                problems.extend(limits::check_capacity(&idx.plan, &capacity, &reserved));
+            }
+            let existing: BTreeMap<String, usize> = idx
+                .plan
+                .hosts()
+                .into_iter()
+                .map(|h| {
+                    let bytes = self
+                        .containers_for(h)
+                        .iter()
+                        .map(|c| prost::Message::encoded_len(c) + 5)
+                        .sum();
+                    (h.to_owned(), bytes)
+                })
+                .collect();
+            problems.extend(limits::check_state_sizes(&idx.plan, &existing));
             if !problems.is_empty() {
                 tracing::info!(problems = problems.len(), "job refused");
                 return Err(Status::failed_precondition(format!(
@@ -873,7 +906,19 @@ impl Workloads for Jobs {
         specs
     }
 
-    async fn host_reported(&self, host: &str, report: &HostReport) -> Result<(), WorkloadError> {
+    async fn host_reported(&self, host: &str, report: &HostReport) -> Result<(), Status> {
+        if report.memory_bytes > 0 || report.cpus > 0 {
+            self.capacity
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(
+                    host.to_owned(),
+                    limits::HostCapacity {
+                        memory_bytes: report.memory_bytes,
+                        cpus: report.cpus,
+                    },
+                );
+        }
         let now = Instant::now();
         let mut dirty = BTreeSet::new();
         let mut shown_changed = false;
@@ -934,13 +979,7 @@ impl Workloads for Jobs {
     }
 
     async fn host_changed(&self, host: &str, change: HostChange) {
-        if matches!(
-            change,
-            HostChange::Joined
-                | HostChange::Returned
-                | HostChange::Cordoned
-                | HostChange::Uncordoned
-        ) {
+        if matches!(change, HostChange::Joined | HostChange::Returned) {
             return;
         }
         let names: Vec<String> = {

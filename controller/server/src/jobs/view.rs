@@ -2,8 +2,8 @@
 
 use std::time::Instant;
 
-use geomx_job::Network;
-use geomx_proto::v1::{ContainerSpec, Event, Job, JobNode, NodeStatus};
+use geomx_job::{MountType, Network, Node, Plan};
+use geomx_proto::v1::{ContainerSpec, Event, Job, JobNode, Mount, NodeStatus, Resources};
 
 use super::engine::{JobSoft, PlanIndex, waiting_for};
 use super::record::{JobMeta, NodeRecord, NodeState};
@@ -126,30 +126,68 @@ pub fn container_spec(
     i: usize,
 ) -> ContainerSpec {
     let n = &idx.plan.nodes[i];
-    let regex = &idx.plan.progress.regex;
     ContainerSpec {
-        job: meta.name.clone(),
-        node: n.name.clone(),
-        role: n.role.as_str().to_owned(),
-        party: n.party.clone(),
-        image: n.image.clone(),
-        command: n.command.clone(),
         env: rec
             .env
             .as_ref()
             .map(|e| e.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default(),
-        host_network: idx.plan.network == Network::Pseudo,
-        gpus: n.gpus,
         generation: meta.generation,
+        start: rec.started(),
+        ..node_container_spec(&idx.plan, n)
+    }
+}
+
+/// What a node's `ContainerSpec` holds before it is deployed: everything but its resolved
+/// env (here: the plan's, with address placeholders), generation and `start`. Also what the
+/// size limits at submit measure.
+pub fn node_container_spec(plan: &Plan, n: &Node) -> ContainerSpec {
+    let regex = &plan.progress.regex;
+    ContainerSpec {
+        job: plan.job.clone(),
+        node: n.name.clone(),
+        role: n.role.as_str().to_owned(),
+        party: n.party.clone(),
+        image: n.image.clone(),
+        command: n.command.clone(),
+        env: n.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        host_network: plan.network == Network::Pseudo,
+        gpus: n.gpus,
+        generation: 0,
         progress_regex: if regex == geomx_job::DEFAULT_PROGRESS_REGEX {
             String::new()
         } else {
             regex.clone()
         },
-        start: rec.started(),
+        start: false,
         // only a node whose env names its own address needs it before it starts
-        sandbox: idx.plan.network != Network::Pseudo && n.depends_on().contains(&n.name),
+        sandbox: plan.network != Network::Pseudo && n.depends_on().contains(&n.name),
+        mounts: n
+            .mounts
+            .iter()
+            .map(|m| Mount {
+                r#type: match m.kind {
+                    MountType::Bind => "bind",
+                    MountType::Volume => "volume",
+                }
+                .to_owned(),
+                source: m.source.clone(),
+                target: m.target.clone(),
+                readonly: m.readonly,
+                driver: m.driver.clone().unwrap_or_default(),
+                options: m
+                    .options
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            })
+            .collect(),
+        resources: Some(Resources {
+            memory_bytes: n.resources.memory.unwrap_or(0),
+            cpus: n.resources.cpus.map_or(0.0, |c| c.0),
+            pids: n.resources.pids.unwrap_or(0),
+            shm_size_bytes: n.resources.shm_size.unwrap_or(0),
+        }),
     }
 }
 

@@ -1,0 +1,311 @@
+//! Real workloads in a lab: each party's data mounted where it lives, the master's output
+//! kept in a named volume, resource limits, and what protects a host whatever a job says
+//! (pids limit, rotated logs, no-new-privileges, no NET_RAW). One cluster for every scenario
+//! (they run one after another on it) to keep the suite fast.
+//!
+//! Needs the binaries: `cargo build --workspace --bins` before `cargo test`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use geomx_e2e::{eventually, lab_tests_enabled};
+use geomx_lab::Cluster;
+use serde_json::Value;
+
+fn cluster() -> anyhow::Result<Cluster> {
+    geomx_e2e::seed_cluster()
+}
+
+/// A hips job: the central party on a, party p on b, party q on c, one worker each, with
+/// `extra` appended (commands, mounts, resources).
+fn hips_job(name: &str, extra: &str) -> String {
+    format!(
+        r#"name = "{name}"
+mode = "hips"
+image = "lizonghango00o1/geomx:cpu-only"
+
+[central]
+host = "a"
+
+[[party]]
+name = "p"
+hosts = ["b"]
+workers = 1
+
+[[party]]
+name = "q"
+hosts = ["c"]
+workers = 1
+{extra}"#
+    )
+}
+
+/// A ps job with one worker on host b running `worker` (a shell script), with `extra`.
+fn one_worker(name: &str, worker: &str, extra: &str) -> String {
+    format!(
+        r#"name = "{name}"
+mode = "ps"
+image = "lizonghango00o1/geomx:cpu-only"
+
+[command]
+worker = ["sh", "-c", '{worker}']
+
+[[party]]
+name = "p"
+hosts = ["b"]
+workers = 1
+scheduler_port = 9100
+{extra}"#
+    )
+}
+
+fn reason(job: &Value) -> String {
+    job["reason"].as_str().unwrap_or_default().to_owned()
+}
+
+fn docker(c: &Cluster, host: &str, args: &[&str]) -> anyhow::Result<String> {
+    Ok(c.lab().host(host)?.dockerd()?.docker(args)?)
+}
+
+/// Workers read their own party's data through a read-only bind mount (different content
+/// per data center); the master writes a file to a named volume, which is on host a after
+/// the job succeeded.
+fn per_party_data_and_a_model_volume(c: &Cluster) -> anyhow::Result<()> {
+    let data = c.lab().dir().join("data");
+    for party in ["p", "q"] {
+        let dir = data.join(party);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("data.txt"), format!("data of {party}"))?;
+    }
+    // a worker fails unless it reads its own party's data and cannot write there
+    let worker = r#"test "$(cat /root/data/data.txt)" = "data of ${GEOMX_NODE%%-worker-*}" && ! touch /root/data/x 2>/dev/null"#;
+    let job = hips_job(
+        "data-job",
+        &format!(
+            r#"
+[command]
+worker = ["sh", "-c", '{worker}']
+master = ["sh", "-c", 'echo "model by $GEOMX_NODE" > /root/output/model.txt']
+
+[[mount]]
+type = "bind"
+source = "{}/{{party}}"
+target = "/root/data"
+roles = ["workers"]
+
+[[mount]]
+type = "volume"
+source = "geomx-{{job}}-output"
+target = "/root/output"
+roles = ["master"]
+readonly = false
+driver = "local"
+"#,
+            data.display()
+        ),
+    );
+    // the plan shows every node's mounts, expanded
+    let file = c.lab().dir().join("data-job.toml");
+    std::fs::write(&file, &job)?;
+    let plan = c.ctl_json(&["plan", &file.display().to_string()])?;
+    let q_worker = plan["nodes"]
+        .as_array()
+        .and_then(|ns| ns.iter().find(|n| n["name"] == "q-worker-0"))
+        .context("q-worker-0 in the plan")?;
+    ensure!(
+        q_worker["mounts"][0]["source"] == format!("{}/q", data.display())
+            && q_worker["mounts"][0]["readonly"] == true,
+        "q-worker-0's mounts: {}",
+        q_worker["mounts"]
+    );
+
+    c.submit_ok("data-job.toml", &job)?;
+    let done = c.wait_phase("data-job", "Succeeded", Duration::from_secs(90))?;
+    ensure!(done["phase"] == "Succeeded", "{done}");
+    let mountpoint = docker(
+        c,
+        "a",
+        &[
+            "volume",
+            "inspect",
+            "geomx-data-job-output",
+            "--format",
+            "{{ .Mountpoint }}",
+        ],
+    )?;
+    let model = std::fs::read_to_string(Path::new(mountpoint.trim()).join("model.txt"))
+        .with_context(|| format!("model.txt in the volume at {}", mountpoint.trim()))?;
+    ensure!(
+        model.trim() == "model by master-worker",
+        "model.txt: {model:?}"
+    );
+    Ok(())
+}
+
+/// A bind source missing on a host fails the job before it starts, naming host and path.
+fn a_missing_bind_source_is_refused_naming_host_and_path(c: &Cluster) -> anyhow::Result<()> {
+    let missing = c.lab().dir().join("nowhere");
+    let job = hips_job(
+        "no-data",
+        &format!(
+            r#"
+[[mount]]
+type = "bind"
+source = "{}/{{party}}"
+target = "/root/data"
+roles = ["workers"]
+"#,
+            missing.display()
+        ),
+    );
+    let file = c.lab().dir().join("no-data.toml");
+    std::fs::write(&file, &job)?;
+    // `geomxctl submit` follows the job and exits non-zero with the reason
+    let out = c.ctl(&["submit", &file.display().to_string()])?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(!out.status.success(), "submit succeeded: {text}");
+    let failed = c.wait_phase("no-data", "Failed", Duration::from_secs(30))?;
+    let why = reason(&failed);
+    // whichever party's worker its agent refused first: p's on b or q's on c
+    let named = [("b", "p"), ("c", "q")].into_iter().find(|(host, party)| {
+        let path = format!("{}/{party}", missing.display());
+        why.contains(&format!("on host {host}"))
+            && why.contains(&format!(
+                "bind mount source {path} does not exist on this host"
+            ))
+            && text.contains(&path)
+    });
+    ensure!(
+        named.is_some(),
+        "the reason does not name host and path: {why}\nsubmit said: {text}"
+    );
+    Ok(())
+}
+
+/// A container over its memory limit is killed by the kernel; the job's reason says so.
+fn over_the_memory_limit_is_oom_killed(c: &Cluster) -> anyhow::Result<()> {
+    let job = one_worker(
+        "oom",
+        "a=$(yes | head -c 200000000); echo survived",
+        "\n[resources.workers]\nmemory = \"16m\"\n",
+    );
+    c.submit_ok("oom.toml", &job)?;
+    let failed = c.wait_phase("oom", "Failed", Duration::from_secs(60))?;
+    let why = reason(&failed);
+    ensure!(
+        why.contains("exit code 137") && why.contains("OOM-killed"),
+        "reason: {why}"
+    );
+    Ok(())
+}
+
+/// A container cannot start more processes than its pids limit.
+fn a_pids_limit_holds(c: &Cluster) -> anyhow::Result<()> {
+    let job = one_worker(
+        "pids",
+        "i=0; while [ $i -lt 40 ]; do sleep 30 & i=$((i+1)); done; echo started all",
+        "\n[resources.workers]\npids = 20\n",
+    );
+    c.submit_ok("pids.toml", &job)?;
+    let failed = c.wait_phase("pids", "Failed", Duration::from_secs(60))?;
+    let why = reason(&failed);
+    ensure!(why.contains("can't fork"), "reason: {why}");
+    ensure!(!why.contains("started all"), "reason: {why}");
+    Ok(())
+}
+
+/// Without any limit in the job, its containers get geomx's: the default pids limit, a
+/// rotated json-file log (it rotates: a container printing 120 MB keeps 3 files of at most
+/// 50 MB), no-new-privileges, no NET_RAW.
+fn host_protecting_defaults_and_log_rotation(c: &Cluster) -> anyhow::Result<()> {
+    let job = one_worker(
+        "chatty",
+        r#"head -c 120000000 /dev/zero | tr "\0" x | fold -w 8000; exec sleep 3600"#,
+        "",
+    );
+    c.submit_ok("chatty.toml", &job)?;
+    c.wait_phase("chatty", "Running", Duration::from_secs(60))?;
+    let name = "geomx.chatty.p-worker-0";
+    let hc: Value = serde_json::from_str(&docker(
+        c,
+        "b",
+        &["inspect", name, "--format", "{{ json .HostConfig }}"],
+    )?)?;
+    ensure!(hc["PidsLimit"] == 4096, "PidsLimit: {}", hc["PidsLimit"]);
+    ensure!(
+        hc["LogConfig"]["Type"] == "json-file",
+        "{}",
+        hc["LogConfig"]
+    );
+    ensure!(
+        hc["LogConfig"]["Config"]["max-size"] == "50m"
+            && hc["LogConfig"]["Config"]["max-file"] == "3",
+        "{}",
+        hc["LogConfig"]
+    );
+    ensure!(
+        hc["SecurityOpt"]
+            .as_array()
+            .is_some_and(|o| o.iter().any(|s| s == "no-new-privileges:true")),
+        "SecurityOpt: {}",
+        hc["SecurityOpt"]
+    );
+    ensure!(
+        hc["CapDrop"]
+            .as_array()
+            .is_some_and(|o| o.iter().any(|s| s == "NET_RAW" || s == "CAP_NET_RAW")),
+        "CapDrop: {}",
+        hc["CapDrop"]
+    );
+    let log = docker(c, "b", &["inspect", name, "--format", "{{ .LogPath }}"])?;
+    let log = Path::new(log.trim()).to_path_buf();
+    let dir = log.parent().context("log dir")?.to_path_buf();
+    let files = eventually("the log rotated twice", Duration::from_secs(90), || {
+        let files: Vec<(String, u64)> = std::fs::read_dir(&dir)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("-json.log"))
+            .filter_map(|e| {
+                Some((
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.metadata().ok()?.len(),
+                ))
+            })
+            .collect();
+        files
+            .iter()
+            .any(|(n, _)| n.ends_with(".log.2"))
+            .then_some(files)
+    })?;
+    ensure!(files.len() <= 3, "more than 3 log files: {files:?}");
+    ensure!(
+        files.iter().all(|(_, len)| *len <= 51 << 20),
+        "a log file over 50 MB: {files:?}"
+    );
+    let out = c.ctl(&["cancel", "chatty"])?;
+    ensure!(
+        out.status.success(),
+        "cancel: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn mounts_limits_and_host_protection() -> anyhow::Result<()> {
+    if !lab_tests_enabled() {
+        return Ok(());
+    }
+    let c = cluster()?;
+    per_party_data_and_a_model_volume(&c)?;
+    a_missing_bind_source_is_refused_naming_host_and_path(&c)?;
+    over_the_memory_limit_is_oom_killed(&c)?;
+    a_pids_limit_holds(&c)?;
+    host_protecting_defaults_and_log_rotation(&c)?;
+    Ok(())
+}
