@@ -1023,6 +1023,16 @@ mod tests {
         }
     }
 
+    /// The kinds of `host`'s stored events, oldest first.
+    fn event_kinds(m: &Membership, host: &str) -> Vec<String> {
+        m.store()
+            .events(EventScope::Host(host))
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect()
+    }
+
     fn open(dir: &std::path::Path, grace_ms: u64) -> Arc<Membership> {
         let store = Store::open(dir).unwrap();
         Membership::load(
@@ -1061,14 +1071,10 @@ mod tests {
         m.leave("b").await.unwrap();
         // Rejoining gets the previous subnet back while it is free.
         assert_eq!(m.register(reg("b", "10.1.1.2")).await.unwrap(), b);
-        let kinds: Vec<String> = m
-            .store()
-            .events(EventScope::Host("b"))
-            .unwrap()
-            .into_iter()
-            .map(|e| e.kind)
-            .collect();
-        assert_eq!(kinds, ["HostRegistered", "HostLeft", "HostRejoined"]);
+        assert_eq!(
+            event_kinds(&m, "b"),
+            ["HostRegistered", "HostLeft", "HostRejoined"]
+        );
     }
 
     #[tokio::test]
@@ -1454,14 +1460,10 @@ mod tests {
                 ("c".to_owned(), HostChange::Joined),
             ]
         );
-        let kinds: Vec<String> = m
-            .store()
-            .events(EventScope::Host("a"))
-            .unwrap()
-            .into_iter()
-            .map(|e| e.kind)
-            .collect();
-        assert_eq!(kinds, ["HostRegistered", "HostLost", "HostRemoved"]);
+        assert_eq!(
+            event_kinds(&m, "a"),
+            ["HostRegistered", "HostLost", "HostRemoved"]
+        );
     }
 
     #[tokio::test]
