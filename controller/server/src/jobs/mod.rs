@@ -56,7 +56,7 @@ use self::view::RunRef;
 use crate::membership::{Membership, MembershipError};
 use crate::store::{Batch, EventRecord, EventScope, HostState, StoreError, TreeId, now_ms};
 use crate::validate;
-use crate::workloads::{HostChange, Workloads};
+use crate::workloads::{HostChange, WorkloadError, Workloads};
 
 pub use self::api::JobApi;
 
@@ -906,7 +906,7 @@ impl Workloads for Jobs {
         specs
     }
 
-    async fn host_reported(&self, host: &str, report: &HostReport) -> Result<(), Status> {
+    async fn host_reported(&self, host: &str, report: &HostReport) -> Result<(), WorkloadError> {
         if report.memory_bytes > 0 || report.cpus > 0 {
             self.capacity
                 .lock()
@@ -979,7 +979,13 @@ impl Workloads for Jobs {
     }
 
     async fn host_changed(&self, host: &str, change: HostChange) {
-        if matches!(change, HostChange::Joined | HostChange::Returned) {
+        if matches!(
+            change,
+            HostChange::Joined
+                | HostChange::Returned
+                | HostChange::Cordoned
+                | HostChange::Uncordoned
+        ) {
             return;
         }
         let names: Vec<String> = {
