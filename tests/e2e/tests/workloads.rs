@@ -296,6 +296,82 @@ fn host_protecting_defaults_and_log_rotation(c: &Cluster) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The controller's resident memory, from `/proc`.
+fn controller_rss_kib(c: &Cluster) -> anyhow::Result<u64> {
+    let pid = c.controller().pid().context("the controller runs")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS")
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// A 1 MB job file whose every node would carry its 1 MB of env is refused at submit with
+/// the size error; the controller's memory and state stay where they were, and a small job
+/// on the same hosts runs at once.
+fn a_job_too_big_is_refused_and_starves_no_one(c: &Cluster) -> anyhow::Result<()> {
+    let rss_before = controller_rss_kib(c)?;
+    let state_before = dir_bytes(&c.controller_state_dir());
+    let big = hips_job(
+        "too-big",
+        &format!("\n[env.all]\nPAYLOAD = \"{}\"\n", "x".repeat(1_000_000)),
+    );
+    for _ in 0..3 {
+        let out = c.submit_text("too-big.toml", &big)?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(
+            !out.status.success(),
+            "a 1 MB x 10 nodes job was accepted: {text}"
+        );
+        ensure!(
+            text.contains("of node specs") && text.contains("at most 8.0 MiB"),
+            "no size error: {text}"
+        );
+    }
+    let rss_after = controller_rss_kib(c)?;
+    let state_after = dir_bytes(&c.controller_state_dir());
+    ensure!(
+        rss_after < rss_before + 64 * 1024,
+        "controller RSS {rss_before} kB -> {rss_after} kB"
+    );
+    ensure!(
+        state_after < state_before + (1 << 20),
+        "controller state {state_before} -> {state_after} bytes"
+    );
+    let small = one_worker("small", "exec sleep 3600", "");
+    let asked = std::time::Instant::now();
+    c.submit_ok("small.toml", &small)?;
+    c.wait_phase("small", "Running", Duration::from_secs(30))?;
+    ensure!(asked.elapsed() < Duration::from_secs(30));
+    let out = c.ctl(&["cancel", "small"])?;
+    ensure!(
+        out.status.success(),
+        "cancel: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 #[test]
 fn mounts_limits_and_host_protection() -> anyhow::Result<()> {
     if !lab_tests_enabled() {
@@ -307,5 +383,6 @@ fn mounts_limits_and_host_protection() -> anyhow::Result<()> {
     over_the_memory_limit_is_oom_killed(&c)?;
     a_pids_limit_holds(&c)?;
     host_protecting_defaults_and_log_rotation(&c)?;
+    a_job_too_big_is_refused_and_starves_no_one(&c)?;
     Ok(())
 }
