@@ -642,6 +642,7 @@ impl Agent {
                 accuracy: Some(0.5),
                 observed_at_ms: 0,
                 metrics: Default::default(),
+                finished: false,
             }),
             log_tail: Vec::new(),
             error: String::new(),

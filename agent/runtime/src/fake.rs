@@ -1228,4 +1228,60 @@ mod tests {
         assert_eq!(w0.exit_code, Some(137));
         assert!(w0.error.starts_with("OOM-killed"), "{}", w0.error);
     }
+
+    async fn all_lines(
+        rt: &Runtime<FakeEngine>,
+        generation: Option<u32>,
+    ) -> crate::error::Result<Vec<String>> {
+        let mut stream = rt.logs_of("job1", "w0", generation, false, 0).await?;
+        let mut lines = Vec::new();
+        while let Some(c) = stream.next().await {
+            lines.extend(c?.lines);
+        }
+        Ok(lines)
+    }
+
+    #[tokio::test]
+    async fn output_outlives_the_container_per_generation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fake = FakeEngine::new(&[IMG]);
+        let cfg = RuntimeConfig {
+            log_archive: Some(crate::archive::LogArchive::new(dir.path())),
+            ..config()
+        };
+        let rt = Runtime::start(fake.clone(), cfg).await.expect("start");
+        let id = running_w0(&fake, &rt).await;
+        fake.print(&id, "generation 0 trains");
+        fake.exit(&id, 0);
+        // the job ended: its containers are removed, the output stays
+        rt.apply(vec![]).await.expect("apply");
+        wait_for(&rt, "w0 gone", |s| s.node("job1", "w0").is_none()).await;
+        assert_eq!(
+            all_lines(&rt, None).await.expect("kept"),
+            ["generation 0 trains"]
+        );
+        // a restarted job: generation 1 runs, generation 0 is still there
+        let mut w = spec("w0");
+        w.generation = 1;
+        rt.apply(vec![w]).await.expect("apply");
+        wait_for(&rt, "w0 gen 1 running", |s| {
+            s.node("job1", "w0")
+                .is_some_and(|n| n.state == NodeState::Running && n.generation == 1)
+        })
+        .await;
+        let id = role_id(&fake, "w0");
+        fake.print(&id, "generation 1 trains");
+        assert_eq!(
+            all_lines(&rt, None).await.expect("live"),
+            ["generation 1 trains"]
+        );
+        assert_eq!(
+            all_lines(&rt, Some(0)).await.expect("kept"),
+            ["generation 0 trains"]
+        );
+        assert!(matches!(
+            all_lines(&rt, Some(5)).await,
+            Err(crate::error::RuntimeError::NoSuchNode { .. })
+        ));
+    }
 }

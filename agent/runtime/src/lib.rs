@@ -19,7 +19,9 @@
 //!   ended, and rebuilds their progress from their output; applying the same desired
 //!   state again then changes nothing.
 //! - Ended containers stay (with exit code and log tail) until the desired state drops
-//!   them; nothing is ever restarted by the runtime (geomx restarts whole jobs).
+//!   them; nothing is ever restarted by the runtime (geomx restarts whole jobs). With a
+//!   [`LogArchive`] configured, a role container's output is kept on disk when it is
+//!   removed, and [`Runtime::logs_of`] serves it for ended jobs and earlier generations.
 //! - Progress comes from the containers' output ([`progress`]) and from the nodes' own
 //!   HTTP heartbeats ([`heartbeat`]).
 //! - Sandboxes run the tiny static [`pause`] program from the image `geomx/pause:<version>`
@@ -59,6 +61,7 @@
 
 #![warn(missing_docs)]
 
+pub mod archive;
 pub mod engine;
 mod error;
 pub mod heartbeat;
@@ -70,6 +73,7 @@ mod runtime;
 pub mod spec;
 pub mod status;
 
+pub use archive::LogArchive;
 pub use engine::{BollardEngine, Engine, HostCapacity};
 pub use error::{Result, RuntimeError};
 pub use heartbeat::{

@@ -39,6 +39,10 @@ pub struct Progress {
     pub observed_at_ms: i64,
     /// Other metrics: parsed from the line (speed, loss, ...) or reported over HTTP.
     pub metrics: BTreeMap<String, f64>,
+    /// The node printed the line its job declares as the end of training
+    /// (`[progress].finished`); it stays set.
+    #[serde(default)]
+    pub finished: bool,
 }
 
 /// Which recogniser matched a line.
@@ -100,6 +104,7 @@ static EPOCH_END: LazyLock<Regex> = LazyLock::new(|| {
 #[derive(Clone, Debug)]
 pub struct ProgressParser {
     custom: Option<Regex>,
+    finished: Option<Regex>,
 }
 
 impl ProgressParser {
@@ -112,12 +117,39 @@ impl ProgressParser {
                 source: Box::new(e),
             })?),
         };
-        Ok(ProgressParser { custom })
+        Ok(ProgressParser {
+            custom,
+            finished: None,
+        })
+    }
+
+    /// The default recognisers plus `custom` (see [`ProgressParser::new`]), and `finished`:
+    /// a regex matching the line that ends training, if given.
+    pub fn with_finished(custom: Option<&str>, finished: Option<&str>) -> Result<ProgressParser> {
+        let mut p = ProgressParser::new(custom)?;
+        p.finished = match finished.filter(|s| !s.trim().is_empty()) {
+            None => None,
+            Some(re) => Some(Regex::new(re).map_err(|e| RuntimeError::InvalidRegex {
+                regex: re.to_string(),
+                source: Box::new(e),
+            })?),
+        };
+        Ok(p)
     }
 
     /// The custom regex, if any.
     pub fn custom(&self) -> Option<&str> {
         self.custom.as_ref().map(Regex::as_str)
+    }
+
+    /// The regex of the line that ends training, if any.
+    pub fn finished(&self) -> Option<&str> {
+        self.finished.as_ref().map(Regex::as_str)
+    }
+
+    /// Whether `line` is the line that ends training.
+    pub fn is_finished_line(&self, line: &str) -> bool {
+        self.finished.as_ref().is_some_and(|re| re.is_match(line))
     }
 
     /// What `line` says about progress, if anything.
@@ -269,6 +301,14 @@ impl ProgressTracker {
 
     /// Feeds one output line seen at `at_ms`; true when it changed the progress.
     pub fn observe(&mut self, line: &str, at_ms: i64) -> bool {
+        if self.parser.is_finished_line(line) && !self.current.as_ref().is_some_and(|p| p.finished)
+        {
+            let mut p = self.current.take().unwrap_or_default();
+            p.finished = true;
+            p.observed_at_ms = at_ms;
+            self.current = Some(p);
+            return true;
+        }
         let Some(p) = self.parser.parse(line) else {
             return false;
         };
@@ -345,6 +385,27 @@ mod tests {
 
     fn defaults() -> ProgressParser {
         ProgressParser::new(None).expect("defaults")
+    }
+
+    #[test]
+    fn the_finished_line_marks_the_end_of_training_and_stays() {
+        let parser = ProgressParser::with_finished(None, Some(r"^training done after \d+"))
+            .expect("compiles");
+        assert_eq!(parser.finished(), Some(r"^training done after \d+"));
+        let mut t = ProgressTracker::new(parser);
+        assert!(t.observe("[Time 1.0][Epoch 0][Iteration 20] Test Acc 0.9", 5));
+        assert!(!t.progress().is_some_and(|p| p.finished));
+        assert!(t.observe("training done after 20 iterations", 7));
+        let p = t.progress().expect("progress");
+        assert!(p.finished);
+        assert_eq!((p.iteration, p.observed_at_ms), (20, 7));
+        // printed again or followed by more lines: still finished
+        assert!(!t.observe("training done after 20 iterations", 8));
+        t.observe("[Time 2.0][Epoch 0][Iteration 21] Test Acc 0.9", 9);
+        assert!(t.progress().is_some_and(|p| p.finished));
+        // no finished regex: nothing is a final line
+        assert!(!defaults().is_finished_line("training done after 20 iterations"));
+        assert!(ProgressParser::with_finished(None, Some("(")).is_err());
     }
 
     #[test]

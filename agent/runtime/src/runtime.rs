@@ -55,6 +55,8 @@ pub struct RuntimeConfig {
     pub log_tail_lines: u32,
     /// The host's name, for messages (a node stopped by a restart of Docker "on host b").
     pub host: String,
+    /// Where a role container's output is kept when it is removed; `None` keeps nothing.
+    pub log_archive: Option<crate::archive::LogArchive>,
 }
 
 impl Default for RuntimeConfig {
@@ -67,6 +69,7 @@ impl Default for RuntimeConfig {
             resync_interval: Duration::from_secs(5),
             log_tail_lines: 20,
             host: String::new(),
+            log_archive: None,
         }
     }
 }
@@ -239,8 +242,11 @@ impl Drop for AbortOnDrop {
 
 impl Tracked {
     fn for_spec(spec: &ContainerSpec) -> Tracked {
-        let parser = ProgressParser::new(spec.progress_regex.as_deref())
-            .unwrap_or_else(|_| default_parser());
+        let parser = ProgressParser::with_finished(
+            spec.progress_regex.as_deref(),
+            spec.finished_regex.as_deref(),
+        )
+        .unwrap_or_else(|_| default_parser());
         Tracked {
             status: NodeStatus {
                 job: spec.job.clone(),
@@ -464,8 +470,12 @@ impl<E: Engine> Runtime<E> {
             for spec in &valid {
                 match st.nodes.get_mut(&spec.key()) {
                     Some(t) => {
-                        if t.tracker.parser().custom() != spec.progress_regex.as_deref()
-                            && let Ok(p) = ProgressParser::new(spec.progress_regex.as_deref())
+                        if (t.tracker.parser().custom() != spec.progress_regex.as_deref()
+                            || t.tracker.parser().finished() != spec.finished_regex.as_deref())
+                            && let Ok(p) = ProgressParser::with_finished(
+                                spec.progress_regex.as_deref(),
+                                spec.finished_regex.as_deref(),
+                            )
                         {
                             t.tracker.set_parser(p);
                         }
@@ -633,6 +643,7 @@ impl<E: Engine> Runtime<E> {
                 if let Err(e) = engine.stop(id, self.inner.config.stop_timeout).await {
                     warn!(id = %short(id), error = %e, "stop failed; removing by force");
                 }
+                self.archive_logs(id).await;
                 engine.remove(id).await
             }
             // nothing runs in a sandbox: no need to wait for it
@@ -871,14 +882,13 @@ impl<E: Engine> Runtime<E> {
                 if !adopt {
                     continue;
                 }
-                let regex = st
-                    .desired
-                    .as_ref()
-                    .and_then(|d| d.get(&key))
+                let desired = st.desired.as_ref().and_then(|d| d.get(&key));
+                let regex = desired
                     .map(|s| s.progress_regex.clone())
                     .unwrap_or_else(|| c.labels.get(LABEL_PROGRESS_REGEX).cloned());
-                let parser =
-                    ProgressParser::new(regex.as_deref()).unwrap_or_else(|_| default_parser());
+                let finished = desired.and_then(|s| s.finished_regex.clone());
+                let parser = ProgressParser::with_finished(regex.as_deref(), finished.as_deref())
+                    .unwrap_or_else(|_| default_parser());
                 let t = st
                     .nodes
                     .entry(key.clone())
@@ -1005,9 +1015,10 @@ impl<E: Engine> Runtime<E> {
             match kind {
                 ContainerKind::Sandbox => {
                     apply_sandbox_inspection(t, &insp);
-                    false
+                    None
                 }
                 ContainerKind::Role => {
+                    let shown = t.status.clone();
                     apply_inspection(&mut t.status, &insp, self.inner.config.host_ip);
                     let ended = matches!(insp.state, EngineState::Exited | EngineState::Dead);
                     if ended && let Some(why) = &t.stopped_by_docker {
@@ -1021,19 +1032,27 @@ impl<E: Engine> Runtime<E> {
                         t.status.log_tail.clear();
                         drop(st);
                         self.ensure_follower(&key, id, true);
-                        false
+                        None
+                    } else if ended && !t.finalized {
+                        // shown ended only together with its log tail: until the tail is
+                        // read, what is published stays as it was
+                        let ended_status = std::mem::replace(&mut t.status, shown);
+                        Some(ended_status)
                     } else {
-                        ended && !t.finalized
+                        None
                     }
                 }
             }
         };
-        if need_tail {
+        if let Some(ended_status) = need_tail {
             let lines = self.tail(id).await;
             let mut st = self.lock();
             if let Some((key, ContainerKind::Role)) = st.find(id)
                 && let Some(t) = st.nodes.get_mut(&key)
             {
+                if !t.finalized {
+                    t.status = ended_status;
+                }
                 t.status.log_tail = lines;
                 t.finalized = true;
             }
@@ -1454,6 +1473,94 @@ impl<E: Engine> Runtime<E> {
             })
         });
         Ok(crate::lines::chunks(frames.boxed()))
+    }
+
+    /// Keeps the output of role container `id` in the [`RuntimeConfig::log_archive`] (if
+    /// any) before it is removed. Best effort: a failure is logged, the removal goes on.
+    async fn archive_logs(&self, id: &str) {
+        let Some(archive) = &self.inner.config.log_archive else {
+            return;
+        };
+        // the container's own labels name it (its tracking may be gone already)
+        let owner = match self.inner.engine.inspect(id).await {
+            Ok(Some(insp)) => {
+                let label = |k: &str| insp.labels.get(k).cloned().unwrap_or_default();
+                Some((
+                    label(crate::spec::LABEL_JOB),
+                    label(crate::spec::LABEL_NODE),
+                    label(LABEL_GENERATION).parse().unwrap_or(0),
+                ))
+            }
+            _ => None,
+        };
+        let Some((job, node, generation)) =
+            owner.filter(|(j, n, _)| !j.is_empty() && !n.is_empty())
+        else {
+            return;
+        };
+        let frames = self.inner.engine.logs(
+            id,
+            LogRequest {
+                follow: false,
+                tail: None,
+                timestamps: false,
+            },
+        );
+        let mut chunks = crate::lines::chunks(frames.boxed());
+        let mut lines = Vec::new();
+        while let Some(c) = chunks.next().await {
+            match c {
+                Ok(c) => lines.extend(c.lines.into_iter().map(|l| (c.stderr, l))),
+                Err(e) => {
+                    warn!(%job, %node, error = %e, "reading the output to keep failed; keeping what was read");
+                    break;
+                }
+            }
+        }
+        match archive.store(&job, &node, generation, &lines) {
+            Ok(path) => {
+                debug!(%job, %node, generation, path = %path.display(), lines = lines.len(), "output kept")
+            }
+            Err(e) => warn!(%job, %node, error = %e, "cannot keep the output"),
+        }
+        for p in archive.prune(std::time::SystemTime::now()) {
+            debug!(path = %p.display(), "old output removed");
+        }
+    }
+
+    /// The output of a node: its container's (streamed; `follow` until it ends) while it
+    /// exists and is of `generation` (any when `None`), else what the
+    /// [`RuntimeConfig::log_archive`] kept of it (of `generation`, or the latest).
+    pub async fn logs_of(
+        &self,
+        job: &str,
+        node: &str,
+        generation: Option<u32>,
+        follow: bool,
+        tail: u32,
+    ) -> Result<BoxStream<'static, Result<LogChunk>>> {
+        let live = self
+            .status(job, node)
+            .filter(|s| !s.container_id.is_empty())
+            .is_some_and(|s| generation.is_none_or(|g| g == s.generation));
+        if live {
+            return self.logs(job, node, follow, tail).await;
+        }
+        let kept = self
+            .inner
+            .config
+            .log_archive
+            .as_ref()
+            .and_then(|a| a.read(job, node, generation, tail));
+        match (kept, generation) {
+            (Some(chunks), _) => Ok(futures::stream::iter(chunks.into_iter().map(Ok)).boxed()),
+            // not tracked: perhaps a container of the name (adopted late)
+            (None, None) => self.logs(job, node, follow, tail).await,
+            (None, Some(_)) => Err(RuntimeError::NoSuchNode {
+                job: job.to_string(),
+                node: node.to_string(),
+            }),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -158,6 +158,9 @@ pub struct ContainerSpec {
     /// Extra progress regex with named groups (epoch, iteration, accuracy, step);
     /// `None` for the default parsers only.
     pub progress_regex: Option<String>,
+    /// The regex of the line that ends training (`[progress].finished`); `None` for none.
+    #[serde(default)]
+    pub finished_regex: Option<String>,
     /// The controller's state id, stored as label `io.geomx.controller`.
     pub controller_id: String,
     /// Create and start the role container now (its env is complete). While false only
@@ -313,6 +316,9 @@ impl ContainerSpec {
         if let Some(re) = &self.progress_regex {
             crate::progress::ProgressParser::new(Some(re))?;
         }
+        if let Some(re) = &self.finished_regex {
+            crate::progress::ProgressParser::with_finished(None, Some(re))?;
+        }
         let mut targets = std::collections::BTreeSet::new();
         for m in &self.mounts {
             if !m.target.starts_with('/') || m.target == "/" {
@@ -467,6 +473,9 @@ impl ContainerSpec {
             env: Some(env),
             labels: Some(self.labels(agent_url, sandbox)),
             host_config: Some(HostConfig {
+                // Docker's init as PID 1: exit codes and signals are the process's own (an
+                // abort() is 134, not 139) and signals reach it as they would outside
+                init: Some(true),
                 network_mode: Some(match (self.host_network, sandbox_id) {
                     (true, _) => "host".to_string(),
                     (false, Some(id)) => format!("container:{id}"),
@@ -580,6 +589,7 @@ mod tests {
             gpus: 0,
             generation: 0,
             progress_regex: None,
+            finished_regex: None,
             controller_id: "c1".into(),
             start: true,
             sandbox: true,
@@ -654,6 +664,7 @@ mod tests {
             s.spec_hash("http://172.17.34.1:7948", &sb())
         );
         let hc = b.host_config.clone().unwrap_or_default();
+        assert_eq!(hc.init, Some(true), "Docker's init runs as PID 1");
         assert_eq!(hc.network_mode.as_deref(), Some("container:abc"));
         assert!(hc.device_requests.is_none());
         assert_eq!(

@@ -140,12 +140,18 @@ pub fn state_name(state: i32) -> &'static str {
         Ok(ContainerState::Exited) => "exited",
         Ok(ContainerState::Failed) => "failed",
         Ok(ContainerState::Missing) => "missing",
+        Ok(ContainerState::Stopped) => "stopped",
         _ => "-",
     }
 }
 
-/// A node's state for tables: `running`, `exited(0)`, `failed(3)`.
+/// A node's state for tables: `running`, `exited(0)`, `failed(3)`; once its job ended, how
+/// it ended (`exited 139 (killed by signal 11, SIGSEGV) while shutting down (not a
+/// failure)`, `stopped by geomx when the job ended`).
 pub fn node_state(n: &JobNode) -> String {
+    if !n.end.is_empty() {
+        return n.end.clone();
+    }
     match &n.status {
         None => "-".to_owned(),
         Some(s) => match s.exit_code {
@@ -188,6 +194,7 @@ pub fn node_json(n: &JobNode) -> Value {
         "host": n.host,
         "ip": s.ip,
         "state": state_name(s.state),
+        "end": n.end,
         "exit_code": s.exit_code,
         "error": s.error,
         "log_tail": s.log_tail,

@@ -1,5 +1,7 @@
-//! `geomxctl logs JOB NODE [-f] [--tail N]`: a node's output, fetched by the controller from
-//! the agent of the node's host.
+//! `geomxctl logs JOB NODE [-f] [--tail N] [--generation N]`: a node's output, fetched by
+//! the controller from the agent of the node's host: the running container's, or, once the
+//! job ended (or for an earlier generation of a restarted job), what the agent kept of it
+//! when the container was removed.
 //!
 //! Standard output lines go to stdout, standard error lines to stderr. `-f` keeps streaming
 //! until the container ends (or Ctrl-C). `--output json` prints one JSON object per line:
@@ -28,6 +30,9 @@ pub struct LogsArgs {
     /// Only the last N lines of past output (0 for all).
     #[arg(long, default_value_t = 0)]
     pub tail: u32,
+    /// The attempt of a restarted job (0 first; `geomxctl status` shows the current one).
+    #[arg(long)]
+    pub generation: Option<u32>,
 }
 
 /// Runs `geomxctl logs`.
@@ -40,6 +45,7 @@ pub fn run(args: &LogsArgs, cli: &Cli) -> anyhow::Result<ExitCode> {
             node: args.node.clone(),
             follow: args.follow,
             tail: args.tail,
+            generation: args.generation,
         };
         let mut stream = match remote.jobs().node_logs(request).await {
             Ok(r) => r.into_inner(),

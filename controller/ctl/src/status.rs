@@ -79,7 +79,7 @@ pub fn header(job: &Job, now: i64) -> String {
     out.push_str(&times.join(", "));
     out.push('\n');
     if is_terminal(job.phase) {
-        out.push_str("the job's containers are removed; node states are as last reported\n");
+        out.push_str("the job's containers are removed; STATE says how each node ended\n");
     }
     if !job.reason.is_empty() {
         let mut lines = job.reason.lines();
@@ -178,6 +178,7 @@ mod tests {
                     }),
                     heartbeat_age_ms: 400,
                     iterations_per_s: 2.5,
+                    end: String::new(),
                 },
                 JobNode {
                     name: "s".into(),
@@ -185,23 +186,28 @@ mod tests {
                     party: "p".into(),
                     host: "b".into(),
                     status: Some(NodeStatus {
-                        state: ContainerState::Running as i32,
+                        state: ContainerState::Stopped as i32,
                         ..Default::default()
                     }),
+                    end: "stopped by geomx when the job ended".into(),
                     ..Default::default()
                 },
             ],
             ..Default::default()
         };
         let out = render(&job, 121_000);
-        assert!(out.starts_with("job hips: Failed (mode hips, generation 0, restarts 0/0), 1/2 nodes running\nsubmitted 2m00s ago, ended 1m00s ago\nthe job's containers are removed; node states are as last reported\nreason: node w"), "{out}");
+        assert!(out.starts_with("job hips: Failed (mode hips, generation 0, restarts 0/0), 1/2 nodes running\nsubmitted 2m00s ago, ended 1m00s ago\nthe job's containers are removed; STATE says how each node ended\nreason: node w"), "{out}");
         assert!(out.contains("\n  last log lines:\n    boom\n"), "{out}");
         let row = out.lines().find(|l| l.starts_with("w ")).expect("row");
         assert!(
-            row.contains("172.17.2.5  failed(3)  0.4s ago   1      17    0.9313  2.50"),
+            row.contains("172.17.2.5  failed(3)  ")
+                && row.contains("  0.4s ago   1      17    0.9313  2.50"),
             "{row}"
         );
         let row = out.lines().find(|l| l.starts_with("s ")).expect("row");
-        assert!(row.contains("running    -          -"), "{row}");
+        assert!(
+            row.contains("stopped by geomx when the job ended  -"),
+            "never `running` beside an ended job: {row}"
+        );
     }
 }

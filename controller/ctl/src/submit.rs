@@ -530,6 +530,7 @@ mod tests {
             }),
             heartbeat_age_ms: 100,
             iterations_per_s: ips,
+            end: String::new(),
         }
     }
 

@@ -72,9 +72,16 @@ pub fn compile(spec: &JobSpec) -> Plan {
             max_restarts: to_u32(policy.max_restarts()),
             stall_timeout: policy.stall_timeout().unwrap_or_default(),
             gpus_per_worker: to_u32(policy.gpus_per_worker),
+            teardown_grace: policy.teardown_grace().unwrap_or_default(),
         },
         progress: Progress {
             regex: spec.progress_regex().to_string(),
+            finished: spec.progress.as_ref().and_then(|p| p.finished.clone()),
+            iterations: spec
+                .progress
+                .as_ref()
+                .and_then(|p| p.iterations)
+                .and_then(|n| u64::try_from(n).ok()),
         },
         nodes: c.nodes,
     }

@@ -46,10 +46,10 @@ pub use spec::{
     CentralSpec, CommandSpec, Cpus, DEFAULT_CENTRAL_SCHEDULER_PORT,
     DEFAULT_FIRST_PARTY_SCHEDULER_PORT, DEFAULT_GLOBAL_SCHEDULER_PORT, DEFAULT_INTERFACE,
     DEFAULT_MAX_RESTARTS_ON_FAILURE, DEFAULT_PIDS_LIMIT, DEFAULT_PROGRESS_REGEX,
-    DEFAULT_SCHEDULER_COMMAND, DEFAULT_STALL_TIMEOUT, DEFAULT_WORKER_COMMAND, EnvSpec, JobSpec,
-    MOUNT_PLACEHOLDERS, Mode, MountSpec, MountType, Network, PROGRESS_GROUPS, PartySpec,
-    PolicySpec, ProgressSpec, ROLE_CLASSES, ResourceLimits, ResourcesSpec, RestartPolicy,
-    SLICE_OPTION, SLICE_PLACEHOLDER, limits,
+    DEFAULT_SCHEDULER_COMMAND, DEFAULT_STALL_TIMEOUT, DEFAULT_TEARDOWN_GRACE,
+    DEFAULT_WORKER_COMMAND, EnvSpec, JobSpec, MOUNT_PLACEHOLDERS, Mode, MountSpec, MountType,
+    Network, PROGRESS_GROUPS, PartySpec, PolicySpec, ProgressSpec, ROLE_CLASSES, ResourceLimits,
+    ResourcesSpec, RestartPolicy, SLICE_OPTION, SLICE_PLACEHOLDER, limits,
 };
 pub use validate::{COMPUTED_VARIABLES, is_valid_env_name, is_valid_name, plan_bytes_estimate};
 

@@ -280,13 +280,14 @@ const CENTRAL_KEYS: [&str; 5] = [
     "workers",
 ];
 const PARTY_KEYS: [&str; 5] = ["name", "hosts", "workers", "scheduler_port", "servers"];
-const POLICY_KEYS: [&str; 4] = [
+const POLICY_KEYS: [&str; 5] = [
     "restart",
     "max_restarts",
     "stall_timeout",
     "gpus_per_worker",
+    "teardown_grace",
 ];
-const PROGRESS_KEYS: [&str; 1] = ["regex"];
+const PROGRESS_KEYS: [&str; 3] = ["regex", "finished", "iterations"];
 const MOUNT_KEYS: [&str; 7] = [
     "type", "source", "target", "roles", "readonly", "driver", "options",
 ];
@@ -633,8 +634,13 @@ workers = 2
                 max_restarts: Some(0),
                 stall_timeout: Some("1m".into()),
                 gpus_per_worker: 0,
+                teardown_grace: Some("10s".into()),
             },
-            progress: Some(ProgressSpec { regex: "x".into() }),
+            progress: Some(ProgressSpec {
+                regex: "x".into(),
+                finished: Some("done".into()),
+                iterations: Some(1),
+            }),
             mounts: vec![MountSpec {
                 kind: crate::spec::MountType::Volume,
                 source: "v".into(),

@@ -61,6 +61,15 @@ pub struct Policy {
     pub stall_timeout: Duration,
     /// GPUs each worker (and the master) gets.
     pub gpus_per_worker: u32,
+    /// How long around the end of training a scheduler or server may exit non-zero without
+    /// failing the job, and how long a worker that finished training may linger before
+    /// geomx stops it (plans stored before the key existed: the default, 10s).
+    #[serde(with = "humantime_serde", default = "default_teardown_grace")]
+    pub teardown_grace: Duration,
+}
+
+fn default_teardown_grace() -> Duration {
+    humantime::parse_duration(crate::DEFAULT_TEARDOWN_GRACE).unwrap_or(Duration::from_secs(10))
 }
 
 impl Policy {
@@ -75,6 +84,12 @@ impl Policy {
 pub struct Progress {
     /// A regex with named groups among `epoch`, `iteration`, `step`, `accuracy`, `loss`.
     pub regex: String,
+    /// The line a worker prints once its training is done, if the job declares one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<String>,
+    /// The iteration a worker's training ends with, if the job declares it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iterations: Option<u64>,
 }
 
 impl Progress {

@@ -21,6 +21,11 @@ pub const DEFAULT_CENTRAL_SCHEDULER_PORT: i64 = 9093;
 pub const DEFAULT_FIRST_PARTY_SCHEDULER_PORT: i64 = 9094;
 /// Default `[policy].stall_timeout`.
 pub const DEFAULT_STALL_TIMEOUT: &str = "10m";
+/// Default `[policy].teardown_grace`: how long around the end of training a scheduler or
+/// server may crash (GeoMX's `ps::Finalize` segfaults) and a finished worker may linger.
+pub const DEFAULT_TEARDOWN_GRACE: &str = "10s";
+/// Longest `[policy].teardown_grace`.
+pub const TEARDOWN_GRACE_MAX_SECS: u64 = 3600;
 /// Default `[policy].max_restarts` when `restart = "on-failure"` and it is not given.
 pub const DEFAULT_MAX_RESTARTS_ON_FAILURE: i64 = 3;
 /// Default scheduler and server command.
@@ -456,6 +461,11 @@ pub struct PolicySpec {
     /// GPUs per worker (and master); 0 = none.
     #[serde(default)]
     pub gpus_per_worker: i64,
+    /// How long around the end of training a scheduler or server may exit non-zero without
+    /// failing the job, and how long a worker that finished training may still run before
+    /// geomx stops it (humantime); default [`DEFAULT_TEARDOWN_GRACE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teardown_grace: Option<String>,
 }
 
 /// `[progress]`: how a worker's output shows training progress.
@@ -464,7 +474,20 @@ pub struct PolicySpec {
 pub struct ProgressSpec {
     /// A regex with named groups among `epoch`, `iteration`, `step`, `accuracy`, `loss`, at
     /// least `iteration` or `step`; default [`DEFAULT_PROGRESS_REGEX`].
+    #[serde(default = "default_progress_regex")]
     pub regex: String,
+    /// A regex matching the line a worker prints once training is done: a worker that
+    /// printed it counts as finished even if its process never exits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<String>,
+    /// The iteration a worker's training ends with: a worker whose progress reached it
+    /// counts as finished even if its process never exits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iterations: Option<i64>,
+}
+
+fn default_progress_regex() -> String {
+    DEFAULT_PROGRESS_REGEX.to_owned()
 }
 
 fn one() -> i64 {
@@ -562,6 +585,18 @@ impl PolicySpec {
     /// `stall_timeout` parsed.
     pub fn stall_timeout(&self) -> Result<Duration, humantime::DurationError> {
         humantime::parse_duration(self.stall_timeout_text())
+    }
+
+    /// `teardown_grace` as written (or the default).
+    pub fn teardown_grace_text(&self) -> &str {
+        self.teardown_grace
+            .as_deref()
+            .unwrap_or(DEFAULT_TEARDOWN_GRACE)
+    }
+
+    /// `teardown_grace` parsed.
+    pub fn teardown_grace(&self) -> Result<Duration, humantime::DurationError> {
+        humantime::parse_duration(self.teardown_grace_text())
     }
 }
 

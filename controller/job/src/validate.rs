@@ -940,10 +940,27 @@ fn check_env(spec: &JobSpec, p: &mut Problems) {
                     &field,
                     format!("{ctx}{name}: \"{{{{\" is reserved for addresses geomx fills in at deploy time"),
                 );
+            } else if name == "DMLC_UDP_CHANNEL_NUM"
+                && !value
+                    .trim()
+                    .parse::<u32>()
+                    .is_ok_and(|n| (1..=UDP_CHANNELS_MAX).contains(&n))
+            {
+                // ps-lite (van.h) keeps a fixed array of 8 channel threads: 9 or more abort
+                // with "free(): invalid pointer", 0 opens no channel for DGT's traffic
+                p.value(
+                    &field,
+                    format!(
+                        "{ctx}DMLC_UDP_CHANNEL_NUM = {value:?}: DGT's UDP channels must be 1..={UDP_CHANNELS_MAX} (GeoMX's ps-lite keeps a fixed array of {UDP_CHANNELS_MAX} channel threads and aborts with more)"
+                    ),
+                );
             }
         }
     }
 }
+
+/// Most UDP channels DGT (`DMLC_UDP_CHANNEL_NUM`) can open in GeoMX's ps-lite.
+const UDP_CHANNELS_MAX: u32 = 8;
 
 fn check_policy(spec: &JobSpec, p: &mut Problems) {
     let policy = &spec.policy;
@@ -1004,6 +1021,33 @@ fn check_policy(spec: &JobSpec, p: &mut Problems) {
         0,
         limits::GPUS_PER_WORKER_MAX,
     );
+    match policy.teardown_grace() {
+        Err(e) => p.value(
+            "policy.teardown_grace",
+            format!(
+                "{ctx}teardown_grace = {:?} is not a duration ({e}); write e.g. \"10s\", \"1m\"",
+                policy.teardown_grace_text()
+            ),
+        ),
+        Ok(d) if d > std::time::Duration::from_secs(crate::spec::TEARDOWN_GRACE_MAX_SECS) => p
+            .value(
+                "policy.teardown_grace",
+                format!(
+                    "{ctx}teardown_grace = {:?}: at most 1h",
+                    policy.teardown_grace_text()
+                ),
+            ),
+        Ok(_) => {}
+    }
+}
+
+/// Why a regex does not compile, on one line (the regex crate's own text after `error: `).
+fn regex_why(e: &regex::Error) -> String {
+    let text = e.to_string();
+    text.rsplit_once("error: ")
+        .map_or(text.as_str(), |(_, why)| why)
+        .trim()
+        .replace('\n', " ")
 }
 
 fn check_progress(spec: &JobSpec, p: &mut Problems) {
@@ -1011,6 +1055,36 @@ fn check_progress(spec: &JobSpec, p: &mut Problems) {
         return;
     };
     let ctx = "[progress]: ";
+    if let Some(finished) = &progress.finished {
+        if finished.len() > limits::PROGRESS_REGEX_MAX_LEN {
+            p.value(
+                "progress.finished",
+                format!(
+                    "{ctx}finished is {} bytes long: at most {}",
+                    finished.len(),
+                    limits::PROGRESS_REGEX_MAX_LEN
+                ),
+            );
+        } else if finished.trim().is_empty() {
+            p.value(
+                "progress.finished",
+                format!("{ctx}finished is empty: it would match every line"),
+            );
+        } else if let Err(e) = crate::compile_progress_regex(finished) {
+            p.value(
+                "progress.finished",
+                format!("{ctx}finished does not compile: {}", regex_why(&e)),
+            );
+        }
+    }
+    if let Some(n) = progress.iterations
+        && n < 1
+    {
+        p.value(
+            "progress.iterations",
+            format!("{ctx}iterations = {n}: must be at least 1 (iterations count from 1)"),
+        );
+    }
     if progress.regex.len() > limits::PROGRESS_REGEX_MAX_LEN {
         p.value(
             "progress.regex",
@@ -1024,15 +1098,9 @@ fn check_progress(spec: &JobSpec, p: &mut Problems) {
     }
     match crate::compile_progress_regex(&progress.regex) {
         Err(e) => {
-            let text = e.to_string();
-            let why = text
-                .rsplit_once("error: ")
-                .map_or(text.as_str(), |(_, why)| why)
-                .trim()
-                .replace('\n', " ");
             p.value(
                 "progress.regex",
-                format!("{ctx}regex does not compile: {why}"),
+                format!("{ctx}regex does not compile: {}", regex_why(&e)),
             );
         }
         Ok(re) => {

@@ -665,6 +665,18 @@ const TRAINING: [(&str, &str); 4] = [
     ("c", "q-worker-0"),
 ];
 
+/// The schedulers and servers of [`ROUTED`]: they end after the training workers (ps-lite's
+/// Finalize), which ends the job at once (else `teardown_grace` later).
+const SHUTTING_DOWN: [(&str, &str); 7] = [
+    ("a", "global-scheduler"),
+    ("a", "central-scheduler"),
+    ("a", "global-server-0"),
+    ("b", "p-scheduler"),
+    ("b", "p-server"),
+    ("c", "q-scheduler"),
+    ("c", "q-server"),
+];
+
 async fn running_routed(c: &Cluster) -> Job {
     let job = c.submit(ROUTED).await.expect("accepted");
     assert_eq!(job.node_count, 11);
@@ -891,6 +903,9 @@ async fn succeeds_when_training_workers_exit_zero_and_containers_go() {
 
     for (h, n) in TRAINING {
         c.sim(h).exit(j, n, 0, &["done"]);
+    }
+    for (h, n) in SHUTTING_DOWN.iter().filter(|(_, n)| *n != "q-server") {
+        c.sim(h).exit(j, n, 0, &[]);
     }
     let job = c
         .wait_phase(j, JobPhase::Succeeded, Duration::from_secs(3))
@@ -1240,7 +1255,7 @@ async fn controller_restart_keeps_the_job_running_with_identical_specs() {
     assert_eq!(job.running_nodes, 11);
     assert!(job.nodes.iter().all(|n| n.heartbeat_age_ms < 1000));
     // And it still ends normally.
-    for (h, n) in TRAINING {
+    for (h, n) in TRAINING.iter().chain(&SHUTTING_DOWN) {
         c.sim(h).exit(j, n, 0, &[]);
     }
     c.wait_phase(j, JobPhase::Succeeded, Duration::from_secs(3))
@@ -1469,6 +1484,7 @@ async fn node_logs_are_proxied_from_the_agent_with_mtls() {
             node: "p-worker-1".into(),
             follow: true,
             tail: 20,
+            generation: None,
         })
         .await
         .expect("logs")
@@ -1487,7 +1503,8 @@ async fn node_logs_are_proxied_from_the_agent_with_mtls() {
             job: "logs".into(),
             node: "p-worker-1".into(),
             follow: true,
-            tail: 20
+            tail: 20,
+            generation: None,
         }]
     );
 

@@ -312,6 +312,29 @@ scheduler_port = 9300
         "no Restarting event"
     );
     assert_no_containers_within(&c, Duration::from_secs(5))?;
+    // every generation's output is kept: the crash of each attempt
+    for generation in ["0", "1"] {
+        let mut crashes = 0;
+        for node in ["p-scheduler", "p-server-0", "p-worker-0", "p-worker-1"] {
+            let out = c.ctl(&["logs", "restart", node, "--generation", generation])?;
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            ensure!(
+                out.status.success() && text.contains("psnode"),
+                "logs of {node}, generation {generation}: {text:?}"
+            );
+            if text.contains("simulated crash after 3 iterations") {
+                crashes += 1;
+            }
+        }
+        ensure!(
+            crashes > 0,
+            "no crash in the output of generation {generation}"
+        );
+    }
 
     // a worker that hangs without progress: Failed as stalled after stall_timeout
     c.submit_ok(
@@ -468,6 +491,158 @@ fn pseudo_example_runs_on_one_host_with_host_networking() -> anyhow::Result<()> 
     ensure!(
         text.contains("Succeeded"),
         "submit's output does not say how it ended: {text}"
+    );
+    assert_no_containers_within(&c, Duration::from_secs(10))?;
+    c.down()?;
+    Ok(())
+}
+
+/// Waits until `job` ended, whichever way.
+fn wait_end(c: &Cluster, job: &str, timeout: Duration) -> anyhow::Result<Value> {
+    Ok(c.wait_job(job, timeout, "the end", |j| {
+        j["phase"] == "Succeeded" || j["phase"] == "Failed" || j["phase"] == "Cancelled"
+    })?)
+}
+
+/// The kinds and messages of a job's events.
+fn event_texts(c: &Cluster, job: &str) -> anyhow::Result<Vec<(String, String, String)>> {
+    Ok(events(c, job)?
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+            (s("kind"), s("node"), s("message"))
+        })
+        .collect())
+}
+
+#[test]
+fn teardown_crashes_and_lingering_workers_still_succeed() -> anyhow::Result<()> {
+    if !lab_tests_enabled() {
+        return Ok(());
+    }
+    let c = cluster()?;
+
+    // GeoMX's ps::Finalize crash: every scheduler and server exits 139 after its ps-lite
+    // part ended (the test image's nodes end once their workers said goodbye)
+    let crash = "[\"sh\", \"-c\", \"python -c 'import mxnet'; exit 139\"]";
+    let hips = std::fs::read_to_string(repo_file("examples/hips.toml"))?
+        .replace("name = \"hips-mnist\"", "name = \"teardown\"")
+        .replace(
+            "[policy]",
+            &format!(
+                "[command]\nscheduler = {crash}\nserver = {crash}\n\n[env]\nworkers = {{ PSNODE_INTERVAL = \"100ms\", PSNODE_ITERATIONS = \"10\" }}\nmaster = {{ PSNODE_INTERVAL = \"100ms\", PSNODE_ITERATIONS = \"10\" }}\n\n[policy]"
+            ),
+        );
+    c.submit_ok("teardown.toml", &hips)?;
+    let done = wait_end(&c, "teardown", Duration::from_secs(120))?;
+    ensure!(
+        done["phase"] == "Succeeded",
+        "not Succeeded: {}",
+        done["reason"]
+    );
+    let crashed: Vec<String> = nodes(&done)
+        .iter()
+        .filter(|n| n["role"] != "worker" && n["role"] != "master_worker")
+        .filter_map(|n| n["name"].as_str().map(str::to_string))
+        .collect();
+    ensure!(crashed.len() == 7, "{done}");
+    let evs = event_texts(&c, "teardown")?;
+    for name in &crashed {
+        ensure!(
+            evs.iter().any(|(k, n, m)| k == "ExitedWhileShuttingDown"
+                && n == name
+                && m.contains("exited 139 (killed by signal 11, SIGSEGV) while shutting down")
+                && m.contains("last log lines:")),
+            "no shutdown-crash event naming {name}: {evs:#?}"
+        );
+    }
+    // the final states say what happened, never `running`
+    let table = c.ctl(&["status", "teardown"])?;
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    for line in table
+        .lines()
+        .filter(|l| crashed.iter().any(|n| l.starts_with(n)))
+    {
+        ensure!(
+            line.contains("while shutting down (not a failure)") && !line.contains("running"),
+            "status row: {line}\n{table}"
+        );
+    }
+    for line in table.lines().filter(|l| l.contains("-worker-")) {
+        ensure!(line.contains("exited 0"), "status row: {line}\n{table}");
+    }
+    assert_no_containers_within(&c, Duration::from_secs(10))?;
+    // the output outlives the containers: every node's, through its agent
+    for n in nodes(&done) {
+        let name = n["name"].as_str().unwrap_or_default();
+        let text = logs(&c, "teardown", name)?;
+        let want = if name.contains("worker") {
+            "Start training on"
+        } else {
+            "every worker finished: shutting down"
+        };
+        ensure!(
+            text.contains(want),
+            "logs of {name} after the job ended: {text:?}"
+        );
+    }
+
+    // P3's hang: workers print their last line and never exit; the job is Succeeded
+    // teardown_grace after the last one, the lingering workers are stopped and named
+    c.submit_ok(
+        "linger.toml",
+        &format!(
+            "{}\n[progress]\nfinished = \"hanging after 4 iterations\"\n",
+            small_job(
+                "linger",
+                "PSNODE_HANG_AFTER = \"4\", PSNODE_ITERATIONS = \"50\"",
+                "teardown_grace = \"3s\"",
+            )
+        ),
+    )?;
+    let done = wait_end(&c, "linger", Duration::from_secs(60))?;
+    ensure!(
+        done["phase"] == "Succeeded",
+        "not Succeeded: {}",
+        done["reason"]
+    );
+    let evs = event_texts(&c, "linger")?;
+    let at = |kind: &str, node: &str| -> Option<i64> {
+        events(&c, "linger")
+            .ok()?
+            .iter()
+            .find(|e| e["kind"] == kind && e["node"] == node)
+            .and_then(|e| e["at_ms"].as_i64())
+    };
+    let mut last_finished = 0;
+    for w in ["p-worker-0", "p-worker-1"] {
+        let finished = at("TrainingFinished", w).with_context(|| format!("{w}: {evs:#?}"))?;
+        last_finished = last_finished.max(finished);
+        ensure!(
+            evs.iter().any(|(k, n, m)| k == "StoppedAfterTraining"
+                && n == w
+                && m.contains("stopped by geomx")),
+            "no StoppedAfterTraining for {w}: {evs:#?}"
+        );
+        let n = node(&done, w).context(w)?;
+        ensure!(
+            n["state"] == "stopped" && n["end"] == "stopped by geomx after it finished training",
+            "{w}: {n}"
+        );
+    }
+    let ended = done["finished_at_ms"].as_i64().unwrap_or_default();
+    eprintln!(
+        "linger_success_after_last_finished_ms={}",
+        ended - last_finished
+    );
+    ensure!(
+        ended - last_finished <= 3_000 + 1_500,
+        "Succeeded {} ms after the last final line (teardown_grace 3s)",
+        ended - last_finished
+    );
+    ensure!(
+        !evs.iter().any(|(k, _, _)| k == "Stalled"),
+        "a finished worker was taken for stalled: {evs:#?}"
     );
     assert_no_containers_within(&c, Duration::from_secs(10))?;
     c.down()?;

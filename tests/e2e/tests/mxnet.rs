@@ -43,8 +43,23 @@ fn mxnet_example_trains_across_two_hosts() -> anyhow::Result<()> {
         },
         Binaries::find()?,
     )?;
+    // The example, with GeoMX's ps::Finalize crash imitated: the scheduler and the servers
+    // exit 139 after MXNet's own exit. The job must still succeed, naming each 139.
     let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/mxnet-ps.toml");
-    let out = c.ctl(&["submit", "--detach", &file.display().to_string()])?;
+    let crash = r#"["sh", "-c", "python3 -c 'import mxnet'; exit 139"]"#;
+    let text = std::fs::read_to_string(&file)?
+        .replace(
+            r#"scheduler = ["python3", "-c", "import mxnet"]"#,
+            &format!("scheduler = {crash}"),
+        )
+        .replace(
+            r#"server = ["python3", "-c", "import mxnet"]"#,
+            &format!("server = {crash}"),
+        );
+    ensure!(text.matches("exit 139").count() == 2, "{text}");
+    let crashing = std::env::temp_dir().join(format!("mxnet-ps-139-{}.toml", std::process::id()));
+    std::fs::write(&crashing, &text)?;
+    let out = c.ctl(&["submit", "--detach", &crashing.display().to_string()])?;
     ensure!(
         out.status.success(),
         "submit refused: {}{}",
@@ -117,6 +132,32 @@ fn mxnet_example_trains_across_two_hosts() -> anyhow::Result<()> {
             "{name}: accuracy did not rise ({first} -> {final_acc})"
         );
     }
+    let events = c.ctl_json(&["events", "mxnet-ps"])?;
+    let crashed: std::collections::BTreeSet<&str> = events["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            e["kind"] == "ExitedWhileShuttingDown"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("exited 139"))
+        })
+        .filter_map(|e| e["node"].as_str())
+        .collect();
+    let others: std::collections::BTreeSet<&str> = job["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["role"] != "worker")
+        .filter_map(|n| n["name"].as_str())
+        .collect();
+    ensure!(
+        crashed == others && others.len() == 3,
+        "shutdown crashes named {crashed:?}, expected the scheduler and servers {others:?}: {events}"
+    );
+    ensure!(job["restarts"] == 0, "restarted: {job}");
+    let _ = std::fs::remove_file(&crashing);
     c.down()?;
     Ok(())
 }

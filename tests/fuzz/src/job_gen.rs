@@ -294,9 +294,13 @@ pub fn job_spec(data: &[u8]) -> JobSpec {
         max_restarts: c.bool().then(|| c.pick(&[0, 1, 3, 100, 101, -1, i64::MAX])),
         stall_timeout: c.bool().then(|| c.string(&TIMEOUTS)),
         gpus_per_worker: c.pick(&SMALL),
+        // not drawn: the kept inputs keep meaning the jobs they meant
+        teardown_grace: None,
     };
     let progress = c.bool().then(|| ProgressSpec {
         regex: c.string(&REGEXES),
+        finished: None,
+        iterations: None,
     });
     // Drawn last: the inputs kept from before mounts existed read as jobs without any.
     let mounts = (0..c.below(4)).map(|_| mount(&mut c)).collect();

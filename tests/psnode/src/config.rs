@@ -151,6 +151,9 @@ pub struct Config {
     pub hang_after: Option<u64>,
     /// `PSNODE_EXIT_CODE`: exit code after the last iteration (default 0).
     pub exit_code: i32,
+    /// `PSNODE_FINALIZE_EXIT`: exit code of a scheduler or server once every worker it
+    /// waits for said goodbye (ps-lite's `Finalize`; default 0, 139 imitates GeoMX's crash).
+    pub finalize_exit: i32,
     /// `PSNODE_HTTP_HEARTBEAT=1`: POST progress to `GEOMX_AGENT_URL` too.
     pub http_heartbeat: bool,
     /// `GEOMX_AGENT_URL`.
@@ -321,6 +324,7 @@ impl Config {
             crash_after: e.num("PSNODE_CRASH_AFTER")?,
             hang_after: e.num("PSNODE_HANG_AFTER")?,
             exit_code: e.num("PSNODE_EXIT_CODE")?.unwrap_or(0),
+            finalize_exit: e.num("PSNODE_FINALIZE_EXIT")?.unwrap_or(0),
             http_heartbeat: e.get("PSNODE_HTTP_HEARTBEAT") == Some("1"),
             agent_url: e.get("GEOMX_AGENT_URL").map(str::to_string),
             job: e.get("GEOMX_JOB").map(str::to_string),

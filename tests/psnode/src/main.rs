@@ -13,7 +13,9 @@
 //! `PSNODE_ITERS_PER_EPOCH` (10), `PSNODE_CRASH_AFTER=n` (exit 3 after n
 //! iterations), `PSNODE_HANG_AFTER=n` (stop printing after n iterations),
 //! `PSNODE_EXIT_CODE` (0), `PSNODE_HTTP_HEARTBEAT=1` (also POST progress to
-//! `GEOMX_AGENT_URL/v1/heartbeat`). SIGTERM and SIGINT end it at once with exit code 0.
+//! `GEOMX_AGENT_URL/v1/heartbeat`), `PSNODE_FINALIZE_EXIT` (0: the exit code of schedulers
+//! and servers once their workers finished, as ps-lite's `Finalize`; 139 imitates GeoMX's
+//! crash there). SIGTERM and SIGINT end it at once with exit code 0.
 
 mod config;
 mod node;
@@ -57,7 +59,7 @@ fn run(env: &BTreeMap<String, String>, args: &[String]) -> anyhow::Result<i32> {
                 .serves
                 .as_ref()
                 .ok_or_else(|| anyhow::anyhow!("a scheduler without an address"))?;
-            node::run_scheduler(cfg.role, sched)?;
+            node::run_scheduler(cfg.role, sched, cfg.finalize_exit)?;
             Ok(0)
         }
         _ => node::run_node(&cfg),

@@ -7,7 +7,12 @@
 //!   (or `ERR ...` for a registration beyond the configured counts);
 //! - scheduler → node, once complete, to the node's advertised address:
 //!   `ROSTER <local|global> <scheduler ip:port> servers=<a,b> workers=<c,d>` → `OK`;
-//! - worker → every server of its roster: `HELLO <ip:port> <name>` → `OK`.
+//! - worker → every server of its roster: `HELLO <ip:port> <name>` → `OK`;
+//! - ps-lite's `Finalize`: a worker that trained to the end says `BYE <ip:port>` to its
+//!   scheduler and its servers; a scheduler exits once each of its workers said it, a server
+//!   once each worker of its local roster did (a party server says `BYE` to the global
+//!   scheduler first, where it counts as a worker). Their exit code is
+//!   `PSNODE_FINALIZE_EXIT` (0).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -157,12 +162,13 @@ struct Registry {
     servers: Vec<Peer>,
     workers: Vec<Peer>,
     complete: bool,
+    byes: std::collections::BTreeSet<String>,
 }
 
 /// Runs a scheduler: binds exactly `sched`'s address and waits (forever if need be) for
 /// exactly the configured registrations, then sends the roster to every node. Returns only
 /// on a bind error.
-pub fn run_scheduler(role: Role, sched: &Scheduler) -> Result<()> {
+pub fn run_scheduler(role: Role, sched: &Scheduler, finalize_exit: i32) -> Result<()> {
     let addr = sched.addr();
     let name = role.name();
     let listener = TcpListener::bind(&addr).map_err(|e| {
@@ -218,6 +224,19 @@ pub fn run_scheduler(role: Role, sched: &Scheduler) -> Result<()> {
                 Err(_) => return,
             };
             let parts: Vec<&str> = line.split_whitespace().collect();
+            if let ["BYE", node_addr, ..] = parts.as_slice() {
+                reply(&stream, "OK");
+                let mut r = reg.lock().unwrap_or_else(|p| p.into_inner());
+                r.byes.insert(node_addr.to_string());
+                if r.complete && r.byes.len() >= sched.workers {
+                    println!(
+                        "psnode {name} {}: every worker finished: shutting down (exit {finalize_exit})",
+                        sched.addr()
+                    );
+                    std::process::exit(finalize_exit);
+                }
+                return;
+            }
             let (kind, node_addr, node_name) = match parts.as_slice() {
                 ["REGISTER", k, a, n, ..] => match Kind::parse(k) {
                     Some(k) => (k, a.to_string(), n.to_string()),
@@ -337,16 +356,21 @@ pub fn run_node(cfg: &Config) -> Result<i32> {
     let me = listener.local_addr().context("local address")?.to_string();
     println!("psnode {role} {me} ({}): listening", cfg.name);
     let (tx, rx) = mpsc::channel::<Roster>();
+    let (bye_tx, bye_rx) = mpsc::channel::<String>();
     {
         let me = me.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(stream) = conn else { continue };
                 let tx = tx.clone();
+                let bye_tx = bye_tx.clone();
                 let me = me.clone();
                 std::thread::spawn(move || {
                     let Ok(line) = read_line(&stream) else { return };
-                    if let Some(r) = Roster::parse(&line) {
+                    if let Some(addr) = line.strip_prefix("BYE ") {
+                        reply(&stream, "OK");
+                        let _ = bye_tx.send(addr.trim().to_string());
+                    } else if let Some(r) = Roster::parse(&line) {
                         reply(&stream, "OK");
                         let _ = tx.send(r);
                     } else if let ["HELLO", addr, name, ..] =
@@ -379,16 +403,27 @@ pub fn run_node(cfg: &Config) -> Result<i32> {
         );
         rosters.push(r);
     }
-    if !cfg.role.trains() {
-        println!("psnode {role} {me}: ready");
-        loop {
-            std::thread::park();
-        }
-    }
     let local = rosters
         .iter()
         .find(|r| r.layer == Layer::Local.as_str())
         .context("no local roster")?;
+    if !cfg.role.trains() {
+        println!("psnode {role} {me}: ready");
+        let mut byes = std::collections::BTreeSet::new();
+        while byes.len() < local.workers.len() {
+            byes.insert(bye_rx.recv().context("listener ended")?);
+        }
+        for (sched, kind) in &cfg.registrations {
+            if *kind == Kind::Worker {
+                bye(role, &me, &sched.addr());
+            }
+        }
+        println!(
+            "psnode {role} {me}: every worker finished: shutting down (exit {})",
+            cfg.finalize_exit
+        );
+        return Ok(cfg.finalize_exit);
+    }
     for server in &local.servers {
         hello(role, &me, &cfg.name, server);
     }
@@ -397,7 +432,24 @@ pub fn run_node(cfg: &Config) -> Result<i32> {
         local.servers.len()
     );
     let rank = local.workers.iter().position(|w| *w == me).unwrap_or(0);
-    Ok(crate::train::train(cfg, rank))
+    let code = crate::train::train(cfg, rank);
+    if cfg.crash_after.is_none_or(|n| n > cfg.iterations) {
+        // Finalize: every scheduler and server of this worker learns that it is done
+        for (sched, _) in &cfg.registrations {
+            bye(role, &me, &sched.addr());
+        }
+        for server in &local.servers {
+            bye(role, &me, server);
+        }
+    }
+    Ok(code)
+}
+
+/// Says goodbye to `addr` (best effort: a peer that is gone needs no goodbye).
+fn bye(role: &str, me: &str, addr: &str) {
+    if let Err(e) = exchange(addr, &format!("BYE {me}")) {
+        eprintln!("psnode {role} {me}: goodbye to {addr} failed: {e}");
+    }
 }
 
 fn register_with(role: &str, me: &str, name: &str, sched: &Scheduler, kind: Kind) {

@@ -96,7 +96,7 @@ impl<E: Engine> AgentNodeService for NodeApi<E> {
             .ok_or_else(|| Status::unavailable("this agent is not connected to Docker yet"))?;
         debug!(job = %req.job, node = %req.node, follow = req.follow, tail = req.tail, "streaming logs");
         let stream = runtime
-            .logs(&req.job, &req.node, req.follow, req.tail)
+            .logs_of(&req.job, &req.node, req.generation, req.follow, req.tail)
             .await
             .map_err(|e| status_of(&e))?;
         let stream = stream

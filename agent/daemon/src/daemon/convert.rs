@@ -90,6 +90,7 @@ pub fn container_spec(c: &v1::ContainerSpec, controller_id: &str) -> ContainerSp
         gpus: c.gpus,
         generation: c.generation,
         progress_regex: Some(c.progress_regex.clone()).filter(|r| !r.trim().is_empty()),
+        finished_regex: Some(c.finished_regex.clone()).filter(|r| !r.trim().is_empty()),
         controller_id: controller_id.to_owned(),
         start: c.start,
         sandbox: c.sandbox,
@@ -153,6 +154,7 @@ pub fn progress(p: &Progress) -> v1::Progress {
         accuracy: p.accuracy,
         observed_at_ms: p.observed_at_ms,
         metrics: p.metrics.clone(),
+        finished: p.finished,
     }
 }
 
@@ -213,6 +215,7 @@ mod tests {
                 gpus: 1,
                 generation: 2,
                 progress_regex: String::new(),
+                finished_regex: String::new(),
                 start: true,
                 sandbox: true,
                 mounts: vec![v1::Mount {
@@ -280,6 +283,12 @@ mod tests {
             container_spec(&with_regex, "x").progress_regex.as_deref(),
             Some("it=(?P<iteration>\\d+)")
         );
+        assert_eq!(container_spec(&with_regex, "x").finished_regex, None);
+        with_regex.finished_regex = "^done$".into();
+        assert_eq!(
+            container_spec(&with_regex, "x").finished_regex.as_deref(),
+            Some("^done$")
+        );
     }
 
     #[test]
@@ -320,6 +329,7 @@ mod tests {
                 accuracy: Some(0.5),
                 observed_at_ms: 99,
                 metrics: BTreeMap::from([("loss".to_string(), 0.25)]),
+                finished: true,
             }),
             log_tail: vec!["boom".into()],
             error: "exit 1".into(),
@@ -334,6 +344,7 @@ mod tests {
         let p = w.progress.expect("progress");
         assert_eq!((p.epoch, p.iteration, p.accuracy), (1, 12, Some(0.5)));
         assert_eq!(p.metrics["loss"], 0.25);
+        assert!(p.finished, "the final line travels to the controller");
         assert_eq!(w.log_tail, vec!["boom"]);
         assert_eq!((w.started_at_ms, w.finished_at_ms), (10, 20));
         for (ours, wire) in [

@@ -415,6 +415,7 @@ async fn registers_applies_reports_survives_controller_restarts_and_loss() {
         node: "a-worker-0".into(),
         follow: false,
         tail: 0,
+        generation: None,
     };
     let lines = eventually_logs(&mut logs, request.clone()).await;
     assert!(

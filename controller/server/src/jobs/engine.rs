@@ -16,12 +16,30 @@
 //!    passed), the generation is bumped and the job starts again;
 //! 4. the agents' reports of the current generation update the node records (IP, state, exit
 //!    code, log tail);
-//! 5. a node that failed, went missing, is no longer reported, or (a training worker) stalled
-//!    fails the job, or restarts it under `restart = "on-failure"` while restarts are left;
-//! 6. every training worker exited 0: Succeeded;
-//! 7. nodes whose addresses are known (and, for servers and workers, whose schedulers run)
+//! 5. a training worker that printed `[progress].finished` or reached `[progress].iterations`
+//!    has finished training, even if its process never exits;
+//! 6. a node that failed, went missing, is no longer reported, or (a training worker) stalled
+//!    fails the job, or restarts it under `restart = "on-failure"` while restarts are left —
+//!    except a scheduler or server that exits non-zero while the job shuts down (see
+//!    [the teardown window](#the-teardown-window));
+//! 7. every training worker finished (exited 0, or finished training): Succeeded once every
+//!    node ended or `teardown_grace` after the last one finished, whichever is first; nodes
+//!    still running then are stopped by geomx (an event names each lingering worker);
+//! 8. nodes whose addresses are known (and, for servers and workers, whose schedulers run)
 //!    get their resolved environment and `start`;
-//! 8. Pending → Starting (first start), SchedulersUp, Starting → Running (every node runs).
+//! 9. Pending → Starting (first start), SchedulersUp, Starting → Running (every node runs).
+//!
+//! # The teardown window
+//!
+//! GeoMX's ps-lite crashes while shutting down: `Van::Stop(true)` joins a thread that exists
+//! only with `ENABLE_DGT`, so the global scheduler, the global servers and the party servers
+//! die with SIGSEGV (exit 139) in `ps::Finalize`, sometimes just before the last worker
+//! exits. So a scheduler or server (or a worker that already finished training) exiting
+//! non-zero does not fail the job when the last training worker finishes at most
+//! `teardown_grace` after it (or it exits after that): an event names the node, its exit
+//! code and its log tail ("exited 139 while shutting down"). Until then the job waits; past
+//! the window it fails as any other failure. Times are the controller's (when it recorded
+//! the end), so hosts' clocks do not matter.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::Ipv4Addr;
@@ -460,7 +478,25 @@ impl<'a> Draft<'a> {
         }
     }
 
-    fn finish(self) -> Changes {
+    fn finish(mut self) -> Changes {
+        if self.meta.phase.is_terminal() && !self.base_meta.phase.is_terminal() {
+            // what each node's end was: never `running` beside an ended job
+            for i in 0..self.base_nodes.len() {
+                let r = self.node(i);
+                if !r.end.is_empty() {
+                    continue;
+                }
+                let stop = matches!(r.state, NodeState::Running | NodeState::Created);
+                let now_ms = self.now_ms;
+                let r = self.node_mut(i);
+                if stop {
+                    r.state = NodeState::Stopped;
+                    r.finished_at_ms = now_ms;
+                    r.ended_seen_ms = now_ms;
+                }
+                r.end = end_text(r);
+            }
+        }
         let new_generation = self.meta.generation != self.base_meta.generation;
         let env_changed = self
             .nodes
@@ -539,25 +575,19 @@ pub fn evaluate(
         restart_now(idx, &mut d);
     } else {
         observe(idx, &mut d, soft);
+        training_finished(idx, &mut d, soft);
     }
     if let Some(reason) = node_problem(idx, &mut d, soft, ctx) {
         fail(idx, &mut d, reason, true);
         return d.finish();
     }
-    let training: Vec<usize> = (0..idx.len()).filter(|&i| idx.training[i]).collect();
-    if !training.is_empty()
-        && training
-            .iter()
-            .all(|&i| d.node(i).state == NodeState::Exited)
-    {
-        let reason = format!(
-            "all {} training worker{} exited 0",
-            training.len(),
-            plural(training.len())
-        );
-        d.event("Succeeded", reason.clone(), "", "");
-        d.set_phase(Phase::Succeeded, reason);
-        return d.finish();
+    if let Some(last) = training_done_at(idx, &d) {
+        let all_ended = (0..idx.len()).all(|i| d.node(i).state.is_ended());
+        let waited = ms_between(last, d.now_ms);
+        if all_ended || waited >= idx.plan.policy.teardown_grace {
+            succeed(idx, &mut d, waited);
+            return d.finish();
+        }
     }
     start_ready(idx, &mut d);
     advance(idx, &mut d);
@@ -566,6 +596,259 @@ pub fn evaluate(
 
 fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
+}
+
+/// The duration from `from_ms` to `to_ms` (zero if reversed).
+fn ms_between(from_ms: i64, to_ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(to_ms.saturating_sub(from_ms)).unwrap_or(0))
+}
+
+/// The name of signal `n` (Linux numbering), for the common ones.
+pub fn signal_name(n: i32) -> Option<&'static str> {
+    Some(match n {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        5 => "SIGTRAP",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        10 => "SIGUSR1",
+        11 => "SIGSEGV",
+        12 => "SIGUSR2",
+        13 => "SIGPIPE",
+        14 => "SIGALRM",
+        15 => "SIGTERM",
+        _ => return None,
+    })
+}
+
+/// ` (killed by signal 11, SIGSEGV)` for an exit code of 128 + a signal (what Docker's
+/// init and shells report for a process a signal killed); empty otherwise.
+pub fn signal_note(code: i32) -> String {
+    if !(129..=128 + 64).contains(&code) {
+        return String::new();
+    }
+    let sig = code - 128;
+    match signal_name(sig) {
+        Some(name) => format!(" (killed by signal {sig}, {name})"),
+        None => format!(" (killed by signal {sig})"),
+    }
+}
+
+/// `exited 0`, `exited 139 (killed by signal 11, SIGSEGV)`, `missing`, ...: how an ended
+/// node ended, for people.
+pub fn end_text(r: &NodeRecord) -> String {
+    match (r.state, r.exit_code) {
+        (NodeState::Exited, _) => "exited 0".to_owned(),
+        (NodeState::Failed, Some(code)) => format!("exited {code}{}", signal_note(code)),
+        (NodeState::Failed, None) => "could not start".to_owned(),
+        (NodeState::Missing, _) => "missing: its container is gone".to_owned(),
+        (NodeState::Stopped, _) => "stopped by geomx when the job ended".to_owned(),
+        (NodeState::Pending, _) => "never started (the job ended first)".to_owned(),
+        (NodeState::Created, _) | (NodeState::Running, _) => String::new(),
+    }
+}
+
+/// A node whose non-zero exit may be a crash while shutting down: a scheduler or server
+/// (GeoMX's `ps::Finalize` segfaults), or a training worker that had finished training.
+/// Not a node that could not start or went missing.
+fn teardown_candidate(idx: &PlanIndex, i: usize, r: &NodeRecord) -> bool {
+    r.state == NodeState::Failed
+        && r.exit_code.is_some_and(|c| c != 0)
+        && (!idx.training[i] || r.training_done_ms > 0)
+}
+
+/// Whether a training worker has finished: exited 0, or finished training (its final line
+/// or its total iterations) whatever happened to its process after.
+fn training_worker_done(r: &NodeRecord) -> bool {
+    r.state == NodeState::Exited || r.training_done_ms > 0
+}
+
+fn all_training_done(idx: &PlanIndex, d: &Draft<'_>) -> bool {
+    training_done_at(idx, d).is_some()
+}
+
+/// When the last training worker finished (controller ms), once every one has.
+fn training_done_at(idx: &PlanIndex, d: &Draft<'_>) -> Option<i64> {
+    let mut last = None;
+    for i in (0..idx.len()).filter(|&i| idx.training[i]) {
+        let r = d.node(i);
+        if !training_worker_done(r) {
+            return None;
+        }
+        let at = if r.training_done_ms > 0 {
+            r.training_done_ms
+        } else {
+            r.ended_seen_ms
+        };
+        last = last.max(Some(at));
+    }
+    last
+}
+
+/// Running training workers whose progress says training is over: printed the job's
+/// `[progress].finished` line or reached `[progress].iterations`.
+fn training_finished(idx: &PlanIndex, d: &mut Draft<'_>, soft: &JobSoft) {
+    let total = idx.plan.progress.iterations;
+    for (i, n) in idx.plan.nodes.iter().enumerate() {
+        if !idx.training[i] {
+            continue;
+        }
+        let r = d.node(i);
+        if r.training_done_ms > 0 || r.state != NodeState::Running {
+            continue;
+        }
+        let Some(p) = soft.nodes[i]
+            .status
+            .as_ref()
+            .filter(|st| st.generation == d.meta.generation)
+            .and_then(|st| st.progress.as_ref())
+        else {
+            continue;
+        };
+        let how = if p.finished {
+            "printed its final line ([progress].finished)".to_owned()
+        } else if let Some(total) = total.filter(|&t| p.iteration >= t) {
+            format!(
+                "reached iteration {} of {total} ([progress].iterations)",
+                p.iteration
+            )
+        } else {
+            continue;
+        };
+        let now_ms = d.now_ms;
+        d.node_mut(i).training_done_ms = now_ms;
+        d.event(
+            "TrainingFinished",
+            format!(
+                "node {} ({}) on host {} finished training: it {how}; it counts as finished, and geomx stops it if it still runs teardown_grace ({}) after the last training worker finished",
+                n.name,
+                n.role.as_str(),
+                n.host,
+                humantime::format_duration(idx.plan.policy.teardown_grace)
+            ),
+            &n.name,
+            &n.host,
+        );
+    }
+}
+
+/// Every training worker finished and the teardown is over: Succeeded. Names the nodes that
+/// exited non-zero while shutting down and the workers geomx stops after their training.
+fn succeed(idx: &PlanIndex, d: &mut Draft<'_>, waited: Duration) {
+    let grace = idx.plan.policy.teardown_grace;
+    let last = training_done_at(idx, d).unwrap_or(d.now_ms);
+    let mut crashed = Vec::new();
+    let mut lingering = Vec::new();
+    let mut exited = 0usize;
+    for (i, n) in idx.plan.nodes.iter().enumerate() {
+        let r = d.node(i).clone();
+        if teardown_candidate(idx, i, &r) {
+            let when = if r.ended_seen_ms >= last {
+                "after the training workers finished".to_owned()
+            } else {
+                format!(
+                    "{} before the last training worker finished (within teardown_grace {})",
+                    humantime::format_duration(round_ms(ms_between(r.ended_seen_ms, last))),
+                    humantime::format_duration(grace)
+                )
+            };
+            let code = r.exit_code.unwrap_or_default();
+            let mut msg = format!(
+                "node {} ({}) on host {} exited {code}{} while shutting down, {when}: not a failure",
+                n.name,
+                n.role.as_str(),
+                n.host,
+                signal_note(code)
+            );
+            push_tail(&mut msg, &r.log_tail);
+            d.event("ExitedWhileShuttingDown", msg, &n.name, &n.host);
+            d.node_mut(i).end = format!("{} while shutting down (not a failure)", end_text(&r));
+            crashed.push(format!("{} ({code})", n.name));
+        } else if idx.training[i] && r.state == NodeState::Running && r.training_done_ms > 0 {
+            d.event(
+                "StoppedAfterTraining",
+                format!(
+                    "node {} ({}) on host {} still ran {} after it finished training (teardown_grace {}): stopped by geomx; it counts as finished",
+                    n.name,
+                    n.role.as_str(),
+                    n.host,
+                    humantime::format_duration(round_ms(ms_between(
+                        r.training_done_ms,
+                        d.now_ms
+                    ))),
+                    humantime::format_duration(grace)
+                ),
+                &n.name,
+                &n.host,
+            );
+            let rec = d.node_mut(i);
+            rec.state = NodeState::Stopped;
+            rec.end = "stopped by geomx after it finished training".to_owned();
+            lingering.push(n.name.clone());
+        } else if idx.training[i] && r.state == NodeState::Exited {
+            exited += 1;
+        }
+    }
+    let workers = (0..idx.len()).filter(|&i| idx.training[i]).count();
+    let mut reason = if lingering.is_empty() && exited == workers {
+        format!("all {workers} training worker{} exited 0", plural(workers))
+    } else {
+        format!(
+            "all {workers} training worker{} finished ({exited} exited 0, {} stopped by geomx after finishing training, {} ended otherwise after finishing training)",
+            plural(workers),
+            lingering.len(),
+            workers - exited - lingering.len()
+        )
+    };
+    if !crashed.is_empty() {
+        reason.push_str(&format!(
+            "; exited non-zero while shutting down: {}",
+            list_names(crashed.iter().map(String::as_str), 8)
+        ));
+    }
+    let still = (0..idx.len())
+        .filter(|&i| !d.node(i).state.is_ended())
+        .count();
+    if still > 0 && waited >= grace {
+        reason.push_str(&format!(
+            "; {still} node{} still running teardown_grace ({}) after the last training worker finished {} stopped",
+            plural(still),
+            humantime::format_duration(grace),
+            if still == 1 { "is" } else { "are" }
+        ));
+    }
+    d.event("Succeeded", reason.clone(), "", "");
+    d.set_phase(Phase::Succeeded, reason);
+}
+
+/// A failure text with what the log tail tells about a known trap: GeoMX's ps-lite in mode
+/// "ps" (its servers require the global-layer variables: "Check notnull: find(...)").
+fn with_hint(idx: &PlanIndex, mut text: String, r: &NodeRecord) -> String {
+    let geomx_ps = idx.plan.mode == geomx_job::Mode::Ps
+        && r.log_tail
+            .iter()
+            .any(|l| l.contains("Check notnull: find(") || l.contains("DMLC_NUM_GLOBAL_"));
+    if geomx_ps {
+        text.push_str(
+            "\n(mode \"ps\" needs plain MXNet: GeoMX's ps-lite aborts in mode \"ps\", its servers require DMLC_NUM_GLOBAL_WORKER and DMLC_NUM_GLOBAL_SERVER; use mode \"hips\" with the GeoMX image, or an image with plain MXNet, e.g. pip's mxnet==1.9.1)",
+        );
+    }
+    text
+}
+
+fn push_tail(text: &mut String, log_tail: &[String]) {
+    let skip = log_tail.len().saturating_sub(REASON_LOG_LINES);
+    if log_tail.len() > skip {
+        text.push_str("\nlast log lines:");
+        for line in &log_tail[skip..] {
+            text.push_str("\n  ");
+            text.push_str(line);
+        }
+    }
 }
 
 /// `a, b, c and 4 more`.
@@ -673,6 +956,12 @@ fn observe(idx: &PlanIndex, d: &mut Draft<'_>, soft: &JobSoft) {
             (r.state, r.ip, r.started())
         };
         if rec_state.is_ended() {
+            // the tail may come in a later report than the end: keep the last lines of
+            // every node that ended
+            let ended_report = NodeState::from_proto(st.state).is_some_and(NodeState::is_ended);
+            if ended_report && d.node(i).log_tail.is_empty() && !st.log_tail.is_empty() {
+                d.node_mut(i).log_tail.clone_from(&st.log_tail);
+            }
             continue;
         }
         let Some(mut state) = NodeState::from_proto(st.state) else {
@@ -716,7 +1005,8 @@ fn observe(idx: &PlanIndex, d: &mut Draft<'_>, soft: &JobSoft) {
                     now_ms
                 };
             }
-            NodeState::Exited | NodeState::Failed | NodeState::Missing => {
+            NodeState::Exited | NodeState::Failed | NodeState::Missing | NodeState::Stopped => {
+                r.ended_seen_ms = now_ms;
                 r.exit_code = st.exit_code;
                 r.error.clone_from(&st.error);
                 r.log_tail.clone_from(&st.log_tail);
@@ -751,6 +1041,22 @@ fn observe(idx: &PlanIndex, d: &mut Draft<'_>, soft: &JobSoft) {
                     &n.host,
                 );
             }
+            NodeState::Failed if teardown_candidate(idx, i, &r) => {
+                let why = if r.training_done_ms > 0 {
+                    "it had finished training: it counts as finished".to_owned()
+                } else {
+                    format!(
+                        "not a failure if every training worker finishes within teardown_grace ({}) of it: GeoMX's servers and schedulers may crash in ps::Finalize",
+                        humantime::format_duration(idx.plan.policy.teardown_grace)
+                    )
+                };
+                d.event(
+                    "NodeExitedNonZero",
+                    format!("{}\n({why})", failure_text(n, &r)),
+                    &n.name,
+                    &n.host,
+                );
+            }
             NodeState::Failed => {
                 d.event("NodeFailed", failure_text(n, &r), &n.name, &n.host);
             }
@@ -772,10 +1078,11 @@ pub fn failure_text(n: &geomx_job::Node, r: &NodeRecord) -> String {
             n.host
         ),
         (_, Some(code)) => format!(
-            "node {} ({}) on host {} failed with exit code {code}",
+            "node {} ({}) on host {} failed with exit code {code}{}",
             n.name,
             n.role.as_str(),
-            n.host
+            n.host,
+            signal_note(code)
         ),
         (_, None) => format!(
             "node {} ({}) on host {} could not start",
@@ -818,11 +1125,32 @@ fn node_problem(
     soft: &JobSoft,
     ctx: &Ctx<'_>,
 ) -> Option<String> {
+    let grace = idx.plan.policy.teardown_grace;
+    let training_done = all_training_done(idx, d);
     for (i, n) in idx.plan.nodes.iter().enumerate() {
         let r = d.node(i);
-        if matches!(r.state, NodeState::Failed | NodeState::Missing) {
-            return Some(failure_text(n, r));
+        if !matches!(r.state, NodeState::Failed | NodeState::Missing) {
+            continue;
         }
+        if teardown_candidate(idx, i, r) {
+            if r.training_done_ms > 0 || training_done {
+                continue;
+            }
+            let waited = ms_between(r.ended_seen_ms, d.now_ms);
+            if waited <= grace {
+                // the training workers may still finish within the window
+                continue;
+            }
+            let msg = format!(
+                "{}\n(not a shutdown crash: the training workers had not finished {} after it ended, teardown_grace {})",
+                with_hint(idx, failure_text(n, r), r),
+                humantime::format_duration(round_ms(waited)),
+                humantime::format_duration(grace)
+            );
+            d.event("NodeFailed", msg.clone(), &n.name, &n.host);
+            return Some(msg);
+        }
+        return Some(with_hint(idx, failure_text(n, r), r));
     }
     // Started nodes their host stopped reporting.
     for (i, n) in idx.plan.nodes.iter().enumerate() {
@@ -890,7 +1218,10 @@ fn node_problem(
     }
     // Training workers without progress.
     for (i, n) in idx.plan.nodes.iter().enumerate() {
-        if !idx.training[i] || d.node(i).state != NodeState::Running {
+        if !idx.training[i]
+            || d.node(i).state != NodeState::Running
+            || d.node(i).training_done_ms > 0
+        {
             continue;
         }
         let s = &soft.nodes[i];
@@ -1197,7 +1528,9 @@ workers = 1
         fn ctx(&self) -> Ctx<'_> {
             Ctx {
                 now: self.now,
-                now_ms: 1_000,
+                now_ms: 1_000
+                    + i64::try_from(self.now.saturating_duration_since(self.t0).as_millis())
+                        .unwrap_or(i64::MAX),
                 hosts: &self.hosts,
                 stall_timeout: Duration::from_secs(10),
                 absent_timeout: Duration::from_secs(3),
@@ -1496,10 +1829,396 @@ workers = 1
             ..Default::default()
         });
         let c = f.pass(None);
-        assert_eq!(Fixture::kinds(&c), ["NodeExited", "Succeeded"]);
+        assert_eq!(Fixture::kinds(&c), ["NodeExited"]);
+        assert_eq!(
+            f.meta.phase,
+            Phase::Running,
+            "schedulers and servers get teardown_grace to shut down"
+        );
+        // they shut down (ps::Finalize): the job ends at once
+        for name in SERVERS {
+            f.report_status(NodeStatus {
+                node: name.into(),
+                state: ContainerState::Exited as i32,
+                exit_code: Some(0),
+                ..Default::default()
+            });
+        }
+        let c = f.pass(None);
+        assert_eq!(Fixture::kinds(&c).last(), Some(&"Succeeded"));
         assert_eq!(f.meta.phase, Phase::Succeeded);
         assert!(c.publish);
         assert_eq!(f.meta.reason, "all 3 training workers exited 0");
+        assert!(f.nodes.iter().all(|n| n.end == "exited 0"), "{:?}", f.nodes);
+    }
+
+    /// One timeline of the teardown window: at each second, the nodes that end then (node,
+    /// exit code); a pass after each second.
+    struct Teardown {
+        name: &'static str,
+        steps: &'static [(u64, &'static [(&'static str, i32)])],
+        phase: Phase,
+        /// Seconds after the start at which the phase was reached.
+        at: u64,
+        /// Event kinds the run must have recorded.
+        events: &'static [&'static str],
+        /// Text the reason (or, for Succeeded, an event) must hold.
+        says: &'static str,
+    }
+
+    const SERVERS: [&str; 5] = [
+        "global-scheduler",
+        "global-server-0",
+        "central-scheduler",
+        "p-scheduler",
+        "p-server",
+    ];
+
+    #[test]
+    fn teardown_windows() {
+        let cases = [
+            Teardown {
+                name: "every server crashes 139 after the last worker exited 0",
+                steps: &[
+                    (1, &[("p-worker-0", 0), ("p-worker-1", 0)]),
+                    (2, &[("master-worker", 0)]),
+                    (
+                        3,
+                        &[
+                            ("global-scheduler", 139),
+                            ("global-server-0", 139),
+                            ("central-scheduler", 0),
+                            ("p-scheduler", 0),
+                            ("p-server", 139),
+                        ],
+                    ),
+                ],
+                phase: Phase::Succeeded,
+                at: 3,
+                events: &["ExitedWhileShuttingDown", "Succeeded"],
+                says: "exited 139 (killed by signal 11, SIGSEGV) while shutting down, after the training workers finished",
+            },
+            Teardown {
+                name: "a server crashes 3s before the last worker exits (grace 4s)",
+                steps: &[
+                    (1, &[("p-worker-0", 0), ("p-worker-1", 0)]),
+                    (2, &[("p-server", 139)]),
+                    (5, &[("master-worker", 0)]),
+                ],
+                phase: Phase::Succeeded,
+                at: 9,
+                events: &["NodeExitedNonZero", "ExitedWhileShuttingDown", "Succeeded"],
+                says: "3s before the last training worker finished (within teardown_grace 4s)",
+            },
+            Teardown {
+                name: "a server crashes and the workers do not finish within the grace",
+                steps: &[
+                    (1, &[("p-server", 139)]),
+                    (5, &[]),
+                    (6, &[]),
+                    (
+                        7,
+                        &[("p-worker-0", 0), ("p-worker-1", 0), ("master-worker", 0)],
+                    ),
+                ],
+                phase: Phase::Failed,
+                at: 6,
+                events: &["NodeExitedNonZero", "NodeFailed", "Failed"],
+                says: "not a shutdown crash: the training workers had not finished 5s after it ended",
+            },
+            Teardown {
+                name: "a worker exiting 1 fails the job at once, whatever the window",
+                steps: &[
+                    (1, &[("p-worker-0", 0), ("master-worker", 0)]),
+                    (2, &[("p-worker-1", 1)]),
+                ],
+                phase: Phase::Failed,
+                at: 2,
+                events: &["NodeFailed", "Failed"],
+                says: "node p-worker-1 (worker) on host b failed with exit code 1",
+            },
+            Teardown {
+                name: "a worker killed by SIGKILL names the signal",
+                steps: &[(1, &[("p-worker-0", 137)])],
+                phase: Phase::Failed,
+                at: 1,
+                events: &["NodeFailed", "Failed"],
+                says: "failed with exit code 137 (killed by signal 9, SIGKILL)",
+            },
+            Teardown {
+                name: "servers that never exit are stopped teardown_grace after the last worker",
+                steps: &[
+                    (1, &[("p-worker-0", 0), ("p-worker-1", 0)]),
+                    (2, &[("master-worker", 0), ("global-scheduler", 139)]),
+                    (5, &[]),
+                    (6, &[]),
+                ],
+                phase: Phase::Succeeded,
+                at: 6,
+                events: &["ExitedWhileShuttingDown", "Succeeded"],
+                says: "4 nodes still running teardown_grace (4s) after the last training worker finished are stopped",
+            },
+        ];
+        for case in cases {
+            let mut f = Fixture::new(&with_policy(ROUTED, "teardown_grace = \"4s\""));
+            f.run_everything();
+            let mut kinds: Vec<String> = Vec::new();
+            let mut texts: Vec<String> = Vec::new();
+            let mut reached = None;
+            let last = case.steps.last().map_or(0, |s| s.0) + 4;
+            for sec in 1..=last {
+                f.now = f.t0 + Duration::from_secs(sec);
+                if let Some((_, ends)) = case.steps.iter().find(|(t, _)| *t == sec) {
+                    for (node, code) in ends.iter() {
+                        f.report_status(NodeStatus {
+                            node: (*node).into(),
+                            state: if *code == 0 {
+                                ContainerState::Exited
+                            } else {
+                                ContainerState::Failed
+                            } as i32,
+                            exit_code: Some(*code),
+                            log_tail: vec![format!("{node} says goodbye")],
+                            ..Default::default()
+                        });
+                    }
+                }
+                let c = f.pass(None);
+                kinds.extend(c.events.iter().map(|e| e.kind.clone()));
+                texts.extend(c.events.iter().map(|e| e.message.clone()));
+                if reached.is_none() && f.meta.phase.is_terminal() {
+                    reached = Some(sec);
+                }
+            }
+            assert_eq!(f.meta.phase, case.phase, "{}: {kinds:?}", case.name);
+            assert_eq!(reached, Some(case.at), "{}: {kinds:?}", case.name);
+            for k in case.events {
+                assert!(
+                    kinds.iter().any(|x| x == k),
+                    "{}: no {k} in {kinds:?}",
+                    case.name
+                );
+            }
+            assert!(
+                f.meta.reason.contains(case.says) || texts.iter().any(|t| t.contains(case.says)),
+                "{}: {:?} / {texts:#?}",
+                case.name,
+                f.meta.reason
+            );
+            // never `running` beside an ended job
+            assert!(
+                f.nodes
+                    .iter()
+                    .all(|n| n.state != NodeState::Running && !n.end.is_empty()),
+                "{}: {:?}",
+                case.name,
+                f.nodes
+            );
+        }
+    }
+
+    #[test]
+    fn shutdown_crash_events_name_node_code_and_log_tail() {
+        let mut f = Fixture::new(ROUTED);
+        f.run_everything();
+        for name in ["p-worker-0", "p-worker-1", "master-worker"] {
+            f.report_status(NodeStatus {
+                node: name.into(),
+                state: ContainerState::Exited as i32,
+                exit_code: Some(0),
+                ..Default::default()
+            });
+        }
+        f.pass(None);
+        for name in SERVERS {
+            f.report_status(NodeStatus {
+                node: name.into(),
+                state: ContainerState::Failed as i32,
+                exit_code: Some(139),
+                log_tail: vec!["Segmentation fault in ps::Finalize".into()],
+                ..Default::default()
+            });
+        }
+        let c = f.pass(None);
+        assert_eq!(f.meta.phase, Phase::Succeeded);
+        let crashes: Vec<&EventRecord> = c
+            .events
+            .iter()
+            .filter(|e| e.kind == "ExitedWhileShuttingDown")
+            .collect();
+        let mut named: Vec<&str> = crashes.iter().map(|e| e.node.as_str()).collect();
+        named.sort_unstable();
+        let mut want = SERVERS.to_vec();
+        want.sort_unstable();
+        assert_eq!(named, want);
+        for e in crashes {
+            assert!(e.message.contains("exited 139"), "{}", e.message);
+            assert!(
+                e.message
+                    .contains("last log lines:\n  Segmentation fault in ps::Finalize"),
+                "{}",
+                e.message
+            );
+        }
+        assert!(
+            f.meta
+                .reason
+                .contains("exited non-zero while shutting down: global-scheduler (139)")
+        );
+        let srv = &f.nodes[f.i("p-server")];
+        assert_eq!(
+            srv.end,
+            "exited 139 (killed by signal 11, SIGSEGV) while shutting down (not a failure)"
+        );
+    }
+
+    #[test]
+    fn finished_workers_that_linger_are_stopped_and_count_as_finished() {
+        for (progress, finish) in [
+            ("finished = \"^training done$\"", true),
+            ("iterations = 20", false),
+        ] {
+            let src = format!(
+                "{}\n[progress]\n{progress}\n",
+                with_policy(ROUTED, "teardown_grace = \"4s\"")
+            );
+            let mut f = Fixture::new(&src);
+            f.run_everything();
+            let names = ["p-worker-0", "p-worker-1", "master-worker"];
+            for (k, name) in names.iter().enumerate() {
+                f.now = f.t0 + Duration::from_secs(1 + k as u64);
+                f.report_status(NodeStatus {
+                    node: (*name).into(),
+                    state: ContainerState::Running as i32,
+                    progress: Some(Progress {
+                        iteration: if finish { 7 } else { 20 },
+                        finished: finish,
+                        observed_at_ms: 5,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+                let c = f.pass(None);
+                assert_eq!(Fixture::kinds(&c), ["TrainingFinished"], "{progress}");
+                assert_eq!(f.meta.phase, Phase::Running);
+            }
+            // the last one finished at 3s: 4s later (7s) the job ends; no stall in between
+            for sec in 4..7 {
+                f.now = f.t0 + Duration::from_secs(sec);
+                assert!(f.pass(None).events.is_empty(), "{progress} at {sec}s");
+            }
+            f.now = f.t0 + Duration::from_secs(7);
+            let c = f.pass(None);
+            assert_eq!(f.meta.phase, Phase::Succeeded, "{progress}");
+            let stopped: Vec<&str> = c
+                .events
+                .iter()
+                .filter(|e| e.kind == "StoppedAfterTraining")
+                .map(|e| e.node.as_str())
+                .collect();
+            assert_eq!(
+                stopped,
+                ["master-worker", "p-worker-0", "p-worker-1"],
+                "{progress}"
+            );
+            assert!(
+                f.meta
+                    .reason
+                    .starts_with("all 3 training workers finished (0 exited 0, 3 stopped by geomx after finishing training"),
+                "{}",
+                f.meta.reason
+            );
+            let w = &f.nodes[f.i("p-worker-0")];
+            assert_eq!(w.state, NodeState::Stopped);
+            assert_eq!(w.end, "stopped by geomx after it finished training");
+            let s = &f.nodes[f.i("p-server")];
+            assert_eq!(s.end, "stopped by geomx when the job ended");
+        }
+    }
+
+    #[test]
+    fn a_worker_crashing_after_its_final_line_counts_as_finished() {
+        let src = format!("{ROUTED}\n[progress]\nfinished = \"done\"\n");
+        let mut f = Fixture::new(&src);
+        f.run_everything();
+        f.report_status(NodeStatus {
+            node: "p-worker-0".into(),
+            state: ContainerState::Running as i32,
+            progress: Some(Progress {
+                iteration: 3,
+                finished: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        f.pass(None);
+        f.report_status(NodeStatus {
+            node: "p-worker-0".into(),
+            state: ContainerState::Failed as i32,
+            exit_code: Some(139),
+            ..Default::default()
+        });
+        let c = f.pass(None);
+        assert_eq!(Fixture::kinds(&c), ["NodeExitedNonZero"]);
+        assert_eq!(f.meta.phase, Phase::Running);
+    }
+
+    #[test]
+    fn mode_ps_on_geomx_names_the_trap() {
+        let mut f = Fixture::new(PSEUDO);
+        f.run_everything();
+        f.report_status(NodeStatus {
+            node: "p-server-0".into(),
+            state: ContainerState::Failed as i32,
+            exit_code: Some(134),
+            log_tail: vec![
+                "[12:00:00] src/postoffice.cc:43: Check notnull: find(\"DMLC_NUM_GLOBAL_WORKER\")"
+                    .into(),
+            ],
+            ..Default::default()
+        });
+        f.pass(None);
+        f.now += Duration::from_secs(11);
+        f.pass(None);
+        assert_eq!(f.meta.phase, Phase::Failed);
+        assert!(
+            f.meta.reason.contains("mode \"ps\" needs plain MXNet"),
+            "{}",
+            f.meta.reason
+        );
+        assert!(
+            f.meta.reason.contains("killed by signal 6, SIGABRT"),
+            "{}",
+            f.meta.reason
+        );
+    }
+
+    #[test]
+    fn final_states_after_a_failure_say_what_happened() {
+        let mut f = Fixture::new(ROUTED);
+        // only the schedulers run; the rest never started
+        let names: Vec<String> = f.idx.plan.nodes.iter().map(|n| n.name.clone()).collect();
+        for (k, name) in names.iter().enumerate() {
+            f.report(
+                name,
+                ContainerState::Pending,
+                &format!("172.17.0.{}", k + 2),
+            );
+        }
+        f.pass(None);
+        for name in ["global-scheduler", "central-scheduler", "p-scheduler"] {
+            let ip = f.nodes[f.i(name)].ip.unwrap().to_string();
+            f.report(name, ContainerState::Running, &ip);
+        }
+        f.pass(None);
+        let c = f.pass(Some(Command::Cancel));
+        assert!(c.publish);
+        let gs = &f.nodes[f.i("global-scheduler")];
+        assert_eq!(gs.state, NodeState::Stopped);
+        assert_eq!(gs.end, "stopped by geomx when the job ended");
+        let w = &f.nodes[f.i("p-worker-0")];
+        assert!(!w.started() || w.state != NodeState::Running);
+        assert!(!w.end.is_empty(), "{w:?}");
     }
 
     #[test]

@@ -717,7 +717,7 @@ impl Jobs {
         request: UserLogsRequest,
     ) -> Result<BoxStream<'static, Result<LogChunk, Status>>, Status> {
         let (name, _) = self.resolve(&request.job)?;
-        let host = {
+        let (host, kept) = {
             let inner = self.lock();
             let entry = inner.jobs.get(&name).ok_or_else(|| not_found(&name))?;
             let node = entry.idx.plan.node(&request.node).ok_or_else(|| {
@@ -726,13 +726,51 @@ impl Jobs {
                     validate::shorten(&request.node)
                 ))
             })?;
-            node.host.clone()
+            // the last lines the controller recorded when the node ended (current
+            // generation): shown when its host cannot serve the output any more
+            let kept = entry
+                .idx
+                .index
+                .get(&request.node)
+                .and_then(|&i| entry.nodes.get(i))
+                .filter(|_| {
+                    request
+                        .generation
+                        .is_none_or(|g| g == entry.meta.generation)
+                })
+                .map(|r| r.log_tail.clone())
+                .unwrap_or_default();
+            (node.host.clone(), kept)
         };
-        let view = self.membership.host(&host).ok_or_else(|| {
-            Status::unavailable(format!("host {host} is not registered any more"))
-        })?;
+        let from_record =
+            |why: String| -> Result<BoxStream<'static, Result<LogChunk, Status>>, Status> {
+                let note = LogChunk {
+                    lines: vec![format!(
+                        "geomx: {why}; the last {} lines the controller kept:",
+                        kept.len()
+                    )],
+                    stderr: true,
+                };
+                let lines = LogChunk {
+                    lines: kept.clone(),
+                    stderr: false,
+                };
+                Ok(futures::StreamExt::boxed(futures::stream::iter([
+                    Ok(note),
+                    Ok(lines),
+                ])))
+            };
+        let Some(view) = self.membership.host(&host) else {
+            let why = format!("host {host} is not registered any more");
+            return if kept.is_empty() {
+                Err(Status::unavailable(why))
+            } else {
+                from_record(why)
+            };
+        };
         let span = tracing::info_span!("logs", job = %name, node = %request.node, host = %host);
-        self.connector
+        let streamed = self
+            .connector
             .logs(
                 &host,
                 &view.record.agent_url,
@@ -741,10 +779,23 @@ impl Jobs {
                     node: request.node,
                     follow: request.follow,
                     tail: request.tail,
+                    generation: request.generation,
                 },
             )
             .instrument(span)
-            .await
+            .await;
+        match streamed {
+            Err(status)
+                if !kept.is_empty()
+                    && matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::NotFound
+                    ) =>
+            {
+                from_record(status.message().to_owned())
+            }
+            other => other,
+        }
     }
 
     /// Checks stalls, vanished nodes and restart drains every [`JobOptions::tick`] until

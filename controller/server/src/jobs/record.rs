@@ -101,6 +101,8 @@ pub enum NodeState {
     Failed,
     /// Gone although it was expected.
     Missing,
+    /// Still running (or created) when its job ended: stopped by geomx then.
+    Stopped,
 }
 
 impl NodeState {
@@ -114,6 +116,7 @@ impl NodeState {
             ContainerState::Exited => Some(NodeState::Exited),
             ContainerState::Failed => Some(NodeState::Failed),
             ContainerState::Missing => Some(NodeState::Missing),
+            ContainerState::Stopped => Some(NodeState::Stopped),
         }
     }
 
@@ -126,6 +129,7 @@ impl NodeState {
             NodeState::Exited => ContainerState::Exited,
             NodeState::Failed => ContainerState::Failed,
             NodeState::Missing => ContainerState::Missing,
+            NodeState::Stopped => ContainerState::Stopped,
         }
     }
 
@@ -133,7 +137,7 @@ impl NodeState {
     pub fn is_ended(self) -> bool {
         matches!(
             self,
-            NodeState::Exited | NodeState::Failed | NodeState::Missing
+            NodeState::Exited | NodeState::Failed | NodeState::Missing | NodeState::Stopped
         )
     }
 
@@ -146,6 +150,7 @@ impl NodeState {
             NodeState::Exited => "exited",
             NodeState::Failed => "failed",
             NodeState::Missing => "missing",
+            NodeState::Stopped => "stopped",
         }
     }
 }
@@ -221,6 +226,19 @@ pub struct NodeRecord {
     pub started_at_ms: i64,
     /// Container end time (Unix ms), 0 while running.
     pub finished_at_ms: i64,
+    /// When the controller recorded the node's end (Unix ms, the controller's clock; 0
+    /// while it runs): the teardown window is measured with it.
+    #[serde(default)]
+    pub ended_seen_ms: i64,
+    /// When the controller saw a training worker finish training without (yet) exiting:
+    /// it printed `[progress].finished` or reached `[progress].iterations` (Unix ms, the
+    /// controller's clock); 0 if not.
+    #[serde(default)]
+    pub training_done_ms: i64,
+    /// How the node ended, for people ("exited 0", "stopped by geomx when the job
+    /// ended", ...); set once its job ended.
+    #[serde(default)]
+    pub end: String,
 }
 
 impl NodeRecord {
@@ -314,6 +332,7 @@ mod tests {
             NodeState::Exited,
             NodeState::Failed,
             NodeState::Missing,
+            NodeState::Stopped,
         ] {
             assert_eq!(NodeState::from_proto(s.to_proto() as i32), Some(s));
         }

@@ -114,6 +114,7 @@ fn node_message(run: RunRef<'_>, i: usize, now: Instant) -> JobNode {
             u64::try_from(now.saturating_duration_since(t).as_millis()).unwrap_or(u64::MAX)
         }),
         iterations_per_s: soft.map_or(0.0, |s| s.iterations_per_s(now)),
+        end: rec.end.clone(),
     }
 }
 
@@ -159,6 +160,7 @@ pub fn node_container_spec(plan: &Plan, n: &Node) -> ContainerSpec {
         } else {
             regex.clone()
         },
+        finished_regex: plan.progress.finished.clone().unwrap_or_default(),
         start: false,
         // only a node whose env names its own address needs it before it starts
         sandbox: plan.network != Network::Pseudo && n.depends_on().contains(&n.name),
