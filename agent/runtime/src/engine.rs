@@ -178,6 +178,12 @@ pub trait Engine: Send + Sync + 'static {
     fn path_exists(&self, path: &str) -> bool {
         Path::new(path).exists()
     }
+    /// Where a host path really leads (symlinks resolved); `None` when that cannot be told.
+    fn real_path(&self, path: &str) -> Option<String> {
+        std::fs::canonicalize(path)
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned())
+    }
 }
 
 /// [`Engine`] over a real dockerd through bollard.

@@ -48,6 +48,17 @@ pub enum RuntimeError {
         /// The host path.
         path: String,
     },
+    /// A bind mount's host path leads (through a symlink) where no bind mount may go: the
+    /// host's system directories, Docker's or geomx's state, the Docker socket.
+    #[error("bind mount source {path} resolves to {real}, which {why}: refused")]
+    BindSourceRefused {
+        /// The host path as given.
+        path: String,
+        /// Where it leads.
+        real: String,
+        /// Why that is refused.
+        why: String,
+    },
     /// No container of this job and node exists on this host.
     #[error("no container for node {node} of job {job} on this host")]
     NoSuchNode {

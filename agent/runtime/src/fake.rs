@@ -47,6 +47,8 @@ pub struct FakeState {
     pub calls: Vec<String>,
     /// Host paths that exist (for bind mounts); no other path does.
     pub paths: BTreeSet<String>,
+    /// Symlinks among them: path -> where it leads.
+    pub links: BTreeMap<String, String>,
 }
 
 /// An in-memory Docker engine; clones share their state.
@@ -465,6 +467,14 @@ impl Engine for FakeEngine {
 
     fn path_exists(&self, path: &str) -> bool {
         self.lock().paths.contains(path)
+    }
+
+    fn real_path(&self, path: &str) -> Option<String> {
+        let st = self.lock();
+        st.links
+            .get(path)
+            .cloned()
+            .or_else(|| st.paths.contains(path).then(|| path.to_string()))
     }
 
     async fn live_restore(&self) -> Result<bool> {
@@ -1167,33 +1177,45 @@ mod tests {
         rt.shutdown();
     }
 
-    #[tokio::test]
-    async fn a_missing_bind_source_fails_the_node_before_anything_is_created() {
-        let fake = FakeEngine::new(&[IMG]);
-        let rt = Runtime::start(fake.clone(), config()).await.expect("start");
-        let mut s = spec("w0");
-        s.mounts = vec![crate::spec::Mount {
-            kind: crate::spec::MountKind::Bind,
-            source: "/srv/geomx/a".into(),
-            target: "/root/data".into(),
-            readonly: true,
-            ..Default::default()
-        }];
-        let report = rt.apply(vec![s.clone()]).await.expect("apply");
+    /// Applies `s` (node w0), which must be refused before anything is created; the node's
+    /// error.
+    async fn refused(rt: &Runtime<FakeEngine>, fake: &FakeEngine, s: ContainerSpec) -> String {
+        let report = rt.apply(vec![s]).await.expect("apply");
         assert_eq!(report.errors().count(), 1, "{report:?}");
         let snap = rt.snapshot();
         let w0 = node(&snap, "w0");
         assert_eq!(w0.state, NodeState::Failed);
         assert!(
-            w0.error
-                .contains("bind mount source /srv/geomx/a does not exist on this host"),
-            "{}",
-            w0.error
-        );
-        assert!(
             fake.names().is_empty(),
             "nothing created: {:?}",
             fake.names()
+        );
+        w0.error.clone()
+    }
+
+    /// A worker that bind-mounts `source` read-only at /root/data.
+    fn with_bind(node: &str, source: &str) -> ContainerSpec {
+        ContainerSpec {
+            mounts: vec![crate::spec::Mount {
+                kind: crate::spec::MountKind::Bind,
+                source: source.into(),
+                target: "/root/data".into(),
+                readonly: true,
+                ..Default::default()
+            }],
+            ..spec(node)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_bind_source_fails_the_node_before_anything_is_created() {
+        let fake = FakeEngine::new(&[IMG]);
+        let rt = Runtime::start(fake.clone(), config()).await.expect("start");
+        let s = with_bind("w0", "/srv/geomx/a");
+        let error = refused(&rt, &fake, s.clone()).await;
+        assert!(
+            error.contains("bind mount source /srv/geomx/a does not exist on this host"),
+            "{error}"
         );
 
         // once the path exists, the node is made, with the mount
@@ -1206,6 +1228,25 @@ mod tests {
         assert_eq!(mounts.len(), 1);
         assert_eq!(mounts[0].source.as_deref(), Some("/srv/geomx/a"));
         assert_eq!(mounts[0].read_only, Some(true));
+    }
+
+    #[tokio::test]
+    async fn a_bind_source_that_leads_into_etc_is_refused() {
+        let fake = FakeEngine::new(&[IMG]);
+        {
+            let mut st = fake.lock();
+            st.paths.insert("/srv/geomx/a".into());
+            st.links.insert("/srv/geomx/a".into(), "/etc/ssl".into());
+        }
+        let rt = Runtime::start(fake.clone(), config()).await.expect("start");
+        let s = with_bind("w0", "/srv/geomx/a");
+        let error = refused(&rt, &fake, s).await;
+        assert!(
+            error.starts_with(
+                "bind mount source /srv/geomx/a resolves to /etc/ssl, which lies in /etc"
+            ),
+            "{error}"
+        );
     }
 
     #[tokio::test]

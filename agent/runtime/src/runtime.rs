@@ -388,6 +388,24 @@ impl<E: Engine> Runtime<E> {
         self.inner.engine.images().await
     }
 
+    /// Why a bind mount of host path `path` is refused, if it is: the path is missing, or it
+    /// leads (through symlinks) where the job file could not name (`/etc`, Docker's state,
+    /// ...; the rules of [`geomx_job::bind_source_problem`]).
+    fn bind_source_refusal(&self, path: &str) -> Option<RuntimeError> {
+        let engine = &self.inner.engine;
+        if !engine.path_exists(path) {
+            return Some(RuntimeError::BindSourceMissing {
+                path: path.to_string(),
+            });
+        }
+        let real = engine.real_path(path)?;
+        geomx_job::bind_source_problem(&real).map(|why| RuntimeError::BindSourceRefused {
+            path: path.to_string(),
+            real,
+            why,
+        })
+    }
+
     /// The host's memory and CPUs as Docker sees them (for the controller's placement
     /// checks).
     pub async fn capacity(&self) -> Result<HostCapacity> {
@@ -430,13 +448,8 @@ impl<E: Engine> Runtime<E> {
                     // refused before anything starts: Docker would make the path an empty
                     // root-owned directory and the node would train on nothing
                     spec.bind_sources()
-                        .find(|path| !self.inner.engine.path_exists(path))
-                        .map(|path| {
-                            RuntimeError::BindSourceMissing {
-                                path: path.to_string(),
-                            }
-                            .to_string()
-                        })
+                        .find_map(|path| self.bind_source_refusal(path))
+                        .map(|e| e.to_string())
                 })
             };
             if let Some(err) = err {
