@@ -73,6 +73,22 @@ pub fn compile(spec: &JobSpec) -> Plan {
             stall_timeout: policy.stall_timeout().unwrap_or_default(),
             gpus_per_worker: to_u32(policy.gpus_per_worker),
             teardown_grace: policy.teardown_grace().unwrap_or_default(),
+            restart_delay: policy
+                .restart_delay
+                .as_deref()
+                .and_then(|t| humantime::parse_duration(t).ok())
+                .unwrap_or_default(),
+            active_deadline: policy
+                .active_deadline
+                .as_deref()
+                .and_then(|t| humantime::parse_duration(t).ok())
+                .unwrap_or_default(),
+            retry_exit_codes: policy
+                .retry_exit_codes
+                .iter()
+                .flatten()
+                .filter_map(|&c| i32::try_from(c).ok())
+                .collect(),
         },
         progress: Progress {
             regex: spec.progress_regex().to_string(),

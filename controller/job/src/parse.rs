@@ -280,12 +280,15 @@ const CENTRAL_KEYS: [&str; 5] = [
     "workers",
 ];
 const PARTY_KEYS: [&str; 5] = ["name", "hosts", "workers", "scheduler_port", "servers"];
-const POLICY_KEYS: [&str; 5] = [
+const POLICY_KEYS: [&str; 8] = [
     "restart",
     "max_restarts",
     "stall_timeout",
     "gpus_per_worker",
     "teardown_grace",
+    "restart_delay",
+    "active_deadline",
+    "retry_exit_codes",
 ];
 const PROGRESS_KEYS: [&str; 3] = ["regex", "finished", "iterations"];
 const MOUNT_KEYS: [&str; 7] = [
@@ -635,6 +638,9 @@ workers = 2
                 stall_timeout: Some("1m".into()),
                 gpus_per_worker: 0,
                 teardown_grace: Some("10s".into()),
+                restart_delay: Some("1s".into()),
+                active_deadline: Some("1h".into()),
+                retry_exit_codes: Some(vec![137]),
             },
             progress: Some(ProgressSpec {
                 regex: "x".into(),

@@ -66,6 +66,30 @@ pub struct Policy {
     /// geomx stops it (plans stored before the key existed: the default, 10s).
     #[serde(with = "humantime_serde", default = "default_teardown_grace")]
     pub teardown_grace: Duration,
+    /// The wait before the first gang restart (doubled for each further one, capped); zero
+    /// for none.
+    #[serde(with = "humantime_serde", default)]
+    pub restart_delay: Duration,
+    /// A job still active this long after its submission fails; zero for no deadline.
+    #[serde(with = "humantime_serde", default)]
+    pub active_deadline: Duration,
+    /// Exit codes that restart the job under `on-failure`; empty for any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry_exit_codes: Vec<i32>,
+}
+
+impl Policy {
+    /// The wait before restart number `n` (1 for the first): `restart_delay` doubled for
+    /// each restart before it, at most [`crate::spec::RESTART_DELAY_CAP_SECS`] (never less
+    /// than `restart_delay` itself).
+    pub fn restart_delay_for(&self, n: u32) -> Duration {
+        if self.restart_delay.is_zero() {
+            return Duration::ZERO;
+        }
+        let cap = Duration::from_secs(crate::spec::RESTART_DELAY_CAP_SECS).max(self.restart_delay);
+        let factor = 1u32 << n.saturating_sub(1).min(20);
+        self.restart_delay.saturating_mul(factor).min(cap)
+    }
 }
 
 fn default_teardown_grace() -> Duration {

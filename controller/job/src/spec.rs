@@ -26,6 +26,8 @@ pub const DEFAULT_STALL_TIMEOUT: &str = "10m";
 pub const DEFAULT_TEARDOWN_GRACE: &str = "10s";
 /// Longest `[policy].teardown_grace`.
 pub const TEARDOWN_GRACE_MAX_SECS: u64 = 3600;
+/// The longest wait between two gang restarts, however `[policy].restart_delay` doubles.
+pub const RESTART_DELAY_CAP_SECS: u64 = 300;
 /// Default `[policy].max_restarts` when `restart = "on-failure"` and it is not given.
 pub const DEFAULT_MAX_RESTARTS_ON_FAILURE: i64 = 3;
 /// Default scheduler and server command.
@@ -466,6 +468,18 @@ pub struct PolicySpec {
     /// geomx stops it (humantime); default [`DEFAULT_TEARDOWN_GRACE`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teardown_grace: Option<String>,
+    /// With `on-failure`: the wait before the first gang restart, doubled for each further
+    /// one, at most [`RESTART_DELAY_CAP_SECS`] (humantime); default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_delay: Option<String>,
+    /// A job still active this long after its submission fails, restarts or not
+    /// (humantime); default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_deadline: Option<String>,
+    /// With `on-failure`: only a node exiting with one of these codes restarts the job (a
+    /// failure without an exit code, a stall or a missing node, always may); default: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_exit_codes: Option<Vec<i64>>,
 }
 
 /// `[progress]`: how a worker's output shows training progress.

@@ -1021,6 +1021,60 @@ fn check_policy(spec: &JobSpec, p: &mut Problems) {
         0,
         limits::GPUS_PER_WORKER_MAX,
     );
+    for (key, text) in [
+        ("restart_delay", &policy.restart_delay),
+        ("active_deadline", &policy.active_deadline),
+    ] {
+        let Some(text) = text else { continue };
+        match humantime::parse_duration(text) {
+            Err(e) => p.value(
+                format!("policy.{key}"),
+                format!(
+                    "{ctx}{key} = {text:?} is not a duration ({e}); write e.g. \"30s\", \"2h\""
+                ),
+            ),
+            Ok(d) if key == "active_deadline" && d.as_secs() < limits::STALL_TIMEOUT_MIN_SECS => p
+                .value(
+                    format!("policy.{key}"),
+                    format!("{ctx}{key} = {text:?}: at least 10s"),
+                ),
+            Ok(_) => {}
+        }
+        if key == "restart_delay" && policy.restart == RestartPolicy::Never {
+            p.value(
+                "policy.restart_delay",
+                format!(
+                    "{ctx}restart_delay has no effect with restart = \"never\" (set restart = \"on-failure\")"
+                ),
+            );
+        }
+    }
+    if let Some(codes) = &policy.retry_exit_codes {
+        if policy.restart == RestartPolicy::Never {
+            p.value(
+                "policy.retry_exit_codes",
+                format!(
+                    "{ctx}retry_exit_codes has no effect with restart = \"never\" (set restart = \"on-failure\")"
+                ),
+            );
+        }
+        if codes.is_empty() {
+            p.value(
+                "policy.retry_exit_codes",
+                format!("{ctx}retry_exit_codes is empty: no failure would restart (remove it to restart on any exit code)"),
+            );
+        }
+        for &c in codes {
+            if !(1..=255).contains(&c) {
+                p.value(
+                    "policy.retry_exit_codes",
+                    format!(
+                        "{ctx}retry_exit_codes: {c} is not an exit code of a failure (1..=255)"
+                    ),
+                );
+            }
+        }
+    }
     match policy.teardown_grace() {
         Err(e) => p.value(
             "policy.teardown_grace",

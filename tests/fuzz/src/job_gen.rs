@@ -296,6 +296,9 @@ pub fn job_spec(data: &[u8]) -> JobSpec {
         gpus_per_worker: c.pick(&SMALL),
         // not drawn: the kept inputs keep meaning the jobs they meant
         teardown_grace: None,
+        restart_delay: None,
+        active_deadline: None,
+        retry_exit_codes: None,
     };
     let progress = c.bool().then(|| ProgressSpec {
         regex: c.string(&REGEXES),

@@ -550,6 +550,18 @@ pub fn evaluate(
         fail(idx, &mut d, reason, false);
         return d.finish();
     }
+    let deadline = idx.plan.policy.active_deadline;
+    let active = ms_between(d.meta.submitted_at_ms, d.now_ms);
+    if !deadline.is_zero() && active > deadline {
+        let reason = format!(
+            "active_deadline {} passed: the job has been active for {} since it was submitted",
+            humantime::format_duration(deadline),
+            humantime::format_duration(Duration::from_secs(active.as_secs()))
+        );
+        d.event("DeadlineExceeded", reason.clone(), "", "");
+        fail(idx, &mut d, reason, false);
+        return d.finish();
+    }
     if d.meta.phase == Phase::Restarting {
         let drained = idx.by_host.keys().all(|h| {
             soft.hosts
@@ -558,6 +570,10 @@ pub fn evaluate(
         });
         let waited = ctx.now.saturating_duration_since(soft.phase_since);
         if !drained && waited < ctx.drain_timeout {
+            return d.finish();
+        }
+        if waited < idx.plan.policy.restart_delay_for(d.meta.restarts) {
+            // the backoff between gang restarts
             return d.finish();
         }
         if !drained {
@@ -898,10 +914,38 @@ fn host_problem(idx: &PlanIndex, d: &mut Draft<'_>, ctx: &Ctx<'_>) -> Option<Str
 fn fail(idx: &PlanIndex, d: &mut Draft<'_>, reason: String, restartable: bool) {
     let policy = &idx.plan.policy;
     let on_failure = policy.restart == RestartPolicy::OnFailure;
+    let code = if restartable {
+        failing_exit_code(idx, d)
+    } else {
+        None
+    };
+    let not_retried = code
+        .filter(|c| !policy.retry_exit_codes.is_empty() && !policy.retry_exit_codes.contains(c));
+    if let Some(c) = not_retried
+        && on_failure
+    {
+        let codes: Vec<String> = policy.retry_exit_codes.iter().map(i32::to_string).collect();
+        let reason = format!(
+            "{reason} (not restarted: exit code {c} is not among retry_exit_codes {})",
+            codes.join(", ")
+        );
+        d.event("Failed", reason.clone(), "", "");
+        d.set_phase(Phase::Failed, reason);
+        return;
+    }
     if restartable && on_failure && d.meta.restarts < policy.max_restarts {
         d.meta.restarts += 1;
+        let delay = policy.restart_delay_for(d.meta.restarts);
+        let after = if delay.is_zero() {
+            String::new()
+        } else {
+            format!(
+                " (in {}, once the old containers are gone)",
+                humantime::format_duration(delay)
+            )
+        };
         let why = format!(
-            "restart {} of {} after: {reason}",
+            "restart {} of {}{after} after: {reason}",
             d.meta.restarts, policy.max_restarts
         );
         d.event("Restarting", why.clone(), "", "");
@@ -920,6 +964,15 @@ fn fail(idx: &PlanIndex, d: &mut Draft<'_>, reason: String, restartable: bool) {
     };
     d.event("Failed", reason.clone(), "", "");
     d.set_phase(Phase::Failed, reason);
+}
+
+/// The exit code of the node whose failure fails the job (the first failed node in plan
+/// order that exited non-zero), if it exited.
+fn failing_exit_code(idx: &PlanIndex, d: &Draft<'_>) -> Option<i32> {
+    (0..idx.len())
+        .map(|i| d.node(i))
+        .find(|r| r.state == NodeState::Failed && r.exit_code.is_some_and(|c| c != 0))
+        .and_then(|r| r.exit_code)
 }
 
 /// Bumps the generation: every node starts over.
@@ -2336,6 +2389,112 @@ workers = 1
             "{}",
             f.meta.reason
         );
+    }
+
+    /// Fails p-worker-0 of the current generation with `code` at the fixture's time.
+    fn fail_worker(f: &mut Fixture, code: i32) -> Changes {
+        let generation = f.meta.generation;
+        f.report_status(NodeStatus {
+            node: "p-worker-0".into(),
+            generation,
+            state: ContainerState::Failed as i32,
+            exit_code: Some(code),
+            ..Default::default()
+        });
+        f.pass(None)
+    }
+
+    #[test]
+    fn retry_exit_codes_choose_which_failures_restart() {
+        let policy = "restart = \"on-failure\"\nmax_restarts = 3\nretry_exit_codes = [137, 143]";
+        for (code, phase, says) in [
+            (
+                137,
+                Phase::Restarting,
+                "restart 1 of 3 after: node p-worker-0",
+            ),
+            (
+                143,
+                Phase::Restarting,
+                "restart 1 of 3 after: node p-worker-0",
+            ),
+            (
+                1,
+                Phase::Failed,
+                "(not restarted: exit code 1 is not among retry_exit_codes 137, 143)",
+            ),
+        ] {
+            let mut f = Fixture::new(&with_policy(PSEUDO, policy));
+            f.run_everything();
+            let c = fail_worker(&mut f, code);
+            assert_eq!(f.meta.phase, phase, "exit {code}: {:?}", Fixture::kinds(&c));
+            assert!(
+                f.meta.reason.contains(says),
+                "exit {code}: {}",
+                f.meta.reason
+            );
+        }
+    }
+
+    #[test]
+    fn gang_restarts_back_off_exponentially() {
+        let mut f = Fixture::new(&with_policy(
+            PSEUDO,
+            "restart = \"on-failure\"\nmax_restarts = 3\nrestart_delay = \"2s\"",
+        ));
+        for (restart, delay) in [(1u32, 2u64), (2, 4)] {
+            f.run_everything();
+            fail_worker(&mut f, 3);
+            assert_eq!(f.meta.phase, Phase::Restarting);
+            assert_eq!(f.meta.restarts, restart);
+            assert!(
+                f.meta
+                    .reason
+                    .contains(&format!("(in {delay}s, once the old containers are gone)")),
+                "{}",
+                f.meta.reason
+            );
+            let since = f.now;
+            // drained at once, but the backoff holds the next generation back
+            f.soft
+                .host_reported("a", f.now, HostNodes::Known { has_nodes: false });
+            f.now = since + Duration::from_millis(delay * 1000 - 100);
+            assert!(
+                f.pass(None).is_empty(),
+                "restart {restart} before its delay"
+            );
+            f.now = since + Duration::from_secs(delay);
+            let c = f.pass(None);
+            assert_eq!(Fixture::kinds(&c)[0], "Restarted", "restart {restart}");
+            assert_eq!(f.meta.generation, restart);
+        }
+        let p = &f.idx.plan.policy;
+        assert_eq!(p.restart_delay_for(3), Duration::from_secs(8));
+        assert_eq!(p.restart_delay_for(30), Duration::from_secs(300), "capped");
+    }
+
+    #[test]
+    fn active_deadline_fails_the_job_without_restart() {
+        let mut f = Fixture::new(&with_policy(
+            PSEUDO,
+            "restart = \"on-failure\"\nactive_deadline = \"10s\"",
+        ));
+        f.meta.submitted_at_ms = 1_000;
+        f.run_everything();
+        f.now = f.t0 + Duration::from_secs(9);
+        assert!(f.pass(None).is_empty(), "not past it yet");
+        f.now = f.t0 + Duration::from_millis(10_500);
+        let c = f.pass(None);
+        assert_eq!(Fixture::kinds(&c), ["DeadlineExceeded", "Failed"]);
+        assert_eq!(f.meta.phase, Phase::Failed);
+        assert!(
+            f.meta
+                .reason
+                .starts_with("active_deadline 10s passed: the job has been active for 10s"),
+            "{}",
+            f.meta.reason
+        );
+        assert_eq!(f.meta.restarts, 0);
     }
 
     #[test]
