@@ -3,7 +3,8 @@
 #   debootstrap of Debian bookworm (python3, libgomp1, libquadmath0, libgfortran5),
 #   MXNet 1.9.1 and numpy<1.24 wheels downloaded with this machine's pip and installed
 #   offline into the root file system, geomx's example training script at
-#   /opt/geomx/examples/mxnet_ps_train.py, then `docker import`.
+#   /opt/geomx/examples/mxnet_ps_train.py and its data set (scikit-learn's handwritten digits,
+#   taken from the scikit-learn wheel) at /opt/geomx/data/digits.csv.gz, then `docker import`.
 #
 # Usage: scripts/build-mxnet-image.sh [--tar FILE] [--tag TAG] [--import DOCKER_HOST]...
 #   --tar FILE      where the root file system tarball goes; reused when it exists and is
@@ -30,7 +31,7 @@ while [ $# -gt 0 ]; do
 done
 
 script=examples/mxnet/mxnet_ps_train.py
-if [ -s "$tar_file" ] && [ "$tar_file" -nt "$script" ]; then
+if [ -s "$tar_file" ] && [ "$tar_file" -nt "$script" ] && [ "$tar_file" -nt "$0" ]; then
   echo "build-mxnet-image: reusing $tar_file"
 else
   command -v debootstrap >/dev/null || { echo "build-mxnet-image: debootstrap missing (scripts/install-deps.sh)" >&2; exit 1; }
@@ -57,6 +58,19 @@ else
   umount -l "$work/rootfs/proc"
 
   install -D -m 0755 "$script" "$work/rootfs/opt/geomx/examples/mxnet_ps_train.py"
+  # the training data: scikit-learn's handwritten digits, the CSV its wheel ships (only the
+  # file is taken; scikit-learn itself is not installed)
+  echo "build-mxnet-image: taking the digits data set from the scikit-learn wheel"
+  mkdir -p "$work/sklearn"
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
+    --platform manylinux2014_x86_64 --implementation cp "scikit-learn==1.3.2" -d "$work/sklearn"
+  mkdir -p "$work/rootfs/opt/geomx/data"
+  python3 - "$work/sklearn" "$work/rootfs/opt/geomx/data/digits.csv.gz" <<'PY'
+import glob, sys, zipfile
+wheel = glob.glob(sys.argv[1] + "/scikit_learn-*.whl")[0]
+with zipfile.ZipFile(wheel) as z, open(sys.argv[2], "wb") as out:
+    out.write(z.read("sklearn/datasets/data/digits.csv.gz"))
+PY
   ln -sf python3 "$work/rootfs/usr/bin/python"
   chroot "$work/rootfs" apt-get clean
   rm -rf "$work/rootfs/var/lib/apt/lists/"* "$work/rootfs/var/cache/debconf/"*-old

@@ -12,7 +12,10 @@ packages=(
   busybox-static  # userland of the test images
   tar
   ca-certificates
-  iperf3          # data-plane benchmark
+  iperf3          # data-plane benchmark and the geo-distributed lab's link checks
+  wireguard-tools # wg: the agent configures its WireGuard interface with it
+  wireguard-go    # WireGuard in user space where the kernel has no module (this machine kind)
+  tcpdump         # captures on the lab's WAN router (tests of what crosses the WAN)
   debootstrap     # the real MXNet image (scripts/build-mxnet-image.sh)
 )
 
@@ -37,6 +40,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-for tool in ip nsenter iptables iptables-save dockerd docker busybox tar; do
+for tool in ip nsenter unshare iptables iptables-save dockerd docker busybox tar iperf3 wg wireguard-go tcpdump; do
   command -v "$tool" >/dev/null || { echo "install-deps: $tool still missing" >&2; exit 1; }
 done

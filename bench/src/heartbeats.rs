@@ -557,6 +557,7 @@ impl Agent {
                 pinned_subnet: String::new(),
                 agent_version: AGENT_VERSION.to_owned(),
                 agent_url: format!("https://{}:7947", self.underlay),
+                ..Default::default()
             })
             .await
             .with_context(|| format!("registering {}", self.host))?

@@ -53,6 +53,7 @@ impl HostFile {
             subnet: self.subnet,
             cluster: self.cluster,
             peers: self.peers.clone(),
+            backend: Default::default(),
         }
     }
 }

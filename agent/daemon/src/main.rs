@@ -134,9 +134,9 @@ enum Command {
     /// Host networking without a controller: apply a static host file, show the state.
     #[command(subcommand)]
     Network(network::NetworkCommand),
-    /// Remove every route (proto 247), chain and jump geomx owns on this host and give
-    /// daemon.json back its pre-geomx bip/ip-masq/allow-direct-routing (restarting Docker
-    /// when the file changes). Stop a running agent first.
+    /// Remove every route (proto 247), chain, jump and the WireGuard interface geomx owns on
+    /// this host and give daemon.json back its pre-geomx bip/ip-masq/allow-direct-routing
+    /// (restarting Docker when the file changes). Stop a running agent first.
     Cleanup(network::CleanupArgs),
     /// Run as the host's daemon (systemd: geomx-agent.service): register with the
     /// controller, keep the host network and the role containers as it wants them, report.

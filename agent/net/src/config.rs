@@ -1,5 +1,6 @@
 //! Where the reconciler finds things on the host, and how often it re-checks.
 
+use crate::backend::{Backend, WG_KEY_FILE, WG_PORT};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -35,6 +36,10 @@ pub struct NetConfig {
     pub docker_ready_timeout: Duration,
     /// Re-check interval of [`crate::Reconciler::run`].
     pub interval: Duration,
+    /// This agent's backend, overriding the cluster's default (`None`: the cluster's).
+    pub backend: Option<Backend>,
+    /// The WireGuard UDP port this host listens on.
+    pub wireguard_port: u16,
 }
 
 impl NetConfig {
@@ -48,7 +53,14 @@ impl NetConfig {
             docker_restart_command: DEFAULT_DOCKER_RESTART_COMMAND.into(),
             docker_ready_timeout: DEFAULT_DOCKER_READY_TIMEOUT,
             interval: DEFAULT_INTERVAL,
+            backend: None,
+            wireguard_port: WG_PORT,
         }
+    }
+
+    /// The WireGuard private key (mode 0600, never sent anywhere).
+    pub fn wireguard_key_file(&self) -> PathBuf {
+        self.state_dir.join(WG_KEY_FILE)
     }
 
     /// The state file.

@@ -218,6 +218,7 @@ mod tests {
             subnet: "172.17.34.0/24".parse().expect("net"),
             cluster: "172.17.0.0/16".parse().expect("net"),
             peers: vec![],
+            backend: Default::default(),
         }
     }
 

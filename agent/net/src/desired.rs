@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+use crate::backend::Backend;
 use crate::error::ValidationError;
 
 /// Another host of the cluster, as this host needs to know it.
@@ -18,6 +19,12 @@ pub struct Peer {
     pub underlay_ip: Ipv4Addr,
     /// Its container subnet (its docker0 network).
     pub subnet: Ipv4Net,
+    /// Its WireGuard public key (base64), when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_key: Option<String>,
+    /// Its WireGuard UDP port on its underlay address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_port: Option<u16>,
 }
 
 /// What this host's network should look like: its own container subnet, the cluster CIDR
@@ -32,6 +39,9 @@ pub struct DesiredNetwork {
     /// The other hosts.
     #[serde(default)]
     pub peers: Vec<Peer>,
+    /// The cluster's default backend (an agent may override it).
+    #[serde(default)]
+    pub backend: Backend,
 }
 
 impl DesiredNetwork {
@@ -177,6 +187,8 @@ mod tests {
             name: name.into(),
             underlay_ip: ip.parse().expect("test ip"),
             subnet: net(subnet),
+            wireguard_key: None,
+            wireguard_port: None,
         }
     }
 
@@ -188,6 +200,7 @@ mod tests {
                 peer("b", "10.1.1.29", "172.17.29.0/24"),
                 peer("c", "10.1.1.33", "172.17.33.0/24"),
             ],
+            backend: Default::default(),
         }
     }
 

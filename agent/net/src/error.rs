@@ -172,7 +172,8 @@ pub enum NetError {
     /// A peer's underlay address is not directly reachable.
     #[error(
         "peer {peer}: underlay address {ip} is not on a directly connected network ({detail}); \
-         geomx routes a peer's subnet via the peer's underlay address, which must be on-link"
+         backend host-gw routes a peer's subnet via the peer's underlay address, which must be \
+         on-link: use backend auto or wireguard for peers in other networks"
     )]
     PeerNotOnLink {
         /// The peer.
@@ -192,6 +193,24 @@ pub enum NetError {
         destination: Ipv4Net,
         /// The existing route, described.
         existing: String,
+    },
+    /// A peer cannot be reached with the backend this host uses for it.
+    #[error("peer {peer} ({ip}): {reason}")]
+    PeerUnreachable {
+        /// The peer.
+        peer: String,
+        /// Its underlay address.
+        ip: Ipv4Addr,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// A WireGuard operation failed.
+    #[error("wireguard: {op}: {message}")]
+    Wireguard {
+        /// The operation (the command line).
+        op: String,
+        /// What it said.
+        message: String,
     },
     /// A netlink request failed.
     #[error("netlink: {op}: {message}")]

@@ -14,7 +14,7 @@ use crate::ROUTE_PROTOCOL;
 use crate::error::{NetError, Result};
 use crate::kernel::{
     DaemonConfig, DockerDaemon, DockerVersion, Firewall, Kernel, KernelRoute, PeerRoute, RouteKind,
-    Routes, RuleSpec, StateStore, Sysctl,
+    Routes, RuleSpec, StateStore, Sysctl, WgDevice, WgImplementation, WgPeerConfig, Wireguard,
 };
 
 /// The state of a fake host. Tests read and change it directly.
@@ -46,6 +46,12 @@ pub struct FakeHost {
     pub daemon_json: Option<String>,
     /// The state file (`None`: absent).
     pub state: Option<String>,
+    /// WireGuard interfaces by name.
+    pub wireguard: BTreeMap<String, WgDevice>,
+    /// WireGuard private keys by file (the fake's "public key" is `pub-` + the private one).
+    pub wg_keys: BTreeMap<PathBuf, String>,
+    /// How many key pairs were made.
+    pub wg_keys_made: u32,
     /// Every mutation, in order.
     pub log: Vec<String>,
 }
@@ -115,6 +121,9 @@ impl Default for FakeHost {
             restarts: 0,
             daemon_json: Some("{}\n".into()),
             state: None,
+            wireguard: BTreeMap::new(),
+            wg_keys: BTreeMap::new(),
+            wg_keys_made: 0,
             log: Vec::new(),
         }
     }
@@ -135,12 +144,10 @@ impl FakeHost {
         self.routes
             .iter()
             .filter(|r| r.protocol == ROUTE_PROTOCOL)
-            .map(|r| {
-                format!(
-                    "{} via {}",
-                    r.destination,
-                    r.gateway.map_or("-".into(), |g| g.to_string())
-                )
+            .map(|r| match (&r.gateway, &r.device) {
+                (Some(g), _) => format!("{} via {g}", r.destination),
+                (None, Some(d)) => format!("{} dev {d}", r.destination),
+                (None, None) => format!("{} via -", r.destination),
             })
             .collect()
     }
@@ -167,7 +174,7 @@ impl FakeHost {
             ));
         }
         if let Some(t) = rule.target() {
-            let builtin = ["ACCEPT", "DROP", "RETURN", "MASQUERADE"];
+            let builtin = ["ACCEPT", "DROP", "RETURN", "MASQUERADE", "TCPMSS"];
             if !builtin.contains(&t) && !self.tables.values().any(|c| c.contains_key(t)) {
                 return Err(NetError::iptables("append", format!("no chain {t}")));
             }
@@ -217,7 +224,101 @@ impl FakeKernel {
                 state: true,
                 path: PathBuf::from("/var/lib/geomx-agent/daemon-json-before-geomx.json"),
             }),
+            wireguard: Arc::new(self.clone()),
         }
+    }
+}
+
+/// The fake's WireGuard interface `name`, or wg's answer when there is none.
+fn wg_device<'a>(h: &'a mut FakeHost, name: &str) -> Result<&'a mut WgDevice> {
+    h.wireguard
+        .get_mut(name)
+        .ok_or_else(|| NetError::Wireguard {
+            op: format!("wg set {name}"),
+            message: "Unable to modify interface: No such device".into(),
+        })
+}
+
+impl Wireguard for FakeKernel {
+    fn ensure_key(&self, key_file: &Path) -> Result<String> {
+        let existing = self.host().wg_keys.get(key_file).cloned();
+        match existing {
+            Some(k) => Ok(format!("pub-{k}")),
+            None => self.rotate_key(key_file),
+        }
+    }
+
+    fn rotate_key(&self, key_file: &Path) -> Result<String> {
+        let mut h = self.host();
+        h.wg_keys_made += 1;
+        let k = format!("key{}", h.wg_keys_made);
+        h.wg_keys.insert(key_file.to_path_buf(), k.clone());
+        h.log.push(format!("wg genkey {}", key_file.display()));
+        Ok(format!("pub-{k}"))
+    }
+
+    fn show(&self, name: &str) -> Result<Option<WgDevice>> {
+        Ok(self.host().wireguard.get(name).cloned())
+    }
+
+    fn create(&self, name: &str, _mtu: u32) -> Result<WgImplementation> {
+        let mut h = self.host();
+        h.log.push(format!("wg create {name}"));
+        h.wireguard.insert(
+            name.to_string(),
+            WgDevice {
+                public_key: "(none)".into(),
+                listen_port: 0,
+                peers: Vec::new(),
+                handshakes: Vec::new(),
+            },
+        );
+        Ok(WgImplementation::Userspace)
+    }
+
+    fn configure(&self, name: &str, key_file: &Path, port: u16) -> Result<()> {
+        let mut h = self.host();
+        h.log
+            .push(format!("wg set {name} private-key listen-port {port}"));
+        let key = h
+            .wg_keys
+            .get(key_file)
+            .cloned()
+            .ok_or_else(|| NetError::io(key_file, std::io::ErrorKind::NotFound.into()))?;
+        let dev = wg_device(&mut h, name)?;
+        dev.public_key = format!("pub-{key}");
+        dev.listen_port = port;
+        Ok(())
+    }
+
+    fn set_peer(&self, name: &str, peer: &WgPeerConfig, _keepalive: u16) -> Result<()> {
+        let mut h = self.host();
+        h.log
+            .push(format!("wg set {name} peer {}", peer.public_key));
+        let dev = wg_device(&mut h, name)?;
+        dev.peers.retain(|p| p.public_key != peer.public_key);
+        dev.peers.push(peer.clone());
+        dev.peers.sort();
+        Ok(())
+    }
+
+    fn remove_peer(&self, name: &str, public_key: &str) -> Result<()> {
+        let mut h = self.host();
+        h.log
+            .push(format!("wg set {name} peer {public_key} remove"));
+        if let Some(dev) = h.wireguard.get_mut(name) {
+            dev.peers.retain(|p| p.public_key != public_key);
+        }
+        Ok(())
+    }
+
+    fn delete(&self, name: &str) -> Result<()> {
+        let mut h = self.host();
+        if h.wireguard.remove(name).is_some() {
+            h.log.push(format!("wg delete {name}"));
+            h.routes.retain(|r| r.device.as_deref() != Some(name));
+        }
+        Ok(())
     }
 }
 
@@ -230,22 +331,31 @@ impl Routes for FakeKernel {
     fn replace(&self, route: PeerRoute) -> BoxFuture<'_, Result<()>> {
         let mut h = self.host();
         h.log.push(format!(
-            "route replace {} via {}",
-            route.destination, route.gateway
+            "route replace {} {}",
+            route.destination,
+            route.via()
         ));
-        let on_link = h
-            .connected
-            .iter()
-            .find(|(n, _)| n.contains(&route.gateway))
-            .map(|(_, d)| d.clone());
-        let result = match on_link {
-            None => Err(NetError::netlink("replace", "Nexthop has invalid gateway")),
-            Some(dev) => {
+        // like the kernel: a gateway must be on a connected network, a device must exist
+        let device = match (&route.gateway, &route.device) {
+            (Some(gw), _) => h
+                .connected
+                .iter()
+                .find(|(n, _)| n.contains(gw))
+                .map(|(_, d)| d.clone())
+                .ok_or("Nexthop has invalid gateway"),
+            (None, Some(dev)) if h.links.contains_key(dev) || h.wireguard.contains_key(dev) => {
+                Ok(dev.clone())
+            }
+            (None, _) => Err("Cannot find device"),
+        };
+        let result = match device {
+            Err(why) => Err(NetError::netlink("replace", why)),
+            Ok(dev) => {
                 h.routes
                     .retain(|r| !(r.destination == route.destination && r.metric == 0));
                 h.routes.push(KernelRoute {
                     destination: route.destination,
-                    gateway: Some(route.gateway),
+                    gateway: route.gateway,
                     device: Some(dev),
                     protocol: ROUTE_PROTOCOL,
                     metric: 0,

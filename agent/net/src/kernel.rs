@@ -73,14 +73,40 @@ fn protocol_name(p: u8) -> String {
     }
 }
 
-/// A route geomx wants: a peer's subnet via the peer's underlay address, in the main table,
-/// with protocol [`crate::ROUTE_PROTOCOL`] and metric 0.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A route geomx wants, in the main table with protocol [`crate::ROUTE_PROTOCOL`] and metric
+/// 0: a peer's subnet via the peer's underlay address (host-gw), or through a device
+/// (WireGuard) with this host's docker0 address as the source of its own packets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerRoute {
     /// The peer's subnet.
     pub destination: Ipv4Net,
-    /// The peer's underlay address.
-    pub gateway: Ipv4Addr,
+    /// The peer's underlay address (host-gw).
+    pub gateway: Option<Ipv4Addr>,
+    /// The output device (WireGuard).
+    pub device: Option<String>,
+    /// The preferred source address.
+    pub source: Option<Ipv4Addr>,
+}
+
+impl PeerRoute {
+    /// Whether the kernel's `route` is this one (destination, next hop or device, metric 0,
+    /// unicast).
+    pub fn matches(&self, route: &KernelRoute) -> bool {
+        route.destination == self.destination
+            && route.gateway == self.gateway
+            && (self.device.is_none() || route.device == self.device)
+            && route.metric == 0
+            && route.kind == RouteKind::Unicast
+    }
+
+    /// The next hop as `ip route` would say it (`via 10.1.1.29`, `dev geomx-wg`).
+    pub fn via(&self) -> String {
+        match (&self.gateway, &self.device) {
+            (Some(gw), _) => format!("via {gw}"),
+            (None, Some(dev)) => format!("dev {dev}"),
+            (None, None) => "nowhere".into(),
+        }
+    }
 }
 
 /// Routes and addresses (netlink).
@@ -276,6 +302,63 @@ pub trait StateStore: Send + Sync {
     fn remove(&self) -> Result<()>;
 }
 
+/// A WireGuard peer as configured on (or wanted for) [`crate::backend::WG_INTERFACE`].
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct WgPeerConfig {
+    /// Its public key (base64).
+    pub public_key: String,
+    /// Its endpoint (underlay address and port).
+    pub endpoint: Option<std::net::SocketAddrV4>,
+    /// Its allowed IPs: the peer's container subnet.
+    pub allowed_ips: Vec<Ipv4Net>,
+}
+
+/// The WireGuard interface as the kernel (or wireguard-go) has it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WgDevice {
+    /// Its public key.
+    pub public_key: String,
+    /// Its listen port.
+    pub listen_port: u16,
+    /// Its peers.
+    pub peers: Vec<WgPeerConfig>,
+    /// Seconds since each peer's latest handshake, by public key (`None`: never).
+    pub handshakes: Vec<(String, Option<u64>)>,
+}
+
+/// How the WireGuard interface is implemented on this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WgImplementation {
+    /// The kernel's module (netlink).
+    Kernel,
+    /// `wireguard-go`, in user space (no module; the lab's machines).
+    Userspace,
+}
+
+/// WireGuard on this host: the key pair, the interface and its peers. Synchronous: the
+/// reconciler calls it from a blocking thread.
+pub trait Wireguard: Send + Sync {
+    /// The public key of the private key in `key_file`, making a key pair first (file mode
+    /// 0600) when there is none.
+    fn ensure_key(&self, key_file: &Path) -> Result<String>;
+    /// Makes a new private key in `key_file` (replacing the old one atomically) and returns
+    /// its public key.
+    fn rotate_key(&self, key_file: &Path) -> Result<String>;
+    /// The interface `name` and its configuration; `None` when it does not exist.
+    fn show(&self, name: &str) -> Result<Option<WgDevice>>;
+    /// Creates the interface `name` (kernel module, else wireguard-go) with `mtu`, up.
+    fn create(&self, name: &str, mtu: u32) -> Result<WgImplementation>;
+    /// Sets the interface's private key (from `key_file`) and listen port.
+    fn configure(&self, name: &str, key_file: &Path, port: u16) -> Result<()>;
+    /// Adds or updates a peer (endpoint, allowed IPs, keepalive).
+    fn set_peer(&self, name: &str, peer: &WgPeerConfig, keepalive: u16) -> Result<()>;
+    /// Removes a peer.
+    fn remove_peer(&self, name: &str, public_key: &str) -> Result<()>;
+    /// Deletes the interface (and stops wireguard-go behind it).
+    fn delete(&self, name: &str) -> Result<()>;
+}
+
 /// Everything the reconciler touches on a host.
 #[derive(Clone)]
 pub struct Kernel {
@@ -291,6 +374,8 @@ pub struct Kernel {
     pub daemon_config: Arc<dyn DaemonConfig>,
     /// The state file.
     pub state: Arc<dyn StateStore>,
+    /// WireGuard.
+    pub wireguard: Arc<dyn Wireguard>,
 }
 
 impl fmt::Debug for Kernel {

@@ -31,7 +31,10 @@
 //!         name: "b".into(),
 //!         underlay_ip: "10.1.1.29".parse().unwrap(),
 //!         subnet: "172.17.29.0/24".parse().unwrap(),
+//!         wireguard_key: None,
+//!         wireguard_port: None,
 //!     }],
+//!     backend: Default::default(),
 //! };
 //! for change in reconciler.reconcile(&desired).await? {
 //!     println!("{change}");
@@ -41,6 +44,7 @@
 
 #![warn(missing_docs)]
 
+pub mod backend;
 mod config;
 pub mod daemon_json;
 mod desired;
@@ -53,6 +57,7 @@ pub mod rules;
 mod status;
 pub mod system;
 
+pub use backend::{Backend, PeerBackend, WG_INTERFACE, WG_PORT};
 pub use config::{
     DEFAULT_DAEMON_JSON, DEFAULT_DOCKER_HOST, DEFAULT_DOCKER_READY_TIMEOUT,
     DEFAULT_DOCKER_RESTART_COMMAND, DEFAULT_INTERVAL, DEFAULT_STATE_DIR, NetConfig, STATE_FILE,

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::net::SocketAddrV4;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,11 +16,15 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::ROUTE_PROTOCOL;
+use crate::backend::{self, PeerBackend, Unreachable, WG_INTERFACE, WG_KEEPALIVE, WG_MTU, WG_PORT};
 use crate::config::NetConfig;
 use crate::daemon_json::{self, Doc, KeyChange, Remembered};
-use crate::desired::DesiredNetwork;
+use crate::desired::{DesiredNetwork, Peer};
 use crate::error::{NetError, Result};
-use crate::kernel::{DockerVersion, Firewall, Kernel, KernelRoute, PeerRoute, RouteKind, RuleSpec};
+use crate::kernel::{
+    DockerVersion, Firewall, Kernel, KernelRoute, PeerRoute, RouteKind, RuleSpec, WgImplementation,
+    WgPeerConfig,
+};
 use crate::rules::{self, ChainPlan, FILTER_CHAIN, NAT_CHAIN};
 
 /// The sysctl geomx keeps at 1.
@@ -69,24 +73,55 @@ pub enum Change {
     RouteAdded {
         /// The peer subnet.
         destination: Ipv4Net,
-        /// The peer's underlay address.
-        gateway: Ipv4Addr,
+        /// Its next hop (`via 10.1.1.29`, `dev geomx-wg`).
+        via: String,
     },
     /// A geomx route got a new next hop.
     RouteReplaced {
         /// The peer subnet.
         destination: Ipv4Net,
         /// The new next hop.
-        gateway: Ipv4Addr,
+        via: String,
         /// The old next hop.
-        was: Option<Ipv4Addr>,
+        was: String,
+    },
+    /// The WireGuard interface was created.
+    WireguardCreated {
+        /// Its name.
+        interface: String,
+        /// Kernel module or wireguard-go.
+        implementation: WgImplementation,
+    },
+    /// The WireGuard interface got its key and port.
+    WireguardConfigured {
+        /// Its name.
+        interface: String,
+        /// Its listen port.
+        port: u16,
+    },
+    /// A WireGuard peer was added or changed.
+    WireguardPeerSet {
+        /// The peer host.
+        peer: String,
+        /// Its endpoint.
+        endpoint: String,
+    },
+    /// A WireGuard peer no longer wanted was removed.
+    WireguardPeerRemoved {
+        /// Its public key.
+        public_key: String,
+    },
+    /// The WireGuard interface was deleted (no peer needs it, or cleanup).
+    WireguardDeleted {
+        /// Its name.
+        interface: String,
     },
     /// A geomx route no longer wanted was deleted.
     RouteDeleted {
         /// Its destination.
         destination: Ipv4Net,
         /// Its next hop.
-        gateway: Option<Ipv4Addr>,
+        via: String,
     },
     /// A geomx chain was created with its rules.
     ChainCreated {
@@ -177,30 +212,36 @@ impl fmt::Display for Change {
             Change::IpForwardEnabled { was } => {
                 write!(f, "set {IP_FORWARD}=1 (was {was})")
             }
-            Change::RouteAdded {
-                destination,
-                gateway,
-            } => write!(
-                f,
-                "added route {destination} via {gateway} proto {ROUTE_PROTOCOL}"
-            ),
+            Change::RouteAdded { destination, via } => {
+                write!(f, "added route {destination} {via} proto {ROUTE_PROTOCOL}")
+            }
             Change::RouteReplaced {
                 destination,
-                gateway,
+                via,
                 was,
+            } => write!(f, "replaced route {destination} {was} with {via}"),
+            Change::WireguardCreated {
+                interface,
+                implementation,
             } => write!(
                 f,
-                "replaced route {destination} via {} with via {gateway}",
-                was.map_or("-".to_string(), |g| g.to_string())
+                "created WireGuard interface {interface} ({implementation:?})"
             ),
-            Change::RouteDeleted {
-                destination,
-                gateway,
-            } => write!(
-                f,
-                "deleted route {destination}{}",
-                gateway.map_or(String::new(), |g| format!(" via {g}"))
-            ),
+            Change::WireguardConfigured { interface, port } => {
+                write!(f, "configured {interface}: private key, listen port {port}")
+            }
+            Change::WireguardPeerSet { peer, endpoint } => {
+                write!(f, "set WireGuard peer {peer} at {endpoint}")
+            }
+            Change::WireguardPeerRemoved { public_key } => {
+                write!(f, "removed WireGuard peer {public_key}")
+            }
+            Change::WireguardDeleted { interface } => {
+                write!(f, "deleted WireGuard interface {interface}")
+            }
+            Change::RouteDeleted { destination, via } => {
+                write!(f, "deleted route {destination} {via}")
+            }
             Change::ChainCreated {
                 table,
                 chain,
@@ -250,6 +291,15 @@ impl fmt::Display for Change {
     }
 }
 
+/// A kernel route's next hop as `ip route` says it.
+fn describe_via(r: &KernelRoute) -> String {
+    match (&r.gateway, &r.device) {
+        (Some(gw), _) => format!("via {gw}"),
+        (None, Some(dev)) => format!("dev {dev}"),
+        (None, None) => "-".into(),
+    }
+}
+
 fn record(changes: &mut Vec<Change>, change: Change) {
     info!("{change}");
     changes.push(change);
@@ -272,6 +322,8 @@ struct Preflight {
     daemon_text: Option<String>,
     doc: Doc,
     state: Option<Remembered>,
+    /// Every peer with the backend it is reached through.
+    backends: Vec<(Peer, PeerBackend)>,
 }
 
 /// Brings the host network to a desired state and keeps it there.
@@ -338,7 +390,9 @@ impl Reconciler {
             let mut changes = Vec::new();
             self.apply_docker(desired, &pre, &mut changes).await?;
             self.apply_ip_forward(&mut changes)?;
-            self.apply_routes(desired, &mut changes).await?;
+            self.apply_wireguard(&pre.backends, &mut changes).await?;
+            self.apply_routes(desired, &pre.backends, &mut changes)
+                .await?;
             self.apply_firewall(desired, &mut changes).await?;
             if changes.is_empty() {
                 debug!("no change");
@@ -358,6 +412,7 @@ impl Reconciler {
         let docker = k.docker.version().await?;
 
         let table = k.routes.main_table().await?;
+        let mut backends = Vec::new();
         for p in &desired.peers {
             if let Some(r) = table
                 .iter()
@@ -368,23 +423,45 @@ impl Reconciler {
                     existing: r.to_string(),
                 });
             }
-            let not_on_link = |detail: String| NetError::PeerNotOnLink {
-                peer: p.name.clone(),
-                ip: p.underlay_ip,
-                detail,
-            };
-            match k.routes.lookup(p.underlay_ip).await? {
-                None => return Err(not_on_link("no route to it".into())),
+            let on_link = match k.routes.lookup(p.underlay_ip).await? {
+                None => Err("no route to it".to_string()),
+                // whatever the backend: a peer cannot live at this host's address
                 Some(r) if r.kind == RouteKind::Local => {
-                    return Err(not_on_link("it is an address of this host".into()));
+                    return Err(NetError::PeerNotOnLink {
+                        peer: p.name.clone(),
+                        ip: p.underlay_ip,
+                        detail: "it is an address of this host".into(),
+                    });
                 }
                 Some(r) if r.kind != RouteKind::Unicast => {
-                    return Err(not_on_link(format!("the kernel routes it as {r}")));
+                    Err(format!("the kernel routes it as {r}"))
                 }
                 Some(KernelRoute {
                     gateway: Some(gw), ..
-                }) => return Err(not_on_link(format!("it is reached via {gw}"))),
-                Some(_) => {}
+                }) => Err(format!("it is reached via {gw}")),
+                Some(_) => Ok(()),
+            };
+            match backend::resolve(
+                desired.backend,
+                self.config.backend,
+                on_link,
+                p.wireguard_key.is_some(),
+            ) {
+                Ok(b) => backends.push((p.clone(), b)),
+                Err(Unreachable::NotOnLink(detail)) => {
+                    return Err(NetError::PeerNotOnLink {
+                        peer: p.name.clone(),
+                        ip: p.underlay_ip,
+                        detail,
+                    });
+                }
+                Err(Unreachable::NoWireguardKey) => {
+                    return Err(NetError::PeerUnreachable {
+                        peer: p.name.clone(),
+                        ip: p.underlay_ip,
+                        reason: "it is not on-link and registered no WireGuard key (an agent older than this one?): upgrade its agent, or give both hosts a network they share".into(),
+                    });
+                }
             }
         }
         let fw = k.firewall.clone();
@@ -398,6 +475,7 @@ impl Reconciler {
             daemon_text,
             doc,
             state,
+            backends,
         })
     }
 
@@ -537,72 +615,170 @@ impl Reconciler {
         Ok(())
     }
 
+    /// The WireGuard interface and its peers: made when a peer needs it, removed when none
+    /// does; peers set or removed to match, nothing touched when they match already.
+    async fn apply_wireguard(
+        &self,
+        backends: &[(Peer, PeerBackend)],
+        changes: &mut Vec<Change>,
+    ) -> Result<()> {
+        let wg = self.kernel.wireguard.clone();
+        let key_file = self.config.wireguard_key_file();
+        let port = self.config.wireguard_port;
+        let wanted: Vec<(String, WgPeerConfig)> = backends
+            .iter()
+            .filter(|(_, b)| *b == PeerBackend::Wireguard)
+            .filter_map(|(p, _)| {
+                Some((
+                    p.name.clone(),
+                    WgPeerConfig {
+                        public_key: p.wireguard_key.clone()?,
+                        endpoint: Some(SocketAddrV4::new(
+                            p.underlay_ip,
+                            p.wireguard_port.unwrap_or(WG_PORT),
+                        )),
+                        allowed_ips: vec![p.subnet],
+                    },
+                ))
+            })
+            .collect();
+        let found = blocking(move || {
+            let mut out = Vec::new();
+            let existing = wg.show(WG_INTERFACE)?;
+            if wanted.is_empty() {
+                if existing.is_some() {
+                    wg.delete(WG_INTERFACE)?;
+                    out.push(Change::WireguardDeleted {
+                        interface: WG_INTERFACE.into(),
+                    });
+                }
+                return Ok(out);
+            }
+            let public = wg.ensure_key(&key_file)?;
+            let device = match existing {
+                Some(d) => d,
+                None => {
+                    let implementation = wg.create(WG_INTERFACE, WG_MTU)?;
+                    out.push(Change::WireguardCreated {
+                        interface: WG_INTERFACE.into(),
+                        implementation,
+                    });
+                    wg.show(WG_INTERFACE)?.ok_or_else(|| NetError::Wireguard {
+                        op: format!("create {WG_INTERFACE}"),
+                        message: "the interface does not answer after creation".into(),
+                    })?
+                }
+            };
+            if device.public_key != public || device.listen_port != port {
+                wg.configure(WG_INTERFACE, &key_file, port)?;
+                out.push(Change::WireguardConfigured {
+                    interface: WG_INTERFACE.into(),
+                    port,
+                });
+            }
+            for (name, want) in &wanted {
+                let same = device.peers.iter().any(|have| {
+                    have.public_key == want.public_key
+                        && have.endpoint == want.endpoint
+                        && have.allowed_ips == want.allowed_ips
+                });
+                if !same {
+                    wg.set_peer(WG_INTERFACE, want, WG_KEEPALIVE)?;
+                    out.push(Change::WireguardPeerSet {
+                        peer: name.clone(),
+                        endpoint: want
+                            .endpoint
+                            .map_or_else(|| "-".to_string(), |e| e.to_string()),
+                    });
+                }
+            }
+            for have in &device.peers {
+                if !wanted.iter().any(|(_, w)| w.public_key == have.public_key) {
+                    wg.remove_peer(WG_INTERFACE, &have.public_key)?;
+                    out.push(Change::WireguardPeerRemoved {
+                        public_key: have.public_key.clone(),
+                    });
+                }
+            }
+            Ok(out)
+        })
+        .await?;
+        for c in found {
+            record(changes, c);
+        }
+        Ok(())
+    }
+
     async fn apply_routes(
         &self,
         desired: &DesiredNetwork,
+        backends: &[(Peer, PeerBackend)],
         changes: &mut Vec<Change>,
     ) -> Result<()> {
         let routes = &self.kernel.routes;
-        let want: BTreeMap<Ipv4Net, Ipv4Addr> = desired
-            .peers
+        let own = desired.bip().addr();
+        let want: BTreeMap<Ipv4Net, PeerRoute> = backends
             .iter()
-            .map(|p| (p.subnet, p.underlay_ip))
+            .map(|(p, b)| {
+                let r = match b {
+                    PeerBackend::HostGw => PeerRoute {
+                        destination: p.subnet,
+                        gateway: Some(p.underlay_ip),
+                        device: None,
+                        source: None,
+                    },
+                    PeerBackend::Wireguard => PeerRoute {
+                        destination: p.subnet,
+                        gateway: None,
+                        device: Some(WG_INTERFACE.into()),
+                        source: Some(own),
+                    },
+                };
+                (p.subnet, r)
+            })
             .collect();
         let table = routes.main_table().await?;
         let mut satisfied = BTreeSet::new();
-        let mut overwritten: BTreeMap<Ipv4Net, Option<Ipv4Addr>> = BTreeMap::new();
+        let mut overwritten: BTreeMap<Ipv4Net, String> = BTreeMap::new();
         let mut stale = Vec::new();
         for r in table.into_iter().filter(|r| r.protocol == ROUTE_PROTOCOL) {
             let dst = r.destination;
             match want.get(&dst) {
-                Some(gw)
-                    if r.gateway == Some(*gw)
-                        && r.metric == 0
-                        && r.kind == RouteKind::Unicast
-                        && !satisfied.contains(&dst) =>
-                {
+                Some(w) if w.matches(&r) && !satisfied.contains(&dst) => {
                     satisfied.insert(dst);
                 }
                 // same destination and metric: NLM_F_REPLACE below overwrites it
                 Some(_) if r.metric == 0 && !overwritten.contains_key(&dst) => {
-                    overwritten.insert(dst, r.gateway);
+                    overwritten.insert(dst, describe_via(&r));
                 }
+                // geomx's routes outside the cluster are not this pass's to judge
+                _ if !desired.cluster.contains(&dst) => {}
                 _ => stale.push(r),
             }
         }
-        for (dst, gw) in &want {
+        for (dst, route) in &want {
             if satisfied.contains(dst) {
                 continue;
             }
-            routes
-                .replace(PeerRoute {
-                    destination: *dst,
-                    gateway: *gw,
-                })
-                .await?;
+            routes.replace(route.clone()).await?;
             let change = match overwritten.get(dst) {
                 Some(was) => Change::RouteReplaced {
                     destination: *dst,
-                    gateway: *gw,
-                    was: *was,
+                    via: route.via(),
+                    was: was.clone(),
                 },
                 None => Change::RouteAdded {
                     destination: *dst,
-                    gateway: *gw,
+                    via: route.via(),
                 },
             };
             record(changes, change);
         }
         for r in stale {
-            let (destination, gateway) = (r.destination, r.gateway);
+            let destination = r.destination;
+            let via = describe_via(&r);
             routes.delete(r).await?;
-            record(
-                changes,
-                Change::RouteDeleted {
-                    destination,
-                    gateway,
-                },
-            );
+            record(changes, Change::RouteDeleted { destination, via });
         }
         Ok(())
     }
@@ -661,17 +837,31 @@ impl Reconciler {
                 record(&mut changes, c);
             }
 
+            // only geomx's routes into the cluster: protocol 247 alone is not proof enough
+            let cluster = self.last_applied.as_ref().map(|d| d.cluster);
             for r in k.routes.main_table().await? {
-                if r.protocol != ROUTE_PROTOCOL {
+                if r.protocol != ROUTE_PROTOCOL
+                    || cluster.is_some_and(|c| !c.contains(&r.destination))
+                {
                     continue;
                 }
-                let (destination, gateway) = (r.destination, r.gateway);
+                let destination = r.destination;
+                let via = describe_via(&r);
                 k.routes.delete(r).await?;
+                record(&mut changes, Change::RouteDeleted { destination, via });
+            }
+            let wg = k.wireguard.clone();
+            let deleted = blocking(move || {
+                let there = wg.show(WG_INTERFACE)?.is_some();
+                wg.delete(WG_INTERFACE)?;
+                Ok(there)
+            })
+            .await?;
+            if deleted {
                 record(
                     &mut changes,
-                    Change::RouteDeleted {
-                        destination,
-                        gateway,
+                    Change::WireguardDeleted {
+                        interface: WG_INTERFACE.into(),
                     },
                 );
             }

@@ -91,6 +91,23 @@ pub fn filter_plan(desired: &DesiredNetwork) -> ChainPlan {
         hook: "FORWARD",
         jump: jump_rule("filter", FILTER_CHAIN),
         rules: vec![
+            // the tunnel's MTU is below the containers' 1500: TCP must not send segments
+            // that WireGuard would have to drop (ps-lite sends large messages)
+            rule(
+                &[
+                    "-o",
+                    crate::backend::WG_INTERFACE,
+                    "-p",
+                    "tcp",
+                    "-m",
+                    "tcp",
+                    "--tcp-flags",
+                    "SYN,RST",
+                    "SYN",
+                ],
+                "clamp MSS to the tunnel MTU",
+                &["TCPMSS", "--clamp-mss-to-pmtu"],
+            ),
             rule(
                 &["-s", &cluster],
                 "forward traffic from the cluster",
@@ -131,6 +148,7 @@ mod tests {
             subnet: "172.17.34.0/24".parse().expect("net"),
             cluster: "172.17.0.0/16".parse().expect("net"),
             peers: vec![],
+            backend: Default::default(),
         };
         let nat = nat_plan(&d, true);
         let lines: Vec<String> = nat.rules.iter().map(|r| r.to_string()).collect();
@@ -152,8 +170,13 @@ mod tests {
         );
         let filter = filter_plan(&d);
         assert_eq!(filter.jump.target(), Some(FILTER_CHAIN));
+        // as `iptables -S` prints them (checked against iptables 1.8.9, nft)
         assert_eq!(
-            filter.rules[1].to_string(),
+            filter.rules[0].to_string(),
+            r#"-o geomx-wg -p tcp -m tcp --tcp-flags SYN,RST SYN -m comment --comment "geomx: clamp MSS to the tunnel MTU" -j TCPMSS --clamp-mss-to-pmtu"#
+        );
+        assert_eq!(
+            filter.rules[2].to_string(),
             r#"-d 172.17.0.0/16 -m comment --comment "geomx: forward traffic to the cluster" -j ACCEPT"#
         );
     }

@@ -17,6 +17,8 @@ fn peer(name: &str, ip: &str, subnet: &str) -> Peer {
         name: name.into(),
         underlay_ip: ip.parse().expect("test ip"),
         subnet: net(subnet),
+        wireguard_key: None,
+        wireguard_port: None,
     }
 }
 
@@ -28,6 +30,7 @@ fn seed_a() -> DesiredNetwork {
             peer("b", "10.1.1.29", "172.17.29.0/24"),
             peer("c", "10.1.1.33", "172.17.33.0/24"),
         ],
+        backend: Default::default(),
     }
 }
 
@@ -98,7 +101,7 @@ async fn first_pass_builds_everything_and_the_second_changes_nothing() {
         assert_eq!(h.rules("nat", "GEOMX-POSTROUTING"), NAT_RULES);
         assert_eq!(h.rules("nat", "POSTROUTING")[0], NAT_JUMP);
         assert_eq!(h.rules("filter", "FORWARD")[0], FILTER_JUMP);
-        assert_eq!(h.rules("filter", "GEOMX-FORWARD").len(), 2);
+        assert_eq!(h.rules("filter", "GEOMX-FORWARD").len(), 3);
     }
     let log_before = fake.host().log.len();
     let again = r.reconcile(&seed_a()).await.expect("second pass");
@@ -167,11 +170,17 @@ async fn peers_off_link_and_foreign_routes_to_peer_subnets_change_nothing() {
     let fake = FakeKernel::new();
     let mut d = seed_a();
     d.peers[0].underlay_ip = "192.0.2.7".parse().expect("ip");
+    // with backend host-gw: refused, naming the peer and what the kernel said
+    d.backend = crate::Backend::HostGw;
     let e = assert_refused_without_change(&fake, &d).await;
     assert_eq!(
         e.to_string(),
-        "peer b: underlay address 192.0.2.7 is not on a directly connected network (it is reached via 10.1.1.1); geomx routes a peer's subnet via the peer's underlay address, which must be on-link"
+        "peer b: underlay address 192.0.2.7 is not on a directly connected network (it is reached via 10.1.1.1); backend host-gw routes a peer's subnet via the peer's underlay address, which must be on-link: use backend auto or wireguard for peers in other networks"
     );
+    // with auto, a peer off-link without a WireGuard key (an old agent) is refused too
+    d.backend = crate::Backend::Auto;
+    let e = assert_refused_without_change(&fake, &d).await;
+    assert!(e.to_string().contains("registered no WireGuard key"), "{e}");
     let mut d = seed_a();
     d.peers[0].underlay_ip = "10.1.1.34".parse().expect("ip");
     let e = assert_refused_without_change(&fake, &d).await;
@@ -579,4 +588,121 @@ async fn the_loop_reapplies_the_last_desired_state_and_follows_changes() {
         passes.iter().all(|n| *n != usize::MAX),
         "a pass failed: {passes:?}"
     );
+}
+
+/// Seed host a with peer c moved to another data center (reached via the gateway), with a
+/// WireGuard key; b stays on the LAN.
+fn a_with_c_elsewhere() -> DesiredNetwork {
+    let mut d = seed_a();
+    d.peers[1].underlay_ip = "10.3.1.33".parse().expect("ip");
+    d.peers[1].wireguard_key = Some("pub-of-c".into());
+    d.peers[1].wireguard_port = Some(7951);
+    d.peers[0].wireguard_key = Some("pub-of-b".into());
+    d
+}
+
+#[tokio::test]
+async fn auto_uses_host_gw_on_the_lan_and_wireguard_across_networks() {
+    let fake = FakeKernel::new();
+    let mut r = reconciler(&fake);
+    let changes = r
+        .reconcile(&a_with_c_elsewhere())
+        .await
+        .expect("first pass");
+    let text: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+    assert!(
+        text.iter()
+            .any(|c| c == "set WireGuard peer c at 10.3.1.33:7951"),
+        "{text:?}"
+    );
+    {
+        let h = fake.host();
+        assert_eq!(
+            h.geomx_routes(),
+            [
+                "172.17.29.0/24 via 10.1.1.29",
+                "172.17.33.0/24 dev geomx-wg"
+            ]
+        );
+        let wg = &h.wireguard["geomx-wg"];
+        assert_eq!(wg.listen_port, 7951);
+        assert_eq!(wg.public_key, "pub-key1", "the host's own key pair");
+        assert_eq!(wg.peers.len(), 1, "b is on the LAN: no tunnel to it");
+        assert_eq!(wg.peers[0].public_key, "pub-of-c");
+        assert_eq!(wg.peers[0].allowed_ips, [net("172.17.33.0/24")]);
+    }
+    // converged: nothing changes, the key is not made again
+    let log = fake.host().log.len();
+    assert_eq!(
+        r.reconcile(&a_with_c_elsewhere()).await.expect("again"),
+        vec![]
+    );
+    assert_eq!(fake.host().log.len(), log);
+    assert_eq!(fake.host().wg_keys_made, 1);
+
+    // drift: the tunnel's peer removed by hand, the route deleted: both repaired
+    fake.host()
+        .wireguard
+        .get_mut("geomx-wg")
+        .expect("wg")
+        .peers
+        .clear();
+    fake.host()
+        .routes
+        .retain(|r| r.device.as_deref() != Some("geomx-wg"));
+    let repaired = r.reconcile(&a_with_c_elsewhere()).await.expect("repair");
+    assert_eq!(repaired.len(), 2, "{repaired:?}");
+
+    // c re-keyed (geomx-agent rotate-key on c): the old peer goes, the new one comes
+    let mut rekeyed = a_with_c_elsewhere();
+    rekeyed.peers[1].wireguard_key = Some("pub-of-c-2".into());
+    let changes = r.reconcile(&rekeyed).await.expect("rekey");
+    let text: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+    assert_eq!(
+        text,
+        [
+            "set WireGuard peer c at 10.3.1.33:7951",
+            "removed WireGuard peer pub-of-c"
+        ]
+    );
+
+    // c gone: no peer needs the tunnel any more, the interface goes with its route
+    let mut only_b = seed_a();
+    only_b.peers.truncate(1);
+    r.reconcile(&only_b).await.expect("c left");
+    assert!(!fake.host().wireguard.contains_key("geomx-wg"));
+    assert_eq!(fake.host().geomx_routes(), ["172.17.29.0/24 via 10.1.1.29"]);
+
+    // cleanup removes the tunnel too
+    r.reconcile(&a_with_c_elsewhere()).await.expect("c back");
+    r.cleanup().await.expect("cleanup");
+    let h = fake.host();
+    assert!(h.wireguard.is_empty() && h.geomx_routes().is_empty());
+}
+
+#[tokio::test]
+async fn an_agent_override_and_the_cluster_default_pick_the_backend() {
+    // the cluster says wireguard: b on the LAN is tunnelled too
+    let fake = FakeKernel::new();
+    let mut d = a_with_c_elsewhere();
+    d.backend = crate::Backend::Wireguard;
+    reconciler(&fake).reconcile(&d).await.expect("pass");
+    assert_eq!(
+        fake.host().geomx_routes(),
+        ["172.17.29.0/24 dev geomx-wg", "172.17.33.0/24 dev geomx-wg"]
+    );
+    // this agent says host-gw: c in another network is refused, nothing half-installed
+    let fake = FakeKernel::new();
+    let mut config = NetConfig::new("a");
+    config.backend = Some(crate::Backend::HostGw);
+    let e = Reconciler::new(config, fake.kernel())
+        .reconcile(&a_with_c_elsewhere())
+        .await
+        .expect_err("refused");
+    assert!(
+        e.to_string()
+            .starts_with("peer c: underlay address 10.3.1.33 is not on a directly connected network (it is reached via 10.1.1.1)"),
+        "{e}"
+    );
+    assert!(fake.host().log.is_empty(), "{:?}", fake.host().log);
 }

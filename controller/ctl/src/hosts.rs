@@ -87,6 +87,7 @@ struct HostJson<'a> {
     heartbeat_age_ms: u64,
     agent_version: &'a str,
     network_converged: bool,
+    network_error: &'a str,
     containers: u32,
     agent_url: &'a str,
     registered_at_ms: i64,
@@ -137,6 +138,7 @@ fn host_json(h: &Host) -> HostJson<'_> {
         heartbeat_age_ms: h.heartbeat_age_ms,
         agent_version: &h.agent_version,
         network_converged: h.network_converged,
+        network_error: &h.network_error,
         containers: h.containers,
         agent_url: &h.agent_url,
         registered_at_ms: h.registered_at_ms,
@@ -431,14 +433,13 @@ fn render(hosts: &[Host], wide: bool) -> String {
             dash(&h.agent_version),
         ];
         if wide {
-            row.push(
-                if h.network_converged {
-                    "converged"
-                } else {
-                    "pending"
-                }
-                .to_owned(),
-            );
+            row.push(if h.network_converged {
+                "converged".to_owned()
+            } else if h.network_error.is_empty() {
+                "pending".to_owned()
+            } else {
+                format!("error: {}", h.network_error)
+            });
             row.push(h.containers.to_string());
             row.push(dash(&h.agent_url));
         }

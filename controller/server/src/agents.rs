@@ -76,6 +76,7 @@ pub struct AgentApi {
     auth: Auth,
     shutdown: CancellationToken,
     streams: TaskTracker,
+    backend: String,
 }
 
 impl std::fmt::Debug for AgentApi {
@@ -103,7 +104,15 @@ impl AgentApi {
             auth,
             shutdown,
             streams,
+            backend: String::new(),
         }
+    }
+
+    /// The cluster's default data-plane backend every host's desired state carries (empty:
+    /// `auto`).
+    pub fn with_backend(mut self, backend: impl Into<String>) -> Self {
+        self.backend = backend.into();
+        self
     }
 }
 
@@ -139,6 +148,7 @@ impl AgentService for AgentApi {
                     validate::MAX_VERSION_LEN,
                 )?,
                 agent_url: validate::agent_url("agent_url", &req.agent_url)?,
+                wireguard: validate::wireguard(&req.wireguard_public_key, req.wireguard_port)?,
             };
             let underlay = reg.underlay_ip;
             let subnet = membership.register(reg).await.inspect_err(|e| {
@@ -173,9 +183,13 @@ impl AgentService for AgentApi {
         let membership = self.membership.clone();
         let workloads = self.workloads.clone();
         let shutdown = self.shutdown.clone();
+        let backend = self.backend.clone();
         let span = tracing::info_span!("watch", host = %host);
         self.streams.spawn(
-            watch_loop(membership, workloads, host, tx, revisions, shutdown).instrument(span),
+            watch_loop(
+                membership, workloads, backend, host, tx, revisions, shutdown,
+            )
+            .instrument(span),
         );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -280,6 +294,7 @@ fn heartbeat_data(report: &HostReport) -> Result<HeartbeatData, Status> {
 async fn watch_loop(
     membership: Arc<Membership>,
     workloads: Arc<dyn Workloads>,
+    backend: String,
     host: String,
     tx: mpsc::Sender<Result<DesiredState, Status>>,
     mut revisions: tokio::sync::watch::Receiver<u64>,
@@ -292,6 +307,7 @@ async fn watch_loop(
         match membership.desired_state_for(&host) {
             Ok(mut state) => {
                 state.containers = workloads.containers_for(&host);
+                state.backend.clone_from(&backend);
                 if last.as_ref().is_none_or(|l| !same_content(l, &state)) {
                     tracing::debug!(
                         revision = state.revision,

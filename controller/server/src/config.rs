@@ -14,6 +14,9 @@
 //! heartbeat_interval = "1s"
 //! grace_period = "10s"
 //! shutdown_timeout = "10s"
+//! backend = "auto"              # the cluster's data plane: auto (host-gw on a shared LAN,
+//!                               # WireGuard to other networks), host-gw or wireguard; an
+//!                               # agent's own `backend` overrides it
 //! lease_ttl = "7d"              # a host lost this long is forgotten, its subnet freed; "0s": never
 //! # insecure = true            # plaintext, no client authentication: labs only
 //!
@@ -89,6 +92,9 @@ pub struct Args {
     /// Time allowed for a graceful shutdown [default: 10s].
     #[arg(long, env = "GEOMX_CONTROLLER_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Option<Duration>,
+    /// The cluster's data-plane backend: auto, host-gw or wireguard [default: auto].
+    #[arg(long, env = "GEOMX_CONTROLLER_BACKEND")]
+    pub backend: Option<String>,
     /// A host lost for this long is forgotten and its subnet released; 0s: never [default: 7d].
     #[arg(long, env = "GEOMX_CONTROLLER_LEASE_TTL", value_parser = humantime::parse_duration)]
     pub lease_ttl: Option<Duration>,
@@ -129,6 +135,8 @@ pub struct ControllerConfig {
     pub shutdown_timeout: Duration,
     /// A host lost for longer than this is forgotten and its lease released; zero: never.
     pub lease_ttl: Duration,
+    /// The cluster's default data-plane backend (`auto`, `host-gw`, `wireguard`).
+    pub backend: String,
     /// TLS files; required unless `insecure`.
     pub tls: Option<TlsFiles>,
     /// Plaintext without client authentication.
@@ -153,6 +161,7 @@ impl ControllerConfig {
             grace_period: DEFAULT_GRACE_PERIOD,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             lease_ttl: DEFAULT_LEASE_TTL,
+            backend: "auto".into(),
             tls,
             insecure: false,
             tokens: Vec::new(),
@@ -270,6 +279,7 @@ struct FileConfig {
     grace_period: Option<Spanned<HumanDuration>>,
     shutdown_timeout: Option<Spanned<HumanDuration>>,
     lease_ttl: Option<Spanned<HumanDuration>>,
+    backend: Option<Spanned<String>>,
     insecure: Option<bool>,
     tls: Option<TlsTable>,
     auth: Option<FileAuth>,
@@ -368,6 +378,24 @@ fn resolve(
         if let Some(v) = settings.pick(key, flag, arg, value, duration)? {
             *target = v;
         }
+    }
+
+    if let Some(b) = settings.pick(
+        "backend",
+        "backend",
+        args.backend.clone(),
+        file.backend,
+        |v| {
+            let b = v.unwrap_or_else(|f| f);
+            match b.as_str() {
+                "auto" | "host-gw" | "wireguard" => Ok(b),
+                other => Err(format!(
+                    "{other:?} is not a backend: use \"auto\", \"host-gw\" or \"wireguard\""
+                )),
+            }
+        },
+    )? {
+        cfg.backend = b;
     }
 
     cfg.insecure = args.insecure || file.insecure.unwrap_or(false);

@@ -39,6 +39,7 @@ pub fn host_message(view: &HostView) -> Host {
         registered_at_ms: r.registered_at_ms,
         images: r.images.clone(),
         cordoned: r.cordoned,
+        network_error: r.network.error.clone(),
     }
 }
 

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::leases::{LeaseError, LeasePool};
 use crate::store::{
     Batch, EventRecord, EventScope, HostRecord, HostState, LeaseRecord, NetworkRecord, Store,
-    StoreError, TreeId, now_ms,
+    StoreError, TreeId, WireguardRecord, now_ms,
 };
 pub use crate::workloads::HostChange;
 
@@ -95,6 +95,8 @@ pub struct Registration {
     pub agent_version: String,
     /// Agent API URL.
     pub agent_url: String,
+    /// Its WireGuard identity.
+    pub wireguard: Option<WireguardRecord>,
 }
 
 /// The validated parts of a heartbeat the membership keeps.
@@ -265,6 +267,7 @@ pub fn transition(
                 network: NetworkRecord::default(),
                 images: Vec::new(),
                 cordoned: false,
+                wireguard: None,
             });
             rec.underlay_ip = reg.underlay_ip;
             rec.subnet = Some(subnet);
@@ -272,6 +275,7 @@ pub fn transition(
             rec.pinned_subnet = reg.pinned_subnet;
             rec.agent_version.clone_from(&reg.agent_version);
             rec.agent_url.clone_from(&reg.agent_url);
+            rec.wireguard.clone_from(&reg.wireguard);
             if rec.state != HostState::Ready {
                 rec.state = HostState::Ready;
                 rec.state_since_ms = now_ms;
@@ -958,6 +962,17 @@ impl Membership {
                         name: e.record.name.clone(),
                         underlay_ip: e.record.underlay_ip.to_string(),
                         subnet: s.to_string(),
+                        wireguard_public_key: e
+                            .record
+                            .wireguard
+                            .as_ref()
+                            .map(|w| w.public_key.clone())
+                            .unwrap_or_default(),
+                        wireguard_port: e
+                            .record
+                            .wireguard
+                            .as_ref()
+                            .map_or(0, |w| u32::from(w.port)),
                     })
                 })
                 .collect();
@@ -972,6 +987,8 @@ impl Membership {
             containers: Vec::new(),
             heartbeat_interval_ms: duration_ms(self.timing.heartbeat_interval),
             controller_id: self.controller_id().to_owned(),
+            // the gRPC layer sets the cluster's default (empty: auto)
+            backend: String::new(),
         })
     }
 }
@@ -1020,6 +1037,7 @@ mod tests {
             pinned_subnet: None,
             agent_version: "test".into(),
             agent_url: String::new(),
+            wireguard: None,
         }
     }
 
@@ -1207,6 +1225,7 @@ mod tests {
             network: NetworkRecord::default(),
             images: Vec::new(),
             cordoned: false,
+            wireguard: None,
         }
     }
 
@@ -1243,6 +1262,7 @@ mod tests {
             pinned_subnet: None,
             agent_version: "test".into(),
             agent_url: String::new(),
+            wireguard: None,
         })
     }
 
@@ -1398,6 +1418,7 @@ mod tests {
             pinned_subnet: None,
             agent_version: "test".into(),
             agent_url: String::new(),
+            wireguard: None,
         });
         let e = transition(&cluster(Before::Ready), "h", &taken, &pool, &t, NOW).unwrap_err();
         assert!(

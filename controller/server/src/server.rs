@@ -212,13 +212,16 @@ async fn serve(
         shutdown.child_token(),
     ));
 
-    let agents = AgentServiceServer::new(AgentApi::new(
-        membership.clone(),
-        workloads,
-        auth.clone(),
-        shutdown.clone(),
-        streams.clone(),
-    ))
+    let agents = AgentServiceServer::new(
+        AgentApi::new(
+            membership.clone(),
+            workloads,
+            auth.clone(),
+            shutdown.clone(),
+            streams.clone(),
+        )
+        .with_backend(config.backend.clone()),
+    )
     .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
     .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE);
     let hosts = InterceptedService::new(

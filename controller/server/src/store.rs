@@ -163,6 +163,15 @@ pub struct NetworkRecord {
     pub error: String,
 }
 
+/// A host's WireGuard identity: its public key and UDP port (its private key never leaves it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireguardRecord {
+    /// Public key, base64.
+    pub public_key: String,
+    /// UDP port on the host's underlay address.
+    pub port: u16,
+}
+
 /// A host as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostRecord {
@@ -196,6 +205,9 @@ pub struct HostRecord {
     /// Cordoned: no new job may place a node on it (`geomxctl hosts cordon`).
     #[serde(default)]
     pub cordoned: bool,
+    /// Its WireGuard identity, from its last registration (`None`: it has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<WireguardRecord>,
 }
 
 /// A subnet lease as stored.
@@ -806,6 +818,7 @@ mod tests {
             network: NetworkRecord::default(),
             images: vec![],
             cordoned: false,
+            wireguard: None,
         }
     }
 

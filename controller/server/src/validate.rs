@@ -7,6 +7,8 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use tonic::Status;
 
+use crate::store::WireguardRecord;
+
 /// Longest host name.
 pub const MAX_HOST_LEN: usize = 63;
 /// Longest agent version string.
@@ -106,6 +108,33 @@ pub fn printable(field: &str, s: &str, max: usize) -> Result<String, Status> {
         return Err(invalid(field, "contains control characters"));
     }
     Ok(s.to_owned())
+}
+
+/// A WireGuard identity: a base64 public key of 32 bytes and a UDP port, or neither.
+pub fn wireguard(key: &str, port: u32) -> Result<Option<WireguardRecord>, Status> {
+    if key.is_empty() && port == 0 {
+        return Ok(None);
+    }
+    let ok_key = key.len() == 44
+        && key.ends_with('=')
+        && key[..43]
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/');
+    if !ok_key {
+        return Err(Status::invalid_argument(
+            "wireguard_public_key: not a WireGuard public key (44 characters of base64)",
+        ));
+    }
+    let port = u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| {
+            Status::invalid_argument(format!("wireguard_port: {port} is not a UDP port"))
+        })?;
+    Ok(Some(WireguardRecord {
+        public_key: key.to_owned(),
+        port,
+    }))
 }
 
 /// An agent URL: empty, or `http(s)://host:port` of at most [`MAX_URL_LEN`] bytes.

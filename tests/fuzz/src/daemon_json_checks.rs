@@ -32,6 +32,7 @@ fn desired(subnet: &str) -> DesiredNetwork {
         subnet: subnet.parse().expect("fixed subnet"),
         cluster: "172.16.0.0/12".parse().expect("fixed cluster"),
         peers: vec![],
+        backend: Default::default(),
     }
 }
 

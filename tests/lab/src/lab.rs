@@ -18,6 +18,7 @@ use crate::cmd;
 use crate::delayline;
 use crate::dockerd::Dockerd;
 use crate::error::{LabError, Result};
+use crate::mountns;
 use crate::netns::Netns;
 use crate::process::{LabProcess, alive};
 use crate::topology::{Link, Shape, Topology, TopologyFile};
@@ -339,7 +340,8 @@ impl Lab {
                 name: h.name.clone(),
                 underlay_ip: h.underlay_ip,
                 dc: h.dc.clone(),
-                netns: Netns::named(&format!("{}-{}", spec.name, h.name)),
+                netns: Netns::named(&format!("{}-{}", spec.name, h.name))
+                    .with_mount(Some(mountns::file(&spec.name, &h.name)).filter(|f| f.exists())),
                 dir: dir.join(&h.name),
                 dockerd: spec
                     .docker
@@ -538,6 +540,7 @@ impl Lab {
         // record the host before anything can fail, so that teardown finds it
         self.spec.hosts.push(spec.clone());
         self.save()?;
+        let netns = netns.with_mount(Some(mountns::create(&self.spec.name, &spec.name)?));
         let port = format!("v-{}", spec.name);
         let (bridge_ns, prefix, gateway) = match (&self.spec.topology, &spec.dc) {
             (Some(t), Some(dc)) => {
@@ -683,6 +686,9 @@ impl Lab {
         // then whatever is left: processes started for the lab or living in its namespaces
         kill_lab_processes(&dir, &self.namespaces(), &self.cgroup_dirs());
         note(unmount_under(&dir));
+        for h in &self.spec.hosts {
+            mountns::delete(&self.spec.name, &h.name);
+        }
         for ns in self.namespaces() {
             note(ns.delete());
         }
@@ -791,7 +797,9 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        if self.down || self.spec.persistent {
+        // only the process that made a test lab tears it down when it lets go of it; another
+        // process that attached to it (`geomx-lab link set` run by the test) leaves it alone
+        if self.down || self.spec.persistent || self.spec.owner_pid != std::process::id() {
             return;
         }
         // dropped without `down()`: a test failed (returned early or panicked); its harness

@@ -24,6 +24,7 @@ pub mod images;
 pub mod jobfile;
 mod lab;
 pub mod measure;
+mod mountns;
 mod netns;
 pub mod nfqueue;
 mod process;

@@ -14,6 +14,8 @@ use crate::error::{LabError, Result};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Netns {
     path: PathBuf,
+    /// A mount namespace commands enter too (a lab host's own /run/wireguard).
+    mount: Option<PathBuf>,
 }
 
 impl Netns {
@@ -29,6 +31,7 @@ impl Netns {
     pub fn named(name: &str) -> Netns {
         Netns {
             path: Path::new("/run/netns").join(name),
+            mount: None,
         }
     }
 
@@ -36,7 +39,19 @@ impl Netns {
     pub fn of_pid(pid: u32) -> Netns {
         Netns {
             path: PathBuf::from(format!("/proc/{pid}/ns/net")),
+            mount: None,
         }
+    }
+
+    /// The same network namespace, with commands also entering the mount namespace `file`.
+    pub fn with_mount(mut self, file: Option<PathBuf>) -> Netns {
+        self.mount = file;
+        self
+    }
+
+    /// The mount namespace commands enter, if any.
+    pub fn mount(&self) -> Option<&Path> {
+        self.mount.as_deref()
     }
 
     /// The namespace file.
@@ -69,9 +84,11 @@ impl Netns {
     /// unlike `ip netns exec`, leaves /sys and the cgroup mounts alone).
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path.display()))
-            .arg("--")
-            .arg(program);
+        c.arg(format!("--net={}", self.path.display()));
+        if let Some(m) = &self.mount {
+            c.arg(format!("--mount={}", m.display()));
+        }
+        c.arg("--").arg(program);
         c
     }
 

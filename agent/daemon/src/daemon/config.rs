@@ -19,12 +19,17 @@
 //! docker_restart_command = "systemctl restart docker"
 //! docker_ready_timeout = "60s"
 //! network_interval = "10s"                # periodic network re-check
+//! backend = "auto"                        # data plane to peers: auto (host-gw on the LAN,
+//!                                         # wireguard elsewhere), host-gw or wireguard;
+//!                                         # default: the controller's
+//! wireguard_port = 7951                   # WireGuard's UDP port on the underlay address
 //! [tls]
 //! ca = "/etc/geomx/tls/ca.pem"
 //! cert = "/etc/geomx/tls/agent-a.pem"
 //! key = "/etc/geomx/tls/agent-a-key.pem"
 //! ```
 
+use geomx_net::{Backend, WG_PORT};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -85,6 +90,13 @@ pub struct AgentArgs {
     /// How often the host network is re-checked, e.g. 10s [default: 10s].
     #[arg(long, env = "GEOMX_NETWORK_INTERVAL", value_parser = humantime::parse_duration)]
     pub network_interval: Option<Duration>,
+    /// Data-plane backend to peers, overriding the controller's default: auto, host-gw or
+    /// wireguard.
+    #[arg(long, env = "GEOMX_BACKEND")]
+    pub backend: Option<String>,
+    /// WireGuard's UDP port on the underlay address [default: 7951].
+    #[arg(long, env = "GEOMX_WIREGUARD_PORT")]
+    pub wireguard_port: Option<u16>,
     /// CA certificate (PEM) that signed the controller's and this agent's certificates.
     #[arg(long, env = "GEOMX_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
@@ -129,6 +141,10 @@ pub struct AgentConfig {
     pub docker_restart_command: String,
     /// How often the network is re-checked.
     pub network_interval: Duration,
+    /// This agent's backend (`None`: the controller's default).
+    pub backend: Option<Backend>,
+    /// WireGuard's UDP port.
+    pub wireguard_port: u16,
 }
 
 impl AgentConfig {
@@ -151,6 +167,8 @@ impl AgentConfig {
         c.docker_restart_command = self.docker_restart_command.clone();
         c.docker_ready_timeout = self.docker_ready_timeout;
         c.interval = self.network_interval;
+        c.backend = self.backend;
+        c.wireguard_port = self.wireguard_port;
         c
     }
 }
@@ -171,6 +189,8 @@ struct FileConfig {
     docker_restart_command: Option<Spanned<String>>,
     docker_ready_timeout: Option<Spanned<HumanDuration>>,
     network_interval: Option<Spanned<HumanDuration>>,
+    backend: Option<Spanned<Backend>>,
+    wireguard_port: Option<Spanned<u16>>,
     tls: Option<TlsTable>,
 }
 
@@ -275,6 +295,15 @@ fn not_empty(example: &'static str) -> impl Fn(String) -> Result<String, String>
 
 /// A flag given as a string, parsed as `T` (`example` shows the form) or a file's typed
 /// value; then `check`ed.
+/// A port a listener can use: 1..=65535.
+fn port_number(p: u16) -> Result<u16, String> {
+    if p == 0 {
+        Err("must be a port number 1..=65535".to_owned())
+    } else {
+        Ok(p)
+    }
+}
+
 fn typed<T: std::str::FromStr>(
     example: &'static str,
     what: &'static str,
@@ -365,13 +394,7 @@ fn resolve(
             "heartbeat-port",
             args.heartbeat_port,
             file.heartbeat_port,
-            |p| {
-                if p == 0 {
-                    Err("must be a port number 1..=65535".to_owned())
-                } else {
-                    Ok(p)
-                }
-            },
+            port_number,
         )?
         .unwrap_or(DEFAULT_HEARTBEAT_PORT);
 
@@ -436,6 +459,22 @@ fn resolve(
     if network_interval < Duration::from_millis(100) {
         return Err(settings.invalid("network_interval", "must be at least 100ms"));
     }
+    let backend = settings.pick(
+        "backend",
+        "backend",
+        args.backend.clone(),
+        file.backend,
+        typed("auto", "a backend (auto, host-gw or wireguard)", Ok),
+    )?;
+    let wireguard_port = settings
+        .pick_same(
+            "wireguard_port",
+            "wireguard-port",
+            args.wireguard_port,
+            file.wireguard_port,
+            port_number,
+        )?
+        .unwrap_or(WG_PORT);
 
     // TLS: each file from its flag or the [tls] table
     let flags = TlsFlags {
@@ -486,6 +525,8 @@ fn resolve(
             docker_ready_timeout,
             docker_restart_command,
             network_interval,
+            backend,
+            wireguard_port,
         },
         warnings,
     ))

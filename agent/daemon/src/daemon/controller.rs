@@ -189,6 +189,12 @@ pub async fn session_loop<E: Engine>(
             pinned_subnet: s.pinned_subnet.map(|n| n.to_string()).unwrap_or_default(),
             agent_version: s.agent_version.clone(),
             agent_url: s.agent_url(underlay),
+            wireguard_public_key: s
+                .wireguard
+                .as_ref()
+                .map(|w| w.0.clone())
+                .unwrap_or_default(),
+            wireguard_port: s.wireguard.as_ref().map_or(0, |w| u32::from(w.1)),
         };
         let result = tokio::select! {
             () = shutdown.cancelled() => return,

@@ -54,16 +54,37 @@ pub fn desired_network(state: &v1::DesiredState) -> Result<DesiredNetwork, Conve
                 "an IPv4 address",
             )
         })?;
+        let wireguard_port = match p.wireguard_port {
+            0 => None,
+            port => Some(u16::try_from(port).map_err(|_| {
+                bad(
+                    format!("peers[{}].wireguard_port", p.name),
+                    &port.to_string(),
+                    "a UDP port",
+                )
+            })?),
+        };
         peers.push(Peer {
             name: p.name.clone(),
             underlay_ip,
             subnet: net(format!("peers[{}].subnet", p.name), &p.subnet)?,
+            wireguard_key: Some(p.wireguard_public_key.trim().to_string())
+                .filter(|k| !k.is_empty()),
+            wireguard_port,
         });
     }
+    let backend = state.backend.parse().map_err(|_| {
+        bad(
+            "backend".into(),
+            &state.backend,
+            "\"auto\", \"host-gw\" or \"wireguard\"",
+        )
+    })?;
     Ok(DesiredNetwork {
         subnet,
         cluster,
         peers,
+        backend,
     })
 }
 
@@ -202,6 +223,7 @@ mod tests {
                 name: "b".into(),
                 underlay_ip: "10.1.1.29".into(),
                 subnet: "172.17.29.0/24".into(),
+                ..Default::default()
             }],
             containers: vec![v1::ContainerSpec {
                 job: "job1".into(),
@@ -235,6 +257,7 @@ mod tests {
             }],
             heartbeat_interval_ms: 1000,
             controller_id: "ctl-1".into(),
+            ..Default::default()
         }
     }
 

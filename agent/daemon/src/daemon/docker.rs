@@ -317,7 +317,10 @@ mod tests {
                 name: "b".into(),
                 underlay_ip: "10.1.1.29".parse().expect("ip"),
                 subnet: "172.17.29.0/24".parse().expect("net"),
+                wireguard_key: None,
+                wireguard_port: None,
             }],
+            backend: Default::default(),
         }
     }
 

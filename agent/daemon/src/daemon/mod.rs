@@ -59,6 +59,22 @@ use self::docker::{DockerHealth, DockerSource, EngineSource};
 use self::state::StateFile;
 use crate::Common;
 
+/// This host's WireGuard public key (making the key pair on first start) and port; `None`
+/// with a warning when WireGuard's tools are missing.
+fn wireguard_identity(kernel: &Kernel, net: &geomx_net::NetConfig) -> Option<(String, u16)> {
+    let file = net.wireguard_key_file();
+    match kernel.wireguard.ensure_key(&file) {
+        Ok(public) => {
+            info!(public_key = %public, port = net.wireguard_port, key = %file.display(), "WireGuard identity");
+            Some((public, net.wireguard_port))
+        }
+        Err(e) => {
+            warn!(error = %e, "no WireGuard on this host: peers in other networks cannot be reached");
+            None
+        }
+    }
+}
+
 /// The agent's version string, as reported to the controller.
 pub fn agent_version() -> String {
     format!("geomx-agent {}", env!("CARGO_PKG_VERSION"))
@@ -92,6 +108,9 @@ pub struct Settings {
     pub backoff_max: Duration,
     /// Reported version.
     pub agent_version: String,
+    /// This host's WireGuard public key and port, registered with the controller (`None`:
+    /// WireGuard is not available here; peers that need it cannot be reached).
+    pub wireguard: Option<(String, u16)>,
 }
 
 impl Settings {
@@ -110,6 +129,7 @@ impl Settings {
             backoff_initial: Duration::from_millis(250),
             backoff_max: Duration::from_secs(10),
             agent_version: agent_version(),
+            wireguard: None,
         }
     }
 
@@ -426,8 +446,10 @@ pub async fn run(common: &Common, args: &AgentArgs) -> anyhow::Result<ExitCode> 
         let net_config = config.net_config();
         let kernel = Kernel::system(&net_config).context("opening the host's network")?;
         let (kernel, health) = docker::tolerant(kernel, net_config.docker_ready_timeout);
+        let wireguard = wireguard_identity(&kernel, &net_config);
         let reconciler = Reconciler::new(net_config, kernel);
-        let settings = Settings::from_config(&config, tls);
+        let mut settings = Settings::from_config(&config, tls);
+        settings.wireguard = wireguard;
         let persisted = load_persisted(&settings);
         let client = AgentServiceClient::new(
             controller::channel(&settings).map_err(anyhow::Error::msg)?,

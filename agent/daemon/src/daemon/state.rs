@@ -147,6 +147,7 @@ mod tests {
                 name: "b".into(),
                 underlay_ip: "10.1.1.29".into(),
                 subnet: "172.17.2.0/24".into(),
+                ..Default::default()
             }],
             heartbeat_interval_ms: 1000,
             controller_id: "c1".into(),

@@ -255,6 +255,7 @@ impl Lab {
             backoff_initial: Duration::from_millis(50),
             backoff_max: Duration::from_millis(300),
             agent_version: agent_version(),
+            wireguard: None,
         }
     }
 }
@@ -612,10 +613,12 @@ async fn without_a_controller_the_persisted_state_is_applied() {
             name: "b".into(),
             underlay_ip: "10.1.1.29".into(),
             subnet: "172.17.6.0/24".into(),
+            ..Default::default()
         }],
         containers: vec![worker("job1", "a-worker-0")],
         heartbeat_interval_ms: 200,
         controller_id: "ctl-old".into(),
+        ..Default::default()
     };
     StateFile::new(&state_dir).save(&persisted).expect("save");
     let loaded = StateFile::new(&state_dir).load().expect("load");
@@ -634,6 +637,7 @@ async fn without_a_controller_the_persisted_state_is_applied() {
         backoff_initial: Duration::from_millis(50),
         backoff_max: Duration::from_millis(200),
         agent_version: agent_version(),
+        wireguard: None,
     };
     let fake = FakeKernel::new();
     let engine = FakeEngine::new(&[IMAGE]);

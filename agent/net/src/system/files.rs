@@ -41,6 +41,31 @@ fn parent(path: &Path) -> PathBuf {
 /// Replaces `path` with `text`: a temporary file next to it, fsync, rename, fsync of the
 /// directory. Keeps the old file's permissions (0644 for a new one).
 pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o644);
+    replace_file(path, text.as_bytes(), mode)
+}
+
+/// Writes a secret (a private key) atomically with mode 0600, its directory made 0700 when it
+/// has to be created.
+pub fn write_secret(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = parent(path);
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| NetError::io(&dir, e))?;
+    }
+    replace_file(path, format!("{text}\n").as_bytes(), 0o600)
+}
+
+/// A temporary file of mode `mode` (from its creation on) next to `path`, fsync, rename,
+/// fsync of the directory.
+fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = parent(path);
     let name = path
@@ -48,9 +73,6 @@ pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "file".into());
     let tmp = dir.join(format!(".{name}.geomx-{}.tmp", std::process::id()));
-    let mode = fs::metadata(path)
-        .map(|m| m.permissions().mode() & 0o7777)
-        .unwrap_or(0o644);
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -59,7 +81,7 @@ pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
             .mode(mode)
             .open(&tmp)?;
         f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.write_all(text.as_bytes())?;
+        f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)
     })();

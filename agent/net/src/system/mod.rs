@@ -5,14 +5,16 @@ mod files;
 mod iptables;
 mod netlink;
 mod sysctl;
+mod wireguard;
 
 use std::sync::Arc;
 
 pub use self::docker::BollardDocker;
-pub use self::files::{DaemonJsonFile, StateFile, write_atomic};
+pub use self::files::{DaemonJsonFile, StateFile, write_atomic, write_secret};
 pub use self::iptables::IptablesFirewall;
 pub use self::netlink::NetlinkRoutes;
 pub use self::sysctl::ProcSysctl;
+pub use self::wireguard::{WgTools, parse_dump};
 
 use crate::config::NetConfig;
 use crate::error::Result;
@@ -33,6 +35,7 @@ impl Kernel {
             )),
             daemon_config: Arc::new(DaemonJsonFile::new(&config.daemon_json)),
             state: Arc::new(StateFile::new(config.state_file())),
+            wireguard: Arc::new(WgTools),
         })
     }
 }

@@ -145,18 +145,31 @@ impl Routes for NetlinkRoutes {
 
     fn replace(&self, route: PeerRoute) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
+            let what = format!("replace route {} {}", route.destination, route.via());
+            let mut m = geomx_message(route.destination, route.gateway);
+            if let Some(dev) = &route.device {
+                let names = self.link_names().await?;
+                let index = names
+                    .iter()
+                    .find(|(_, n)| *n == dev)
+                    .map(|(i, _)| *i)
+                    .ok_or_else(|| NetError::netlink(&what, format!("no link {dev}")))?;
+                m.attributes.push(RouteAttribute::Oif(index));
+                if route.gateway.is_none() {
+                    m.header.scope = rtnetlink::packet_route::route::RouteScope::Link;
+                }
+            }
+            if let Some(src) = route.source {
+                m.attributes
+                    .push(RouteAttribute::PrefSource(RouteAddress::Inet(src)));
+            }
             self.handle
                 .route()
-                .add(geomx_message(route.destination, Some(route.gateway)))
+                .add(m)
                 .replace()
                 .execute()
                 .await
-                .map_err(|e| {
-                    NetError::netlink(
-                        format!("replace route {} via {}", route.destination, route.gateway),
-                        e,
-                    )
-                })
+                .map_err(|e| NetError::netlink(what, e))
         })
     }
 
@@ -164,6 +177,8 @@ impl Routes for NetlinkRoutes {
         Box::pin(async move {
             let mut m = geomx_message(route.destination, route.gateway);
             m.header.protocol = RouteProtocol::from(route.protocol);
+            // like `ip route del`: any scope (a device route has scope link)
+            m.header.scope = rtnetlink::packet_route::route::RouteScope::NoWhere;
             if route.metric != 0 {
                 m.attributes.push(RouteAttribute::Priority(route.metric));
             }

@@ -179,6 +179,7 @@ mod tests {
                 network: NetworkRecord::default(),
                 images: images.iter().map(|s| s.to_string()).collect(),
                 cordoned: false,
+                wireguard: None,
             },
             heartbeat_age: Duration::from_secs(12),
             containers: 0,

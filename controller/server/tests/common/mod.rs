@@ -221,6 +221,7 @@ pub fn register_request(host: &str) -> RegisterRequest {
         pinned_subnet: String::new(),
         agent_version: "test-agent 0.1".to_owned(),
         agent_url: format!("https://{}:7947", ip_of(host)),
+        ..Default::default()
     }
 }
 

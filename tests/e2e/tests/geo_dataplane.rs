@@ -1,0 +1,458 @@
+//! The cross-data-center data plane on the geo-distributed lab: containers in three data
+//! centers on routed networks reach each other through WireGuard (and hosts of one data center
+//! through plain host-gw routes), nothing crosses the WAN in the clear, and the tunnel survives
+//! the agent being killed. One cluster for the whole binary's checks.
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use geomx_e2e::net::{assert_containers_connected, geomx_routes, import_busybox};
+use geomx_e2e::{eventually, lab_tests_enabled};
+use geomx_lab::topology::parse_topology;
+use geomx_lab::{Binaries, Cluster, ClusterSpec, Lab, LabHost, LabProcess, LabSpec};
+
+const IMAGE: &str = "geomx-lab/busybox:test";
+
+/// Three data centers, every WAN link 5 ms one way (the job tests use 40 ms); dc1 has two
+/// hosts on one LAN.
+const TOPOLOGY: &str = r#"
+[[dc]]
+name = "dc1"
+subnet = "10.1.1.0/24"
+hosts = [{ name = "a", ip = "10.1.1.34" }, { name = "a2", ip = "10.1.1.35" }]
+[[dc]]
+name = "dc2"
+subnet = "10.2.1.0/24"
+hosts = [{ name = "b", ip = "10.2.1.29" }]
+[[dc]]
+name = "dc3"
+subnet = "10.3.1.0/24"
+hosts = [{ name = "c", ip = "10.3.1.33" }]
+[[link]]
+dcs = ["dc1", "dc2"]
+delay = "5ms"
+[[link]]
+dcs = ["dc1", "dc3"]
+delay = "5ms"
+[[link]]
+dcs = ["dc2", "dc3"]
+delay = "5ms"
+"#;
+
+fn geo_cluster() -> anyhow::Result<Cluster> {
+    let file = parse_topology("geo.toml", TOPOLOGY)?;
+    let lab = Lab::up(LabSpec::for_test().topology(file))?;
+    Ok(Cluster::up(
+        lab,
+        ClusterSpec {
+            network_interval: Duration::from_secs(1),
+            ..ClusterSpec::default()
+        },
+        Binaries::find()?,
+    )?)
+}
+
+/// A capture in the WAN router, started and known to be listening.
+fn capture(c: &Cluster, name: &str, args: &[&str]) -> anyhow::Result<LabProcess> {
+    let lab = c.lab();
+    let mut argv: Vec<String> = ["tcpdump", "-i", "any", "-n", "-l"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    argv.extend(args.iter().map(|s| s.to_string()));
+    let p = lab.spawn(lab.router()?, name, &argv, &[])?;
+    eventually("tcpdump to listen", Duration::from_secs(10), || {
+        std::fs::read_to_string(p.log())
+            .ok()
+            .filter(|l| l.contains("listening on"))
+    })?;
+    Ok(p)
+}
+
+/// Stops a capture and returns what it printed (its packets, one per line, and payloads).
+fn finish(p: &LabProcess) -> anyhow::Result<String> {
+    p.stop(Duration::from_secs(5))?;
+    Ok(std::fs::read_to_string(p.log())?)
+}
+
+fn container(host: &LabHost, name: &str) -> anyhow::Result<Ipv4Addr> {
+    let d = host.dockerd()?;
+    d.docker(&["run", "-d", "--name", name, IMAGE, "sleep", "3600"])?;
+    Ok(d.container_ip(name)?)
+}
+
+/// Sends `bytes` from container `from` on `src` to a listener in container `to` on `dst`;
+/// returns what arrived, the source address the receiver saw and the rate.
+fn transfer(
+    src: &LabHost,
+    from: &str,
+    dst: &LabHost,
+    to: &str,
+    bytes: u64,
+) -> anyhow::Result<(u64, Ipv4Addr, f64)> {
+    let dd = dst.dockerd()?;
+    let ip = dd.container_ip(to)?;
+    let addr = SocketAddr::from((ip, 5301));
+    let listener = dd.container_netns(to)?.listen_tcp(addr)?;
+    let mib = bytes >> 20;
+    let send = format!(
+        "dd if=/dev/zero bs=1048576 count={mib} 2>/dev/null | nc -w 5 {} {}",
+        ip, 5301
+    );
+    let t0 = Instant::now();
+    let (got, peer) = std::thread::scope(|s| {
+        let sender = s.spawn(|| src.dockerd()?.docker(&["exec", from, "sh", "-c", &send]));
+        listener.set_nonblocking(true)?;
+        let t = Instant::now();
+        let (mut stream, peer) = loop {
+            match listener.accept() {
+                Ok(x) => break x,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if sender.is_finished() || t.elapsed() > Duration::from_secs(15) {
+                        let said = sender
+                            .join()
+                            .map_err(|_| anyhow::anyhow!("sender panicked"))?;
+                        anyhow::bail!("no connection from {from} to {to}:5301 (sender: {said:?})");
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got = 0u64;
+        // until everything arrived: closing then ends the sender's nc, which waits for us
+        while got < bytes {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got += n as u64,
+                Err(e) => {
+                    drop(stream);
+                    let _ = sender.join();
+                    anyhow::bail!("receiving from {from} after {got} bytes: {e}");
+                }
+            }
+        }
+        drop(stream);
+        sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("sender panicked"))?
+            .context("sender")?;
+        anyhow::Ok((got, peer))
+    })?;
+    let secs = t0.elapsed().as_secs_f64();
+    let std::net::IpAddr::V4(seen) = peer.ip() else {
+        anyhow::bail!("unexpected peer {peer}");
+    };
+    Ok((got, seen, got as f64 * 8.0 / secs))
+}
+
+/// The longest run of unanswered pings (at `gap` apart) in busybox ping's output.
+fn longest_outage(out: &str, sent: u32, gap: Duration) -> Duration {
+    let seqs: BTreeSet<u32> = out
+        .lines()
+        .filter_map(|l| l.split("seq=").nth(1))
+        .filter_map(|s| s.split_whitespace().next())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let mut longest = 0u32;
+    let mut run = 0u32;
+    for s in 0..sent {
+        if seqs.contains(&s) {
+            run = 0;
+        } else {
+            run += 1;
+            longest = longest.max(run);
+        }
+    }
+    gap * longest
+}
+
+fn wg_peers(host: &LabHost) -> anyhow::Result<BTreeSet<String>> {
+    Ok(host
+        .run(&["wg", "show", "geomx-wg", "peers"])?
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect())
+}
+
+/// The state a pass owns: routes, links, WireGuard configuration (not counters) and rules.
+fn owned_state(host: &LabHost) -> anyhow::Result<String> {
+    let routes = host.run(&["ip", "-4", "route", "show", "proto", "247"])?;
+    let link = host.run(&["ip", "-d", "-o", "link", "show", "dev", "geomx-wg"])?;
+    let link: String = link
+        .split_whitespace()
+        .filter(|w| !w.starts_with("qlen") && !w.chars().all(|c| c.is_ascii_digit()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let wg: Vec<String> = host
+        .run(&["wg", "show", "geomx-wg", "dump"])?
+        .lines()
+        .map(|l| l.split('\t').take(4).collect::<Vec<_>>().join(" "))
+        .collect();
+    let rules = geomx_lab::normalize_iptables_save(&host.netns().iptables_save()?);
+    Ok(format!("{routes}\n{link}\n{}\n{rules}", wg.join("\n")))
+}
+
+#[test]
+fn containers_in_three_data_centers_talk_through_wireguard_and_nothing_crosses_in_clear()
+-> anyhow::Result<()> {
+    if !lab_tests_enabled() {
+        return Ok(());
+    }
+    let c = geo_cluster()?;
+    let lab = c.lab();
+    let (a, a2, b, ch) = (
+        lab.host("a")?,
+        lab.host("a2")?,
+        lab.host("b")?,
+        lab.host("c")?,
+    );
+
+    // backends: host-gw inside dc1, WireGuard to the other data centers
+    let routes = geomx_routes(a)?;
+    let sub = |h: &str| -> anyhow::Result<String> {
+        let hosts = c.hosts()?;
+        let v = hosts
+            .iter()
+            .find(|x| x["name"] == h)
+            .context("host listed")?;
+        Ok(v["subnet"].as_str().unwrap_or_default().to_string())
+    };
+    let want_lan = format!("{} via 10.1.1.35", sub("a2")?);
+    ensure!(
+        routes.iter().any(|r| r.starts_with(&want_lan)),
+        "a's routes: {routes:?}"
+    );
+    for peer in ["b", "c"] {
+        let s = sub(peer)?;
+        ensure!(
+            routes
+                .iter()
+                .any(|r| r.starts_with(&format!("{s} dev geomx-wg"))),
+            "a's route to {peer} ({s}) is not through geomx-wg: {routes:?}"
+        );
+    }
+    ensure!(wg_peers(a)?.len() == 2, "a tunnels to b and c only");
+
+    eprintln!("backends as expected; importing the image");
+    import_busybox(lab, &[a, a2, b, ch], IMAGE)?;
+    let names = [(a, "box-a"), (a2, "box-a2"), (b, "box-b"), (ch, "box-c")];
+    let mut ips = Vec::new();
+    for (h, n) in names {
+        ips.push(container(h, n)?);
+    }
+
+    // what crosses the WAN while containers talk: captured in the router
+    let marker = format!("GEOMX-PLAINTEXT-{}", std::process::id());
+    let clear = capture(&c, "cap-clear", &["net", "172.16.0.0/12"])?;
+    let all = capture(&c, "cap-all", &["-A", "-s", "256", "not", "arp"])?;
+    for (from, to) in [(b, a), (ch, a), (b, ch), (a, a2)] {
+        assert_containers_connected(from, to, IMAGE)?;
+    }
+    for (h, n, dst) in [(b, "box-b", ips[0]), (ch, "box-c", ips[2])] {
+        let cmd = format!(
+            "echo {marker} | nc -u -w 1 {dst} 5400; echo {marker} | nc -w 1 {dst} 5401; true"
+        );
+        h.dockerd()?.docker(&["exec", n, "sh", "-c", &cmd])?;
+    }
+    eprintln!("connectivity checked");
+    let seen_all = finish(&all)?;
+    ensure!(
+        !seen_all.contains(&marker),
+        "the marker crossed the WAN in plaintext"
+    );
+    let wg_packets = seen_all
+        .lines()
+        .filter(|l| l.contains(".7951:") && l.contains("UDP"))
+        .count();
+    ensure!(
+        wg_packets > 10,
+        "hardly any WireGuard packets on the WAN ({wg_packets}): {}",
+        &seen_all[..seen_all.len().min(2000)]
+    );
+
+    // bulk across data centers: 64 MiB arrive whole, from the sender's own container address
+    for (src, from, dst, to) in [(b, "box-b", ch, "box-c"), (ch, "box-c", a, "box-a")] {
+        let (got, seen, rate) = transfer(src, from, dst, to, 64 << 20)?;
+        eprintln!(
+            "{from} -> {to}: {got} bytes at {:.0} Mbit/s, source {seen}",
+            rate / 1e6
+        );
+        ensure!(
+            got == 64 << 20,
+            "{from} -> {to}: {got} of {} bytes",
+            64u64 << 20
+        );
+        let from_ip = src.dockerd()?.container_ip(from)?;
+        ensure!(
+            seen == from_ip,
+            "{to} saw {seen}, not {from}'s {from_ip} (NAT?)"
+        );
+    }
+    let seen_clear = finish(&clear)?;
+    let leaked: Vec<&str> = seen_clear
+        .lines()
+        .filter(|l| l.contains(" IP ") || l.contains(" In ") || l.contains(" Out "))
+        .collect();
+    ensure!(
+        leaked.is_empty(),
+        "container addresses on the WAN: {:?}",
+        &leaked[..leaked.len().min(5)]
+    );
+
+    // converged: over three network intervals (1 s each) the agent's passes change nothing
+    let before = owned_state(a)?;
+    std::thread::sleep(Duration::from_secs(3));
+    let after = owned_state(a)?;
+    ensure!(
+        after == before,
+        "a pass changed a converged host:\n{before}\n---\n{after}"
+    );
+
+    // drift: a tunnel peer and a route removed by hand come back
+    let b_key = wg_peers(a)?.into_iter().next().context("a peer")?;
+    a.run(&["wg", "set", "geomx-wg", "peer", &b_key, "remove"])?;
+    let sb = sub("b")?;
+    a.run(&["ip", "route", "del", &sb])?;
+    eventually("drift repaired", Duration::from_secs(15), || {
+        (wg_peers(a).ok()?.contains(&b_key)
+            && geomx_routes(a)
+                .ok()?
+                .iter()
+                .any(|r| r.starts_with(&format!("{sb} dev geomx-wg"))))
+        .then_some(())
+    })?;
+
+    eprintln!("drift repaired");
+    // kill -9 of a's agent and a restart: container traffic b -> a never stops for a second
+    let gap = Duration::from_millis(20);
+    let count = 250u32;
+    let pinger = {
+        let d = b.dockerd()?.clone();
+        let target = ips[0].to_string();
+        std::thread::spawn(move || {
+            d.docker(&[
+                "exec",
+                "box-b",
+                "ping",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.02",
+                "-W",
+                "2",
+                &target,
+            ])
+        })
+    };
+    std::thread::sleep(Duration::from_millis(600));
+    geomx_e2e::faults::restart_agent(&c, "a", true)?;
+    let out = pinger
+        .join()
+        .map_err(|_| anyhow::anyhow!("pinger panicked"))?
+        .unwrap_or_else(|e| e.to_string());
+    let outage = longest_outage(&out, count, gap);
+    eprintln!("longest outage across the agent's kill -9 and restart: {outage:?}");
+    ensure!(
+        outage <= Duration::from_secs(1),
+        "traffic stopped for {outage:?}:\n{out}"
+    );
+
+    // the HiPS reference job (central party in dc1, parties in dc2 and dc3) over WAN links
+    // of 40 ms one way and 0.1 % loss, changed at run time with `geomx-lab link set`
+    for (x, y) in [("dc1", "dc2"), ("dc1", "dc3"), ("dc2", "dc3")] {
+        let out = std::process::Command::new(geomx_lab::lab_binary()?)
+            .args(["--name", lab.name(), "--root"])
+            .arg(&lab.spec().root)
+            .args(["link", "set", x, y, "--delay", "40ms", "--loss", "0.1%"])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "link set {x} {y}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rtt =
+        geomx_lab::measure::ping_rtts(a.netns(), b.underlay_ip, 3, Duration::from_millis(50))?;
+    ensure!(
+        rtt.iter().all(|r| *r > 79.0),
+        "a-b round trip {rtt:?} after link set"
+    );
+    let hips = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hips.toml"),
+    )?;
+    c.submit_ok("hips.toml", &hips)?;
+    let job = c.wait_phase("hips-mnist", "Succeeded", Duration::from_secs(180))?;
+    eprintln!("HiPS across three data centers: {}", job["reason"]);
+
+    // cleanup on c removes the tunnel, its routes and chains, and nothing else
+    c.agent("c").stop(Duration::from_secs(10))?;
+    let d = ch.dockerd()?;
+    let bin = c.binaries().agent.display().to_string();
+    let state = c.agent_state_dir("c")?.display().to_string();
+    let out = ch.run(&[
+        bin.as_str(),
+        "--state-dir",
+        &state,
+        "--daemon-json",
+        &d.daemon_json().display().to_string(),
+        "--docker-host",
+        &d.url(),
+        "--docker-restart-command",
+        &d.restart_script().display().to_string(),
+        "cleanup",
+    ])?;
+    ensure!(
+        out.contains("deleted WireGuard interface geomx-wg"),
+        "{out}"
+    );
+    ensure!(
+        ch.run(&["ip", "link", "show", "dev", "geomx-wg"]).is_err(),
+        "geomx-wg still there"
+    );
+    ensure!(
+        geomx_routes(ch)?.iter().all(|r| r.is_empty()),
+        "routes left: {:?}",
+        geomx_routes(ch)?
+    );
+    let save = ch.netns().iptables_save()?;
+    ensure!(!save.contains("GEOMX"), "geomx rules left:\n{save}");
+    ensure!(
+        save.contains("DOCKER"),
+        "cleanup removed Docker's own rules:\n{save}"
+    );
+
+    // b told to use host-gw for everyone: its peers in dc1 are refused by name, and b's
+    // tunnel to them stays as it was (nothing half-applied)
+    let before = owned_state(b)?;
+    let conf = lab.dir().join("b").join("agent.toml");
+    let text = std::fs::read_to_string(&conf)?;
+    std::fs::write(&conf, format!("backend = \"host-gw\"\n{text}"))?;
+    geomx_e2e::faults::restart_agent(&c, "b", false)?;
+    let err = eventually("b to report the refusal", Duration::from_secs(30), || {
+        let hosts = c.hosts().ok()?;
+        let e = hosts.iter().find(|h| h["name"] == "b")?["network_error"]
+            .as_str()?
+            .to_string();
+        (!e.is_empty()).then_some(e)
+    })?;
+    ensure!(
+        err.contains("peer a")
+            && err.contains("backend host-gw")
+            && err.contains("it is reached via 10.2.1.1"),
+        "b's refusal: {err}"
+    );
+    ensure!(
+        owned_state(b)? == before,
+        "a refused pass changed b's network"
+    );
+    c.down()?;
+    Ok(())
+}
