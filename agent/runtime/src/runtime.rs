@@ -1541,6 +1541,14 @@ impl<E: Engine> Runtime<E> {
         }
     }
 
+    /// Deletes what the [`RuntimeConfig::log_archive`] kept of `job`; whether it kept any.
+    pub fn forget_logs(&self, job: &str) -> Result<bool> {
+        match &self.inner.config.log_archive {
+            Some(archive) => archive.forget(job),
+            None => Ok(false),
+        }
+    }
+
     /// The output of a node: its container's (streamed; `follow` until it ends) while it
     /// exists and is of `generation` (any when `None`), else what the
     /// [`RuntimeConfig::log_archive`] kept of it (of `generation`, or the latest).

@@ -17,6 +17,7 @@ mod hosts;
 mod jobs;
 mod logs;
 mod plan;
+mod rm;
 mod status;
 mod submit;
 mod table;
@@ -75,6 +76,8 @@ pub enum Command {
     Logs(logs::LogsArgs),
     /// Stop every container of a job on every host.
     Cancel(cancel::CancelArgs),
+    /// Remove an ended job: its records, events and the output its agents kept.
+    Rm(rm::RmArgs),
     /// What happened to a job, oldest first.
     Events(events::EventsArgs),
     /// List the hosts the controller knows: subnet, state, last heartbeat.
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status::run(args, &cli),
         Command::Logs(args) => logs::run(args, &cli),
         Command::Cancel(args) => cancel::run(args, &cli),
+        Command::Rm(args) => rm::run(args, &cli),
         Command::Events(args) => events::run(args, &cli),
         Command::Hosts(args) => hosts::run(args, &cli),
         Command::Certs(args) => certs::run(args, cli.output),

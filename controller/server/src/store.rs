@@ -570,6 +570,25 @@ impl Store {
         self.scan_prefix_json(TreeId::Events, &scope.prefix())
     }
 
+    /// Every key of `tree` starting with `prefix`, in key order (to remove them).
+    pub fn keys_with_prefix(
+        &self,
+        tree: TreeId,
+        prefix: &[u8],
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(self
+            .backend
+            .scan_prefix(tree, prefix)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    /// The keys of `scope`'s events (to remove them).
+    pub fn event_keys(&self, scope: EventScope<'_>) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.keys_with_prefix(TreeId::Events, &scope.prefix())
+    }
+
     /// The last recorded cluster revision (0 for a fresh store).
     pub fn revision(&self) -> Result<u64, StoreError> {
         Ok(self

@@ -1167,6 +1167,56 @@ async fn an_agent_that_has_not_adopted_its_containers_yet_loses_no_node_nor_imag
 }
 
 #[tokio::test]
+async fn rm_removes_an_ended_job_and_refuses_an_active_one() {
+    let c = Cluster::start(&["a", "b", "c"]).await;
+    running_routed(&c).await;
+    let j = "hips-test";
+    let rm = |name: &str| {
+        let jobs = c.jobs.clone();
+        let name = name.to_owned();
+        async move {
+            jobs.clone()
+                .remove_job(geomx_proto::v1::RemoveJobRequest { name })
+                .await
+        }
+    };
+    let err = rm(j).await.expect_err("active");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("cancel it first"), "{err}");
+    c.jobs
+        .clone()
+        .cancel_job(CancelJobRequest { name: j.into() })
+        .await
+        .expect("cancel");
+    let answer = rm(j).await.expect("removed").into_inner();
+    assert_eq!(answer.runs, 1);
+    // the sims serve no agent API: the hosts are named as not reached
+    assert_eq!(answer.unreachable.len(), 3, "{answer:?}");
+    let err = c
+        .jobs
+        .clone()
+        .get_job(GetJobRequest { name: j.into() })
+        .await
+        .expect_err("gone");
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(rm(j).await.expect_err("twice").code(), Code::NotFound);
+    // the name is free again, from run 1, without the old run's events
+    let job = c.submit(ROUTED).await.expect("accepted again");
+    assert_eq!(job.name, j);
+    let kinds: Vec<String> = c.events(j).await.into_iter().map(|e| e.kind).collect();
+    assert!(!kinds.iter().any(|k| k == "Cancelled"), "{kinds:?}");
+    let err = c
+        .jobs
+        .clone()
+        .get_job(GetJobRequest {
+            name: format!("{j}#2"),
+        })
+        .await
+        .expect_err("no run 2");
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
 async fn cancel_removes_every_container_at_once() {
     let c = Cluster::start(&["a", "b", "c"]).await;
     running_routed(&c).await;
@@ -1432,6 +1482,16 @@ impl AgentNodeService for FakeAgentApi {
             }),
         ];
         Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+
+    async fn forget_job(
+        &self,
+        request: Request<geomx_proto::v1::ForgetJobRequest>,
+    ) -> Result<Response<geomx_proto::v1::ForgetJobResponse>, Status> {
+        require_controller(&request)?;
+        Ok(Response::new(geomx_proto::v1::ForgetJobResponse {
+            had_logs: true,
+        }))
     }
 }
 

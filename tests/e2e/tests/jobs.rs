@@ -586,6 +586,30 @@ fn teardown_crashes_and_lingering_workers_still_succeed() -> anyhow::Result<()> 
             "logs of {name} after the job ended: {text:?}"
         );
     }
+    // gone after `geomxctl rm`: the records, the events and the agents' files
+    let kept: Vec<PathBuf> = ["a", "b", "c"]
+        .iter()
+        .map(|h| Ok(c.agent_state_dir(h)?.join("logs").join("teardown")))
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(
+        kept.iter().all(|p| p.is_dir()),
+        "no kept output in {kept:?}"
+    );
+    let out = c.ctl(&["rm", "teardown"])?;
+    ensure!(
+        out.status.success(),
+        "rm: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        kept.iter().all(|p| !p.exists()),
+        "kept output left after rm: {kept:?}"
+    );
+    let out = c.ctl(&["logs", "teardown", "a-worker-0"])?;
+    ensure!(out.status.code() == Some(2), "logs after rm: {out:?}");
+    let out = c.ctl(&["status", "teardown"])?;
+    ensure!(out.status.code() == Some(2), "status after rm: {out:?}");
 
     // P3's hang: workers print their last line and never exit; the job is Succeeded
     // teardown_grace after the last one, the lingering workers are stopped and named

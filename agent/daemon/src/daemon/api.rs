@@ -10,7 +10,7 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use geomx_proto::tls::{TlsMaterial, require_controller};
 use geomx_proto::v1::agent_node_service_server::{AgentNodeService, AgentNodeServiceServer};
-use geomx_proto::v1::{LogChunk, NodeLogsRequest};
+use geomx_proto::v1::{ForgetJobRequest, ForgetJobResponse, LogChunk, NodeLogsRequest};
 use geomx_runtime::{CancellationToken, Engine, Runtime, RuntimeError};
 use tokio::sync::watch;
 use tonic::transport::Server;
@@ -105,6 +105,27 @@ impl<E: Engine> AgentNodeService for NodeApi<E> {
             .take_until(self.shutdown.clone().cancelled_owned())
             .boxed();
         Ok(Response::new(stream))
+    }
+
+    async fn forget_job(
+        &self,
+        request: Request<ForgetJobRequest>,
+    ) -> Result<Response<ForgetJobResponse>, Status> {
+        if self.require_cert {
+            require_controller(&request).inspect_err(|s| {
+                warn!(peer = ?request.remote_addr(), error = %s.message(), "forget request refused");
+            })?;
+        }
+        let req = request.into_inner();
+        check_name("job", &req.job)?;
+        let runtime = self
+            .runtime
+            .borrow()
+            .clone()
+            .ok_or_else(|| Status::unavailable("this agent is not connected to Docker yet"))?;
+        let had_logs = runtime.forget_logs(&req.job).map_err(|e| status_of(&e))?;
+        debug!(job = %req.job, had_logs, "kept output deleted");
+        Ok(Response::new(ForgetJobResponse { had_logs }))
     }
 }
 

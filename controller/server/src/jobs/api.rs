@@ -10,8 +10,8 @@ use futures::stream::BoxStream;
 use geomx_proto::v1::job_service_server::JobService;
 use geomx_proto::v1::{
     CancelJobRequest, GetJobRequest, Job, JobEventsRequest, JobEventsResponse, JobPhase,
-    ListJobsRequest, ListJobsResponse, LogChunk, SubmitJobRequest, SubmitJobResponse,
-    UserLogsRequest,
+    ListJobsRequest, ListJobsResponse, LogChunk, RemoveJobRequest, RemoveJobResponse,
+    SubmitJobRequest, SubmitJobResponse, UserLogsRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -84,6 +84,16 @@ impl JobService for JobApi {
     ) -> Result<Response<Job>, Status> {
         self.jobs
             .cancel(&request.get_ref().name)
+            .await
+            .map(Response::new)
+    }
+
+    async fn remove_job(
+        &self,
+        request: Request<RemoveJobRequest>,
+    ) -> Result<Response<RemoveJobResponse>, Status> {
+        self.jobs
+            .remove(&request.get_ref().name)
             .await
             .map(Response::new)
     }

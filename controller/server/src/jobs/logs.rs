@@ -11,9 +11,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use geomx_proto::v1::agent_node_service_client::AgentNodeServiceClient;
-use geomx_proto::v1::{LogChunk, NodeLogsRequest};
+use geomx_proto::v1::{ForgetJobRequest, LogChunk, NodeLogsRequest};
 use tonic::Status;
-use tonic::transport::{ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// How the controller connects to agents.
 #[derive(Clone, Debug)]
@@ -31,13 +31,8 @@ impl AgentConnector {
         }
     }
 
-    /// Opens the log stream of `request` at the agent of `host` serving at `url`.
-    pub async fn logs(
-        &self,
-        host: &str,
-        url: &str,
-        request: NodeLogsRequest,
-    ) -> Result<BoxStream<'static, Result<LogChunk, Status>>, Status> {
+    /// A channel to the agent of `host` serving at `url`.
+    async fn channel(&self, host: &str, url: &str) -> Result<Channel, Status> {
         if url.is_empty() {
             return Err(Status::unavailable(format!(
                 "the agent of host {host} registered no agent_url: it serves no logs"
@@ -62,10 +57,32 @@ impl AgentConnector {
                 .tls_config(tls.clone())
                 .map_err(|e| unavailable(format!("TLS configuration: {e}")))?;
         }
-        let channel = endpoint
+        endpoint
             .connect()
             .await
-            .map_err(|e| unavailable(error_chain(&e)))?;
+            .map_err(|e| unavailable(error_chain(&e)))
+    }
+
+    /// Asks the agent of `host` to delete the output it kept of `job`; whether it had any.
+    pub async fn forget(&self, host: &str, url: &str, job: &str) -> Result<bool, Status> {
+        let channel = self.channel(host, url).await?;
+        let answer = AgentNodeServiceClient::new(channel)
+            .forget_job(ForgetJobRequest {
+                job: job.to_owned(),
+            })
+            .await
+            .map_err(|s| agent_status(host, &s))?;
+        Ok(answer.into_inner().had_logs)
+    }
+
+    /// Opens the log stream of `request` at the agent of `host` serving at `url`.
+    pub async fn logs(
+        &self,
+        host: &str,
+        url: &str,
+        request: NodeLogsRequest,
+    ) -> Result<BoxStream<'static, Result<LogChunk, Status>>, Status> {
+        let channel = self.channel(host, url).await?;
         let (job, node) = (request.job.clone(), request.node.clone());
         let stream = AgentNodeServiceClient::new(channel)
             .logs(request)

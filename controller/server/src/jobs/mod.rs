@@ -37,7 +37,8 @@ use std::time::{Duration, Instant};
 
 use futures::stream::BoxStream;
 use geomx_proto::v1::{
-    ContainerSpec, Event, HostReport, Job, LogChunk, NodeLogsRequest, NodeStatus, UserLogsRequest,
+    ContainerSpec, Event, HostReport, Job, LogChunk, NodeLogsRequest, NodeStatus,
+    RemoveJobResponse, UserLogsRequest,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -626,6 +627,77 @@ impl Jobs {
             .instrument(span)
             .await?;
         self.get(name)
+    }
+
+    /// Removes ended job `name`: the records and events of every run of the name, then the
+    /// output the agents of its (latest run's) hosts kept. Refused for an active job.
+    pub async fn remove(&self, name: &str) -> Result<RemoveJobResponse, Status> {
+        validate_job_name(name)?;
+        let _write = self.write.lock().await;
+        let (runs, hosts) = {
+            let inner = self.lock();
+            let entry = inner.jobs.get(name).ok_or_else(|| not_found(name))?;
+            if entry.is_active() {
+                return Err(Status::failed_precondition(format!(
+                    "job {name} is {}: cancel it first (geomxctl cancel {name})",
+                    entry.meta.phase.as_str()
+                )));
+            }
+            let hosts: Vec<String> = entry.idx.by_host.keys().cloned().collect();
+            (entry.meta.run, hosts)
+        };
+        let store = self.membership.store();
+        let mut batch = Batch::new();
+        batch.remove(TreeId::Jobs, current_key(name));
+        for key in store
+            .keys_with_prefix(TreeId::Jobs, format!("run/{name}/").as_bytes())
+            .map_err(JobsError::from)?
+        {
+            batch.remove(TreeId::Jobs, key);
+        }
+        for run in 1..=runs {
+            let scope = event_scope(name, run);
+            for key in store
+                .event_keys(EventScope::Job(&scope))
+                .map_err(JobsError::from)?
+            {
+                batch.remove(TreeId::Events, key);
+            }
+        }
+        self.membership
+            .commit(batch, false)
+            .await
+            .map_err(JobsError::from)?;
+        {
+            let mut inner = self.lock();
+            inner.jobs.remove(name);
+            for names in inner.by_host.values_mut() {
+                names.remove(name);
+            }
+        }
+        self.changes.send_modify(|c| *c += 1);
+        tracing::info!(job = %name, runs, "job removed");
+        let mut answer = RemoveJobResponse {
+            runs,
+            ..Default::default()
+        };
+        for host in hosts {
+            let Some(view) = self.membership.host(&host) else {
+                answer
+                    .unreachable
+                    .push(format!("{host}: not registered any more"));
+                continue;
+            };
+            match self
+                .connector
+                .forget(&host, &view.record.agent_url, name)
+                .await
+            {
+                Ok(_) => answer.hosts.push(host),
+                Err(s) => answer.unreachable.push(format!("{host}: {}", s.message())),
+            }
+        }
+        Ok(answer)
     }
 
     /// Names of the jobs still active.

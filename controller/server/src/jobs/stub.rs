@@ -6,7 +6,8 @@ use futures::stream::BoxStream;
 use geomx_proto::v1::job_service_server::JobService;
 use geomx_proto::v1::{
     CancelJobRequest, GetJobRequest, Job, JobEventsRequest, JobEventsResponse, ListJobsRequest,
-    ListJobsResponse, LogChunk, SubmitJobRequest, SubmitJobResponse, UserLogsRequest,
+    ListJobsResponse, LogChunk, RemoveJobRequest, RemoveJobResponse, SubmitJobRequest,
+    SubmitJobResponse, UserLogsRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -40,6 +41,13 @@ impl JobService for NoJobApi {
         &self,
         _request: Request<CancelJobRequest>,
     ) -> Result<Response<Job>, Status> {
+        Err(Status::unimplemented(NOT_YET))
+    }
+
+    async fn remove_job(
+        &self,
+        _request: Request<RemoveJobRequest>,
+    ) -> Result<Response<RemoveJobResponse>, Status> {
         Err(Status::unimplemented(NOT_YET))
     }
 
