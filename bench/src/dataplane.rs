@@ -80,18 +80,18 @@ impl DataplaneResult {
 }
 
 /// A throughput path: iperf3 server in `server_ns` on `server_ip:port`, client in `client_ns`.
-struct Path2 {
-    name: &'static str,
-    client_ns: Netns,
-    server_ns: Netns,
-    server_ip: Ipv4Addr,
-    port: u16,
+pub(crate) struct Path2 {
+    pub(crate) name: &'static str,
+    pub(crate) client_ns: Netns,
+    pub(crate) server_ns: Netns,
+    pub(crate) server_ip: Ipv4Addr,
+    pub(crate) port: u16,
 }
 
 /// Child processes killed when dropped (iperf3 servers in namespaces the lab teardown does
 /// not know: the containers').
 #[derive(Default)]
-struct Children(Vec<Child>);
+pub(crate) struct Children(pub(crate) Vec<Child>);
 
 impl Drop for Children {
     fn drop(&mut self) {
@@ -374,7 +374,7 @@ fn setup_overlay(a: &LabHost, c: &LabHost) -> anyhow::Result<Path2> {
     })
 }
 
-fn iperf_server(p: &Path2) -> anyhow::Result<Child> {
+pub(crate) fn iperf_server(p: &Path2) -> anyhow::Result<Child> {
     let mut cmd: Command = p.server_ns.command("iperf3");
     cmd.args(["-s", "-B"])
         .arg(p.server_ip.to_string())
@@ -388,7 +388,7 @@ fn iperf_server(p: &Path2) -> anyhow::Result<Child> {
 }
 
 /// One iperf3 run; the receiver's throughput in Gbit/s.
-fn iperf_client(p: &Path2, seconds: u32, streams: u32) -> anyhow::Result<f64> {
+pub(crate) fn iperf_client(p: &Path2, seconds: u32, streams: u32) -> anyhow::Result<f64> {
     let start = Instant::now();
     loop {
         let out = p

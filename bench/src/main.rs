@@ -27,6 +27,7 @@ mod heartbeats;
 mod labcluster;
 mod procfs;
 mod report;
+mod wan;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -265,6 +266,12 @@ fn dataplane(a: &DataplaneArgs) -> anyhow::Result<()> {
     };
     let r = dataplane::run(&opts)?;
     Line::new("dataplane_target_ratio_095_met", r.ratio() >= 0.95).print();
+    let w = wan::run(&wan::Options {
+        reps: a.reps.unwrap_or(if q { 1 } else { 5 }).max(1),
+        seconds: opts.seconds,
+        bins: geomx_lab::Binaries::in_dir(&dir)?,
+    })?;
+    Line::new("dataplane_wan_target_ratio_095_met", w.wan_ratio() >= 0.95).print();
     Ok(())
 }
 
