@@ -50,6 +50,35 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
     }
 }
 
+/// Starts `wireguard-go NAME` (it daemonizes). Under systemd (`INVOCATION_ID` set) it goes
+/// into a scope unit of its own, `geomx-wireguard-go-NAME.scope`, so that stopping or
+/// restarting geomx-agent.service (which kills the rest of its cgroup) leaves the tunnel up;
+/// where that is not possible it runs as the agent's child.
+fn start_wireguard_go(name: &str) -> Result<()> {
+    if std::env::var_os("INVOCATION_ID").is_some() {
+        let unit = format!("geomx-wireguard-go-{name}");
+        match run(
+            "systemd-run",
+            &[
+                "--scope",
+                "--quiet",
+                "--collect",
+                "--unit",
+                &unit,
+                "wireguard-go",
+                name,
+            ],
+            None,
+        ) {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "wireguard-go in a scope of its own failed; starting it as the agent's child (a restart of the agent's unit will stop it)")
+            }
+        }
+    }
+    run("wireguard-go", &[name], None).map(drop)
+}
+
 fn public_of(private: &str) -> Result<String> {
     Ok(run("wg", &["pubkey"], Some(private))?.trim().to_string())
 }
@@ -150,7 +179,7 @@ impl Wireguard for WgTools {
         ) {
             Ok(_) => WgImplementation::Kernel,
             Err(kernel) => {
-                run("wireguard-go", &[name], None).map_err(|e| NetError::Wireguard {
+                start_wireguard_go(name).map_err(|e| NetError::Wireguard {
                     op: format!("create {name}"),
                     message: format!(
                         "no kernel WireGuard ({kernel}) and wireguard-go failed too: {e}"
