@@ -18,6 +18,7 @@
 //!                               # WireGuard to other networks), host-gw or wireguard; an
 //!                               # agent's own `backend` overrides it
 //! lease_ttl = "7d"              # a host lost this long is forgotten, its subnet freed; "0s": never
+//! job_retention = "30d"         # an ended job is removed this long after it ended; "0s": never
 //! # insecure = true            # plaintext, no client authentication: labs only
 //!
 //! [tls]
@@ -59,6 +60,8 @@ pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time after which a lost host is forgotten and its lease released (7 days).
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default `job_retention`: an ended job is removed 30 days after it ended.
+pub const DEFAULT_JOB_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Command-line flags (each also read from a `GEOMX_CONTROLLER_*` environment variable).
 #[derive(Clone, Debug, Default, clap::Parser)]
@@ -98,6 +101,10 @@ pub struct Args {
     /// A host lost for this long is forgotten and its subnet released; 0s: never [default: 7d].
     #[arg(long, env = "GEOMX_CONTROLLER_LEASE_TTL", value_parser = humantime::parse_duration)]
     pub lease_ttl: Option<Duration>,
+    /// An ended job is removed (records, events, kept output) this long after it ended; 0s:
+    /// never [default: 30d].
+    #[arg(long, env = "GEOMX_CONTROLLER_JOB_RETENTION", value_parser = humantime::parse_duration)]
+    pub job_retention: Option<Duration>,
     /// CA certificate (PEM) that signs agent and controller certificates.
     #[arg(long, env = "GEOMX_CONTROLLER_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
@@ -135,6 +142,8 @@ pub struct ControllerConfig {
     pub shutdown_timeout: Duration,
     /// A host lost for longer than this is forgotten and its lease released; zero: never.
     pub lease_ttl: Duration,
+    /// An ended job is removed this long after it ended; zero: never.
+    pub job_retention: Duration,
     /// The cluster's default data-plane backend (`auto`, `host-gw`, `wireguard`).
     pub backend: String,
     /// TLS files; required unless `insecure`.
@@ -161,6 +170,7 @@ impl ControllerConfig {
             grace_period: DEFAULT_GRACE_PERIOD,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             lease_ttl: DEFAULT_LEASE_TTL,
+            job_retention: DEFAULT_JOB_RETENTION,
             backend: "auto".into(),
             tls,
             insecure: false,
@@ -279,6 +289,7 @@ struct FileConfig {
     grace_period: Option<Spanned<HumanDuration>>,
     shutdown_timeout: Option<Spanned<HumanDuration>>,
     lease_ttl: Option<Spanned<HumanDuration>>,
+    job_retention: Option<Spanned<HumanDuration>>,
     backend: Option<Spanned<String>>,
     insecure: Option<bool>,
     tls: Option<TlsTable>,
@@ -373,6 +384,13 @@ fn resolve(
             args.lease_ttl,
             file.lease_ttl,
             &mut cfg.lease_ttl,
+        ),
+        (
+            "job_retention",
+            "job-retention",
+            args.job_retention,
+            file.job_retention,
+            &mut cfg.job_retention,
         ),
     ] {
         if let Some(v) = settings.pick(key, flag, arg, value, duration)? {
@@ -576,6 +594,20 @@ mod tests {
             err.contains("controller.toml:2:13 (lease_ttl): \"a week\" is not a duration"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn job_retention_defaults_to_30_days_and_zero_means_never() {
+        let (cfg, _) = load_text("insecure = true\n", &[]).unwrap();
+        assert_eq!(cfg.job_retention, DEFAULT_JOB_RETENTION);
+        let (cfg, _) = load_text("insecure = true\njob_retention = \"0s\"\n", &[]).unwrap();
+        assert!(cfg.job_retention.is_zero());
+        let (cfg, _) = load_text("insecure = true\njob_retention = \"2d\"\n", &[]).unwrap();
+        assert_eq!(cfg.job_retention, Duration::from_secs(2 * 24 * 3600));
+        let err = load_text("insecure = true\njob_retention = \"long\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("(job_retention)"), "{err}");
     }
 
     #[test]

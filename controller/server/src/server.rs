@@ -130,6 +130,10 @@ pub async fn start_with_options(
         (Some(files), false) => Some(files.load()?),
         _ => None,
     };
+    let mut options = options;
+    if options.job_retention.is_none() && !config.job_retention.is_zero() {
+        options.job_retention = Some(config.job_retention);
+    }
     let membership = open_membership(&config).await?;
     let jobs = Jobs::load(
         membership.clone(),

@@ -1217,6 +1217,43 @@ async fn rm_removes_an_ended_job_and_refuses_an_active_one() {
 }
 
 #[tokio::test]
+async fn ended_jobs_are_removed_after_job_retention() {
+    let c = Cluster::start_with(
+        &["a", "b", "c"],
+        JobOptions {
+            job_retention: Some(Duration::from_millis(300)),
+            ..options()
+        },
+    )
+    .await;
+    running_routed(&c).await;
+    let j = "hips-test";
+    c.jobs
+        .clone()
+        .cancel_job(CancelJobRequest { name: j.into() })
+        .await
+        .expect("cancel");
+    let gone = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let r = c
+                .jobs
+                .clone()
+                .get_job(GetJobRequest { name: j.into() })
+                .await;
+            if r.as_ref().is_err_and(|s| s.code() == Code::NotFound) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        gone.is_ok(),
+        "the ended job is still there after job_retention"
+    );
+}
+
+#[tokio::test]
 async fn cancel_removes_every_container_at_once() {
     let c = Cluster::start(&["a", "b", "c"]).await;
     running_routed(&c).await;

@@ -100,6 +100,9 @@ pub struct JobOptions {
     pub restart_drain_timeout: Duration,
     /// Connect timeout of `NodeLogs` to an agent (default 5 s).
     pub agent_connect_timeout: Duration,
+    /// An ended job is removed (as by `geomxctl rm`) this long after it ended; `None`
+    /// keeps it (the controller's `job_retention`, see [`crate::config`]).
+    pub job_retention: Option<Duration>,
 }
 
 impl Default for JobOptions {
@@ -109,6 +112,7 @@ impl Default for JobOptions {
             stall_timeout_override: None,
             restart_drain_timeout: Duration::from_secs(30),
             agent_connect_timeout: Duration::from_secs(5),
+            job_retention: None,
         }
     }
 }
@@ -700,6 +704,34 @@ impl Jobs {
         Ok(answer)
     }
 
+    /// Removes the jobs that ended longer than [`JobOptions::job_retention`] ago.
+    async fn prune_ended(&self) {
+        let Some(retention) = self.options.job_retention else {
+            return;
+        };
+        let cutoff =
+            now_ms().saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+        let old: Vec<String> = self
+            .lock()
+            .jobs
+            .values()
+            .filter(|e| {
+                !e.is_active() && e.meta.finished_at_ms > 0 && e.meta.finished_at_ms < cutoff
+            })
+            .map(|e| e.meta.name.clone())
+            .collect();
+        for name in old {
+            match self.remove(&name).await {
+                Ok(r) => {
+                    tracing::info!(job = %name, runs = r.runs, retention = %humantime::format_duration(retention), "ended job removed after job_retention")
+                }
+                Err(s) => {
+                    tracing::warn!(job = %name, error = %s.message(), "cannot remove an ended job after job_retention")
+                }
+            }
+        }
+    }
+
     /// Names of the jobs still active.
     pub fn active_jobs(&self) -> Vec<String> {
         self.lock()
@@ -880,6 +912,7 @@ impl Jobs {
                 _ = interval.tick() => {}
                 () = cancel.cancelled() => break,
             }
+            self.prune_ended().await;
             let names = self.active_jobs();
             if names.is_empty() {
                 continue;
