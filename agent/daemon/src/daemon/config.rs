@@ -19,6 +19,7 @@
 //! docker_restart_command = "systemctl restart docker"
 //! docker_ready_timeout = "60s"
 //! network_interval = "10s"                # periodic network re-check
+//! logs_retention = "7d"                   # output of removed containers kept this long
 //! backend = "auto"                        # data plane to peers: auto (host-gw on the LAN,
 //!                                         # wireguard elsewhere), host-gw or wireguard;
 //!                                         # default: the controller's
@@ -90,6 +91,9 @@ pub struct AgentArgs {
     /// How often the host network is re-checked, e.g. 10s [default: 10s].
     #[arg(long, env = "GEOMX_NETWORK_INTERVAL", value_parser = humantime::parse_duration)]
     pub network_interval: Option<Duration>,
+    /// How long the output of removed role containers is kept on disk [default: 7d].
+    #[arg(long, env = "GEOMX_LOGS_RETENTION", value_parser = humantime::parse_duration)]
+    pub logs_retention: Option<Duration>,
     /// Data-plane backend to peers, overriding the controller's default: auto, host-gw or
     /// wireguard.
     #[arg(long, env = "GEOMX_BACKEND")]
@@ -141,6 +145,8 @@ pub struct AgentConfig {
     pub docker_restart_command: String,
     /// How often the network is re-checked.
     pub network_interval: Duration,
+    /// How long the output of removed role containers is kept.
+    pub logs_retention: Duration,
     /// This agent's backend (`None`: the controller's default).
     pub backend: Option<Backend>,
     /// WireGuard's UDP port.
@@ -189,6 +195,7 @@ struct FileConfig {
     docker_restart_command: Option<Spanned<String>>,
     docker_ready_timeout: Option<Spanned<HumanDuration>>,
     network_interval: Option<Spanned<HumanDuration>>,
+    logs_retention: Option<Spanned<HumanDuration>>,
     backend: Option<Spanned<Backend>>,
     wireguard_port: Option<Spanned<u16>>,
     tls: Option<TlsTable>,
@@ -459,6 +466,15 @@ fn resolve(
     if network_interval < Duration::from_millis(100) {
         return Err(settings.invalid("network_interval", "must be at least 100ms"));
     }
+    let logs_retention = settings
+        .pick(
+            "logs_retention",
+            "logs-retention",
+            args.logs_retention,
+            file.logs_retention,
+            duration,
+        )?
+        .unwrap_or(geomx_runtime::archive::DEFAULT_RETENTION);
     let backend = settings.pick(
         "backend",
         "backend",
@@ -525,6 +541,7 @@ fn resolve(
             docker_ready_timeout,
             docker_restart_command,
             network_interval,
+            logs_retention,
             backend,
             wireguard_port,
         },
@@ -595,6 +612,20 @@ key = "/etc/geomx/tls/agent-a-key.pem"
         let n = load(EXAMPLE, &[]).expect("parses").0.net_config();
         assert_eq!(n.host, "a");
         assert_eq!(n.interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn logs_retention_defaults_to_a_week_and_is_read_from_file_and_flag() {
+        let (c, _) = load(EXAMPLE, &[]).expect("parses");
+        assert_eq!(c.logs_retention, geomx_runtime::archive::DEFAULT_RETENTION);
+        let text = EXAMPLE.replace(
+            "network_interval = \"10s\"",
+            "network_interval = \"10s\"\nlogs_retention = \"2d\"",
+        );
+        let (c, _) = load(&text, &[]).expect("parses");
+        assert_eq!(c.logs_retention, Duration::from_secs(2 * 24 * 3600));
+        let (c, _) = load(&text, &["--logs-retention", "1h"]).expect("parses");
+        assert_eq!(c.logs_retention, Duration::from_secs(3600), "the flag wins");
     }
 
     #[test]

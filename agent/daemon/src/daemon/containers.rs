@@ -80,9 +80,10 @@ pub async fn containers_loop<S: EngineSource>(
             sandbox,
             host: ctx.settings.host.clone(),
             // output outlives its container: `geomxctl logs` of ended jobs and generations
-            log_archive: Some(geomx_runtime::LogArchive::new(
-                ctx.settings.state_dir.join("logs"),
-            )),
+            log_archive: Some(geomx_runtime::LogArchive {
+                retention: ctx.settings.logs_retention,
+                ..geomx_runtime::LogArchive::new(ctx.settings.state_dir.join("logs"))
+            }),
             ..Default::default()
         };
         let runtime = match Runtime::start(engine, config).await {

@@ -102,6 +102,8 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// How often the network is re-checked and the containers re-applied.
     pub network_interval: Duration,
+    /// How long the output of removed role containers is kept.
+    pub logs_retention: Duration,
     /// First retry delay (controller, Docker).
     pub backoff_initial: Duration,
     /// Longest retry delay.
@@ -126,6 +128,7 @@ impl Settings {
             heartbeat_port: Some(c.heartbeat_port),
             state_dir: c.state_dir.clone(),
             network_interval: c.network_interval,
+            logs_retention: c.logs_retention,
             backoff_initial: Duration::from_millis(250),
             backoff_max: Duration::from_secs(10),
             agent_version: agent_version(),
