@@ -160,14 +160,19 @@ fn measure(c: &Cluster, opts: &Options) -> anyhow::Result<WanResult> {
         servers.0.push(iperf_server(p)?);
     }
     for p in &paths {
-        iperf_client(p, 1, 1).with_context(|| format!("iperf3 warm-up over the {} path", p.name))?;
+        iperf_client(p, 1, 1)
+            .with_context(|| format!("iperf3 warm-up over the {} path", p.name))?;
     }
     let mut runs: [Vec<f64>; 4] = Default::default();
     for rep in 0..opts.reps {
         for k in 0..paths.len() {
             let i = (k + rep) % paths.len();
             // the WAN paths get two more seconds: slow start over an 80 ms round trip
-            let secs = if i >= 2 { opts.seconds + 2 } else { opts.seconds };
+            let secs = if i >= 2 {
+                opts.seconds + 2
+            } else {
+                opts.seconds
+            };
             let gbps = iperf_client(&paths[i], secs, 1)
                 .with_context(|| format!("iperf3 over the {} path", paths[i].name))?;
             note(format!(
@@ -183,16 +188,22 @@ fn measure(c: &Cluster, opts: &Options) -> anyhow::Result<WanResult> {
     drop(servers);
     let r = WanResult { runs };
     let mbit = |v: &[f64]| median(v) * 1000.0;
-    Line::new("dataplane_lan_hostgw_ratio", format!("{:.3}", r.lan_ratio()))
-        .f("container_mbit", mbit(&r.runs[1]), 0)
-        .f("underlay_mbit", mbit(&r.runs[0]), 0)
-        .print();
-    Line::new("dataplane_wan_wireguard_ratio", format!("{:.3}", r.wan_ratio()))
-        .f("container_mbit", mbit(&r.runs[3]), 1)
-        .f("underlay_mbit", mbit(&r.runs[2]), 1)
-        .kv("link", "100mbit,40ms")
-        .kv("reps", opts.reps)
-        .print();
+    Line::new(
+        "dataplane_lan_hostgw_ratio",
+        format!("{:.3}", r.lan_ratio()),
+    )
+    .f("container_mbit", mbit(&r.runs[1]), 0)
+    .f("underlay_mbit", mbit(&r.runs[0]), 0)
+    .print();
+    Line::new(
+        "dataplane_wan_wireguard_ratio",
+        format!("{:.3}", r.wan_ratio()),
+    )
+    .f("container_mbit", mbit(&r.runs[3]), 1)
+    .f("underlay_mbit", mbit(&r.runs[2]), 1)
+    .kv("link", "100mbit,40ms")
+    .kv("reps", opts.reps)
+    .print();
     note(format!(
         "host-gw on the LAN: {:.3} of the underlay; WireGuard across the 100 Mbit / 40 ms link: {:.3} (target ≥ 0.95; its tunnel's MSS is 1380 against the underlay's 1448, 0.953 at equal wire rate)",
         r.lan_ratio(),
