@@ -334,7 +334,7 @@ fn mxnet_ps_is_one_party_with_two_servers_and_four_workers() {
     assert_eq!(
         w2.command,
         argv(
-            "python3 /opt/geomx/examples/mxnet_ps_train.py --data-slice-idx 2 --epochs 20 --lr 0.0002"
+            "python3 /opt/geomx/examples/mxnet_ps_train.py --data-slice-idx 2 --epochs 20 --lr 0.002"
         )
     );
     assert_eq!(plan.policy.max_restarts, 2);
