@@ -7,8 +7,9 @@
 #   taken from the scikit-learn wheel) at /opt/geomx/data/digits.csv.gz, then `docker import`.
 #
 # Usage: scripts/build-mxnet-image.sh [--tar FILE] [--tag TAG] [--import DOCKER_HOST]...
-#   --tar FILE      where the root file system tarball goes; reused when it exists and is
-#                   newer than the training script (default /var/cache/geomx/mxnet-1.9.1.tar)
+#   --tar FILE      where the root file system tarball goes; reused when it exists and was
+#                   built from this script and the same training script (FILE.key holds
+#                   their hash) (default /var/cache/geomx/mxnet-1.9.1.tar)
 #   --tag TAG       image tag (default geomx/mxnet:1.9.1)
 #   --import HOST   import into the dockerd at HOST (e.g. unix:///var/run/docker.sock);
 #                   repeatable; without it the tarball is only built
@@ -25,14 +26,17 @@ while [ $# -gt 0 ]; do
     --tar) tar_file=$2; shift 2 ;;
     --tag) tag=$2; shift 2 ;;
     --import) imports+=("$2"); shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "build-mxnet-image: unknown argument $1" >&2; exit 2 ;;
   esac
 done
 
 script=examples/mxnet/mxnet_ps_train.py
-if [ -s "$tar_file" ] && [ "$tar_file" -nt "$script" ] && [ "$tar_file" -nt "$0" ]; then
-  echo "build-mxnet-image: reusing $tar_file"
+# the cache is keyed by what goes into the image (this script and the training script), not
+# by file times: a fresh clone's files are all newer than any cache
+key=$(cat "$0" "$script" | sha256sum | cut -d' ' -f1)
+if [ -s "$tar_file" ] && [ "$(cat "$tar_file.key" 2>/dev/null)" = "$key" ]; then
+  echo "build-mxnet-image: reusing $tar_file (key ${key:0:12})"
 else
   command -v debootstrap >/dev/null || { echo "build-mxnet-image: debootstrap missing (scripts/install-deps.sh)" >&2; exit 1; }
   work=$(mktemp -d /var/tmp/geomx-mxnet.XXXXXX)
@@ -78,6 +82,7 @@ PY
   mkdir -p "$(dirname "$tar_file")"
   tar -C "$work/rootfs" --numeric-owner -cf "$tar_file.tmp" .
   mv "$tar_file.tmp" "$tar_file"
+  echo "$key" > "$tar_file.key"
   echo "build-mxnet-image: wrote $tar_file ($(du -h "$tar_file" | cut -f1))"
 fi
 

@@ -102,8 +102,9 @@ impl fmt::Display for PeerBackend {
 pub enum Unreachable {
     /// host-gw was asked for, the peer is not on-link: the reason says what the kernel said.
     NotOnLink(String),
-    /// WireGuard is needed, the peer has not registered a public key (an older agent).
-    NoWireguardKey,
+    /// WireGuard is needed, the peer has not registered a public key (an older agent); when
+    /// the peer is off-link, what the kernel said about it.
+    NoWireguardKey(Option<String>),
 }
 
 /// Picks the backend for one peer: `cluster` is the controller's default, `own` this agent's
@@ -117,19 +118,19 @@ pub fn resolve(
     has_key: bool,
 ) -> Result<PeerBackend, Unreachable> {
     let wanted = own.unwrap_or(cluster);
-    let wireguard = || {
+    let wireguard = |off_link: Option<String>| {
         if has_key {
             Ok(PeerBackend::Wireguard)
         } else {
-            Err(Unreachable::NoWireguardKey)
+            Err(Unreachable::NoWireguardKey(off_link))
         }
     };
     match (wanted, on_link) {
         (Backend::HostGw, Ok(())) => Ok(PeerBackend::HostGw),
         (Backend::HostGw, Err(why)) => Err(Unreachable::NotOnLink(why)),
-        (Backend::Wireguard, _) => wireguard(),
+        (Backend::Wireguard, on_link) => wireguard(on_link.err()),
         (Backend::Auto, Ok(())) => Ok(PeerBackend::HostGw),
-        (Backend::Auto, Err(_)) => wireguard(),
+        (Backend::Auto, Err(why)) => wireguard(Some(why)),
     }
 }
 
@@ -154,7 +155,15 @@ mod tests {
             (Auto, None, Ok(()), true, Ok(P::HostGw)),
             (Auto, None, Ok(()), false, Ok(P::HostGw)),
             (Auto, None, off(), true, Ok(P::Wireguard)),
-            (Auto, None, off(), false, Err(Unreachable::NoWireguardKey)),
+            (
+                Auto,
+                None,
+                off(),
+                false,
+                Err(Unreachable::NoWireguardKey(Some(
+                    "it is reached via 10.1.1.1".into(),
+                ))),
+            ),
             (HostGw, None, Ok(()), true, Ok(P::HostGw)),
             (
                 HostGw,
@@ -169,7 +178,7 @@ mod tests {
                 None,
                 Ok(()),
                 false,
-                Err(Unreachable::NoWireguardKey),
+                Err(Unreachable::NoWireguardKey(None)),
             ),
             // the agent's override wins over the cluster default
             (HostGw, Some(Wireguard), Ok(()), true, Ok(P::Wireguard)),

@@ -195,12 +195,10 @@ pub enum NetError {
         existing: String,
     },
     /// A peer cannot be reached with the backend this host uses for it.
-    #[error("peer {peer} ({ip}): {reason}")]
+    #[error("peer {peer}: {reason}")]
     PeerUnreachable {
         /// The peer.
         peer: String,
-        /// Its underlay address.
-        ip: Ipv4Addr,
         /// Why, and what to do.
         reason: String,
     },

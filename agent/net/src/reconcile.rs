@@ -455,11 +455,19 @@ impl Reconciler {
                         detail,
                     });
                 }
-                Err(Unreachable::NoWireguardKey) => {
+                Err(Unreachable::NoWireguardKey(off_link)) => {
+                    let why = match off_link {
+                        Some(detail) => format!(
+                            "underlay address {} is not on a directly connected network ({detail}), so host-gw cannot reach it, and",
+                            p.underlay_ip
+                        ),
+                        None => "backend wireguard is asked for, but".to_owned(),
+                    };
                     return Err(NetError::PeerUnreachable {
                         peer: p.name.clone(),
-                        ip: p.underlay_ip,
-                        reason: "it is not on-link and registered no WireGuard key (an agent older than this one?): upgrade its agent, or give both hosts a network they share".into(),
+                        reason: format!(
+                            "{why} the peer has no WireGuard key for a tunnel (an agent older than this one, or a host file without the peer's wireguard_key): upgrade its agent, or give both hosts a network they share"
+                        ),
                     });
                 }
             }

@@ -191,11 +191,16 @@ fn owned_state(host: &LabHost) -> anyhow::Result<String> {
         .filter(|w| !w.starts_with("qlen") && !w.chars().all(|c| c.is_ascii_digit()))
         .collect::<Vec<_>>()
         .join(" ");
-    let wg: Vec<String> = host
+    let mut wg: Vec<String> = host
         .run(&["wg", "show", "geomx-wg", "dump"])?
         .lines()
         .map(|l| l.split('\t').take(4).collect::<Vec<_>>().join(" "))
         .collect();
+    // the interface first, then its peers in no particular order (wireguard-go lists them
+    // from a map)
+    if wg.len() > 1 {
+        wg[1..].sort();
+    }
     let rules = geomx_lab::normalize_iptables_save(&host.netns().iptables_save()?);
     Ok(format!("{routes}\n{link}\n{}\n{rules}", wg.join("\n")))
 }
