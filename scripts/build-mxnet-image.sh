@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
     --tar) tar_file=$2; shift 2 ;;
     --tag) tag=$2; shift 2 ;;
     --import) imports+=("$2"); shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "build-mxnet-image: unknown argument $1" >&2; exit 2 ;;
   esac
 done
