@@ -527,6 +527,7 @@ impl Agent {
                 converged: true,
                 routes: 0,
                 error: String::new(),
+                ..Default::default()
             }),
             agent_version: AGENT_VERSION.to_owned(),
             listening_ports: Vec::new(),

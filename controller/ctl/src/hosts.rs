@@ -34,6 +34,10 @@ pub struct HostsArgs {
     /// Table output: also show network state, container count and agent URL.
     #[arg(long)]
     pub wide: bool,
+    /// Table output: how every host reaches every peer (backend, round trip, loss, WireGuard
+    /// handshake age), as the hosts measure it through the data plane.
+    #[arg(long)]
+    pub links: bool,
     /// Maintenance of one host.
     #[command(subcommand)]
     pub action: Option<HostAction>,
@@ -88,12 +92,24 @@ struct HostJson<'a> {
     agent_version: &'a str,
     network_converged: bool,
     network_error: &'a str,
+    links: Vec<LinkJson<'a>>,
     containers: u32,
     agent_url: &'a str,
     registered_at_ms: i64,
     images: &'a [String],
     cordoned: bool,
     scheduling: &'static str,
+}
+
+/// One peer link in `--output json`.
+#[derive(Debug, Serialize)]
+struct LinkJson<'a> {
+    peer: &'a str,
+    backend: &'a str,
+    rtt_ms: f64,
+    loss_pct: f64,
+    /// Seconds since the last WireGuard handshake (`null`: never, or not WireGuard).
+    handshake_age_s: Option<i64>,
 }
 
 /// `enabled` or `cordoned`.
@@ -124,6 +140,7 @@ pub fn run(args: &HostsArgs, cli: &Cli) -> anyhow::Result<ExitCode> {
                 serde_json::to_string_pretty(&serde_json::json!({ "hosts": hosts }))?
             );
         }
+        Output::Table if args.links => print!("{}", render_links(&hosts)),
         Output::Table => print!("{}", render(&hosts, args.wide)),
     }
     Ok(ExitCode::SUCCESS)
@@ -139,6 +156,17 @@ fn host_json(h: &Host) -> HostJson<'_> {
         agent_version: &h.agent_version,
         network_converged: h.network_converged,
         network_error: &h.network_error,
+        links: h
+            .links
+            .iter()
+            .map(|l| LinkJson {
+                peer: &l.peer,
+                backend: &l.backend,
+                rtt_ms: l.rtt_ms,
+                loss_pct: l.loss_pct,
+                handshake_age_s: (l.handshake_age_s >= 0).then_some(l.handshake_age_s),
+            })
+            .collect(),
         containers: h.containers,
         agent_url: &h.agent_url,
         registered_at_ms: h.registered_at_ms,
@@ -405,6 +433,37 @@ fn dash(s: &str) -> String {
 }
 
 /// The hosts as an aligned table.
+/// One row per host and peer: the data plane as each host measures it.
+fn render_links(hosts: &[Host]) -> String {
+    let mut table = Table::new(vec!["HOST", "PEER", "BACKEND", "RTT", "LOSS", "HANDSHAKE"]);
+    let mut rows = 0;
+    for h in hosts {
+        for l in &h.links {
+            rows += 1;
+            table.row(vec![
+                h.name.clone(),
+                l.peer.clone(),
+                l.backend.clone(),
+                if l.loss_pct >= 100.0 {
+                    "-".to_owned()
+                } else {
+                    format!("{:.1}ms", l.rtt_ms)
+                },
+                format!("{:.0}%", l.loss_pct),
+                if l.handshake_age_s >= 0 {
+                    format!("{}s ago", l.handshake_age_s)
+                } else {
+                    "-".to_owned()
+                },
+            ]);
+        }
+    }
+    if rows == 0 {
+        return "no links measured yet (agents report them every few seconds)\n".to_owned();
+    }
+    table.render()
+}
+
 fn render(hosts: &[Host], wide: bool) -> String {
     if hosts.is_empty() {
         return "no hosts registered\n".to_owned();

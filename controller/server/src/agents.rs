@@ -23,7 +23,7 @@ use crate::leases::LeaseError;
 use crate::membership::{
     HeartbeatData, Membership, MembershipError, Registration, duration_ms, same_content,
 };
-use crate::store::{NetworkRecord, StoreError, StoreErrorKind};
+use crate::store::{LinkRecord, NetworkRecord, StoreError, StoreErrorKind};
 use crate::validate;
 use crate::workloads::{WorkloadError, Workloads};
 
@@ -264,6 +264,26 @@ fn heartbeat_data(report: &HostReport) -> Result<HeartbeatData, Status> {
             converged: n.converged,
             routes: n.routes,
             error: validate::truncate(&n.error, validate::MAX_NETWORK_ERROR_LEN),
+            links: n
+                .links
+                .iter()
+                .take(validate::MAX_LINKS)
+                .map(|l| LinkRecord {
+                    peer: validate::truncate(&l.peer, 63),
+                    backend: validate::truncate(&l.backend, 16),
+                    rtt_ms: if l.rtt_ms.is_finite() {
+                        l.rtt_ms.max(0.0)
+                    } else {
+                        0.0
+                    },
+                    loss_pct: if l.loss_pct.is_finite() {
+                        l.loss_pct.clamp(0.0, 100.0)
+                    } else {
+                        0.0
+                    },
+                    handshake_age_s: l.handshake_age_s.max(-1),
+                })
+                .collect(),
         });
     let running = report
         .nodes

@@ -40,6 +40,18 @@ pub fn host_message(view: &HostView) -> Host {
         images: r.images.clone(),
         cordoned: r.cordoned,
         network_error: r.network.error.clone(),
+        links: r
+            .network
+            .links
+            .iter()
+            .map(|l| geomx_proto::v1::PeerLink {
+                peer: l.peer.clone(),
+                backend: l.backend.clone(),
+                rtt_ms: l.rtt_ms,
+                loss_pct: l.loss_pct,
+                handshake_age_s: l.handshake_age_s,
+            })
+            .collect(),
     }
 }
 

@@ -161,7 +161,27 @@ pub struct NetworkRecord {
     pub routes: u32,
     /// Last reconciliation error, empty if none.
     pub error: String,
+    /// Every peer as the host measured it through the data plane.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<LinkRecord>,
 }
+
+/// How a host reaches one peer, from its last report.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LinkRecord {
+    /// The peer.
+    pub peer: String,
+    /// `host-gw`, `wireguard` or `none`.
+    pub backend: String,
+    /// Median round trip, milliseconds (0: no answer).
+    pub rtt_ms: f64,
+    /// Share of probes lost, percent.
+    pub loss_pct: f64,
+    /// Seconds since the last WireGuard handshake; -1: never or not WireGuard.
+    pub handshake_age_s: i64,
+}
+
+impl Eq for LinkRecord {}
 
 /// A host's WireGuard identity: its public key and UDP port (its private key never leaves it).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -110,6 +110,9 @@ pub fn printable(field: &str, s: &str, max: usize) -> Result<String, Status> {
     Ok(s.to_owned())
 }
 
+/// At most this many peer links are kept from a report (more than any cluster has hosts).
+pub const MAX_LINKS: usize = 4096;
+
 /// A WireGuard identity: a base64 public key of 32 bytes and a UDP port, or neither.
 pub fn wireguard(key: &str, port: u32) -> Result<Option<WireguardRecord>, Status> {
     if key.is_empty() && port == 0 {

@@ -458,6 +458,7 @@ async fn oversized_messages_are_refused_and_the_controller_keeps_serving() {
                     converged: true,
                     routes: 0,
                     error: "e".repeat(five_mb),
+                    ..Default::default()
                 }),
                 ..report("a")
             },
@@ -670,6 +671,7 @@ async fn strings_of_100_kb_in_every_field_are_refused_or_bounded() {
                     converged: false,
                     routes: 0,
                     error: huge.clone(),
+                    ..Default::default()
                 }),
                 images: vec![IMAGE.into()],
                 ..report("a")

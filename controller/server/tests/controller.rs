@@ -617,6 +617,7 @@ async fn malformed_requests_get_status_errors() {
             converged: true,
             routes: 0,
             error: huge.clone(),
+            ..Default::default()
         }),
         agent_version: "test-agent 0.2".into(),
         listening_ports: vec![9092, 22, 22],

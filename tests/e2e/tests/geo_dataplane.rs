@@ -312,6 +312,49 @@ fn containers_in_three_data_centers_talk_through_wireguard_and_nothing_crosses_i
         &leaked[..leaked.len().min(5)]
     );
 
+    // every host measures its peers through the data plane: a's view in `geomxctl hosts`
+    let links = eventually("a's measured links", Duration::from_secs(20), || {
+        let hosts = c.hosts().ok()?;
+        let l = hosts.iter().find(|h| h["name"] == "a")?["links"]
+            .as_array()?
+            .clone();
+        let answered = |p: &str| {
+            l.iter()
+                .any(|x| x["peer"] == p && x["rtt_ms"].as_f64().is_some_and(|r| r > 0.0))
+        };
+        (l.len() == 3 && ["a2", "b", "c"].iter().all(|p| answered(p))).then_some(l)
+    })?;
+    for l in &links {
+        let (peer, rtt) = (
+            l["peer"].as_str().unwrap_or_default(),
+            l["rtt_ms"].as_f64().unwrap_or(0.0),
+        );
+        eprintln!(
+            "a -> {peer}: {} rtt {rtt:.2} ms loss {}% handshake {}",
+            l["backend"], l["loss_pct"], l["handshake_age_s"]
+        );
+        if peer == "a2" {
+            ensure!(l["backend"] == "host-gw" && rtt < 5.0, "a -> a2: {l}");
+            ensure!(l["handshake_age_s"].is_null(), "a -> a2 has no tunnel: {l}");
+        } else {
+            // 5 ms each way across the WAN
+            ensure!(
+                l["backend"] == "wireguard" && rtt >= 9.0,
+                "a -> {peer}: {l}"
+            );
+            ensure!(
+                l["handshake_age_s"].as_i64().is_some_and(|s| s < 180),
+                "a -> {peer}: {l}"
+            );
+        }
+    }
+    let table = c.ctl(&["hosts", "--links"])?;
+    let table = String::from_utf8_lossy(&table.stdout).to_string();
+    ensure!(
+        table.contains("HOST") && table.contains("wireguard") && table.contains("host-gw"),
+        "{table}"
+    );
+
     // converged: over three network intervals (1 s each) the agent's passes change nothing
     let before = owned_state(a)?;
     std::thread::sleep(Duration::from_secs(3));

@@ -544,6 +544,7 @@ pub fn build_report<E: Engine>(ctx: &Ctx<E>) -> (HostReport, String) {
             converged: net.converged,
             routes: net.routes,
             error: net.error,
+            links: ctx.links.lock().map(|l| l.clone()).unwrap_or_default(),
         }),
         agent_version: ctx.settings.agent_version.clone(),
         listening_ports: ports::listening_ports(),

@@ -29,6 +29,7 @@ pub mod convert;
 pub mod debounce;
 pub mod docker;
 pub mod leave;
+pub mod links;
 pub mod ports;
 pub mod state;
 
@@ -160,6 +161,9 @@ impl Settings {
     }
 }
 
+/// How often every peer is probed through the data plane.
+const LINK_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
 /// The network part of the last report.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NetStatus {
@@ -205,6 +209,8 @@ pub struct Ctx<E: Engine> {
     pub net_trigger: PassTrigger,
     /// The persisted desired state.
     pub state_file: StateFile,
+    /// Every peer as measured through the data plane (see [`links`]), for the reports.
+    pub links: Mutex<Vec<geomx_proto::v1::PeerLink>>,
 }
 
 /// A started daemon: its tasks and what they share.
@@ -277,9 +283,19 @@ pub fn start<S: EngineSource>(
         net_trigger: reconciler.trigger(),
         state_file,
         settings,
+        links: Mutex::new(Vec::new()),
     });
     let ready = ctx.net_ready.subscribe();
     let mut tasks = JoinSet::new();
+    tasks.spawn(
+        links::run(
+            ctx.clone(),
+            reconciler.kernel().clone(),
+            LINK_PROBE_INTERVAL,
+            shutdown.clone(),
+        )
+        .instrument(span.clone()),
+    );
 
     // network: desired state → DesiredNetwork → reconciler
     let (net_tx, net_rx) = watch::channel(None::<DesiredNetwork>);
