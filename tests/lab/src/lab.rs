@@ -870,6 +870,7 @@ pub fn lab_binary() -> Result<PathBuf> {
 
 /// Tears down every non-persistent lab under `root` whose owning process is gone.
 pub fn sweep_stale(root: &Path) {
+    mountns::sweep_orphans();
     let Ok(rd) = std::fs::read_dir(root) else {
         return;
     };

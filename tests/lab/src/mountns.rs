@@ -66,3 +66,19 @@ pub fn delete(lab: &str, host: &str) {
         let _ = std::fs::remove_file(&f);
     }
 }
+
+/// Removes the mount namespaces of lab hosts whose network namespace is gone (left by a lab
+/// torn down by an older geomx-lab, or by a process killed mid-teardown).
+pub fn sweep_orphans() {
+    let Ok(rd) = std::fs::read_dir(MOUNT_NS_DIR) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !Path::new("/run/netns").join(&name).exists() {
+            let f = e.path();
+            let _ = nix::mount::umount2(&f, nix::mount::MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_file(&f);
+        }
+    }
+}
