@@ -497,7 +497,15 @@ pub async fn report_loop<E: Engine>(
             Err(_) => {
                 let msg = format!("no answer within {timeout:?}");
                 if errors.failed(&msg) {
-                    warn!(controller = %ctx.settings.controller, error = %msg, "report failed; retrying every heartbeat interval");
+                    warn!(controller = %ctx.settings.controller, error = %msg, "report failed; retrying every heartbeat interval on a new connection");
+                }
+                // The connection may be alive but stuck: after a short underlay cut TCP
+                // backs off its retransmissions exponentially (seconds), and every report
+                // would queue behind it. A new connection starts with a fresh timer, so
+                // reports resume as soon as the path is back.
+                if let Ok(fresh) = channel(&ctx.settings) {
+                    client = AgentServiceClient::new(fresh)
+                        .max_decoding_message_size(geomx_proto::MAX_DESIRED_STATE_LEN);
                 }
             }
         }
