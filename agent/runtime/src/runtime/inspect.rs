@@ -1,0 +1,166 @@
+//! Inspecting a container and turning what Docker says into the node's state.
+
+use super::*;
+
+impl<E: Engine> Runtime<E> {
+    /// Re-reads one container's state from Docker and publishes the change; once a role
+    /// container has ended, fetches its log tail.
+    pub(super) async fn refresh(&self, id: &str) {
+        let insp = match self.inner.engine.inspect(id).await {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(id = %short(id), error = %e, "inspect failed");
+                return;
+            }
+        };
+        let Some(insp) = insp else {
+            self.on_gone(id);
+            return;
+        };
+        self.decide_docker_loss(&insp.id).await;
+        let need_tail = {
+            let mut st = self.lock();
+            // (under the same lock as the update below: a suspect of a Docker loss is never
+            // shown ended before it is judged)
+            if !self.judge_docker_loss(&mut st, &insp) {
+                return;
+            }
+            let Some((key, kind)) = st.find(id) else {
+                return;
+            };
+            let Some(t) = st.nodes.get_mut(&key) else {
+                return;
+            };
+            match kind {
+                ContainerKind::Sandbox => {
+                    apply_sandbox_inspection(t, &insp);
+                    None
+                }
+                ContainerKind::Role => {
+                    let shown = t.status.clone();
+                    apply_inspection(&mut t.status, &insp, self.inner.config.host_ip);
+                    let ended = matches!(insp.state, EngineState::Exited | EngineState::Dead);
+                    if ended && let Some(why) = &t.stopped_by_docker {
+                        t.status.state = NodeState::Failed;
+                        t.status.error.clone_from(why);
+                    }
+                    if insp.state == EngineState::Running {
+                        // running again after it ended (started by someone: geomx sets no
+                        // restart policy): follow it again
+                        t.finalized = false;
+                        t.status.log_tail.clear();
+                        drop(st);
+                        self.ensure_follower(&key, id, true);
+                        None
+                    } else if ended && !t.finalized {
+                        // shown ended only together with its log tail: until the tail is
+                        // read, what is published stays as it was
+                        let ended_status = std::mem::replace(&mut t.status, shown);
+                        Some(ended_status)
+                    } else {
+                        None
+                    }
+                }
+            }
+        };
+        if let Some(ended_status) = need_tail {
+            let lines = self.tail(id).await;
+            let mut st = self.lock();
+            if let Some((key, ContainerKind::Role)) = st.find(id)
+                && let Some(t) = st.nodes.get_mut(&key)
+            {
+                if !t.finalized {
+                    t.status = ended_status;
+                }
+                t.status.log_tail = lines;
+                t.finalized = true;
+            }
+        }
+        self.publish();
+    }
+}
+
+pub(super) fn apply_sandbox_inspection(t: &mut Tracked, i: &Inspection) {
+    let Some(sb) = t.sandbox.as_mut() else {
+        return;
+    };
+    sb.state = i.state;
+    if let Some(ip) = &i.ip {
+        t.status.ip = ip.clone();
+    }
+    let ended = matches!(i.state, EngineState::Exited | EngineState::Dead);
+    if ended && !t.status.state.is_terminal() {
+        t.status.state = NodeState::Failed;
+        t.status.error = format!(
+            "the network sandbox {} ended (exit code {})",
+            sb.name,
+            i.exit_code.unwrap_or(-1)
+        );
+    }
+}
+
+pub(super) fn apply_inspection(s: &mut NodeStatus, i: &Inspection, host_ip: Option<Ipv4Addr>) {
+    match i.state {
+        EngineState::Running | EngineState::Paused | EngineState::Restarting => {
+            s.state = NodeState::Running;
+            s.exit_code = None;
+        }
+        EngineState::Created => {
+            if i.error.is_empty() {
+                if s.state != NodeState::Failed {
+                    s.state = NodeState::Created;
+                }
+            } else {
+                s.state = NodeState::Failed;
+                s.error = i.error.clone();
+                s.exit_code = i.exit_code.and_then(|c| i32::try_from(c).ok());
+            }
+        }
+        EngineState::Exited | EngineState::Dead => {
+            let code = i
+                .exit_code
+                .and_then(|c| i32::try_from(c).ok())
+                .unwrap_or(-1);
+            s.exit_code = Some(code);
+            s.state = if code == 0 && !i.oom_killed {
+                NodeState::Exited
+            } else {
+                NodeState::Failed
+            };
+            if i.oom_killed {
+                s.error = OOM_KILLED.into();
+            } else if !i.error.is_empty() {
+                s.error = i.error.clone();
+            }
+        }
+        EngineState::Removing | EngineState::Unknown => {}
+    }
+    if i.host_network {
+        if let Some(ip) = host_ip {
+            s.ip = ip.to_string();
+        }
+    } else if let Some(ip) = &i.ip {
+        // (a role container in its sandbox's network has no address of its own)
+        s.ip = ip.clone();
+    }
+    s.started_at_ms = i.started_at_ms;
+    s.finished_at_ms = if s.state.is_terminal() {
+        i.finished_at_ms
+    } else {
+        0
+    };
+    s.restarts = i.restart_count;
+}
+
+pub(super) fn same_phase(engine: EngineState, ours: NodeState, finalized: bool) -> bool {
+    match engine {
+        EngineState::Running | EngineState::Paused | EngineState::Restarting => {
+            ours == NodeState::Running
+        }
+        EngineState::Created => matches!(ours, NodeState::Created | NodeState::Failed),
+        EngineState::Exited | EngineState::Dead => {
+            matches!(ours, NodeState::Exited | NodeState::Failed) && finalized
+        }
+        EngineState::Removing | EngineState::Unknown => true,
+    }
+}
