@@ -51,6 +51,39 @@ pub struct FakeState {
     pub links: BTreeMap<String, String>,
 }
 
+/// An inspect of one container held back by [`FakeEngine::hold_next_inspect`]: it reads
+/// the container's state when asked, then waits until [`InspectHold::release`] (or until
+/// the hold is dropped) to answer what it read, as a slow answer of Docker would.
+pub struct InspectHold {
+    reached: Option<tokio::sync::oneshot::Receiver<()>>,
+    release: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl InspectHold {
+    /// Waits until the held inspect has been asked for and has read the state.
+    pub async fn reached(&mut self) {
+        if let Some(r) = self.reached.take() {
+            let _ = r.await;
+        }
+    }
+
+    /// Lets the held inspect answer.
+    pub fn release(mut self) {
+        if let Some(s) = self.release.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// The inspects a [`FakeEngine`] answered, in order: what was asked and the state it read
+/// (`None`: no such container).
+pub type Inspected = Vec<(String, Option<EngineState>)>;
+
+type InspectGate = (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::sync::oneshot::Receiver<()>,
+);
+
 /// An in-memory Docker engine; clones share their state.
 #[derive(Clone)]
 pub struct FakeEngine {
@@ -66,6 +99,11 @@ pub struct FakeEngine {
     /// Whether [`Engine::daemon_id`] tells the daemon's identity (default yes).
     daemon_ids: Arc<AtomicBool>,
     live_restore: Arc<AtomicBool>,
+    /// The next inspect of a container (by id or name as asked) to hold back.
+    inspect_holds: Arc<Mutex<HashMap<String, InspectGate>>>,
+    /// Every inspect answered, in order: what was asked and the state it read (`None`: no
+    /// such container).
+    inspected: Arc<tokio::sync::watch::Sender<Inspected>>,
 }
 
 #[allow(missing_docs)]
@@ -85,7 +123,29 @@ impl FakeEngine {
             daemon_starts: Arc::new(tokio::sync::watch::Sender::new(0)),
             daemon_ids: Arc::new(AtomicBool::new(true)),
             live_restore: Arc::new(AtomicBool::new(false)),
+            inspect_holds: Arc::default(),
+            inspected: Arc::new(tokio::sync::watch::Sender::new(Vec::new())),
         }
+    }
+
+    /// Holds back the next inspect of `id`: it reads the state when asked but answers only
+    /// once the returned hold is released, so that a later inspect can answer first.
+    pub fn hold_next_inspect(&self, id: &str) -> InspectHold {
+        let (reached_tx, reached_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel();
+        self.inspect_holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), (reached_tx, release_rx));
+        InspectHold {
+            reached: Some(reached_rx),
+            release: Some(release_tx),
+        }
+    }
+
+    /// The inspects answered so far, in order (see [`FakeEngine::hold_next_inspect`]).
+    pub fn inspected(&self) -> tokio::sync::watch::Receiver<Inspected> {
+        self.inspected.subscribe()
     }
 
     /// Whether the daemon's identity can be told (like a local socket's peer); off: like a
@@ -264,7 +324,7 @@ impl Engine for FakeEngine {
 
     async fn inspect(&self, id: &str) -> Result<Option<Inspection>> {
         self.check()?;
-        Ok(self.find(id).map(|c| Inspection {
+        let read = self.find(id).map(|c| Inspection {
             id: c.id.clone(),
             name: c.name.clone(),
             labels: c.labels.clone(),
@@ -277,7 +337,20 @@ impl Engine for FakeEngine {
             started_at_ms: c.started_at_ms,
             finished_at_ms: c.finished_at_ms,
             restart_count: 0,
-        }))
+        });
+        let gate = self
+            .inspect_holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if let Some((reached, release)) = gate {
+            let _ = reached.send(());
+            let _ = release.await;
+        }
+        let state = read.as_ref().map(|i| i.state);
+        self.inspected
+            .send_modify(|v| v.push((id.to_string(), state)));
+        Ok(read)
     }
 
     async fn image_present(&self, image: &str) -> Result<bool> {
@@ -1324,5 +1397,72 @@ mod tests {
             all_lines(&rt, Some(5)).await,
             Err(crate::error::RuntimeError::NoSuchNode { .. })
         ));
+    }
+
+    /// Waits (5 s at most) until an answered inspect of `id`, after the first `from`
+    /// answers, read `state`.
+    async fn answered(
+        rx: &mut tokio::sync::watch::Receiver<Inspected>,
+        from: usize,
+        id: &str,
+        state: EngineState,
+    ) {
+        let found = |v: &Inspected| {
+            v.iter()
+                .skip(from)
+                .any(|(i, s)| i == id && *s == Some(state))
+        };
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(found))
+            .await
+            .unwrap_or_else(|_| panic!("no inspect of {id} read {state:?}"))
+            .map(|_| ())
+            .unwrap_or_else(|_| panic!("the fake is gone"));
+    }
+
+    /// Item 8 of issue 17: two inspections of one container answered out of order (the
+    /// one asked first answers last) do not flip its state to the older one. A network
+    /// sandbox is the container here: only Docker's events refresh it (a role container's
+    /// end is also seen by its output follower). On this current-thread runtime an answer
+    /// is applied, or dropped, before the test goes on.
+    #[tokio::test]
+    async fn an_inspection_answered_late_does_not_flip_the_state_back() {
+        let fake = FakeEngine::new(&[IMG]);
+        let config = RuntimeConfig {
+            resync_interval: Duration::from_secs(3600),
+            ..config()
+        };
+        let rt = Runtime::start(fake.clone(), config).await.expect("start");
+        rt.apply(vec![spec("w0")]).await.expect("apply");
+        wait_for(&rt, "w0 running", |s| {
+            s.node("job1", "w0")
+                .is_some_and(|n| n.state == NodeState::Running)
+        })
+        .await;
+        let id = fake.id_of("geomx-net.job1.w0").expect("a sandbox");
+        let mut inspected = fake.inspected();
+        // the sandbox's two inspects so far (after its start, and for its start event)
+        let drained = |v: &Inspected| v.iter().filter(|(i, _)| *i == id).count() >= 2;
+        tokio::time::timeout(Duration::from_secs(5), inspected.wait_for(drained))
+            .await
+            .expect("the sandbox inspected twice")
+            .expect("the fake");
+        // the sandbox ends; the inspect its end triggers reads "exited" and is slow
+        let mut hold = fake.hold_next_inspect(&id);
+        fake.exit(&id, 137);
+        tokio::time::timeout(Duration::from_secs(5), hold.reached())
+            .await
+            .expect("an inspect after the exit");
+        // it runs again (started by someone): that inspect, asked later, answers first
+        let from = inspected.borrow_and_update().len();
+        Engine::start(&fake, &id).await.expect("start again");
+        answered(&mut inspected, from, &id, EngineState::Running).await;
+        // now the first one answers "exited": stale, it must not be applied
+        let from = inspected.borrow_and_update().len();
+        hold.release();
+        answered(&mut inspected, from, &id, EngineState::Exited).await;
+        let w0 = rt.status("job1", "w0").expect("w0");
+        assert_eq!(w0.state, NodeState::Running, "{w0:#?}");
+        assert_eq!(w0.error, "", "{w0:#?}");
+        rt.shutdown();
     }
 }

@@ -2,10 +2,82 @@
 
 use super::*;
 
+/// The inspections of one container in flight. Every Docker event spawns its own refresh,
+/// and Docker may answer two inspections of one container in any order: each refresh
+/// takes a ticket before it asks, and its answer is applied only if no later-asked one has
+/// been applied already (a stale answer would flip the node's state until the next
+/// resync). Any change of a container comes with an event, whose refresh asks after the
+/// change: the last ticket applied always reflects the container's latest state.
+#[derive(Debug, Default)]
+pub(super) struct RefreshOrder {
+    /// Tickets handed out.
+    issued: u64,
+    /// The latest ticket whose answer was applied.
+    applied: u64,
+    /// Refreshes not finished.
+    in_flight: u32,
+}
+
+/// A refresh's ticket; gives the slot back when the refresh ends, however it ends.
+struct Ticket<'a, E: Engine> {
+    rt: &'a Runtime<E>,
+    id: &'a str,
+    n: u64,
+}
+
+impl<E: Engine> Ticket<'_, E> {
+    /// Whether this answer may be applied (no later-asked one was); if so, it is the
+    /// latest applied from now on.
+    fn accept(&self, st: &mut State) -> bool {
+        let Some(order) = st.refreshes.get_mut(self.id) else {
+            return false;
+        };
+        if order.applied > self.n {
+            debug!(id = %short(self.id), ticket = self.n, applied = order.applied, "a stale inspection is dropped");
+            return false;
+        }
+        order.applied = self.n;
+        true
+    }
+
+    /// Whether this answer is still the latest applied (after an await in between).
+    fn still_latest(&self, st: &State) -> bool {
+        st.refreshes
+            .get(self.id)
+            .is_some_and(|o| o.applied == self.n)
+    }
+}
+
+impl<E: Engine> Drop for Ticket<'_, E> {
+    fn drop(&mut self) {
+        let mut st = self.rt.lock();
+        if let Some(order) = st.refreshes.get_mut(self.id) {
+            order.in_flight = order.in_flight.saturating_sub(1);
+            if order.in_flight == 0 {
+                st.refreshes.remove(self.id);
+            }
+        }
+    }
+}
+
 impl<E: Engine> Runtime<E> {
+    fn ticket<'a>(&'a self, id: &'a str) -> Ticket<'a, E> {
+        let mut st = self.lock();
+        let order = st.refreshes.entry(id.to_string()).or_default();
+        order.issued += 1;
+        order.in_flight += 1;
+        Ticket {
+            rt: self,
+            id,
+            n: order.issued,
+        }
+    }
+
     /// Re-reads one container's state from Docker and publishes the change; once a role
-    /// container has ended, fetches its log tail.
+    /// container has ended, fetches its log tail. Answers are applied in the order they
+    /// were asked for (see [`RefreshOrder`]).
     pub(super) async fn refresh(&self, id: &str) {
+        let ticket = self.ticket(id);
         let insp = match self.inner.engine.inspect(id).await {
             Ok(i) => i,
             Err(e) => {
@@ -14,12 +86,17 @@ impl<E: Engine> Runtime<E> {
             }
         };
         let Some(insp) = insp else {
-            self.on_gone(id);
+            if ticket.accept(&mut self.lock()) {
+                self.on_gone(id);
+            }
             return;
         };
         self.decide_docker_loss(&insp.id).await;
         let need_tail = {
             let mut st = self.lock();
+            if !ticket.accept(&mut st) {
+                return;
+            }
             // (under the same lock as the update below: a suspect of a Docker loss is never
             // shown ended before it is judged)
             if !self.judge_docker_loss(&mut st, &insp) {
@@ -66,7 +143,9 @@ impl<E: Engine> Runtime<E> {
         if let Some(ended_status) = need_tail {
             let lines = self.tail(id).await;
             let mut st = self.lock();
-            if let Some((key, ContainerKind::Role)) = st.find(id)
+            // (a later answer applied meanwhile is newer: this one is dropped)
+            if ticket.still_latest(&st)
+                && let Some((key, ContainerKind::Role)) = st.find(id)
                 && let Some(t) = st.nodes.get_mut(&key)
             {
                 if !t.finalized {

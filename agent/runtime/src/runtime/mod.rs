@@ -183,6 +183,9 @@ struct State {
     docker_lost: Option<DockerLoss>,
     /// The identity of the daemon last seen answering ([`Engine::daemon_id`]), if known.
     daemon_id: Option<String>,
+    /// Per container with a refresh in flight: the order of its inspections (see
+    /// [`inspect::RefreshOrder`]).
+    refreshes: BTreeMap<String, inspect::RefreshOrder>,
 }
 
 impl State {
