@@ -72,7 +72,7 @@ impl LogArchive {
 
     /// Keeps `lines` ((stderr, line), in order) as the output of `job`/`node` in
     /// `generation`: the last [`LogArchive::per_node`] bytes, replacing what was kept for
-    /// that generation. Written atomically (a temporary file renamed).
+    /// that generation (see [`LogArchive::writer`]).
     pub fn store(
         &self,
         job: &str,
@@ -80,6 +80,20 @@ impl LogArchive {
         generation: u32,
         lines: &[(bool, String)],
     ) -> Result<PathBuf> {
+        let mut w = self.writer(job, node, generation)?;
+        for (stderr, line) in lines {
+            w.push(*stderr, line)?;
+        }
+        w.finish()
+    }
+
+    /// Starts keeping the output of `job`/`node` in `generation`, line by line as it is
+    /// read ([`ArchiveWriter::push`]): on disk as it comes, never more than about twice
+    /// [`LogArchive::per_node`] bytes on disk and one line in memory; the last
+    /// [`LogArchive::per_node`] bytes (whole lines) are kept by [`ArchiveWriter::finish`],
+    /// which replaces what was kept for that generation atomically (a temporary file
+    /// renamed). Nothing is replaced when the writer is dropped unfinished.
+    pub fn writer(&self, job: &str, node: &str, generation: u32) -> Result<ArchiveWriter> {
         let path = self
             .path(job, node, generation)
             .ok_or_else(|| RuntimeError::InvalidSpec {
@@ -87,28 +101,20 @@ impl LogArchive {
                 node: node.to_owned(),
                 reason: "not a name a log file can carry".into(),
             })?;
-        let mut kept = Vec::new();
-        let mut size = 0u64;
-        for (stderr, line) in lines.iter().rev() {
-            let len = line.len() as u64 + 3;
-            if size + len > self.per_node {
-                break;
-            }
-            size += len;
-            kept.push((*stderr, line.as_str()));
-        }
-        let mut text = String::with_capacity(usize::try_from(size).unwrap_or(0));
-        for (stderr, line) in kept.into_iter().rev() {
-            text.push_str(if stderr { "2 " } else { "1 " });
-            text.push_str(line);
-            text.push('\n');
-        }
         let dir = path.parent().unwrap_or(&self.dir).to_path_buf();
         std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
-        let tmp = dir.join(format!(".{generation}.log.tmp"));
-        std::fs::write(&tmp, text).map_err(io(format!("writing {}", tmp.display())))?;
-        std::fs::rename(&tmp, &path).map_err(io(format!("renaming to {}", path.display())))?;
-        Ok(path)
+        let segment = |n: u32| dir.join(format!(".{generation}.log.part{n}"));
+        let segments = [segment(0), segment(1)];
+        let file = create(&segments[0])?;
+        Ok(ArchiveWriter {
+            path,
+            tmp: dir.join(format!(".{generation}.log.tmp")),
+            per_node: self.per_node,
+            current: (std::io::BufWriter::new(file), 0),
+            previous: None,
+            segments,
+            at: 0,
+        })
     }
 
     /// The generations archived for `job`/`node`, oldest first.
@@ -215,6 +221,125 @@ impl LogArchive {
     }
 }
 
+fn create(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::create(path).map_err(io(format!("creating {}", path.display())))
+}
+
+/// One node's output being kept, streamed to disk (see [`LogArchive::writer`]). The output
+/// goes to a segment file until that one holds [`LogArchive::per_node`] bytes, then to the
+/// other one (the older is emptied): the last `per_node` bytes are always in the two.
+pub struct ArchiveWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    per_node: u64,
+    /// The segment written to, and its length.
+    current: (std::io::BufWriter<std::fs::File>, u64),
+    /// The length of the other segment, once there is one.
+    previous: Option<u64>,
+    segments: [PathBuf; 2],
+    /// Which of `segments` is `current`.
+    at: usize,
+}
+
+impl std::fmt::Debug for ArchiveWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArchiveWriter")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ArchiveWriter {
+    /// Appends one line of output (`stderr`: of the standard error).
+    pub fn push(&mut self, stderr: bool, line: &str) -> Result<()> {
+        use std::io::Write;
+        let len = line.len() as u64 + 3;
+        if self.current.1 > 0 && self.current.1 + len > self.per_node {
+            self.rotate()?;
+        }
+        let what = || format!("writing {}", self.segments[self.at].display());
+        let w = &mut self.current.0;
+        w.write_all(if stderr { b"2 " } else { b"1 " })
+            .and_then(|()| w.write_all(line.as_bytes()))
+            .and_then(|()| w.write_all(b"\n"))
+            .map_err(|e| io(what())(e))?;
+        self.current.1 += len;
+        Ok(())
+    }
+
+    /// Continues in the other segment, emptied.
+    fn rotate(&mut self) -> Result<()> {
+        use std::io::Write;
+        let at = self.segments[self.at].display().to_string();
+        self.current
+            .0
+            .flush()
+            .map_err(io(format!("writing {at}")))?;
+        self.at = 1 - self.at;
+        let file = create(&self.segments[self.at])?;
+        let (_, len) = std::mem::replace(&mut self.current, (std::io::BufWriter::new(file), 0));
+        self.previous = Some(len);
+        Ok(())
+    }
+
+    /// Keeps the last [`LogArchive::per_node`] bytes written (whole lines) as the
+    /// generation's file; returns its path.
+    pub fn finish(mut self) -> Result<PathBuf> {
+        use std::io::{BufRead, Write};
+        let at = self.segments[self.at].display().to_string();
+        self.current
+            .0
+            .flush()
+            .map_err(io(format!("writing {at}")))?;
+        let mut order = Vec::new();
+        if self.previous.is_some() {
+            order.push(&self.segments[1 - self.at]);
+        }
+        order.push(&self.segments[self.at]);
+        let total = self.previous.unwrap_or(0) + self.current.1;
+        let mut excess = total.saturating_sub(self.per_node);
+        let mut out = std::io::BufWriter::new(create(&self.tmp)?);
+        let tmp = self.tmp.display().to_string();
+        for seg in order {
+            let file =
+                std::fs::File::open(seg).map_err(io(format!("reading {}", seg.display())))?;
+            let mut r = std::io::BufReader::new(file);
+            let mut skipped = Vec::new();
+            while excess > 0 {
+                skipped.clear();
+                let n = r
+                    .read_until(b'\n', &mut skipped)
+                    .map_err(io(format!("reading {}", seg.display())))?;
+                if n == 0 {
+                    break;
+                }
+                excess = excess.saturating_sub(n as u64);
+            }
+            std::io::copy(&mut r, &mut out).map_err(io(format!("writing {tmp}")))?;
+        }
+        out.flush().map_err(io(format!("writing {tmp}")))?;
+        drop(out);
+        std::fs::rename(&self.tmp, &self.path)
+            .map_err(io(format!("renaming to {}", self.path.display())))?;
+        self.remove_segments();
+        Ok(self.path.clone())
+    }
+
+    fn remove_segments(&self) {
+        for s in &self.segments {
+            let _ = std::fs::remove_file(s);
+        }
+    }
+}
+
+impl Drop for ArchiveWriter {
+    fn drop(&mut self) {
+        // (after finish: gone already; unfinished: nothing is kept)
+        self.remove_segments();
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
 fn read_dirs(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
         .into_iter()
@@ -295,6 +420,65 @@ mod tests {
             "the rest once it is older than the retention"
         );
         assert!(a.generations("j", "x").is_empty() && a.generations("j", "w").is_empty());
+    }
+
+    fn bytes_under(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    #[test]
+    fn a_streamed_output_keeps_its_last_bytes_within_the_bound_on_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut a = LogArchive::new(dir.path());
+        a.per_node = 1000;
+        let mut w = a.writer("j", "w", 3).expect("writer");
+        let node_dir = dir.path().join("j").join("w");
+        for i in 0..10_000 {
+            w.push(i % 7 == 0, &format!("line {i:05}")).expect("pushed");
+            if i % 500 == 0 {
+                let sz = bytes_under(&node_dir);
+                assert!(
+                    sz <= 2 * a.per_node + 64,
+                    "{sz} bytes on disk while writing"
+                );
+            }
+        }
+        let path = w.finish().expect("kept");
+        assert_eq!(path, node_dir.join("3.log"));
+        let len = std::fs::metadata(&path).expect("the file").len();
+        assert!(len <= a.per_node && len > a.per_node - 20, "{len}");
+        let kept = a.read("j", "w", Some(3), 0).expect("archived");
+        let flat: Vec<(bool, String)> = kept
+            .iter()
+            .flat_map(|c| c.lines.iter().map(move |l| (c.stderr, l.clone())))
+            .collect();
+        let want: Vec<(bool, String)> = (10_000 - flat.len()..10_000)
+            .map(|i| (i % 7 == 0, format!("line {i:05}")))
+            .collect();
+        assert_eq!(flat, want, "the last lines, whole, in order");
+        assert_eq!(
+            std::fs::read_dir(&node_dir).expect("dir").count(),
+            1,
+            "no segment is left behind"
+        );
+        // a line longer than the bound is not kept, nor anything before it
+        let mut w = a.writer("j", "w", 4).expect("writer");
+        w.push(false, "before").expect("pushed");
+        w.push(false, &"x".repeat(2000)).expect("pushed");
+        w.finish().expect("kept");
+        assert_eq!(a.read("j", "w", Some(4), 0), Some(Vec::new()));
+        // an unfinished writer keeps nothing and leaves nothing
+        let mut w = a.writer("j", "w", 5).expect("writer");
+        w.push(false, "half").expect("pushed");
+        drop(w);
+        assert_eq!(a.generations("j", "w"), [3, 4]);
+        assert_eq!(std::fs::read_dir(&node_dir).expect("dir").count(), 2);
     }
 
     #[test]

@@ -84,19 +84,35 @@ impl<E: Engine> Runtime<E> {
             },
         );
         let mut chunks = crate::lines::chunks(frames.boxed());
-        let mut lines = Vec::new();
-        while let Some(c) = chunks.next().await {
+        // streamed to the file, line by line: a node's output may be far larger than memory
+        let mut kept = match archive.writer(&job, &node, generation) {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(%job, %node, error = %e, "cannot keep the output");
+                return;
+            }
+        };
+        let mut lines = 0u64;
+        'read: while let Some(c) = chunks.next().await {
             match c {
-                Ok(c) => lines.extend(c.lines.into_iter().map(|l| (c.stderr, l))),
+                Ok(c) => {
+                    for l in &c.lines {
+                        if let Err(e) = kept.push(c.stderr, l) {
+                            warn!(%job, %node, error = %e, "cannot keep the output");
+                            return;
+                        }
+                        lines += 1;
+                    }
+                }
                 Err(e) => {
                     warn!(%job, %node, error = %e, "reading the output to keep failed; keeping what was read");
-                    break;
+                    break 'read;
                 }
             }
         }
-        match archive.store(&job, &node, generation, &lines) {
+        match kept.finish() {
             Ok(path) => {
-                debug!(%job, %node, generation, path = %path.display(), lines = lines.len(), "output kept")
+                debug!(%job, %node, generation, path = %path.display(), lines, "output kept")
             }
             Err(e) => warn!(%job, %node, error = %e, "cannot keep the output"),
         }
