@@ -650,6 +650,7 @@ impl Agent {
             error: String::new(),
             started_at_ms: if running { self.started_at_ms } else { 0 },
             finished_at_ms: 0,
+            rendezvous: None,
         }
     }
 

@@ -96,6 +96,8 @@ pub struct Inspection {
     pub finished_at_ms: i64,
     /// Docker's restart count.
     pub restart_count: u32,
+    /// The host pid of its main process while it runs (0 otherwise).
+    pub pid: u32,
 }
 
 /// How to read a container's output.
@@ -172,6 +174,16 @@ pub trait Engine: Send + Sync + 'static {
     /// The host's memory and CPUs; unknown (zeros) unless the engine can tell.
     fn capacity(&self) -> impl Future<Output = Result<HostCapacity>> + Send {
         async { Ok(HostCapacity::default()) }
+    }
+    /// The remote IPv4 addresses of the established TCP connections to local port `port`
+    /// in the network namespace of host process `pid` (its `/proc/<pid>/net/tcp`).
+    fn established_peers(&self, pid: u32, port: u16) -> Result<Vec<std::net::Ipv4Addr>> {
+        let path = format!("/proc/{pid}/net/tcp");
+        let text = std::fs::read_to_string(&path).map_err(|source| RuntimeError::Io {
+            what: format!("reading {path}"),
+            source,
+        })?;
+        Ok(crate::rendezvous::established_peers(&text, port))
     }
     /// Whether a bind mount's host path exists. Docker resolves bind sources on the
     /// filesystem of the host it runs on, which is this process's.
@@ -336,6 +348,7 @@ impl Engine for BollardEngine {
             exit_code: st.exit_code,
             error: st.error.unwrap_or_default(),
             oom_killed: st.oom_killed.unwrap_or(false),
+            pid: st.pid.and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
             ip,
             host_network,
             started_at_ms: st

@@ -35,6 +35,10 @@ pub struct FakeContainer {
     pub logs: Vec<(bool, String)>,
     pub body: ContainerCreateBody,
     pub oom_killed: bool,
+    /// Its "host pid" (unique per container).
+    pub pid: u32,
+    /// The peers connected to each of its ports ([`Engine::established_peers`]).
+    pub peers: BTreeMap<u16, Vec<std::net::Ipv4Addr>>,
 }
 
 /// Everything the fake engine holds.
@@ -140,6 +144,14 @@ impl FakeEngine {
         InspectHold {
             reached: Some(reached_rx),
             release: Some(release_tx),
+        }
+    }
+
+    /// Container `id`'s process gets connections to its `port` from `peers` (what
+    /// [`Engine::established_peers`] then tells).
+    pub fn set_peers(&self, id: &str, port: u16, peers: &[std::net::Ipv4Addr]) {
+        if let Some(c) = self.lock().containers.get_mut(id) {
+            c.peers.insert(port, peers.to_vec());
         }
     }
 
@@ -337,6 +349,11 @@ impl Engine for FakeEngine {
             started_at_ms: c.started_at_ms,
             finished_at_ms: c.finished_at_ms,
             restart_count: 0,
+            pid: if c.state == EngineState::Running {
+                c.pid
+            } else {
+                0
+            },
         });
         let gate = self
             .inspect_holds
@@ -419,6 +436,8 @@ impl Engine for FakeEngine {
                 logs: Vec::new(),
                 body,
                 oom_killed: false,
+                pid: u32::try_from(n).unwrap_or(u32::MAX).saturating_add(1000),
+                peers: BTreeMap::new(),
             },
         );
         drop(st);
@@ -540,6 +559,17 @@ impl Engine for FakeEngine {
 
     fn path_exists(&self, path: &str) -> bool {
         self.lock().paths.contains(path)
+    }
+
+    fn established_peers(&self, pid: u32, port: u16) -> Result<Vec<std::net::Ipv4Addr>> {
+        self.check()?;
+        Ok(self
+            .lock()
+            .containers
+            .values()
+            .find(|c| c.pid == pid && c.state == EngineState::Running)
+            .and_then(|c| c.peers.get(&port).cloned())
+            .unwrap_or_default())
     }
 
     fn real_path(&self, path: &str) -> Option<String> {
@@ -1463,6 +1493,63 @@ mod tests {
         let w0 = rt.status("job1", "w0").expect("w0");
         assert_eq!(w0.state, NodeState::Running, "{w0:#?}");
         assert_eq!(w0.error, "", "{w0:#?}");
+        rt.shutdown();
+    }
+
+    /// Item 3 of issue 17: a scheduler's status carries its rendezvous: the peers
+    /// connected to its port while it waits, then what its ps-lite output says.
+    #[tokio::test]
+    async fn a_scheduler_reports_who_reached_it_and_its_registrations() {
+        let fake = FakeEngine::new(&[IMG]);
+        let rt = Runtime::start(fake.clone(), config()).await.expect("start");
+        let mut sched = spec("a-scheduler");
+        sched.role = "scheduler".into();
+        sched.env = BTreeMap::from([
+            ("DMLC_ROLE".into(), "scheduler".into()),
+            ("DMLC_PS_ROOT_PORT".into(), "9094".into()),
+        ]);
+        rt.apply(vec![sched, spec("w0")]).await.expect("apply");
+        let s = wait_for(&rt, "running", |s| {
+            s.nodes.len() == 2 && s.nodes.iter().all(|n| n.state == NodeState::Running)
+        })
+        .await;
+        assert_eq!(node(&s, "w0").rendezvous, None, "not a scheduler");
+        assert_eq!(
+            node(&s, "a-scheduler").rendezvous,
+            Some(crate::Rendezvous::default())
+        );
+        let id = role_id(&fake, "a-scheduler");
+        let w = std::net::Ipv4Addr::new(172, 17, 35, 4);
+        fake.set_peers(&id, 9094, &[w, w]);
+        fake.set_peers(&id, 9999, &[std::net::Ipv4Addr::new(10, 0, 0, 1)]);
+        let s = wait_for(&rt, "a connected peer", |s| {
+            s.node("job1", "a-scheduler")
+                .and_then(|n| n.rendezvous.as_ref())
+                .is_some_and(|r| !r.connected.is_empty())
+        })
+        .await;
+        let r = node(&s, "a-scheduler")
+            .rendezvous
+            .clone()
+            .unwrap_or_default();
+        assert_eq!(r.connected, ["172.17.35.4"]);
+        fake.print(&id, "[09:14:09] src/van.cc:60: assign id=9 to node role=worker, ip=172.17.35.4, port=41877, is_recovery=0");
+        fake.print(
+            &id,
+            "[09:14:09] src/van.cc:85: the scheduler is connected to 1 workers and 0 servers",
+        );
+        let s = wait_for(&rt, "complete", |s| {
+            s.node("job1", "a-scheduler")
+                .and_then(|n| n.rendezvous.as_ref())
+                .is_some_and(|r| r.complete)
+        })
+        .await;
+        let r = node(&s, "a-scheduler")
+            .rendezvous
+            .clone()
+            .unwrap_or_default();
+        assert_eq!(r.registered.len(), 1);
+        assert_eq!(r.registered[0].ip, "172.17.35.4");
         rt.shutdown();
     }
 }

@@ -69,6 +69,7 @@ mod lines;
 pub mod pause;
 pub mod progress;
 pub mod reconcile;
+pub mod rendezvous;
 mod runtime;
 pub mod spec;
 pub mod status;
@@ -82,6 +83,7 @@ pub use heartbeat::{
 };
 pub use progress::{Progress, ProgressParser, ProgressTracker};
 pub use reconcile::{Action, ContainerKey, RemoveReason};
+pub use rendezvous::{Registration, Rendezvous};
 pub use runtime::{ApplyReport, OOM_KILLED, Outcome, Runtime, RuntimeConfig};
 pub use spec::{
     ContainerKind, ContainerSpec, DEFAULT_PIDS_LIMIT, Mount, MountKind, NodeKey, Resources,

@@ -74,6 +74,9 @@ pub struct NodeStatus {
     pub started_at_ms: i64,
     /// Container end time, Unix milliseconds; 0 while running.
     pub finished_at_ms: i64,
+    /// A scheduler's rendezvous as this host sees it (see [`crate::rendezvous`]); `None`
+    /// for other roles.
+    pub rendezvous: Option<crate::rendezvous::Rendezvous>,
 }
 
 /// Every geomx container on the host, as published to subscribers.

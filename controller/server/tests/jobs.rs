@@ -398,6 +398,7 @@ fn build_report(host: &str, s: &SimState) -> HostReport {
                 error: String::new(),
                 started_at_ms: n.started_at_ms,
                 finished_at_ms: 0,
+                rendezvous: None,
             })
             .collect(),
         images: s.images.clone(),

@@ -196,6 +196,21 @@ pub fn node_status(s: &NodeStatus) -> v1::NodeStatus {
         error: s.error.clone(),
         started_at_ms: s.started_at_ms,
         finished_at_ms: s.finished_at_ms,
+        rendezvous: s.rendezvous.as_ref().map(|r| v1::Rendezvous {
+            registered: r
+                .registered
+                .iter()
+                .map(|g| v1::Registration {
+                    role: g.role.clone(),
+                    ip: g.ip.clone(),
+                    port: g.port,
+                })
+                .collect(),
+            complete: r.complete,
+            count: r.count,
+            expected: r.expected,
+            connected: r.connected.clone(),
+        }),
     }
 }
 
@@ -358,6 +373,7 @@ mod tests {
             error: "exit 1".into(),
             started_at_ms: 10,
             finished_at_ms: 20,
+            rendezvous: None,
         };
         let w = node_status(&s);
         assert_eq!(w.state, v1::ContainerState::Failed as i32);

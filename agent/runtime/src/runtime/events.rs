@@ -89,6 +89,7 @@ impl<E: Engine> Runtime<E> {
         for id in ids {
             self.refresh(&id).await;
         }
+        self.poll_rendezvous();
         // suspects Docker no longer has were removed meanwhile: nothing to judge
         let known: BTreeSet<&str> = actual.iter().map(|c| c.id.as_str()).collect();
         let mut st = self.lock();

@@ -40,9 +40,12 @@ impl<E: Engine> Runtime<E> {
             let mut st = self.lock();
             match st.nodes.get_mut(key) {
                 Some(t) if t.status.container_id == id => {
-                    let changed = t.tracker.observe(text, at.unwrap_or_else(now_ms));
+                    let mut changed = t.tracker.observe(text, at.unwrap_or_else(now_ms));
                     if changed {
                         t.status.progress = t.tracker.progress().cloned();
+                    }
+                    if let Some(r) = &mut t.status.rendezvous {
+                        changed |= r.observe(text);
                     }
                     changed
                 }

@@ -114,6 +114,7 @@ impl<E: Engine> Runtime<E> {
                     None
                 }
                 ContainerKind::Role => {
+                    t.pid = insp.pid;
                     let shown = t.status.clone();
                     apply_inspection(&mut t.status, &insp, self.inner.config.host_ip);
                     let ended = matches!(insp.state, EngineState::Exited | EngineState::Dead);

@@ -9,7 +9,8 @@
 //! - `docker_loss`: judging the containers that ran when Docker went away;
 //! - `follow`: following a role container's output, and its log tail once it ended;
 //! - `inspect`: one container's inspection turned into the node's state;
-//! - `logs`: serving a node's output, live or kept, and keeping it on removal.
+//! - `logs`: serving a node's output, live or kept, and keeping it on removal;
+//! - `peers`: who has reached a scheduler that still waits for its rendezvous.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -52,6 +53,7 @@ mod execute;
 mod follow;
 mod inspect;
 mod logs;
+mod peers;
 
 use docker_loss::DockerLoss;
 use events::mark_missing;
@@ -222,6 +224,8 @@ struct Tracked {
     /// Why the role container counts as failed whatever its exit code: it was stopped by a
     /// restart of Docker (see [`DockerLoss`]).
     stopped_by_docker: Option<String>,
+    /// The host pid of the role container's process while it runs (0: unknown).
+    pid: u32,
 }
 
 struct SandboxStatus {
@@ -252,6 +256,7 @@ impl Tracked {
                 role: spec.role.clone(),
                 party: spec.party.clone(),
                 generation: spec.generation,
+                rendezvous: is_scheduler(&spec.role).then(Default::default),
                 ..Default::default()
             },
             sandbox: None,
@@ -260,6 +265,7 @@ impl Tracked {
             follow_done: false,
             finalized: false,
             stopped_by_docker: None,
+            pid: 0,
         }
     }
 
@@ -272,6 +278,7 @@ impl Tracked {
                 role: label(LABEL_ROLE),
                 party: label(LABEL_PARTY),
                 generation: label(LABEL_GENERATION).parse().unwrap_or(0),
+                rendezvous: is_scheduler(&label(LABEL_ROLE)).then(Default::default),
                 ..Default::default()
             },
             sandbox: None,
@@ -280,6 +287,7 @@ impl Tracked {
             follow_done: false,
             finalized: false,
             stopped_by_docker: None,
+            pid: 0,
         }
     }
 
@@ -294,6 +302,11 @@ impl Tracked {
         };
         *self = fresh;
     }
+}
+
+/// Whether a role (label `io.geomx.role`) is a scheduler's, whose rendezvous is tracked.
+fn is_scheduler(role: &str) -> bool {
+    matches!(role, "scheduler" | "global_scheduler")
 }
 
 fn default_parser() -> ProgressParser {
