@@ -7,7 +7,9 @@
 //! * `geomx-agent run [--config /etc/geomx/agent.toml]`: the daemon connected to the
 //!   controller (see [`daemon`]);
 //! * `geomx-agent leave`: tells the controller the host leaves, removes its geomx containers
-//!   and cleans up its network.
+//!   and cleans up its network;
+//! * `geomx-agent rotate-key`: the running agent replaces the host's WireGuard key pair (see
+//!   [`daemon::control`]).
 //!
 //! Exit codes: 0 success, 1 failure, 2 usage or configuration error.
 
@@ -145,6 +147,11 @@ enum Command {
     /// Leave the cluster: tell the controller, remove this host's geomx containers, then
     /// clean up the network as `cleanup` does. Stop the agent first.
     Leave(daemon::leave::LeaveArgs),
+    /// Replace this host's WireGuard key pair: the running agent writes a new private key
+    /// (0600, in its state directory), reconfigures geomx-wg with it, then registers the new
+    /// public key with the controller, which hands it to every peer (tunnels to this host
+    /// pause for about a controller round trip). Needs the agent running.
+    RotateKey(daemon::rotate::RotateArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -189,6 +196,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cleanup(args) => network::cleanup(&common, args).await,
         Command::Run(args) => daemon::run(&common, &args).await,
         Command::Leave(args) => daemon::leave::leave(&common, &args).await,
+        Command::RotateKey(args) => daemon::rotate::rotate_key(&common, &args).await,
     }
 }
 

@@ -99,6 +99,10 @@ struct HostJson<'a> {
     images: &'a [String],
     cordoned: bool,
     scheduling: &'static str,
+    /// The WireGuard public key the host registered (`null`: none).
+    wireguard_public_key: Option<&'a str>,
+    /// Its WireGuard UDP port (`null`: none).
+    wireguard_port: Option<u32>,
 }
 
 /// One peer link in `--output json`.
@@ -123,15 +127,7 @@ pub fn run(args: &HostsArgs, cli: &Cli) -> anyhow::Result<ExitCode> {
         return run_action(action, cli);
     }
     let opts = ConnectOptions::from_cli(cli);
-    let hosts = runtime()?.block_on(async {
-        let remote = connect(&opts).await?;
-        remote
-            .hosts()
-            .list_hosts(ListHostsRequest {})
-            .await
-            .map(|r| r.into_inner().hosts)
-            .map_err(|s| remote.explain("listing hosts", s))
-    })?;
+    let hosts = runtime()?.block_on(list(&opts))?;
     match cli.output {
         Output::Json => {
             let hosts: Vec<HostJson<'_>> = hosts.iter().map(host_json).collect();
@@ -144,6 +140,17 @@ pub fn run(args: &HostsArgs, cli: &Cli) -> anyhow::Result<ExitCode> {
         Output::Table => print!("{}", render(&hosts, args.wide)),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Every host the controller knows (`ListHosts`).
+pub async fn list(opts: &ConnectOptions) -> anyhow::Result<Vec<Host>> {
+    let remote = connect(opts).await?;
+    remote
+        .hosts()
+        .list_hosts(ListHostsRequest {})
+        .await
+        .map(|r| r.into_inner().hosts)
+        .map_err(|s| remote.explain("listing hosts", s))
 }
 
 fn host_json(h: &Host) -> HostJson<'_> {
@@ -173,6 +180,9 @@ fn host_json(h: &Host) -> HostJson<'_> {
         images: &h.images,
         cordoned: h.cordoned,
         scheduling: scheduling(h),
+        wireguard_public_key: (!h.wireguard_public_key.is_empty())
+            .then_some(h.wireguard_public_key.as_str()),
+        wireguard_port: (h.wireguard_port != 0).then_some(h.wireguard_port),
     }
 }
 

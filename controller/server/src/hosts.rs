@@ -52,6 +52,12 @@ pub fn host_message(view: &HostView) -> Host {
                 handshake_age_s: l.handshake_age_s,
             })
             .collect(),
+        wireguard_public_key: r
+            .wireguard
+            .as_ref()
+            .map(|w| w.public_key.clone())
+            .unwrap_or_default(),
+        wireguard_port: r.wireguard.as_ref().map_or(0, |w| u32::from(w.port)),
     }
 }
 

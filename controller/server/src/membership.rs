@@ -288,8 +288,13 @@ pub fn transition(
                 Some(from) if from != subnet => LeaseEffect::Move { from, to: subnet },
                 Some(_) => LeaseEffect::Keep,
             };
+            // a new WireGuard key or port (`geomx-agent rotate-key`) goes into every peer's
+            // desired state too
             delta.topology = before.is_none_or(|o| {
-                o.state != rec.state || o.underlay_ip != rec.underlay_ip || o.subnet != rec.subnet
+                o.state != rec.state
+                    || o.underlay_ip != rec.underlay_ip
+                    || o.subnet != rec.subnet
+                    || o.wireguard != rec.wireguard
             });
             match before {
                 None => {
@@ -330,6 +335,22 @@ pub fn transition(
                         delta.events.push(event(
                             "UnderlayChanged",
                             format!("underlay {} → {}", o.underlay_ip, rec.underlay_ip),
+                        ));
+                    }
+                    if o.wireguard.is_some() && o.wireguard != rec.wireguard {
+                        let key = |w: &Option<WireguardRecord>| {
+                            w.as_ref().map_or_else(
+                                || "none".to_owned(),
+                                |w| format!("{} port {}", w.public_key, w.port),
+                            )
+                        };
+                        delta.events.push(event(
+                            "WireguardKeyChanged",
+                            format!(
+                                "WireGuard key {} → {}",
+                                key(&o.wireguard),
+                                key(&rec.wireguard)
+                            ),
                         ));
                     }
                 }
@@ -1202,6 +1223,8 @@ mod tests {
     enum Before {
         Unknown,
         Ready,
+        /// Ready with the WireGuard key `key-1`.
+        ReadyWg,
         Cordoned,
         /// Lost 10 minutes ago (within the lease TTL).
         Lost,
@@ -1241,6 +1264,10 @@ mod tests {
         let rec = match before {
             Before::Unknown => None,
             Before::Ready => Some(h(HostState::Ready, 1)),
+            Before::ReadyWg => Some(HostRecord {
+                wireguard: Some(wg_record("key-1")),
+                ..h(HostState::Ready, 1)
+            }),
             Before::Cordoned => Some(HostRecord {
                 cordoned: true,
                 ..h(HostState::Ready, 1)
@@ -1264,6 +1291,21 @@ mod tests {
             agent_url: String::new(),
             wireguard: None,
         })
+    }
+
+    fn register_wg(key: &str) -> Input {
+        let Input::Register(mut r) = register_h() else {
+            unreachable!()
+        };
+        r.wireguard = Some(wg_record(key));
+        Input::Register(r)
+    }
+
+    fn wg_record(key: &str) -> WireguardRecord {
+        WireguardRecord {
+            public_key: key.into(),
+            port: 7951,
+        }
     }
 
     /// What a row expects: the state after (`None`: forgotten), cordoned after, event
@@ -1341,6 +1383,10 @@ mod tests {
             (Cordoned, register_h(), Ok((Some(SReady), true, &[], Keep, false, None))),
             (Lost,     register_h(), Ok((Some(SReady), false, &["HostReturned"], Keep, true, Some(C::Returned)))),
             (Left,     register_h(), Ok((Some(SReady), false, &["HostRejoined"], Grant(own), true, Some(C::Joined)))),
+            // a new WireGuard key (rotate-key): peers' states change, the old key is named
+            (Ready,    register_wg("key-1"), Ok((Some(SReady), false, &[], Keep, true, None))),
+            (ReadyWg,  register_wg("key-1"), Ok((Some(SReady), false, &[], Keep, false, None))),
+            (ReadyWg,  register_wg("key-2"), Ok((Some(SReady), false, &["WireguardKeyChanged"], Keep, true, None))),
             // report
             (Unknown,  report.clone(), Err("UnknownHost")),
             (Ready,    report.clone(), Ok((Some(SReady), false, &[], Keep, false, None))),

@@ -205,6 +205,155 @@ fn owned_state(host: &LabHost) -> anyhow::Result<String> {
     Ok(format!("{routes}\n{link}\n{}\n{rules}", wg.join("\n")))
 }
 
+/// Runs `geomx-agent ARGS` in `host`'s namespace: exit code, standard output and error.
+fn agent_command(
+    host: &LabHost,
+    c: &Cluster,
+    args: &[&str],
+) -> anyhow::Result<(Option<i32>, String, String)> {
+    let out = host
+        .netns()
+        .command(&c.binaries().agent.display().to_string())
+        .args(args)
+        .output()?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// The WireGuard public key the controller holds for `host` (`geomxctl hosts -o json`).
+fn registered_key(c: &Cluster, host: &str) -> anyhow::Result<String> {
+    let hosts = c.hosts()?;
+    let h = hosts
+        .iter()
+        .find(|h| h["name"] == host)
+        .with_context(|| format!("{host} listed"))?;
+    h["wireguard_public_key"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("{host} has no WireGuard key at the controller: {h}"))
+}
+
+/// `geomx-agent rotate-key` on a while containers in b and c ping a's container every 50 ms:
+/// the longest gap stays within a few seconds, the controller holds the new public key, b and
+/// c tunnel to it, and the private key file is new and 0600.
+fn rotate_key_keeps_traffic_flowing(c: &Cluster, ips: &[Ipv4Addr]) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    const MAX_OUTAGE: Duration = Duration::from_secs(3);
+    let lab = c.lab();
+    let (a, b, ch) = (lab.host("a")?, lab.host("b")?, lab.host("c")?);
+    let key_file = c.agent_state_dir("a")?.join("wireguard.key");
+    let old_private = std::fs::read_to_string(&key_file)?;
+    let old_public = registered_key(c, "a")?;
+    ensure!(
+        wg_peers(b)?.contains(&old_public),
+        "b does not tunnel to a's key"
+    );
+
+    // pings of 50 ms from b's and c's containers to a's, logged inside the containers
+    let gap = Duration::from_millis(50);
+    let count = 160u32;
+    let target = ips[0].to_string();
+    let mut pingers = Vec::new();
+    for (h, n) in [(b, "box-b"), (ch, "box-c")] {
+        let d = h.dockerd()?.clone();
+        let cmd = format!("ping -c {count} -i 0.05 -W 2 {target} > /tmp/rotate-ping.log 2>&1");
+        let name = n.to_owned();
+        pingers.push((
+            h,
+            n,
+            std::thread::spawn(move || d.docker(&["exec", &name, "sh", "-c", &cmd])),
+        ));
+    }
+    // wait until both answer (some replies logged) before rotating
+    for (h, n, _) in &pingers {
+        let d = h.dockerd()?;
+        eventually(
+            &format!("{n}'s pings to be answered"),
+            Duration::from_secs(10),
+            || {
+                let log = d.docker(&["exec", n, "cat", "/tmp/rotate-ping.log"]).ok()?;
+                (log.matches("seq=").count() >= 5).then_some(())
+            },
+        )?;
+    }
+
+    let conf = lab.dir().join("a").join("agent.toml").display().to_string();
+    let t0 = Instant::now();
+    let (code, out, err) =
+        agent_command(a, c, &["rotate-key", "--config", &conf, "--output", "json"])?;
+    let took = t0.elapsed();
+    ensure!(
+        code == Some(0),
+        "rotate-key: exit {code:?}
+{out}
+{err}"
+    );
+    let reply: serde_json::Value = serde_json::from_str(&out).context("rotate-key's JSON")?;
+    eprintln!("rotate-key on a in {took:?}: {reply}");
+    ensure!(
+        reply["result"] == "rotated"
+            && reply["registered"] == true
+            && reply["interface_reconfigured"] == true
+            && reply["old_public_key"] == old_public.as_str(),
+        "rotate-key's answer: {reply}"
+    );
+    let new_public = reply["new_public_key"]
+        .as_str()
+        .context("new_public_key")?
+        .to_owned();
+    ensure!(new_public != old_public, "the public key did not change");
+
+    for (h, n, p) in pingers {
+        p.join()
+            .map_err(|_| anyhow::anyhow!("pinger panicked"))?
+            .ok();
+        let log = h
+            .dockerd()?
+            .docker(&["exec", n, "cat", "/tmp/rotate-ping.log"])?;
+        let outage = longest_outage(&log, count, gap);
+        eprintln!("{n} -> box-a across rotate-key: longest outage {outage:?}");
+        ensure!(
+            outage <= MAX_OUTAGE,
+            "{n} -> box-a stopped for {outage:?} across the key rotation:
+{log}"
+        );
+    }
+
+    // the controller holds the new key, both peers tunnel to it (and not the old one)
+    ensure!(
+        registered_key(c, "a")? == new_public,
+        "the controller still holds {} for a",
+        registered_key(c, "a")?
+    );
+    for h in [b, ch] {
+        let peers = wg_peers(h)?;
+        ensure!(
+            peers.contains(&new_public) && !peers.contains(&old_public),
+            "{}'s tunnel peers: {peers:?}",
+            h.name
+        );
+    }
+    ensure!(
+        a.run(&["wg", "show", "geomx-wg", "public-key"])?.trim() == new_public,
+        "a's geomx-wg does not carry the new key"
+    );
+    let new_private = std::fs::read_to_string(&key_file)?;
+    ensure!(
+        new_private != old_private && !new_private.trim().is_empty(),
+        "the private key file did not change"
+    );
+    let mode = std::fs::metadata(&key_file)?.permissions().mode() & 0o777;
+    ensure!(mode == 0o600, "the private key file is {mode:o}");
+    ensure!(
+        !out.contains(new_private.trim()) && !err.contains(new_private.trim()),
+        "rotate-key printed the private key"
+    );
+    Ok(())
+}
+
 #[test]
 fn containers_in_three_data_centers_talk_through_wireguard_and_nothing_crosses_in_clear()
 -> anyhow::Result<()> {
@@ -413,6 +562,8 @@ fn containers_in_three_data_centers_talk_through_wireguard_and_nothing_crosses_i
         "traffic stopped for {outage:?}:\n{out}"
     );
 
+    rotate_key_keeps_traffic_flowing(&c, &ips)?;
+
     // the HiPS reference job (central party in dc1, parties in dc2 and dc3) over WAN links
     // of 40 ms one way and 0.1 % loss, changed at run time with `geomx-lab link set`
     for (x, y) in [("dc1", "dc2"), ("dc1", "dc3"), ("dc2", "dc3")] {
@@ -442,6 +593,12 @@ fn containers_in_three_data_centers_talk_through_wireguard_and_nothing_crosses_i
 
     // cleanup on c removes the tunnel, its routes and chains, and nothing else
     c.agent("c").stop(Duration::from_secs(10))?;
+    let state_c = c.agent_state_dir("c")?.display().to_string();
+    let (code, _, err) = agent_command(ch, &c, &["--state-dir", &state_c, "rotate-key"])?;
+    ensure!(
+        code == Some(1) && err.contains("no geomx-agent is running on this host"),
+        "rotate-key without an agent: exit {code:?}: {err}"
+    );
     let d = ch.dockerd()?;
     let bin = c.binaries().agent.display().to_string();
     let state = c.agent_state_dir("c")?.display().to_string();
@@ -500,6 +657,18 @@ fn containers_in_three_data_centers_talk_through_wireguard_and_nothing_crosses_i
     ensure!(
         owned_state(b)? == before,
         "a refused pass changed b's network"
+    );
+    // and b uses no WireGuard now: rotate-key refuses, naming why, and changes nothing
+    let key_b = std::fs::read_to_string(c.agent_state_dir("b")?.join("wireguard.key"))?;
+    let conf_b = conf.display().to_string();
+    let (code, _, err) = agent_command(b, &c, &["rotate-key", "--config", &conf_b])?;
+    ensure!(
+        code == Some(2) && err.contains("backend is host-gw (agent.toml)"),
+        "rotate-key on a host-gw host: exit {code:?}: {err}"
+    );
+    ensure!(
+        std::fs::read_to_string(c.agent_state_dir("b")?.join("wireguard.key"))? == key_b,
+        "a refused rotation changed b's key"
     );
     c.down()?;
     Ok(())

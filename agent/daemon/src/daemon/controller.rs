@@ -183,18 +183,19 @@ pub async fn session_loop<E: Engine>(
     let mut watch_errors = ErrorLog::default();
     let mut ever_registered = false;
     'register: loop {
+        let wireguard = ctx
+            .wireguard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let request = RegisterRequest {
             host: s.host.clone(),
             underlay_ip: underlay.to_string(),
             pinned_subnet: s.pinned_subnet.map(|n| n.to_string()).unwrap_or_default(),
             agent_version: s.agent_version.clone(),
             agent_url: s.agent_url(underlay),
-            wireguard_public_key: s
-                .wireguard
-                .as_ref()
-                .map(|w| w.0.clone())
-                .unwrap_or_default(),
-            wireguard_port: s.wireguard.as_ref().map_or(0, |w| u32::from(w.1)),
+            wireguard_public_key: wireguard.as_ref().map(|w| w.0.clone()).unwrap_or_default(),
+            wireguard_port: wireguard.as_ref().map_or(0, |w| u32::from(w.1)),
         };
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -256,7 +257,7 @@ pub async fn session_loop<E: Engine>(
                 let item = tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = ctx.reregister.notified() => {
-                        info!("a report was refused because the controller does not know this host: registering again");
+                        info!("registering again (a report was refused as unknown, or the WireGuard key changed)");
                         continue 'register;
                     }
                     m = stream.message() => m,

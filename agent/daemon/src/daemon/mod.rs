@@ -24,6 +24,7 @@ pub mod api;
 pub mod backoff;
 pub mod config;
 pub mod containers;
+pub mod control;
 pub mod controller;
 pub mod convert;
 pub mod debounce;
@@ -31,6 +32,7 @@ pub mod docker;
 pub mod leave;
 pub mod links;
 pub mod ports;
+pub mod rotate;
 pub mod state;
 
 #[cfg(test)]
@@ -211,6 +213,11 @@ pub struct Ctx<E: Engine> {
     pub state_file: StateFile,
     /// Every peer as measured through the data plane (see [`links`]), for the reports.
     pub links: Mutex<Vec<geomx_proto::v1::PeerLink>>,
+    /// This host's WireGuard public key and port as registered (starts as
+    /// `settings.wireguard`; [`control`]'s key rotation replaces it).
+    pub wireguard: Mutex<Option<(String, u16)>>,
+    /// Network passes finished (successful or not), counted.
+    pub net_passes: watch::Sender<u64>,
 }
 
 /// A started daemon: its tasks and what they share.
@@ -282,8 +289,10 @@ pub fn start<S: EngineSource>(
         controller_back: Notify::new(),
         net_trigger: reconciler.trigger(),
         state_file,
+        wireguard: Mutex::new(settings.wireguard.clone()),
         settings,
         links: Mutex::new(Vec::new()),
+        net_passes: watch::Sender::new(0),
     });
     let ready = ctx.net_ready.subscribe();
     let mut tasks = JoinSet::new();
@@ -330,6 +339,7 @@ pub fn start<S: EngineSource>(
                         *s = new;
                         changed
                     });
+                    ctx.net_passes.send_modify(|n| *n += 1);
                     if r.is_ok() && first {
                         first = false;
                         info!(
@@ -466,6 +476,11 @@ pub async fn run(common: &Common, args: &AgentArgs) -> anyhow::Result<ExitCode> 
         let kernel = Kernel::system(&net_config).context("opening the host's network")?;
         let (kernel, health) = docker::tolerant(kernel, net_config.docker_ready_timeout);
         let wireguard = wireguard_identity(&kernel, &net_config);
+        let control = control::Control {
+            wireguard: kernel.wireguard.clone(),
+            key_file: net_config.wireguard_key_file(),
+            own_backend: config.backend,
+        };
         let reconciler = Reconciler::new(net_config, kernel);
         let mut settings = Settings::from_config(&config, tls);
         settings.wireguard = wireguard;
@@ -485,6 +500,22 @@ pub async fn run(common: &Common, args: &AgentArgs) -> anyhow::Result<ExitCode> 
         );
 
         let stop = running.shutdown_token();
+        let socket = control::socket_path(&config.state_dir);
+        match control::bind(&socket) {
+            Ok(listener) => {
+                let served = control::serve(
+                    running.ctx.clone(),
+                    control,
+                    listener,
+                    socket,
+                    stop.clone(),
+                );
+                tokio::spawn(served.instrument(info_span!("control")));
+            }
+            Err(e) => {
+                warn!(error = %e, socket = %socket.display(), "cannot open the control socket: geomx-agent rotate-key will not reach this agent");
+            }
+        }
         let signal = wait_for_signal(&stop);
         tokio::pin!(signal);
         let mut notified = false;
