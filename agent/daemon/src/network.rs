@@ -96,6 +96,10 @@ async fn apply(common: &Common, args: ApplyArgs) -> anyhow::Result<ExitCode> {
     let config = common.net_config(&host, Some(args.interval));
     let _lock = HostLock::acquire(&config.state_dir)?;
     let kernel = Kernel::system(&config).context("opening the host's network")?;
+    let mut config = config;
+    // one shot: a Docker that does not answer is an error before any change (a daemon,
+    // --watch, applies what it can and writes daemon.json for Docker's start)
+    config.docker_required = !args.watch;
     let mut reconciler = Reconciler::new(config, kernel);
     if !args.watch {
         let changes = reconciler

@@ -4,6 +4,11 @@
 //!   be on-link, on the same L2 network);
 //! - `wireguard`: an encrypted tunnel, interface [`WG_INTERFACE`], one WireGuard peer per host
 //!   with the peer's container subnet as its allowed IPs, UDP port [`WG_PORT`];
+//! - `vxlan`: an unencrypted overlay, interface [`VXLAN_INTERFACE`], UDP port [`VXLAN_PORT`],
+//!   static FDB and neighbour entries per peer (no multicast, no learning), flannel-style:
+//!   the route to a peer's subnet goes via the peer's VTEP address (its subnet's network
+//!   address) `onlink`, whose neighbour entry is the peer's VTEP MAC ([`vtep_mac`]), whose
+//!   FDB entry is the peer's underlay address;
 //! - `auto` (the default): host-gw to on-link peers, wireguard to every other — like flannel's
 //!   VXLAN DirectRouting, but encrypted.
 //!
@@ -25,6 +30,28 @@ pub const WG_KEEPALIVE: u16 = 25;
 /// The private key's file name in the agent's state directory (mode 0600).
 pub const WG_KEY_FILE: &str = "wireguard.key";
 
+/// The VXLAN interface geomx owns.
+pub const VXLAN_INTERFACE: &str = "geomx-vxlan";
+/// geomx's VXLAN UDP port (after [`WG_PORT`]; not 8472, so that flannel can live beside it).
+pub const VXLAN_PORT: u16 = 7952;
+/// geomx's VXLAN network identifier (its route protocol number).
+pub const VXLAN_VNI: u32 = 247;
+/// The MTU of [`VXLAN_INTERFACE`]: 1500 less VXLAN's 50 bytes over IPv4.
+pub const VXLAN_MTU: u32 = 1450;
+
+/// A host's VTEP MAC, derived from its container subnet (unique in the cluster, so no
+/// registration is needed): locally administered unicast `02:47:` and the subnet's network
+/// address.
+pub fn vtep_mac(subnet: ipnet::Ipv4Net) -> crate::kernel::Mac {
+    let [a, b, c, d] = subnet.network().octets();
+    crate::kernel::Mac([0x02, 0x47, a, b, c, d])
+}
+
+/// A host's VTEP address on the VXLAN device: its subnet's network address.
+pub fn vtep_ip(subnet: ipnet::Ipv4Net) -> std::net::Ipv4Addr {
+    subnet.network()
+}
+
 /// A backend as configured (the cluster default, an agent's override).
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
@@ -38,6 +65,8 @@ pub enum Backend {
     HostGw,
     /// An encrypted WireGuard tunnel.
     Wireguard,
+    /// An unencrypted VXLAN overlay.
+    Vxlan,
 }
 
 impl Backend {
@@ -47,6 +76,7 @@ impl Backend {
             Backend::Auto => "auto",
             Backend::HostGw => "host-gw",
             Backend::Wireguard => "wireguard",
+            Backend::Vxlan => "vxlan",
         }
     }
 }
@@ -64,8 +94,9 @@ impl FromStr for Backend {
             "" | "auto" => Ok(Backend::Auto),
             "host-gw" => Ok(Backend::HostGw),
             "wireguard" => Ok(Backend::Wireguard),
+            "vxlan" => Ok(Backend::Vxlan),
             other => Err(format!(
-                "unknown backend {other:?}: use \"auto\", \"host-gw\" or \"wireguard\""
+                "unknown backend {other:?}: use \"auto\", \"host-gw\", \"wireguard\" or \"vxlan\""
             )),
         }
     }
@@ -79,14 +110,17 @@ pub enum PeerBackend {
     HostGw,
     /// Through [`WG_INTERFACE`].
     Wireguard,
+    /// Through [`VXLAN_INTERFACE`].
+    Vxlan,
 }
 
 impl PeerBackend {
-    /// Its name in reports (`host-gw`, `wireguard`).
+    /// Its name in reports (`host-gw`, `wireguard`, `vxlan`).
     pub fn as_str(self) -> &'static str {
         match self {
             PeerBackend::HostGw => "host-gw",
             PeerBackend::Wireguard => "wireguard",
+            PeerBackend::Vxlan => "vxlan",
         }
     }
 }
@@ -129,6 +163,7 @@ pub fn resolve(
         (Backend::HostGw, Ok(())) => Ok(PeerBackend::HostGw),
         (Backend::HostGw, Err(why)) => Err(Unreachable::NotOnLink(why)),
         (Backend::Wireguard, on_link) => wireguard(on_link.err()),
+        (Backend::Vxlan, _) => Ok(PeerBackend::Vxlan),
         (Backend::Auto, Ok(())) => Ok(PeerBackend::HostGw),
         (Backend::Auto, Err(why)) => wireguard(Some(why)),
     }
@@ -183,6 +218,11 @@ mod tests {
             // the agent's override wins over the cluster default
             (HostGw, Some(Wireguard), Ok(()), true, Ok(P::Wireguard)),
             (Wireguard, Some(Auto), Ok(()), true, Ok(P::HostGw)),
+            // VXLAN crosses routers and needs no key
+            (Vxlan, None, off(), false, Ok(P::Vxlan)),
+            (Vxlan, None, Ok(()), true, Ok(P::Vxlan)),
+            (Auto, Some(Vxlan), off(), false, Ok(P::Vxlan)),
+            (Vxlan, Some(HostGw), Ok(()), true, Ok(P::HostGw)),
             (
                 Auto,
                 Some(HostGw),
@@ -202,7 +242,12 @@ mod tests {
 
     #[test]
     fn names_parse_and_print() {
-        for b in [Backend::Auto, Backend::HostGw, Backend::Wireguard] {
+        for b in [
+            Backend::Auto,
+            Backend::HostGw,
+            Backend::Wireguard,
+            Backend::Vxlan,
+        ] {
             assert_eq!(b.as_str().parse::<Backend>(), Ok(b));
         }
         assert_eq!("".parse::<Backend>(), Ok(Backend::Auto));

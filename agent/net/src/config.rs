@@ -40,6 +40,10 @@ pub struct NetConfig {
     pub backend: Option<Backend>,
     /// The WireGuard UDP port this host listens on.
     pub wireguard_port: u16,
+    /// A Docker that does not answer is an error that stops the pass before any change
+    /// (one-shot `geomx-agent network apply`); otherwise (the daemon) the pass runs without
+    /// it: routes and iptables are applied, daemon.json waits for Docker's start.
+    pub docker_required: bool,
 }
 
 impl NetConfig {
@@ -55,6 +59,7 @@ impl NetConfig {
             interval: DEFAULT_INTERVAL,
             backend: None,
             wireguard_port: WG_PORT,
+            docker_required: false,
         }
     }
 

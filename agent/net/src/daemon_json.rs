@@ -130,6 +130,10 @@ pub struct Remembered {
     /// docker0's addresses before geomx (Docker keeps the last bridge subnet in its own
     /// store when bip is unset, so cleanup needs them to bring docker0 back).
     pub docker0: Vec<Ipv4Net>,
+    /// The cluster CIDR geomx's routes lie in: cleanup removes protocol 247 routes only
+    /// inside it, also from a process that never ran a pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Ipv4Net>,
 }
 
 /// daemon.json as cleanup gives it back.
@@ -153,6 +157,7 @@ impl Remembered {
                 .collect(),
             original: text.map(str::to_string),
             docker0,
+            cluster: None,
         }
     }
 

@@ -173,7 +173,7 @@ pub enum NetError {
     #[error(
         "peer {peer}: underlay address {ip} is not on a directly connected network ({detail}); \
          backend host-gw routes a peer's subnet via the peer's underlay address, which must be \
-         on-link: use backend auto or wireguard for peers in other networks"
+         on-link: use backend auto, wireguard or vxlan for peers in other networks"
     )]
     PeerNotOnLink {
         /// The peer.

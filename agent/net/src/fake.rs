@@ -1,6 +1,9 @@
-//! An in-memory host for tests: routes, iptables chains, sysctls, a Docker daemon that
-//! applies daemon.json's bip to docker0 when restarted, and files. Every mutation is
-//! appended to [`FakeHost::log`], so a test can assert that nothing was changed.
+//! An in-memory host for tests: routes, iptables chains (changed only through an
+//! iptables-restore that is all-or-nothing per payload and stores rules in `iptables -S`
+//! form), sysctls, a Docker daemon that applies daemon.json's bip to docker0 when
+//! restarted, WireGuard and VXLAN devices, and files. Every mutation is appended to
+//! [`FakeHost::log`], so a test can assert that nothing was changed; any chosen mutation
+//! can be made to fail ([`FakeHost::fail_on`]) to test partial failures.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -13,8 +16,9 @@ use ipnet::Ipv4Net;
 use crate::ROUTE_PROTOCOL;
 use crate::error::{NetError, Result};
 use crate::kernel::{
-    DaemonConfig, DockerDaemon, DockerVersion, Firewall, Kernel, KernelRoute, PeerRoute, RouteKind,
-    Routes, RuleSpec, StateStore, Sysctl, WgDevice, WgImplementation, WgPeerConfig, Wireguard,
+    DaemonConfig, DockerDaemon, DockerVersion, FdbEntry, Firewall, Kernel, KernelRoute, NeighEntry,
+    PeerRoute, RouteKind, Routes, RuleSpec, StateStore, Sysctl, Vxlan, VxlanDevice, VxlanSpec,
+    WgDevice, WgImplementation, WgPeerConfig, Wireguard,
 };
 
 /// The state of a fake host. Tests read and change it directly.
@@ -52,6 +56,11 @@ pub struct FakeHost {
     pub wg_keys: BTreeMap<PathBuf, String>,
     /// How many key pairs were made.
     pub wg_keys_made: u32,
+    /// VXLAN interfaces by name.
+    pub vxlan: BTreeMap<String, VxlanDevice>,
+    /// Operations that fail: a mutation whose log line starts with one of these fails
+    /// with the message beside it, and changes nothing (youki's test syscall does this).
+    pub fail: Vec<(String, String)>,
     /// Every mutation, in order.
     pub log: Vec<String>,
 }
@@ -124,12 +133,30 @@ impl Default for FakeHost {
             wireguard: BTreeMap::new(),
             wg_keys: BTreeMap::new(),
             wg_keys_made: 0,
+            vxlan: BTreeMap::new(),
+            fail: Vec::new(),
             log: Vec::new(),
         }
     }
 }
 
 impl FakeHost {
+    /// Makes every later mutation whose log line starts with `op` fail with `message`.
+    pub fn fail_on(&mut self, op: &str, message: &str) {
+        self.fail.push((op.to_string(), message.to_string()));
+    }
+
+    /// Logs the mutation `op`, or fails it when a test asked for that.
+    fn act(&mut self, op: String) -> Result<()> {
+        if let Some((_, msg)) = self.fail.iter().find(|(p, _)| op.starts_with(p.as_str())) {
+            let err = NetError::Internal(format!("{op}: {msg} (injected)"));
+            self.log.push(format!("FAILED {op}"));
+            return Err(err);
+        }
+        self.log.push(op);
+        Ok(())
+    }
+
     /// The rules of a chain (empty when it does not exist).
     pub fn rules(&self, table: &str, chain: &str) -> Vec<String> {
         self.tables
@@ -157,29 +184,6 @@ impl FakeHost {
             .get(table)
             .and_then(|t| t.get(chain))
             .ok_or_else(|| NetError::iptables(format!("{table} {chain}"), "no such chain"))
-    }
-
-    fn chain_mut(&mut self, table: &str, chain: &str) -> Result<&mut Vec<RuleSpec>> {
-        self.tables
-            .get_mut(table)
-            .and_then(|t| t.get_mut(chain))
-            .ok_or_else(|| NetError::iptables(format!("{table} {chain}"), "no such chain"))
-    }
-
-    fn check_rule(&self, rule: &RuleSpec) -> Result<()> {
-        if !self.random_fully && rule.words().iter().any(|w| w == "--random-fully") {
-            return Err(NetError::iptables(
-                "append",
-                "unknown option \"--random-fully\"",
-            ));
-        }
-        if let Some(t) = rule.target() {
-            let builtin = ["ACCEPT", "DROP", "RETURN", "MASQUERADE", "TCPMSS"];
-            if !builtin.contains(&t) && !self.tables.values().any(|c| c.contains_key(t)) {
-                return Err(NetError::iptables("append", format!("no chain {t}")));
-            }
-        }
-        Ok(())
     }
 }
 
@@ -225,6 +229,7 @@ impl FakeKernel {
                 path: PathBuf::from("/var/lib/geomx-agent/daemon-json-before-geomx.json"),
             }),
             wireguard: Arc::new(self.clone()),
+            vxlan: Arc::new(self.clone()),
         }
     }
 }
@@ -253,7 +258,7 @@ impl Wireguard for FakeKernel {
         h.wg_keys_made += 1;
         let k = format!("key{}", h.wg_keys_made);
         h.wg_keys.insert(key_file.to_path_buf(), k.clone());
-        h.log.push(format!("wg genkey {}", key_file.display()));
+        h.act(format!("wg genkey {}", key_file.display()))?;
         Ok(format!("pub-{k}"))
     }
 
@@ -263,7 +268,7 @@ impl Wireguard for FakeKernel {
 
     fn create(&self, name: &str, _mtu: u32) -> Result<WgImplementation> {
         let mut h = self.host();
-        h.log.push(format!("wg create {name}"));
+        h.act(format!("wg create {name}"))?;
         h.wireguard.insert(
             name.to_string(),
             WgDevice {
@@ -278,8 +283,7 @@ impl Wireguard for FakeKernel {
 
     fn configure(&self, name: &str, key_file: &Path, port: u16) -> Result<()> {
         let mut h = self.host();
-        h.log
-            .push(format!("wg set {name} private-key listen-port {port}"));
+        h.act(format!("wg set {name} private-key listen-port {port}"))?;
         let key = h
             .wg_keys
             .get(key_file)
@@ -293,8 +297,7 @@ impl Wireguard for FakeKernel {
 
     fn set_peer(&self, name: &str, peer: &WgPeerConfig, _keepalive: u16) -> Result<()> {
         let mut h = self.host();
-        h.log
-            .push(format!("wg set {name} peer {}", peer.public_key));
+        h.act(format!("wg set {name} peer {}", peer.public_key))?;
         let dev = wg_device(&mut h, name)?;
         dev.peers.retain(|p| p.public_key != peer.public_key);
         dev.peers.push(peer.clone());
@@ -304,8 +307,7 @@ impl Wireguard for FakeKernel {
 
     fn remove_peer(&self, name: &str, public_key: &str) -> Result<()> {
         let mut h = self.host();
-        h.log
-            .push(format!("wg set {name} peer {public_key} remove"));
+        h.act(format!("wg set {name} peer {public_key} remove"))?;
         if let Some(dev) = h.wireguard.get_mut(name) {
             dev.peers.retain(|p| p.public_key != public_key);
         }
@@ -315,7 +317,7 @@ impl Wireguard for FakeKernel {
     fn delete(&self, name: &str) -> Result<()> {
         let mut h = self.host();
         if h.wireguard.remove(name).is_some() {
-            h.log.push(format!("wg delete {name}"));
+            h.act(format!("wg delete {name}"))?;
             h.routes.retain(|r| r.device.as_deref() != Some(name));
         }
         Ok(())
@@ -330,20 +332,33 @@ impl Routes for FakeKernel {
 
     fn replace(&self, route: PeerRoute) -> BoxFuture<'_, Result<()>> {
         let mut h = self.host();
-        h.log.push(format!(
+        if let Err(e) = h.act(format!(
             "route replace {} {}",
             route.destination,
             route.via()
-        ));
+        )) {
+            return Box::pin(async move { Err(e) });
+        }
         // like the kernel: a gateway must be on a connected network, a device must exist
         let device = match (&route.gateway, &route.device) {
+            (Some(_), Some(dev)) if route.onlink => {
+                if h.vxlan.contains_key(dev) || h.links.contains_key(dev) {
+                    Ok(dev.clone())
+                } else {
+                    Err("Cannot find device")
+                }
+            }
             (Some(gw), _) => h
                 .connected
                 .iter()
                 .find(|(n, _)| n.contains(gw))
                 .map(|(_, d)| d.clone())
                 .ok_or("Nexthop has invalid gateway"),
-            (None, Some(dev)) if h.links.contains_key(dev) || h.wireguard.contains_key(dev) => {
+            (None, Some(dev))
+                if h.links.contains_key(dev)
+                    || h.wireguard.contains_key(dev)
+                    || h.vxlan.contains_key(dev) =>
+            {
                 Ok(dev.clone())
             }
             (None, _) => Err("Cannot find device"),
@@ -369,7 +384,9 @@ impl Routes for FakeKernel {
 
     fn delete(&self, route: KernelRoute) -> BoxFuture<'_, Result<()>> {
         let mut h = self.host();
-        h.log.push(format!("route delete {route}"));
+        if let Err(e) = h.act(format!("route delete {route}")) {
+            return Box::pin(async move { Err(e) });
+        }
         let before = h.routes.len();
         if let Some(i) = h.routes.iter().position(|r| {
             r.destination == route.destination
@@ -424,6 +441,112 @@ impl Routes for FakeKernel {
     }
 }
 
+/// `-s`/`-d` addresses as iptables prints them (`10.1.1.29` becomes `10.1.1.29/32`).
+fn canonical(rule: &RuleSpec) -> RuleSpec {
+    let mut words = rule.words().to_vec();
+    for i in 1..words.len() {
+        if matches!(words[i - 1].as_str(), "-s" | "-d") && !words[i].contains('/') {
+            words[i] = format!("{}/32", words[i]);
+        }
+    }
+    RuleSpec(words)
+}
+
+impl FakeHost {
+    /// One iptables-restore command line applied to `tables` (a copy: the caller commits).
+    fn restore_line(
+        &self,
+        tables: &mut BTreeMap<String, BTreeMap<String, Vec<RuleSpec>>>,
+        table: &str,
+        line: &str,
+    ) -> std::result::Result<(), String> {
+        let words = RuleSpec::parse(line).0;
+        let t = tables.entry(table.to_string()).or_default();
+        let chain_of = |t: &mut BTreeMap<String, Vec<RuleSpec>>, c: &str| {
+            if t.contains_key(c) {
+                Ok(())
+            } else {
+                Err(format!("chain {c} does not exist"))
+            }
+        };
+        if let Some(decl) = line.strip_prefix(':') {
+            let name = decl.split_whitespace().next().unwrap_or("");
+            t.insert(name.to_string(), Vec::new());
+            return Ok(());
+        }
+        let (cmd, chain) = match words.as_slice() {
+            [cmd, chain, ..] => (cmd.as_str(), chain.clone()),
+            _ => return Err(format!("bad line {line:?}")),
+        };
+        let rest = &words[2..];
+        let check = |r: &RuleSpec, t: &BTreeMap<String, Vec<RuleSpec>>| {
+            if !self.random_fully && r.words().iter().any(|w| w == "--random-fully") {
+                return Err("unknown option \"--random-fully\"".to_string());
+            }
+            match r.target() {
+                Some(x)
+                    if !["ACCEPT", "DROP", "RETURN", "MASQUERADE", "TCPMSS"].contains(&x)
+                        && !t.contains_key(x) =>
+                {
+                    Err("No chain/target/match by that name.".to_string())
+                }
+                _ => Ok(()),
+            }
+        };
+        match cmd {
+            "-A" => {
+                let r = canonical(&RuleSpec(rest.to_vec()));
+                check(&r, t)?;
+                chain_of(t, &chain)?;
+                t.entry(chain).or_default().push(r);
+            }
+            "-I" => {
+                let (pos, r) = match rest.first().and_then(|p| p.parse::<usize>().ok()) {
+                    Some(p) => (p, RuleSpec(rest[1..].to_vec())),
+                    None => (1, RuleSpec(rest.to_vec())),
+                };
+                let r = canonical(&r);
+                check(&r, t)?;
+                chain_of(t, &chain)?;
+                let c = t.entry(chain).or_default();
+                if pos == 0 || pos > c.len() + 1 {
+                    return Err("Index of insertion too big.".into());
+                }
+                c.insert(pos - 1, r);
+            }
+            "-D" => {
+                let r = canonical(&RuleSpec(rest.to_vec()));
+                chain_of(t, &chain)?;
+                let c = t.entry(chain).or_default();
+                let i = c
+                    .iter()
+                    .position(|x| *x == r)
+                    .ok_or("Bad rule (does a matching rule exist in that chain?).")?;
+                c.remove(i);
+            }
+            "-F" => {
+                chain_of(t, &chain)?;
+                t.entry(chain).or_default().clear();
+            }
+            "-X" => {
+                chain_of(t, &chain)?;
+                if t.get(&chain).is_some_and(|c| !c.is_empty()) {
+                    return Err("Directory not empty".into());
+                }
+                if t.values()
+                    .flatten()
+                    .any(|r| r.target() == Some(chain.as_str()))
+                {
+                    return Err("Too many links".into());
+                }
+                t.remove(&chain);
+            }
+            other => return Err(format!("unknown command {other}")),
+        }
+        Ok(())
+    }
+}
+
 impl Firewall for FakeKernel {
     fn chain_exists(&self, table: &str, chain: &str) -> Result<bool> {
         Ok(self.host().chain(table, chain).is_ok())
@@ -433,77 +556,153 @@ impl Firewall for FakeKernel {
         self.host().chain(table, chain).cloned()
     }
 
-    fn new_chain(&self, table: &str, chain: &str) -> Result<()> {
+    /// Like iptables-restore --noflush: all of a table's lines or none of them, rules
+    /// stored in `iptables -S` form.
+    fn restore(&self, payload: &str) -> Result<()> {
         let mut h = self.host();
-        h.log.push(format!("iptables -t {table} -N {chain}"));
-        let t = h.tables.entry(table.into()).or_default();
-        if t.contains_key(chain) {
-            return Err(NetError::iptables("new chain", "Chain already exists"));
-        }
-        t.insert(chain.into(), Vec::new());
-        Ok(())
-    }
-
-    fn flush_chain(&self, table: &str, chain: &str) -> Result<()> {
-        let mut h = self.host();
-        h.log.push(format!("iptables -t {table} -F {chain}"));
-        h.chain_mut(table, chain)?.clear();
-        Ok(())
-    }
-
-    fn delete_chain(&self, table: &str, chain: &str) -> Result<()> {
-        let mut h = self.host();
-        h.log.push(format!("iptables -t {table} -X {chain}"));
-        if !h.chain(table, chain)?.is_empty() {
-            return Err(NetError::iptables("delete chain", "Directory not empty"));
-        }
-        let referenced = h
-            .tables
-            .get(table)
-            .is_some_and(|t| t.values().flatten().any(|r| r.target() == Some(chain)));
-        if referenced {
-            return Err(NetError::iptables("delete chain", "Too many links"));
-        }
-        if let Some(t) = h.tables.get_mut(table) {
-            t.remove(chain);
-        }
-        Ok(())
-    }
-
-    fn append(&self, table: &str, chain: &str, rule: &RuleSpec) -> Result<()> {
-        let mut h = self.host();
-        h.log.push(format!("iptables -t {table} -A {chain} {rule}"));
-        h.check_rule(rule)?;
-        h.chain_mut(table, chain)?.push(rule.clone());
-        Ok(())
-    }
-
-    fn insert(&self, table: &str, chain: &str, rule: &RuleSpec, position: u32) -> Result<()> {
-        let mut h = self.host();
-        h.log
-            .push(format!("iptables -t {table} -I {chain} {position} {rule}"));
-        h.check_rule(rule)?;
-        let c = h.chain_mut(table, chain)?;
-        let at = (position.max(1) as usize - 1).min(c.len());
-        c.insert(at, rule.clone());
-        Ok(())
-    }
-
-    fn delete(&self, table: &str, chain: &str, rule: &RuleSpec) -> Result<()> {
-        let mut h = self.host();
-        h.log.push(format!("iptables -t {table} -D {chain} {rule}"));
-        let c = h.chain_mut(table, chain)?;
-        match c.iter().position(|r| r == rule) {
-            Some(i) => {
-                c.remove(i);
-                Ok(())
+        let mut tables = h.tables.clone();
+        let mut table: Option<String> = None;
+        let mut summary = Vec::new();
+        for (n, line) in payload.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
             }
-            None => Err(NetError::iptables("delete", "Bad rule")),
+            if let Some(t) = line.strip_prefix('*') {
+                table = Some(t.to_string());
+                continue;
+            }
+            if line == "COMMIT" {
+                table = None;
+                continue;
+            }
+            let t = table.clone().ok_or_else(|| {
+                NetError::iptables("iptables-restore", format!("line {}: no table", n + 1))
+            })?;
+            summary.push(format!("{t} {line}"));
+            h.restore_line(&mut tables, &t, line).map_err(|e| {
+                NetError::iptables(
+                    "iptables-restore --noflush",
+                    format!("line {} failed: {e} (the line: {line})", n + 1),
+                )
+            })?;
         }
+        h.act(format!("iptables-restore {}", summary.join("; ")))?;
+        h.tables = tables;
+        Ok(())
     }
 
     fn supports_random_fully(&self) -> bool {
         true
+    }
+}
+
+impl Vxlan for FakeKernel {
+    fn show(&self, name: &str) -> BoxFuture<'_, Result<Option<VxlanDevice>>> {
+        let d = self.host().vxlan.get(name).cloned();
+        Box::pin(async move { Ok(d) })
+    }
+
+    fn create(&self, name: &str, spec: &VxlanSpec) -> BoxFuture<'_, Result<()>> {
+        let mut h = self.host();
+        let r = h
+            .act(format!("vxlan create {name} vni {}", spec.vni))
+            .and_then(|()| {
+                if h.vxlan.contains_key(name) || h.links.contains_key(name) {
+                    return Err(NetError::netlink("create", "File exists"));
+                }
+                h.vxlan.insert(
+                    name.to_string(),
+                    VxlanDevice {
+                        spec: spec.clone(),
+                        up: true,
+                        fdb: Vec::new(),
+                        neighbours: Vec::new(),
+                    },
+                );
+                Ok(())
+            });
+        Box::pin(async move { r })
+    }
+
+    fn delete(&self, name: &str) -> BoxFuture<'_, Result<()>> {
+        let mut h = self.host();
+        let r = if h.vxlan.contains_key(name) {
+            h.act(format!("vxlan delete {name}")).map(|()| {
+                h.vxlan.remove(name);
+                h.routes.retain(|r| r.device.as_deref() != Some(name));
+            })
+        } else {
+            Ok(())
+        };
+        Box::pin(async move { r })
+    }
+
+    fn fdb_set(&self, name: &str, entry: FdbEntry) -> BoxFuture<'_, Result<()>> {
+        let mut h = self.host();
+        let r = h
+            .act(format!(
+                "bridge fdb replace {} dev {name} dst {}",
+                entry.mac, entry.dst
+            ))
+            .and_then(|()| {
+                let d = h
+                    .vxlan
+                    .get_mut(name)
+                    .ok_or_else(|| NetError::netlink("fdb", "No such device"))?;
+                d.fdb.retain(|f| f.mac != entry.mac);
+                d.fdb.push(entry);
+                d.fdb.sort();
+                Ok(())
+            });
+        Box::pin(async move { r })
+    }
+
+    fn fdb_delete(&self, name: &str, entry: FdbEntry) -> BoxFuture<'_, Result<()>> {
+        let mut h = self.host();
+        let r = h
+            .act(format!(
+                "bridge fdb del {} dev {name} dst {}",
+                entry.mac, entry.dst
+            ))
+            .map(|()| {
+                if let Some(d) = h.vxlan.get_mut(name) {
+                    d.fdb.retain(|f| *f != entry);
+                }
+            });
+        Box::pin(async move { r })
+    }
+
+    fn neigh_set(&self, name: &str, entry: NeighEntry) -> BoxFuture<'_, Result<()>> {
+        let mut h = self.host();
+        let r = h
+            .act(format!(
+                "ip neigh replace {} lladdr {} dev {name}",
+                entry.ip, entry.mac
+            ))
+            .and_then(|()| {
+                let d = h
+                    .vxlan
+                    .get_mut(name)
+                    .ok_or_else(|| NetError::netlink("neigh", "No such device"))?;
+                d.neighbours.retain(|n| n.ip != entry.ip);
+                d.neighbours.push(entry);
+                d.neighbours.sort();
+                Ok(())
+            });
+        Box::pin(async move { r })
+    }
+
+    fn neigh_delete(&self, name: &str, entry: NeighEntry) -> BoxFuture<'_, Result<()>> {
+        let mut h = self.host();
+        let r = h
+            .act(format!("ip neigh del {} dev {name}", entry.ip))
+            .map(|()| {
+                if let Some(d) = h.vxlan.get_mut(name) {
+                    d.neighbours.retain(|n| *n != entry);
+                }
+            });
+        Box::pin(async move { r })
     }
 }
 
@@ -521,7 +720,7 @@ impl Sysctl for FakeKernel {
 
     fn write(&self, key: &str, value: &str) -> Result<()> {
         let mut h = self.host();
-        h.log.push(format!("sysctl {key}={value}"));
+        h.act(format!("sysctl {key}={value}"))?;
         h.sysctls.insert(key.into(), value.into());
         Ok(())
     }
@@ -546,7 +745,9 @@ impl DockerDaemon for FakeKernel {
 
     fn restart(&self) -> BoxFuture<'_, Result<()>> {
         let mut h = self.host();
-        h.log.push("docker restart".into());
+        if let Err(e) = h.act("docker restart".into()) {
+            return Box::pin(async move { Err(e) });
+        }
         let result = if h.restart_fails {
             Err(NetError::DockerRestartFailed {
                 command: "fake restart".into(),
@@ -604,14 +805,14 @@ impl DaemonConfig for FakeFile {
 
     fn write(&self, text: &str) -> Result<()> {
         let mut h = self.kernel.host();
-        h.log.push(format!("write {}", self.path.display()));
+        h.act(format!("write {}", self.path.display()))?;
         *self.slot(&mut h) = Some(text.to_string());
         Ok(())
     }
 
     fn remove(&self) -> Result<()> {
         let mut h = self.kernel.host();
-        h.log.push(format!("remove {}", self.path.display()));
+        h.act(format!("remove {}", self.path.display()))?;
         *self.slot(&mut h) = None;
         Ok(())
     }

@@ -74,8 +74,9 @@ fn protocol_name(p: u8) -> String {
 }
 
 /// A route geomx wants, in the main table with protocol [`crate::ROUTE_PROTOCOL`] and metric
-/// 0: a peer's subnet via the peer's underlay address (host-gw), or through a device
-/// (WireGuard) with this host's docker0 address as the source of its own packets.
+/// 0: a peer's subnet via the peer's underlay address (host-gw), through a device
+/// (WireGuard), or via the peer's VTEP address on the VXLAN device (`onlink`); through a
+/// device, this host's docker0 address is the source of its own packets.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerRoute {
     /// The peer's subnet.
@@ -86,6 +87,10 @@ pub struct PeerRoute {
     pub device: Option<String>,
     /// The preferred source address.
     pub source: Option<Ipv4Addr>,
+    /// The gateway is on the device even though no address of the device covers it
+    /// (`onlink`: VXLAN's peer VTEP addresses).
+    #[serde(default)]
+    pub onlink: bool,
 }
 
 impl PeerRoute {
@@ -99,9 +104,11 @@ impl PeerRoute {
             && route.kind == RouteKind::Unicast
     }
 
-    /// The next hop as `ip route` would say it (`via 10.1.1.29`, `dev geomx-wg`).
+    /// The next hop as `ip route` would say it (`via 10.1.1.29`, `dev geomx-wg`,
+    /// `via 172.17.29.0 dev geomx-vxlan onlink`).
     pub fn via(&self) -> String {
         match (&self.gateway, &self.device) {
+            (Some(gw), Some(dev)) if self.onlink => format!("via {gw} dev {dev} onlink"),
             (Some(gw), _) => format!("via {gw}"),
             (None, Some(dev)) => format!("dev {dev}"),
             (None, None) => "nowhere".into(),
@@ -207,25 +214,17 @@ impl fmt::Display for RuleSpec {
     }
 }
 
-/// iptables, one table and chain at a time. Synchronous: the reconciler calls it from a
-/// blocking thread.
+/// iptables: read one chain at a time, change a whole table at once. Synchronous: the
+/// reconciler calls it from a blocking thread.
 pub trait Firewall: Send + Sync {
     /// Whether `chain` exists in `table`.
     fn chain_exists(&self, table: &str, chain: &str) -> Result<bool>;
     /// The rules of an existing chain, in order.
     fn list_rules(&self, table: &str, chain: &str) -> Result<Vec<RuleSpec>>;
-    /// Creates an empty user chain.
-    fn new_chain(&self, table: &str, chain: &str) -> Result<()>;
-    /// Removes every rule of a chain.
-    fn flush_chain(&self, table: &str, chain: &str) -> Result<()>;
-    /// Deletes an empty user chain.
-    fn delete_chain(&self, table: &str, chain: &str) -> Result<()>;
-    /// Appends a rule.
-    fn append(&self, table: &str, chain: &str, rule: &RuleSpec) -> Result<()>;
-    /// Inserts a rule at 1-based `position`.
-    fn insert(&self, table: &str, chain: &str, rule: &RuleSpec, position: u32) -> Result<()>;
-    /// Deletes the first rule matching `rule`.
-    fn delete(&self, table: &str, chain: &str, rule: &RuleSpec) -> Result<()>;
+    /// Applies `payload` (iptables-restore's format: `*table`, chain lines, commands,
+    /// `COMMIT`) with `iptables-restore --noflush`: one atomic transaction per table,
+    /// chains it does not name are left as they are. A payload that fails changes nothing.
+    fn restore(&self, payload: &str) -> Result<()>;
     /// Whether `MASQUERADE --random-fully` is worth trying.
     fn supports_random_fully(&self) -> bool;
 }
@@ -359,6 +358,83 @@ pub trait Wireguard: Send + Sync {
     fn delete(&self, name: &str) -> Result<()>;
 }
 
+/// A MAC address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+/// A VXLAN device's settings, as wanted or as the kernel has them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VxlanSpec {
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// UDP destination port.
+    pub port: u16,
+    /// Source address of the encapsulated packets (`None`: the kernel picks it per packet
+    /// from the route to the peer).
+    pub local: Option<Ipv4Addr>,
+    /// The device's MAC address (the peers' FDB and neighbour entries point at it).
+    pub mac: Mac,
+    /// Its MTU.
+    pub mtu: u32,
+}
+
+/// A static forwarding entry of a VXLAN device: frames for `mac` go to `dst` (`bridge fdb`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FdbEntry {
+    /// The peer's VTEP MAC.
+    pub mac: Mac,
+    /// The peer's underlay address.
+    pub dst: Ipv4Addr,
+}
+
+/// A permanent neighbour entry on a VXLAN device: `ip` is at `mac` (`ip neigh`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NeighEntry {
+    /// The peer's VTEP address (the network address of its subnet).
+    pub ip: Ipv4Addr,
+    /// The peer's VTEP MAC.
+    pub mac: Mac,
+}
+
+/// A VXLAN device as the kernel has it, with its static entries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VxlanDevice {
+    /// Its settings (`None` fields the kernel did not report are taken as different).
+    pub spec: VxlanSpec,
+    /// Whether it is up.
+    pub up: bool,
+    /// Its static FDB entries with a destination.
+    pub fdb: Vec<FdbEntry>,
+    /// Its permanent IPv4 neighbour entries.
+    pub neighbours: Vec<NeighEntry>,
+}
+
+/// VXLAN devices and their static entries (netlink).
+pub trait Vxlan: Send + Sync {
+    /// The device `name`; `None` when there is none. An error when a link of that name
+    /// exists but is not a VXLAN device.
+    fn show(&self, name: &str) -> BoxFuture<'_, Result<Option<VxlanDevice>>>;
+    /// Creates the device `name` (learning off, no multicast group) and sets it up.
+    fn create(&self, name: &str, spec: &VxlanSpec) -> BoxFuture<'_, Result<()>>;
+    /// Deletes the device (no error when it is absent).
+    fn delete(&self, name: &str) -> BoxFuture<'_, Result<()>>;
+    /// Adds or replaces a static FDB entry.
+    fn fdb_set(&self, name: &str, entry: FdbEntry) -> BoxFuture<'_, Result<()>>;
+    /// Deletes an FDB entry.
+    fn fdb_delete(&self, name: &str, entry: FdbEntry) -> BoxFuture<'_, Result<()>>;
+    /// Adds or replaces a permanent neighbour entry.
+    fn neigh_set(&self, name: &str, entry: NeighEntry) -> BoxFuture<'_, Result<()>>;
+    /// Deletes a neighbour entry.
+    fn neigh_delete(&self, name: &str, entry: NeighEntry) -> BoxFuture<'_, Result<()>>;
+}
+
 /// Everything the reconciler touches on a host.
 #[derive(Clone)]
 pub struct Kernel {
@@ -376,6 +452,8 @@ pub struct Kernel {
     pub state: Arc<dyn StateStore>,
     /// WireGuard.
     pub wireguard: Arc<dyn Wireguard>,
+    /// VXLAN.
+    pub vxlan: Arc<dyn Vxlan>,
 }
 
 impl fmt::Debug for Kernel {

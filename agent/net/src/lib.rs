@@ -7,16 +7,23 @@
 //! 1. docker0's address (`bip` in daemon.json) is the first address of the host's subnet,
 //!    `"ip-masq": false` (geomx owns masquerading) and, on Docker 28 or newer,
 //!    `"allow-direct-routing": true`; Docker is restarted only when the file changed;
-//! 2. one route per peer subnet via the peer's underlay address, protocol
-//!    [`ROUTE_PROTOCOL`] (247) in the main table: routes without that tag are never touched;
+//! 2. one route per peer subnet, protocol [`ROUTE_PROTOCOL`] (247) in the main table, through
+//!    the peer's backend ([`backend`]): via its underlay address (host-gw), through the
+//!    WireGuard interface `geomx-wg`, or via its VTEP on the VXLAN interface `geomx-vxlan`
+//!    (static FDB and neighbour entries); routes without the tag are never touched;
 //! 3. nat chain [`NAT_CHAIN`] (cluster-internal traffic keeps its source, container traffic
-//!    leaving the cluster is masqueraded) and filter chain [`FILTER_CHAIN`] (forwarding to
-//!    and from the cluster is accepted), each jumped to once from position 1 of
-//!    `POSTROUTING` / `FORWARD`;
+//!    leaving the cluster is masqueraded), jumped to from position 1 of `POSTROUTING`, and
+//!    filter chain [`FILTER_CHAIN`] (this host's containers may send; traffic to them is
+//!    accepted only from the peers' subnets on the device they come through), jumped to
+//!    right below `DOCKER-USER` in `FORWARD`; both written with one atomic
+//!    `iptables-restore --noflush` per table;
 //! 4. `net.ipv4.ip_forward = 1`.
 //!
-//! The kernel and Docker sit behind the traits of [`kernel`]; [`Kernel::system`] is the
-//! real host, [`fake::FakeKernel`] an in-memory one for tests.
+//! A pass is observe ([`observe`]), plan ([`plan::plan`], pure and table-tested), apply
+//! (an executor that carries the steps out); [`Reconciler::pass`] says what next
+//! ([`Action`]). The kernel and Docker sit behind the traits of [`kernel`];
+//! [`Kernel::system`] is the real host, [`fake::FakeKernel`] an in-memory one for tests
+//! (which can fail any chosen operation).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), geomx_net::NetError> {
@@ -44,7 +51,9 @@
 
 #![warn(missing_docs)]
 
+mod apply;
 pub mod backend;
+mod change;
 mod config;
 pub mod daemon_json;
 mod desired;
@@ -52,12 +61,15 @@ mod error;
 pub mod fake;
 pub mod kernel;
 mod lock;
+mod observe;
+pub mod plan;
 mod reconcile;
 pub mod rules;
 mod status;
 pub mod system;
 
-pub use backend::{Backend, PeerBackend, WG_INTERFACE, WG_PORT};
+pub use backend::{Backend, PeerBackend, VXLAN_INTERFACE, VXLAN_PORT, WG_INTERFACE, WG_PORT};
+pub use change::Change;
 pub use config::{
     DEFAULT_DAEMON_JSON, DEFAULT_DOCKER_HOST, DEFAULT_DOCKER_READY_TIMEOUT,
     DEFAULT_DOCKER_RESTART_COMMAND, DEFAULT_INTERVAL, DEFAULT_STATE_DIR, NetConfig, STATE_FILE,
@@ -66,7 +78,8 @@ pub use desired::{DesiredNetwork, Peer};
 pub use error::{NetError, Result, ValidationError};
 pub use kernel::Kernel;
 pub use lock::{HostLock, LOCK_FILE};
-pub use reconcile::{Change, IP_FORWARD, PassTrigger, Reconciler};
+pub use plan::{NetPlan, Step};
+pub use reconcile::{Action, IP_FORWARD, PassOutcome, PassTrigger, Reconciler};
 pub use rules::{FILTER_CHAIN, NAT_CHAIN};
 pub use status::{ChainStatus, DaemonJsonStatus, NetworkStatus};
 

@@ -9,8 +9,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::ROUTE_PROTOCOL;
+use crate::backend::VXLAN_INTERFACE;
 use crate::daemon_json::{self, MANAGED_KEYS, Remembered};
-use crate::kernel::{Kernel, KernelRoute};
+use crate::kernel::{Kernel, KernelRoute, VxlanDevice};
 use crate::reconcile::IP_FORWARD;
 use crate::rules::{FILTER_CHAIN, NAT_CHAIN};
 
@@ -38,8 +39,10 @@ pub struct ChainStatus {
     pub exists: bool,
     /// Its rules, as `iptables -S` prints them (without `-A CHAIN`).
     pub rules: Vec<String>,
-    /// 1-based positions of the jumps to it in `hook` (geomx wants exactly `[1]`).
+    /// 1-based positions of the jumps to it in `hook`.
     pub jump_positions: Vec<usize>,
+    /// Where geomx wants its one jump: 1, or right below `DOCKER-USER` in `FORWARD`.
+    pub jump_wanted: usize,
 }
 
 /// Everything geomx owns on the host, as it is now.
@@ -59,6 +62,8 @@ pub struct NetworkStatus {
     pub routes: Vec<KernelRoute>,
     /// geomx's chains.
     pub chains: Vec<ChainStatus>,
+    /// The VXLAN interface (`None`: none), with its FDB and neighbour entries.
+    pub vxlan: Option<VxlanDevice>,
     /// What could not be read.
     pub errors: Vec<String>,
 }
@@ -113,6 +118,13 @@ impl NetworkStatus {
                     .collect()
             })
             .unwrap_or_default();
+        let vxlan = kernel
+            .vxlan
+            .show(VXLAN_INTERFACE)
+            .await
+            .map_err(&mut note)
+            .ok()
+            .flatten();
         let fw = kernel.firewall.clone();
         let chains = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
@@ -135,10 +147,16 @@ impl NetworkStatus {
                 } else {
                     Vec::new()
                 };
-                let jump_positions = fw
+                let hook_rules = fw
                     .list_rules(table, hook)
                     .map_err(|e| errs.push(e.to_string()))
-                    .unwrap_or_default()
+                    .unwrap_or_default();
+                let jump_wanted = crate::rules::wanted_position(
+                    &hook_rules,
+                    chain,
+                    crate::rules::hook_of(chain).and_then(|(_, _, after)| after),
+                );
+                let jump_positions = hook_rules
                     .iter()
                     .enumerate()
                     .filter(|(_, r)| r.target() == Some(chain))
@@ -151,6 +169,7 @@ impl NetworkStatus {
                     exists,
                     rules,
                     jump_positions,
+                    jump_wanted,
                 });
             }
             (out, errs)
@@ -178,6 +197,7 @@ impl NetworkStatus {
             before_geomx,
             routes,
             chains,
+            vxlan,
             errors,
         }
     }
@@ -267,15 +287,16 @@ impl fmt::Display for NetworkStatus {
             writeln!(f)?;
             let jump = match c.jump_positions.as_slice() {
                 [] => format!("no jump from {}", c.hook),
-                [1] => format!("jump from {} at position 1", c.hook),
+                [p] if *p == c.jump_wanted => format!("jump from {} at position {p}", c.hook),
                 other => format!(
-                    "jump from {} at position {} (geomx wants exactly one, at 1)",
+                    "jump from {} at position {} (geomx wants exactly one, at {})",
                     c.hook,
                     other
                         .iter()
                         .map(|p| p.to_string())
                         .collect::<Vec<_>>()
-                        .join(", ")
+                        .join(", "),
+                    c.jump_wanted
                 ),
             };
             if c.exists {
@@ -288,6 +309,24 @@ impl fmt::Display for NetworkStatus {
                 }
             } else {
                 writeln!(f, "{} {} (absent; {jump})", c.table.to_uppercase(), c.chain)?;
+            }
+        }
+        if let Some(v) = &self.vxlan {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "VXLAN {VXLAN_INTERFACE} (vni {}, port {}, mac {}, mtu {}{})",
+                v.spec.vni,
+                v.spec.port,
+                v.spec.mac,
+                v.spec.mtu,
+                if v.up { "" } else { ", DOWN" }
+            )?;
+            for e in &v.fdb {
+                writeln!(f, "  fdb    {} dst {}", e.mac, e.dst)?;
+            }
+            for n in &v.neighbours {
+                writeln!(f, "  neigh  {} lladdr {}", n.ip, n.mac)?;
             }
         }
         for e in &self.errors {

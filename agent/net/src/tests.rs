@@ -70,12 +70,12 @@ async fn first_pass_builds_everything_and_the_second_changes_nothing() {
             "daemon_json_updated",
             "docker_restarted",
             "ip_forward_enabled",
-            "route_added",
-            "route_added",
             "chain_created",
             "jump_restored",
             "chain_created",
-            "jump_restored"
+            "jump_restored",
+            "route_added",
+            "route_added"
         ]
     );
     {
@@ -100,8 +100,13 @@ async fn first_pass_builds_everything_and_the_second_changes_nothing() {
         );
         assert_eq!(h.rules("nat", "GEOMX-POSTROUTING"), NAT_RULES);
         assert_eq!(h.rules("nat", "POSTROUTING")[0], NAT_JUMP);
-        assert_eq!(h.rules("filter", "FORWARD")[0], FILTER_JUMP);
-        assert_eq!(h.rules("filter", "GEOMX-FORWARD").len(), 3);
+        // below DOCKER-USER: operators' rules there stay in force
+        assert_eq!(
+            h.rules("filter", "FORWARD"),
+            ["-j DOCKER-USER", FILTER_JUMP, "-o docker0 -j DOCKER"]
+        );
+        // clamp, own containers, and per on-link peer its subnet on eth0 and its address
+        assert_eq!(h.rules("filter", "GEOMX-FORWARD").len(), 6);
     }
     let log_before = fake.host().log.len();
     let again = r.reconcile(&seed_a()).await.expect("second pass");
@@ -146,12 +151,75 @@ async fn invalid_desired_states_change_nothing() {
 }
 
 #[tokio::test]
-async fn a_missing_docker_changes_nothing() {
+async fn with_docker_down_routes_and_rules_are_applied_and_daemon_json_waits() {
     let fake = FakeKernel::new();
     fake.host().docker = None;
-    let e = assert_refused_without_change(&fake, &seed_a()).await;
-    assert!(matches!(e, NetError::DockerUnavailable { .. }), "{e}");
-    assert!(e.to_string().contains("does not exist"), "{e}");
+    let mut r = reconciler(&fake);
+    let outcome = r.pass(&seed_a()).await.expect("a pass without Docker");
+    assert!(outcome.docker_offline && r.docker_offline());
+    assert_eq!(outcome.action, crate::Action::Converged);
+    {
+        let h = fake.host();
+        assert_eq!(
+            h.geomx_routes(),
+            [
+                "172.17.29.0/24 via 10.1.1.29",
+                "172.17.33.0/24 via 10.1.1.33"
+            ]
+        );
+        assert_eq!(h.rules("nat", "GEOMX-POSTROUTING"), NAT_RULES);
+        assert_eq!(h.sysctls["net.ipv4.ip_forward"], "1");
+        let json: serde_json::Value =
+            serde_json::from_str(h.daemon_json.as_deref().expect("daemon.json")).expect("json");
+        assert_eq!(json["bip"], "172.17.34.1/24");
+        assert_eq!(json["ip-masq"], false);
+        assert_eq!(h.restarts, 0, "Docker is not restarted while it is down");
+        assert!(!h.log.iter().any(|l| l == "docker restart"), "{:?}", h.log);
+    }
+    // the same pass again changes nothing
+    assert!(r.reconcile(&seed_a()).await.expect("again").is_empty());
+
+    // Docker comes up with the bip from daemon.json (as a real one would): nothing to do
+    {
+        let mut h = fake.host();
+        h.docker = Some(crate::kernel::DockerVersion {
+            version: "20.10.24".into(),
+            api_version: "1.41".into(),
+        });
+        h.links
+            .insert("docker0".into(), vec![net("172.17.34.1/24")]);
+    }
+    assert!(
+        r.reconcile(&seed_a())
+            .await
+            .expect("with Docker")
+            .is_empty()
+    );
+    assert!(!r.docker_offline());
+    assert_eq!(fake.host().restarts, 0);
+}
+
+#[tokio::test]
+async fn docker_coming_up_without_the_bip_is_restarted_once() {
+    let fake = FakeKernel::new();
+    fake.host().docker = None;
+    let mut r = reconciler(&fake);
+    r.reconcile(&seed_a()).await.expect("offline pass");
+    // Docker starts but docker0 still has its old address
+    fake.host().docker = Some(crate::kernel::DockerVersion {
+        version: "20.10.24".into(),
+        api_version: "1.41".into(),
+    });
+    let changes = r
+        .reconcile(&seed_a())
+        .await
+        .expect("a restart fixes docker0");
+    assert_eq!(
+        changes.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        ["restarted Docker (docker0 carried 172.17.0.1/16, not bip 172.17.34.1/24)"]
+    );
+    assert_eq!(fake.host().restarts, 1);
+    assert_eq!(fake.host().links["docker0"], vec![net("172.17.34.1/24")]);
 }
 
 #[tokio::test]
@@ -175,7 +243,7 @@ async fn peers_off_link_and_foreign_routes_to_peer_subnets_change_nothing() {
     let e = assert_refused_without_change(&fake, &d).await;
     assert_eq!(
         e.to_string(),
-        "peer b: underlay address 192.0.2.7 is not on a directly connected network (it is reached via 10.1.1.1); backend host-gw routes a peer's subnet via the peer's underlay address, which must be on-link: use backend auto or wireguard for peers in other networks"
+        "peer b: underlay address 192.0.2.7 is not on a directly connected network (it is reached via 10.1.1.1); backend host-gw routes a peer's subnet via the peer's underlay address, which must be on-link: use backend auto, wireguard or vxlan for peers in other networks"
     );
     // with auto, a peer off-link without a WireGuard key (an old agent) is refused too
     d.backend = crate::Backend::Auto;
@@ -241,8 +309,15 @@ async fn routes_follow_the_peers_and_foreign_routes_stay() {
     d.peers[1] = peer("d", "10.1.1.40", "172.17.40.0/24");
     let changes = r.reconcile(&d).await.expect("pass");
     let shown: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+    // the filter chain follows the peers (b now on eth1, d instead of c)
+    assert!(
+        shown[0].starts_with("rebuilt chain filter GEOMX-FORWARD")
+            && shown[0].contains("-s 172.17.29.0/24 -d 172.17.34.0/24 -i eth1")
+            && shown[0].contains("-s 10.1.1.40/32"),
+        "{shown:#?}"
+    );
     assert_eq!(
-        shown,
+        shown[1..],
         [
             "replaced route 172.17.29.0/24 via 10.1.1.29 with via 10.1.2.29",
             "added route 172.17.40.0/24 via 10.1.1.40 proto 247",
@@ -262,7 +337,7 @@ async fn routes_follow_the_peers_and_foreign_routes_stay() {
 }
 
 #[tokio::test]
-async fn chains_are_rebuilt_in_order_and_jumps_kept_first_and_single() {
+async fn chains_are_rebuilt_in_order_and_jumps_kept_single_below_docker_user() {
     let fake = FakeKernel::new();
     let mut r = reconciler(&fake);
     r.reconcile(&seed_a()).await.expect("first pass");
@@ -307,7 +382,7 @@ async fn chains_are_rebuilt_in_order_and_jumps_kept_first_and_single() {
             .get_mut("filter")
             .and_then(|t| t.get_mut("FORWARD"))
             .expect("FORWARD");
-        let jump = fwd.remove(0);
+        let jump = fwd.remove(1);
         fwd.push(jump);
         let post = h
             .tables
@@ -322,7 +397,7 @@ async fn chains_are_rebuilt_in_order_and_jumps_kept_first_and_single() {
         shown,
         [
             "put the jump nat POSTROUTING -> GEOMX-POSTROUTING at position 1 (found at position 1, 3)",
-            "put the jump filter FORWARD -> GEOMX-FORWARD at position 1 (found at position 3)",
+            "put the jump filter FORWARD -> GEOMX-FORWARD at position 2 (found at position 3)",
         ]
     );
     let h = fake.host();
@@ -336,7 +411,7 @@ async fn chains_are_rebuilt_in_order_and_jumps_kept_first_and_single() {
     );
     assert_eq!(
         h.rules("filter", "FORWARD"),
-        [FILTER_JUMP, "-j DOCKER-USER", "-o docker0 -j DOCKER"]
+        ["-j DOCKER-USER", FILTER_JUMP, "-o docker0 -j DOCKER"]
     );
 }
 
@@ -513,7 +588,7 @@ async fn the_loop_reapplies_the_last_desired_state_and_follows_changes() {
             move |_, result| {
                 seen.lock()
                     .expect("lock")
-                    .push(result.as_ref().map_or(usize::MAX, Vec::len));
+                    .push(result.as_ref().map_or(usize::MAX, |o| o.changes.len()));
             },
         )
         .await;
@@ -710,4 +785,197 @@ async fn an_agent_override_and_the_cluster_default_pick_the_backend() {
         "{e}"
     );
     assert!(fake.host().log.is_empty(), "{:?}", fake.host().log);
+}
+
+#[tokio::test]
+async fn a_pass_that_fails_half_way_is_finished_by_the_next() {
+    let fake = FakeKernel::new();
+    let mut r = reconciler(&fake);
+    fake.host()
+        .fail_on("route replace 172.17.33.0/24", "Network is down");
+    let e = r.reconcile(&seed_a()).await.expect_err("c's route fails");
+    assert!(e.to_string().contains("Network is down"), "{e}");
+    {
+        let h = fake.host();
+        // everything before the failing step is in place, nothing after it was tried
+        assert_eq!(h.geomx_routes(), ["172.17.29.0/24 via 10.1.1.29"]);
+        assert_eq!(h.rules("nat", "GEOMX-POSTROUTING"), NAT_RULES);
+        assert_eq!(
+            h.log.last().map(String::as_str),
+            Some("FAILED route replace 172.17.33.0/24 via 10.1.1.33")
+        );
+    }
+    assert_eq!(
+        r.last_applied(),
+        None,
+        "a failed pass is not the last applied"
+    );
+    fake.host().fail.clear();
+    let changes = r.reconcile(&seed_a()).await.expect("the next pass");
+    let shown: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+    assert_eq!(
+        shown,
+        ["added route 172.17.33.0/24 via 10.1.1.33 proto 247"]
+    );
+    assert!(r.reconcile(&seed_a()).await.expect("again").is_empty());
+}
+
+#[tokio::test]
+async fn a_refused_iptables_payload_changes_nothing_in_its_table() {
+    let fake = FakeKernel::new();
+    let mut r = reconciler(&fake);
+    r.reconcile(&seed_a()).await.expect("first pass");
+    // someone broke the chains; the repair of filter is refused by iptables
+    {
+        let mut h = fake.host();
+        for (t, c) in [("nat", "GEOMX-POSTROUTING"), ("filter", "GEOMX-FORWARD")] {
+            h.tables
+                .get_mut(t)
+                .and_then(|t| t.get_mut(c))
+                .expect("chain")
+                .clear();
+        }
+        h.fail_on(
+            "iptables-restore filter",
+            "Resource temporarily unavailable",
+        );
+    }
+    let before = fake.host().tables.clone();
+    r.reconcile(&seed_a()).await.expect_err("filter refused");
+    {
+        let h = fake.host();
+        assert_eq!(
+            h.rules("nat", "GEOMX-POSTROUTING"),
+            NAT_RULES,
+            "nat went in"
+        );
+        assert_eq!(h.tables["filter"], before["filter"], "filter is as it was");
+    }
+    fake.host().fail.clear();
+    r.reconcile(&seed_a()).await.expect("repaired");
+    assert_eq!(fake.host().rules("filter", "GEOMX-FORWARD").len(), 6);
+}
+
+#[tokio::test]
+async fn without_random_fully_plain_masquerade_is_used() {
+    let fake = FakeKernel::new();
+    fake.host().random_fully = false;
+    let mut r = reconciler(&fake);
+    r.reconcile(&seed_a()).await.expect("pass");
+    let rules = fake.host().rules("nat", "GEOMX-POSTROUTING");
+    assert!(rules[1].ends_with("-j MASQUERADE"), "{rules:?}");
+    assert!(r.reconcile(&seed_a()).await.expect("again").is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_docker_restart_is_retried_for_docker0() {
+    let fake = FakeKernel::new();
+    fake.host().restart_fails = true;
+    let mut r = reconciler(&fake);
+    let e = r.reconcile(&seed_a()).await.expect_err("restart fails");
+    assert!(e.to_string().contains("fake failure"), "{e}");
+    fake.host().restart_fails = false;
+    let shown: Vec<String> = r
+        .reconcile(&seed_a())
+        .await
+        .expect("next pass")
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    assert_eq!(
+        shown[0],
+        "restarted Docker (docker0 carried 172.17.0.1/16, not bip 172.17.34.1/24)"
+    );
+    assert_eq!(fake.host().links["docker0"], vec![net("172.17.34.1/24")]);
+}
+
+#[tokio::test]
+async fn vxlan_peers_get_a_device_entries_and_onlink_routes() {
+    let fake = FakeKernel::new();
+    let mut r = reconciler(&fake);
+    let mut d = a_with_c_elsewhere();
+    d.backend = crate::Backend::Vxlan;
+    r.reconcile(&d).await.expect("pass");
+    {
+        let h = fake.host();
+        let dev = &h.vxlan["geomx-vxlan"];
+        assert_eq!(dev.spec.vni, 247);
+        assert_eq!(dev.spec.port, 7952);
+        assert_eq!(dev.spec.mac.to_string(), "02:47:ac:11:22:00");
+        let fdb: Vec<String> = dev
+            .fdb
+            .iter()
+            .map(|f| format!("{} {}", f.mac, f.dst))
+            .collect();
+        assert_eq!(
+            fdb,
+            ["02:47:ac:11:1d:00 10.1.1.29", "02:47:ac:11:21:00 10.3.1.33"]
+        );
+        assert_eq!(dev.neighbours.len(), 2);
+        assert_eq!(
+            h.geomx_routes(),
+            [
+                "172.17.29.0/24 via 172.17.29.0",
+                "172.17.33.0/24 via 172.17.33.0"
+            ]
+        );
+    }
+    assert!(r.reconcile(&d).await.expect("again").is_empty());
+    // back to auto: b by host-gw, c by WireGuard, the VXLAN device goes
+    r.reconcile(&a_with_c_elsewhere()).await.expect("auto");
+    assert!(fake.host().vxlan.is_empty());
+    r.cleanup().await.expect("cleanup");
+    let h = fake.host();
+    assert!(h.vxlan.is_empty() && h.wireguard.is_empty() && h.geomx_routes().is_empty());
+}
+
+#[tokio::test]
+async fn cleanup_removes_only_routes_inside_the_cluster() {
+    let fake = FakeKernel::new();
+    reconciler(&fake).reconcile(&seed_a()).await.expect("pass");
+    let foreign = KernelRoute {
+        destination: net("192.168.50.0/24"),
+        gateway: Some("10.1.1.50".parse().expect("ip")),
+        device: Some("eth0".into()),
+        protocol: ROUTE_PROTOCOL,
+        metric: 0,
+        kind: RouteKind::Unicast,
+    };
+    fake.host().routes.push(foreign.clone());
+    // a state file of an older agent (no cluster) and a process that never ran a pass:
+    // no proof which protocol 247 routes are geomx's, so none through a gateway goes
+    let state = fake.host().state.clone().expect("state");
+    let mut old: serde_json::Value = serde_json::from_str(&state).expect("json");
+    old.as_object_mut().expect("object").remove("cluster");
+    fake.host().state = Some(old.to_string());
+    let changes = reconciler(&fake).cleanup().await.expect("cleanup");
+    assert!(
+        !changes
+            .iter()
+            .any(|c| matches!(c, Change::RouteDeleted { .. }))
+    );
+    assert_eq!(fake.host().geomx_routes().len(), 3);
+
+    // a new pass records the cluster; a later process's cleanup (agent restarted, or
+    // `geomx-agent cleanup`) removes geomx's routes, and only those
+    reconciler(&fake).reconcile(&seed_a()).await.expect("pass");
+    let state: serde_json::Value =
+        serde_json::from_str(fake.host().state.as_deref().expect("state")).expect("json");
+    assert_eq!(state["cluster"], "172.17.0.0/16");
+    reconciler(&fake).cleanup().await.expect("cleanup");
+    assert_eq!(
+        fake.host().geomx_routes(),
+        ["192.168.50.0/24 via 10.1.1.50"]
+    );
+    // an explicit cluster works the same
+    reconciler(&fake).reconcile(&seed_a()).await.expect("pass");
+    fake.host().state = Some(old.to_string());
+    reconciler(&fake)
+        .cleanup_within(Some(net("172.17.0.0/16")))
+        .await
+        .expect("cleanup");
+    assert_eq!(
+        fake.host().geomx_routes(),
+        ["192.168.50.0/24 via 10.1.1.50"]
+    );
 }

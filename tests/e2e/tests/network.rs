@@ -245,10 +245,22 @@ fn assert_geomx_rules_in_place(host: &LabHost) -> anyhow::Result<()> {
             == 1,
         "more than one jump to GEOMX-POSTROUTING: {post:#?}"
     );
+    // right below Docker's DOCKER-USER jump (operators' rules there stay in force), or
+    // first when there is none
     let fwd = chain_rules(host, "filter", "FORWARD")?;
+    let want = fwd
+        .iter()
+        .position(|r| r.ends_with("-j DOCKER-USER"))
+        .map_or(0, |i| i + 1);
     ensure!(
-        fwd.first().is_some_and(|r| r.ends_with("-j GEOMX-FORWARD")),
-        "FORWARD does not start with the geomx jump: {fwd:#?}"
+        fwd.get(want)
+            .is_some_and(|r| r.ends_with("-j GEOMX-FORWARD"))
+            && fwd
+                .iter()
+                .filter(|r| r.ends_with("-j GEOMX-FORWARD"))
+                .count()
+                == 1,
+        "FORWARD does not jump to geomx's chain once, right below DOCKER-USER: {fwd:#?}"
     );
     let nat = chain_rules(host, "nat", "GEOMX-POSTROUTING")?;
     let subnet = subnet_of(&host.name);
@@ -496,18 +508,18 @@ fn agent_repairs_drift_follows_the_peer_list_and_outlives_docker_restarts() -> a
     }
     let applied = snapshot(a)?;
 
-    // Docker's restart puts its own FORWARD rules in front of geomx's jump; the next pass
-    // restores the order
+    // Docker's restart puts its own FORWARD rules between DOCKER-USER and geomx's jump; the
+    // next pass puts the jump back right below DOCKER-USER
     a.dockerd()?.restart()?;
     let fwd = chain_rules(a, "filter", "FORWARD")?;
     ensure!(
-        !fwd[0].ends_with("-j GEOMX-FORWARD"),
-        "expected Docker's rules first after its restart: {fwd:#?}"
+        !fwd[1].ends_with("-j GEOMX-FORWARD"),
+        "expected Docker's rules right below DOCKER-USER after its restart: {fwd:#?}"
     );
     let out = agent.apply()?;
     ensure!(
         out.trim().starts_with(
-            "put the jump filter FORWARD -> GEOMX-FORWARD at position 1 (found at position "
+            "put the jump filter FORWARD -> GEOMX-FORWARD at position 2 (found at position "
         ) && out.trim().lines().count() == 1,
         "pass after the Docker restart:\n{out}"
     );

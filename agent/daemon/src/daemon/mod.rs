@@ -5,7 +5,9 @@
 //!
 //! * **network** ([`geomx_net::Reconciler::run`]): brings the host to the desired network
 //!   (docker0 bip, peer routes, GEOMX chains, ip_forward) on every change and every
-//!   `network_interval`; tolerant of Docker being down at boot ([`docker::tolerant`]).
+//!   `network_interval`; tolerant of Docker being down at boot (Docker's state is an input
+//!   of the network plan: while it does not answer, routes and iptables are applied and
+//!   daemon.json waits for Docker's start).
 //!   The first successful pass makes the agent ready (`sd_notify READY=1`).
 //! * **controller session** ([`controller::session_loop`]): Register, then Watch; every
 //!   desired state is persisted ([`state::StateFile`]) and published.
@@ -46,7 +48,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use geomx_net::{Change, DesiredNetwork, HostLock, Kernel, NetError, PassTrigger, Reconciler};
+use geomx_net::{DesiredNetwork, HostLock, Kernel, NetError, PassOutcome, PassTrigger, Reconciler};
 use geomx_proto::tls::TlsMaterial;
 use geomx_proto::v1::agent_service_client::AgentServiceClient;
 use geomx_proto::v1::{DesiredState, RegisterResponse};
@@ -58,7 +60,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use self::backoff::{Backoff, ErrorLog};
 use self::config::{AgentArgs, AgentConfig};
-use self::docker::{DockerHealth, DockerSource, EngineSource};
+use self::docker::{DockerSource, EngineSource};
 use self::state::StateFile;
 use crate::Common;
 
@@ -258,14 +260,13 @@ impl<E: Engine> Running<E> {
     }
 }
 
-/// Starts the daemon's tasks: the network through `reconciler` (whose Docker tolerance is
-/// reported by `health`), containers through `source`, the controller through `client`.
+/// Starts the daemon's tasks: the network through `reconciler`, containers through
+/// `source`, the controller through `client`.
 /// `persisted` is the desired state of the previous run, applied until the controller
 /// answers.
 pub fn start<S: EngineSource>(
     settings: Settings,
     reconciler: Reconciler,
-    health: DockerHealth,
     source: S,
     client: AgentServiceClient<tonic::transport::Channel>,
     persisted: Option<DesiredState>,
@@ -316,8 +317,8 @@ pub fn start<S: EngineSource>(
         tasks.spawn(
             async move {
                 let mut first = true;
-                let on_pass = |d: &DesiredNetwork, r: &Result<Vec<Change>, NetError>| {
-                    let offline = health.offline();
+                let on_pass = |d: &DesiredNetwork, r: &Result<PassOutcome, NetError>| {
+                    let offline = r.as_ref().is_ok_and(|o| o.docker_offline);
                     ctx.net.send_if_modified(|s| {
                         let new = match r {
                             Ok(_) => NetStatus {
@@ -474,7 +475,6 @@ pub async fn run(common: &Common, args: &AgentArgs) -> anyhow::Result<ExitCode> 
         );
         let net_config = config.net_config();
         let kernel = Kernel::system(&net_config).context("opening the host's network")?;
-        let (kernel, health) = docker::tolerant(kernel, net_config.docker_ready_timeout);
         let wireguard = wireguard_identity(&kernel, &net_config);
         let control = control::Control {
             wireguard: kernel.wireguard.clone(),
@@ -493,7 +493,6 @@ pub async fn run(common: &Common, args: &AgentArgs) -> anyhow::Result<ExitCode> 
         let mut running = start(
             settings,
             reconciler,
-            health,
             DockerSource::new(&config.docker_host),
             client,
             persisted,

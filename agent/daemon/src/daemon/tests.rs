@@ -24,7 +24,6 @@ use geomx_proto::v1::{
 use tempfile::TempDir;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
-use super::docker::tolerant;
 use geomx_runtime::fake::FakeEngine;
 use geomx_runtime::{RuntimeError, SandboxConfig};
 
@@ -267,7 +266,7 @@ fn agent(
     engine: &FakeEngine,
     persisted: Option<DesiredState>,
 ) -> Running<FakeEngine> {
-    let (kernel, health) = tolerant(fake.kernel(), Duration::from_secs(1));
+    let kernel = fake.kernel();
     let mut net = NetConfig::new(&settings.host);
     net.interval = settings.network_interval;
     let reconciler = Reconciler::new(net, kernel);
@@ -275,7 +274,6 @@ fn agent(
     start(
         settings,
         reconciler,
-        health,
         FakeSource(engine.clone()),
         AgentServiceClient::new(channel),
         persisted,

@@ -1,5 +1,6 @@
 //! [`Firewall`] through the iptables crate (which runs the `iptables` binary of the
-//! calling thread's network namespace).
+//! calling thread's network namespace) for reading, and `iptables-restore --noflush` for
+//! every change (one atomic transaction per table).
 
 use std::error::Error;
 use std::process::Command;
@@ -86,43 +87,46 @@ impl Firewall for IptablesFirewall {
             .collect())
     }
 
-    fn new_chain(&self, table: &str, chain: &str) -> Result<()> {
-        self.ipt
-            .new_chain(table, chain)
-            .map_err(|e| NetError::iptables(format!("create chain {table} {chain}"), text(e)))
-    }
-
-    fn flush_chain(&self, table: &str, chain: &str) -> Result<()> {
-        self.ipt
-            .flush_chain(table, chain)
-            .map_err(|e| NetError::iptables(format!("flush chain {table} {chain}"), text(e)))
-    }
-
-    fn delete_chain(&self, table: &str, chain: &str) -> Result<()> {
-        self.ipt
-            .delete_chain(table, chain)
-            .map_err(|e| NetError::iptables(format!("delete chain {table} {chain}"), text(e)))
-    }
-
-    fn append(&self, table: &str, chain: &str, rule: &RuleSpec) -> Result<()> {
-        self.ipt
-            .append(table, chain, &rule.to_string())
-            .map_err(|e| NetError::iptables(format!("-t {table} -A {chain} {rule}"), text(e)))
-    }
-
-    fn insert(&self, table: &str, chain: &str, rule: &RuleSpec, position: u32) -> Result<()> {
-        let pos = i32::try_from(position).unwrap_or(i32::MAX);
-        self.ipt
-            .insert(table, chain, &rule.to_string(), pos)
-            .map_err(|e| {
-                NetError::iptables(format!("-t {table} -I {chain} {position} {rule}"), text(e))
-            })
-    }
-
-    fn delete(&self, table: &str, chain: &str, rule: &RuleSpec) -> Result<()> {
-        self.ipt
-            .delete(table, chain, &rule.to_string())
-            .map_err(|e| NetError::iptables(format!("-t {table} -D {chain} {rule}"), text(e)))
+    fn restore(&self, payload: &str) -> Result<()> {
+        use std::io::Write;
+        use std::process::Stdio;
+        let op = || {
+            let first = payload.lines().next().unwrap_or("");
+            format!("iptables-restore --noflush ({first})")
+        };
+        let mut child = Command::new("iptables-restore")
+            .args(["--noflush", "--wait", "5"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| NetError::iptables(op(), format!("{e} (install the iptables package)")))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(payload.as_bytes())
+                .map_err(|e| NetError::iptables(op(), e.to_string()))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| NetError::iptables(op(), e.to_string()))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        // "line N failed": name the line, so the error says which rule was refused
+        let line = stderr
+            .split("line ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .and_then(|n| payload.lines().nth(n.saturating_sub(1)));
+        Err(NetError::iptables(
+            op(),
+            match line {
+                Some(l) => format!("{stderr} (the line: {l})"),
+                None => stderr,
+            },
+        ))
     }
 
     fn supports_random_fully(&self) -> bool {

@@ -39,6 +39,11 @@ impl NetlinkRoutes {
         Ok(NetlinkRoutes { handle })
     }
 
+    /// The netlink handle (shared with [`super::NetlinkVxlan`]).
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
     async fn link_names(&self) -> Result<BTreeMap<u32, String>> {
         let mut names = BTreeMap::new();
         let mut links = self.handle.link().get().execute();
@@ -155,6 +160,9 @@ impl Routes for NetlinkRoutes {
                     .map(|(i, _)| *i)
                     .ok_or_else(|| NetError::netlink(&what, format!("no link {dev}")))?;
                 m.attributes.push(RouteAttribute::Oif(index));
+                if route.onlink {
+                    m.header.flags |= rtnetlink::packet_route::route::RouteFlags::Onlink;
+                }
                 if route.gateway.is_none() {
                     m.header.scope = rtnetlink::packet_route::route::RouteScope::Link;
                 }
