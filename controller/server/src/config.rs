@@ -15,7 +15,8 @@
 //! grace_period = "10s"
 //! shutdown_timeout = "10s"
 //! backend = "auto"              # the cluster's data plane: auto (host-gw on a shared LAN,
-//!                               # WireGuard to other networks), host-gw or wireguard; an
+//!                               # WireGuard to other networks), host-gw, wireguard or
+//!                               # vxlan (unencrypted: trusted networks only); an
 //!                               # agent's own `backend` overrides it
 //! lease_ttl = "7d"              # a host lost this long is forgotten, its subnet freed; "0s": never
 //! job_retention = "30d"         # an ended job is removed this long after it ended; "0s": never
@@ -95,7 +96,7 @@ pub struct Args {
     /// Time allowed for a graceful shutdown [default: 10s].
     #[arg(long, env = "GEOMX_CONTROLLER_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Option<Duration>,
-    /// The cluster's data-plane backend: auto, host-gw or wireguard [default: auto].
+    /// The cluster's data-plane backend: auto, host-gw, wireguard or vxlan [default: auto].
     #[arg(long, env = "GEOMX_CONTROLLER_BACKEND")]
     pub backend: Option<String>,
     /// A host lost for this long is forgotten and its subnet released; 0s: never [default: 7d].
@@ -144,7 +145,7 @@ pub struct ControllerConfig {
     pub lease_ttl: Duration,
     /// An ended job is removed this long after it ended; zero: never.
     pub job_retention: Duration,
-    /// The cluster's default data-plane backend (`auto`, `host-gw`, `wireguard`).
+    /// The cluster's default data-plane backend (`auto`, `host-gw`, `wireguard`, `vxlan`).
     pub backend: String,
     /// TLS files; required unless `insecure`.
     pub tls: Option<TlsFiles>,
@@ -406,9 +407,9 @@ fn resolve(
         |v| {
             let b = v.unwrap_or_else(|f| f);
             match b.as_str() {
-                "auto" | "host-gw" | "wireguard" => Ok(b),
+                "auto" | "host-gw" | "wireguard" | "vxlan" => Ok(b),
                 other => Err(format!(
-                    "{other:?} is not a backend: use \"auto\", \"host-gw\" or \"wireguard\""
+                    "{other:?} is not a backend: use \"auto\", \"host-gw\", \"wireguard\" or \"vxlan\""
                 )),
             }
         },

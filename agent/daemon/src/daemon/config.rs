@@ -21,7 +21,8 @@
 //! network_interval = "10s"                # periodic network re-check
 //! logs_retention = "7d"                   # output of removed containers kept this long
 //! backend = "auto"                        # data plane to peers: auto (host-gw on the LAN,
-//!                                         # wireguard elsewhere), host-gw or wireguard;
+//!                                         # wireguard elsewhere), host-gw, wireguard or
+//!                                         # vxlan (unencrypted);
 //!                                         # default: the controller's
 //! wireguard_port = 7951                   # WireGuard's UDP port on the underlay address
 //! [tls]
@@ -94,8 +95,8 @@ pub struct AgentArgs {
     /// How long the output of removed role containers is kept on disk [default: 7d].
     #[arg(long, env = "GEOMX_LOGS_RETENTION", value_parser = humantime::parse_duration)]
     pub logs_retention: Option<Duration>,
-    /// Data-plane backend to peers, overriding the controller's default: auto, host-gw or
-    /// wireguard.
+    /// Data-plane backend to peers, overriding the controller's default: auto, host-gw,
+    /// wireguard or vxlan.
     #[arg(long, env = "GEOMX_BACKEND")]
     pub backend: Option<String>,
     /// WireGuard's UDP port on the underlay address [default: 7951].
@@ -480,7 +481,7 @@ fn resolve(
         "backend",
         args.backend.clone(),
         file.backend,
-        typed("auto", "a backend (auto, host-gw or wireguard)", Ok),
+        typed("auto", "a backend (auto, host-gw, wireguard or vxlan)", Ok),
     )?;
     let wireguard_port = settings
         .pick_same(

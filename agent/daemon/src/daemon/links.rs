@@ -99,6 +99,7 @@ pub async fn run<E: Engine>(
                 .find(|r| r.protocol == ROUTE_PROTOCOL && r.destination == p.subnet);
             let backend = match route {
                 Some(r) if r.device.as_deref() == Some(WG_INTERFACE) => "wireguard",
+                Some(r) if r.device.as_deref() == Some(geomx_net::VXLAN_INTERFACE) => "vxlan",
                 Some(r) if r.gateway.is_some() => "host-gw",
                 _ => "none",
             };
