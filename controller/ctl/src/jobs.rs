@@ -180,6 +180,24 @@ pub fn job_json(j: &Job) -> Value {
     if !j.nodes.is_empty() {
         v["nodes"] = Value::Array(j.nodes.iter().map(node_json).collect());
     }
+    if !j.rendezvous.is_empty() {
+        v["rendezvous"] = Value::Array(
+            j.rendezvous
+                .iter()
+                .map(|r| {
+                    json!({
+                        "scheduler": r.scheduler,
+                        "host": r.host,
+                        "registered": r.registered,
+                        "expected": r.expected,
+                        "waiting": r.waiting,
+                        "complete": r.complete,
+                        "summary": r.summary,
+                    })
+                })
+                .collect(),
+        );
+    }
     v
 }
 

@@ -4,7 +4,9 @@
 //! node: NAME, ROLE, PARTY, HOST, IP, STATE (`failed(3)` with the exit code), HEARTBEAT
 //! (age of its agent's last report), EPOCH, ITER, ACC, IT/S (iterations per second over the
 //! last minute). `JOB#RUN` shows an earlier run of a reused name. `--output json` prints the
-//! job with its nodes.
+//! job with its nodes. While a scheduler's rendezvous is incomplete, the header says whom
+//! it waits for (`rendezvous: scheduler a-scheduler (host a): 2 of 3 registered, waiting
+//! for: a-worker-1 (host b)`; JSON: `rendezvous`).
 
 use std::process::ExitCode;
 
@@ -80,6 +82,9 @@ pub fn header(job: &Job, now: i64) -> String {
     out.push('\n');
     if is_terminal(job.phase) {
         out.push_str("the job's containers are removed; STATE says how each node ended\n");
+    }
+    for r in job.rendezvous.iter().filter(|r| !r.complete) {
+        out.push_str(&format!("rendezvous: {}\n", r.summary));
     }
     if !job.reason.is_empty() {
         let mut lines = job.reason.lines();
@@ -209,5 +214,44 @@ mod tests {
             row.contains("stopped by geomx when the job ended  -"),
             "never `running` beside an ended job: {row}"
         );
+    }
+
+    #[test]
+    fn a_waiting_rendezvous_says_whom_it_waits_for() {
+        use geomx_proto::v1::SchedulerRendezvous;
+        let waiting =
+            "scheduler a-scheduler (host a): 2 of 3 registered, waiting for: a-worker-1 (host b)";
+        let job = Job {
+            name: "hips".into(),
+            phase: JobPhase::Running as i32,
+            rendezvous: vec![
+                SchedulerRendezvous {
+                    scheduler: "a-scheduler".into(),
+                    registered: 2,
+                    expected: 3,
+                    waiting: vec!["a-worker-1".into()],
+                    summary: waiting.into(),
+                    ..Default::default()
+                },
+                SchedulerRendezvous {
+                    scheduler: "b-scheduler".into(),
+                    complete: true,
+                    summary:
+                        "scheduler b-scheduler (host c): 3 of 3 registered, rendezvous complete"
+                            .into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let out = header(&job, 0);
+        let lines: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("rendezvous"))
+            .collect();
+        assert_eq!(lines, [format!("rendezvous: {waiting}")], "{out}");
+        let v = job_json(&job);
+        assert_eq!(v["rendezvous"][0]["waiting"][0], "a-worker-1");
+        assert_eq!(v["rendezvous"][1]["complete"], true);
     }
 }

@@ -73,6 +73,7 @@ pub fn compile(spec: &JobSpec) -> Plan {
             stall_timeout: policy.stall_timeout().unwrap_or_default(),
             gpus_per_worker: to_u32(policy.gpus_per_worker),
             teardown_grace: policy.teardown_grace().unwrap_or_default(),
+            rendezvous_timeout: policy.rendezvous_timeout().unwrap_or_default(),
             restart_delay: policy
                 .restart_delay
                 .as_deref()
@@ -159,8 +160,16 @@ impl Compiler<'_> {
             env.insert(k.to_string(), v);
         }
         env.insert("DMLC_INTERFACE".into(), spec.interface().to_string());
-        if let Some(v) = spec.verbose {
-            env.insert("PS_VERBOSE".into(), v.to_string());
+        // schedulers log their rendezvous with PS_VERBOSE=1, which geomx follows (see
+        // docs/operations.md); `verbose` decides for every node when it is set
+        match spec.verbose {
+            Some(v) => {
+                env.insert("PS_VERBOSE".into(), v.to_string());
+            }
+            None if matches!(class, Class::Schedulers) => {
+                env.insert("PS_VERBOSE".into(), "1".into());
+            }
+            None => {}
         }
         let mounts = self.mounts(class, &facts);
         let resources = self.resources(class);

@@ -280,7 +280,7 @@ const CENTRAL_KEYS: [&str; 5] = [
     "workers",
 ];
 const PARTY_KEYS: [&str; 5] = ["name", "hosts", "workers", "scheduler_port", "servers"];
-const POLICY_KEYS: [&str; 8] = [
+const POLICY_KEYS: [&str; 9] = [
     "restart",
     "max_restarts",
     "stall_timeout",
@@ -289,6 +289,7 @@ const POLICY_KEYS: [&str; 8] = [
     "restart_delay",
     "active_deadline",
     "retry_exit_codes",
+    "rendezvous_timeout",
 ];
 const PROGRESS_KEYS: [&str; 3] = ["regex", "finished", "iterations"];
 const MOUNT_KEYS: [&str; 7] = [
@@ -641,6 +642,7 @@ workers = 2
                 restart_delay: Some("1s".into()),
                 active_deadline: Some("1h".into()),
                 retry_exit_codes: Some(vec![137]),
+                rendezvous_timeout: Some("5m".into()),
             },
             progress: Some(ProgressSpec {
                 regex: "x".into(),

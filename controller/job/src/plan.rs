@@ -76,6 +76,10 @@ pub struct Policy {
     /// Exit codes that restart the job under `on-failure`; empty for any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retry_exit_codes: Vec<i32>,
+    /// How long the schedulers' rendezvous may take once the job's nodes run (plans stored
+    /// before the key existed: the default, 5m).
+    #[serde(with = "humantime_serde", default = "default_rendezvous_timeout")]
+    pub rendezvous_timeout: Duration,
 }
 
 impl Policy {
@@ -90,6 +94,11 @@ impl Policy {
         let factor = 1u32 << n.saturating_sub(1).min(20);
         self.restart_delay.saturating_mul(factor).min(cap)
     }
+}
+
+fn default_rendezvous_timeout() -> Duration {
+    humantime::parse_duration(crate::spec::DEFAULT_RENDEZVOUS_TIMEOUT)
+        .unwrap_or(Duration::from_secs(300))
 }
 
 fn default_teardown_grace() -> Duration {

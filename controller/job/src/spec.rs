@@ -24,6 +24,8 @@ pub const DEFAULT_STALL_TIMEOUT: &str = "10m";
 /// Default `[policy].teardown_grace`: how long around the end of training a scheduler or
 /// server may crash (GeoMX's `ps::Finalize` segfaults) and a finished worker may linger.
 pub const DEFAULT_TEARDOWN_GRACE: &str = "10s";
+/// Default `[policy].rendezvous_timeout`: how long the schedulers' rendezvous may take.
+pub const DEFAULT_RENDEZVOUS_TIMEOUT: &str = "5m";
 /// Longest `[policy].teardown_grace`.
 pub const TEARDOWN_GRACE_MAX_SECS: u64 = 3600;
 /// The longest wait between two gang restarts, however `[policy].restart_delay` doubles.
@@ -468,6 +470,11 @@ pub struct PolicySpec {
     /// geomx stops it (humantime); default [`DEFAULT_TEARDOWN_GRACE`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teardown_grace: Option<String>,
+    /// How long after the job's nodes run every scheduler's rendezvous may take before the
+    /// job fails naming the nodes that never registered (humantime); default
+    /// [`DEFAULT_RENDEZVOUS_TIMEOUT`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rendezvous_timeout: Option<String>,
     /// With `on-failure`: the wait before the first gang restart, doubled for each further
     /// one, at most [`RESTART_DELAY_CAP_SECS`] (humantime); default none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -611,6 +618,18 @@ impl PolicySpec {
     /// `teardown_grace` parsed.
     pub fn teardown_grace(&self) -> Result<Duration, humantime::DurationError> {
         humantime::parse_duration(self.teardown_grace_text())
+    }
+
+    /// `rendezvous_timeout` as written (or the default).
+    pub fn rendezvous_timeout_text(&self) -> &str {
+        self.rendezvous_timeout
+            .as_deref()
+            .unwrap_or(DEFAULT_RENDEZVOUS_TIMEOUT)
+    }
+
+    /// `rendezvous_timeout` parsed.
+    pub fn rendezvous_timeout(&self) -> Result<Duration, humantime::DurationError> {
+        humantime::parse_duration(self.rendezvous_timeout_text())
     }
 }
 

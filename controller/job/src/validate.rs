@@ -1075,6 +1075,28 @@ fn check_policy(spec: &JobSpec, p: &mut Problems) {
             }
         }
     }
+    match policy.rendezvous_timeout() {
+        Err(e) => p.value(
+            "policy.rendezvous_timeout",
+            format!(
+                "{ctx}rendezvous_timeout = {:?} is not a duration ({e}); write e.g. \"5m\", \"30s\"",
+                policy.rendezvous_timeout_text()
+            ),
+        ),
+        Ok(d)
+            if d.as_secs() < limits::STALL_TIMEOUT_MIN_SECS
+                || d > std::time::Duration::from_secs(limits::STALL_TIMEOUT_MAX_SECS) =>
+        {
+            p.value(
+                "policy.rendezvous_timeout",
+                format!(
+                    "{ctx}rendezvous_timeout = {:?}: must be between 10s and 7days",
+                    policy.rendezvous_timeout_text()
+                ),
+            )
+        }
+        Ok(_) => {}
+    }
     match policy.teardown_grace() {
         Err(e) => p.value(
             "policy.teardown_grace",

@@ -200,9 +200,10 @@ proptest! {
             prop_assert_eq!(n.resources.cpus, want.cpus);
             prop_assert_eq!(n.resources.pids, Some(want.pids.unwrap_or(geomx_job::DEFAULT_PIDS_LIMIT) as u64));
         }
-        // PS_VERBOSE exactly when verbose is set.
+        // PS_VERBOSE: `verbose` when set, else 1 on schedulers only.
         for n in &plan.nodes {
-            prop_assert_eq!(n.env.get("PS_VERBOSE").cloned(), spec.verbose.map(|v| v.to_string()));
+            let want = spec.verbose.map(|v| v.to_string()).or_else(|| n.role.is_scheduler().then(|| "1".to_string()));
+            prop_assert_eq!(n.env.get("PS_VERBOSE").cloned(), want);
         }
         // Node count.
         let expected = match spec.mode {

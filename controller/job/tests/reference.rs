@@ -312,16 +312,17 @@ fn mxnet_ps_is_one_party_with_two_servers_and_four_workers() {
     );
     let uri = "{{ps-scheduler.ip}}";
     for node in &plan.nodes {
-        let role = match node.role {
-            Role::Scheduler => "scheduler",
-            Role::Server => "server",
-            Role::Worker => "worker",
+        // (no `verbose`: PS_VERBOSE=1 on the scheduler only, for its rendezvous)
+        let (role, verbose) = match node.role {
+            Role::Scheduler => ("scheduler", " PS_VERBOSE=1"),
+            Role::Server => ("server", ""),
+            Role::Worker => ("worker", ""),
             other => panic!("unexpected role {other:?}"),
         };
         assert_eq!(
             node.env,
             env(&format!(
-                "DMLC_ROLE={role} DMLC_PS_ROOT_URI={uri} DMLC_PS_ROOT_PORT=9091 DMLC_NUM_SERVER=2 DMLC_NUM_WORKER=4 DMLC_INTERFACE=eth0"
+                "DMLC_ROLE={role} DMLC_PS_ROOT_URI={uri} DMLC_PS_ROOT_PORT=9091 DMLC_NUM_SERVER=2 DMLC_NUM_WORKER=4 DMLC_INTERFACE=eth0{verbose}"
             )),
             "{}",
             node.name

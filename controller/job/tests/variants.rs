@@ -402,7 +402,17 @@ hosts = ["h"]
 workers = 1
 "#;
     let plan = geomx_job::plan("quiet.toml", src).expect("valid");
-    assert!(plan.nodes.iter().all(|n| !n.env.contains_key("PS_VERBOSE")));
+    // without `verbose`: PS_VERBOSE=1 on the schedulers only (geomx follows their
+    // rendezvous), on no other node
+    for n in &plan.nodes {
+        let want = n.role.is_scheduler().then_some("1");
+        assert_eq!(
+            n.env.get("PS_VERBOSE").map(String::as_str),
+            want,
+            "{}",
+            n.name
+        );
+    }
     assert!(plan.nodes.iter().all(|n| n.env["DMLC_INTERFACE"] == "eth0"));
     assert_eq!(plan.node("p-scheduler").expect("s").binds, Some(9094));
 }

@@ -409,12 +409,13 @@ pub fn check_plan_matches_spec(spec: &JobSpec, plan: &Plan) {
             "{}",
             n.name
         );
-        assert_eq!(
-            n.env.get("PS_VERBOSE").cloned(),
-            spec.verbose.map(|v| v.to_string()),
-            "{}",
-            n.name
-        );
+        // `verbose` for every node when set; else PS_VERBOSE=1 on schedulers only (geomx
+        // follows their rendezvous)
+        let verbose = spec
+            .verbose
+            .map(|v| v.to_string())
+            .or_else(|| n.role.is_scheduler().then(|| "1".to_string()));
+        assert_eq!(n.env.get("PS_VERBOSE").cloned(), verbose, "{}", n.name);
         // The user's variables: all, then the node's class (later wins).
         let class = match n.role {
             Role::GlobalScheduler | Role::Scheduler => &spec.env.schedulers,

@@ -299,6 +299,7 @@ pub fn job_spec(data: &[u8]) -> JobSpec {
         restart_delay: None,
         active_deadline: None,
         retry_exit_codes: None,
+        rendezvous_timeout: None,
     };
     let progress = c.bool().then(|| ProgressSpec {
         regex: c.string(&REGEXES),

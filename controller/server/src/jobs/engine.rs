@@ -49,6 +49,7 @@ use geomx_job::{Network, Plan, RestartPolicy, Role};
 use geomx_proto::v1::NodeStatus;
 
 use super::record::{JobMeta, NodeRecord, NodeState, Phase};
+use super::rendezvous;
 use crate::store::EventRecord;
 
 /// Lines of a node's log tail quoted in a failure reason.
@@ -75,6 +76,9 @@ pub struct PlanIndex {
     pub by_host: BTreeMap<String, Vec<usize>>,
     /// The schedulers, in plan order.
     pub schedulers: Vec<usize>,
+    /// Per scheduler: the nodes that register with it (see [`super::rendezvous`]); empty
+    /// for other nodes.
+    pub members: Vec<Vec<usize>>,
 }
 
 /// A plan that cannot be deployed (a placeholder or `reaches` naming no node).
@@ -137,6 +141,7 @@ impl PlanIndex {
             .iter()
             .map(|n| matches!(n.role, Role::Worker | Role::MasterWorker))
             .collect();
+        let members = super::rendezvous::members(&plan);
         Ok(PlanIndex {
             plan,
             index,
@@ -145,6 +150,7 @@ impl PlanIndex {
             training,
             by_host,
             schedulers,
+            members,
         })
     }
 
@@ -593,7 +599,17 @@ pub fn evaluate(
         observe(idx, &mut d, soft);
         training_finished(idx, &mut d, soft);
     }
-    if let Some(reason) = node_problem(idx, &mut d, soft, ctx) {
+    let waits = if matches!(d.meta.phase, Phase::Starting | Phase::Running) {
+        rendezvous::of_run(idx, |i| d.node(i), soft)
+    } else {
+        Vec::new()
+    };
+    announce_rendezvous(idx, &mut d, &waits);
+    if let Some(reason) = node_problem(idx, &mut d, soft, ctx, &waits) {
+        fail(idx, &mut d, reason, true);
+        return d.finish();
+    }
+    if let Some(reason) = rendezvous_timed_out(idx, &mut d, soft, ctx, &waits) {
         fail(idx, &mut d, reason, true);
         return d.finish();
     }
@@ -608,6 +624,64 @@ pub fn evaluate(
     start_ready(idx, &mut d);
     advance(idx, &mut d);
     d.finish()
+}
+
+/// An event per change of a scheduler's rendezvous ("2 of 3 registered, waiting for ...");
+/// the last one is kept in the scheduler's record.
+fn announce_rendezvous(idx: &PlanIndex, d: &mut Draft<'_>, waits: &[rendezvous::Wait]) {
+    for w in waits {
+        let text = rendezvous::summary(idx, w);
+        if d.node(w.scheduler).rendezvous == text {
+            continue;
+        }
+        let n = &idx.plan.nodes[w.scheduler];
+        d.node_mut(w.scheduler).rendezvous.clone_from(&text);
+        d.event("Rendezvous", text, &n.name, &n.host);
+    }
+}
+
+/// The reason to fail when a scheduler still waits `rendezvous_timeout` after it and every
+/// node it waits for ran (see [`super::rendezvous`]).
+fn rendezvous_timed_out(
+    idx: &PlanIndex,
+    d: &mut Draft<'_>,
+    soft: &JobSoft,
+    ctx: &Ctx<'_>,
+    waits: &[rendezvous::Wait],
+) -> Option<String> {
+    let timeout = idx.plan.policy.rendezvous_timeout;
+    let mut late = Vec::new();
+    let mut waited_most = Duration::ZERO;
+    for w in waits
+        .iter()
+        .filter(|w| !w.complete && !w.waiting.is_empty())
+    {
+        // from when the scheduler and all its members run (a member not running yet is
+        // another problem, or not one yet)
+        let since = std::iter::once(w.scheduler)
+            .chain(idx.members[w.scheduler].iter().copied())
+            .map(|i| soft.nodes[i].running_since)
+            .collect::<Option<Vec<Instant>>>()
+            .and_then(|v| v.into_iter().max());
+        let Some(since) = since else { continue };
+        let waited = ctx.now.saturating_duration_since(since);
+        if waited > timeout {
+            waited_most = waited_most.max(waited);
+            late.push(w.clone());
+        }
+    }
+    if late.is_empty() {
+        return None;
+    }
+    let reason = rendezvous::timeout_reason(idx, waits, waited_most, timeout);
+    let first = &idx.plan.nodes[late[0].scheduler];
+    d.event(
+        "RendezvousTimeout",
+        reason.clone(),
+        &first.name,
+        &first.host,
+    );
+    Some(reason)
 }
 
 fn plural(n: usize) -> &'static str {
@@ -1177,6 +1251,7 @@ fn node_problem(
     d: &mut Draft<'_>,
     soft: &JobSoft,
     ctx: &Ctx<'_>,
+    waits: &[rendezvous::Wait],
 ) -> Option<String> {
     let grace = idx.plan.policy.teardown_grace;
     let training_done = all_training_done(idx, d);
@@ -1290,6 +1365,13 @@ fn node_problem(
         }
         if soft.hosts.get(&n.host).is_some_and(|h| !h.nodes_known) {
             // its agent does not see it (not adopted yet): no news is not a stall
+            continue;
+        }
+        if waits
+            .iter()
+            .any(|w| !w.complete && idx.waits_for[i].contains(&w.scheduler))
+        {
+            // still in its rendezvous: rendezvous_timeout names who is missing
             continue;
         }
         let last = s.progress_at.map_or(since, |p| p.max(since));
@@ -2803,5 +2885,179 @@ workers = 1
     fn names_are_listed_with_a_limit() {
         assert_eq!(list_names(["a", "b"], 3), "a, b");
         assert_eq!(list_names(["a", "b", "c", "d"], 2), "a, b and 2 more");
+    }
+
+    fn rendezvous_report(f: &mut Fixture, node: &str, r: geomx_proto::v1::Rendezvous) {
+        let i = f.i(node);
+        let st = NodeStatus {
+            job: f.meta.name.clone(),
+            node: node.into(),
+            generation: f.meta.generation,
+            state: ContainerState::Running as i32,
+            ip: f.nodes[i].ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            rendezvous: Some(r),
+            ..Default::default()
+        };
+        f.report_status(st);
+    }
+
+    fn ip_of(f: &Fixture, node: &str) -> String {
+        f.nodes[f.i(node)]
+            .ip
+            .map(|ip| ip.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn schedulers_members_come_from_their_addresses() {
+        let idx = index(ROUTED);
+        let names = |s: &str| -> Vec<&str> {
+            idx.members[idx.index[s]]
+                .iter()
+                .map(|&i| idx.plan.nodes[i].name.as_str())
+                .collect()
+        };
+        assert_eq!(
+            names("p-scheduler"),
+            ["p-server", "p-worker-0", "p-worker-1"]
+        );
+        assert_eq!(names("global-scheduler"), ["global-server-0", "p-server"]);
+        assert_eq!(
+            names("central-scheduler"),
+            ["global-server-0", "master-worker"]
+        );
+        assert!(names("p-worker-0").is_empty());
+    }
+
+    /// Item 3 of issue 17: per scheduler "k of n registered, waiting for", as events;
+    /// a rendezvous still waiting `rendezvous_timeout` after everything runs fails the job
+    /// naming the node that never registered and its host; its workers are not "stalled"
+    /// meanwhile, and a party server waiting for its own party is not blamed.
+    #[test]
+    fn a_rendezvous_that_never_completes_names_the_missing_node() {
+        use geomx_proto::v1::{Registration, Rendezvous};
+        let mut f = Fixture::new(&with_policy(ROUTED, "rendezvous_timeout = \"20s\""));
+        f.run_everything();
+        // the central party trains (its scheduler is not followed here)
+        let master = |it: u64| NodeStatus {
+            node: "master-worker".into(),
+            state: ContainerState::Running as i32,
+            progress: Some(Progress {
+                iteration: it,
+                observed_at_ms: i64::try_from(it).unwrap_or(0),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        f.report_status(master(1));
+        // p-worker-1 never started its process: only the server and p-worker-0 reached
+        // their scheduler; the global scheduler counts 1 of 2 (p-server waits for its party)
+        let connected = vec![ip_of(&f, "p-server"), ip_of(&f, "p-worker-0")];
+        rendezvous_report(
+            &mut f,
+            "p-scheduler",
+            Rendezvous {
+                connected: connected.clone(),
+                ..Default::default()
+            },
+        );
+        let global_server = ip_of(&f, "global-server-0");
+        rendezvous_report(
+            &mut f,
+            "global-scheduler",
+            Rendezvous {
+                count: 1,
+                expected: 2,
+                connected: vec![global_server],
+                ..Default::default()
+            },
+        );
+        let c = f.pass(None);
+        let said: Vec<&str> = c
+            .events
+            .iter()
+            .filter(|e| e.kind == "Rendezvous")
+            .map(|e| e.message.as_str())
+            .collect();
+        assert_eq!(
+            said,
+            [
+                "scheduler global-scheduler (host a): 1 of 2 registered (ps-lite counts 1 of 2), waiting for: p-server (host b)",
+                "scheduler p-scheduler (host b): 2 of 3 registered, waiting for: p-worker-1 (host b)",
+            ]
+        );
+        assert!(f.pass(None).is_empty(), "announced once");
+        // past the stall timeout (10s): the party's workers are in their rendezvous
+        for s in [11u64, 20] {
+            f.now = f.t0 + Duration::from_secs(s);
+            f.report_status(master(s));
+            let c = f.pass(None);
+            assert!(c.is_empty(), "not failed at {s}s: {:?}", c.events);
+        }
+        f.now = f.t0 + Duration::from_secs(21);
+        f.report_status(master(21));
+        let c = f.pass(None);
+        assert_eq!(Fixture::kinds(&c), ["RendezvousTimeout", "Failed"]);
+        assert_eq!(f.meta.phase, Phase::Failed);
+        let first = f.meta.reason.lines().next().unwrap_or_default();
+        assert_eq!(
+            first,
+            "rendezvous timed out after 21s (rendezvous_timeout 20s): p-worker-1 (worker) on host b never registered",
+            "{}",
+            f.meta.reason
+        );
+        assert!(
+            f.meta.reason.contains("waiting for: p-worker-1 (host b)"),
+            "{}",
+            f.meta.reason
+        );
+
+        // the same, completed in time: the scheduler's own lines say so
+        let mut f = Fixture::new(&with_policy(ROUTED, "rendezvous_timeout = \"20s\""));
+        f.run_everything();
+        let registered = ["p-server", "p-worker-0", "p-worker-1"]
+            .iter()
+            .map(|n| Registration {
+                role: "worker".into(),
+                ip: ip_of(&f, n),
+                port: 1,
+            })
+            .collect();
+        rendezvous_report(
+            &mut f,
+            "p-scheduler",
+            Rendezvous {
+                registered,
+                complete: true,
+                ..Default::default()
+            },
+        );
+        f.report_status(master(1));
+        let c = f.pass(None);
+        assert_eq!(
+            c.events
+                .iter()
+                .map(|e| e.message.as_str())
+                .collect::<Vec<_>>(),
+            ["scheduler p-scheduler (host b): 3 of 3 registered, rendezvous complete"]
+        );
+        f.now = f.t0 + Duration::from_secs(25);
+        f.report_status(master(25));
+        for w in ["p-worker-0", "p-worker-1"] {
+            let mut st = NodeStatus {
+                node: w.into(),
+                state: ContainerState::Running as i32,
+                progress: Some(Progress {
+                    iteration: 3,
+                    observed_at_ms: 3,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            st.ip = ip_of(&f, w);
+            f.report_status(st);
+        }
+        assert!(f.pass(None).is_empty());
+        assert_eq!(f.meta.phase, Phase::Running);
     }
 }

@@ -27,6 +27,7 @@ pub mod limits;
 pub mod logs;
 pub mod placement;
 pub mod record;
+pub mod rendezvous;
 pub mod stub;
 pub mod view;
 

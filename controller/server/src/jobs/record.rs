@@ -239,6 +239,10 @@ pub struct NodeRecord {
     /// ended", ...); set once its job ended.
     #[serde(default)]
     pub end: String,
+    /// A scheduler's rendezvous as last announced in an event (see
+    /// [`super::rendezvous::summary`]); empty for other nodes and until known.
+    #[serde(default)]
+    pub rendezvous: String,
 }
 
 impl NodeRecord {

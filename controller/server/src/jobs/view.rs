@@ -3,10 +3,13 @@
 use std::time::Instant;
 
 use geomx_job::{MountType, Network, Node, Plan};
-use geomx_proto::v1::{ContainerSpec, Event, Job, JobNode, Mount, NodeStatus, Resources};
+use geomx_proto::v1::{
+    ContainerSpec, Event, Job, JobNode, Mount, NodeStatus, Resources, SchedulerRendezvous,
+};
 
 use super::engine::{JobSoft, PlanIndex, waiting_for};
-use super::record::{JobMeta, NodeRecord, NodeState};
+use super::record::{JobMeta, NodeRecord, NodeState, Phase};
+use super::rendezvous;
 use crate::store::EventRecord;
 
 /// What a view needs of a run.
@@ -62,7 +65,43 @@ pub fn job_message(run: RunRef<'_>, with_nodes: bool, now: Instant) -> Job {
         },
         node_count: u32::try_from(run.idx.len()).unwrap_or(u32::MAX),
         running_nodes: u32::try_from(running).unwrap_or(u32::MAX),
+        rendezvous: if with_nodes {
+            rendezvous_messages(run)
+        } else {
+            Vec::new()
+        },
     }
+}
+
+/// The rendezvous of the run's followed schedulers, while it starts or runs.
+fn rendezvous_messages(run: RunRef<'_>) -> Vec<SchedulerRendezvous> {
+    let Some(soft) = run.soft else {
+        return Vec::new();
+    };
+    if !matches!(run.meta.phase, Phase::Starting | Phase::Running) {
+        return Vec::new();
+    }
+    let idx = run.idx;
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    rendezvous::of_run(idx, |i| &run.nodes[i], soft)
+        .iter()
+        .map(|w| {
+            let n = &idx.plan.nodes[w.scheduler];
+            SchedulerRendezvous {
+                scheduler: n.name.clone(),
+                host: n.host.clone(),
+                registered: count(w.registered.len()),
+                expected: count(w.expected()),
+                waiting: w
+                    .waiting
+                    .iter()
+                    .map(|&i| idx.plan.nodes[i].name.clone())
+                    .collect(),
+                complete: w.complete,
+                summary: rendezvous::summary(idx, w),
+            }
+        })
+        .collect()
 }
 
 fn node_message(run: RunRef<'_>, i: usize, now: Instant) -> JobNode {
