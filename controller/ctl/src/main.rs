@@ -16,6 +16,7 @@ mod events;
 mod hosts;
 mod jobs;
 mod logs;
+mod placement;
 mod plan;
 mod rm;
 mod status;
@@ -56,6 +57,10 @@ pub struct Cli {
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// Whether `--controller` or GEOMX_CONTROLLER was given (not the default): `plan` then
+    /// checks the central party's placement against the measured links.
+    #[arg(skip)]
+    pub controller_given: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -87,9 +92,18 @@ pub enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    cli.controller_given = !matches!(
+        matches.value_source("controller"),
+        None | Some(clap::parser::ValueSource::DefaultValue)
+    );
     let result = match &cli.command {
-        Command::Plan(args) => plan::run(args, cli.output),
+        Command::Plan(args) => plan::run(args, &cli),
         Command::Submit(args) => submit::run(args, &cli),
         Command::Jobs(args) => jobs::run(args, &cli),
         Command::Status(args) => status::run(args, &cli),

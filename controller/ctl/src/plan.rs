@@ -5,16 +5,25 @@
 //! the plan as one JSON object (`{"job", "mode", "network", "policy", "progress", "nodes"}`).
 //! An invalid file prints every problem (`FILE:LINE:COL: message`) and exits with code 2;
 //! with `--output json` the problems are printed as `{"file", "errors": [...]}`.
+//!
+//! Connected to a controller (`--controller` or GEOMX_CONTROLLER given), a valid HiPS plan is
+//! also checked against the links the agents measured: a warning on standard error when the
+//! central party's host is much farther from the parties' hosts than another ready host would
+//! be ([`crate::placement`]). Standard output is the same as offline; an unreachable
+//! controller only adds a note on standard error.
 
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use geomx_job::{JobErrors, Node, Plan};
+use geomx_job::{JobErrors, Node, Plan, Role};
+use geomx_proto::v1::Host;
 
-use crate::Output;
+use crate::client::{ConnectOptions, runtime};
+use crate::placement::{CentralWarning, Rtts, central_warning};
 use crate::table::{Table, shell_join};
+use crate::{Cli, Output};
 
 /// Exit code for an invalid job file.
 const REFUSED: u8 = 2;
@@ -31,7 +40,8 @@ pub struct PlanArgs {
 }
 
 /// Runs `geomxctl plan`.
-pub fn run(args: &PlanArgs, output: Output) -> anyhow::Result<ExitCode> {
+pub fn run(args: &PlanArgs, cli: &Cli) -> anyhow::Result<ExitCode> {
+    let output = cli.output;
     let name = args.file.display().to_string();
     let src = if name == "-" {
         let mut src = String::new();
@@ -62,6 +72,18 @@ pub fn run(args: &PlanArgs, output: Output) -> anyhow::Result<ExitCode> {
                 ),
                 Output::Table => print!("{}", render_plan(&plan, args.wide)),
             }
+            if cli.controller_given {
+                match measured_hosts(cli) {
+                    Ok(hosts) => {
+                        if let Some(w) = placement_warning(&plan, &hosts) {
+                            eprintln!("warning: {w}");
+                        }
+                    }
+                    Err(e) => eprintln!(
+                        "note: the central party's placement was not checked against measured links: {e:#}"
+                    ),
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(errors) => {
@@ -79,6 +101,43 @@ pub fn run(args: &PlanArgs, output: Output) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(REFUSED))
         }
     }
+}
+
+/// The hosts the controller knows, with their measured links (within a few seconds).
+fn measured_hosts(cli: &Cli) -> anyhow::Result<Vec<Host>> {
+    let opts = ConnectOptions::from_cli(cli);
+    runtime()?.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_secs(5), crate::hosts::list(&opts))
+            .await
+            .map_err(|_| anyhow::anyhow!("the controller did not answer within 5s"))?
+    })
+}
+
+/// The central party's placement judged by `hosts`' measured links: the central host is
+/// the global scheduler's, the parties' hosts those of every other party's nodes, and the
+/// candidates every ready, uncordoned host.
+fn placement_warning(plan: &Plan, hosts: &[Host]) -> Option<CentralWarning> {
+    let scheduler = plan
+        .nodes
+        .iter()
+        .find(|n| n.role == Role::GlobalScheduler)?;
+    let parties: std::collections::BTreeSet<&str> = plan
+        .nodes
+        .iter()
+        .filter(|n| n.party != scheduler.party)
+        .map(|n| n.host.as_str())
+        .collect();
+    let mut rtts = Rtts::default();
+    for h in hosts {
+        for l in &h.links {
+            rtts.insert(&h.name, &l.peer, l.rtt_ms);
+        }
+    }
+    let candidates = hosts
+        .iter()
+        .filter(|h| h.state == "ready" && !h.cordoned)
+        .map(|h| h.name.as_str());
+    central_warning(&rtts, &scheduler.host, parties, candidates)
 }
 
 /// Every problem, one per line, then a count.
@@ -281,16 +340,84 @@ mod tests {
             file: PathBuf::from(format!("{dir}/{file}")),
             wide: false,
         };
-        let ok = run(&args("examples/mxnet-ps.toml"), Output::Json).expect("runs");
+        let ok = run(&args("examples/mxnet-ps.toml"), &cli(Output::Json)).expect("runs");
         assert_eq!(ok, ExitCode::SUCCESS);
         let invalid = run(
             &args("controller/job/tests/invalid/01-hips-party-two-servers.toml"),
-            Output::Table,
+            &cli(Output::Table),
         )
         .expect("runs");
         assert_eq!(invalid, ExitCode::from(REFUSED));
-        let missing = run(&args("no-such-job.toml"), Output::Table).expect("runs");
+        let missing = run(&args("no-such-job.toml"), &cli(Output::Table)).expect("runs");
         assert_eq!(missing, ExitCode::from(REFUSED));
+    }
+
+    /// A command line without `--controller`: the offline plan.
+    fn cli(output: Output) -> Cli {
+        use clap::Parser;
+        let mut c = Cli::try_parse_from(["geomxctl", "plan", "x.toml"]).expect("parses");
+        c.output = output;
+        assert!(!c.controller_given);
+        c
+    }
+
+    fn host(name: &str, links: &[(&str, f64)]) -> Host {
+        Host {
+            name: name.into(),
+            state: "ready".into(),
+            links: links
+                .iter()
+                .map(|(peer, rtt_ms)| geomx_proto::v1::PeerLink {
+                    peer: (*peer).into(),
+                    backend: "wireguard".into(),
+                    rtt_ms: *rtt_ms,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_central_party_is_judged_by_the_measured_links() {
+        // examples/hips.toml: the central party on a, parties on b and c; d sits beside b
+        // and c (a is across an ocean)
+        let plan = geomx_job::plan("h", &example("hips.toml")).expect("valid");
+        let far = vec![
+            host("a", &[("b", 80.0), ("c", 80.0), ("d", 80.0)]),
+            host("b", &[("a", 80.0), ("c", 20.0), ("d", 5.0)]),
+            host("c", &[("a", 80.0), ("b", 20.0), ("d", 5.0)]),
+            host("d", &[("a", 80.0), ("b", 5.0), ("c", 5.0)]),
+        ];
+        let w = placement_warning(&plan, &far).expect("warns");
+        assert_eq!(w.central.host, "a");
+        assert_eq!(w.better.host, "d");
+        assert_eq!(w.parties, ["b", "c"]);
+        let text = w.to_string();
+        assert!(text.contains("host a") && text.contains("host d"), "{text}");
+        assert!(text.contains("sum 160.0 ms, max 80.0 ms from a"), "{text}");
+        assert!(text.contains("sum 10.0 ms, max 5.0 ms from d"), "{text}");
+
+        // d cordoned, and b, c each 20 ms from the other: a (80 ms) is still much farther
+        // than b (0 + 20)
+        let mut cordoned = far.clone();
+        cordoned[3].cordoned = true;
+        assert_eq!(
+            placement_warning(&plan, &cordoned).map(|w| w.better.host),
+            Some("b".to_owned())
+        );
+        // every data center 40 ms from every other: no host is much nearer
+        let even = vec![
+            host("a", &[("b", 40.0), ("c", 40.0)]),
+            host("b", &[("a", 40.0), ("c", 40.0)]),
+            host("c", &[("a", 40.0), ("b", 40.0)]),
+        ];
+        assert_eq!(placement_warning(&plan, &even), None);
+        // nothing measured yet (a controller whose agents just started), or a ps job
+        let fresh: Vec<Host> = ["a", "b", "c"].iter().map(|h| host(h, &[])).collect();
+        assert_eq!(placement_warning(&plan, &fresh), None);
+        let ps = geomx_job::plan("p", &example("mxnet-ps.toml")).expect("valid");
+        assert_eq!(placement_warning(&ps, &far), None);
     }
 
     #[test]

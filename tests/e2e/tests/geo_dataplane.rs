@@ -354,6 +354,48 @@ fn rotate_key_keeps_traffic_flowing(c: &Cluster, ips: &[Ipv4Addr]) -> anyhow::Re
     Ok(())
 }
 
+/// `geomxctl plan` of the HiPS job with the central party moved to b (dc2) and the parties to
+/// a and a2 (dc1, 80 ms away): connected, it warns naming b and a nearer host of dc1 with the
+/// measured figures; offline it prints the same plan and no warning.
+fn plan_warns_of_a_far_central_party(c: &Cluster, hips: &str) -> anyhow::Result<()> {
+    let moved = hips
+        .replacen("host = \"a\"", "host = \"b\"", 1)
+        .replacen("hosts = [\"b\"]", "hosts = [\"a\"]", 1)
+        .replacen("hosts = [\"c\"]", "hosts = [\"a2\"]", 1);
+    ensure!(
+        moved.contains("hosts = [\"a2\"]"),
+        "hips.toml changed:\n{hips}"
+    );
+    let file = c.lab().dir().join("far-central.toml");
+    std::fs::write(&file, &moved)?;
+    let path = file.display().to_string();
+    // the links' medians follow the 40 ms set above within a few probes
+    let (out, err) = eventually("plan to warn", Duration::from_secs(40), || {
+        let o = c.ctl(&["plan", &path]).ok()?;
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        (o.status.success() && err.contains("warning: the central party's host b is much farther"))
+            .then(|| (String::from_utf8_lossy(&o.stdout).into_owned(), err))
+    })?;
+    eprintln!("{}", err.trim());
+    ensure!(
+        err.contains("from the parties' hosts (a, a2) than host a")
+            && err.contains("consider [central] host = \"a")
+            && err.contains(" ms from b"),
+        "the warning: {err}"
+    );
+    let offline = std::process::Command::new(&c.binaries().ctl)
+        .args(["plan", &path])
+        .env_remove("GEOMX_CONTROLLER")
+        .output()?;
+    ensure!(
+        offline.status.success()
+            && String::from_utf8_lossy(&offline.stdout) == out
+            && offline.stderr.is_empty(),
+        "offline plan: {offline:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn containers_in_three_data_centers_talk_through_wireguard_and_nothing_crosses_in_clear()
 -> anyhow::Result<()> {
@@ -590,6 +632,7 @@ fn containers_in_three_data_centers_talk_through_wireguard_and_nothing_crosses_i
     c.submit_ok("hips.toml", &hips)?;
     let job = c.wait_phase("hips-mnist", "Succeeded", Duration::from_secs(180))?;
     eprintln!("HiPS across three data centers: {}", job["reason"]);
+    plan_warns_of_a_far_central_party(&c, &hips)?;
 
     // cleanup on c removes the tunnel, its routes and chains, and nothing else
     c.agent("c").stop(Duration::from_secs(10))?;
