@@ -672,3 +672,97 @@ fn teardown_crashes_and_lingering_workers_still_succeed() -> anyhow::Result<()> 
     c.down()?;
     Ok(())
 }
+
+/// Issue 17, item 3: a HiPS job whose party-a worker a-worker-1 runs but never starts
+/// ps-lite (its command sleeps). `geomxctl status` shows a-scheduler waiting for exactly
+/// that worker while it waits, and the job fails within `rendezvous_timeout` naming it and
+/// its host (not the workers that merely print no progress, nor party a's server, which
+/// waits for its own party in ps-lite).
+#[test]
+fn a_worker_that_never_joins_fails_the_rendezvous_naming_it() -> anyhow::Result<()> {
+    if !lab_tests_enabled() {
+        return Ok(());
+    }
+    let c = cluster()?;
+    let master = r#"["python", "/root/GeoMX/examples/cnn.py", "--cpu"]"#;
+    let worker = r#"["sh", "-c", "[ \"$GEOMX_NODE\" = a-worker-1 ] && exec sleep 100000; exec python /root/GeoMX/examples/cnn.py --data-slice-idx {slice} --cpu"]"#;
+    let job = std::fs::read_to_string(repo_file("examples/hips.toml"))?
+        .replace("name = \"hips-mnist\"", "name = \"rendezvous\"")
+        .replace(
+            "[policy]",
+            &format!(
+                "[command]\nworker = {worker}\nmaster = {master}\n\n[policy]\nrendezvous_timeout = \"20s\""
+            ),
+        );
+    c.submit_ok("rendezvous.toml", &job)?;
+    let submitted = Instant::now();
+
+    // while it waits: status (table and JSON) says who waits for whom
+    let waiting =
+        "scheduler a-scheduler (host b): 2 of 3 registered, waiting for: a-worker-1 (host b)";
+    // (once the other schedulers completed theirs, only a-scheduler still waits)
+    let table = eventually(
+        "status naming the missing worker alone",
+        Duration::from_secs(60),
+        || {
+            let out = c.ctl(&["status", "rendezvous"]).ok()?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let waits: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("rendezvous:"))
+                .collect();
+            (waits == [format!("rendezvous: {waiting}")]).then_some(text)
+        },
+    )
+    .with_context(|| format!("{:#}", c.job("rendezvous").unwrap_or_default()))?;
+    ensure!(
+        table.contains("Running"),
+        "every node runs while a-scheduler waits:\n{table}"
+    );
+    let job = c.job("rendezvous")?;
+    let waits = job["rendezvous"].as_array().cloned().unwrap_or_default();
+    let a = waits
+        .iter()
+        .find(|w| w["scheduler"] == "a-scheduler")
+        .with_context(|| format!("no rendezvous of a-scheduler: {job:#}"))?;
+    ensure!(
+        a["waiting"] == serde_json::json!(["a-worker-1"]) && a["registered"] == 2,
+        "{a:#}"
+    );
+    ensure!(
+        waits
+            .iter()
+            .filter(|w| w["scheduler"] != "a-scheduler")
+            .all(|w| w["complete"] == true),
+        "the other schedulers completed: {waits:#?}"
+    );
+
+    // the verdict: within rendezvous_timeout (20 s from when everything ran, plus the
+    // agents' report and resync intervals)
+    let done = wait_end(&c, "rendezvous", Duration::from_secs(90))?;
+    let took = submitted.elapsed();
+    ensure!(done["phase"] == "Failed", "not Failed: {done:#}");
+    let reason = done["reason"].as_str().unwrap_or_default();
+    let first = reason.lines().next().unwrap_or_default();
+    ensure!(
+        first.starts_with("rendezvous timed out after ")
+            && first.ends_with(
+                "(rendezvous_timeout 20s): a-worker-1 (worker) on host b never registered"
+            ),
+        "reason: {reason}"
+    );
+    ensure!(took < Duration::from_secs(60), "took {took:?}: {reason}");
+    let evs = event_texts(&c, "rendezvous")?;
+    ensure!(
+        evs.iter()
+            .any(|(k, n, m)| k == "Rendezvous" && n == "a-scheduler" && m == waiting),
+        "no event of the wait: {evs:#?}"
+    );
+    ensure!(
+        evs.iter().any(|(k, _, _)| k == "RendezvousTimeout")
+            && !evs.iter().any(|(k, _, _)| k == "Stalled"),
+        "{evs:#?}"
+    );
+    assert_no_containers_within(&c, Duration::from_secs(15))?;
+    Ok(())
+}

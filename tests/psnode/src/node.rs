@@ -4,7 +4,9 @@
 //! Wire protocol (one text line each way over a short TCP connection):
 //!
 //! - node → scheduler: `REGISTER <server|worker> <ip:port> <name>` → `OK <n>/<expected>`
-//!   (or `ERR ...` for a registration beyond the configured counts);
+//!   (or `ERR ...` for a registration beyond the configured counts); as ps-lite's ZeroMQ
+//!   connection, this one stays open for the node's lifetime (geomx's agent sees who
+//!   reached a scheduler by its connections);
 //! - scheduler → node, once complete, to the node's advertised address:
 //!   `ROSTER <local|global> <scheduler ip:port> servers=<a,b> workers=<c,d>` → `OK`;
 //! - worker → every server of its roster: `HELLO <ip:port> <name>` → `OK`;
@@ -13,6 +15,13 @@
 //!   once each worker of its local roster did (a party server says `BYE` to the global
 //!   scheduler first, where it counts as a worker). Their exit code is
 //!   `PSNODE_FINALIZE_EXIT` (0).
+//!
+//! Schedulers also print the lines GeoMX's ps-lite prints with `PS_VERBOSE=1`
+//! (`3rdparty/ps-lite/src/van.cc`, with dmlc's log prefix), which geomx's agent parses: the
+//! global scheduler `add node` and `K--N` for each registration; every scheduler, once
+//! complete, `assign id=N to node role=R, ip=I, port=P, is_recovery=0` per node and `the
+//! scheduler is connected to W workers and S servers` (global: `... P servers and G global
+//! servers`). A local scheduler prints nothing while it waits, as ps-lite.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -93,6 +102,11 @@ impl Roster {
 
 /// Sends one line to `addr` and returns the one-line answer.
 pub fn exchange(addr: &str, line: &str) -> std::io::Result<String> {
+    exchange_on(addr, line).map(|(answer, _)| answer)
+}
+
+/// [`exchange`], also returning the connection (still open).
+fn exchange_on(addr: &str, line: &str) -> std::io::Result<(String, TcpStream)> {
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{addr}: no address"));
     for sa in addr.to_socket_addrs()? {
         match TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT) {
@@ -101,13 +115,25 @@ pub fn exchange(addr: &str, line: &str) -> std::io::Result<String> {
                 s.set_write_timeout(Some(IO_TIMEOUT))?;
                 s.write_all(format!("{line}\n").as_bytes())?;
                 let mut answer = String::new();
-                BufReader::new(s).read_line(&mut answer)?;
-                return Ok(answer.trim().to_string());
+                BufReader::new(&s).read_line(&mut answer)?;
+                return Ok((answer.trim().to_string(), s));
             }
             Err(e) => last = e,
         }
     }
     Err(last)
+}
+
+/// The registrations' connections, kept open (see the module docs).
+static KEPT: Mutex<Vec<TcpStream>> = Mutex::new(Vec::new());
+
+/// A line as ps-lite's `PS_VLOG(1)` prints it: `[HH:MM:SS] src/van.cc:LINE: text`.
+fn ps_log(line: u32, text: &str) {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    println!("[{h:02}:{m:02}:{s:02}] src/van.cc:{line}: {text}");
 }
 
 fn read_line(stream: &TcpStream) -> std::io::Result<String> {
@@ -246,6 +272,10 @@ pub fn run_scheduler(role: Role, sched: &Scheduler, finalize_exit: i32) -> Resul
             };
             let answer = register(&reg, &sched, name, kind, node_addr, node_name, &peer);
             reply(&stream, &answer);
+            // the node keeps the connection (as ZeroMQ does) until it ends
+            if answer.starts_with("OK") && stream.set_read_timeout(None).is_ok() {
+                let _ = std::io::copy(&mut &stream, &mut std::io::sink());
+            }
         });
     }
     Ok(())
@@ -290,8 +320,60 @@ fn register(
         "psnode {name} {addr}: registered {} {n}/{want} {node_addr} ({node_name})",
         kind.as_str()
     );
+    let global = sched.layer == Layer::Global;
+    if global {
+        ps_log(256, "add node");
+        ps_log(
+            105,
+            &format!(
+                "{}--{}",
+                r.servers.len() + r.workers.len(),
+                sched.servers + sched.workers
+            ),
+        );
+    }
     if r.servers.len() == sched.servers && r.workers.len() == sched.workers && !r.complete {
         r.complete = true;
+        // ps-lite's ids: servers 8, 10, ...; workers 9, 11, ...
+        let (server_role, worker_role) = if global {
+            ("global server", "server")
+        } else {
+            ("server", "worker")
+        };
+        let assigned = r
+            .servers
+            .iter()
+            .enumerate()
+            .map(|(k, p)| (8 + 2 * k, server_role, p))
+            .chain(
+                r.workers
+                    .iter()
+                    .enumerate()
+                    .map(|(k, p)| (9 + 2 * k, worker_role, p)),
+            );
+        for (id, role, p) in assigned {
+            let (ip, port) = p.addr.rsplit_once(':').unwrap_or((p.addr.as_str(), "0"));
+            ps_log(
+                60,
+                &format!("assign id={id} to node role={role}, ip={ip}, port={port}, is_recovery=0"),
+            );
+        }
+        ps_log(
+            85,
+            &if global {
+                format!(
+                    "the scheduler is connected to {} servers and {} global servers",
+                    r.workers.len(),
+                    r.servers.len()
+                )
+            } else {
+                format!(
+                    "the scheduler is connected to {} workers and {} servers",
+                    r.workers.len(),
+                    r.servers.len()
+                )
+            },
+        );
         let all: Vec<Peer> = r.servers.iter().chain(&r.workers).cloned().collect();
         println!(
             "psnode {name} {addr} complete: servers={} workers={} from [{}]",
@@ -457,16 +539,17 @@ fn register_with(role: &str, me: &str, name: &str, sched: &Scheduler, kind: Kind
     let addr = sched.addr();
     let mut last_log: Option<Instant> = None;
     loop {
-        match exchange(&addr, &line) {
-            Ok(a) if a.starts_with("OK") => {
+        match exchange_on(&addr, &line) {
+            Ok((a, conn)) if a.starts_with("OK") => {
                 println!(
                     "psnode {role} {me}: registered as {} with {} scheduler {addr} ({a})",
                     kind.as_str(),
                     sched.layer.as_str()
                 );
+                KEPT.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
                 return;
             }
-            Ok(a) => {
+            Ok((a, _)) => {
                 // like ps-lite: a node the scheduler does not expect just waits
                 if last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
                     eprintln!(
