@@ -7,7 +7,8 @@
 //!   node and `the scheduler is connected to 2 workers and 1 servers` (the global
 //!   scheduler: `... connected to 2 servers and 1 global servers`); while it waits, the
 //!   global scheduler logs `add node` and `K--N` for each registration (K of N), a local
-//!   scheduler nothing at all. Lines carry dmlc's prefix (`[12:00:01] src/van.cc:60: `);
+//!   scheduler nothing at all. Lines carry dmlc's prefix (`[12:00:01] src/van.cc:60: `).
+//!   Upstream ps-lite (plain MXNet, mode `ps`) says `assign rank=` for `assign id=`;
 //! - the TCP connections to the scheduler's port, from `/proc/<pid>/net/tcp` of its
 //!   process: a ps-lite node connects to its scheduler (and stays connected, ZeroMQ) right
 //!   before it sends its registration, so the peers connected are the nodes that reached
@@ -88,7 +89,11 @@ fn message(line: &str) -> &str {
 /// Parses one line of ps-lite output (see the module docs); `None` for any other line.
 pub fn parse_ps_line(line: &str) -> Option<PsLine> {
     let msg = message(line);
-    if let Some(rest) = msg.strip_prefix("assign id=") {
+    // GeoMX's ps-lite says `assign id=`, upstream ps-lite (plain MXNet) `assign rank=`
+    if let Some(rest) = msg
+        .strip_prefix("assign id=")
+        .or_else(|| msg.strip_prefix("assign rank="))
+    {
         let (_, node) = rest.split_once(" to node ")?;
         let mut reg = Registration::default();
         for field in node.split(", ") {
@@ -259,6 +264,17 @@ mod tests {
         ] {
             assert_eq!(parse_ps_line(l), None, "{l}");
         }
+        // upstream ps-lite (dmlc/ps-lite van.cc, plain MXNet)
+        assert_eq!(
+            parse_ps_line(
+                "[10:00:00] src/van.cc:87: assign rank=9 to node role=worker, ip=10.0.0.5, port=41001, is_recovery=0"
+            ),
+            Some(PsLine::Assigned(Registration {
+                role: "worker".into(),
+                ip: "10.0.0.5".into(),
+                port: 41001
+            }))
+        );
         // without dmlc's prefix too
         assert_eq!(
             parse_ps_line("the scheduler is connected to 1 workers and 1 servers"),
