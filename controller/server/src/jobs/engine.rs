@@ -186,12 +186,11 @@ pub struct NodeSoft {
 
 impl NodeSoft {
     /// Records a status of the current generation received at `now`. Returns whether
-    /// anything a watcher shows (state, progress) changed.
+    /// anything a watcher shows (state, progress, a scheduler's rendezvous) changed.
     pub fn observe(&mut self, status: NodeStatus, now: Instant) -> bool {
-        let mut changed = self
-            .status
-            .as_ref()
-            .is_none_or(|old| old.state != status.state || old.ip != status.ip);
+        let mut changed = self.status.as_ref().is_none_or(|old| {
+            old.state != status.state || old.ip != status.ip || old.rendezvous != status.rendezvous
+        });
         if NodeState::from_proto(status.state) == Some(NodeState::Running)
             && self.running_since.is_none()
         {
