@@ -182,27 +182,47 @@ fn wg_peers(host: &LabHost) -> anyhow::Result<BTreeSet<String>> {
         .collect())
 }
 
-/// The state a pass owns: routes, links, WireGuard configuration (not counters) and rules.
+/// The state a pass owns: routes, geomx's links, WireGuard configuration (not counters),
+/// VXLAN entries and rules.
 fn owned_state(host: &LabHost) -> anyhow::Result<String> {
     let routes = host.run(&["ip", "-4", "route", "show", "proto", "247"])?;
-    let link = host.run(&["ip", "-d", "-o", "link", "show", "dev", "geomx-wg"])?;
-    let link: String = link
-        .split_whitespace()
-        .filter(|w| !w.starts_with("qlen") && !w.chars().all(|c| c.is_ascii_digit()))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let mut wg: Vec<String> = host
-        .run(&["wg", "show", "geomx-wg", "dump"])?
+    let links: Vec<String> = host
+        .run(&["ip", "-d", "-o", "link", "show"])?
         .lines()
-        .map(|l| l.split('\t').take(4).collect::<Vec<_>>().join(" "))
+        .filter(|l| l.contains(": geomx-"))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .filter(|w| !w.starts_with("qlen") && !w.chars().all(|c| c.is_ascii_digit()))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .collect();
+    let mut wg: Vec<String> = match host.run(&["wg", "show", "geomx-wg", "dump"]) {
+        Ok(out) => out
+            .lines()
+            .map(|l| l.split('\t').take(4).collect::<Vec<_>>().join(" "))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
     // the interface first, then its peers in no particular order (wireguard-go lists them
     // from a map)
     if wg.len() > 1 {
         wg[1..].sort();
     }
+    let vxlan = match host.run(&["bridge", "fdb", "show", "dev", "geomx-vxlan"]) {
+        Ok(fdb) => format!(
+            "{fdb}\n{}",
+            host.run(&["ip", "neigh", "show", "dev", "geomx-vxlan"])?
+        ),
+        Err(_) => String::new(),
+    };
     let rules = geomx_lab::normalize_iptables_save(&host.netns().iptables_save()?);
-    Ok(format!("{routes}\n{link}\n{}\n{rules}", wg.join("\n")))
+    Ok(format!(
+        "{routes}\n{}\n{}\n{vxlan}\n{rules}",
+        links.join("\n"),
+        wg.join("\n")
+    ))
 }
 
 /// Runs `geomx-agent ARGS` in `host`'s namespace: exit code, standard output and error.
@@ -224,6 +244,34 @@ fn agent_command(
 }
 
 /// The WireGuard public key the controller holds for `host` (`geomxctl hosts -o json`).
+/// Sets `backend = "vxlan"` in every agent's agent.toml and restarts the agents; returns
+/// the files as they were. Waits until a reaches every peer through geomx-vxlan.
+fn vxlan_everywhere(c: &Cluster) -> anyhow::Result<Vec<(String, String)>> {
+    let lab = c.lab();
+    let mut originals = Vec::new();
+    for h in ["a", "a2", "b", "c"] {
+        let conf = lab.dir().join(h).join("agent.toml");
+        let text = std::fs::read_to_string(&conf)?;
+        std::fs::write(&conf, format!("backend = \"vxlan\"\n{text}"))?;
+        originals.push((h.to_string(), text));
+        geomx_e2e::faults::restart_agent(c, h, false)?;
+    }
+    let a = lab.host("a")?;
+    eventually(
+        "a's routes through geomx-vxlan",
+        Duration::from_secs(30),
+        || {
+            let r = geomx_routes(a).ok()?;
+            (r.len() == 3
+                && r.iter()
+                    .all(|l| l.contains("dev geomx-vxlan") && l.contains("onlink")))
+            .then_some(())
+        },
+    )
+    .with_context(|| format!("a's routes: {:?}", geomx_routes(a)))?;
+    Ok(originals)
+}
+
 fn registered_key(c: &Cluster, host: &str) -> anyhow::Result<String> {
     let hosts = c.hosts()?;
     let h = hosts
@@ -397,7 +445,7 @@ fn plan_warns_of_a_far_central_party(c: &Cluster, hips: &str) -> anyhow::Result<
 }
 
 #[test]
-fn containers_in_three_data_centers_talk_through_wireguard_and_nothing_crosses_in_clear()
+fn containers_in_three_data_centers_talk_through_wireguard_or_vxlan_and_the_firewall_holds()
 -> anyhow::Result<()> {
     if !lab_tests_enabled() {
         return Ok(());
@@ -459,6 +507,36 @@ fn containers_in_three_data_centers_talk_through_wireguard_and_nothing_crosses_i
         h.dockerd()?.docker(&["exec", n, "sh", "-c", &cmd])?;
     }
     eprintln!("connectivity checked");
+
+    // the firewall accepts container traffic only from the cluster: a stranger on dc1's LAN
+    // with a route to a's containers is not forwarded to them, and an operator's DOCKER-USER
+    // rule still applies to cluster traffic (geomx's jump sits below it)
+    let dc1 = lab.dc_netns("dc1")?;
+    let sa = sub("a")?;
+    dc1.run(&["ip", "route", "add", &sa, "via", &a.underlay_ip.to_string()])?;
+    let stranger = dc1.run(&["ping", "-c", "2", "-W", "1", &ips[0].to_string()]);
+    dc1.run(&["ip", "route", "del", &sa])?;
+    ensure!(
+        stranger.is_err(),
+        "a host on dc1's LAN that is no peer reached a's container: {stranger:?}"
+    );
+    let b_box = b.dockerd()?.container_ip("box-b")?.to_string();
+    let ping_a = |h: &LabHost, n: &str| {
+        h.dockerd()
+            .and_then(|d| d.docker(&["exec", n, "ping", "-c", "1", "-W", "2", &ips[0].to_string()]))
+            .is_ok()
+    };
+    a.run(&["iptables", "-I", "DOCKER-USER", "-s", &b_box, "-j", "DROP"])?;
+    let (from_b, from_c) = (ping_a(b, "box-b"), ping_a(ch, "box-c"));
+    a.run(&["iptables", "-D", "DOCKER-USER", "-s", &b_box, "-j", "DROP"])?;
+    ensure!(
+        !from_b && from_c,
+        "with DOCKER-USER dropping box-b on a: b reached box-a {from_b}, c reached it {from_c}"
+    );
+    ensure!(
+        ping_a(b, "box-b"),
+        "box-b cannot reach box-a after the DROP is gone"
+    );
     let seen_all = finish(&all)?;
     ensure!(
         !seen_all.contains(&marker),
@@ -634,7 +712,49 @@ fn containers_in_three_data_centers_talk_through_wireguard_and_nothing_crosses_i
     eprintln!("HiPS across three data centers: {}", job["reason"]);
     plan_warns_of_a_far_central_party(&c, &hips)?;
 
-    // cleanup on c removes the tunnel, its routes and chains, and nothing else
+    // backend = "vxlan" on every agent: the same containers talk through geomx-vxlan
+    // (static FDB and neighbour entries, onlink routes), VXLAN's UDP port on the WAN
+    let originals = vxlan_everywhere(&c)?;
+    let vx_cap = capture(&c, "cap-vxlan", &["udp", "port", "7952"])?;
+    for (from, to) in [(b, a), (ch, a), (b, ch), (a, a2)] {
+        assert_containers_connected(from, to, IMAGE)?;
+    }
+    let (got, seen, rate) = transfer(b, "box-b", ch, "box-c", 16 << 20)?;
+    eprintln!(
+        "vxlan box-b -> box-c: {got} bytes at {:.0} Mbit/s, source {seen}",
+        rate / 1e6
+    );
+    ensure!(
+        got == 16 << 20 && seen == b.dockerd()?.container_ip("box-b")?,
+        "vxlan transfer: {got} bytes from {seen}"
+    );
+    let vx_seen = finish(&vx_cap)?;
+    ensure!(
+        vx_seen.lines().filter(|l| l.contains(".7952: UDP")).count() > 10,
+        "no VXLAN on the WAN: {}",
+        &vx_seen[..vx_seen.len().min(2000)]
+    );
+    let fdb = a.run(&["bridge", "fdb", "show", "dev", "geomx-vxlan"])?;
+    for peer in [b, ch, a2] {
+        ensure!(
+            fdb.contains(&format!("dst {} ", peer.underlay_ip)) && fdb.contains("permanent"),
+            "a's fdb has no entry for {}: {fdb}",
+            peer.name
+        );
+    }
+    ensure!(
+        a.run(&["ip", "link", "show", "dev", "geomx-wg"]).is_err(),
+        "a still has geomx-wg with no WireGuard peer"
+    );
+    // and converged: passes over three network intervals change nothing (FDB included)
+    let before = owned_state(a)?;
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        owned_state(a)? == before,
+        "a pass changed a converged vxlan host"
+    );
+
+    // cleanup on c removes the overlay, its routes and chains, and nothing else
     c.agent("c").stop(Duration::from_secs(10))?;
     let state_c = c.agent_state_dir("c")?.display().to_string();
     let (code, _, err) = agent_command(ch, &c, &["--state-dir", &state_c, "rotate-key"])?;
@@ -657,14 +777,13 @@ fn containers_in_three_data_centers_talk_through_wireguard_and_nothing_crosses_i
         &d.restart_script().display().to_string(),
         "cleanup",
     ])?;
-    ensure!(
-        out.contains("deleted WireGuard interface geomx-wg"),
-        "{out}"
-    );
-    ensure!(
-        ch.run(&["ip", "link", "show", "dev", "geomx-wg"]).is_err(),
-        "geomx-wg still there"
-    );
+    ensure!(out.contains("deleted VXLAN interface geomx-vxlan"), "{out}");
+    for dev in ["geomx-wg", "geomx-vxlan"] {
+        ensure!(
+            ch.run(&["ip", "link", "show", "dev", dev]).is_err(),
+            "{dev} still there"
+        );
+    }
     ensure!(
         geomx_routes(ch)?.iter().all(|r| r.is_empty()),
         "routes left: {:?}",
@@ -681,7 +800,11 @@ fn containers_in_three_data_centers_talk_through_wireguard_and_nothing_crosses_i
     // tunnel to them stays as it was (nothing half-applied)
     let before = owned_state(b)?;
     let conf = lab.dir().join("b").join("agent.toml");
-    let text = std::fs::read_to_string(&conf)?;
+    let text = originals
+        .iter()
+        .find(|(h, _)| h == "b")
+        .map(|(_, t)| t.clone())
+        .context("b's agent.toml")?;
     std::fs::write(&conf, format!("backend = \"host-gw\"\n{text}"))?;
     geomx_e2e::faults::restart_agent(&c, "b", false)?;
     let err = eventually("b to report the refusal", Duration::from_secs(30), || {

@@ -57,6 +57,10 @@ impl NetlinkVxlan {
         let mut fdb = Vec::new();
         let mut bridge = self.handle.neighbours().get();
         bridge.message_mut().header.family = AddressFamily::Bridge;
+        // only this device's entries (the kernel filters a bridge-family dump on
+        // ndm_ifindex): a dump of every bridge port's entries is long, and multi-part
+        // fdb dumps have been seen to skip entries at message boundaries
+        bridge.message_mut().header.ifindex = index;
         let mut dump = bridge.execute();
         while let Some(m) = dump
             .try_next()
