@@ -29,15 +29,7 @@ impl BenchCluster {
     /// `bin_dir` (which must hold geomx-controller, geomx-agent, geomxctl, geomx-psnode),
     /// and the lab tests' timing (heartbeat 500 ms, grace 3 s, network re-check 2 s).
     pub fn up(bin_dir: &Path) -> anyhow::Result<BenchCluster> {
-        BenchCluster::up_with(
-            bin_dir,
-            ClusterSpec {
-                heartbeat_interval: Duration::from_millis(500),
-                grace_period: Duration::from_secs(3),
-                network_interval: Duration::from_secs(2),
-                ..ClusterSpec::default()
-            },
-        )
+        BenchCluster::up_with(bin_dir, BenchCluster::lab_test_timing())
     }
 
     /// Like [`BenchCluster::up`] with the defaults of a real deployment: heartbeat 1 s,
@@ -55,11 +47,36 @@ impl BenchCluster {
         )
     }
 
+    /// Like [`BenchCluster::up`] on a geo-distributed lab of hosts a, b, c.
+    pub fn up_geo(
+        bin_dir: &Path,
+        topology: geomx_lab::topology::TopologyFile,
+    ) -> anyhow::Result<BenchCluster> {
+        BenchCluster::up_in(
+            bin_dir,
+            LabSpec::for_test().topology(topology),
+            BenchCluster::lab_test_timing(),
+        )
+    }
+
+    fn lab_test_timing() -> ClusterSpec {
+        ClusterSpec {
+            heartbeat_interval: Duration::from_millis(500),
+            grace_period: Duration::from_secs(3),
+            network_interval: Duration::from_secs(2),
+            ..ClusterSpec::default()
+        }
+    }
+
     /// Starts the cluster with `spec`'s timing (see [`BenchCluster::up`]).
     pub fn up_with(bin_dir: &Path, spec: ClusterSpec) -> anyhow::Result<BenchCluster> {
+        BenchCluster::up_in(bin_dir, LabSpec::for_test().seed_hosts(), spec)
+    }
+
+    fn up_in(bin_dir: &Path, lab: LabSpec, spec: ClusterSpec) -> anyhow::Result<BenchCluster> {
         let bins = Binaries::in_dir(bin_dir).context("finding the binaries the lab runs")?;
         let started = Instant::now();
-        let lab = Lab::up(LabSpec::for_test().seed_hosts()).context("starting the lab")?;
+        let lab = Lab::up(lab).context("starting the lab")?;
         let name = lab.name().to_owned();
         // Cluster::up consumes the lab; on failure the lab is dropped, which tears it down
         let cluster = Cluster::up(lab, spec.clone(), bins)

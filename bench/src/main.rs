@@ -4,7 +4,7 @@
 //! geomx-bench heartbeats [--nodes 1000,10000,50000] [--agents 100] ...
 //! geomx-bench dataplane  [--reps 5] [--seconds 5] [--no-overlay]      (root: a lab)
 //! geomx-bench footprint  [--idle 10s] [--agent-window 10s] [--skip-lab]
-//! geomx-bench deploy      [--runs 5]                               (root: a lab)
+//! geomx-bench deploy      [--runs 5] [--setting flat|geo|both]     (root: a lab)
 //! geomx-bench convergence [--cycles 5]                             (root: a lab)
 //! geomx-bench detection   [--reps 3]                               (root: a lab)
 //! geomx-bench all [--quick] [--skip-lab]
@@ -22,6 +22,7 @@ mod convergence;
 mod dataplane;
 mod deploy;
 mod detection;
+mod dockerfwd;
 mod footprint;
 mod heartbeats;
 mod labcluster;
@@ -150,6 +151,17 @@ struct DeployArgs {
     /// Recorded runs of geomx and of the baseline each [default: 5; quick: 2].
     #[arg(long)]
     runs: Option<usize>,
+    /// The seed lab's LAN (flat), three data centers 40 ms apart (geo), or both.
+    #[arg(long, value_enum, default_value_t = DeploySetting::Both)]
+    setting: DeploySetting,
+}
+
+/// Where `deploy` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DeploySetting {
+    Flat,
+    Geo,
+    Both,
 }
 
 #[derive(Clone, Debug, Args)]
@@ -185,7 +197,7 @@ fn main() -> ExitCode {
         Cmd::Heartbeats(a) => heartbeats(&a),
         Cmd::Dataplane(a) => dataplane(&a),
         Cmd::Footprint(a) => footprint(&a),
-        Cmd::Deploy(a) => in_cluster(&a.common, |bc| deploy(bc, &a)),
+        Cmd::Deploy(a) => deploy_cmd(&a),
         Cmd::Convergence(a) => in_cluster(&a.common, |bc| convergence(bc, &a)),
         Cmd::Detection(a) => in_cluster(&a.common, |bc| detection(bc, &a)),
         Cmd::All(a) => all(&a),
@@ -322,9 +334,45 @@ fn in_cluster(
     down
 }
 
+fn deploy_runs(a: &DeployArgs) -> usize {
+    a.runs.unwrap_or(if a.common.quick { 2 } else { 5 }).max(1)
+}
+
 fn deploy(bc: &mut BenchCluster, a: &DeployArgs) -> anyhow::Result<()> {
-    let runs = a.runs.unwrap_or(if a.common.quick { 2 } else { 5 }).max(1);
-    deploy::run(bc, &deploy::Options { runs })
+    deploy::run(
+        bc,
+        &deploy::Options {
+            runs: deploy_runs(a),
+            setting: deploy::Setting::Flat,
+        },
+    )
+}
+
+/// The deploy benchmark across three data centers, in a geo lab of its own.
+fn deploy_geo(a: &DeployArgs) -> anyhow::Result<()> {
+    let dir = bins::bin_dir(a.common.bin_dir.as_deref())?;
+    warn_if_debug(&dir);
+    let bc = BenchCluster::up_geo(&dir, deploy::geo_topology()?)?;
+    let r = deploy::run(
+        &bc,
+        &deploy::Options {
+            runs: deploy_runs(a),
+            setting: deploy::Setting::Geo,
+        },
+    );
+    let down = bc.down(r.is_err());
+    r?;
+    down
+}
+
+fn deploy_cmd(a: &DeployArgs) -> anyhow::Result<()> {
+    if a.setting != DeploySetting::Geo {
+        in_cluster(&a.common, |bc| deploy(bc, a))?;
+    }
+    if a.setting != DeploySetting::Flat {
+        deploy_geo(a)?;
+    }
+    Ok(())
 }
 
 fn convergence(bc: &mut BenchCluster, a: &ConvergenceArgs) -> anyhow::Result<()> {
@@ -377,6 +425,7 @@ fn all(a: &AllArgs) -> anyhow::Result<()> {
         note("dataplane and the lab cluster benchmarks skipped (--skip-lab or GEOMX_SKIP_LAB=1)");
         Line::new("dataplane_ratio", "skipped").print();
         Line::new("deploy_ratio", "skipped").print();
+        Line::new("deploy_geo_ratio", "skipped").print();
         Line::new("convergence_join_p50_s", "skipped").print();
         Line::new("detection_node_crash_p50_s", "skipped").print();
     } else {
@@ -406,6 +455,7 @@ fn all(a: &AllArgs) -> anyhow::Result<()> {
                     &DeployArgs {
                         common: common.clone(),
                         runs: None,
+                        setting: DeploySetting::Flat,
                     },
                 ),
             );
@@ -442,6 +492,14 @@ fn all(a: &AllArgs) -> anyhow::Result<()> {
             // the cluster itself (up or down) failed, or the steps above did
             step("lab cluster", Err(e));
         }
+        step(
+            "deploy across data centers",
+            deploy_geo(&DeployArgs {
+                common: common.clone(),
+                runs: None,
+                setting: DeploySetting::Geo,
+            }),
+        );
     }
     if failed.is_empty() {
         Ok(())

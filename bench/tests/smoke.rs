@@ -62,6 +62,7 @@ fn all_quick_prints_every_figure() {
             "footprint_agent_idle_rss_mb=skipped",
             "dataplane_ratio=skipped",
             "deploy_ratio=skipped",
+            "deploy_geo_ratio=skipped",
             "convergence_join_p50_s=skipped",
             "detection_node_crash_p50_s=skipped",
         ]);
@@ -83,6 +84,10 @@ fn all_quick_prints_every_figure() {
             "deploy_breakdown=geomx_p50_ms_from_submit ",
             " running_ms=",
             "deploy_target_ratio_15_met=",
+            "deploy_geo_ratio=",
+            " wan=3dc,40ms_one_way ",
+            "deploy_geo_breakdown=geomx_p50_ms_from_submit ",
+            "deploy_geo_target_ratio_12_met=",
             "detection_node_crash_p50_s=",
             " host_loss_p50_s=",
             " host_loss_minus_grace_p50_s=",
@@ -101,6 +106,8 @@ fn all_quick_prints_every_figure() {
             "footprint_agent_idle_rss_mb=",
             "deploy_ratio=",
             "deploy_breakdown=",
+            "deploy_geo_ratio=",
+            "deploy_geo_breakdown=",
             "detection_node_crash_p50_s=",
             "convergence_join_p50_s=",
         ] {
