@@ -990,27 +990,36 @@ fn check_policy(spec: &JobSpec, p: &mut Problems) {
             ),
         }
     }
-    match policy.stall_timeout() {
-        Err(e) => p.value(
-            "policy.stall_timeout",
-            format!(
-                "{ctx}stall_timeout = {:?} is not a duration ({e}); write e.g. \"90s\", \"10m\", \"1h 30m\"",
-                policy.stall_timeout_text()
-            ),
+    for (key, text, parsed, example) in [
+        (
+            "stall_timeout",
+            policy.stall_timeout_text(),
+            policy.stall_timeout(),
+            "\"90s\", \"10m\", \"1h 30m\"",
         ),
-        Ok(d)
-            if d.as_secs() < limits::STALL_TIMEOUT_MIN_SECS
-                || d > std::time::Duration::from_secs(limits::STALL_TIMEOUT_MAX_SECS) =>
-        {
-            p.value(
-                "policy.stall_timeout",
-                format!(
-                    "{ctx}stall_timeout = {:?}: must be between 10s and 7days",
-                    policy.stall_timeout_text()
-                ),
-            )
+        (
+            "rendezvous_timeout",
+            policy.rendezvous_timeout_text(),
+            policy.rendezvous_timeout(),
+            "\"5m\", \"30s\"",
+        ),
+    ] {
+        match parsed {
+            Err(e) => p.value(
+                format!("policy.{key}"),
+                format!("{ctx}{key} = {text:?} is not a duration ({e}); write e.g. {example}"),
+            ),
+            Ok(d)
+                if d.as_secs() < limits::STALL_TIMEOUT_MIN_SECS
+                    || d > std::time::Duration::from_secs(limits::STALL_TIMEOUT_MAX_SECS) =>
+            {
+                p.value(
+                    format!("policy.{key}"),
+                    format!("{ctx}{key} = {text:?}: must be between 10s and 7days"),
+                )
+            }
+            Ok(_) => {}
         }
-        Ok(_) => {}
     }
     check_count(
         p,
@@ -1074,28 +1083,6 @@ fn check_policy(spec: &JobSpec, p: &mut Problems) {
                 );
             }
         }
-    }
-    match policy.rendezvous_timeout() {
-        Err(e) => p.value(
-            "policy.rendezvous_timeout",
-            format!(
-                "{ctx}rendezvous_timeout = {:?} is not a duration ({e}); write e.g. \"5m\", \"30s\"",
-                policy.rendezvous_timeout_text()
-            ),
-        ),
-        Ok(d)
-            if d.as_secs() < limits::STALL_TIMEOUT_MIN_SECS
-                || d > std::time::Duration::from_secs(limits::STALL_TIMEOUT_MAX_SECS) =>
-        {
-            p.value(
-                "policy.rendezvous_timeout",
-                format!(
-                    "{ctx}rendezvous_timeout = {:?}: must be between 10s and 7days",
-                    policy.rendezvous_timeout_text()
-                ),
-            )
-        }
-        Ok(_) => {}
     }
     match policy.teardown_grace() {
         Err(e) => p.value(
