@@ -9,6 +9,8 @@
 //! * [`config_file`]: TOML configuration files with errors at line and column.
 //! * [`pki`]: a small CA and the controller and agent certificates (for labs and tests, and
 //!   behind `geomxctl certs`).
+//! * [`templates`]: what the containers of a desired state share, sent once and expanded
+//!   by the agent.
 
 #![warn(missing_docs)]
 
@@ -20,6 +22,7 @@ pub mod v1 {
 
 pub mod config_file;
 pub mod pki;
+pub mod templates;
 pub mod tls;
 
 /// An error with its sources, on one line (`a: b: c`); a source whose text the message
@@ -43,6 +46,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("geom
 
 /// Largest `DesiredState` an agent decodes (and the controller may send): the agent's
 /// gRPC decoding limit and the controller's encoding limit. The controller refuses at
-/// submit a job that would bring a host's desired state past
-/// [`MAX_DESIRED_STATE_LEN`] / 2, so what it sends stays well below it.
+/// submit a job that would bring a host's desired state (its containers shared with
+/// [`templates::share`]) past [`MAX_DESIRED_STATE_LEN`] / 2, so what it sends stays well
+/// below it.
 pub const MAX_DESIRED_STATE_LEN: usize = 16 << 20;

@@ -326,7 +326,9 @@ async fn watch_loop(
         revisions.borrow_and_update();
         match membership.desired_state_for(&host) {
             Ok(mut state) => {
-                state.containers = workloads.containers_for(&host);
+                // what a job's containers have in common travels once (the agent expands it)
+                (state.templates, state.containers) =
+                    geomx_proto::templates::share(workloads.containers_for(&host));
                 state.backend.clone_from(&backend);
                 if last.as_ref().is_none_or(|l| !same_content(l, &state)) {
                     tracing::debug!(

@@ -1010,6 +1010,7 @@ impl Membership {
             controller_id: self.controller_id().to_owned(),
             // the gRPC layer sets the cluster's default (empty: auto)
             backend: String::new(),
+            templates: Vec::new(),
         })
     }
 }
@@ -1035,6 +1036,7 @@ pub fn same_content(a: &DesiredState, b: &DesiredState) -> bool {
         && a.cluster_cidr == b.cluster_cidr
         && a.peers == b.peers
         && a.containers == b.containers
+        && a.templates == b.templates
         && a.heartbeat_interval_ms == b.heartbeat_interval_ms
         && a.controller_id == b.controller_id
 }

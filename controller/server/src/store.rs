@@ -82,6 +82,20 @@ pub enum StoreError {
     /// sled failed.
     #[error("state store: {0}")]
     Sled(#[from] sled::Error),
+    /// A file operation of a compaction failed.
+    #[error("state store: compacting {}: {source}", path.display())]
+    Compact {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database could not be reopened after a compaction failed.
+    #[error(
+        "state store: the database is closed after a failed compaction; restart the controller"
+    )]
+    Closed,
     /// A precondition of the batch did not hold (another change came first); nothing was
     /// written.
     #[error("state store: conflicting change: {0}")]
@@ -502,6 +516,11 @@ pub trait StoreBackend: Send + Sync + std::fmt::Debug + 'static {
     fn commit(&self, batch: Batch) -> BoxFuture<'_, Result<(), StoreError>>;
     /// Makes everything durable.
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Gives back the space of removed records if they left much (after large removals);
+    /// `None` when there was nothing worth it.
+    fn compact(&self) -> BoxFuture<'_, Result<Option<Compaction>, StoreError>> {
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// The state of one controller: typed records over a [`StoreBackend`]. Cheap to clone.
@@ -542,6 +561,12 @@ impl Store {
     /// Flushes everything to disk.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.backend.flush().await
+    }
+
+    /// Gives back the space removed records left, if it is much (see
+    /// [`StoreBackend::compact`]).
+    pub async fn compact(&self) -> Result<Option<Compaction>, StoreError> {
+        self.backend.compact().await
     }
 
     /// Reads one JSON record.
@@ -618,34 +643,48 @@ impl Store {
     }
 }
 
-/// The embedded sled database of one controller.
-#[derive(Clone, Debug)]
-pub struct SledStore {
-    db: sled::Db,
-    trees: [sled::Tree; 5],
-    controller_id: String,
-    path: PathBuf,
+/// The directory of the sled database inside the state directory.
+const DB_DIR: &str = "db";
+/// Where a compaction builds the fresh copy.
+const DB_NEW_DIR: &str = "db.new";
+/// Where the database being replaced goes during the swap.
+const DB_OLD_DIR: &str = "db.old";
+/// Written once [`DB_NEW_DIR`] is complete and durable: from then on the swap is finished,
+/// not undone (also by the next start after a crash).
+const DB_NEW_DONE: &str = "db.new.done";
+/// The base added to sled's generated ids in event keys: a fresh (compacted) database
+/// counts its ids from 0 again, so the base keeps new events after the old ones.
+const META_EVENT_ID_BASE: &[u8] = b"event_id_base";
+
+/// A state directory is compacted when its files take more than this many times its live
+/// records' bytes, plus [`COMPACT_SLACK_BYTES`].
+pub const COMPACT_RATIO: u64 = 2;
+/// See [`COMPACT_RATIO`]: sled's files are a few MiB even for a tiny state.
+pub const COMPACT_SLACK_BYTES: u64 = 16 << 20;
+
+/// What a compaction did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Compaction {
+    /// Bytes of the database's files before.
+    pub before: u64,
+    /// Bytes of the database's files after.
+    pub after: u64,
+    /// Bytes of keys and values it holds.
+    pub live: u64,
 }
 
-impl SledStore {
-    /// Opens (creating if needed) the store in `dir`. A directory held by another process
-    /// gives [`StoreError::Locked`]. A fresh directory gets a new controller id.
-    pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            builder.mode(0o700);
-        }
-        builder
-            .create(dir)
-            .map_err(|source| StoreError::CreateDir {
-                path: dir.to_owned(),
-                source,
-            })?;
+/// One open sled database and its trees.
+#[derive(Debug)]
+struct Live {
+    db: sled::Db,
+    trees: [sled::Tree; 5],
+    event_id_base: u64,
+}
+
+impl Live {
+    fn open(path: &Path, dir: &Path) -> Result<Live, StoreError> {
         let db = sled::Config::new()
-            .path(dir.join("db"))
+            .path(path)
             .mode(sled::Mode::HighThroughput)
             // sled's default page cache is 1 GiB; the controller's state is small.
             .cache_capacity(64 << 20)
@@ -664,7 +703,99 @@ impl SledStore {
             open(TreeId::Events)?,
             open(TreeId::Meta)?,
         ];
-        let meta = &trees[TreeId::Meta.index()];
+        let event_id_base = trees[TreeId::Meta.index()]
+            .get(META_EVENT_ID_BASE)?
+            .map_or(0, |v| decode_u64(&v));
+        Ok(Live {
+            db,
+            trees,
+            event_id_base,
+        })
+    }
+
+    fn tree(&self, tree: TreeId) -> &sled::Tree {
+        &self.trees[tree.index()]
+    }
+
+    /// Bytes of every key and value.
+    fn live_bytes(&self) -> Result<u64, StoreError> {
+        let mut n = 0u64;
+        for t in &self.trees {
+            for kv in t.iter() {
+                let (k, v) = kv?;
+                n = n.saturating_add((k.len() + v.len()) as u64);
+            }
+        }
+        Ok(n)
+    }
+
+    /// Copies every record into a fresh database at `path` (its event id base moved past
+    /// every id this one generated) and makes it durable.
+    fn copy_to(&self, path: &Path, dir: &Path) -> Result<(), StoreError> {
+        let fresh = Live::open(path, dir)?;
+        for id in TreeId::ALL {
+            let mut batch = sled::Batch::default();
+            for kv in self.tree(id).iter() {
+                let (k, v) = kv?;
+                batch.insert(k, v);
+            }
+            fresh.tree(id).apply_batch(batch)?;
+        }
+        let base = self
+            .event_id_base
+            .saturating_add(self.db.generate_id()?)
+            .saturating_add(1);
+        fresh
+            .tree(TreeId::Meta)
+            .insert(META_EVENT_ID_BASE, &base.to_be_bytes())?;
+        fresh.db.flush()?;
+        Ok(())
+    }
+}
+
+/// The embedded sled database of one controller.
+///
+/// sled never gives back the space of removed records: its files stay as large as the
+/// state ever was. [`SledStore::compact`] (at open, and after large removals) copies the
+/// records into a fresh database and swaps it in, crash-safely: the copy is built in
+/// `db.new`; once it is durable `db.new.done` is written, the old database is closed and
+/// moved to `db.old`, the copy moved to `db`, and `db.old` deleted. A start after a crash
+/// finishes a swap whose copy was done and discards one whose copy was not.
+#[derive(Debug)]
+pub struct SledStore {
+    /// `None` only while a compaction swaps databases (under the write lock).
+    live: std::sync::RwLock<Option<Arc<Live>>>,
+    /// Commits and flushes hold it shared; a compaction holds it exclusively.
+    gate: tokio::sync::RwLock<()>,
+    controller_id: String,
+    path: PathBuf,
+    /// `lock` in the state directory, held while the store is open.
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl SledStore {
+    /// Opens (creating if needed) the store in `dir`. A directory held by another process
+    /// gives [`StoreError::Locked`]. A fresh directory gets a new controller id. A state
+    /// whose files are much larger than its records is compacted first.
+    pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            builder.mode(0o700);
+        }
+        builder
+            .create(dir)
+            .map_err(|source| StoreError::CreateDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        let lock = lock_dir(dir)?;
+        // a compaction interrupted by a crash: finished or undone (the lock is ours)
+        recover_swap(dir)?;
+        let live = Live::open(&dir.join(DB_DIR), dir)?;
+        let meta = live.tree(TreeId::Meta);
         if let Some(v) = meta.get(META_SCHEMA)? {
             let found = decode_u64(&v);
             if found > SCHEMA_VERSION {
@@ -680,27 +811,94 @@ impl SledStore {
                 let id = uuid::Uuid::new_v4().to_string();
                 meta.insert(META_CONTROLLER_ID, id.as_bytes())?;
                 meta.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
-                db.flush()?;
+                live.db.flush()?;
                 id
             }
         };
-        Ok(SledStore {
-            db,
-            trees,
+        let store = SledStore {
+            live: std::sync::RwLock::new(Some(Arc::new(live))),
+            gate: tokio::sync::RwLock::new(()),
             controller_id,
             path: dir.to_owned(),
-        })
+            _lock: lock,
+        };
+        log_compaction(&store.compact_now(false), "at start");
+        Ok(store)
     }
 
-    /// The raw sled tree `tree`, for reads the typed helpers do not cover.
-    pub fn tree(&self, tree: TreeId) -> &sled::Tree {
-        &self.trees[tree.index()]
+    /// The open database (not while a compaction swaps it: then the caller waits).
+    fn live(&self) -> Result<Arc<Live>, StoreError> {
+        self.live
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or(StoreError::Closed)
+    }
+
+    /// Bytes of the database's files.
+    pub fn disk_bytes(&self) -> u64 {
+        dir_bytes(&self.path.join(DB_DIR))
+    }
+
+    /// Compacts the database if its files take more than [`COMPACT_RATIO`] times its
+    /// records plus [`COMPACT_SLACK_BYTES`] (`force`: whatever they take). Waits for the
+    /// commits in flight and holds later ones until it is done.
+    pub async fn compact(&self, force: bool) -> Result<Option<Compaction>, StoreError> {
+        let _gate = self.gate.write().await;
+        self.compact_now(force)
+    }
+
+    /// [`SledStore::compact`] with no commit running (the caller holds the gate or is
+    /// opening the store).
+    fn compact_now(&self, force: bool) -> Result<Option<Compaction>, StoreError> {
+        let before = self.disk_bytes();
+        let live_bytes = self.live()?.live_bytes()?;
+        let threshold = live_bytes
+            .saturating_mul(COMPACT_RATIO)
+            .saturating_add(COMPACT_SLACK_BYTES);
+        if !force && before <= threshold {
+            return Ok(None);
+        }
+        let dir = &self.path;
+        remove_dir_if_exists(&dir.join(DB_NEW_DIR))?;
+        self.live()?.copy_to(&dir.join(DB_NEW_DIR), dir)?;
+        mark_done(dir)?;
+        let mut slot = self
+            .live
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // close the old database: readers hold its handle only for one read
+        if let Some(mut old) = slot.take() {
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(live) => {
+                        drop(live);
+                        break;
+                    }
+                    Err(still) => {
+                        old = still;
+                        std::thread::yield_now();
+                    }
+                }
+            }
+        }
+        let swapped = recover_swap(dir);
+        // whatever happened, open what is at db now (the copy, or the old one if the swap failed)
+        *slot = Some(Arc::new(Live::open(&dir.join(DB_DIR), dir)?));
+        swapped?;
+        Ok(Some(Compaction {
+            before,
+            after: self.disk_bytes(),
+            live: live_bytes,
+        }))
     }
 
     /// Applies `batch` atomically and flushes it to disk before returning. A batch the state
     /// directory's file system might not have room for is refused with
     /// [`StoreError::NoSpace`] before anything is written (see [`MIN_FREE_BYTES`]).
     async fn commit_batch(&self, batch: Batch) -> Result<(), StoreError> {
+        let _gate = self.gate.read().await;
+        let live = self.live()?;
         let bytes = batch.bytes();
         self.ensure_space(bytes)?;
         // Sequence numbers of events are taken before the transaction (sled ids are
@@ -710,7 +908,8 @@ impl SledStore {
         for op in batch.ops {
             ops.push(match op {
                 Op::Event(mut key, value) => {
-                    key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+                    let id = live.event_id_base.saturating_add(live.db.generate_id()?);
+                    key.extend_from_slice(&id.to_be_bytes());
                     (TreeId::Events, key, Some(value))
                 }
                 Op::Put(tree, key, value) => (tree, key, Some(value)),
@@ -721,7 +920,7 @@ impl SledStore {
                 }
             });
         }
-        let trees: Vec<&sled::Tree> = TreeId::ALL.iter().map(|t| self.tree(*t)).collect();
+        let trees: Vec<&sled::Tree> = TreeId::ALL.iter().map(|t| live.tree(*t)).collect();
         trees
             .as_slice()
             .transaction(|tx| {
@@ -755,7 +954,7 @@ impl SledStore {
                 TransactionError::Storage(e) => StoreError::Sled(e),
                 TransactionError::Abort(why) => StoreError::Conflict(why),
             })?;
-        self.db.flush_async().await?;
+        live.db.flush_async().await?;
         Ok(())
     }
 
@@ -791,11 +990,12 @@ impl StoreBackend for SledStore {
     }
 
     fn get(&self, tree: TreeId, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tree(tree).get(key)?.map(|v| v.to_vec()))
+        Ok(self.live()?.tree(tree).get(key)?.map(|v| v.to_vec()))
     }
 
     fn scan_prefix(&self, tree: TreeId, prefix: &[u8]) -> Result<Entries, StoreError> {
-        self.tree(tree)
+        self.live()?
+            .tree(tree)
             .scan_prefix(prefix)
             .map(|kv| {
                 let (k, v) = kv?;
@@ -810,10 +1010,123 @@ impl StoreBackend for SledStore {
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            self.db.flush_async().await?;
+            let _gate = self.gate.read().await;
+            self.live()?.db.flush_async().await?;
             Ok(())
         })
     }
+
+    fn compact(&self) -> BoxFuture<'_, Result<Option<Compaction>, StoreError>> {
+        Box::pin(SledStore::compact(self, false))
+    }
+}
+
+/// Logs what a compaction `when` (e.g. "at start") did.
+pub fn log_compaction(result: &Result<Option<Compaction>, StoreError>, when: &str) {
+    match result {
+        Ok(Some(c)) => tracing::info!(
+            before = c.before,
+            after = c.after,
+            live = c.live,
+            "state compacted {when}"
+        ),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot compact the state {when}; going on with it as it is")
+        }
+    }
+}
+
+fn compact_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Compact {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Holds `lock` in the state directory for as long as the store is open: no second
+/// controller finishes or undoes this one's compaction.
+fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, StoreError> {
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(compact_err(&path))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| StoreError::Locked(dir.to_owned()))
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(compact_err(dir))
+}
+
+fn remove_dir_if_exists(path: &Path) -> Result<(), StoreError> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(compact_err(path)(e)),
+    }
+}
+
+/// Records that `db.new` is complete and durable.
+fn mark_done(dir: &Path) -> Result<(), StoreError> {
+    let done = dir.join(DB_NEW_DONE);
+    std::fs::File::create(&done)
+        .and_then(|f| f.sync_all())
+        .map_err(compact_err(&done))?;
+    fsync_dir(dir)
+}
+
+/// Finishes a compaction whose copy is done (`db.new.done`): `db` to `db.old`, `db.new` to
+/// `db`, then `db.old` and the mark deleted. Without the mark, a partial `db.new` is
+/// deleted. Each step can be repeated after a crash.
+fn recover_swap(dir: &Path) -> Result<(), StoreError> {
+    let (db, new, old, done) = (
+        dir.join(DB_DIR),
+        dir.join(DB_NEW_DIR),
+        dir.join(DB_OLD_DIR),
+        dir.join(DB_NEW_DONE),
+    );
+    if done.exists() {
+        if new.exists() {
+            if db.exists() {
+                remove_dir_if_exists(&old)?;
+                std::fs::rename(&db, &old).map_err(compact_err(&db))?;
+                fsync_dir(dir)?;
+            }
+            std::fs::rename(&new, &db).map_err(compact_err(&new))?;
+            fsync_dir(dir)?;
+        }
+        std::fs::remove_file(&done).map_err(compact_err(&done))?;
+        fsync_dir(dir)?;
+    } else {
+        remove_dir_if_exists(&new)?;
+        if !db.exists() && old.exists() {
+            std::fs::rename(&old, &db).map_err(compact_err(&old))?;
+            fsync_dir(dir)?;
+        }
+    }
+    remove_dir_if_exists(&old)
+}
+
+/// Bytes of the files under `dir`.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn decode<T: DeserializeOwned>(tree: TreeId, key: &[u8], value: &[u8]) -> Result<T, StoreError> {
@@ -967,6 +1280,112 @@ mod tests {
         assert_eq!(eio.kind(), StoreErrorKind::Unavailable);
         let bug = StoreError::Sled(sled::Error::ReportableBug("x".into()));
         assert_eq!(bug.kind(), StoreErrorKind::Internal);
+    }
+
+    fn job_event(kind: &str) -> EventRecord {
+        EventRecord {
+            kind: kind.into(),
+            ..Default::default()
+        }
+    }
+
+    async fn bloat_and_clear(store: &Store) {
+        // 24 records of 1 MiB, written and removed: sled keeps their space
+        for i in 0..24 {
+            let mut b = Batch::new();
+            b.put_json(TreeId::Jobs, format!("run/big/{i}"), &"x".repeat(1 << 20))
+                .unwrap();
+            store.commit(b).await.unwrap();
+        }
+        let mut b = Batch::new();
+        for i in 0..24 {
+            b.remove(TreeId::Jobs, format!("run/big/{i}"));
+        }
+        store.commit(b).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn removed_records_space_is_given_back_and_events_stay_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let id = store.controller_id().to_owned();
+        let mut b = Batch::new();
+        b.put_host(&host("a", "172.17.1.0/24")).unwrap();
+        b.event(EventScope::Job("j#1"), &job_event("Submitted"))
+            .unwrap();
+        store.commit(b).await.unwrap();
+        // nothing worth compacting yet
+        assert_eq!(store.compact().await.unwrap(), None);
+        bloat_and_clear(&store).await;
+        let db = dir.path().join(DB_DIR);
+        let bloated = dir_bytes(&db);
+        assert!(bloated > 24 << 20, "{bloated}");
+        let c = store.compact().await.unwrap().expect("compacted");
+        assert_eq!(c.before, bloated);
+        assert!(c.after < 8 << 20, "{c:?}");
+        assert_eq!(dir_bytes(&db), c.after);
+        assert!(!dir.path().join(DB_NEW_DIR).exists());
+        assert!(!dir.path().join(DB_OLD_DIR).exists());
+        assert!(!dir.path().join(DB_NEW_DONE).exists());
+        // everything is still there, and new events come after the old ones
+        assert_eq!(store.controller_id(), id);
+        assert_eq!(store.hosts().unwrap(), vec![host("a", "172.17.1.0/24")]);
+        let mut b = Batch::new();
+        b.event(EventScope::Job("j#1"), &job_event("Running"))
+            .unwrap();
+        store.commit(b).await.unwrap();
+        let kinds = |store: &Store| -> Vec<String> {
+            store
+                .events(EventScope::Job("j#1"))
+                .unwrap()
+                .into_iter()
+                .map(|e| e.kind)
+                .collect()
+        };
+        assert_eq!(kinds(&store), ["Submitted", "Running"]);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.controller_id(), id);
+        assert_eq!(kinds(&store), ["Submitted", "Running"]);
+    }
+
+    #[tokio::test]
+    async fn a_bloated_state_is_compacted_at_start_and_a_crash_mid_swap_is_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let store = Store::open(dir.path()).unwrap();
+            bloat_and_clear(&store).await;
+            let mut b = Batch::new();
+            b.put_host(&host("a", "172.17.1.0/24")).unwrap();
+            store.commit(b).await.unwrap();
+            store.controller_id().to_owned()
+        };
+        let db = dir.path().join(DB_DIR);
+        let bloated = dir_bytes(&db);
+        let store = Store::open(dir.path()).unwrap();
+        let compacted = dir_bytes(&db);
+        assert!(compacted < bloated / 3, "{bloated} -> {compacted}");
+        assert_eq!(store.hosts().unwrap().len(), 1);
+        drop(store);
+
+        // a crash while copying: the partial copy is discarded
+        std::fs::create_dir_all(dir.path().join(DB_NEW_DIR)).unwrap();
+        std::fs::write(dir.path().join(DB_NEW_DIR).join("junk"), b"partial").unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!dir.path().join(DB_NEW_DIR).exists());
+        assert_eq!(store.controller_id(), id);
+        drop(store);
+
+        // a crash after the copy was done and the old one moved away: the swap is finished
+        std::fs::rename(&db, dir.path().join(DB_NEW_DIR)).unwrap();
+        std::fs::create_dir_all(dir.path().join(DB_OLD_DIR)).unwrap();
+        std::fs::write(dir.path().join(DB_NEW_DONE), b"").unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.controller_id(), id);
+        assert_eq!(store.hosts().unwrap(), vec![host("a", "172.17.1.0/24")]);
+        for leftover in [DB_NEW_DIR, DB_OLD_DIR, DB_NEW_DONE] {
+            assert!(!dir.path().join(leftover).exists(), "{leftover}");
+        }
     }
 
     #[test]

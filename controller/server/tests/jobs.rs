@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use geomx_controller::JobOptions;
+use geomx_controller::store::{EventScope, TreeId};
 use geomx_proto::pki::CertificateAuthority;
 use geomx_proto::tls::{TlsMaterial, require_controller};
 use geomx_proto::v1::agent_node_service_server::{AgentNodeService, AgentNodeServiceServer};
@@ -428,8 +429,11 @@ fn apply(
     kick: &Arc<Notify>,
     host: &str,
     subnet: Ipv4Net,
-    desired: DesiredState,
+    mut desired: DesiredState,
 ) {
+    // as the agent does: every container complete, with the templates it names
+    desired.containers = geomx_proto::templates::expand_state(&desired).expect("expands");
+    desired.templates.clear();
     let mut s = state.lock().unwrap();
     s.states += 1;
     let wanted: BTreeMap<(String, String), ContainerSpec> = desired
@@ -1217,16 +1221,21 @@ async fn rm_removes_an_ended_job_and_refuses_an_active_one() {
     assert_eq!(err.code(), Code::NotFound);
 }
 
-#[tokio::test]
-async fn ended_jobs_are_removed_after_job_retention() {
-    let c = Cluster::start_with(
+/// Hosts a, b, c with a `job_retention` of 300 ms.
+async fn retention_cluster() -> Cluster {
+    Cluster::start_with(
         &["a", "b", "c"],
         JobOptions {
             job_retention: Some(Duration::from_millis(300)),
             ..options()
         },
     )
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn ended_jobs_are_removed_after_job_retention() {
+    let c = retention_cluster().await;
     running_routed(&c).await;
     let j = "hips-test";
     c.jobs
@@ -1252,6 +1261,76 @@ async fn ended_jobs_are_removed_after_job_retention() {
         gone.is_ok(),
         "the ended job is still there after job_retention"
     );
+    // its records (run, plan, nodes) and events are gone from the store too
+    let store = c.lab.controller().membership().store();
+    let left = |tree, prefix: &str| {
+        store
+            .keys_with_prefix(tree, prefix.as_bytes())
+            .expect("scan")
+            .len()
+    };
+    assert_eq!(left(TreeId::Jobs, &format!("run/{j}/")), 0);
+    assert_eq!(left(TreeId::Jobs, &format!("current/{j}")), 0);
+    let scope = format!("{j}#1");
+    assert!(
+        store
+            .event_keys(EventScope::Job(&scope))
+            .expect("scan")
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn earlier_runs_of_a_name_are_removed_after_job_retention() {
+    let c = retention_cluster().await;
+    let j = "hips-test";
+    running_routed(&c).await;
+    c.jobs
+        .clone()
+        .cancel_job(CancelJobRequest { name: j.into() })
+        .await
+        .expect("cancel");
+    // run 2 of the same name, still running when run 1 is past job_retention
+    running_routed(&c).await;
+    let store = c.lab.controller().membership().store();
+    let run1 = format!("run/{j}/{:010}/", 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !store
+        .keys_with_prefix(TreeId::Jobs, run1.as_bytes())
+        .expect("scan")
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "run 1 is still stored after job_retention"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        store
+            .event_keys(EventScope::Job(&format!("{j}#1")))
+            .expect("scan")
+            .is_empty(),
+        "run 1's events are still stored"
+    );
+    let err = c
+        .jobs
+        .clone()
+        .get_job(GetJobRequest {
+            name: format!("{j}#1"),
+        })
+        .await
+        .expect_err("run 1 removed");
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+    let run2 = c
+        .jobs
+        .clone()
+        .get_job(GetJobRequest { name: j.into() })
+        .await
+        .expect("run 2 stays")
+        .into_inner();
+    assert_eq!(run2.phase, JobPhase::Running as i32);
+    assert!(!c.events(j).await.is_empty(), "run 2 keeps its events");
 }
 
 #[tokio::test]
@@ -1815,21 +1894,35 @@ workers = {workers}
 
 #[tokio::test]
 async fn a_job_past_a_hosts_state_limit_is_refused_and_a_small_job_still_runs_there() {
-    let c = Cluster::start(&["a", "b", "c"]).await;
-    // 14 nodes x 400 KiB: 5.5 MiB on b, accepted; a second one would bring b to 11 MiB
+    // a host limit of 1.8 MiB instead of 8 keeps the states this test sends small
+    let c = Cluster::start_with(
+        &["a", "b", "c"],
+        JobOptions {
+            max_host_state_len: 1_900_000,
+            ..options()
+        },
+    )
+    .await;
+    // 14 nodes x 400 KiB: 5.5 MiB as separate specs, but its env travels once (0.4 MiB)
     c.submit(&heavy("heavy-1", 12, 400))
         .await
         .expect("accepted");
     c.wait_phase("heavy-1", JobPhase::Running, Duration::from_secs(10))
         .await;
+    // jobs do not share their env with each other: 400 KiB each, b is full after 3 more
+    for i in 1..=3 {
+        c.submit(&heavy(&format!("fill-{i}"), 1, 400))
+            .await
+            .unwrap_or_else(|e| panic!("fill-{i} refused: {}", e.message()));
+    }
     let err = c
-        .submit(&heavy("heavy-2", 12, 400))
+        .submit(&heavy("fill-4", 1, 400))
         .await
         .expect_err("refused");
     assert_eq!(err.code(), Code::FailedPrecondition);
     let msg = err.message();
     assert!(
-        msg.contains("host b: job heavy-2 would add 5.5 MiB of container specs to its desired state on top of 5.5 MiB of other jobs' containers, 10.9 MiB in all: at most 8.0 MiB (an agent decodes at most 16.0 MiB)"),
+        msg.contains("host b: job fill-4 would add 0.4 MiB of container specs to its desired state on top of 1.6 MiB of other jobs' containers, 2.0 MiB in all: at most 1.8 MiB (an agent decodes at most 16.0 MiB)"),
         "{msg}"
     );
     // a plan past the plan limit is refused by the job model, naming limit and size

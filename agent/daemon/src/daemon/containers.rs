@@ -20,7 +20,7 @@ use geomx_runtime::{
     Action, CancellationToken, Engine, HeartbeatServer, Runtime, RuntimeConfig, agent_url,
 };
 use ipnet::Ipv4Net;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::backoff::ErrorLog;
 use super::docker::{EngineSource, error_chain};
@@ -207,7 +207,16 @@ async fn apply<E: Engine>(
     errors: &mut ErrorLog,
     failing: &mut BTreeSet<String>,
 ) {
-    let specs = convert::container_specs(state);
+    let specs = match convert::container_specs(state) {
+        Ok(specs) => specs,
+        Err(e) => {
+            let msg = e.to_string();
+            if errors.failed(&msg) {
+                error!(error = %msg, "cannot use the containers of the desired state; keeping the previous ones");
+            }
+            return;
+        }
+    };
     match runtime.apply(specs).await {
         Ok(report) => {
             if errors.succeeded() {

@@ -11,9 +11,18 @@ use geomx_runtime::{
 };
 use ipnet::Ipv4Net;
 
-/// A desired state whose network part cannot be used.
+/// A desired state whose network part or containers cannot be used.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConvertError {
+    /// The containers name templates the state does not hold as it must.
+    #[error("desired state revision {revision}: {source}")]
+    Templates {
+        /// The state's revision.
+        revision: u64,
+        /// What is wrong.
+        #[source]
+        source: geomx_proto::templates::TemplateError,
+    },
     /// A field is not what it must be.
     #[error("desired state revision {revision}: {field} {value:?} is not {expected}")]
     BadField {
@@ -88,16 +97,23 @@ pub fn desired_network(state: &v1::DesiredState) -> Result<DesiredNetwork, Conve
     })
 }
 
-/// The role containers of `state`, labelled with its controller id.
-pub fn container_specs(state: &v1::DesiredState) -> Vec<ContainerSpec> {
-    state
-        .containers
+/// The role containers of `state`, each complete (expanded with the templates it names:
+/// what the runtime gets is what the controller compiled for the node), labelled with the
+/// state's controller id.
+pub fn container_specs(state: &v1::DesiredState) -> Result<Vec<ContainerSpec>, ConvertError> {
+    let expanded =
+        geomx_proto::templates::expand_state(state).map_err(|source| ConvertError::Templates {
+            revision: state.revision,
+            source,
+        })?;
+    Ok(expanded
         .iter()
         .map(|c| container_spec(c, &state.controller_id))
-        .collect()
+        .collect())
 }
 
-/// One role container: an empty progress regex means the default parsers only.
+/// One role container (complete: naming no template): an empty progress regex means the
+/// default parsers only.
 pub fn container_spec(c: &v1::ContainerSpec, controller_id: &str) -> ContainerSpec {
     ContainerSpec {
         job: c.job.clone(),
@@ -269,6 +285,7 @@ mod tests {
                     pids: 0,
                     shm_size_bytes: 0,
                 }),
+                templates: Vec::new(),
             }],
             heartbeat_interval_ms: 1000,
             controller_id: "ctl-1".into(),
@@ -287,7 +304,7 @@ mod tests {
         assert_eq!(n.peers[0].underlay_ip.to_string(), "10.1.1.29");
         assert_eq!(n.bip().to_string(), "172.17.34.1/24");
 
-        let specs = container_specs(&s);
+        let specs = container_specs(&s).expect("no templates");
         assert_eq!(specs.len(), 1);
         let c = &specs[0];
         assert_eq!(c.controller_id, "ctl-1");
@@ -326,6 +343,28 @@ mod tests {
         assert_eq!(
             container_spec(&with_regex, "x").finished_regex.as_deref(),
             Some("^done$")
+        );
+    }
+
+    #[test]
+    fn containers_are_expanded_with_their_templates_before_the_runtime_sees_them() {
+        let mut s = state();
+        let mut second = s.containers[0].clone();
+        second.node = "a-worker-1".into();
+        second
+            .env
+            .insert("GEOMX_NODE".to_string(), "a-worker-1".to_string());
+        s.containers.push(second);
+        let full = container_specs(&s).expect("no templates");
+        (s.templates, s.containers) = geomx_proto::templates::share(s.containers.clone());
+        assert!(!s.templates.is_empty(), "the two workers share their env");
+        assert!(s.containers.iter().all(|c| c.command.is_empty()));
+        assert_eq!(container_specs(&s).expect("expands"), full);
+        s.templates.clear();
+        let e = container_specs(&s).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "desired state revision 7: container job1/a-worker-0 names template \"job1\", which the desired state does not hold"
         );
     }
 

@@ -6,15 +6,17 @@
 //!   other active jobs there reserve, must fit in what the host's Docker reports
 //!   (`HostReport.memory_bytes`, `cpus`). A host that reported no capacity (an older agent,
 //!   or Docker not answering yet) is not checked.
-//! * [`check_state_sizes`]: a host's desired state, with the job's containers added, must stay
-//!   within [`MAX_HOST_STATE_LEN`], half of what an agent decodes
+//! * [`check_state_sizes`]: a host's desired state, with the job's containers added and
+//!   shared as the controller sends them (a job's common env once, not once per node), must
+//!   stay within [`MAX_HOST_STATE_LEN`], half of what an agent decodes
 //!   ([`geomx_proto::MAX_DESIRED_STATE_LEN`]): addresses filled in later and the peer list
 //!   fit in the other half.
 
 use std::collections::BTreeMap;
 
 use geomx_job::Plan;
-use prost::Message;
+use geomx_proto::templates::shared_len;
+use geomx_proto::v1::ContainerSpec;
 
 use super::view::node_container_spec;
 
@@ -129,37 +131,51 @@ pub fn check_capacity(
     problems
 }
 
-/// The bytes of role containers `plan` adds to each of its hosts' desired states (as the
-/// controller encodes them; addresses still placeholders).
-pub fn state_bytes(plan: &Plan) -> BTreeMap<String, usize> {
-    let mut out: BTreeMap<String, usize> = BTreeMap::new();
-    for n in &plan.nodes {
-        let len = node_container_spec(plan, n).encoded_len();
-        // the repeated field's tag and length prefix
-        *out.entry(n.host.clone()).or_default() += len + 5;
+/// How many bytes the containers of `plan` add to each of its hosts' desired states, with
+/// the `existing` containers there (other jobs'), as the controller sends them: shared
+/// ([`geomx_proto::templates::share`]), addresses still placeholders. Per host: (what the
+/// job adds, the total).
+pub fn state_bytes(
+    plan: &Plan,
+    existing: &BTreeMap<String, Vec<ContainerSpec>>,
+) -> BTreeMap<String, (usize, usize)> {
+    let mut out = BTreeMap::new();
+    for host in plan.hosts() {
+        let mut containers = existing.get(host).cloned().unwrap_or_default();
+        let before = if containers.is_empty() {
+            0
+        } else {
+            shared_len(containers.clone())
+        };
+        containers.extend(plan.nodes_on(host).map(|n| node_container_spec(plan, n)));
+        let total = shared_len(containers);
+        out.insert(host.to_owned(), (total.saturating_sub(before), total));
     }
     out
 }
 
-/// Every host whose desired state would pass [`MAX_HOST_STATE_LEN`] with the job's
-/// containers added to the `existing` ones (bytes per host), naming limit and size.
-pub fn check_state_sizes(plan: &Plan, existing: &BTreeMap<String, usize>) -> Vec<String> {
+/// Every host whose desired state would pass `limit` (normally [`MAX_HOST_STATE_LEN`]) with
+/// the job's containers added to the `existing` ones, naming limit and size.
+pub fn check_state_sizes(
+    plan: &Plan,
+    existing: &BTreeMap<String, Vec<ContainerSpec>>,
+    limit: usize,
+) -> Vec<String> {
     let mut problems = Vec::new();
-    for (host, adds) in state_bytes(plan) {
-        let have = existing.get(&host).copied().unwrap_or(0);
-        let total = have.saturating_add(adds);
-        if total > MAX_HOST_STATE_LEN {
+    for (host, (adds, total)) in state_bytes(plan, existing) {
+        if total > limit {
+            let have = total.saturating_sub(adds);
             let others = if have > 0 {
                 format!(" on top of {} of other jobs' containers", mib(have))
             } else {
                 String::new()
             };
             problems.push(format!(
-                "host {host}: job {} would add {} of container specs to its desired state{others}, {} in all: at most {} (an agent decodes at most {}); make [env] smaller or spread the job over more hosts",
+                "host {host}: job {} would add {} of container specs to its desired state{others}, {} in all: at most {} (an agent decodes at most {}); make [env] smaller or spread the jobs over more hosts",
                 plan.job,
                 mib(adds),
                 mib(total),
-                mib(MAX_HOST_STATE_LEN),
+                mib(limit),
                 mib(geomx_proto::MAX_DESIRED_STATE_LEN)
             ));
         }
@@ -271,16 +287,43 @@ memory = "1g"
     #[test]
     fn a_desired_state_over_the_limit_is_refused_naming_limit_and_size() {
         let plan = geomx_job::plan("t", JOB).expect("valid");
-        let sizes = state_bytes(&plan);
-        assert!(sizes["b"] > 100 && sizes["b"] < 4096, "{sizes:?}");
-        assert!(check_state_sizes(&plan, &BTreeMap::new()).is_empty());
-        let full = BTreeMap::from([("b".to_string(), MAX_HOST_STATE_LEN - 10)]);
-        let p = check_state_sizes(&plan, &full);
+        let none = BTreeMap::new();
+        let sizes = state_bytes(&plan, &none);
+        assert!(sizes["b"].0 > 100 && sizes["b"].0 < 4096, "{sizes:?}");
+        assert_eq!(sizes["b"].0, sizes["b"].1);
+        assert!(check_state_sizes(&plan, &none, MAX_HOST_STATE_LEN).is_empty());
+        // other jobs' containers whose env is not shared with this one's
+        let other = |i: usize| ContainerSpec {
+            job: format!("other-{i}"),
+            node: "w".into(),
+            env: BTreeMap::from([("PAYLOAD".to_string(), "x".repeat(1 << 20))]),
+            ..Default::default()
+        };
+        let full = BTreeMap::from([("b".to_string(), (0..8).map(other).collect::<Vec<_>>())]);
+        let p = check_state_sizes(&plan, &full, MAX_HOST_STATE_LEN);
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(
             p[0].starts_with("host b: job j would add 0.0 MiB of container specs to its desired state on top of 8.0 MiB of other jobs' containers, 8.0 MiB in all: at most 8.0 MiB (an agent decodes at most 16.0 MiB)"),
             "{}",
             p[0]
         );
+    }
+
+    #[test]
+    fn a_big_env_on_many_nodes_counts_once() {
+        // 128 workers with 40 KB of [env.all]: 5 MB as separate specs, one template shared
+        let job = format!(
+            "{}\n[env.all]\nPAYLOAD = \"{}\"\n",
+            JOB.replace("workers = 2", "workers = 128"),
+            "x".repeat(40_000)
+        );
+        let plan = geomx_job::plan("t", &job).expect("valid");
+        let unshared: usize = plan
+            .nodes_on("b")
+            .map(|n| prost::Message::encoded_len(&node_container_spec(&plan, n)))
+            .sum();
+        let (adds, _) = state_bytes(&plan, &BTreeMap::new())["b"];
+        assert!(unshared > 5_000_000, "{unshared}");
+        assert!(adds < 200_000, "{adds}");
     }
 }

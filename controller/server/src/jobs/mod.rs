@@ -52,7 +52,7 @@ use self::logs::AgentConnector;
 use self::placement::PortUse;
 use self::record::{
     CURRENT_PREFIX, CurrentRecord, JobMeta, JobSource, NodeRecord, NodeState, Phase, current_key,
-    event_scope, meta_key, node_key, node_prefix, parse_job_ref, source_key,
+    event_scope, meta_key, node_key, node_prefix, parse_job_ref, run_prefix, source_key,
 };
 use self::view::RunRef;
 use crate::membership::{Membership, MembershipError};
@@ -104,6 +104,9 @@ pub struct JobOptions {
     /// An ended job is removed (as by `geomxctl rm`) this long after it ended; `None`
     /// keeps it (the controller's `job_retention`, see [`crate::config`]).
     pub job_retention: Option<Duration>,
+    /// Most bytes of role containers one host's desired state may hold at submit (default
+    /// [`limits::MAX_HOST_STATE_LEN`]; tests lower it to stay light).
+    pub max_host_state_len: usize,
 }
 
 impl Default for JobOptions {
@@ -114,6 +117,7 @@ impl Default for JobOptions {
             restart_drain_timeout: Duration::from_secs(30),
             agent_connect_timeout: Duration::from_secs(5),
             job_retention: None,
+            max_host_state_len: limits::MAX_HOST_STATE_LEN,
         }
     }
 }
@@ -382,20 +386,17 @@ impl Jobs {
                     .clone();
                 problems.extend(limits::check_capacity(&idx.plan, &capacity, &reserved));
             }
-            let existing: BTreeMap<String, usize> = idx
+            let existing: BTreeMap<String, Vec<ContainerSpec>> = idx
                 .plan
                 .hosts()
                 .into_iter()
-                .map(|h| {
-                    let bytes = self
-                        .containers_for(h)
-                        .iter()
-                        .map(|c| prost::Message::encoded_len(c) + 5)
-                        .sum();
-                    (h.to_owned(), bytes)
-                })
+                .map(|h| (h.to_owned(), self.planned_containers(h)))
                 .collect();
-            problems.extend(limits::check_state_sizes(&idx.plan, &existing));
+            problems.extend(limits::check_state_sizes(
+                &idx.plan,
+                &existing,
+                self.options.max_host_state_len,
+            ));
             if !problems.is_empty() {
                 tracing::info!(problems = problems.len(), "job refused");
                 return Err(Status::failed_precondition(format!(
@@ -682,6 +683,8 @@ impl Jobs {
         }
         self.changes.send_modify(|c| *c += 1);
         tracing::info!(job = %name, runs, "job removed");
+        // sled keeps the space of what was removed: give it back if it is much
+        crate::store::log_compaction(&store.compact().await, "after removing a job");
         let mut answer = RemoveJobResponse {
             runs,
             ..Default::default()
@@ -731,6 +734,59 @@ impl Jobs {
                 }
             }
         }
+        // the earlier runs of a name submitted again go the same way
+        let resubmitted: Vec<(String, u32)> = self
+            .lock()
+            .jobs
+            .values()
+            .filter(|e| e.meta.run > 1)
+            .map(|e| (e.meta.name.clone(), e.meta.run))
+            .collect();
+        for (name, current) in resubmitted {
+            match self.prune_old_runs(&name, current, cutoff).await {
+                Ok(0) => {}
+                Ok(runs) => {
+                    tracing::info!(job = %name, runs, retention = %humantime::format_duration(retention), "earlier runs removed after job_retention")
+                }
+                Err(e) => {
+                    tracing::warn!(job = %name, error = %e, "cannot remove earlier runs after job_retention")
+                }
+            }
+        }
+    }
+
+    /// Removes the records and events of the runs of `name` before `current` that ended
+    /// before `cutoff` (Unix ms); how many it removed.
+    async fn prune_old_runs(
+        &self,
+        name: &str,
+        current: u32,
+        cutoff: i64,
+    ) -> Result<u32, JobsError> {
+        let _write = self.write.lock().await;
+        let store = self.membership.store();
+        let mut batch = Batch::new();
+        let mut runs = 0;
+        for run in 1..current {
+            let Some(meta) = store.get_json::<JobMeta>(TreeId::Jobs, meta_key(name, run))? else {
+                continue;
+            };
+            if meta.finished_at_ms == 0 || meta.finished_at_ms >= cutoff {
+                continue;
+            }
+            runs += 1;
+            for key in store.keys_with_prefix(TreeId::Jobs, run_prefix(name, run).as_bytes())? {
+                batch.remove(TreeId::Jobs, key);
+            }
+            for key in store.event_keys(EventScope::Job(&event_scope(name, run)))? {
+                batch.remove(TreeId::Events, key);
+            }
+        }
+        if runs > 0 {
+            self.membership.commit(batch, false).await?;
+            crate::store::log_compaction(&store.compact().await, "after removing runs");
+        }
+        Ok(runs)
     }
 
     /// Names of the jobs still active.
@@ -780,7 +836,17 @@ impl Jobs {
                 return Ok(view::job_message(e.run_ref(), true, now));
             }
         }
-        let entry = load_run(self.membership.store(), name, run, now)?;
+        let store = self.membership.store();
+        if store
+            .get_json::<JobMeta>(TreeId::Jobs, meta_key(name, run))
+            .map_err(JobsError::from)?
+            .is_none()
+        {
+            return Err(Status::not_found(format!(
+                "run {run} of job {name} was removed (job_retention)"
+            )));
+        }
+        let entry = load_run(store, name, run, now)?;
         let mut run_ref = entry.run_ref();
         run_ref.soft = None;
         Ok(view::job_message(run_ref, true, now))
@@ -1038,6 +1104,31 @@ fn notable(rec: &NodeRecord, st: &NodeStatus) -> bool {
     match st.ip.trim().parse::<Ipv4Addr>() {
         Ok(ip) => rec.ip != Some(ip),
         Err(_) => false,
+    }
+}
+
+impl Jobs {
+    /// The containers the active jobs place on `host` as their plans have them (env with
+    /// address placeholders: a node not started yet counts with the env it will get).
+    fn planned_containers(&self, host: &str) -> Vec<ContainerSpec> {
+        let inner = self.lock();
+        let Some(names) = inner.by_host.get(host) else {
+            return Vec::new();
+        };
+        names
+            .iter()
+            .filter_map(|name| inner.jobs.get(name))
+            .filter(|e| e.meta.phase.runs_containers())
+            .flat_map(|e| {
+                let plan = &e.idx.plan;
+                e.idx
+                    .by_host
+                    .get(host)
+                    .map_or(&[][..], Vec::as_slice)
+                    .iter()
+                    .map(|&i| view::node_container_spec(plan, &plan.nodes[i]))
+            })
+            .collect()
     }
 }
 

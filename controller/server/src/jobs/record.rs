@@ -268,7 +268,8 @@ pub fn current_key(name: &str) -> String {
 /// Prefix of every `current/` key.
 pub const CURRENT_PREFIX: &str = "current/";
 
-fn run_prefix(name: &str, run: u32) -> String {
+/// Prefix of every record of one run.
+pub fn run_prefix(name: &str, run: u32) -> String {
     format!("run/{name}/{run:010}/")
 }
 

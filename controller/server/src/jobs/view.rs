@@ -229,6 +229,7 @@ pub fn node_container_spec(plan: &Plan, n: &Node) -> ContainerSpec {
             pids: n.resources.pids.unwrap_or(0),
             shm_size_bytes: n.resources.shm_size.unwrap_or(0),
         }),
+        templates: Vec::new(),
     }
 }
 
