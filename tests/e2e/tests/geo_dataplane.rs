@@ -244,17 +244,22 @@ fn agent_command(
 }
 
 /// The WireGuard public key the controller holds for `host` (`geomxctl hosts -o json`).
-/// Sets `backend = "vxlan"` in every agent's agent.toml and restarts the agents; returns
-/// the files as they were. Waits until a reaches every peer through geomx-vxlan.
-fn vxlan_everywhere(c: &Cluster) -> anyhow::Result<Vec<(String, String)>> {
+/// The changes the agent of `host` logged so far (the network executor's lines).
+fn applied_changes(c: &Cluster, host: &str) -> anyhow::Result<Vec<String>> {
+    let log = std::fs::read_to_string(c.agent(host).log())?;
+    Ok(log
+        .lines()
+        .filter(|l| l.contains("geomx_net::apply:"))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Sets `backend = "vxlan"` in every agent's agent.toml and restarts the agents. Waits
+/// until a reaches every peer through geomx-vxlan.
+fn vxlan_everywhere(c: &Cluster) -> anyhow::Result<()> {
     let lab = c.lab();
-    let mut originals = Vec::new();
     for h in ["a", "a2", "b", "c"] {
-        let conf = lab.dir().join(h).join("agent.toml");
-        let text = std::fs::read_to_string(&conf)?;
-        std::fs::write(&conf, format!("backend = \"vxlan\"\n{text}"))?;
-        originals.push((h.to_string(), text));
-        geomx_e2e::faults::restart_agent(c, h, false)?;
+        c.set_agent_backend(h, Some("vxlan"))?;
     }
     let a = lab.host("a")?;
     eventually(
@@ -269,7 +274,7 @@ fn vxlan_everywhere(c: &Cluster) -> anyhow::Result<Vec<(String, String)>> {
         },
     )
     .with_context(|| format!("a's routes: {:?}", geomx_routes(a)))?;
-    Ok(originals)
+    Ok(())
 }
 
 fn registered_key(c: &Cluster, host: &str) -> anyhow::Result<String> {
@@ -626,11 +631,18 @@ fn containers_in_three_data_centers_talk_through_wireguard_or_vxlan_and_the_fire
 
     // converged: over three network intervals (1 s each) the agent's passes change nothing
     let before = owned_state(a)?;
+    let changes_before = applied_changes(&c, "a")?;
     std::thread::sleep(Duration::from_secs(3));
     let after = owned_state(a)?;
     ensure!(
         after == before,
         "a pass changed a converged host:\n{before}\n---\n{after}"
+    );
+    let changes_after = applied_changes(&c, "a")?;
+    ensure!(
+        changes_after.len() == changes_before.len(),
+        "passes on a converged host made changes: {:?}",
+        &changes_after[changes_before.len().min(changes_after.len())..]
     );
 
     // drift: a tunnel peer and a route removed by hand come back
@@ -714,7 +726,7 @@ fn containers_in_three_data_centers_talk_through_wireguard_or_vxlan_and_the_fire
 
     // backend = "vxlan" on every agent: the same containers talk through geomx-vxlan
     // (static FDB and neighbour entries, onlink routes), VXLAN's UDP port on the WAN
-    let originals = vxlan_everywhere(&c)?;
+    vxlan_everywhere(&c)?;
     let vx_cap = capture(&c, "cap-vxlan", &["udp", "port", "7952"])?;
     for (from, to) in [(b, a), (ch, a), (b, ch), (a, a2)] {
         assert_containers_connected(from, to, IMAGE)?;
@@ -746,12 +758,20 @@ fn containers_in_three_data_centers_talk_through_wireguard_or_vxlan_and_the_fire
         a.run(&["ip", "link", "show", "dev", "geomx-wg"]).is_err(),
         "a still has geomx-wg with no WireGuard peer"
     );
-    // and converged: passes over three network intervals change nothing (FDB included)
+    // and converged: passes over three network intervals change nothing (FDB included) and
+    // a's agent logs no change (a pass that re-sets an entry would leave the state equal)
     let before = owned_state(a)?;
+    let changes_before = applied_changes(&c, "a")?;
     std::thread::sleep(Duration::from_secs(3));
     ensure!(
         owned_state(a)? == before,
         "a pass changed a converged vxlan host"
+    );
+    let changes_after = applied_changes(&c, "a")?;
+    ensure!(
+        changes_after.len() == changes_before.len(),
+        "passes on a converged vxlan host made changes: {:?}",
+        &changes_after[changes_before.len().min(changes_after.len())..]
     );
 
     // cleanup on c removes the overlay, its routes and chains, and nothing else
@@ -800,13 +820,7 @@ fn containers_in_three_data_centers_talk_through_wireguard_or_vxlan_and_the_fire
     // tunnel to them stays as it was (nothing half-applied)
     let before = owned_state(b)?;
     let conf = lab.dir().join("b").join("agent.toml");
-    let text = originals
-        .iter()
-        .find(|(h, _)| h == "b")
-        .map(|(_, t)| t.clone())
-        .context("b's agent.toml")?;
-    std::fs::write(&conf, format!("backend = \"host-gw\"\n{text}"))?;
-    geomx_e2e::faults::restart_agent(&c, "b", false)?;
+    c.set_agent_backend("b", Some("host-gw"))?;
     let err = eventually("b to report the refusal", Duration::from_secs(30), || {
         let hosts = c.hosts().ok()?;
         let e = hosts.iter().find(|h| h["name"] == "b")?["network_error"]

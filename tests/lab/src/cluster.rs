@@ -437,6 +437,27 @@ impl Cluster {
         )
     }
 
+    /// Sets (or with `None` removes) `backend` in the agent.toml of `host` and restarts its
+    /// agent gracefully; returns the new agent process.
+    pub fn set_agent_backend(&self, host: &str, backend: Option<&str>) -> Result<LabProcess> {
+        let file = self.agent_config_path(host);
+        let text = std::fs::read_to_string(&file).map_err(|e| LabError::io(&file, e))?;
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("backend "))
+            .map(str::to_string)
+            .collect();
+        if let Some(b) = backend {
+            // before any [table]
+            lines.insert(1, format!("backend = \"{b}\""));
+        }
+        let mut out = lines.join("\n");
+        out.push('\n');
+        std::fs::write(&file, out).map_err(|e| LabError::io(&file, e))?;
+        self.agent(host).stop(std::time::Duration::from_secs(10))?;
+        self.start_agent(host)
+    }
+
     /// The agent process of `host`.
     pub fn agent(&self, host: &str) -> LabProcess {
         self.lab.process(&format!("agent-{host}"))
