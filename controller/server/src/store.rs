@@ -185,7 +185,7 @@ pub struct NetworkRecord {
 pub struct LinkRecord {
     /// The peer.
     pub peer: String,
-    /// `host-gw`, `wireguard` or `none`.
+    /// `host-gw`, `wireguard`, `vxlan` or `none`.
     pub backend: String,
     /// Median round trip, milliseconds (0: no answer).
     pub rtt_ms: f64,

@@ -86,7 +86,7 @@ pub fn desired_network(state: &v1::DesiredState) -> Result<DesiredNetwork, Conve
         bad(
             "backend".into(),
             &state.backend,
-            "\"auto\", \"host-gw\" or \"wireguard\"",
+            "\"auto\", \"host-gw\", \"wireguard\" or \"vxlan\"",
         )
     })?;
     Ok(DesiredNetwork {
