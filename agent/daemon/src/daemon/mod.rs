@@ -319,10 +319,14 @@ pub fn start<S: EngineSource>(
                 let mut first = true;
                 let on_pass = |d: &DesiredNetwork, r: &Result<PassOutcome, NetError>| {
                     let offline = r.as_ref().is_ok_and(|o| o.docker_offline);
+                    // a pass that restarted Docker is planned again at once: not yet in place
+                    let requeued = r
+                        .as_ref()
+                        .is_ok_and(|o| o.action == geomx_net::Action::Requeue);
                     ctx.net.send_if_modified(|s| {
                         let new = match r {
                             Ok(_) => NetStatus {
-                                converged: !offline,
+                                converged: !offline && !requeued,
                                 routes: u32::try_from(d.peers.len()).unwrap_or(u32::MAX),
                                 error: if offline {
                                     "Docker is not answering: routes and iptables are in place, docker0's bip waits for Docker to start".into()
@@ -341,7 +345,7 @@ pub fn start<S: EngineSource>(
                         changed
                     });
                     ctx.net_passes.send_modify(|n| *n += 1);
-                    if r.is_ok() && first {
+                    if r.is_ok() && !requeued && first {
                         first = false;
                         info!(
                             subnet = %d.subnet,
