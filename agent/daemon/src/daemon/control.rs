@@ -301,9 +301,12 @@ async fn rotate<E: Engine>(ctx: &Ctx<E>, control: &Control) -> Reply {
     let interface_reconfigured = match interface_takes(ctx, control, &new_public).await {
         Ok(used) => used,
         Err(e) => {
+            // a later pass gives the interface the key file's key anyway: register it, so
+            // that the peers follow as soon as it does
+            ctx.reregister.notify_one();
             return Reply::Failed {
                 error: format!(
-                    "the new key is in {} but {WG_INTERFACE} does not use it yet: {e}; the agent keeps trying and registers it at the next registration",
+                    "the new key is in {} but {WG_INTERFACE} does not use it yet: {e}; the agent registers the new public key and keeps applying it (tunnels to this host are down until both ends have it)",
                     control.key_file.display()
                 ),
             };
