@@ -20,6 +20,11 @@ fn cluster() -> anyhow::Result<Cluster> {
 /// A hips job: the central party on a, party p on b, party q on c, one worker each, with
 /// `extra` appended (commands, mounts, resources).
 fn hips_job(name: &str, extra: &str) -> String {
+    hips_job_with(name, 1, extra)
+}
+
+/// [`hips_job`] with `workers` workers in each of p and q.
+fn hips_job_with(name: &str, workers: u32, extra: &str) -> String {
     format!(
         r#"name = "{name}"
 mode = "hips"
@@ -31,12 +36,12 @@ host = "a"
 [[party]]
 name = "p"
 hosts = ["b"]
-workers = 1
+workers = {workers}
 
 [[party]]
 name = "q"
 hosts = ["c"]
-workers = 1
+workers = {workers}
 {extra}"#
     )
 }
@@ -372,6 +377,140 @@ fn a_job_too_big_is_refused_and_starves_no_one(c: &Cluster) -> anyhow::Result<()
     Ok(())
 }
 
+/// The review's 128-worker job (a 41 KB file, 40 KB of it `[env.all]`): 5 MB of node specs
+/// if every node carried its env, but each host's desired state holds it once. It runs,
+/// every worker's env is the plan's byte for byte, and a small job on the same hosts runs
+/// within 30 s beside it. After cancel and `geomxctl rm` the controller's memory and state
+/// come back near where they were.
+fn a_128_worker_job_runs_and_leaves_nothing_after_rm(c: &Cluster) -> anyhow::Result<()> {
+    let rss_before = controller_rss_kib(c)?;
+    let state_before = dir_bytes(&c.controller_state_dir());
+    let job = hips_job_with(
+        "wide",
+        64,
+        &format!(
+            r#"
+[command]
+worker = ["sh", "-c", "exec sleep 3600"]
+master = ["sh", "-c", "exec sleep 3600"]
+
+[env.all]
+PAYLOAD = "{}"
+"#,
+            "x".repeat(40_000)
+        ),
+    );
+    ensure!((40_000..42_000).contains(&job.len()), "{} bytes", job.len());
+    c.submit_ok("wide.toml", &job)?;
+    c.wait_phase("wide", "Running", Duration::from_secs(300))?;
+    let rss_running = controller_rss_kib(c)?;
+    let state_running = dir_bytes(&c.controller_state_dir());
+    // what the agents received (and keep) is far below the 64 x 40 KB the workers' env is
+    for host in ["a", "b", "c"] {
+        let file = c.agent_state_dir(host)?.join("desired-state.pb");
+        let len = std::fs::metadata(&file)
+            .with_context(|| file.display().to_string())?
+            .len();
+        ensure!(len < 512 << 10, "{host}'s desired state: {len} bytes");
+    }
+    // a worker's env is what the plan says, byte for byte (addresses filled in)
+    let file = c.lab().dir().join("jobs").join("wide.toml");
+    let plan = c.ctl_json(&["plan", &file.display().to_string()])?;
+    for node in ["p-worker-37", "q-worker-0"] {
+        let planned = plan["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["name"] == node))
+            .and_then(|n| n["env"].as_object())
+            .with_context(|| format!("{node}'s env in the plan"))?;
+        let host = if node.starts_with('p') { "b" } else { "c" };
+        let env: Vec<String> = serde_json::from_str(&docker(
+            c,
+            host,
+            &[
+                "inspect",
+                &format!("geomx.wide.{node}"),
+                "--format",
+                "{{ json .Config.Env }}",
+            ],
+        )?)?;
+        for (k, v) in planned {
+            let v = v.as_str().context("an env value")?;
+            let got = env
+                .iter()
+                .find_map(|e| e.strip_prefix(&format!("{k}=")))
+                .with_context(|| format!("{node} has no {k}"))?;
+            if v.contains("{{") {
+                ensure!(
+                    got.parse::<std::net::Ipv4Addr>().is_ok(),
+                    "{node}: {k}={got}, planned {v}"
+                );
+            } else {
+                ensure!(
+                    got == v,
+                    "{node}: {k} differs from the plan ({} vs {} bytes)",
+                    got.len(),
+                    v.len()
+                );
+            }
+        }
+    }
+    // the hosts are not starved
+    let small = one_worker("small-beside", "exec sleep 3600", "");
+    let asked = std::time::Instant::now();
+    c.submit_ok("small-beside.toml", &small)?;
+    c.wait_phase("small-beside", "Running", Duration::from_secs(30))?;
+    ensure!(asked.elapsed() < Duration::from_secs(30));
+    for job in ["small-beside", "wide"] {
+        let out = c.ctl(&["cancel", job])?;
+        ensure!(
+            out.status.success(),
+            "cancel {job}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c.wait_phase(job, "Cancelled", Duration::from_secs(120))?;
+        let out = c.ctl(&["rm", job])?;
+        ensure!(
+            out.status.success(),
+            "rm {job}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // sled gave the space back; the memory the job held is freed
+    let state_after = eventually(
+        "the state dir back near its size",
+        Duration::from_secs(30),
+        || {
+            let now = dir_bytes(&c.controller_state_dir());
+            (now < state_before + (8 << 20)).then_some(now)
+        },
+    )
+    .with_context(|| {
+        format!(
+            "state {state_before} -> {state_running} (running) -> {} bytes",
+            dir_bytes(&c.controller_state_dir())
+        )
+    })?;
+    // (the runtime's idle blocking threads, which held some of it, end within 10 s)
+    let rss_after = eventually(
+        "the controller's memory back near its size",
+        Duration::from_secs(30),
+        || {
+            let now = controller_rss_kib(c).ok()?;
+            (now < rss_before + 32 * 1024).then_some(now)
+        },
+    )
+    .with_context(|| {
+        format!(
+            "controller RSS {rss_before} kB -> {rss_running} kB (running) -> {} kB after rm",
+            controller_rss_kib(c).unwrap_or(0)
+        )
+    })?;
+    eprintln!(
+        "128-worker job: controller RSS {rss_before} -> {rss_running} -> {rss_after} kB, state {state_before} -> {state_running} -> {state_after} bytes"
+    );
+    Ok(())
+}
+
 #[test]
 fn mounts_limits_and_host_protection() -> anyhow::Result<()> {
     if !lab_tests_enabled() {
@@ -384,5 +523,6 @@ fn mounts_limits_and_host_protection() -> anyhow::Result<()> {
     a_pids_limit_holds(&c)?;
     host_protecting_defaults_and_log_rotation(&c)?;
     a_job_too_big_is_refused_and_starves_no_one(&c)?;
+    a_128_worker_job_runs_and_leaves_nothing_after_rm(&c)?;
     Ok(())
 }

@@ -685,6 +685,7 @@ impl Jobs {
         tracing::info!(job = %name, runs, "job removed");
         // sled keeps the space of what was removed: give it back if it is much
         crate::store::log_compaction(&store.compact().await, "after removing a job");
+        release_freed_memory();
         let mut answer = RemoveJobResponse {
             runs,
             ..Default::default()
@@ -785,6 +786,7 @@ impl Jobs {
         if runs > 0 {
             self.membership.commit(batch, false).await?;
             crate::store::log_compaction(&store.compact().await, "after removing runs");
+            release_freed_memory();
         }
         Ok(runs)
     }
@@ -1016,6 +1018,18 @@ fn validate_job_name(name: &str) -> Result<(), Status> {
 }
 
 /// Reads run `run` of `name` from the store.
+/// Gives the memory a removed job held back to the system: glibc keeps freed blocks in its
+/// arenas (one per runtime thread), so without this a controller that once held a large
+/// job stays that large.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointer; it only returns free pages of glibc's arenas to
+    // the kernel and is safe to call from any thread at any time.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
+}
+
 fn load_run(
     store: &crate::store::Store,
     name: &str,
