@@ -19,7 +19,7 @@ use crate::error::{NetError, Result};
 use crate::kernel::{KernelRoute, PeerRoute, RouteKind, Routes};
 
 const MAIN_TABLE: u32 = 254;
-const ENODEV: i32 = 19;
+pub(super) const ENODEV: i32 = 19;
 const ENETUNREACH: i32 = 101;
 const EHOSTUNREACH: i32 = 113;
 
@@ -62,7 +62,8 @@ impl NetlinkRoutes {
     }
 }
 
-fn errno(e: &rtnetlink::Error) -> Option<i32> {
+/// The errno of a netlink error answer, if it is one.
+pub(super) fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {
         rtnetlink::Error::NetlinkError(m) => Some(m.raw_code().abs()),
         _ => None,

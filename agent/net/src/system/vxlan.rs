@@ -17,7 +17,8 @@ use rtnetlink::{Handle, LinkVxlan};
 use crate::error::{NetError, Result};
 use crate::kernel::{FdbEntry, Mac, NeighEntry, Vxlan, VxlanDevice, VxlanSpec};
 
-const ENODEV: i32 = 19;
+use super::netlink::{ENODEV, errno};
+
 const ENOENT: i32 = 2;
 
 /// [`Vxlan`] on a netlink socket of the namespace the process runs in.
@@ -121,13 +122,6 @@ impl NetlinkVxlan {
                 entry.ip,
             )));
         m
-    }
-}
-
-fn errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => Some(m.raw_code().abs()),
-        _ => None,
     }
 }
 
