@@ -109,6 +109,9 @@ pub struct LogRequest {
     pub tail: Option<u32>,
     /// Prefix every line with Docker's RFC 3339 timestamp and a space.
     pub timestamps: bool,
+    /// Only the output from this Unix time on (whole seconds, as Docker's API takes it);
+    /// `None` for all.
+    pub since_s: Option<i64>,
 }
 
 /// One piece of output as Docker sends it (not necessarily whole lines).
@@ -463,6 +466,9 @@ impl Engine for BollardEngine {
             tail: req
                 .tail
                 .map_or_else(|| "all".to_string(), |n| n.to_string()),
+            // (0: from the start; a time past what the API takes reads everything, which
+            // only costs reading)
+            since: req.since_s.and_then(|s| i32::try_from(s).ok()).unwrap_or(0),
             ..Default::default()
         };
         let id_owned = id.to_string();

@@ -17,7 +17,7 @@ use crate::engine::{
 };
 use crate::error::{Result, RuntimeError};
 use crate::spec::LABEL_MANAGED;
-use crate::status::now_ms;
+use crate::status::{format_rfc3339_ns, now_ms};
 
 /// A container of the fake engine.
 #[derive(Clone, Debug)]
@@ -32,13 +32,34 @@ pub struct FakeContainer {
     pub finished_at_ms: i64,
     pub ip: String,
     pub host_network: bool,
-    pub logs: Vec<(bool, String)>,
+    pub logs: Vec<FakeLogLine>,
     pub body: ContainerCreateBody,
     pub oom_killed: bool,
     /// Its "host pid" (unique per container).
     pub pid: u32,
     /// The peers connected to each of its ports ([`Engine::established_peers`]).
     pub peers: BTreeMap<u16, Vec<std::net::Ipv4Addr>>,
+}
+
+/// One line a fake container printed.
+#[derive(Clone, Debug)]
+pub struct FakeLogLine {
+    /// On standard error.
+    pub stderr: bool,
+    /// The line, with its line break.
+    pub text: String,
+    /// Docker's timestamp of it, Unix nanoseconds (never before the line above it).
+    pub at_ns: i64,
+}
+
+/// A follow stream of a container's output opened on the fake (see
+/// [`FakeEngine::follows`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FakeFollow {
+    /// The container asked for.
+    pub id: String,
+    /// It has sent every line there was and waits for more (all it sent was taken).
+    pub caught_up: bool,
 }
 
 /// Everything the fake engine holds.
@@ -108,6 +129,10 @@ pub struct FakeEngine {
     /// Every inspect answered, in order: what was asked and the state it read (`None`: no
     /// such container).
     inspected: Arc<tokio::sync::watch::Sender<Inspected>>,
+    /// Bumped by [`FakeEngine::break_log_streams`]: ends every output stream with an error.
+    log_breaks: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Every follow stream opened, in order.
+    follows: Arc<tokio::sync::watch::Sender<Vec<FakeFollow>>>,
 }
 
 #[allow(missing_docs)]
@@ -129,6 +154,8 @@ impl FakeEngine {
             live_restore: Arc::new(AtomicBool::new(false)),
             inspect_holds: Arc::default(),
             inspected: Arc::new(tokio::sync::watch::Sender::new(Vec::new())),
+            log_breaks: Arc::new(tokio::sync::watch::Sender::new(0)),
+            follows: Arc::new(tokio::sync::watch::Sender::new(Vec::new())),
         }
     }
 
@@ -178,6 +205,7 @@ impl FakeEngine {
     pub fn stop_daemon(&self, exit_code: i64) {
         self.set_down(true);
         self.daemon_runs.send_modify(|n| *n += 1);
+        self.break_log_streams();
         if self.live_restore.load(Ordering::SeqCst) {
             return;
         }
@@ -194,6 +222,17 @@ impl FakeEngine {
     /// Every event stream ends while the daemon stays up (a broken connection).
     pub fn break_event_streams(&self) {
         self.daemon_runs.send_modify(|n| *n += 1);
+    }
+
+    /// Every output stream ends with an error while the containers keep running (a broken
+    /// connection; Docker stopping with live-restore).
+    pub fn break_log_streams(&self) {
+        self.log_breaks.send_modify(|n| *n += 1);
+    }
+
+    /// The follow streams of containers' output opened so far, in order.
+    pub fn follows(&self) -> tokio::sync::watch::Receiver<Vec<FakeFollow>> {
+        self.follows.subscribe()
     }
 
     /// A new daemon answers (after [`FakeEngine::stop_daemon`]).
@@ -253,7 +292,15 @@ impl FakeEngine {
 
     pub fn print(&self, id: &str, line: &str) {
         if let Some(c) = self.lock().containers.get_mut(id) {
-            c.logs.push((false, format!("{line}\n")));
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+            let at_ns = c.logs.last().map_or(now, |l| l.at_ns.max(now));
+            c.logs.push(FakeLogLine {
+                stderr: false,
+                text: format!("{line}\n"),
+                at_ns,
+            });
         }
     }
 
@@ -498,36 +545,86 @@ impl Engine for FakeEngine {
     fn logs(&self, id: &str, req: LogRequest) -> BoxStream<'static, Result<LogFrame>> {
         let me = self.clone();
         let id = id.to_string();
-        if !req.follow {
-            let lines = self.find(&id).map(|c| c.logs).unwrap_or_default();
+        // as Docker: every stream starts at the beginning of the output (or at `since`),
+        // with each line's timestamp when asked
+        let since_ns = req
+            .since_s
+            .map_or(i64::MIN, |s| s.saturating_mul(1_000_000_000));
+        let frame = move |l: &FakeLogLine| LogFrame {
+            stderr: l.stderr,
+            data: if req.timestamps {
+                format!("{} {}", format_rfc3339_ns(l.at_ns), l.text).into_bytes()
+            } else {
+                l.text.clone().into_bytes()
+            },
+        };
+        let from_since = move |c: &FakeContainer| {
+            c.logs
+                .iter()
+                .position(|l| l.at_ns >= since_ns)
+                .unwrap_or(c.logs.len())
+        };
+        let Some(c) = self.find(&id) else {
+            return futures::stream::empty().boxed();
+        };
+        // Docker follows only a running container; otherwise it sends what there is
+        if !req.follow || c.state != EngineState::Running {
+            let lines = &c.logs[from_since(&c)..];
             let skip = req
                 .tail
                 .map_or(0, |n| lines.len().saturating_sub(n as usize));
-            return futures::stream::iter(lines.into_iter().skip(skip).map(|(stderr, l)| {
-                Ok(LogFrame {
-                    stderr,
-                    data: l.into_bytes(),
-                })
-            }))
-            .boxed();
+            let frames: Vec<_> = lines.iter().skip(skip).map(|l| Ok(frame(l))).collect();
+            return futures::stream::iter(frames).boxed();
         }
-        futures::stream::unfold(0usize, move |next| {
+        let mut breaks = self.log_breaks.subscribe();
+        breaks.mark_unchanged();
+        let mut index = 0;
+        self.follows.send_modify(|f| {
+            index = f.len();
+            f.push(FakeFollow {
+                id: id.clone(),
+                caught_up: false,
+            });
+        });
+        let start = from_since(&c);
+        futures::stream::unfold((start, breaks), move |(next, mut breaks)| {
             let me = me.clone();
             let id = id.clone();
             async move {
+                let mut broke = false;
                 loop {
-                    let c = me.find(&id)?;
-                    if let Some((stderr, l)) = c.logs.get(next) {
-                        let frame = LogFrame {
-                            stderr: *stderr,
-                            data: l.clone().into_bytes(),
-                        };
-                        return Some((Ok(frame), next + 1));
-                    }
-                    if c.state != EngineState::Running && c.state != EngineState::Created {
+                    if next == usize::MAX {
                         return None;
                     }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    if broke || breaks.has_changed().unwrap_or(true) {
+                        let e = RuntimeError::Io {
+                            what: format!("logs {id}"),
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::ConnectionReset,
+                                "the connection broke",
+                            ),
+                        };
+                        // (ends after the error, like the real engine's stream)
+                        return Some((Err(e), (usize::MAX, breaks)));
+                    }
+                    let c = me.find(&id)?;
+                    if let Some(l) = c.logs.get(next) {
+                        return Some((Ok(frame(l)), (next + 1, breaks)));
+                    }
+                    if c.state != EngineState::Running {
+                        return None;
+                    }
+                    me.follows.send_if_modified(|f| match f.get_mut(index) {
+                        Some(s) if !s.caught_up => {
+                            s.caught_up = true;
+                            true
+                        }
+                        _ => false,
+                    });
+                    tokio::select! {
+                        _ = breaks.changed() => broke = true,
+                        () = tokio::time::sleep(Duration::from_millis(5)) => {}
+                    }
                 }
             }
         })
@@ -704,6 +801,74 @@ mod tests {
         }
         let report = rt.apply(vec![spec("w0"), spec("w1")]).await.expect("apply");
         assert!(report.is_no_op(), "{report:?}");
+        rt.shutdown();
+    }
+
+    /// Waits until a follow stream of `id` newer than the first `after` ones has sent all
+    /// the output there was (so the runtime has read it); returns how many were opened.
+    async fn wait_caught_up(fake: &FakeEngine, id: &str, after: usize) -> usize {
+        let mut rx = fake.follows();
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|f| f.iter().skip(after).any(|s| s.id == id && s.caught_up)),
+        )
+        .await;
+        let opened = r.ok().and_then(|r| r.ok()).map(|f| f.len());
+        opened.unwrap_or_else(|| panic!("no new follower of {id} caught up: {:?}", *rx.borrow()))
+    }
+
+    #[tokio::test]
+    async fn a_follower_started_again_resumes_after_the_lines_read() {
+        let fake = FakeEngine::new(&[IMG]);
+        let rt = Runtime::start(fake.clone(), config()).await.expect("start");
+        rt.apply(vec![spec("w0")]).await.expect("apply");
+        let id = role_id(&fake, "w0");
+        // (the follower opened before the start ended at once, as Docker's does: the
+        // container's first real follower began once it ran)
+        for i in 1..=3 {
+            fake.print(
+                &id,
+                &format!("[Time 0.{i}][Epoch 0][Iteration {i}] Test Acc 0.{i}0"),
+            );
+        }
+        let iteration =
+            |s: &crate::status::Snapshot| node(s, "w0").progress.as_ref().map(|p| p.iteration);
+        wait_for(&rt, "iteration 3", |s| iteration(s) == Some(3)).await;
+        // the node also reports over HTTP, ahead of its output
+        let hb = HeartbeatReport {
+            job: Some("job1".into()),
+            node: Some("w0".into()),
+            step: Some(5),
+            ..Default::default()
+        };
+        let other: IpAddr = "172.17.34.200".parse().expect("ip");
+        rt.record_heartbeat(&hb, other).expect("heartbeat");
+        let before = rt.snapshot();
+        assert_eq!(iteration(&before), Some(5));
+        let opened = fake.follows().borrow().len();
+
+        // the output stream breaks while the container runs: a new follower, to which the
+        // fake (as Docker) sends the whole output again
+        fake.break_log_streams();
+        let opened = wait_caught_up(&fake, &id, opened).await;
+        let after = rt.snapshot();
+        assert_eq!(
+            node(&after, "w0").progress,
+            node(&before, "w0").progress,
+            "the old lines were read again"
+        );
+        assert_eq!(after.revision, before.revision, "{after:#?}");
+
+        // twice, and new lines are read
+        fake.break_log_streams();
+        wait_caught_up(&fake, &id, opened).await;
+        assert_eq!(iteration(&rt.snapshot()), Some(5));
+        fake.print(&id, "[Time 0.6][Epoch 0][Iteration 6] Test Acc 0.60");
+        let s = wait_for(&rt, "iteration 6", |s| iteration(s) == Some(6)).await;
+        assert_eq!(
+            node(&s, "w0").progress.as_ref().map(|p| p.accuracy),
+            Some(Some(0.6))
+        );
         rt.shutdown();
     }
 

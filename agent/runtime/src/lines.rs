@@ -5,7 +5,7 @@ use futures::stream::BoxStream;
 
 use crate::engine::LogFrame;
 use crate::error::Result;
-use crate::status::{LogChunk, parse_rfc3339_ms};
+use crate::status::{LogChunk, parse_rfc3339_ms, parse_rfc3339_ns};
 
 /// Reassembles whole lines from frames, per stream (stdout, stderr).
 #[derive(Debug, Default)]
@@ -55,6 +55,16 @@ pub(crate) fn split_timestamp(line: &str) -> (Option<i64>, &str) {
         && let Some(ms) = parse_rfc3339_ms(ts)
     {
         return (Some(ms), rest);
+    }
+    (None, line)
+}
+
+/// [`split_timestamp`] to the nanosecond.
+pub(crate) fn split_timestamp_ns(line: &str) -> (Option<i64>, &str) {
+    if let Some((ts, rest)) = line.split_once(' ')
+        && let Some(ns) = parse_rfc3339_ns(ts)
+    {
+        return (Some(ns), rest);
     }
     (None, line)
 }

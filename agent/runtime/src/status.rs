@@ -117,6 +117,18 @@ pub fn now_ms() -> i64 {
 /// also with a `+hh:mm` offset) into Unix milliseconds. Docker's "never"
 /// (`0001-01-01T00:00:00Z`) and anything unparsable give `None`.
 pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
+    parse_rfc3339(s).map(|(secs, nanos)| secs * 1_000 + nanos / 1_000_000)
+}
+
+/// [`parse_rfc3339_ms`] to the nanosecond (Docker's log timestamps tell lines apart only
+/// at that precision); `None` also past the year 2262.
+pub(crate) fn parse_rfc3339_ns(s: &str) -> Option<i64> {
+    let (secs, nanos) = parse_rfc3339(s)?;
+    secs.checked_mul(1_000_000_000)?.checked_add(nanos)
+}
+
+/// Unix seconds and nanoseconds of an RFC 3339 time.
+fn parse_rfc3339(s: &str) -> Option<(i64, i64)> {
     let s = s.trim();
     let b = s.as_bytes();
     if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
@@ -129,14 +141,14 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
         return None;
     }
     let mut rest = &s[19..];
-    let mut millis = 0i64;
+    let mut nanos = 0i64;
     if let Some(frac) = rest.strip_prefix('.') {
         let digits: String = frac.chars().take_while(char::is_ascii_digit).collect();
-        let mut ms = digits.chars().take(3).collect::<String>();
-        while ms.len() < 3 {
-            ms.push('0');
+        let mut ns = digits.chars().take(9).collect::<String>();
+        while ns.len() < 9 {
+            ns.push('0');
         }
-        millis = ms.parse().ok()?;
+        nanos = ns.parse().ok()?;
         rest = &frac[digits.len()..];
     }
     let offset_min = match rest {
@@ -151,7 +163,36 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
     };
     let days = days_from_civil(year, month, day);
     let secs = days * 86_400 + hour * 3_600 + min * 60 + sec - offset_min * 60;
-    Some(secs * 1_000 + millis)
+    Some((secs, nanos))
+}
+
+/// Unix nanoseconds as Docker prints a log line's timestamp
+/// (`2024-05-01T12:00:00.123456789Z`; the inverse of [`parse_rfc3339_ns`] for UTC).
+#[cfg(any(test, feature = "fake"))]
+pub(crate) fn format_rfc3339_ns(ns: i64) -> String {
+    let (secs, nanos) = (ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000));
+    let (days, day_s) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        day_s / 3_600,
+        day_s % 3_600 / 60,
+        day_s % 60
+    )
+}
+
+// Howard Hinnant's civil_from_days: the proleptic Gregorian date of a day since 1970-01-01.
+#[cfg(any(test, feature = "fake"))]
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 // Howard Hinnant's days_from_civil: days since 1970-01-01 of a proleptic Gregorian date.
@@ -184,5 +225,17 @@ mod tests {
         assert_eq!(parse_rfc3339_ms("0001-01-01T00:00:00Z"), None);
         assert_eq!(parse_rfc3339_ms("garbage"), None);
         assert_eq!(parse_rfc3339_ms(""), None);
+        assert_eq!(
+            parse_rfc3339_ns("2024-05-01T12:00:00.123456789Z"),
+            Some(1_714_564_800_123_456_789)
+        );
+        for ns in [0, 1, 1_714_564_800_123_456_789, 951_782_400_000_000_007] {
+            let s = format_rfc3339_ns(ns);
+            assert_eq!(parse_rfc3339_ns(&s), Some(ns), "{s}");
+        }
+        assert_eq!(
+            format_rfc3339_ns(1_714_564_800_123_456_789),
+            "2024-05-01T12:00:00.123456789Z"
+        );
     }
 }

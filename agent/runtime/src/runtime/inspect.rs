@@ -124,7 +124,7 @@ impl<E: Engine> Runtime<E> {
                     }
                     if insp.state == EngineState::Running {
                         // running again after it ended (started by someone: geomx sets no
-                        // restart policy): follow it again
+                        // restart policy): follow it again, after the output already read
                         t.finalized = false;
                         t.status.log_tail.clear();
                         drop(st);

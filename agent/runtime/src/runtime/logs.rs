@@ -37,6 +37,7 @@ impl<E: Engine> Runtime<E> {
                 follow,
                 tail: (tail > 0).then_some(tail),
                 timestamps: false,
+                since_s: None,
             },
         );
         let (job, node) = (job.to_string(), node.to_string());
@@ -81,6 +82,7 @@ impl<E: Engine> Runtime<E> {
                 follow: false,
                 tail: None,
                 timestamps: false,
+                since_s: None,
             },
         );
         let mut chunks = crate::lines::chunks(frames.boxed());

@@ -37,7 +37,7 @@ pub const OOM_KILLED: &str =
     "OOM-killed (OOMKilled): out of memory, over its [resources] memory limit or the host's";
 use crate::error::{Result, RuntimeError};
 use crate::heartbeat::{HeartbeatError, HeartbeatReport, HeartbeatSink};
-use crate::lines::{LineSplitter, split_timestamp};
+use crate::lines::{LineSplitter, split_timestamp, split_timestamp_ns};
 use crate::progress::{ProgressParser, ProgressTracker};
 use crate::reconcile::{self, Action, ContainerKey, actual_key};
 use crate::spec::{
@@ -219,6 +219,9 @@ struct Tracked {
     /// The follower reached the end of the output (the container stopped, or the stream
     /// broke): a container found running again needs a new follower.
     follow_done: bool,
+    /// How far the role container's output has been read into `tracker`: a new follower
+    /// of the same container resumes there (Docker sends the whole output again).
+    log_cursor: Option<follow::LogCursor>,
     /// The log tail of the ended role container has been fetched.
     finalized: bool,
     /// Why the role container counts as failed whatever its exit code: it was stopped by a
@@ -263,6 +266,7 @@ impl Tracked {
             tracker: ProgressTracker::new(parser),
             follower: None,
             follow_done: false,
+            log_cursor: None,
             finalized: false,
             stopped_by_docker: None,
             pid: 0,
@@ -285,6 +289,7 @@ impl Tracked {
             tracker: ProgressTracker::new(parser),
             follower: None,
             follow_done: false,
+            log_cursor: None,
             finalized: false,
             stopped_by_docker: None,
             pid: 0,
