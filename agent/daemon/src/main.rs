@@ -2,6 +2,7 @@
 //!
 //! * `geomx-agent network apply --config host.toml [--watch]`: host networking from a static
 //!   peer list, without a controller (once, or kept in place until stopped);
+//! * `geomx-agent network plan --config host.toml`: what a pass would do, changing nothing;
 //! * `geomx-agent network show [--output table|json]`: what geomx owns on this host;
 //! * `geomx-agent cleanup`: removes it and gives daemon.json back its pre-geomx values;
 //! * `geomx-agent run [--config /etc/geomx/agent.toml]`: the daemon connected to the

@@ -1,4 +1,4 @@
-//! `geomx-agent network apply|show` and `geomx-agent cleanup`.
+//! `geomx-agent network apply|plan|show` and `geomx-agent cleanup`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,6 +25,20 @@ pub enum NetworkCommand {
     /// Show what geomx owns on this host: routes (proto 247), chains, docker0, daemon.json
     /// keys and what they were before geomx, ip_forward.
     Show(ShowArgs),
+    /// Print what `apply` would do now with a host file, step by step, changing nothing
+    /// ("no changes planned" when the host matches).
+    Plan(PlanArgs),
+}
+
+/// Arguments of `network plan`.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The host file (see docs/networking.md).
+    #[arg(long, short = 'c', env = "GEOMX_NET_CONFIG")]
+    pub config: PathBuf,
+    /// Output format of the steps.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    pub output: Output,
 }
 
 /// Arguments of `network apply`.
@@ -87,6 +101,7 @@ pub async fn network(common: &Common, cmd: NetworkCommand) -> anyhow::Result<Exi
     match cmd {
         NetworkCommand::Apply(args) => apply(common, args).await,
         NetworkCommand::Show(args) => show(common, args).await,
+        NetworkCommand::Plan(args) => plan(common, args).await,
     }
 }
 
@@ -140,6 +155,43 @@ async fn apply(common: &Common, args: ApplyArgs) -> anyhow::Result<ExitCode> {
     );
     reconciler.run(rx, reload, |_, _| {}).await;
     tracing::info!(host = %host, "stopped; the host network stays as it is (`geomx-agent cleanup` removes it)");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn plan(common: &Common, args: PlanArgs) -> anyhow::Result<ExitCode> {
+    let file = HostFile::load(&args.config)?;
+    let host = common.host(file.name.as_deref());
+    let mut config = common.net_config(&host, None);
+    config.docker_required = true;
+    let kernel = Kernel::system(&config).context("opening the host's network")?;
+    let plan = Reconciler::new(config, kernel)
+        .plan(&file.desired())
+        .await
+        .with_context(|| format!("planning {}", args.config.display()))?;
+    let steps: Vec<String> = plan.steps.iter().map(|s| s.to_string()).collect();
+    match args.output {
+        Output::Json => {
+            let backends: std::collections::BTreeMap<&str, &str> = plan
+                .backends
+                .iter()
+                .map(|(p, b)| (p.as_str(), b.as_str()))
+                .collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "host": host,
+                    "backends": backends,
+                    "steps": steps,
+                }))?
+            );
+        }
+        Output::Table if steps.is_empty() => println!("no changes planned"),
+        Output::Table => {
+            for s in &steps {
+                println!("{s}");
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -179,6 +179,90 @@ pub enum Step {
     WgDelete,
 }
 
+impl std::fmt::Display for Step {
+    /// The step in words, as `geomx-agent network plan` prints it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Remember(r) => match r.cluster {
+                Some(c) => write!(
+                    f,
+                    "remember daemon.json's pre-geomx values and the cluster {c}"
+                ),
+                None => write!(f, "remember daemon.json's pre-geomx values"),
+            },
+            Step::WriteDaemonJson { keys, .. } => {
+                let k: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+                write!(f, "write daemon.json: {}", k.join(", "))
+            }
+            Step::RestartDocker { reason, .. } => write!(f, "restart Docker ({reason})"),
+            Step::EnableIpForward { was } => write!(f, "set net.ipv4.ip_forward=1 (was {was})"),
+            Step::Firewall(fix) => {
+                let lines: Vec<&str> = fix
+                    .payload
+                    .lines()
+                    .filter(|l| !l.starts_with('*') && *l != "COMMIT")
+                    .collect();
+                write!(
+                    f,
+                    "iptables-restore --noflush -t {}: {}",
+                    fix.table,
+                    lines.join(" | ")
+                )
+            }
+            Step::WgCreate => write!(f, "create WireGuard interface {WG_INTERFACE}"),
+            Step::WgConfigure { port } => {
+                write!(
+                    f,
+                    "configure {WG_INTERFACE}: private key, listen port {port}"
+                )
+            }
+            Step::WgSetPeer { peer, config } => write!(
+                f,
+                "set WireGuard peer {peer} ({}) at {}",
+                config.public_key,
+                config
+                    .endpoint
+                    .map_or_else(|| "-".to_string(), |e| e.to_string())
+            ),
+            Step::WgRemovePeer { public_key } => write!(f, "remove WireGuard peer {public_key}"),
+            Step::VxlanCreate(spec) => write!(
+                f,
+                "create VXLAN interface {VXLAN_INTERFACE} (vni {}, port {}, mac {}, mtu {})",
+                spec.vni, spec.port, spec.mac, spec.mtu
+            ),
+            Step::FdbSet { peer, entry } => write!(
+                f,
+                "set fdb {} dst {} on {VXLAN_INTERFACE} (peer {peer})",
+                entry.mac, entry.dst
+            ),
+            Step::FdbDelete(e) => write!(f, "delete fdb {} dst {}", e.mac, e.dst),
+            Step::NeighSet { peer, entry } => write!(
+                f,
+                "set neighbour {} lladdr {} on {VXLAN_INTERFACE} (peer {peer})",
+                entry.ip, entry.mac
+            ),
+            Step::NeighDelete(e) => write!(f, "delete neighbour {} lladdr {}", e.ip, e.mac),
+            Step::RouteReplace { route, was } => match was {
+                Some(was) => write!(
+                    f,
+                    "replace route {} {was} with {}",
+                    route.destination,
+                    route.via()
+                ),
+                None => write!(
+                    f,
+                    "add route {} {} proto {ROUTE_PROTOCOL}",
+                    route.destination,
+                    route.via()
+                ),
+            },
+            Step::RouteDelete(r) => write!(f, "delete route {r}"),
+            Step::VxlanDelete => write!(f, "delete VXLAN interface {VXLAN_INTERFACE}"),
+            Step::WgDelete => write!(f, "delete WireGuard interface {WG_INTERFACE}"),
+        }
+    }
+}
+
 /// A pass's plan: each peer's backend and the steps, in order. Empty steps: converged.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NetPlan {

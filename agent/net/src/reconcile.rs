@@ -142,7 +142,8 @@ impl Reconciler {
         }
     }
 
-    /// What a pass would do now, without doing it (`geomx-agent network plan`).
+    /// What a pass would do now, without doing it (`geomx-agent network plan`); reads the
+    /// host, changes nothing.
     pub async fn plan(&mut self, desired: &DesiredNetwork) -> Result<NetPlan> {
         desired.validate(&self.config.host)?;
         let observed = observe::observe(&self.kernel, &self.config, desired).await?;

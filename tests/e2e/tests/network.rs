@@ -304,6 +304,20 @@ fn agent_connects_containers_across_hosts_and_cleanup_restores_the_host() -> any
     for ag in &agents {
         ag.write_host_file(&peers_of(&lab, &ag.host.name))?;
     }
+    // `network plan` says what a pass would do, and changes nothing
+    let a_agent = agents
+        .iter()
+        .find(|ag| ag.host.name == "a")
+        .context("host a")?;
+    let f = a_agent.host_file().display().to_string();
+    let planned = a_agent.ok(&["network", "plan", "--config", &f])?;
+    for step in [
+        "write daemon.json: bip",
+        "restart Docker (daemon.json changed)",
+    ] {
+        ensure!(planned.contains(step), "plan on a fresh host:\n{planned}");
+    }
+    ensure!(snapshot(a)? == before, "network plan changed the host");
     std::thread::scope(|s| {
         let runs: Vec<_> = agents.iter().map(|ag| s.spawn(|| ag.apply())).collect();
         runs.into_iter().try_for_each(|r| {
@@ -386,6 +400,11 @@ fn agent_connects_containers_across_hosts_and_cleanup_restores_the_host() -> any
     );
     ensure!(snapshot(a)? == applied, "the second pass changed the host");
     ensure!(Agent::new(a)?.apply()?.trim() == "no changes");
+    let planned = Agent::new(a)?.ok(&["network", "plan", "--config", &f])?;
+    ensure!(
+        planned.trim() == "no changes planned",
+        "plan on a converged host:\n{planned}"
+    );
 
     // cleanup gives everything back (containers removed first: Docker restarts faster)
     da.remove_all_containers()?;
