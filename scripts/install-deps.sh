@@ -17,6 +17,8 @@ packages=(
   wireguard-go    # WireGuard in user space where the kernel has no module (this machine kind)
   tcpdump         # captures on the lab's WAN router (tests of what crosses the WAN)
   debootstrap     # the real MXNet image (scripts/build-mxnet-image.sh)
+  docker-registry # the lab's registry (geomx-lab up --registry): the distribution v2 server
+  apache2-utils   # htpasswd: the lab registry's bcrypt password file
 )
 
 missing=()
@@ -40,6 +42,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-for tool in ip nsenter unshare iptables iptables-save dockerd docker busybox tar iperf3 wg wireguard-go tcpdump; do
+for tool in ip nsenter unshare iptables iptables-save dockerd docker busybox tar iperf3 wg wireguard-go tcpdump docker-registry htpasswd; do
   command -v "$tool" >/dev/null || { echo "install-deps: $tool still missing" >&2; exit 1; }
 done

@@ -222,10 +222,17 @@ fn wan_links_delay_shape_lose_and_partition_as_configured() -> anyhow::Result<()
     let name = lab.name().to_string();
     let dir = lab.dir();
     lab.down()?;
-    assert_nothing_left(&name, &dir, dl)
+    assert_nothing_left(&name, &dir, dl, "the delay line")
 }
 
-fn assert_nothing_left(name: &str, dir: &std::path::Path, pid: u32) -> anyhow::Result<()> {
+/// No namespace of the lab `name`, no `dir`, process `pid` (`what`) gone, no lab interface in
+/// the machine's namespace.
+fn assert_nothing_left(
+    name: &str,
+    dir: &std::path::Path,
+    pid: u32,
+    what: &str,
+) -> anyhow::Result<()> {
     let list = String::from_utf8(
         std::process::Command::new("ip")
             .args(["netns", "list"])
@@ -237,10 +244,7 @@ fn assert_nothing_left(name: &str, dir: &std::path::Path, pid: u32) -> anyhow::R
         .filter(|l| l.starts_with(&format!("{name}-")))
         .collect();
     ensure!(left.is_empty(), "namespaces left behind: {left:?}");
-    ensure!(
-        geomx_lab::gone(pid),
-        "the delay line (pid {pid}) outlived its lab"
-    );
+    ensure!(geomx_lab::gone(pid), "{what} (pid {pid}) outlived its lab");
     ensure!(!dir.exists(), "{} left behind", dir.display());
     let root = String::from_utf8(
         std::process::Command::new("ip")
@@ -285,7 +289,7 @@ fn a_geo_lab_dropped_by_a_failing_test_leaves_nothing() -> anyhow::Result<()> {
         panic!("a test failing with its lab up");
     }));
     ensure!(r.is_err());
-    assert_nothing_left(&name, &dir, pid)
+    assert_nothing_left(&name, &dir, pid, "the delay line")
 }
 
 #[test]
@@ -323,4 +327,216 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
     let d = std::env::temp_dir().join(format!("geomx-geo-{}", std::process::id()));
     std::fs::create_dir_all(&d)?;
     Ok(d)
+}
+
+/// `geomx-lab down` of a lab made by `geomx-lab up` in a test, also when the test fails.
+struct CliLab {
+    name: String,
+    done: bool,
+}
+
+impl CliLab {
+    fn cmd(&self) -> anyhow::Result<std::process::Command> {
+        let mut c = std::process::Command::new(geomx_lab::lab_binary()?);
+        c.args(["--name", &self.name]);
+        Ok(c)
+    }
+
+    fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.cmd()?.args(args).output()?;
+        ensure!(
+            out.status.success(),
+            "geomx-lab {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+}
+
+impl Drop for CliLab {
+    fn drop(&mut self) {
+        if !self.done
+            && let Ok(mut c) = self.cmd()
+        {
+            let _ = c.arg("down").output();
+        }
+    }
+}
+
+/// `docker --config <config> <args>` against `host`'s dockerd, with `stdin` fed to it.
+fn docker_with(
+    host: &geomx_lab::LabHost,
+    config: &std::path::Path,
+    args: &[&str],
+    stdin: &str,
+) -> anyhow::Result<std::process::Output> {
+    use std::io::Write;
+    let mut c = host.dockerd()?.cli();
+    c.arg("--config").arg(config).args(args);
+    c.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn()?;
+    if let Some(mut i) = child.stdin.take() {
+        i.write_all(stdin.as_bytes())?;
+    }
+    Ok(child.wait_with_output()?)
+}
+
+#[test]
+fn the_lab_registry_serves_other_data_centers_over_the_wan_with_tls_and_credentials()
+-> anyhow::Result<()> {
+    if !lab_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile_dir()?.join("registry");
+    std::fs::create_dir_all(&dir)?;
+    let topo = dir.join("reg.toml");
+    std::fs::write(
+        &topo,
+        "[[dc]]\nname = \"x\"\nsubnet = \"10.8.0.0/24\"\nhosts = [\"p\"]\n\
+         [[dc]]\nname = \"y\"\nsubnet = \"10.9.0.0/24\"\nhosts = [\"q\"]\n\
+         [[dc]]\nname = \"z\"\nsubnet = \"10.10.0.0/24\"\nhosts = [\"r\"]\n\
+         [[link]]\ndcs = [\"x\", \"y\"]\ndelay = \"5ms\"\n\
+         [[link]]\ndcs = [\"y\", \"z\"]\ndelay = \"5ms\"\nrate = \"100mbit\"\n\
+         [registry]\ndc = \"y\"\n",
+    )?;
+    let mut cli = CliLab {
+        name: format!("gxreg{}", std::process::id()),
+        done: false,
+    };
+    let topo_s = topo.display().to_string();
+    cli.run(&[
+        "up",
+        "--bare",
+        "--registry",
+        "--no-mxnet",
+        "--topology",
+        &topo_s,
+    ])?;
+    let env: std::collections::BTreeMap<String, String> = cli
+        .run(&["env"])?
+        .lines()
+        .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let var = |k: &str| {
+        env.get(k)
+            .cloned()
+            .with_context(|| format!("env has no {k}"))
+    };
+    let (registry, user, password) = (
+        var("GEOMX_LAB_REGISTRY")?,
+        var("GEOMX_LAB_REGISTRY_USER")?,
+        var("GEOMX_LAB_REGISTRY_PASSWORD")?,
+    );
+    ensure!(
+        std::path::Path::new(&var("GEOMX_LAB_REGISTRY_CA")?).is_file(),
+        "no CA file"
+    );
+    // in data center y, in a namespace of its own
+    ensure!(registry == "10.9.0.253:5000", "registry at {registry}");
+    let root = std::env::var_os("GEOMX_LAB_ROOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| geomx_lab::DEFAULT_ROOT.into());
+    let lab = Lab::attach(&root, &cli.name)?;
+    let reg = lab
+        .registry()
+        .context("Lab::registry of the attached lab")?;
+    ensure!(reg.host_port() == registry && reg.dc.as_deref() == Some("y"));
+    let lab_dir = lab.dir();
+    let registry_pid = lab_dir.join("registry").join("registry.pid");
+    let registry_pid: u32 = std::fs::read_to_string(&registry_pid)?.trim().parse()?;
+    ensure!(
+        !geomx_lab::gone(registry_pid),
+        "the registry is not running"
+    );
+
+    let image = format!("{registry}/geomx/test:latest");
+    let mut digests = Vec::new();
+    for host in ["p", "r"] {
+        let h = lab.host(host)?;
+        // across the WAN: through the router (the data center's gateway)
+        let route = h.run(&["ip", "route", "get", "10.9.0.253"])?;
+        ensure!(route.contains(" via "), "{host}: route {route}");
+        ensure!(
+            h.dockerd()?
+                .docker(&["images", "-q", &image])?
+                .trim()
+                .is_empty(),
+            "{host} has the image before pulling"
+        );
+        let config = dir.join(format!("client-{host}"));
+        std::fs::create_dir_all(&config)?;
+        // no credentials: refused by the registry's auth (TLS itself is trusted)
+        let out = docker_with(h, &config, &["pull", &image], "")?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && err.contains("no basic auth credentials"),
+            "{host}: pull without credentials: {err}"
+        );
+        ensure!(
+            !err.contains("x509") && !err.contains("certificate"),
+            "{host}: {err}"
+        );
+        // a wrong password: refused at login
+        let out = docker_with(
+            h,
+            &config,
+            &["login", "-u", &user, "--password-stdin", &registry],
+            "not-the-password",
+        )?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && err.to_lowercase().contains("401 unauthorized"),
+            "{host}: login with a wrong password: {err}"
+        );
+        // the lab's credentials: pulled
+        let out = docker_with(
+            h,
+            &config,
+            &["login", "-u", &user, "--password-stdin", &registry],
+            &password,
+        )?;
+        ensure!(
+            out.status.success(),
+            "{host}: login: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = docker_with(h, &config, &["pull", &image], "")?;
+        ensure!(
+            out.status.success(),
+            "{host}: pull: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let digest =
+            h.dockerd()?
+                .docker(&["image", "inspect", "-f", "{{index .RepoDigests 0}}", &image])?;
+        ensure!(
+            digest.starts_with(&format!("{registry}/geomx/test@sha256:")),
+            "{host}: digest {digest}"
+        );
+        let hello = h
+            .dockerd()?
+            .docker(&["run", "--rm", &image, "echo", "hi"])?;
+        ensure!(hello == "hi", "{host}: the pulled image ran: {hello:?}");
+        digests.push(digest);
+    }
+    ensure!(digests[0] == digests[1], "two digests: {digests:?}");
+    // the pushing host (q, beside the registry) kept no copy
+    ensure!(
+        lab.host("q")?
+            .dockerd()?
+            .docker(&["images", "-q", &image])?
+            .is_empty(),
+        "the pushing host kept the image"
+    );
+
+    drop(lab);
+    cli.run(&["down"])?;
+    cli.done = true;
+    assert_nothing_left(&cli.name, &lab_dir, registry_pid, "the registry")?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
 }

@@ -118,3 +118,60 @@ fn dropping_a_lab_on_panic_cleans_up() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_flat_lab_registry_serves_its_hosts_and_goes_with_a_panicking_test() -> anyhow::Result<()> {
+    use anyhow::{Context, ensure};
+    if !lab_tests_enabled() {
+        return Ok(());
+    }
+    let spec = LabSpec::for_test()
+        .host("a", std::net::Ipv4Addr::new(10, 1, 1, 34))
+        .host("b", std::net::Ipv4Addr::new(10, 1, 1, 29))
+        .registry(geomx_lab::RegistrySpec::default());
+    let (name, dir) = (spec.name.clone(), spec.dir());
+    let lab = Lab::up(spec)?;
+    let reg = lab.registry().context("no registry")?.clone();
+    // on the underlay, beside the hosts
+    ensure!(reg.host_port() == "10.1.1.253:5000", "{}", reg.host_port());
+    let pid: u32 = std::fs::read_to_string(reg.dir.join("registry.pid"))?
+        .trim()
+        .parse()?;
+    let auth = reg.auth_file();
+    let config = auth.parent().context("auth file dir")?;
+    let test = reg.image(geomx_lab::REGISTRY_TEST_IMAGE);
+    let pull = |host: &str, image: &str| -> anyhow::Result<String> {
+        let h = lab.host(host)?;
+        let out = h.docker_with_config(config, &["pull", "--quiet", image])?;
+        ensure!(
+            out.status.success(),
+            "{host}: pull {image}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(h.dockerd()?
+            .docker(&["image", "inspect", "-f", "{{index .RepoDigests 0}}", image])?)
+    };
+    let on_b = pull("b", &test)?;
+    // the API later tests use: a host's image pushed under a name of its own
+    let again = lab.push_to_registry("b", &test, "geomx/again:1")?;
+    let on_a = pull("a", &again)?;
+    let digest = |r: &str| r.split_once('@').map(|(_, d)| d.to_string());
+    ensure!(
+        digest(&on_a).is_some() && digest(&on_a) == digest(&on_b),
+        "{on_a} vs {on_b}"
+    );
+
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let _lab = lab;
+        panic!("a test failing with its registry up");
+    }));
+    ensure!(r.is_err());
+    ensure!(
+        geomx_lab::gone(pid),
+        "the registry (pid {pid}) outlived its lab"
+    );
+    ensure!(!dir.exists(), "{} left behind", dir.display());
+    let ns = std::path::Path::new("/run/netns").join(format!("{name}-svc-registry"));
+    ensure!(!ns.exists(), "{} left behind", ns.display());
+    Ok(())
+}

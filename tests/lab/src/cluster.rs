@@ -165,7 +165,8 @@ impl Cluster {
             .unwrap_or_default()
             .trim()
             .to_string();
-        let tls = lab.dir().join("tls").join("ca.pem").exists();
+        // (ca.pem alone is there for a lab registry also without TLS)
+        let tls = lab.dir().join("tls").join("controller.pem").exists();
         Ok(Cluster {
             lab,
             spec: ClusterSpec {
@@ -244,7 +245,10 @@ impl Cluster {
             return Ok(());
         }
         let d = dir.display().to_string();
-        self.geomxctl_local(&["certs", "init", "--dir", &d])?;
+        // the lab's registry may have made the lab's CA already
+        if !dir.join("ca.pem").exists() {
+            self.geomxctl_local(&["certs", "init", "--dir", &d])?;
+        }
         self.geomxctl_local(&[
             "certs",
             "controller",

@@ -23,7 +23,14 @@ impl Dockerd {
     /// Prepares the files of a dockerd in `dir` for the namespace `netns`: an empty
     /// daemon.json (unless one exists) and the start/stop/restart scripts.
     /// `cgroup_parent` keeps the containers of this daemon apart from every other one.
-    pub fn prepare(dir: &Path, netns: &Netns, cgroup_parent: &str) -> Result<Dockerd> {
+    /// With `own_etc` the daemon runs in a mount namespace of its own where `/etc/docker` is
+    /// [`Dockerd::etc_dir`] (for `certs.d`: the registries it trusts), else in the machine's.
+    pub fn prepare(
+        dir: &Path,
+        netns: &Netns,
+        cgroup_parent: &str,
+        own_etc: bool,
+    ) -> Result<Dockerd> {
         std::fs::create_dir_all(dir).map_err(|e| LabError::io(dir, e))?;
         let d = Dockerd {
             dir: dir.to_path_buf(),
@@ -31,6 +38,16 @@ impl Dockerd {
         if !d.daemon_json().exists() {
             write(&d.daemon_json(), "{}\n", 0o644)?;
         }
+        let launch = if own_etc {
+            let etc = d.etc_dir();
+            std::fs::create_dir_all(etc.join("certs.d")).map_err(|e| LabError::io(&etc, e))?;
+            let mount_point = Path::new("/etc/docker");
+            std::fs::create_dir_all(mount_point).map_err(|e| LabError::io(mount_point, e))?;
+            // its own mount namespace (slave: the machine's later mounts still reach it)
+            "unshare --mount --propagation slave -- sh -c 'mount --bind \"$0/etc\" /etc/docker && exec \"$@\"' \"$D\" "
+        } else {
+            ""
+        };
         let dir_s = dir.display();
         let ns = netns.path().display();
         let start = format!(
@@ -39,7 +56,7 @@ impl Dockerd {
 D={dir_s}
 if [ -f "$D/dockerd.pid" ] && kill -0 "$(cat "$D/dockerd.pid")" 2>/dev/null; then exit 0; fi
 rm -f "$D/docker.sock"
-setsid nsenter --net={ns} -- dockerd --data-root "$D/data" --exec-root "$D/exec" \
+setsid nsenter --net={ns} -- {launch}dockerd --data-root "$D/data" --exec-root "$D/exec" \
   --pidfile "$D/dockerd.pid" -H "unix://$D/docker.sock" --config-file "$D/daemon.json" \
   --cgroup-parent {cgroup_parent} --shutdown-timeout 2 >>"$D/dockerd.log" 2>&1 </dev/null &
 i=0
@@ -86,6 +103,12 @@ rm -f "$D/dockerd.pid"
     /// The directory holding data, sockets, scripts and log.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The daemon's `/etc/docker` when it has its own ([`Dockerd::prepare`] with `own_etc`):
+    /// `certs.d/<registry>/ca.crt` in it.
+    pub fn etc_dir(&self) -> PathBuf {
+        self.dir.join("etc")
     }
 
     /// The API socket.

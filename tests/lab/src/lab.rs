@@ -21,6 +21,7 @@ use crate::error::{LabError, Result};
 use crate::mountns;
 use crate::netns::Netns;
 use crate::process::{LabProcess, alive};
+use crate::registry::{self, REGISTRY_MXNET_IMAGE, REGISTRY_TEST_IMAGE, Registry, RegistrySpec};
 use crate::topology::{Link, Shape, Topology, TopologyFile};
 use crate::wan;
 
@@ -68,6 +69,9 @@ pub struct LabSpec {
     /// Data centers and WAN links; `None` is the flat lab (every host on one bridge).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology: Option<Topology>,
+    /// A container registry in the lab ([`crate::registry`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistrySpec>,
 }
 
 static TEST_LABS: AtomicU32 = AtomicU32::new(0);
@@ -85,6 +89,7 @@ impl LabSpec {
             persistent: false,
             owner_pid: std::process::id(),
             topology: None,
+            registry: None,
         }
     }
 
@@ -92,6 +97,14 @@ impl LabSpec {
     pub fn topology(mut self, file: TopologyFile) -> LabSpec {
         self.topology = Some(file.topology);
         self.hosts = file.hosts;
+        self
+    }
+
+    /// Runs a registry in the lab (it needs the lab's dockerds): its own namespace on the
+    /// underlay of a flat lab, in a data center of a geo-distributed one; the test image (and
+    /// the MXNet image, if `spec` has it) pushed to it. See [`Lab::registry`].
+    pub fn registry(mut self, spec: RegistrySpec) -> LabSpec {
+        self.registry = Some(spec);
         self
     }
 
@@ -190,6 +203,14 @@ impl LabSpec {
                     )));
                 }
             }
+            if let Some(ip) = self.registry_ip()?
+                && ip == h.underlay_ip
+            {
+                return Err(LabError::Setup(format!(
+                    "host {}: {ip} is the registry's address",
+                    h.name
+                )));
+            }
             if !seen.insert(h.name.clone()) || !seen.insert(h.underlay_ip.to_string()) {
                 return Err(LabError::Setup(format!(
                     "host {} ({}): name or address used twice",
@@ -197,7 +218,35 @@ impl LabSpec {
                 )));
             }
         }
+        if self.registry.is_some() && !self.docker {
+            return Err(LabError::Setup(
+                "a lab registry needs the lab's dockerds (docker(true))".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// The registry's data center (geo-distributed labs with a registry).
+    fn registry_dc(&self) -> Result<Option<&crate::topology::DataCenter>> {
+        let (Some(r), Some(t)) = (&self.registry, &self.topology) else {
+            return Ok(None);
+        };
+        let name =
+            r.dc.as_deref()
+                .or(t.registry_dc.as_deref())
+                .unwrap_or(t.dcs[0].name.as_str());
+        t.dc(name).map(Some)
+    }
+
+    /// The registry's address, when the lab has one.
+    fn registry_ip(&self) -> Result<Option<Ipv4Addr>> {
+        if self.registry.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(match self.registry_dc()? {
+            Some(dc) => registry::registry_ip(dc.service_ip()),
+            None => registry::registry_ip(Ipv4Addr::new(10, 1, 1, 254)),
+        }))
     }
 }
 
@@ -226,6 +275,18 @@ pub struct LabHost {
 }
 
 impl LabHost {
+    /// Runs `docker --config <dir> <args>` against the host's dockerd (a client
+    /// configuration of its own: credentials stay out of the machine's `~/.docker`).
+    pub fn docker_with_config<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        config_dir: &Path,
+        args: &[S],
+    ) -> Result<std::process::Output> {
+        let mut c = self.dockerd()?.cli();
+        c.arg("--config").arg(config_dir).args(args);
+        cmd::output(&mut c)
+    }
+
     /// The host's network namespace.
     pub fn netns(&self) -> &Netns {
         &self.netns
@@ -260,6 +321,7 @@ pub struct Lab {
     spec: LabSpec,
     underlay: Netns,
     hosts: Vec<LabHost>,
+    registry: Option<Registry>,
     down: bool,
 }
 
@@ -289,6 +351,7 @@ impl Lab {
                 ..spec.clone()
             },
             hosts: Vec::new(),
+            registry: None,
             down: false,
         };
         lab.save()?;
@@ -316,8 +379,14 @@ impl Lab {
         for h in &spec.hosts {
             lab.add_host_without_docker(h.clone())?;
         }
+        if spec.registry.is_some() {
+            lab.start_registry()?;
+        }
         if spec.docker {
             lab.start_dockerds()?;
+        }
+        if lab.registry.is_some() {
+            lab.push_lab_images()?;
         }
         Ok(lab)
     }
@@ -350,6 +419,7 @@ impl Lab {
             .collect();
         Lab {
             underlay: Netns::named(&format!("{}-ul", spec.name)),
+            registry: spec.registry.as_ref().and_then(|_| Registry::load(&dir)),
             spec,
             hosts,
             down: false,
@@ -361,6 +431,102 @@ impl Lab {
         let text = serde_json::to_string_pretty(&self.spec)
             .map_err(|e| LabError::Setup(format!("lab.json: {e}")))?;
         std::fs::write(&file, text).map_err(|e| LabError::io(&file, e))
+    }
+
+    /// The lab's registry, when it runs one ([`LabSpec::registry`]).
+    pub fn registry(&self) -> Option<&Registry> {
+        self.registry.as_ref()
+    }
+
+    fn registry_netns_name(&self) -> String {
+        format!("{}-svc-registry", self.spec.name)
+    }
+
+    fn start_registry(&mut self) -> Result<()> {
+        let ip = self
+            .spec
+            .registry_ip()?
+            .ok_or_else(|| LabError::Setup("the lab has no registry".into()))?;
+        let place = match self.spec.registry_dc()? {
+            Some(dc) => registry::Placement {
+                bridge: wan::dc_netns(&self.spec.name, &dc.name),
+                ip,
+                prefix: dc.subnet.prefix_len(),
+                gateway: dc.gateway(),
+                dc: Some(dc.name.clone()),
+            },
+            None => registry::Placement {
+                bridge: self.underlay.clone(),
+                ip,
+                prefix: UNDERLAY_PREFIX,
+                gateway: OUTSIDE_IP,
+                dc: None,
+            },
+        };
+        let geomxctl = crate::cluster::Binaries::find()?.ctl;
+        let dir = self.dir();
+        let reg = registry::start(
+            &dir,
+            &dir.join("tls"),
+            &self.registry_netns_name(),
+            place,
+            &geomxctl,
+        )?;
+        for d in self.hosts.iter().filter_map(|h| h.dockerd.as_ref()) {
+            registry::trust(&d.etc_dir(), &reg)?;
+        }
+        self.registry = Some(reg);
+        Ok(())
+    }
+
+    /// The host the lab pushes its images from: the first of the registry's data center, or
+    /// the first.
+    fn registry_pusher(&self) -> Result<&LabHost> {
+        let dc = self.registry.as_ref().and_then(|r| r.dc.clone());
+        self.hosts
+            .iter()
+            .find(|h| dc.is_none() || h.dc == dc)
+            .or(self.hosts.first())
+            .ok_or_else(|| LabError::Setup("a lab registry needs at least one host".into()))
+    }
+
+    /// Tags the image `local` on `host` as `repo_tag` of the lab's registry, pushes it with
+    /// the registry's credentials and returns the full reference.
+    pub fn push_to_registry(&self, host: &str, local: &str, repo_tag: &str) -> Result<String> {
+        let reg = self
+            .registry()
+            .ok_or_else(|| LabError::Setup(format!("lab {} runs no registry", self.name())))?;
+        let h = self.host(host)?;
+        let reference = reg.image(repo_tag);
+        if local != reference {
+            h.dockerd()?.docker(&["tag", local, &reference])?;
+        }
+        push(h, reg, &reference)?;
+        Ok(reference)
+    }
+
+    /// Pushes the lab's test image (busybox) and, if asked, the MXNet image from one host,
+    /// then removes them from that host again (hosts get images from the registry or the
+    /// cluster's own builds).
+    fn push_lab_images(&self) -> Result<()> {
+        let (Some(reg), Some(rspec)) = (self.registry(), self.spec.registry.as_ref()) else {
+            return Ok(());
+        };
+        let h = self.registry_pusher()?;
+        let d = h.dockerd()?;
+        let test = reg.image(REGISTRY_TEST_IMAGE);
+        let rootfs = crate::rootfs::Rootfs::new(&reg.dir.join("rootfs"))?.with_busybox()?;
+        rootfs.import(d, &test, &["/bin/sh"])?;
+        push(h, reg, &test)?;
+        d.docker(&["rmi", &test])?;
+        let _ = std::fs::remove_dir_all(rootfs.dir());
+        if let Some(tar) = &rspec.mxnet_tar {
+            let mxnet = reg.image(REGISTRY_MXNET_IMAGE);
+            crate::cluster::import_rootfs_tar(h, tar, &mxnet)?;
+            push(h, reg, &mxnet)?;
+            d.docker(&["rmi", &mxnet])?;
+        }
+        Ok(())
     }
 
     /// The lab's name.
@@ -553,36 +719,18 @@ impl Lab {
             }
             _ => (self.underlay.clone(), UNDERLAY_PREFIX, OUTSIDE_IP),
         };
-        netns.run(&[
-            "ip",
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "netns",
-            &bridge_ns.name(),
-        ])?;
-        bridge_ns.run(&["ip", "link", "set", &port, "master", "br0", "up"])?;
-        netns.run(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{}/{prefix}", spec.underlay_ip),
-            "dev",
-            "eth0",
-        ])?;
-        netns.run(&["ip", "link", "set", "eth0", "up"])?;
-        netns.run(&["ip", "route", "add", "default", "via", &gateway.to_string()])?;
+        plug(&netns, &bridge_ns, &port, spec.underlay_ip, prefix, gateway)?;
         let dockerd = if self.spec.docker {
-            Some(Dockerd::prepare(
+            let d = Dockerd::prepare(
                 &dir.join("docker"),
                 &netns,
                 &self.cgroup_parent(&spec.name),
-            )?)
+                self.spec.registry.is_some(),
+            )?;
+            if let Some(reg) = &self.registry {
+                registry::trust(&d.etc_dir(), reg)?;
+            }
+            Some(d)
         } else {
             None
         };
@@ -715,6 +863,8 @@ impl Lab {
                     .map(|d| wan::dc_netns(&self.spec.name, &d.name)),
             );
         }
+        // the registry's before the bridges it hangs off
+        v.push(Netns::named(&self.registry_netns_name()));
         v.push(self.underlay.clone());
         v
     }
@@ -741,6 +891,7 @@ impl Lab {
             .iter()
             .filter_map(|h| h.dockerd.as_ref().map(|d| d.log()))
             .collect();
+        logs.push(self.dir().join("registry").join("registry.log"));
         if let Ok(rd) = std::fs::read_dir(self.dir().join("procs")) {
             logs.extend(
                 rd.flatten()
@@ -808,6 +959,58 @@ impl Drop for Lab {
         if let Err(e) = self.teardown() {
             eprintln!("geomx-lab: tearing down lab {}: {e}", self.spec.name);
         }
+    }
+}
+
+/// Puts `netns` on the bridge `br0` of `bridge_ns`: `eth0` inside (at `ip/prefix`, default
+/// route via `gateway`), its peer `port` on the bridge.
+pub(crate) fn plug(
+    netns: &Netns,
+    bridge_ns: &Netns,
+    port: &str,
+    ip: Ipv4Addr,
+    prefix: u8,
+    gateway: Ipv4Addr,
+) -> Result<()> {
+    netns.run(&[
+        "ip",
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        port,
+        "netns",
+        &bridge_ns.name(),
+    ])?;
+    bridge_ns.run(&["ip", "link", "set", port, "master", "br0", "up"])?;
+    netns.run(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{ip}/{prefix}"),
+        "dev",
+        "eth0",
+    ])?;
+    netns.run(&["ip", "link", "set", "eth0", "up"])?;
+    netns.run(&["ip", "route", "add", "default", "via", &gateway.to_string()])?;
+    Ok(())
+}
+
+/// `docker push` of `reference` from `h` with the registry's credentials.
+fn push(h: &LabHost, reg: &Registry, reference: &str) -> Result<()> {
+    let config = reg.dir.join("client");
+    let out = h.docker_with_config(&config, &["push", "--quiet", reference])?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(LabError::Command {
+            command: format!("docker push {reference} (from {})", h.name),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 

@@ -28,6 +28,7 @@ mod mountns;
 mod netns;
 pub mod nfqueue;
 mod process;
+pub mod registry;
 mod rootfs;
 pub mod topology;
 pub mod wan;
@@ -44,5 +45,8 @@ pub use lab::{
 };
 pub use netns::{Netns, normalize_iptables_save};
 pub use process::{LabProcess, alive, gone};
+pub use registry::{
+    MXNET_CACHE, REGISTRY_MXNET_IMAGE, REGISTRY_PORT, REGISTRY_TEST_IMAGE, Registry, RegistrySpec,
+};
 pub use rootfs::{Rootfs, shared_libraries};
 pub use topology::{DataCenter, Link, Shape, Topology, TopologyFile, read_topology};

@@ -14,7 +14,7 @@ use geomx_lab::topology::{
 };
 use geomx_lab::{
     Binaries, CONTROLLER_PORT, Cluster, ClusterSpec, DEFAULT_ROOT, Lab, LabSpec, Link, Netns,
-    SEED_HOSTS, delayline, read_topology,
+    RegistrySpec, SEED_HOSTS, delayline, read_topology,
 };
 
 /// Multi-host lab for geomx: hosts as network namespaces on one underlay bridge, one dockerd
@@ -58,6 +58,19 @@ enum Command {
         /// Where people's geomxctl reaches the controller (a forwarder into the lab).
         #[arg(long, default_value_t = SocketAddr::from(FORWARD_ADDR))]
         forward: SocketAddr,
+        /// Run a container registry (TLS from the lab's CA, htpasswd auth) in its own
+        /// namespace: on the underlay, or in the topology's `[registry] dc` (default its first
+        /// data center). The test image and the MXNet image (from --mxnet-tar, else
+        /// /var/cache/geomx/mxnet-1.9.1.tar when it exists) are pushed to it.
+        #[arg(long)]
+        registry: bool,
+        /// Do not push the MXNet image to the registry.
+        #[arg(long, requires = "registry")]
+        no_mxnet: bool,
+        /// Where the hosts' images come from: `local` (built or imported on every host) or
+        /// `registry-only` (only in the registry, the hosts have none).
+        #[arg(long, value_enum, default_value = "local")]
+        images: Images,
     },
     /// Tear the lab down completely.
     Down,
@@ -148,6 +161,12 @@ enum LinkCommand {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Images {
+    Local,
+    RegistryOnly,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Output {
     Table,
     Json,
@@ -195,7 +214,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             insecure,
             mxnet_tar,
             forward: forward_addr,
+            registry,
+            no_mxnet,
+            images,
         } => {
+            if *images == Images::RegistryOnly && !*registry {
+                bail!("--images registry-only needs --registry");
+            }
             let bins = if *bare { None } else { Some(Binaries::find()?) };
             let mut spec = LabSpec::new(&cli.name).persistent();
             spec.root = cli.root.clone();
@@ -212,19 +237,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
             }
-            let lab = Lab::up(spec).context("building the lab")?;
+            if *registry {
+                let mut r = RegistrySpec::default();
+                if !*no_mxnet {
+                    r = match mxnet_tar {
+                        Some(t) => RegistrySpec {
+                            mxnet_tar: Some(t.clone()),
+                            ..r
+                        },
+                        None => r.with_cached_mxnet(),
+                    };
+                }
+                spec = spec.registry(r);
+            }
+            let existed = spec.dir().join("lab.json").exists();
+            let lab = match Lab::up(spec) {
+                Ok(lab) => lab,
+                Err(e) => {
+                    // a persistent lab is not torn down on drop: nothing half-built stays
+                    // (but a lab of that name that was there before is not ours to remove)
+                    if let Some(lab) = (!existed)
+                        .then(|| Lab::attach(&cli.root, &cli.name).ok())
+                        .flatten()
+                    {
+                        lab.dump_logs(20);
+                        let _ = lab.down();
+                    }
+                    return Err(e).context("building the lab");
+                }
+            };
+            let registry_env: String = lab
+                .registry()
+                .map(|r| r.env())
+                .unwrap_or_default()
+                .iter()
+                .map(|(k, v)| format!("export {k}={v}\n"))
+                .collect();
             let Some(bins) = bins else {
+                if !registry_env.is_empty() {
+                    std::fs::write(env_file(&lab), &registry_env)?;
+                }
                 print_status(&lab);
                 return Ok(());
             };
+            let local = *images == Images::Local;
             let cluster_spec = ClusterSpec {
                 tls: !insecure,
                 heartbeat_interval: Duration::from_secs(1),
                 grace_period: Duration::from_secs(5),
                 network_interval: Duration::from_secs(5),
                 seed_subnets: true,
-                psnode_image: true,
-                mxnet_tar: mxnet_tar.clone(),
+                psnode_image: local,
+                mxnet_tar: mxnet_tar.clone().filter(|_| local),
             };
             let dir = lab.dir();
             let cluster = match Cluster::up(lab, cluster_spec, bins) {
@@ -242,10 +306,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             start_forwarder(&cluster, *forward_addr)?;
             let scheme = if *insecure { "http" } else { "https" };
             let env = cluster.ctl_env(&format!("{scheme}://{forward_addr}"));
-            let text: String = env
+            let mut text: String = env
                 .iter()
                 .map(|(k, v)| format!("export {k}={v}\n"))
                 .collect();
+            text.push_str(&registry_env);
             std::fs::write(env_file(cluster.lab()), &text)?;
             print_status(cluster.lab());
             println!();
@@ -274,7 +339,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!(
                 "{}",
                 std::fs::read_to_string(&file).with_context(|| format!(
-                    "{} (a --bare lab has no controller)",
+                    "{} (a --bare lab without --registry has no environment)",
                     file.display()
                 ))?
             );
@@ -468,6 +533,19 @@ fn print_status(lab: &Lab) {
         println!("router: namespace {}", lab.underlay().name());
         println!();
         print_links(&t.links);
+        println!();
+    }
+    if let Some(r) = lab.registry() {
+        println!(
+            "registry: https://{} (namespace {}{}), user {}, CA {}",
+            r.host_port(),
+            r.netns_name,
+            r.dc.as_deref()
+                .map(|d| format!(", data center {d}"))
+                .unwrap_or_default(),
+            r.user,
+            r.ca.display()
+        );
         println!();
     }
     println!(

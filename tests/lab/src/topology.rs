@@ -155,6 +155,9 @@ pub struct Topology {
     pub links: Vec<Link>,
     /// Where the controller lives.
     pub controller_dc: String,
+    /// Where the registry lives when the lab runs one (`[registry] dc`; default the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_dc: Option<String>,
 }
 
 impl Topology {
@@ -223,6 +226,7 @@ struct FileDoc {
     #[serde(default)]
     link: Vec<Spanned<LinkDoc>>,
     controller: Option<ControllerDoc>,
+    registry: Option<RegistryDoc>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -279,6 +283,12 @@ struct LinkDoc {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ControllerDoc {
+    dc: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryDoc {
     dc: Spanned<String>,
 }
 
@@ -578,6 +588,19 @@ pub fn parse_topology(file: &str, text: &str) -> std::result::Result<TopologyFil
             n.clone()
         }
     };
+    let registry_dc = match &doc.registry {
+        None => None,
+        Some(r) => {
+            let n = r.dc.get_ref();
+            if !dcs.iter().any(|d| &d.name == n) {
+                return Err(at(
+                    r.dc.span(),
+                    format!("registry: unknown data center {n:?}"),
+                ));
+            }
+            Some(n.clone())
+        }
+    };
     if hosts.is_empty() {
         return Err(at(
             0..0,
@@ -589,6 +612,7 @@ pub fn parse_topology(file: &str, text: &str) -> std::result::Result<TopologyFil
             dcs,
             links,
             controller_dc,
+            registry_dc,
         },
         hosts,
     })
@@ -761,6 +785,7 @@ dc = "dc1"
         assert_eq!(l.shape.rate_bps, Some(200_000_000));
         assert!((l.shape.loss - 0.001).abs() < 1e-12);
         assert_eq!(t.topology.controller_dc, "dc1");
+        assert_eq!(t.topology.registry_dc, None);
         let dc1 = t.topology.dc("dc1").unwrap();
         assert_eq!(dc1.gateway(), Ipv4Addr::new(10, 1, 1, 1));
         assert_eq!(dc1.service_ip(), Ipv4Addr::new(10, 1, 1, 254));
@@ -874,6 +899,14 @@ dc = "dc1"
                 "t.toml:6:6: controller: unknown data center \"dc9\"",
             ),
             (
+                format!("{DC1}[registry]\ndc = \"dc7\"\n"),
+                "t.toml:6:6: registry: unknown data center \"dc7\"",
+            ),
+            (
+                format!("{DC1}[registry]\ndc = \"dc1\"\nport = 5000\n"),
+                "t.toml:7:1: unknown field `port`",
+            ),
+            (
                 "[[dc]]\nname = \"dc1\"\nsubnet = \"10.1.1.0/24\"\n".into(),
                 "no hosts",
             ),
@@ -885,6 +918,12 @@ dc = "dc1"
                 "for\n{text}\nwant {want:?}\ngot  {got:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_registry_goes_where_the_file_says() {
+        let t = parse_topology("t.toml", &format!("{DC1}{DC2}[registry]\ndc = \"dc2\"\n")).unwrap();
+        assert_eq!(t.topology.registry_dc.as_deref(), Some("dc2"));
     }
 
     #[test]
