@@ -471,7 +471,9 @@ fn apply(
             );
         }
         let delay = s.scheduler_delay;
-        if spec.start && s.nodes.get(&key).is_some_and(|n| n.ip.is_empty()) {
+        // a started node, or one whose sandbox is asked for only now (after the job's
+        // preflight), gets its address
+        if (spec.start || spec.sandbox) && s.nodes.get(&key).is_some_and(|n| n.ip.is_empty()) {
             let ip = next_ip(&mut s, subnet);
             if let Some(n) = s.nodes.get_mut(&key) {
                 n.ip = ip;

@@ -148,7 +148,8 @@ driver = "local"
     Ok(())
 }
 
-/// A bind source missing on a host fails the job before it starts, naming host and path.
+/// A bind source missing on a host fails the job before it starts, naming host and path;
+/// no container of the job is created on any host.
 fn a_missing_bind_source_is_refused_naming_host_and_path(c: &Cluster) -> anyhow::Result<()> {
     let missing = c.lab().dir().join("nowhere");
     let job = hips_job(
@@ -166,6 +167,10 @@ roles = ["workers"]
     );
     let file = c.lab().dir().join("no-data.toml");
     std::fs::write(&file, &job)?;
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        .to_string();
     // `geomxctl submit` follows the job and exits non-zero with the reason
     let out = c.ctl(&["submit", &file.display().to_string()])?;
     let text = format!(
@@ -189,6 +194,38 @@ roles = ["workers"]
         named.is_some(),
         "the reason does not name host and path: {why}\nsubmit said: {text}"
     );
+    // no container of the job (role container or sandbox) was ever created on any host:
+    // the controller waits for every host to check the sources before anything starts
+    let until = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 1)
+    .to_string();
+    for host in ["a", "b", "c"] {
+        let created = docker(
+            c,
+            host,
+            &[
+                "events",
+                "--since",
+                &since,
+                "--until",
+                &until,
+                "--filter",
+                "type=container",
+                "--filter",
+                "event=create",
+                "--filter",
+                "label=io.geomx.job=no-data",
+                "--format",
+                "{{ .Actor.Attributes.name }}",
+            ],
+        )?;
+        ensure!(
+            created.trim().is_empty(),
+            "containers of job no-data were created on host {host}: {created}"
+        );
+    }
     Ok(())
 }
 
@@ -402,7 +439,14 @@ PAYLOAD = "{}"
     );
     ensure!((40_000..42_000).contains(&job.len()), "{} bytes", job.len());
     c.submit_ok("wide.toml", &job)?;
-    c.wait_phase("wide", "Running", Duration::from_secs(300))?;
+    let running = c.wait_job("wide", Duration::from_secs(300), "Running or ended", |j| {
+        ["Running", "Failed", "Cancelled", "Succeeded"].contains(&j["phase"].as_str().unwrap_or(""))
+    })?;
+    ensure!(
+        running["phase"] == "Running",
+        "the 128-worker job did not run: {}",
+        reason(&running)
+    );
     let rss_running = controller_rss_kib(c)?;
     let state_running = dir_bytes(&c.controller_state_dir());
     // what the agents received (and keep) is far below the 64 x 40 KB the workers' env is

@@ -17,7 +17,8 @@ use std::sync::atomic::Ordering;
 
 use geomx_proto::v1::DesiredState;
 use geomx_runtime::{
-    Action, CancellationToken, Engine, HeartbeatServer, Runtime, RuntimeConfig, agent_url,
+    Action, CancellationToken, Engine, HeartbeatServer, MountKind, Runtime, RuntimeConfig,
+    agent_url,
 };
 use ipnet::Ipv4Net;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -208,7 +209,10 @@ async fn apply<E: Engine>(
     failing: &mut BTreeSet<String>,
 ) {
     let specs = match convert::container_specs(state) {
-        Ok(specs) => specs,
+        Ok(mut specs) => {
+            check_bind_sources_early(&mut specs);
+            specs
+        }
         Err(e) => {
             let msg = e.to_string();
             if errors.failed(&msg) {
@@ -256,6 +260,23 @@ async fn apply<E: Engine>(
             if errors.failed(&msg) {
                 warn!(error = %msg, "cannot apply the desired containers (Docker unreachable?); retrying every network interval");
             }
+        }
+    }
+}
+
+/// A node not started yet whose bind mount source is missing on this host is handed to the
+/// runtime as started: the runtime refuses it before creating anything ("bind mount source
+/// ... does not exist on this host") and reports it failed, so the controller fails the job
+/// while it still waits for every host to check its sources (no container of it exists).
+fn check_bind_sources_early(specs: &mut [geomx_runtime::ContainerSpec]) {
+    for spec in specs.iter_mut().filter(|s| !s.start) {
+        if let Some(m) = spec
+            .mounts
+            .iter()
+            .find(|m| m.kind == MountKind::Bind && !std::path::Path::new(&m.source).exists())
+        {
+            debug!(job = %spec.job, node = %spec.node, source = %m.source, "a bind mount source is missing: refusing the node now");
+            spec.start = true;
         }
     }
 }

@@ -306,6 +306,21 @@ pub struct JobSoft {
     pub phase_since: Instant,
     /// When this process loaded or accepted the job.
     pub loaded_at: Instant,
+    /// A job with bind mounts, just accepted: the hosts whose agents have not yet checked
+    /// its bind sources. Until none is left no node gets a sandbox or starts, so that a
+    /// source missing on one host fails the job before any container of it exists.
+    pub preflight: Option<Preflight>,
+}
+
+/// The hosts still to check a new job's bind mount sources (see [`JobSoft::preflight`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Preflight {
+    /// The revision of the first desired state holding the job's containers (`u64::MAX`
+    /// until it is published): a host that applied it has checked them (an agent refuses a
+    /// node whose bind source is missing as soon as the node is desired).
+    pub revision: u64,
+    /// Hosts that have not applied that revision yet.
+    pub pending: std::collections::BTreeSet<String>,
 }
 
 impl JobSoft {
@@ -316,7 +331,24 @@ impl JobSoft {
             hosts: HashMap::new(),
             phase_since: now,
             loaded_at: now,
+            preflight: None,
         }
+    }
+
+    /// Whether every host checked the job's bind mount sources (or it has none to check).
+    pub fn preflight_done(&self) -> bool {
+        self.preflight.as_ref().is_none_or(|p| p.pending.is_empty())
+    }
+
+    /// `host` applied desired state `revision`: true when that ends the preflight.
+    pub fn host_applied(&mut self, host: &str, revision: u64) -> bool {
+        let Some(p) = self.preflight.as_mut() else {
+            return false;
+        };
+        if revision < p.revision || !p.pending.remove(host) {
+            return false;
+        }
+        p.pending.is_empty()
     }
 
     /// Records a report of `host` received at `now`. A report that knows the host's
@@ -620,7 +652,9 @@ pub fn evaluate(
             return d.finish();
         }
     }
-    start_ready(idx, &mut d);
+    if soft.preflight_done() {
+        start_ready(idx, &mut d);
+    }
     advance(idx, &mut d);
     d.finish()
 }
@@ -1875,6 +1909,36 @@ workers = 1
         f.report("p-scheduler", ContainerState::Running, "10.1.1.1");
         f.pass(None);
         assert_eq!(f.started(), ["p-scheduler", "p-server-0", "p-worker-0"]);
+    }
+
+    #[test]
+    fn nothing_starts_before_every_host_checked_the_bind_sources() {
+        let mut f = Fixture::new(PSEUDO);
+        f.soft.preflight = Some(Preflight {
+            revision: u64::MAX,
+            pending: ["a".to_string()].into(),
+        });
+        // the desired state is not published yet: no revision reaches it
+        assert!(!f.soft.host_applied("a", 7));
+        let c = f.pass(None);
+        assert!(c.is_empty(), "{c:?}");
+        assert!(f.nodes.iter().all(|n| !n.started()));
+        if let Some(p) = f.soft.preflight.as_mut() {
+            p.revision = 8;
+        }
+        assert!(
+            !f.soft.host_applied("a", 7),
+            "an older state does not count"
+        );
+        assert!(!f.soft.preflight_done());
+        assert!(f.soft.host_applied("a", 8), "the host checked them");
+        assert!(f.soft.preflight_done());
+        assert!(!f.soft.host_applied("a", 9), "done once");
+        f.pass(None);
+        assert!(
+            f.nodes.iter().any(|n| n.started()),
+            "now the schedulers start"
+        );
     }
 
     #[test]

@@ -420,7 +420,10 @@ impl Jobs {
                 },
                 job_toml: job_toml.to_owned(),
                 nodes: plan.nodes.iter().map(|n| NodeRecord::new(&n.name)).collect(),
-                soft: JobSoft::new(plan.nodes.len(), now),
+                soft: JobSoft {
+                    preflight: preflight_of(plan),
+                    ..JobSoft::new(plan.nodes.len(), now)
+                },
                 idx: idx.clone(),
             };
             let event = |kind: &str, message: String| EventRecord {
@@ -509,7 +512,12 @@ impl Jobs {
                 }
                 inner.jobs.insert(name.clone(), entry);
             }
-            self.membership.publish().await.map_err(JobsError::from)?;
+            let revision = self.membership.publish().await.map_err(JobsError::from)?;
+            if let Some(e) = self.lock().jobs.get_mut(&name)
+                && let Some(p) = e.soft.preflight.as_mut()
+            {
+                p.revision = revision;
+            }
             self.changes.send_modify(|v| *v += 1);
             tracing::info!(run, nodes = idx.len(), phase = ?job.phase, "job accepted");
             Ok(job)
@@ -1018,6 +1026,26 @@ fn validate_job_name(name: &str) -> Result<(), Status> {
 }
 
 /// Reads run `run` of `name` from the store.
+/// A new job's preflight: every host with a node that has a bind mount must check its
+/// sources before any node of the job gets a sandbox or starts (see
+/// [`engine::JobSoft::preflight`]); `None` for a job without bind mounts.
+fn preflight_of(plan: &geomx_job::Plan) -> Option<engine::Preflight> {
+    let pending: BTreeSet<String> = plan
+        .nodes
+        .iter()
+        .filter(|n| {
+            n.mounts
+                .iter()
+                .any(|m| m.kind == geomx_job::MountType::Bind)
+        })
+        .map(|n| n.host.clone())
+        .collect();
+    (!pending.is_empty()).then_some(engine::Preflight {
+        revision: u64::MAX,
+        pending,
+    })
+}
+
 /// Gives the memory a removed job held back to the system: glibc keeps freed blocks in its
 /// arenas (one per runtime thread), so without this a controller that once held a large
 /// job stays that large.
@@ -1162,7 +1190,13 @@ impl Workloads for Jobs {
                 continue;
             }
             for &i in e.idx.by_host.get(host).map_or(&[][..], Vec::as_slice) {
-                specs.push(view::container_spec(&e.meta, &e.idx, &e.nodes[i], i));
+                specs.push(view::container_spec(
+                    &e.meta,
+                    &e.idx,
+                    &e.nodes[i],
+                    i,
+                    e.soft.preflight_done(),
+                ));
             }
         }
         specs
@@ -1184,6 +1218,7 @@ impl Workloads for Jobs {
         let now = Instant::now();
         let mut dirty = BTreeSet::new();
         let mut shown_changed = false;
+        let mut preflight_done = false;
         {
             let mut guard = self.lock();
             let Inner { jobs, by_host } = &mut *guard;
@@ -1225,11 +1260,22 @@ impl Workloads for Jobs {
                     if entry.meta.phase == Phase::Restarting && drained {
                         dirty.insert(name.clone());
                     }
+                    if entry.soft.host_applied(host, report.applied_revision) {
+                        tracing::info!(job = %name, "every host has the bind mount sources of the job; starting it");
+                        dirty.insert(name.clone());
+                        preflight_done = true;
+                    }
                 }
             }
         }
         if shown_changed {
             self.reports.send_modify(|v| *v += 1);
+        }
+        if preflight_done {
+            // the job's nodes may get their sandboxes now
+            if let Err(e) = self.membership.publish().await {
+                tracing::error!(host, error = %e, "cannot publish the end of a job's preflight");
+            }
         }
         for name in dirty {
             let span = tracing::debug_span!("job_report", job = %name, host);

@@ -164,8 +164,10 @@ pub fn container_spec(
     idx: &PlanIndex,
     rec: &NodeRecord,
     i: usize,
+    preflight_done: bool,
 ) -> ContainerSpec {
     let n = &idx.plan.nodes[i];
+    let base = node_container_spec(&idx.plan, n);
     ContainerSpec {
         env: rec
             .env
@@ -174,7 +176,9 @@ pub fn container_spec(
             .unwrap_or_default(),
         generation: meta.generation,
         start: rec.started(),
-        ..node_container_spec(&idx.plan, n)
+        // no sandbox before every host checked the job's bind sources
+        sandbox: base.sandbox && preflight_done,
+        ..base
     }
 }
 
