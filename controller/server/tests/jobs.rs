@@ -1809,7 +1809,12 @@ pids = 256
 shm_size = "1g"
 "#
     );
-    c.submit(&job).await.expect("accepted");
+    let accepted = c.submit(&job).await.expect("accepted");
+    // nothing starts before the hosts with bind mounts checked their sources
+    assert_eq!(
+        accepted.reason,
+        "waiting for hosts b, c to check the job's bind mount sources"
+    );
     c.wait_phase("hips-test", JobPhase::Running, Duration::from_secs(5))
         .await;
     let specs = c.sim("b").desired();

@@ -50,7 +50,18 @@ pub fn job_message(run: RunRef<'_>, with_nodes: bool, now: Instant) -> Job {
         name: meta.name.clone(),
         mode: run.idx.plan.mode.as_str().to_owned(),
         phase: meta.phase.to_proto() as i32,
-        reason: waiting_for(run.idx, meta, run.nodes),
+        reason: match run.soft.and_then(|s| s.preflight.as_ref()) {
+            Some(p) if !p.pending.is_empty() && !meta.phase.is_terminal() => format!(
+                "waiting for host{} {} to check the job's bind mount sources",
+                if p.pending.len() == 1 { "" } else { "s" },
+                p.pending
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            _ => waiting_for(run.idx, meta, run.nodes),
+        },
         restarts: meta.restarts,
         max_restarts: run.idx.plan.policy.max_restarts,
         generation: meta.generation,
