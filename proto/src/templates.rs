@@ -13,6 +13,29 @@ use prost::Message;
 
 use crate::v1::{ContainerSpec, ContainerTemplate, DesiredState};
 
+/// The gRPC metadata key with which an agent asks for shared desired states on
+/// `AgentService.Watch` (value `1`). An agent that does not send it (one from before
+/// templates) gets every container complete.
+pub const EXPANDS_TEMPLATES_HEADER: &str = "geomx-expands-templates";
+
+/// A `Watch` request asking for shared desired states (see [`EXPANDS_TEMPLATES_HEADER`]).
+pub fn watch_request(request: crate::v1::WatchRequest) -> tonic::Request<crate::v1::WatchRequest> {
+    let mut r = tonic::Request::new(request);
+    r.metadata_mut().insert(
+        EXPANDS_TEMPLATES_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    r
+}
+
+/// Whether a `Watch` request asks for shared desired states.
+pub fn expands_templates<T>(request: &tonic::Request<T>) -> bool {
+    request
+        .metadata()
+        .get(EXPANDS_TEMPLATES_HEADER)
+        .is_some_and(|v| v == "1")
+}
+
 /// A desired state whose containers cannot be expanded.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TemplateError {

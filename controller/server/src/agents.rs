@@ -178,6 +178,7 @@ impl AgentService for AgentApi {
         if self.shutdown.is_cancelled() {
             return Err(Status::unavailable("the controller is shutting down"));
         }
+        let shared = geomx_proto::templates::expands_templates(&request);
         let revisions = self.membership.subscribe(&host)?;
         let (tx, rx) = mpsc::channel(4);
         let membership = self.membership.clone();
@@ -187,7 +188,16 @@ impl AgentService for AgentApi {
         let span = tracing::info_span!("watch", host = %host);
         self.streams.spawn(
             watch_loop(
-                membership, workloads, backend, host, tx, revisions, shutdown,
+                membership,
+                workloads,
+                Watcher {
+                    backend,
+                    host,
+                    shared,
+                },
+                tx,
+                revisions,
+                shutdown,
             )
             .instrument(span),
         );
@@ -311,24 +321,40 @@ fn heartbeat_data(report: &HostReport) -> Result<HeartbeatData, Status> {
 
 /// Sends `host`'s desired state: at once, then after every published change that alters
 /// it, until the client goes away, the host leaves, or the controller shuts down.
+/// Who watches: the cluster's default backend, the host, and whether its agent expands
+/// templates (else it gets every container complete).
+struct Watcher {
+    backend: String,
+    host: String,
+    shared: bool,
+}
+
 async fn watch_loop(
     membership: Arc<Membership>,
     workloads: Arc<dyn Workloads>,
-    backend: String,
-    host: String,
+    watcher: Watcher,
     tx: mpsc::Sender<Result<DesiredState, Status>>,
     mut revisions: tokio::sync::watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
+    let Watcher {
+        backend,
+        host,
+        shared,
+    } = watcher;
     tracing::info!("watch opened");
     let mut last: Option<DesiredState> = None;
     loop {
         revisions.borrow_and_update();
         match membership.desired_state_for(&host) {
             Ok(mut state) => {
-                // what a job's containers have in common travels once (the agent expands it)
-                (state.templates, state.containers) =
-                    geomx_proto::templates::share(workloads.containers_for(&host));
+                let containers = workloads.containers_for(&host);
+                if shared {
+                    // what a job's containers have in common travels once (the agent expands it)
+                    (state.templates, state.containers) = geomx_proto::templates::share(containers);
+                } else {
+                    state.containers = containers;
+                }
                 state.backend.clone_from(&backend);
                 if last.as_ref().is_none_or(|l| !same_content(l, &state)) {
                     tracing::debug!(

@@ -204,9 +204,9 @@ impl Sim {
         client.clone().report(report).await.expect("first report");
         let mut watch = client
             .clone()
-            .watch(WatchRequest {
+            .watch(geomx_proto::templates::watch_request(WatchRequest {
                 host: self.host.clone(),
-            })
+            }))
             .await
             .expect("watch")
             .into_inner();
@@ -1877,6 +1877,49 @@ async fn a_host_without_the_memory_or_cpus_asked_is_refused_naming_them() {
     // within the host it is accepted
     let fits = format!("{ROUTED}\n[resources.workers]\nmemory = \"1g\"\ncpus = 1\n");
     c.submit(&fits).await.expect("accepted");
+}
+
+#[tokio::test]
+async fn only_an_agent_that_expands_templates_gets_shared_states() {
+    let c = Cluster::start(&["a", "b", "c"]).await;
+    running_routed(&c).await;
+    let first = |shared: bool| {
+        let lab = &c.lab;
+        async move {
+            let request = WatchRequest { host: "b".into() };
+            let request = if shared {
+                geomx_proto::templates::watch_request(request)
+            } else {
+                Request::new(request)
+            };
+            let mut stream = lab
+                .agent("b")
+                .await
+                .watch(request)
+                .await
+                .expect("watch")
+                .into_inner();
+            next_state(&mut stream, Duration::from_secs(2)).await
+        }
+    };
+    // an agent from before templates: every container complete
+    let old = first(false).await;
+    assert!(old.templates.is_empty());
+    let worker = old
+        .containers
+        .iter()
+        .find(|s| s.node == "p-worker-1")
+        .expect("p-worker-1 on b");
+    assert_eq!(worker.env["DMLC_ROLE"], "worker");
+    assert!(!worker.command.is_empty());
+    // one that expands them: the same containers once expanded, in fewer bytes
+    let new = first(true).await;
+    assert!(!new.templates.is_empty());
+    assert!(prost::Message::encoded_len(&new) < prost::Message::encoded_len(&old));
+    assert_eq!(
+        geomx_proto::templates::expand_state(&new).expect("expands"),
+        old.containers
+    );
 }
 
 /// A one-host ps job on b whose every node carries `kib` KiB of env.

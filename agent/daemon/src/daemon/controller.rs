@@ -233,7 +233,7 @@ pub async fn session_loop<E: Engine>(
         loop {
             let opened = tokio::select! {
                 () = shutdown.cancelled() => return,
-                r = client.watch(WatchRequest { host: s.host.clone() }) => r,
+                r = client.watch(geomx_proto::templates::watch_request(WatchRequest { host: s.host.clone() })) => r,
             };
             let mut stream = match opened {
                 Ok(r) => r.into_inner(),
