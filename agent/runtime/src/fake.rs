@@ -841,8 +841,8 @@ mod tests {
             step: Some(5),
             ..Default::default()
         };
-        let other: IpAddr = "172.17.34.200".parse().expect("ip");
-        rt.record_heartbeat(&hb, other).expect("heartbeat");
+        let own: IpAddr = node(&rt.snapshot(), "w0").ip.parse().expect("ip");
+        rt.record_heartbeat(&hb, own).expect("heartbeat");
         let before = rt.snapshot();
         assert_eq!(iteration(&before), Some(5));
         let opened = fake.follows().borrow().len();
@@ -1265,8 +1265,15 @@ mod tests {
             metrics: BTreeMap::from([("accuracy".into(), 0.9), ("loss".into(), 0.3)]),
         };
         let other: IpAddr = "172.17.34.200".parse().expect("ip");
+        // another container (or host) cannot speak for w0: refused, nothing recorded
+        let forged = rt.record_heartbeat(&hb, other);
+        assert!(
+            matches!(forged, Err(HeartbeatError::WrongPeer { .. })),
+            "{forged:?}"
+        );
+        assert!(rt.status("job1", "w0").and_then(|s| s.progress).is_none());
         assert_eq!(
-            rt.record_heartbeat(&hb, other).expect("named"),
+            rt.record_heartbeat(&hb, ip).expect("named"),
             ("job1".to_string(), "w0".to_string())
         );
         let p = rt

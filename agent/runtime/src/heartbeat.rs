@@ -17,14 +17,18 @@
 //! - `metrics` (object of numbers, optional): merged into the node's metrics; `accuracy`
 //!   (or `acc`) also becomes the node's accuracy.
 //! - `job` and `node` (strings, optional): who reports, normally `GEOMX_JOB` and
-//!   `GEOMX_NODE`. The body is trusted, but it must name a container this agent runs (else
-//!   404). When both are left out, the caller is identified by its source address among the
-//!   running docker0 containers (not possible for host-network containers, which share the
-//!   host's address: they must send both).
+//!   `GEOMX_NODE`. They must name a container this agent runs (else 404), and a node on a
+//!   bridge network must report from its own container's address (else 403: no container
+//!   or host speaks for another's node). When both are left out, the caller is identified by
+//!   its source address among the running docker0 containers (not possible for
+//!   host-network containers, which share the host's address: they must send both).
+//! - Bounded: at most 32 metrics per node (names up to 64 bytes; further names dropped),
+//!   64 KiB bodies, 15 s per connection, 256 connections (8 per source address).
 //!
 //! Answers: 200 `{"ok": true, "job": ..., "node": ...}`; 400 `{"error": "..."}` for a
-//! malformed body or an unidentifiable caller; 404 for an unknown job/node or path; 405
-//! for a method other than POST; 413 for a body over 64 KiB.
+//! malformed body or an unidentifiable caller; 403 for a node's report from another
+//! address; 404 for an unknown job/node or path; 405 for a method other than POST; 413 for
+//! a body over 64 KiB.
 //!
 //! The few lines of Python a training script needs (standard library only; errors are
 //! ignored so that training never fails because of a heartbeat):
@@ -75,6 +79,12 @@ pub const DEFAULT_HEARTBEAT_PORT: u16 = 7948;
 pub const HEARTBEAT_PATH: &str = "/v1/heartbeat";
 /// Largest accepted body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// How long one connection may live (slow senders are cut off).
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(15);
+/// Open connections at most, in total.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Open connections at most from one source address.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
 
 /// The base URL containers get as `GEOMX_AGENT_URL`: `http://<gateway>:<port>`.
 pub fn agent_url(gateway: IpAddr, port: u16) -> String {
@@ -121,6 +131,16 @@ pub enum HeartbeatError {
     /// No job/node given and several containers share the caller's address.
     #[error("several containers have address {0} (host networking); send \"job\" and \"node\"")]
     AmbiguousPeer(IpAddr),
+    /// The body names a node whose container has another address than the caller.
+    #[error("node {node} of job {job} reports from its own container's address, not from {peer}")]
+    WrongPeer {
+        /// Job name given.
+        job: String,
+        /// Node name given.
+        node: String,
+        /// The caller's address.
+        peer: IpAddr,
+    },
 }
 
 impl HeartbeatError {
@@ -128,6 +148,7 @@ impl HeartbeatError {
     pub fn status(&self) -> StatusCode {
         match self {
             HeartbeatError::UnknownNode { .. } => StatusCode::NOT_FOUND,
+            HeartbeatError::WrongPeer { .. } => StatusCode::FORBIDDEN,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -273,11 +294,16 @@ impl HeartbeatServer {
             })
     }
 
-    /// Serves heartbeats into `sink` until `shutdown` is cancelled.
+    /// Serves heartbeats into `sink` until `shutdown` is cancelled. Bounded: at most
+    /// [`MAX_CONNECTIONS`] connections ([`MAX_CONNECTIONS_PER_SOURCE`] per source address),
+    /// each closed after [`CONNECTION_DEADLINE`] whatever it is doing; headers within 10 s.
     pub async fn serve<S>(self, sink: S, shutdown: CancellationToken) -> Result<()>
     where
         S: HeartbeatSink + Clone + 'static,
     {
+        let open = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::<IpAddr, usize>::new()));
+        let total = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let mut refused = 0u64;
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -290,9 +316,26 @@ impl HeartbeatServer {
                     }
                 },
             };
+            let Ok(permit) = total.clone().try_acquire_owned() else {
+                refused += 1;
+                if refused.is_power_of_two() {
+                    warn!(%peer, refused, "heartbeat endpoint: too many connections; refusing");
+                }
+                continue;
+            };
+            let slot = Slot::take(&open, peer.ip());
+            let Some(slot) = slot else {
+                refused += 1;
+                if refused.is_power_of_two() {
+                    warn!(%peer, refused, "heartbeat endpoint: too many connections from one address; refusing");
+                }
+                continue;
+            };
             let sink = sink.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
+                let _permit = permit;
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |req| {
                     let sink = sink.clone();
                     async move { Ok::<_, Infallible>(handle(&sink, peer.ip(), req).await) }
@@ -303,11 +346,54 @@ impl HeartbeatServer {
                     .serve_connection(TokioIo::new(stream), service);
                 tokio::select! {
                     _ = shutdown.cancelled() => {}
-                    r = conn => if let Err(e) = r {
-                        debug!(%peer, error = %e, "heartbeat connection");
+                    r = tokio::time::timeout(CONNECTION_DEADLINE, conn) => match r {
+                        Ok(Err(e)) => debug!(%peer, error = %e, "heartbeat connection"),
+                        Err(_) => debug!(%peer, "heartbeat connection: deadline, closed"),
+                        Ok(Ok(())) => {}
                     }
                 }
             });
+        }
+    }
+}
+
+/// One connection's place in the per-source count, given back when dropped.
+struct Slot {
+    open: std::sync::Arc<std::sync::Mutex<BTreeMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Slot {
+    fn take(
+        open: &std::sync::Arc<std::sync::Mutex<BTreeMap<IpAddr, usize>>>,
+        ip: IpAddr,
+    ) -> Option<Slot> {
+        let mut m = open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_CONNECTIONS_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            open: open.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
         }
     }
 }
@@ -456,6 +542,57 @@ mod tests {
         let (status, _) = call(&sink, Method::POST, HEARTBEAT_PATH, &big).await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
         assert!(sink.got.lock().map(|g| g.is_empty()).unwrap_or(false));
+    }
+
+    #[derive(Clone)]
+    struct Nobody;
+
+    impl HeartbeatSink for Nobody {
+        fn record(&self, _: &HeartbeatReport, peer: IpAddr) -> Result<NodeKey, HeartbeatError> {
+            Err(HeartbeatError::UnknownPeer(peer))
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_per_source_are_capped_and_the_endpoint_keeps_serving() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let server = HeartbeatServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(server.serve(Nobody, stop.clone()));
+        // slow clients that never send a request hold their slots
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS_PER_SOURCE {
+            idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        }
+        // one more from the same address is closed at once, without an answer
+        let mut extra = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+            .await
+            .expect("closed within 5 s")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the extra connection got an answer");
+        // once the idle ones go, the endpoint answers again
+        drop(idle);
+        let mut ok = None;
+        for _ in 0..50 {
+            let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let req = "POST /v1/heartbeat HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\nConnection: close\r\n\r\n{\"step\": 1}";
+            c.write_all(req.as_bytes()).await.expect("write");
+            let mut out = String::new();
+            let _ = c.read_to_string(&mut out).await;
+            if out.starts_with("HTTP/1.1 400") {
+                ok = Some(out);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(ok.is_some(), "the endpoint stopped answering");
+        stop.cancel();
+        let _ = task.await;
     }
 
     #[test]

@@ -261,6 +261,11 @@ fn num<T: std::str::FromStr>(m: Option<regex::Match<'_>>) -> Option<T> {
     m.and_then(|m| m.as_str().trim().parse().ok())
 }
 
+/// Most metrics kept per node (further names are dropped; known ones still update).
+pub const MAX_METRICS: usize = 32;
+/// Longest metric name kept, in bytes.
+pub const MAX_METRIC_NAME: usize = 64;
+
 /// The progress of one container: feeds lines (or HTTP heartbeats) through a parser and
 /// keeps the latest [`Progress`].
 #[derive(Clone, Debug)]
@@ -373,7 +378,16 @@ impl ProgressTracker {
         if accuracy.is_some() {
             p.accuracy = accuracy;
         }
-        p.metrics.extend(metrics);
+        // bounded: a container cannot grow the agent (and its report) without limit
+        for (name, value) in metrics {
+            if name.len() > MAX_METRIC_NAME || !value.is_finite() {
+                continue;
+            }
+            if p.metrics.len() >= MAX_METRICS && !p.metrics.contains_key(&name) {
+                continue;
+            }
+            p.metrics.insert(name, value);
+        }
         p.observed_at_ms = at_ms;
         self.current = Some(p);
     }
@@ -382,6 +396,35 @@ impl ProgressTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heartbeat_metrics_are_bounded_in_number_and_name_length() {
+        let mut t = ProgressTracker::new(defaults());
+        // a flood: many names, long names, non-numbers
+        for round in 0..10u64 {
+            let mut m = BTreeMap::new();
+            for k in 0..100 {
+                m.insert(format!("m{round}-{k}"), k as f64);
+            }
+            m.insert("x".repeat(1000), 1.0);
+            m.insert("nan".into(), f64::NAN);
+            t.report(None, Some(round), m, 1);
+        }
+        let p = t.progress().expect("progress");
+        assert_eq!(p.metrics.len(), MAX_METRICS);
+        assert!(p.metrics.keys().all(|k| k.len() <= MAX_METRIC_NAME));
+        assert!(!p.metrics.contains_key("nan"));
+        // a known metric still updates once the table is full
+        let known = p.metrics.keys().next().cloned().expect("a metric");
+        t.report(
+            None,
+            Some(11),
+            [(known.clone(), 42.0)].into_iter().collect(),
+            2,
+        );
+        assert_eq!(t.progress().expect("p").metrics[&known], 42.0);
+        assert_eq!(t.progress().expect("p").iteration, 11);
+    }
 
     fn defaults() -> ProgressParser {
         ProgressParser::new(None).expect("defaults")

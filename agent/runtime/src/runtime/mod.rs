@@ -613,6 +613,25 @@ impl<E: Engine> Runtime<E> {
                     ));
                 }
             };
+            // a node on a bridge network reports from its own address: another container
+            // (or host) cannot speak for it (raw sockets are dropped from role containers,
+            // so the source cannot be forged); host-network nodes share the host's address
+            let bridged = st
+                .desired
+                .as_ref()
+                .and_then(|d| d.get(&key))
+                .is_some_and(|spec| !spec.host_network);
+            if let Some(t) = st.nodes.get(&key)
+                && bridged
+                && !t.status.ip.is_empty()
+                && t.status.ip != peer.to_string()
+            {
+                return Err(HeartbeatError::WrongPeer {
+                    job: key.0.clone(),
+                    node: key.1.clone(),
+                    peer,
+                });
+            }
             if let Some(t) = st.nodes.get_mut(&key) {
                 t.tracker
                     .report(report.epoch, report.step, report.metrics.clone(), now_ms());
