@@ -85,7 +85,7 @@ pub async fn observe(k: &Kernel, config: &NetConfig, desired: &DesiredNetwork) -
     })
     .await?;
     Ok(Observed {
-        docker: Some(docker),
+        docker,
         daemon_text,
         doc,
         remembered,

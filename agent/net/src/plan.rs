@@ -37,11 +37,20 @@ pub enum DockerState {
     },
 }
 
+impl Default for DockerState {
+    /// Not seen yet.
+    fn default() -> DockerState {
+        DockerState::Down {
+            reason: "not asked yet".into(),
+        }
+    }
+}
+
 /// Everything a pass reads from the host before deciding anything.
 #[derive(Clone, Debug, Default)]
 pub struct Observed {
-    /// Docker (`None` only in tests that do not care: taken as up, version unknown).
-    pub docker: Option<DockerState>,
+    /// Docker.
+    pub docker: DockerState,
     /// daemon.json's text (`None`: absent).
     pub daemon_text: Option<String>,
     /// daemon.json parsed.
@@ -376,7 +385,7 @@ pub fn plan(
 ) -> Result<NetPlan> {
     desired.validate(&settings.host)?;
     if settings.docker_required
-        && let Some(DockerState::Down { reason }) = &observed.docker
+        && let DockerState::Down { reason } = &observed.docker
     {
         return Err(NetError::DockerUnavailable {
             host: settings.docker_host.clone(),
@@ -416,12 +425,8 @@ fn plan_docker(
 ) -> Result<()> {
     let bip = desired.bip();
     let up = match &observed.docker {
-        Some(DockerState::Up(v)) => Some(v.clone()),
-        Some(DockerState::Down { .. }) => None,
-        None => Some(DockerVersion {
-            version: String::new(),
-            api_version: String::new(),
-        }),
+        DockerState::Up(v) => Some(v.clone()),
+        DockerState::Down { .. } => None,
     };
     let version = up
         .clone()

@@ -114,9 +114,9 @@ async fn plans_from_observed_and_desired() {
             "Docker down, daemon.json fine: nothing (docker0 is not judged)",
             Backend::Auto,
             |o, _, _| {
-                o.docker = Some(DockerState::Down {
+                o.docker = DockerState::Down {
                     reason: "no socket".into(),
-                });
+                };
                 o.docker0 = None;
             },
             vec![],
@@ -125,9 +125,9 @@ async fn plans_from_observed_and_desired() {
             "Docker down, daemon.json lost its bip: written, not restarted",
             Backend::Auto,
             |o, _, _| {
-                o.docker = Some(DockerState::Down {
+                o.docker = DockerState::Down {
                     reason: "no socket".into(),
-                });
+                };
                 o.doc.remove("bip");
             },
             vec!["write daemon.json"],
@@ -329,9 +329,9 @@ async fn refusals_name_the_peer_and_plan_nothing() {
     // a one-shot apply needs Docker: nothing is planned without it
     let d = desired(Backend::Auto);
     let mut down = seen.clone();
-    down.docker = Some(DockerState::Down {
+    down.docker = DockerState::Down {
         reason: "the socket /fake/docker.sock does not exist".into(),
-    });
+    };
     let strict = HostSettings {
         docker_required: true,
         ..settings()

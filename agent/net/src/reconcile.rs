@@ -157,20 +157,19 @@ impl Reconciler {
             self.random_fully_known = true;
         }
         match &observed.docker {
-            Some(DockerState::Up(v)) => {
+            DockerState::Up(v) => {
                 if self.docker_offline {
                     info!(version = %v.version, "Docker answers again");
                 }
                 self.docker_offline = false;
                 self.memory.last_docker = Some(v.clone());
             }
-            Some(DockerState::Down { reason }) => {
+            DockerState::Down { reason } => {
                 if !self.docker_offline {
                     warn!(reason = %reason, "Docker is not answering: applying routes and iptables without it; daemon.json is written for its next start (it is not restarted)");
                 }
                 self.docker_offline = true;
             }
-            None => {}
         }
     }
 

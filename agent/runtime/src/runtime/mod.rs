@@ -252,39 +252,42 @@ impl Tracked {
             spec.finished_regex.as_deref(),
         )
         .unwrap_or_else(|_| default_parser());
-        Tracked {
-            status: NodeStatus {
+        Tracked::new(
+            NodeStatus {
                 job: spec.job.clone(),
                 node: spec.node.clone(),
                 role: spec.role.clone(),
                 party: spec.party.clone(),
                 generation: spec.generation,
-                rendezvous: is_scheduler(&spec.role).then(Default::default),
                 ..Default::default()
             },
-            sandbox: None,
-            tracker: ProgressTracker::new(parser),
-            follower: None,
-            follow_done: false,
-            log_cursor: None,
-            finalized: false,
-            stopped_by_docker: None,
-            pid: 0,
-        }
+            parser,
+        )
     }
 
     fn from_labels(key: &NodeKey, c: &ActualContainer, parser: ProgressParser) -> Tracked {
         let label = |k: &str| c.labels.get(k).cloned().unwrap_or_default();
-        Tracked {
-            status: NodeStatus {
+        Tracked::new(
+            NodeStatus {
                 job: key.0.clone(),
                 node: key.1.clone(),
                 role: label(LABEL_ROLE),
                 party: label(LABEL_PARTY),
                 generation: label(LABEL_GENERATION).parse().unwrap_or(0),
-                rendezvous: is_scheduler(&label(LABEL_ROLE)).then(Default::default),
                 ..Default::default()
             },
+            parser,
+        )
+    }
+
+    /// A node not yet seen running: `status` names it (a scheduler also gets an empty
+    /// rendezvous to fill).
+    fn new(mut status: NodeStatus, parser: ProgressParser) -> Tracked {
+        if is_scheduler(&status.role) {
+            status.rendezvous = Some(Default::default());
+        }
+        Tracked {
+            status,
             sandbox: None,
             tracker: ProgressTracker::new(parser),
             follower: None,
