@@ -10,12 +10,14 @@ use bollard::Docker;
 use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerCreateBody, ContainerStateStatusEnum, ContainerSummaryStateEnum};
 use bollard::query_parameters::{
-    CreateContainerOptions, EventsOptions, InspectContainerOptions, ListContainersOptions,
-    ListImagesOptions, LogsOptions, RemoveContainerOptions, StopContainerOptions,
+    CreateContainerOptions, CreateImageOptions, EventsOptions, InspectContainerOptions,
+    ListContainersOptions, ListImagesOptions, LogsOptions, RemoveContainerOptions,
+    StopContainerOptions,
 };
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
+use crate::credentials::Credentials;
 use crate::error::{Result, RuntimeError};
 use crate::spec::LABEL_MANAGED;
 use crate::status::parse_rfc3339_ms;
@@ -141,16 +143,73 @@ pub struct HostCapacity {
     pub cpus: u32,
 }
 
+/// One image as Docker lists it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageDetails {
+    /// Docker's image id (`sha256:...` of its config).
+    pub id: String,
+    /// Its tags (`repo:tag`).
+    pub repo_tags: Vec<String>,
+    /// Its registry digests (`repo@sha256:...`).
+    pub repo_digests: Vec<String>,
+    /// Size on disk in bytes.
+    pub size_bytes: u64,
+}
+
+impl ImageDetails {
+    /// Every `repo:tag` and `repo@sha256:...` of `images`, sorted, once each.
+    pub fn references(images: &[ImageDetails]) -> Vec<String> {
+        let mut v: Vec<String> = images
+            .iter()
+            .flat_map(|i| i.repo_tags.iter().chain(&i.repo_digests).cloned())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+/// One progress message of a pull (Docker's `{"id", "status", "progressDetail"}`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PullEvent {
+    /// The layer (or the tag, for "Pulling from ..."); empty for messages of the whole
+    /// image ("Digest: ...", "Status: ...").
+    pub id: String,
+    /// "Pulling fs layer", "Waiting", "Downloading", "Verifying Checksum", "Download
+    /// complete", "Extracting", "Pull complete", "Already exists", ...
+    pub status: String,
+    /// `progressDetail.current`.
+    pub current: Option<u64>,
+    /// `progressDetail.total`.
+    pub total: Option<u64>,
+}
+
 /// The Docker operations the runtime needs.
-pub trait Engine: Send + Sync + 'static {
+pub trait Engine: Clone + Send + Sync + 'static {
     /// Every container (running or not) labelled `io.geomx.managed=true`.
     fn list_managed(&self) -> impl Future<Output = Result<Vec<ActualContainer>>> + Send;
     /// Inspects a container by id or name; `None` when it does not exist.
     fn inspect(&self, id: &str) -> impl Future<Output = Result<Option<Inspection>>> + Send;
     /// Whether the image is present locally.
     fn image_present(&self, image: &str) -> impl Future<Output = Result<bool>> + Send;
-    /// Every `repo:tag` present locally.
-    fn images(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// Every image present locally, with its tags, digests, id and size.
+    fn image_list(&self) -> impl Future<Output = Result<Vec<ImageDetails>>> + Send;
+    /// The manifest digest (`sha256:...`) the registry serves now for `image` (by tag),
+    /// without downloading anything (`GET /distribution/<image>/json`). Docker's answer
+    /// about the registry is a [`RuntimeError::Registry`].
+    fn resolve(
+        &self,
+        image: &str,
+        credentials: Option<&Credentials>,
+    ) -> impl Future<Output = Result<String>> + Send;
+    /// Pulls `image` (`repo:tag` or `repo@sha256:...`): Docker's progress messages; an
+    /// error (a [`RuntimeError::Registry`] with Docker's message) ends the stream.
+    /// Dropping the stream cancels the pull.
+    fn pull(
+        &self,
+        image: &str,
+        credentials: Option<&Credentials>,
+    ) -> BoxStream<'static, Result<PullEvent>>;
     /// Creates a container; returns its id.
     fn create(
         &self,
@@ -258,6 +317,38 @@ impl BollardEngine {
 
 fn is_status(e: &BollardError, code: u16) -> bool {
     matches!(e, BollardError::DockerResponseServerError { status_code, .. } if *status_code == code)
+}
+
+/// The `X-Registry-Auth` credentials of `c` (built at the call, never kept or logged).
+fn docker_credentials(c: &Credentials) -> bollard::auth::DockerCredentials {
+    bollard::auth::DockerCredentials {
+        username: Some(c.username.clone()),
+        password: Some(c.password.clone()),
+        serveraddress: Some(c.server.clone()),
+        ..Default::default()
+    }
+}
+
+/// Docker's answer about a registry as a [`RuntimeError::Registry`] (its message as Docker
+/// wrote it, the HTTP status in words when the message does not say); Docker itself not
+/// answering stays a [`RuntimeError::Docker`] (transient).
+fn registry_error(op: String, e: BollardError) -> RuntimeError {
+    let message = match e {
+        BollardError::DockerResponseServerError {
+            status_code,
+            message,
+        } => match (status_code, crate::pull::classify(&message)) {
+            (404, crate::pull::PullCause::Failed) => format!("not found: {message}"),
+            (401 | 403, crate::pull::PullCause::Failed) => format!("unauthorized: {message}"),
+            (500.., crate::pull::PullCause::Failed) => {
+                format!("{message} (status code {status_code})")
+            }
+            _ => message,
+        },
+        BollardError::DockerStreamError { error } => error,
+        other => return RuntimeError::docker(op, other),
+    };
+    RuntimeError::Registry { op, message }
 }
 
 fn managed_filter() -> HashMap<String, Vec<String>> {
@@ -379,20 +470,71 @@ impl Engine for BollardEngine {
         }
     }
 
-    async fn images(&self) -> Result<Vec<String>> {
+    async fn image_list(&self) -> Result<Vec<ImageDetails>> {
         let list = self
             .docker
             .list_images(Some(ListImagesOptions::default()))
             .await
             .map_err(|e| RuntimeError::docker("list images", e))?;
-        let mut tags: Vec<String> = list
+        Ok(list
             .into_iter()
-            .flat_map(|i| i.repo_tags)
-            .filter(|t| t != "<none>:<none>")
-            .collect();
-        tags.sort();
-        tags.dedup();
-        Ok(tags)
+            .map(|i| ImageDetails {
+                id: i.id,
+                repo_tags: i
+                    .repo_tags
+                    .into_iter()
+                    .filter(|t| t != "<none>:<none>")
+                    .collect(),
+                repo_digests: i
+                    .repo_digests
+                    .into_iter()
+                    .filter(|d| d != "<none>@<none>")
+                    .collect(),
+                size_bytes: u64::try_from(i.size).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    async fn resolve(&self, image: &str, credentials: Option<&Credentials>) -> Result<String> {
+        let r = self
+            .docker
+            .inspect_registry_image(image, credentials.map(docker_credentials))
+            .await
+            .map_err(|e| registry_error(format!("resolve {image}"), e))?;
+        r.descriptor
+            .digest
+            .filter(|d| !d.is_empty())
+            .ok_or_else(|| RuntimeError::Registry {
+                op: format!("resolve {image}"),
+                message: "Docker's answer names no digest".into(),
+            })
+    }
+
+    fn pull(
+        &self,
+        image: &str,
+        credentials: Option<&Credentials>,
+    ) -> BoxStream<'static, Result<PullEvent>> {
+        let opts = CreateImageOptions {
+            from_image: Some(image.to_string()),
+            ..Default::default()
+        };
+        let op = format!("pull {image}");
+        self.docker
+            .create_image(Some(opts), None, credentials.map(docker_credentials))
+            .map(move |r| match r {
+                Ok(info) => {
+                    let detail = info.progress_detail.unwrap_or_default();
+                    Ok(PullEvent {
+                        id: info.id.unwrap_or_default(),
+                        status: info.status.unwrap_or_default(),
+                        current: detail.current.and_then(|c| u64::try_from(c).ok()),
+                        total: detail.total.and_then(|t| u64::try_from(t).ok()),
+                    })
+                }
+                Err(e) => Err(registry_error(op.clone(), e)),
+            })
+            .boxed()
     }
 
     async fn create(&self, name: &str, body: ContainerCreateBody) -> Result<String> {

@@ -12,15 +12,38 @@ pub enum RuntimeError {
         #[source]
         source: bollard::errors::Error,
     },
-    /// The image a container needs is not present on this host. geomx never pulls (there
-    /// is no registry): the image has to be built or loaded on the host first.
-    #[error(
-        "image {image} is not present on this host (geomx does not pull; build or `docker load` it here first)"
-    )]
+    /// The image a container needs is not present on this host and the job does not let
+    /// the agent pull it (`image_pull = "never"`): it has to be built, loaded or pulled
+    /// on the host first.
+    #[error("image {image} is not present on this host and the job's image_pull is \"never\"")]
     ImageMissing {
         /// The image reference.
         image: String,
     },
+    /// Docker's answer about a registry (a pull or a resolve failed there): Docker's
+    /// message, classified by [`crate::pull::classify`].
+    #[error("docker {op}: {message}")]
+    Registry {
+        /// What was being done ("pull 10.1.1.253:5000/geomx/test@sha256:...").
+        op: String,
+        /// Docker's message.
+        message: String,
+    },
+    /// An image cannot be resolved (or pulled) from its registry.
+    #[error("image {image} on registry {registry}: {cause} ({message})")]
+    ImageUnavailable {
+        /// The reference.
+        image: String,
+        /// Its registry.
+        registry: String,
+        /// Why, in words.
+        cause: crate::pull::PullCause,
+        /// Docker's message (bounded).
+        message: String,
+    },
+    /// The registry credentials file cannot be used.
+    #[error(transparent)]
+    Credentials(#[from] crate::credentials::CredentialsError),
     /// Docker refused the container's configuration (bad command, bad device request ...).
     #[error("docker refused {what}: {message}")]
     Refused {

@@ -12,10 +12,13 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::broadcast;
 
+use crate::credentials::{Credentials, registry_of_key};
 use crate::engine::{
-    ActualContainer, Engine, EngineEvent, EngineState, Inspection, LogFrame, LogRequest,
+    ActualContainer, Engine, EngineEvent, EngineState, ImageDetails, Inspection, LogFrame,
+    LogRequest, PullEvent,
 };
 use crate::error::{Result, RuntimeError};
+use crate::pull::ImageRef;
 use crate::spec::LABEL_MANAGED;
 use crate::status::{format_rfc3339_ns, now_ms};
 
@@ -74,6 +77,52 @@ pub struct FakeState {
     pub paths: BTreeSet<String>,
     /// Symlinks among them: path -> where it leads.
     pub links: BTreeMap<String, String>,
+    /// The registries pulls and resolves reach.
+    pub registry: FakeRegistry,
+    /// Image id per local reference (references pulled from the registry; others get an
+    /// id made from their name).
+    pub image_ids: BTreeMap<String, String>,
+    /// Layers present locally (pulls of images sharing them find them "Already exists").
+    pub layers: BTreeSet<String>,
+    /// Operations made to fail (see [`FakeEngine::fail`]).
+    pub failures: Vec<FakeFailure>,
+    /// Pulls streaming now, and the most that ever did at once.
+    pub pulls_active: u32,
+    pub pulls_max: u32,
+}
+
+/// An operation of the fake made to fail: the next `times` calls whose description
+/// (e.g. `pull 10.1.1.253:5000/geomx/test@sha256:...`, `resolve r:5000/x:1`) starts with
+/// `op` fail with `message` (Docker's text).
+#[derive(Clone, Debug)]
+pub struct FakeFailure {
+    /// The operation's description, or its start.
+    pub op: String,
+    /// How many more calls fail.
+    pub times: u32,
+    /// Docker's error text.
+    pub message: String,
+}
+
+/// One image in the fake registry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FakeImage {
+    /// Its image id.
+    pub id: String,
+    /// Its layers: (digest, size in bytes).
+    pub layers: Vec<(String, u64)>,
+}
+
+/// The fake registries: manifests by `repo@digest`, tags (which can move) by
+/// `repo:tag`, and the credentials a registry requires.
+#[derive(Clone, Debug, Default)]
+pub struct FakeRegistry {
+    /// `repo:tag` -> manifest digest.
+    pub tags: BTreeMap<String, String>,
+    /// `repo@digest` -> the image.
+    pub manifests: BTreeMap<String, FakeImage>,
+    /// Registry host -> (user, password) it requires.
+    pub auth: BTreeMap<String, (String, String)>,
 }
 
 /// An inspect of one container held back by [`FakeEngine::hold_next_inspect`]: it reads
@@ -133,6 +182,24 @@ pub struct FakeEngine {
     log_breaks: Arc<tokio::sync::watch::Sender<u64>>,
     /// Every follow stream opened, in order.
     follows: Arc<tokio::sync::watch::Sender<Vec<FakeFollow>>>,
+    /// While true, pulls stop after announcing their layers (see [`FakeEngine::hold_pulls`]).
+    pull_gate: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Pulls streaming now (see [`FakeEngine::pulls_active`]).
+    pulls_active: Arc<tokio::sync::watch::Sender<u32>>,
+}
+
+/// Decrements the fake's count of streaming pulls when a pull ends or is dropped.
+struct PullGuard {
+    fake: FakeEngine,
+}
+
+impl Drop for PullGuard {
+    fn drop(&mut self) {
+        self.fake.lock().pulls_active -= 1;
+        self.fake
+            .pulls_active
+            .send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 #[allow(missing_docs)]
@@ -156,7 +223,109 @@ impl FakeEngine {
             inspected: Arc::new(tokio::sync::watch::Sender::new(Vec::new())),
             log_breaks: Arc::new(tokio::sync::watch::Sender::new(0)),
             follows: Arc::new(tokio::sync::watch::Sender::new(Vec::new())),
+            pull_gate: Arc::new(tokio::sync::watch::Sender::new(false)),
+            pulls_active: Arc::new(tokio::sync::watch::Sender::new(0)),
         }
+    }
+
+    /// Pushes an image to the fake registry as `reference` (`repo:tag`) with `layers`
+    /// ((digest, size)): the tag moves to it. Returns its pinned reference
+    /// (`repo@sha256:...`).
+    pub fn push(&self, reference: &str, layers: &[(&str, u64)]) -> String {
+        let r = ImageRef::parse(reference);
+        let shape = format!("{reference} {layers:?}");
+        let digest = format!(
+            "sha256:{:016x}{:048x}",
+            crate::spec::fnv1a64(shape.as_bytes()),
+            0
+        );
+        let id = format!(
+            "sha256:{:016x}{:048x}",
+            crate::spec::fnv1a64(format!("id {shape}").as_bytes()),
+            0
+        );
+        let pinned = r.pinned(&digest);
+        let mut st = self.lock();
+        st.registry.manifests.insert(
+            pinned.clone(),
+            FakeImage {
+                id,
+                layers: layers.iter().map(|(d, n)| (d.to_string(), *n)).collect(),
+            },
+        );
+        st.registry.tags.insert(r.pull_reference(), digest);
+        pinned
+    }
+
+    /// The registry `registry` (host:port) requires these credentials.
+    pub fn require_auth(&self, registry: &str, user: &str, password: &str) {
+        self.lock().registry.auth.insert(
+            registry.to_string(),
+            (user.to_string(), password.to_string()),
+        );
+    }
+
+    /// The next `times` operations whose description starts with `op` (`pull <ref>`,
+    /// `resolve <ref>`) fail with Docker's text `message`; a pull fails after announcing
+    /// its layers, as a broken download does.
+    pub fn fail(&self, op: &str, times: u32, message: &str) {
+        self.lock().failures.push(FakeFailure {
+            op: op.to_string(),
+            times,
+            message: message.to_string(),
+        });
+    }
+
+    fn take_failure(&self, op: &str) -> Option<String> {
+        let mut st = self.lock();
+        let f = st
+            .failures
+            .iter_mut()
+            .find(|f| f.times > 0 && op.starts_with(&f.op))?;
+        f.times -= 1;
+        Some(f.message.clone())
+    }
+
+    /// While `held`, pulls stop after announcing their layers (to see several at once).
+    pub fn hold_pulls(&self, held: bool) {
+        self.pull_gate.send_replace(held);
+    }
+
+    /// The number of pulls streaming now.
+    pub fn pulls_active(&self) -> tokio::sync::watch::Receiver<u32> {
+        self.pulls_active.subscribe()
+    }
+
+    /// Docker's answer to credentials for `registry`: `None` when they are good (or the
+    /// registry wants none).
+    fn auth_error(&self, registry: &str, creds: Option<&Credentials>) -> Option<String> {
+        let st = self.lock();
+        let (user, pass) = st.registry.auth.get(registry)?;
+        match creds {
+            None => Some(format!(
+                "Head \"https://{registry}/v2/\": no basic auth credentials"
+            )),
+            Some(c)
+                if &c.username == user
+                    && &c.password == pass
+                    && registry_of_key(&c.server) == registry =>
+            {
+                None
+            }
+            Some(_) => Some("unauthorized: authentication required".into()),
+        }
+    }
+
+    /// The image a reference names in the registry.
+    fn manifest(&self, reference: &str) -> Option<(String, FakeImage)> {
+        let r = ImageRef::parse(reference);
+        let st = self.lock();
+        let digest = match &r.digest {
+            Some(d) => d.clone(),
+            None => st.registry.tags.get(&r.pull_reference())?.clone(),
+        };
+        let image = st.registry.manifests.get(&r.pinned(&digest))?.clone();
+        Some((digest, image))
     }
 
     /// Holds back the next inspect of `id`: it reads the state when asked but answers only
@@ -424,9 +593,174 @@ impl Engine for FakeEngine {
         Ok(st.images.contains(image))
     }
 
-    async fn images(&self) -> Result<Vec<String>> {
+    async fn image_list(&self) -> Result<Vec<ImageDetails>> {
         self.check()?;
-        Ok(self.lock().images.iter().cloned().collect())
+        let st = self.lock();
+        let mut by_id: BTreeMap<String, ImageDetails> = BTreeMap::new();
+        for reference in &st.images {
+            let id = st.image_ids.get(reference).cloned().unwrap_or_else(|| {
+                format!("sha256:{:016x}", crate::spec::fnv1a64(reference.as_bytes()))
+            });
+            let size = st
+                .registry
+                .manifests
+                .values()
+                .find(|m| m.id == id)
+                .map_or(0, |m| m.layers.iter().map(|(_, n)| n).sum());
+            let i = by_id.entry(id.clone()).or_insert_with(|| ImageDetails {
+                id,
+                size_bytes: size,
+                ..Default::default()
+            });
+            if reference.contains('@') {
+                i.repo_digests.push(reference.clone());
+            } else {
+                i.repo_tags.push(reference.clone());
+            }
+        }
+        Ok(by_id.into_values().collect())
+    }
+
+    async fn resolve(&self, image: &str, credentials: Option<&Credentials>) -> Result<String> {
+        self.check()?;
+        let op = format!("resolve {image}");
+        self.lock().calls.push(op.clone());
+        let registry = ImageRef::parse(image).registry;
+        if let Some(message) = self
+            .take_failure(&op)
+            .or_else(|| self.auth_error(&registry, credentials))
+        {
+            return Err(RuntimeError::Registry { op, message });
+        }
+        match self.manifest(image) {
+            Some((digest, _)) => Ok(digest),
+            None => Err(RuntimeError::Registry {
+                op,
+                message: format!("{image}: not found: manifest unknown"),
+            }),
+        }
+    }
+
+    fn pull(
+        &self,
+        image: &str,
+        credentials: Option<&Credentials>,
+    ) -> BoxStream<'static, Result<PullEvent>> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<PullEvent>>(16);
+        let me = self.clone();
+        let image = image.to_string();
+        let credentials = credentials.cloned();
+        let task = async move {
+            let op = format!("pull {image}");
+            {
+                let mut st = me.lock();
+                st.calls.push(op.clone());
+                st.pulls_active += 1;
+                st.pulls_max = st.pulls_max.max(st.pulls_active);
+            }
+            me.pulls_active.send_modify(|n| *n += 1);
+            let _guard = PullGuard { fake: me.clone() };
+            let send = |ev: Result<PullEvent>| {
+                let tx = tx.clone();
+                async move { tx.send(ev).await.is_ok() }
+            };
+            let event = |id: &str, status: &str, current: Option<u64>, total: Option<u64>| {
+                Ok(PullEvent {
+                    id: id.to_string(),
+                    status: status.to_string(),
+                    current,
+                    total,
+                })
+            };
+            if let Err(e) = me.check() {
+                send(Err(e)).await;
+                return;
+            }
+            let r = ImageRef::parse(&image);
+            if let Some(message) = me.auth_error(&r.registry, credentials.as_ref()) {
+                send(Err(RuntimeError::Registry { op, message })).await;
+                return;
+            }
+            let Some((digest, manifest)) = me.manifest(&image) else {
+                let message =
+                    format!("manifest for {image} not found: manifest unknown: manifest unknown");
+                send(Err(RuntimeError::Registry { op, message })).await;
+                return;
+            };
+            let tag = r.tag.clone().unwrap_or_else(|| digest.clone());
+            let repo_path = r.repo.split_once('/').map_or(r.repo.as_str(), |(_, p)| p);
+            if !send(event(
+                &tag,
+                &format!("Pulling from {repo_path}"),
+                None,
+                None,
+            ))
+            .await
+            {
+                return;
+            }
+            let present: BTreeSet<String> = me.lock().layers.clone();
+            for (layer, _) in &manifest.layers {
+                let status = if present.contains(layer) {
+                    "Already exists"
+                } else {
+                    "Pulling fs layer"
+                };
+                if !send(event(layer, status, None, None)).await {
+                    return;
+                }
+            }
+            let mut gate = me.pull_gate.subscribe();
+            tokio::select! {
+                _ = gate.wait_for(|held| !held) => {}
+                () = tx.closed() => return,
+            }
+            if let Some(message) = me.take_failure(&op) {
+                send(Err(RuntimeError::Registry { op, message })).await;
+                return;
+            }
+            for (layer, size) in manifest.layers.iter().filter(|(l, _)| !present.contains(l)) {
+                for ev in [
+                    event(layer, "Downloading", Some(size / 2), Some(*size)),
+                    event(layer, "Downloading", Some(*size), Some(*size)),
+                    event(layer, "Verifying Checksum", None, None),
+                    event(layer, "Download complete", None, None),
+                    event(layer, "Extracting", Some(*size), Some(*size)),
+                    event(layer, "Pull complete", None, None),
+                ] {
+                    if !send(ev).await {
+                        return;
+                    }
+                }
+                me.lock().layers.insert(layer.clone());
+            }
+            {
+                let mut st = me.lock();
+                let mut refs = vec![r.pinned(&digest)];
+                if r.digest.is_none() {
+                    refs.push(r.pull_reference());
+                }
+                for reference in refs {
+                    // a moved tag leaves the old image without it
+                    st.images.insert(reference.clone());
+                    st.image_ids.insert(reference, manifest.id.clone());
+                }
+            }
+            send(event("", &format!("Digest: {digest}"), None, None)).await;
+            send(event(
+                "",
+                &format!("Status: Downloaded newer image for {image}"),
+                None,
+                None,
+            ))
+            .await;
+        };
+        tokio::spawn(task);
+        futures::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|ev| (ev, rx)) },
+        )
+        .boxed()
     }
 
     async fn create(&self, name: &str, body: ContainerCreateBody) -> Result<String> {
@@ -1722,6 +2056,360 @@ mod tests {
             .unwrap_or_default();
         assert_eq!(r.registered.len(), 1);
         assert_eq!(r.registered[0].ip, "172.17.35.4");
+        rt.shutdown();
+    }
+
+    const REG: &str = "10.1.1.253:5000";
+
+    fn pull_config(max_parallel: usize) -> RuntimeConfig {
+        RuntimeConfig {
+            // the periodic resync is not what creates a pulled node's containers
+            resync_interval: Duration::from_secs(3600),
+            pulls: crate::pull::PullConfig {
+                max_parallel,
+                backoff_initial: Duration::from_millis(5),
+                backoff_max: Duration::from_millis(20),
+                ..Default::default()
+            },
+            ..config()
+        }
+    }
+
+    fn pulling(node: &str, image: &str) -> ContainerSpec {
+        ContainerSpec {
+            image: image.into(),
+            image_pull: crate::spec::ImagePull::IfNotPresent,
+            ..spec(node)
+        }
+    }
+
+    fn running(s: &crate::status::Snapshot, nodes: &[&str]) -> bool {
+        nodes.iter().all(|n| {
+            s.node("job1", n)
+                .is_some_and(|n| n.state == NodeState::Running)
+        })
+    }
+
+    fn failed(s: &crate::status::Snapshot, n: &str) -> bool {
+        s.node("job1", n)
+            .is_some_and(|n| n.state == NodeState::Failed)
+    }
+
+    fn pull_calls(fake: &FakeEngine) -> usize {
+        fake.calls()
+            .iter()
+            .filter(|c| c.starts_with("pull "))
+            .count()
+    }
+
+    #[tokio::test]
+    async fn an_image_only_in_the_registry_is_pulled_then_the_node_starts() {
+        let fake = FakeEngine::new(&[]);
+        let pinned = fake.push(
+            &format!("{REG}/geomx/test:latest"),
+            &[("sha256:l1", 1000), ("sha256:l2", 500)],
+        );
+        let rt = Runtime::start(fake.clone(), pull_config(3))
+            .await
+            .expect("start");
+        let report = rt.apply(vec![pulling("w0", &pinned)]).await.expect("apply");
+        assert!(report.errors().next().is_none(), "{report:?}");
+        assert!(
+            report.is_no_op(),
+            "nothing is created before the pull: {report:?}"
+        );
+        let st = rt.status("job1", "w0").expect("status");
+        assert_eq!((st.state, st.error.as_str()), (NodeState::Pending, ""));
+        // the pull's end re-applies the desired state at once (the resync is an hour away)
+        wait_for(&rt, "w0 running", |s| running(s, &["w0"])).await;
+        assert!(fake.names().contains(&"geomx.job1.w0".to_string()));
+        let pulls = rt.pulls();
+        assert_eq!(pulls.len(), 1, "{pulls:?}");
+        let p = &pulls[0];
+        assert_eq!(p.state, crate::pull::PullState::Done);
+        assert_eq!((p.bytes_done, p.bytes_total), (1500, 1500));
+        assert_eq!((p.layers_done, p.layers_total, p.attempt), (2, 2, 1));
+        assert_eq!(p.registry, REG);
+        let images = rt.images().await.expect("images");
+        assert!(images.contains(&pinned), "{images:?}");
+        let details = rt.image_details().await.expect("details");
+        assert_eq!(details.len(), 1, "{details:?}");
+        assert_eq!(details[0].size_bytes, 1500);
+        assert_eq!(pull_calls(&fake), 1);
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_pull_failing_for_good_fails_the_node_once_with_its_cause() {
+        let fake = FakeEngine::new(&[]);
+        let image = format!("{REG}/geomx/test:nope");
+        let rt = Runtime::start(fake.clone(), pull_config(3))
+            .await
+            .expect("start");
+        rt.apply(vec![pulling("w0", &image)]).await.expect("apply");
+        let s = wait_for(&rt, "w0 failed", |s| failed(s, "w0")).await;
+        let err = &node(&s, "w0").error;
+        assert!(
+            err.starts_with(&format!(
+                "pulling image {image} from registry {REG}: not found: manifest for {image} not found"
+            )),
+            "{err}"
+        );
+        assert!(fake.ids().is_empty());
+        // remembered while the node is desired: no loop of pulls
+        let report = rt.apply(vec![pulling("w0", &image)]).await.expect("apply");
+        assert!(
+            report
+                .errors()
+                .any(|o| o.error.as_deref() == Some(err.as_str())),
+            "{report:?}"
+        );
+        assert_eq!(pull_calls(&fake), 1);
+        // forgotten once no node needs it: a resubmitted job pulls afresh
+        rt.apply(vec![]).await.expect("apply");
+        fake.push(&image, &[("sha256:l9", 10)]);
+        rt.apply(vec![pulling("w0", &image)]).await.expect("apply");
+        wait_for(&rt, "w0 running", |s| running(s, &["w0"])).await;
+        assert_eq!(pull_calls(&fake), 2);
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn transient_errors_are_retried_then_the_pull_succeeds() {
+        let fake = FakeEngine::new(&[]);
+        let pinned = fake.push(&format!("{REG}/geomx/test:latest"), &[("sha256:l1", 100)]);
+        fake.fail(
+            &format!("pull {pinned}"),
+            2,
+            &format!("Get \"https://{REG}/v2/\": dial tcp {REG}: connect: connection refused"),
+        );
+        let rt = Runtime::start(fake.clone(), pull_config(3))
+            .await
+            .expect("start");
+        let mut changes = rt.subscribe_pulls();
+        let seen = tokio::spawn({
+            let rt = rt.clone();
+            async move {
+                let mut states = Vec::new();
+                while changes.changed().await.is_ok() {
+                    for p in rt.pulls() {
+                        if states.last() != Some(&(p.state, p.error.clone())) {
+                            states.push((p.state, p.error.clone()));
+                        }
+                    }
+                    if rt.pulls().iter().any(|p| p.state.is_ended()) {
+                        break;
+                    }
+                }
+                states
+            }
+        });
+        rt.apply(vec![pulling("w0", &pinned)]).await.expect("apply");
+        wait_for(&rt, "w0 running", |s| running(s, &["w0"])).await;
+        let p = rt.pulls().pop().expect("a pull");
+        assert_eq!((p.state, p.attempt), (crate::pull::PullState::Done, 3));
+        assert_eq!(pull_calls(&fake), 3);
+        let states = seen.await.expect("watcher");
+        assert!(
+            states
+                .iter()
+                .any(|(s, e)| *s == crate::pull::PullState::Retrying
+                    && e.starts_with("registry unreachable: ")),
+            "{states:?}"
+        );
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_pull_that_outlasts_its_timeout_fails_the_node() {
+        let fake = FakeEngine::new(&[]);
+        let pinned = fake.push(&format!("{REG}/geomx/test:latest"), &[("sha256:l1", 100)]);
+        fake.hold_pulls(true);
+        let rt = Runtime::start(fake.clone(), pull_config(3))
+            .await
+            .expect("start");
+        let spec = ContainerSpec {
+            pull_timeout_ms: 50,
+            ..pulling("w0", &pinned)
+        };
+        rt.apply(vec![spec]).await.expect("apply");
+        let s = wait_for(&rt, "w0 failed", |s| failed(s, "w0")).await;
+        let err = &node(&s, "w0").error;
+        assert!(err.contains("timed out after 50ms"), "{err}");
+        // the stream was dropped: Docker cancels the pull
+        let mut active = fake.pulls_active();
+        tokio::time::timeout(Duration::from_secs(5), active.wait_for(|n| *n == 0))
+            .await
+            .expect("the pull ended")
+            .expect("fake");
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn pulls_honour_the_limit_and_one_pull_serves_every_node_of_an_image() {
+        let fake = FakeEngine::new(&[]);
+        let images: Vec<String> = (0..4)
+            .map(|i| {
+                fake.push(
+                    &format!("{REG}/geomx/img{i}:latest"),
+                    &[(format!("sha256:layer{i}").as_str(), 100)],
+                )
+            })
+            .collect();
+        fake.hold_pulls(true);
+        let rt = Runtime::start(fake.clone(), pull_config(2))
+            .await
+            .expect("start");
+        let mut specs: Vec<ContainerSpec> = images
+            .iter()
+            .enumerate()
+            .map(|(i, img)| pulling(&format!("w{i}"), img))
+            .collect();
+        // a second node of the first image
+        specs.push(pulling("w4", &images[0]));
+        rt.apply(specs).await.expect("apply");
+        let mut active = fake.pulls_active();
+        tokio::time::timeout(Duration::from_secs(5), active.wait_for(|n| *n == 2))
+            .await
+            .expect("two pulls stream")
+            .expect("fake");
+        assert_eq!(rt.pulls().len(), 4, "one pull per image: {:?}", rt.pulls());
+        fake.hold_pulls(false);
+        wait_for(&rt, "every node running", |s| {
+            running(s, &["w0", "w1", "w2", "w3", "w4"])
+        })
+        .await;
+        assert_eq!(fake.lock().pulls_max, 2);
+        assert_eq!(pull_calls(&fake), 4, "{:?}", fake.calls());
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn credentials_come_from_the_auth_file_read_again_for_each_pull() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("config.json");
+        let write = |user_pass: &str| {
+            let auth = match user_pass {
+                "user:right" => "dXNlcjpyaWdodA==",
+                _ => "dXNlcjp3cm9uZw==",
+            };
+            std::fs::write(
+                &file,
+                format!(r#"{{"auths": {{"https://{REG}": {{"auth": "{auth}"}}}}}}"#),
+            )
+            .expect("write");
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        };
+        write("user:wrong");
+        let fake = FakeEngine::new(&[]);
+        let pinned = fake.push(&format!("{REG}/geomx/test:latest"), &[("sha256:l1", 100)]);
+        fake.require_auth(REG, "user", "right");
+        let mut cfg = pull_config(3);
+        cfg.pulls.auth_file = Some(file.clone());
+        let rt = Runtime::start(fake.clone(), cfg).await.expect("start");
+        rt.apply(vec![pulling("w0", &pinned)]).await.expect("apply");
+        let s = wait_for(&rt, "w0 failed", |s| failed(s, "w0")).await;
+        let err = &node(&s, "w0").error;
+        assert!(err.contains(": unauthorized: "), "{err}");
+        assert!(!err.contains("right") && !err.contains("wrong"), "{err}");
+        // rotated: no restart needed
+        write("user:right");
+        rt.apply(vec![]).await.expect("apply");
+        rt.apply(vec![pulling("w0", &pinned)]).await.expect("apply");
+        wait_for(&rt, "w0 running", |s| running(s, &["w0"])).await;
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn resolving_pins_the_tag_as_the_registry_has_it_now() {
+        let fake = FakeEngine::new(&[]);
+        let tag = format!("{REG}/geomx/test:latest");
+        let first = fake.push(&tag, &[("sha256:l1", 100)]);
+        let rt = Runtime::start(fake.clone(), pull_config(3))
+            .await
+            .expect("start");
+        let r = rt.resolve_image(&tag).await.expect("resolve");
+        assert_eq!(
+            (r.pinned.as_str(), r.registry.as_str()),
+            (first.as_str(), REG)
+        );
+        assert!(first.ends_with(&r.digest));
+        // the tag moves
+        let second = fake.push(&tag, &[("sha256:l2", 100)]);
+        assert_ne!(first, second);
+        assert_eq!(
+            rt.resolve_image(&tag).await.expect("resolve").pinned,
+            second
+        );
+        // a digest is itself, without asking anything
+        let calls = fake.calls().len();
+        assert_eq!(
+            rt.resolve_image(&first).await.expect("resolve").pinned,
+            first
+        );
+        assert_eq!(fake.calls().len(), calls);
+        let nope = format!("{REG}/geomx/test:nope");
+        let e = rt.resolve_image(&nope).await.expect_err("missing tag");
+        assert!(
+            matches!(
+                e,
+                RuntimeError::ImageUnavailable {
+                    cause: crate::pull::PullCause::NotFound,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with(&format!("image {nope} on registry {REG}: not found (")),
+            "{e}"
+        );
+        fake.fail(
+            "resolve",
+            1,
+            "dial tcp 10.1.1.253:5000: connect: no route to host",
+        );
+        let e = rt.resolve_image(&tag).await.expect_err("unreachable");
+        assert!(e.to_string().contains("registry unreachable"), "{e}");
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_never_pulled_image_fails_as_before_and_pull_image_starts_a_pull() {
+        let fake = FakeEngine::new(&[]);
+        let pinned = fake.push(&format!("{REG}/geomx/test:latest"), &[("sha256:l1", 100)]);
+        let rt = Runtime::start(fake.clone(), pull_config(3))
+            .await
+            .expect("start");
+        let never = ContainerSpec {
+            image: pinned.clone(),
+            ..spec("w0")
+        };
+        rt.apply(vec![never]).await.expect("apply");
+        let st = rt.status("job1", "w0").expect("status");
+        assert_eq!(st.state, NodeState::Failed);
+        assert_eq!(
+            st.error,
+            format!(
+                "image {pinned} is not present on this host and the job's image_pull is \"never\""
+            )
+        );
+        assert_eq!(pull_calls(&fake), 0);
+        assert!(rt.pull_image(&pinned, None).await.expect("pull"));
+        let mut changes = rt.subscribe_pulls();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            changes.wait_for(|_| rt.pulls().iter().any(|p| p.state.is_ended())),
+        )
+        .await
+        .expect("pulled")
+        .expect("pulls");
+        assert!(
+            !rt.pull_image(&pinned, None).await.expect("pull"),
+            "present now"
+        );
         rt.shutdown();
     }
 }

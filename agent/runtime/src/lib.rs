@@ -22,6 +22,10 @@
 //!   them; nothing is ever restarted by the runtime (geomx restarts whole jobs). With a
 //!   [`LogArchive`] configured, a role container's output is kept on disk when it is
 //!   removed, and [`Runtime::logs_of`] serves it for ended jobs and earlier generations.
+//! - A missing image is pulled when the spec's `image_pull` allows it ([`pull`]: one pull
+//!   per reference, a per-host concurrency limit, layer progress, retries of transient
+//!   errors, credentials from a Docker `config.json` file, see [`credentials`]); the node
+//!   waits Pending meanwhile and is created as soon as the pull is done.
 //! - Progress comes from the containers' output ([`progress`]) and from the nodes' own
 //!   HTTP heartbeats ([`heartbeat`]).
 //! - Sandboxes run the tiny static [`pause`] program from the image `geomx/pause:<version>`
@@ -62,12 +66,14 @@
 #![warn(missing_docs)]
 
 pub mod archive;
+pub mod credentials;
 pub mod engine;
 mod error;
 pub mod heartbeat;
 mod lines;
 pub mod pause;
 pub mod progress;
+pub mod pull;
 pub mod reconcile;
 pub mod rendezvous;
 mod runtime;
@@ -75,19 +81,20 @@ pub mod spec;
 pub mod status;
 
 pub use archive::LogArchive;
-pub use engine::{BollardEngine, Engine, HostCapacity};
+pub use engine::{BollardEngine, Engine, HostCapacity, ImageDetails, PullEvent};
 pub use error::{Result, RuntimeError};
 pub use heartbeat::{
     DEFAULT_HEARTBEAT_PORT, HeartbeatError, HeartbeatReport, HeartbeatServer, HeartbeatSink,
     agent_url,
 };
 pub use progress::{Progress, ProgressParser, ProgressTracker};
+pub use pull::{PullCause, PullConfig, PullManager, PullState, PullStatus, Resolved};
 pub use reconcile::{Action, ContainerKey, RemoveReason};
 pub use rendezvous::{Registration, Rendezvous};
 pub use runtime::{ApplyReport, OOM_KILLED, Outcome, Runtime, RuntimeConfig};
 pub use spec::{
-    ContainerKind, ContainerSpec, DEFAULT_PIDS_LIMIT, Mount, MountKind, NodeKey, Resources,
-    SandboxConfig, container_name, sandbox_name,
+    ContainerKind, ContainerSpec, DEFAULT_PIDS_LIMIT, ImagePull, Mount, MountKind, NodeKey,
+    Resources, SandboxConfig, container_name, sandbox_name,
 };
 pub use status::{LogChunk, NodeState, NodeStatus, Snapshot};
 /// The cancellation token [`HeartbeatServer::serve`] stops on (re-exported from tokio-util).

@@ -141,8 +141,15 @@ pub struct ContainerSpec {
     pub role: String,
     /// Party name, "central" for the central party.
     pub party: String,
-    /// Image reference; must be present on the host (never pulled).
+    /// Image reference (normally pinned by the controller: `repo@sha256:...`).
     pub image: String,
+    /// Whether the agent may pull `image` when it is missing. Not part of the spec hash.
+    #[serde(default)]
+    pub image_pull: ImagePull,
+    /// Bound of one pull of `image` in milliseconds; 0 for the default (30 minutes). Not
+    /// part of the spec hash.
+    #[serde(default)]
+    pub pull_timeout_ms: u64,
     /// Command argv; empty for the image's default command.
     pub command: Vec<String>,
     /// Environment (scheduler addresses already filled in). `GEOMX_JOB`, `GEOMX_NODE` and
@@ -174,6 +181,36 @@ pub struct ContainerSpec {
     pub mounts: Vec<Mount>,
     /// Resource limits of the role container.
     pub resources: Resources,
+}
+
+/// Whether a missing image may be pulled (`ContainerSpec.image_pull` of the wire).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ImagePull {
+    /// A missing image fails the node (also what an empty value from a controller before
+    /// pulls means).
+    #[default]
+    Never,
+    /// Pull the image when it is missing.
+    IfNotPresent,
+    /// Pull what is missing (the controller pinned the reference to a digest, so a present
+    /// digest is the right image).
+    Always,
+}
+
+impl ImagePull {
+    /// From the wire: "if-not-present", "always"; anything else is "never".
+    pub fn from_wire(s: &str) -> ImagePull {
+        match s.trim() {
+            "if-not-present" => ImagePull::IfNotPresent,
+            "always" => ImagePull::Always,
+            _ => ImagePull::Never,
+        }
+    }
+
+    /// Whether a missing image may be pulled.
+    pub fn may_pull(self) -> bool {
+        self != ImagePull::Never
+    }
 }
 
 /// Identifies a node on a host: (job, node).
@@ -583,6 +620,8 @@ mod tests {
             role: "worker".into(),
             party: "a".into(),
             image: "geomx-test/psnode:latest".into(),
+            image_pull: ImagePull::Never,
+            pull_timeout_ms: 0,
             command: vec!["python".into(), "cnn.py".into()],
             env: [("DMLC_ROLE".to_string(), "worker".to_string())].into(),
             host_network: false,
@@ -637,6 +676,24 @@ mod tests {
         assert_eq!(e.sandbox_hash(&sb()), sh);
         assert_ne!(g.sandbox_hash(&sb()), sh);
         assert_ne!(i.sandbox_hash(&sb()), sh);
+    }
+
+    #[test]
+    fn the_pull_policy_and_timeout_are_not_part_of_the_hashes() {
+        let s = spec("j", "w0");
+        let mut p = s.clone();
+        p.image_pull = ImagePull::Always;
+        p.pull_timeout_ms = 60_000;
+        assert_eq!(p.spec_hash(URL, &sb()), s.spec_hash(URL, &sb()));
+        assert_eq!(p.sandbox_hash(&sb()), s.sandbox_hash(&sb()));
+        assert_eq!(p.labels(URL, &sb()), s.labels(URL, &sb()));
+        assert_eq!(
+            ImagePull::from_wire("if-not-present"),
+            ImagePull::IfNotPresent
+        );
+        assert_eq!(ImagePull::from_wire("always"), ImagePull::Always);
+        assert_eq!(ImagePull::from_wire(""), ImagePull::Never);
+        assert!(!ImagePull::from_wire("never").may_pull());
     }
 
     #[test]

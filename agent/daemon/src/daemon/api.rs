@@ -10,8 +10,11 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use geomx_proto::tls::{TlsMaterial, require_controller};
 use geomx_proto::v1::agent_node_service_server::{AgentNodeService, AgentNodeServiceServer};
-use geomx_proto::v1::{ForgetJobRequest, ForgetJobResponse, LogChunk, NodeLogsRequest};
-use geomx_runtime::{CancellationToken, Engine, Runtime, RuntimeError};
+use geomx_proto::v1::{
+    AgentPullRequest, AgentPullResponse, ForgetJobRequest, ForgetJobResponse, LogChunk,
+    NodeLogsRequest, ResolveImageRequest, ResolveImageResponse,
+};
+use geomx_runtime::{CancellationToken, Engine, PullCause, Runtime, RuntimeError};
 use tokio::sync::watch;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -24,6 +27,8 @@ use super::{Ctx, convert};
 
 /// Longest job or node name accepted (the runtime's limit).
 const MAX_NAME_LEN: usize = 100;
+/// Longest image reference accepted.
+const MAX_IMAGE_LEN: usize = 512;
 
 /// The service: logs of this host's role containers.
 pub struct NodeApi<E: Engine> {
@@ -63,9 +68,36 @@ fn check_name(what: &str, v: &str) -> Result<(), Status> {
     }
 }
 
+fn check_image(v: &str) -> Result<(), Status> {
+    let ok = !v.is_empty()
+        && v.len() <= MAX_IMAGE_LEN
+        && v.chars().all(|c| c.is_ascii_graphic())
+        && !v.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "image: must be a reference (repo[:tag] or repo@sha256:...) of 1..={MAX_IMAGE_LEN} printable characters"
+        )))
+    }
+}
+
 fn status_of(e: &RuntimeError) -> Status {
     match e {
         RuntimeError::NoSuchNode { .. } => Status::not_found(e.to_string()),
+        RuntimeError::ImageUnavailable { cause, .. } => {
+            let m = e.to_string();
+            match cause {
+                PullCause::NotFound => Status::not_found(m),
+                PullCause::Unauthorized => Status::permission_denied(m),
+                PullCause::Unreachable
+                | PullCause::RegistryError
+                | PullCause::DockerUnavailable => Status::unavailable(m),
+                PullCause::TimedOut(_) => Status::deadline_exceeded(m),
+                PullCause::DiskFull => Status::resource_exhausted(m),
+                PullCause::Untrusted | PullCause::Failed => Status::failed_precondition(m),
+            }
+        }
         RuntimeError::Docker { .. } | RuntimeError::Io { .. } => {
             Status::unavailable(error_chain(e))
         }
@@ -81,19 +113,11 @@ impl<E: Engine> AgentNodeService for NodeApi<E> {
         &self,
         request: Request<NodeLogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        if self.require_cert {
-            require_controller(&request).inspect_err(|s| {
-                warn!(peer = ?request.remote_addr(), error = %s.message(), "log request refused");
-            })?;
-        }
+        self.authorize(&request, "log")?;
         let req = request.into_inner();
         check_name("job", &req.job)?;
         check_name("node", &req.node)?;
-        let runtime = self
-            .runtime
-            .borrow()
-            .clone()
-            .ok_or_else(|| Status::unavailable("this agent is not connected to Docker yet"))?;
+        let runtime = self.runtime()?;
         debug!(job = %req.job, node = %req.node, follow = req.follow, tail = req.tail, "streaming logs");
         let stream = runtime
             .logs_of(&req.job, &req.node, req.generation, req.follow, req.tail)
@@ -111,21 +135,71 @@ impl<E: Engine> AgentNodeService for NodeApi<E> {
         &self,
         request: Request<ForgetJobRequest>,
     ) -> Result<Response<ForgetJobResponse>, Status> {
-        if self.require_cert {
-            require_controller(&request).inspect_err(|s| {
-                warn!(peer = ?request.remote_addr(), error = %s.message(), "forget request refused");
-            })?;
-        }
+        self.authorize(&request, "forget")?;
         let req = request.into_inner();
         check_name("job", &req.job)?;
-        let runtime = self
-            .runtime
-            .borrow()
-            .clone()
-            .ok_or_else(|| Status::unavailable("this agent is not connected to Docker yet"))?;
+        let runtime = self.runtime()?;
         let had_logs = runtime.forget_logs(&req.job).map_err(|e| status_of(&e))?;
         debug!(job = %req.job, had_logs, "kept output deleted");
         Ok(Response::new(ForgetJobResponse { had_logs }))
+    }
+
+    async fn resolve_image(
+        &self,
+        request: Request<ResolveImageRequest>,
+    ) -> Result<Response<ResolveImageResponse>, Status> {
+        self.authorize(&request, "resolve")?;
+        let req = request.into_inner();
+        check_image(&req.image)?;
+        let runtime = self.runtime()?;
+        let r = runtime
+            .resolve_image(&req.image)
+            .await
+            .inspect_err(|e| debug!(image = %req.image, error = %e, "resolve failed"))
+            .map_err(|e| status_of(&e))?;
+        debug!(image = %req.image, pinned = %r.pinned, "resolved");
+        Ok(Response::new(ResolveImageResponse {
+            pinned: r.pinned,
+            digest: r.digest,
+            registry: r.registry,
+        }))
+    }
+
+    async fn pull_image(
+        &self,
+        request: Request<AgentPullRequest>,
+    ) -> Result<Response<AgentPullResponse>, Status> {
+        self.authorize(&request, "pull")?;
+        let req = request.into_inner();
+        check_image(&req.image)?;
+        let runtime = self.runtime()?;
+        let timeout =
+            Some(std::time::Duration::from_millis(req.timeout_ms)).filter(|t| !t.is_zero());
+        let started = runtime
+            .pull_image(&req.image, timeout)
+            .await
+            .map_err(|e| status_of(&e))?;
+        info!(image = %req.image, started, "pull requested by the controller");
+        Ok(Response::new(AgentPullResponse { started }))
+    }
+}
+
+impl<E: Engine> NodeApi<E> {
+    /// Only the controller's certificate may call (unless insecure).
+    fn authorize<T>(&self, request: &Request<T>, what: &str) -> Result<(), Status> {
+        if self.require_cert {
+            require_controller(request).inspect_err(|s| {
+                warn!(peer = ?request.remote_addr(), error = %s.message(), "{what} request refused");
+            })?;
+        }
+        Ok(())
+    }
+
+    fn runtime(&self) -> Result<Runtime<E>, Status> {
+        self.runtime
+            .borrow()
+            .clone()
+            .ok_or_else(|| Status::unavailable("this agent is not connected to Docker yet"))
     }
 }
 
@@ -187,6 +261,33 @@ mod tests {
         assert!(check_name("job", "").is_err());
         assert!(check_name("job", "../etc").is_err());
         assert!(check_name("job", &"x".repeat(101)).is_err());
+        assert!(check_image("10.1.1.253:5000/geomx/test@sha256:ab").is_ok());
+        assert!(check_image("").is_err());
+        assert!(check_image("a b").is_err());
+        assert!(check_image("-x").is_err());
+        for (cause, code) in [
+            (PullCause::NotFound, tonic::Code::NotFound),
+            (PullCause::Unauthorized, tonic::Code::PermissionDenied),
+            (PullCause::Unreachable, tonic::Code::Unavailable),
+            (
+                PullCause::TimedOut(std::time::Duration::from_secs(20)),
+                tonic::Code::DeadlineExceeded,
+            ),
+        ] {
+            let e = RuntimeError::ImageUnavailable {
+                image: "r:5000/x:1".into(),
+                registry: "r:5000".into(),
+                cause,
+                message: "m".into(),
+            };
+            let s = status_of(&e);
+            assert_eq!(s.code(), code, "{cause:?}");
+            assert!(
+                s.message().contains("r:5000/x:1 on registry r:5000"),
+                "{}",
+                s.message()
+            );
+        }
         assert_eq!(
             status_of(&RuntimeError::NoSuchNode {
                 job: "j".into(),

@@ -25,6 +25,8 @@
 //!                                         # vxlan (unencrypted);
 //!                                         # default: the controller's
 //! wireguard_port = 7951                   # WireGuard's UDP port on the underlay address
+//! registry_auth_file = "/etc/geomx/registry-auth.json"  # Docker config.json format, mode 0600
+//! max_parallel_pulls = 3                  # image pulls downloading at once
 //! [tls]
 //! ca = "/etc/geomx/tls/ca.pem"
 //! cert = "/etc/geomx/tls/agent-a.pem"
@@ -102,6 +104,13 @@ pub struct AgentArgs {
     /// WireGuard's UDP port on the underlay address [default: 7951].
     #[arg(long, env = "GEOMX_WIREGUARD_PORT")]
     pub wireguard_port: Option<u16>,
+    /// Registry credentials for image pulls: a Docker config.json-format file readable by
+    /// its owner only (mode 0600), read again for every pull.
+    #[arg(long, env = "GEOMX_REGISTRY_AUTH_FILE")]
+    pub registry_auth_file: Option<PathBuf>,
+    /// Image pulls downloading at once on this host [default: 3].
+    #[arg(long, env = "GEOMX_MAX_PARALLEL_PULLS")]
+    pub max_parallel_pulls: Option<u32>,
     /// CA certificate (PEM) that signed the controller's and this agent's certificates.
     #[arg(long, env = "GEOMX_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
@@ -152,6 +161,10 @@ pub struct AgentConfig {
     pub backend: Option<Backend>,
     /// WireGuard's UDP port.
     pub wireguard_port: u16,
+    /// The registry credentials file (checked at load: mode 0600, parsable).
+    pub registry_auth_file: Option<PathBuf>,
+    /// Image pulls downloading at once.
+    pub max_parallel_pulls: u32,
 }
 
 impl AgentConfig {
@@ -199,6 +212,8 @@ struct FileConfig {
     logs_retention: Option<Spanned<HumanDuration>>,
     backend: Option<Spanned<Backend>>,
     wireguard_port: Option<Spanned<u16>>,
+    registry_auth_file: Option<Spanned<PathBuf>>,
+    max_parallel_pulls: Option<Spanned<u32>>,
     tls: Option<TlsTable>,
 }
 
@@ -492,6 +507,34 @@ fn resolve(
             port_number,
         )?
         .unwrap_or(WG_PORT);
+    // refused at once when others may read it or it is not a config.json (it is read
+    // again for every pull, so a later rotation needs no restart)
+    let registry_auth_file = settings.pick(
+        "registry_auth_file",
+        "registry-auth-file",
+        args.registry_auth_file.clone(),
+        file.registry_auth_file,
+        |v| {
+            let path = v.unwrap_or_else(|p: PathBuf| source.path_of(&p));
+            geomx_runtime::credentials::AuthFile::load(&path).map_err(|e| e.to_string())?;
+            Ok(path)
+        },
+    )?;
+    let max_parallel_pulls = settings
+        .pick_same(
+            "max_parallel_pulls",
+            "max-parallel-pulls",
+            args.max_parallel_pulls,
+            file.max_parallel_pulls,
+            |n| {
+                if (1..=64).contains(&n) {
+                    Ok(n)
+                } else {
+                    Err(format!("{n} is not 1..=64"))
+                }
+            },
+        )?
+        .unwrap_or(geomx_runtime::pull::DEFAULT_MAX_PARALLEL_PULLS as u32);
 
     // TLS: each file from its flag or the [tls] table
     let flags = TlsFlags {
@@ -545,6 +588,8 @@ fn resolve(
             logs_retention,
             backend,
             wireguard_port,
+            registry_auth_file,
+            max_parallel_pulls,
         },
         warnings,
     ))
@@ -627,6 +672,58 @@ key = "/etc/geomx/tls/agent-a-key.pem"
         assert_eq!(c.logs_retention, Duration::from_secs(2 * 24 * 3600));
         let (c, _) = load(&text, &["--logs-retention", "1h"]).expect("parses");
         assert_eq!(c.logs_retention, Duration::from_secs(3600), "the flag wins");
+    }
+
+    #[test]
+    fn the_registry_auth_file_is_checked_at_load_and_pulls_are_limited() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let auth = dir.path().join("auth.json");
+        let text = |extra: &str| {
+            EXAMPLE.replace(
+                "network_interval = \"10s\"",
+                &format!("network_interval = \"10s\"\n{extra}"),
+            )
+        };
+        let with_file = text(&format!(
+            "registry_auth_file = {:?}",
+            auth.display().to_string()
+        ));
+        let chmod = |mode| {
+            std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(mode)).expect("chmod")
+        };
+        std::fs::write(
+            &auth,
+            r#"{"auths": {"10.1.1.253:5000": {"auth": "dXNlcjpwYXNz"}}}"#,
+        )
+        .expect("write");
+        chmod(0o600);
+        let (c, _) = load(&with_file, &[]).expect("parses");
+        assert_eq!(c.registry_auth_file.as_deref(), Some(auth.as_path()));
+        assert_eq!(c.max_parallel_pulls, 3);
+        let s = super::super::Settings::from_config(&c, None);
+        assert_eq!(s.pulls.auth_file.as_deref(), Some(auth.as_path()));
+        assert_eq!(s.pulls.max_parallel, 3);
+        // readable by others: refused, naming the key, the file and the fix
+        chmod(0o644);
+        let e = load(&with_file, &[]).expect_err("0644").to_string();
+        assert!(
+            e.contains("registry_auth_file") && e.contains("0644") && e.contains("chmod 600"),
+            "{e}"
+        );
+        chmod(0o600);
+        std::fs::write(&auth, "{\"auths\": ").expect("write");
+        let e = load(&with_file, &[]).expect_err("unparsable").to_string();
+        assert!(
+            e.contains(&auth.display().to_string()) && e.contains("config.json"),
+            "{e}"
+        );
+        let (c, _) = load(&text("max_parallel_pulls = 5"), &[]).expect("parses");
+        assert_eq!(c.max_parallel_pulls, 5);
+        let e = load(&text("max_parallel_pulls = 0"), &[])
+            .expect_err("zero")
+            .to_string();
+        assert!(e.contains("max_parallel_pulls"), "{e}");
     }
 
     #[test]

@@ -85,6 +85,7 @@ pub async fn containers_loop<S: EngineSource>(
                 retention: ctx.settings.logs_retention,
                 ..geomx_runtime::LogArchive::new(ctx.settings.state_dir.join("logs"))
             }),
+            pulls: ctx.settings.pulls.clone(),
             ..Default::default()
         };
         let runtime = match Runtime::start(engine, config).await {

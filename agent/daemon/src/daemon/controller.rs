@@ -398,7 +398,17 @@ async fn snapshot_changed(rx: &mut Option<watch::Receiver<Snapshot>>, reported: 
     }
 }
 
-/// Reports every heartbeat interval, and promptly after a change.
+/// Waits until a pull changed; false when the runtime is gone; never completes without a
+/// runtime.
+async fn pulls_changed(rx: &mut Option<watch::Receiver<u64>>) -> bool {
+    match rx {
+        None => std::future::pending().await,
+        Some(r) => r.changed().await.is_ok(),
+    }
+}
+
+/// Reports every heartbeat interval, and promptly after a change (a pull's progress at
+/// most once per [`PULL_PROGRESS_EVERY`]).
 pub async fn report_loop<E: Engine>(
     ctx: Arc<Ctx<E>>,
     mut client: AgentServiceClient<Channel>,
@@ -409,16 +419,25 @@ pub async fn report_loop<E: Engine>(
         .borrow_and_update()
         .as_ref()
         .map(|r| r.subscribe());
+    let mut pull_rx = runtime_rx.borrow().as_ref().map(|r| r.subscribe_pulls());
     let mut net_rx = ctx.net.subscribe();
     let mut registered_rx = ctx.registered.subscribe();
     let mut debounce = Debouncer::default();
     // the node lifecycle the last report carried
     let mut reported = String::new();
+    // the pulls' lifecycle the last report carried, and whether their progress changed since
+    let mut reported_pulls = String::new();
+    let mut progress_pending = false;
+    let mut last_report = Instant::now();
     let mut next = Instant::now();
     let mut errors = ErrorLog::default();
     let mut images_at: Option<Instant> = None;
     loop {
-        let wake = debounce.deadline().map_or(next, |d| d.min(next));
+        let progress_due = progress_pending.then(|| last_report + PULL_PROGRESS_EVERY);
+        let wake = [debounce.deadline(), progress_due]
+            .into_iter()
+            .flatten()
+            .fold(next, Instant::min);
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep_until(wake) => {}
@@ -430,11 +449,24 @@ pub async fn report_loop<E: Engine>(
                     snapshots = None;
                 }
             }
+            ok = pulls_changed(&mut pull_rx) => {
+                if !ok {
+                    pull_rx = None;
+                } else if pulls_lifecycle(&runtime_pulls(&ctx)) != reported_pulls {
+                    // a pull started, retried or ended: report soon, with the images
+                    // a finished pull added
+                    images_at = None;
+                    debounce.changed(Instant::now());
+                } else {
+                    progress_pending = true;
+                }
+            }
             r = runtime_rx.changed() => {
                 if r.is_err() {
                     return;
                 }
                 snapshots = runtime_rx.borrow_and_update().as_ref().map(|r| r.subscribe());
+                pull_rx = runtime_rx.borrow().as_ref().map(|r| r.subscribe_pulls());
                 images_at = None;
                 debounce.changed(Instant::now());
             }
@@ -453,11 +485,14 @@ pub async fn report_loop<E: Engine>(
             }
         }
         let now = Instant::now();
-        if now < next && !debounce.due(now) {
+        let progress_now = progress_due.is_some_and(|d| now >= d);
+        if now < next && !debounce.due(now) && !progress_now {
             continue;
         }
         let interval = *ctx.heartbeat_interval.borrow();
         debounce.reported();
+        progress_pending = false;
+        last_report = now;
         if ctx.registered.borrow().is_none() {
             next = now + interval;
             continue;
@@ -468,6 +503,7 @@ pub async fn report_loop<E: Engine>(
         }
         let (report, carried) = build_report(&ctx);
         reported = carried;
+        reported_pulls = pulls_lifecycle(&runtime_pulls(&ctx));
         let timeout = interval.clamp(Duration::from_secs(1), Duration::from_secs(5));
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -518,7 +554,7 @@ async fn refresh_images<E: Engine>(ctx: &Ctx<E>) {
     let Some(rt) = ctx.runtime.borrow().clone() else {
         return;
     };
-    match tokio::time::timeout(Duration::from_secs(2), rt.images()).await {
+    match tokio::time::timeout(Duration::from_secs(2), rt.image_details()).await {
         Ok(Ok(images)) => {
             *ctx.images.lock().unwrap_or_else(|p| p.into_inner()) = Some(images);
         }
@@ -529,6 +565,35 @@ async fn refresh_images<E: Engine>(ctx: &Ctx<E>) {
         *ctx.capacity.lock().unwrap_or_else(|p| p.into_inner()) = capacity;
     }
 }
+
+/// The pulls of the runtime (none without one).
+fn runtime_pulls<E: Engine>(ctx: &Ctx<E>) -> Vec<geomx_runtime::PullStatus> {
+    ctx.runtime
+        .borrow()
+        .as_ref()
+        .map(|rt| rt.pulls())
+        .unwrap_or_default()
+}
+
+/// What of the pulls makes a prompt report worth it: a pull starting, retrying or ending
+/// (not its bytes, which go at most once per [`PULL_PROGRESS_EVERY`]).
+fn pulls_lifecycle(pulls: &[geomx_runtime::PullStatus]) -> String {
+    pulls
+        .iter()
+        .map(|p| {
+            format!(
+                "{} {} {} {}\n",
+                p.image,
+                p.state.as_str(),
+                p.attempt,
+                p.error
+            )
+        })
+        .collect()
+}
+
+/// Longest a pull's progress waits for a report while it changes.
+pub const PULL_PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// The report of this host now, and the lifecycle of the nodes it carries.
 ///
@@ -542,13 +607,19 @@ pub fn build_report<E: Engine>(ctx: &Ctx<E>) -> (HostReport, String) {
     let snapshot = runtime.map(|rt| rt.snapshot()).unwrap_or_default();
     let net = ctx.net.borrow().clone();
     let images = ctx.images.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let pulls = runtime_pulls(ctx);
     let capacity = *ctx.capacity.lock().unwrap_or_else(|p| p.into_inner());
     let report = HostReport {
         host: ctx.settings.host.clone(),
         applied_revision: ctx.applied_revision.load(Ordering::SeqCst),
         nodes: snapshot.nodes.iter().map(convert::node_status).collect(),
         images_known: Some(images.is_some()),
-        images: images.unwrap_or_default(),
+        images: images
+            .as_deref()
+            .map(geomx_runtime::ImageDetails::references)
+            .unwrap_or_default(),
+        image_details: images.iter().flatten().map(convert::image_info).collect(),
+        pulls: pulls.iter().map(convert::image_pull).collect(),
         network: Some(WireNetworkStatus {
             converged: net.converged,
             routes: net.routes,

@@ -7,7 +7,8 @@ use std::net::Ipv4Addr;
 use geomx_net::{DesiredNetwork, Peer};
 use geomx_proto::v1;
 use geomx_runtime::{
-    ContainerSpec, LogChunk, Mount, MountKind, NodeState, NodeStatus, Progress, Resources,
+    ContainerSpec, ImageDetails, ImagePull, LogChunk, Mount, MountKind, NodeState, NodeStatus,
+    Progress, PullStatus, Resources,
 };
 use ipnet::Ipv4Net;
 
@@ -121,6 +122,8 @@ pub fn container_spec(c: &v1::ContainerSpec, controller_id: &str) -> ContainerSp
         role: c.role.clone(),
         party: c.party.clone(),
         image: c.image.clone(),
+        image_pull: ImagePull::from_wire(&c.image_pull),
+        pull_timeout_ms: c.pull_timeout_ms,
         command: c.command.clone(),
         env: c.env.clone(),
         host_network: c.host_network,
@@ -133,6 +136,33 @@ pub fn container_spec(c: &v1::ContainerSpec, controller_id: &str) -> ContainerSp
         sandbox: c.sandbox,
         mounts: c.mounts.iter().map(mount).collect(),
         resources: c.resources.as_ref().map(resources).unwrap_or_default(),
+    }
+}
+
+/// One image of the host as reported.
+pub fn image_info(i: &ImageDetails) -> v1::ImageInfo {
+    v1::ImageInfo {
+        id: i.id.clone(),
+        repo_tags: i.repo_tags.clone(),
+        repo_digests: i.repo_digests.clone(),
+        size_bytes: i.size_bytes,
+    }
+}
+
+/// One pull as reported (its error is bounded by the pull manager).
+pub fn image_pull(p: &PullStatus) -> v1::ImagePull {
+    v1::ImagePull {
+        image: p.image.clone(),
+        state: p.state.as_str().to_owned(),
+        bytes_done: p.bytes_done,
+        bytes_total: p.bytes_total,
+        layers_done: p.layers_done,
+        layers_total: p.layers_total,
+        attempt: p.attempt,
+        error: p.error.clone(),
+        started_at_ms: p.started_at_ms,
+        updated_at_ms: p.updated_at_ms,
+        registry: p.registry.clone(),
     }
 }
 
@@ -286,6 +316,8 @@ mod tests {
                     shm_size_bytes: 0,
                 }),
                 templates: Vec::new(),
+                image_pull: "if-not-present".into(),
+                pull_timeout_ms: 60_000,
             }],
             heartbeat_interval_ms: 1000,
             controller_id: "ctl-1".into(),
@@ -314,6 +346,8 @@ mod tests {
         assert!(c.start);
         assert_eq!(c.env["DMLC_ROLE"], "worker");
         assert_eq!(c.command, vec!["python", "cnn.py"]);
+        assert_eq!(c.image_pull, ImagePull::IfNotPresent);
+        assert_eq!(c.pull_timeout_ms, 60_000);
         assert_eq!(c.mounts.len(), 1);
         assert_eq!(c.mounts[0].kind, MountKind::Volume);
         assert_eq!(c.mounts[0].driver.as_deref(), Some("local"));

@@ -118,6 +118,8 @@ pub struct Settings {
     /// This host's WireGuard public key and port, registered with the controller (`None`:
     /// WireGuard is not available here; peers that need it cannot be reached).
     pub wireguard: Option<(String, u16)>,
+    /// How missing images are pulled (credentials file, concurrency).
+    pub pulls: geomx_runtime::PullConfig,
 }
 
 impl Settings {
@@ -138,6 +140,11 @@ impl Settings {
             backoff_max: Duration::from_secs(10),
             agent_version: agent_version(),
             wireguard: None,
+            pulls: geomx_runtime::PullConfig {
+                auth_file: c.registry_auth_file.clone(),
+                max_parallel: c.max_parallel_pulls as usize,
+                ..Default::default()
+            },
         }
     }
 
@@ -199,9 +206,9 @@ pub struct Ctx<E: Engine> {
     pub heartbeat_interval: watch::Sender<Duration>,
     /// Revision of the last desired state whose containers were applied.
     pub applied_revision: AtomicU64,
-    /// Images on the host, refreshed by the reporter; `None` until Docker listed them once
-    /// (reports then say `images_known: false`).
-    pub images: Mutex<Option<Vec<String>>>,
+    /// Images on the host (tags, digests, ids, sizes), refreshed by the reporter; `None`
+    /// until Docker listed them once (reports then say `images_known: false`).
+    pub images: Mutex<Option<Vec<geomx_runtime::ImageDetails>>>,
     /// The host's memory and CPUs as Docker sees them, refreshed with the images; unknown
     /// (zeros) until Docker answered once.
     pub capacity: Mutex<geomx_runtime::HostCapacity>,

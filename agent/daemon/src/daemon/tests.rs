@@ -256,6 +256,7 @@ impl Lab {
             backoff_max: Duration::from_millis(300),
             agent_version: agent_version(),
             wireguard: None,
+            pulls: Default::default(),
         }
     }
 }
@@ -638,6 +639,7 @@ async fn without_a_controller_the_persisted_state_is_applied() {
         backoff_max: Duration::from_millis(200),
         agent_version: agent_version(),
         wireguard: None,
+        pulls: Default::default(),
     };
     let fake = FakeKernel::new();
     let engine = FakeEngine::new(&[IMAGE]);
@@ -755,4 +757,110 @@ impl EngineSource for FakeSource {
     async fn sandbox(&self, _engine: &FakeEngine) -> Result<SandboxConfig, String> {
         Ok(SandboxConfig::default())
     }
+}
+
+/// A job's image only in the registry: the agent pulls it (reporting the pull and, once
+/// done, the image with its digest), then runs the node; the controller can resolve and
+/// pull through the agent API (its certificate only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_missing_image_is_pulled_reported_and_resolvable_through_the_api() {
+    use geomx_proto::v1::{AgentPullRequest, ResolveImageRequest};
+    let lab = Lab::start().await;
+    let engine = FakeEngine::new(&[]);
+    let tag = "10.1.1.253:5000/geomx/test:latest";
+    let pinned = engine.push(tag, &[("sha256:l1", 1000), ("sha256:l2", 24)]);
+    let mut spec = worker("job1", "a-worker-0");
+    spec.image = pinned.clone();
+    spec.image_pull = "if-not-present".into();
+    lab.workloads
+        .containers
+        .lock()
+        .expect("lock")
+        .insert("a".into(), vec![spec]);
+    let api_port = free_port();
+    let fake = FakeKernel::new();
+    let mut running = agent(
+        lab.settings(lab.dir.path().join("agent-a"), api_port),
+        &fake,
+        &engine,
+        None,
+    );
+    tokio::time::timeout(Duration::from_secs(10), running.ready())
+        .await
+        .expect("ready in time");
+    let r = eventually(
+        "a report with the pull done and the node running",
+        Duration::from_secs(10),
+        || {
+            lab.workloads.last_report("a").filter(|r| {
+                r.pulls.iter().any(|p| p.state == "done")
+                    && node_state(r, "a-worker-0").map(|s| s.0) == Some(ContainerState::Running)
+                    && r.images.contains(&pinned)
+            })
+        },
+    )
+    .await;
+    let p = r
+        .pulls
+        .iter()
+        .find(|p| p.image == pinned)
+        .expect("the pull");
+    assert_eq!((p.bytes_done, p.bytes_total), (1024, 1024), "{p:?}");
+    assert_eq!((p.layers_done, p.layers_total), (2, 2), "{p:?}");
+    assert_eq!(p.registry, "10.1.1.253:5000");
+    assert!(
+        r.image_details
+            .iter()
+            .any(|i| i.repo_digests.contains(&pinned) && i.size_bytes == 1024),
+        "{:?}",
+        r.image_details
+    );
+
+    let channel = |tls: ClientTlsConfig| {
+        Endpoint::from_shared(format!("https://127.0.0.1:{api_port}"))
+            .expect("url")
+            .tls_config(tls)
+            .expect("tls")
+            .connect_lazy()
+    };
+    let mut api = AgentNodeServiceClient::new(channel(lab.controller_tls()));
+    let resolved = api
+        .resolve_image(ResolveImageRequest { image: tag.into() })
+        .await
+        .expect("resolves")
+        .into_inner();
+    assert_eq!(resolved.pinned, pinned);
+    assert_eq!(resolved.registry, "10.1.1.253:5000");
+    let missing = api
+        .resolve_image(ResolveImageRequest {
+            image: "10.1.1.253:5000/geomx/test:nope".into(),
+        })
+        .await
+        .expect_err("no such tag");
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing}");
+    assert!(
+        missing.message().starts_with(
+            "image 10.1.1.253:5000/geomx/test:nope on registry 10.1.1.253:5000: not found ("
+        ),
+        "{}",
+        missing.message()
+    );
+    let present = api
+        .pull_image(AgentPullRequest {
+            image: pinned.clone(),
+            timeout_ms: 0,
+        })
+        .await
+        .expect("pull")
+        .into_inner();
+    assert!(!present.started, "present already");
+    let mut as_agent = AgentNodeServiceClient::new(channel(
+        lab.agent_files("b").load().expect("b").client_config(),
+    ));
+    let refused = as_agent
+        .resolve_image(ResolveImageRequest { image: tag.into() })
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    running.stop(Duration::from_secs(5)).await;
 }

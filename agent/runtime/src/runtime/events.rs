@@ -105,11 +105,14 @@ impl<E: Engine> Runtime<E> {
         let weak = Arc::downgrade(&self.inner);
         let cancel = self.inner.cancel.clone();
         let every = self.inner.config.resync_interval;
+        let pulls = self.inner.pulls.clone();
         let resync = async move {
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(every) => {}
+                    // a pull ended: create what waited for it (or fail it) at once
+                    () = pulls.ended().notified() => {}
                 }
                 let Some(inner) = weak.upgrade() else { return };
                 let rt = Runtime { inner };

@@ -28,8 +28,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::engine::{
-    ActualContainer, BollardEngine, Engine, EngineState, HostCapacity, Inspection, LogRequest,
+    ActualContainer, BollardEngine, Engine, EngineState, HostCapacity, ImageDetails, Inspection,
+    LogRequest,
 };
+use crate::pull::{Ensure, PullConfig, PullManager, PullStatus, Resolved};
 
 /// The error of a container the kernel's OOM killer ended (Docker's `OOMKilled`; its exit
 /// code is 137, SIGKILL).
@@ -80,6 +82,8 @@ pub struct RuntimeConfig {
     pub host: String,
     /// Where a role container's output is kept when it is removed; `None` keeps nothing.
     pub log_archive: Option<crate::archive::LogArchive>,
+    /// How missing images are pulled (specs with `image_pull` other than never).
+    pub pulls: PullConfig,
 }
 
 impl Default for RuntimeConfig {
@@ -93,6 +97,7 @@ impl Default for RuntimeConfig {
             log_tail_lines: 20,
             host: String::new(),
             log_archive: None,
+            pulls: PullConfig::default(),
         }
     }
 }
@@ -161,6 +166,7 @@ impl<E: Engine> std::fmt::Debug for Runtime<E> {
 struct Inner<E> {
     engine: E,
     config: RuntimeConfig,
+    pulls: PullManager,
     state: Mutex<State>,
     apply_lock: tokio::sync::Mutex<()>,
     snapshot: watch::Sender<Snapshot>,
@@ -170,6 +176,7 @@ struct Inner<E> {
 impl<E> Drop for Inner<E> {
     fn drop(&mut self) {
         self.cancel.cancel();
+        self.pulls.shutdown();
     }
 }
 
@@ -336,9 +343,11 @@ impl<E: Engine> Runtime<E> {
     /// watching Docker's events. Nothing is removed before the first [`Runtime::apply`].
     pub async fn start(engine: E, config: RuntimeConfig) -> Result<Runtime<E>> {
         let (tx, _) = watch::channel(Snapshot::default());
+        let pulls = PullManager::new(config.pulls.clone());
         let rt = Runtime {
             inner: Arc::new(Inner {
                 engine,
+                pulls,
                 config,
                 state: Mutex::new(State::default()),
                 apply_lock: tokio::sync::Mutex::new(()),
@@ -373,6 +382,7 @@ impl<E: Engine> Runtime<E> {
     /// used afterwards.
     pub fn shutdown(&self) {
         self.inner.cancel.cancel();
+        self.inner.pulls.shutdown();
         self.lock()
             .nodes
             .values_mut()
@@ -400,9 +410,132 @@ impl<E: Engine> Runtime<E> {
             .map(|t| t.status.clone())
     }
 
-    /// Every `repo:tag` present on this host (for the controller's placement checks).
+    /// Every `repo:tag` and `repo@sha256:...` present on this host (for the controller's
+    /// placement checks).
     pub async fn images(&self) -> Result<Vec<String>> {
-        self.inner.engine.images().await
+        Ok(ImageDetails::references(&self.image_details().await?))
+    }
+
+    /// Every image on this host with its tags, digests, id and size.
+    pub async fn image_details(&self) -> Result<Vec<ImageDetails>> {
+        self.inner.engine.image_list().await
+    }
+
+    /// The pulls running and those ended in the last 10 minutes (at most 64).
+    pub fn pulls(&self) -> Vec<PullStatus> {
+        self.inner.pulls.list()
+    }
+
+    /// Bumped whenever a pull starts, progresses or ends.
+    pub fn subscribe_pulls(&self) -> watch::Receiver<u64> {
+        self.inner.pulls.subscribe()
+    }
+
+    /// Resolves `image` to the digest its registry serves now (nothing is downloaded;
+    /// bounded by 20 s; a reference by digest is itself). Errors are
+    /// [`RuntimeError::ImageUnavailable`] naming image, registry and cause.
+    pub async fn resolve_image(&self, image: &str) -> Result<Resolved> {
+        self.inner.pulls.resolve(&self.inner.engine, image).await
+    }
+
+    /// Starts pulling `image` unless it is present (`Ok(false)`), bounded by `timeout`
+    /// (`None`: 30 minutes); joins a running pull, retries a failed one. Progress is in
+    /// [`Runtime::pulls`].
+    pub async fn pull_image(&self, image: &str, timeout: Option<Duration>) -> Result<bool> {
+        if self.inner.engine.image_present(image).await? {
+            return Ok(false);
+        }
+        match self
+            .inner
+            .pulls
+            .ensure(&self.inner.engine, image, timeout, true)
+        {
+            Ensure::Started | Ensure::Running => Ok(true),
+            Ensure::Failed(message) => Err(RuntimeError::Refused {
+                what: format!("pulling {image}"),
+                message,
+            }),
+        }
+    }
+
+    /// The image of a container of `spec` that the agent may pull: the role's image, or the
+    /// sandbox's when it is the job's image; `None` when the spec does not let the agent
+    /// pull (`image_pull = "never"`) or the sandbox image is geomx's own.
+    fn pullable_image(&self, kind: ContainerKind, spec: &ContainerSpec) -> Option<String> {
+        if !spec.image_pull.may_pull() {
+            return None;
+        }
+        match kind {
+            ContainerKind::Role => Some(spec.image.clone()),
+            ContainerKind::Sandbox => {
+                let image = spec.sandbox_image(&self.inner.config.sandbox);
+                (image == spec.image).then(|| spec.image.clone())
+            }
+        }
+    }
+
+    /// Takes the creations whose image is missing (and may be pulled) out of `plan`: their
+    /// image gets pulled (the node stays Pending, without error, and is created once the
+    /// pull is done: a finished pull re-applies the desired state) or, when its pull failed
+    /// for good, the node fails with the pull's error (in `outcomes` too).
+    async fn hold_for_pulls(&self, plan: Vec<Action>, outcomes: &mut Vec<Outcome>) -> Vec<Action> {
+        let mut present: BTreeMap<String, bool> = BTreeMap::new();
+        let mut kept = Vec::with_capacity(plan.len());
+        for action in plan {
+            let (kind, spec, create) = match &action {
+                Action::Create { kind, spec, .. } => (*kind, spec, true),
+                Action::Replace { kind, spec, .. } => (*kind, spec, false),
+                _ => {
+                    kept.push(action);
+                    continue;
+                }
+            };
+            let Some(image) = self.pullable_image(kind, spec) else {
+                kept.push(action);
+                continue;
+            };
+            let is_present = match present.get(&image) {
+                Some(p) => *p,
+                None => match self.inner.engine.image_present(&image).await {
+                    Ok(p) => *present.entry(image.clone()).or_insert(p),
+                    // the create step checks again and reports Docker's error
+                    Err(_) => true,
+                },
+            };
+            if is_present {
+                kept.push(action);
+                continue;
+            }
+            let key = spec.key();
+            let timeout =
+                Some(Duration::from_millis(spec.pull_timeout_ms)).filter(|t| !t.is_zero());
+            match self
+                .inner
+                .pulls
+                .ensure(&self.inner.engine, &image, timeout, false)
+            {
+                Ensure::Started | Ensure::Running => {
+                    debug!(job = %key.0, node = %key.1, kind = kind.as_str(), %image, "waiting for the image's pull");
+                    if create {
+                        let mut st = self.lock();
+                        if let Some(t) = st.nodes.get_mut(&key)
+                            && t.status.state == NodeState::Pending
+                        {
+                            t.status.error.clear();
+                        }
+                    }
+                }
+                Ensure::Failed(error) => {
+                    warn!(job = %key.0, node = %key.1, %image, %error, "the image cannot be pulled");
+                    self.set_failed(&key, None, error.clone());
+                    outcomes.push(Outcome {
+                        action,
+                        error: Some(error),
+                    });
+                }
+            }
+        }
+        kept
     }
 
     /// Why a bind mount of host path `path` is refused, if it is: the path is missing, or it
@@ -434,8 +567,11 @@ impl<E: Engine> Runtime<E> {
     ///
     /// Every docker0 node gets its network sandbox at once (its IP appears in the node's
     /// status); role containers are created and started for the specs with `start` (in
-    /// their sandbox's network), never pulled: a missing image fails the node with
-    /// [`RuntimeError::ImageMissing`]'s message. Containers whose spec hash differs are
+    /// their sandbox's network). A missing image is pulled when the spec's `image_pull`
+    /// allows it (the node stays Pending until the pull is done, then it is created at
+    /// once; a pull failing for good fails the node with `pulling image <ref> from
+    /// registry <registry>: <cause>: <message>`); with `image_pull = "never"` it fails the
+    /// node with [`RuntimeError::ImageMissing`]'s message. Containers whose spec hash differs are
     /// replaced; labelled containers not desired are stopped (short timeout) and removed;
     /// ended containers are kept as they are. Applying the same set again — also from a
     /// new runtime after an agent restart — changes nothing.
@@ -535,6 +671,17 @@ impl<E: Engine> Runtime<E> {
             }
             plan
         };
+        // a failed pull is remembered while a desired node needs its image
+        let needed: BTreeSet<String> = valid
+            .iter()
+            .flat_map(|s| {
+                [ContainerKind::Sandbox, ContainerKind::Role]
+                    .into_iter()
+                    .filter_map(|k| self.pullable_image(k, s))
+            })
+            .collect();
+        self.inner.pulls.release_failures(&needed);
+        let plan = self.hold_for_pulls(plan, &mut outcomes).await;
 
         let errors = self.execute(&plan).await;
         outcomes.extend(plan.into_iter().zip(errors).map(|(action, error)| {
