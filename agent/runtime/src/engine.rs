@@ -184,7 +184,8 @@ pub struct PullEvent {
     pub total: Option<u64>,
 }
 
-/// The Docker operations the runtime needs.
+/// The Docker operations the runtime needs. `Clone` (a handle): pulls run in tasks of
+/// their own.
 pub trait Engine: Clone + Send + Sync + 'static {
     /// Every container (running or not) labelled `io.geomx.managed=true`.
     fn list_managed(&self) -> impl Future<Output = Result<Vec<ActualContainer>>> + Send;
@@ -721,5 +722,52 @@ fn process_identity(pid: i32) -> String {
     match start {
         Some(t) => format!("{pid}@{t}"),
         None => pid.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_answers_about_registries_keep_their_message_and_say_the_status() {
+        let server = |status_code: u16, message: &str| BollardError::DockerResponseServerError {
+            status_code,
+            message: message.into(),
+        };
+        let message = |e: RuntimeError| match e {
+            RuntimeError::Registry { message, .. } => message,
+            other => panic!("not a registry error: {other:?}"),
+        };
+        for (e, want) in [
+            (
+                server(404, "manifest unknown"),
+                "manifest unknown".to_string(),
+            ),
+            (server(404, "nope"), "not found: nope".into()),
+            (server(401, "nope"), "unauthorized: nope".into()),
+            (server(500, "boom"), "boom (status code 500)".into()),
+            (
+                BollardError::DockerStreamError {
+                    error: "unexpected EOF".into(),
+                },
+                "unexpected EOF".into(),
+            ),
+        ] {
+            assert_eq!(message(registry_error("pull x".into(), e)), want);
+        }
+        assert_eq!(
+            crate::pull::classify("boom (status code 500)"),
+            crate::pull::PullCause::RegistryError
+        );
+        // Docker itself not answering is no registry's fault
+        let e = registry_error(
+            "pull x".into(),
+            BollardError::IOError {
+                err: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"),
+            },
+        );
+        assert!(matches!(e, RuntimeError::Docker { .. }), "{e:?}");
+        assert!(e.is_transient());
     }
 }

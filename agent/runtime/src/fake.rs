@@ -2412,4 +2412,59 @@ mod tests {
         );
         rt.shutdown();
     }
+
+    #[tokio::test]
+    async fn images_are_pulled_before_the_gang_start_and_ended_pulls_are_listed_for_a_while() {
+        let fake = FakeEngine::new(&[]);
+        let pinned = fake.push(&format!("{REG}/geomx/test:latest"), &[("sha256:l1", 100)]);
+        let mut cfg = pull_config(3);
+        cfg.pulls.keep_ended = Duration::ZERO;
+        let rt = Runtime::start(fake.clone(), cfg).await.expect("start");
+        // a host-network node that does not start yet: nothing to create, but its image
+        // comes now
+        let waiting = ContainerSpec {
+            host_network: true,
+            start: false,
+            ..pulling("w0", &pinned)
+        };
+        rt.apply(vec![waiting.clone()]).await.expect("apply");
+        let mut changes = rt.subscribe_pulls();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            changes.wait_for(|_| fake.lock().images.contains(&pinned)),
+        )
+        .await
+        .expect("pulled")
+        .expect("pulls");
+        assert!(fake.ids().is_empty(), "{:?}", fake.names());
+        // (kept for no time here: an ended pull is no longer listed)
+        assert!(rt.pulls().is_empty(), "{:?}", rt.pulls());
+        let report = rt
+            .apply(vec![ContainerSpec {
+                start: true,
+                ..waiting
+            }])
+            .await
+            .expect("apply");
+        assert!(report.errors().next().is_none(), "{report:?}");
+        wait_for(&rt, "w0 running", |s| running(s, &["w0"])).await;
+        assert_eq!(pull_calls(&fake), 1);
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_remembered_failure_outlives_its_listing_while_the_node_is_desired() {
+        let fake = FakeEngine::new(&[]);
+        let image = format!("{REG}/geomx/test:nope");
+        let mut cfg = pull_config(3);
+        cfg.pulls.keep_ended = Duration::ZERO;
+        let rt = Runtime::start(fake.clone(), cfg).await.expect("start");
+        rt.apply(vec![pulling("w0", &image)]).await.expect("apply");
+        wait_for(&rt, "w0 failed", |s| failed(s, "w0")).await;
+        assert!(rt.pulls().is_empty());
+        let report = rt.apply(vec![pulling("w0", &image)]).await.expect("apply");
+        assert!(report.errors().next().is_some(), "{report:?}");
+        assert_eq!(pull_calls(&fake), 1, "{:?}", fake.calls());
+        rt.shutdown();
+    }
 }

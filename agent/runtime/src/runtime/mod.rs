@@ -474,65 +474,98 @@ impl<E: Engine> Runtime<E> {
         }
     }
 
-    /// Takes the creations whose image is missing (and may be pulled) out of `plan`: their
-    /// image gets pulled (the node stays Pending, without error, and is created once the
-    /// pull is done: a finished pull re-applies the desired state) or, when its pull failed
-    /// for good, the node fails with the pull's error (in `outcomes` too).
-    async fn hold_for_pulls(&self, plan: Vec<Action>, outcomes: &mut Vec<Outcome>) -> Vec<Action> {
+    /// Whether `image` is present, asking Docker once per pass (`cache`); an error counts
+    /// as present (the create step asks again and reports Docker's error).
+    async fn image_present_cached(&self, cache: &mut BTreeMap<String, bool>, image: &str) -> bool {
+        if let Some(p) = cache.get(image) {
+            return *p;
+        }
+        let p = self.inner.engine.image_present(image).await.unwrap_or(true);
+        cache.insert(image.to_owned(), p);
+        p
+    }
+
+    /// Makes sure `image` (missing) is being pulled for the node `key`; `Err` with the
+    /// node's error when its pull failed for good.
+    fn ensure_pull(&self, key: &NodeKey, spec: &ContainerSpec, image: &str) -> Result<(), String> {
+        let timeout = Some(Duration::from_millis(spec.pull_timeout_ms)).filter(|t| !t.is_zero());
+        match self
+            .inner
+            .pulls
+            .ensure(&self.inner.engine, image, timeout, false)
+        {
+            Ensure::Started | Ensure::Running => {
+                debug!(job = %key.0, node = %key.1, %image, "waiting for the image's pull");
+                Ok(())
+            }
+            Ensure::Failed(error) => {
+                warn!(job = %key.0, node = %key.1, %image, %error, "the image cannot be pulled");
+                Err(error)
+            }
+        }
+    }
+
+    /// Pulls the missing images of the desired nodes not created yet (also those that do
+    /// not start yet: the images are there by the gang start), and takes the creations
+    /// whose image is missing out of `plan`: the node stays Pending, without error, and is
+    /// created once the pull is done (a finished pull re-applies the desired state) or,
+    /// when its pull failed for good, fails with the pull's error (in `outcomes` too).
+    async fn hold_for_pulls(
+        &self,
+        valid: &[ContainerSpec],
+        plan: Vec<Action>,
+        outcomes: &mut Vec<Outcome>,
+    ) -> Vec<Action> {
         let mut present: BTreeMap<String, bool> = BTreeMap::new();
+        let waiting: Vec<(&ContainerSpec, String)> = {
+            let st = self.lock();
+            valid
+                .iter()
+                .filter(|s| {
+                    st.nodes.get(&s.key()).is_none_or(|t| {
+                        t.status.state == NodeState::Pending && t.status.container_id.is_empty()
+                    })
+                })
+                .filter_map(|s| Some((s, self.pullable_image(ContainerKind::Role, s)?)))
+                .collect()
+        };
+        for (spec, image) in waiting {
+            if self.image_present_cached(&mut present, &image).await {
+                continue;
+            }
+            let key = spec.key();
+            match self.ensure_pull(&key, spec, &image) {
+                Ok(()) => {
+                    let mut st = self.lock();
+                    if let Some(t) = st.nodes.get_mut(&key) {
+                        t.status.error.clear();
+                    }
+                }
+                Err(error) => self.set_failed(&key, None, error),
+            }
+        }
         let mut kept = Vec::with_capacity(plan.len());
         for action in plan {
-            let (kind, spec, create) = match &action {
-                Action::Create { kind, spec, .. } => (*kind, spec, true),
-                Action::Replace { kind, spec, .. } => (*kind, spec, false),
-                _ => {
-                    kept.push(action);
-                    continue;
-                }
-            };
-            let Some(image) = self.pullable_image(kind, spec) else {
+            let (Action::Create { kind, spec, .. } | Action::Replace { kind, spec, .. }) = &action
+            else {
                 kept.push(action);
                 continue;
             };
-            let is_present = match present.get(&image) {
-                Some(p) => *p,
-                None => match self.inner.engine.image_present(&image).await {
-                    Ok(p) => *present.entry(image.clone()).or_insert(p),
-                    // the create step checks again and reports Docker's error
-                    Err(_) => true,
-                },
+            let Some(image) = self.pullable_image(*kind, spec) else {
+                kept.push(action);
+                continue;
             };
-            if is_present {
+            if self.image_present_cached(&mut present, &image).await {
                 kept.push(action);
                 continue;
             }
             let key = spec.key();
-            let timeout =
-                Some(Duration::from_millis(spec.pull_timeout_ms)).filter(|t| !t.is_zero());
-            match self
-                .inner
-                .pulls
-                .ensure(&self.inner.engine, &image, timeout, false)
-            {
-                Ensure::Started | Ensure::Running => {
-                    debug!(job = %key.0, node = %key.1, kind = kind.as_str(), %image, "waiting for the image's pull");
-                    if create {
-                        let mut st = self.lock();
-                        if let Some(t) = st.nodes.get_mut(&key)
-                            && t.status.state == NodeState::Pending
-                        {
-                            t.status.error.clear();
-                        }
-                    }
-                }
-                Ensure::Failed(error) => {
-                    warn!(job = %key.0, node = %key.1, %image, %error, "the image cannot be pulled");
-                    self.set_failed(&key, None, error.clone());
-                    outcomes.push(Outcome {
-                        action,
-                        error: Some(error),
-                    });
-                }
+            if let Err(error) = self.ensure_pull(&key, spec, &image) {
+                self.set_failed(&key, None, error.clone());
+                outcomes.push(Outcome {
+                    action,
+                    error: Some(error),
+                });
             }
         }
         kept
@@ -681,7 +714,7 @@ impl<E: Engine> Runtime<E> {
             })
             .collect();
         self.inner.pulls.release_failures(&needed);
-        let plan = self.hold_for_pulls(plan, &mut outcomes).await;
+        let plan = self.hold_for_pulls(&valid, plan, &mut outcomes).await;
 
         let errors = self.execute(&plan).await;
         outcomes.extend(plan.into_iter().zip(errors).map(|(action, error)| {
