@@ -113,6 +113,7 @@ pub fn is_refusal(code: Code) -> bool {
 pub fn phase_name(phase: i32) -> &'static str {
     match JobPhase::try_from(phase) {
         Ok(JobPhase::Pending) => "Pending",
+        Ok(JobPhase::Pulling) => "Pulling",
         Ok(JobPhase::Starting) => "Starting",
         Ok(JobPhase::Running) => "Running",
         Ok(JobPhase::Succeeded) => "Succeeded",
@@ -176,7 +177,19 @@ pub fn job_json(j: &Job) -> Value {
         "finished_at_ms": j.finished_at_ms,
         "node_count": j.node_count,
         "running_nodes": j.running_nodes,
+        "image": j.image,
+        "image_digest": j.image_digest,
+        "image_pull": j.image_pull,
     });
+    if !j.pulls.is_empty() {
+        v["pulls"] = Value::Array(
+            j.pulls
+                .iter()
+                .filter_map(|p| Some((p.host.as_str(), p.pull.as_ref()?)))
+                .map(|(host, p)| pull_json(host, p))
+                .collect(),
+        );
+    }
     if !j.nodes.is_empty() {
         v["nodes"] = Value::Array(j.nodes.iter().map(node_json).collect());
     }
@@ -199,6 +212,24 @@ pub fn job_json(j: &Job) -> Value {
         );
     }
     v
+}
+
+/// The JSON form of one host's image pull.
+pub fn pull_json(host: &str, p: &geomx_proto::v1::ImagePull) -> Value {
+    json!({
+        "host": host,
+        "image": p.image,
+        "registry": p.registry,
+        "state": p.state,
+        "bytes_done": p.bytes_done,
+        "bytes_total": p.bytes_total,
+        "layers_done": p.layers_done,
+        "layers_total": p.layers_total,
+        "attempt": p.attempt,
+        "error": p.error,
+        "started_at_ms": p.started_at_ms,
+        "updated_at_ms": p.updated_at_ms,
+    })
 }
 
 /// The JSON form of a node.

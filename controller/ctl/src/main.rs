@@ -14,10 +14,12 @@ mod certs;
 mod client;
 mod events;
 mod hosts;
+mod images;
 mod jobs;
 mod logs;
 mod placement;
 mod plan;
+mod pulls;
 mod rm;
 mod status;
 mod submit;
@@ -87,6 +89,10 @@ pub enum Command {
     Events(events::EventsArgs),
     /// List the hosts the controller knows: subnet, state, last heartbeat.
     Hosts(hosts::HostsArgs),
+    /// Every host's images: tags, digest, id and size, as its agent last listed them.
+    Images(images::ImagesArgs),
+    /// Pull an image on hosts ahead of a job: one digest everywhere, with progress.
+    Pull(images::PullArgs),
     /// Make the CA, certificates and tokens of a cluster (no controller needed).
     Certs(certs::CertsArgs),
 }
@@ -112,6 +118,8 @@ fn main() -> ExitCode {
         Command::Rm(args) => rm::run(args, &cli),
         Command::Events(args) => events::run(args, &cli),
         Command::Hosts(args) => hosts::run(args, &cli),
+        Command::Images(args) => images::run_images(args, &cli),
+        Command::Pull(args) => images::run_pull(args, &cli),
         Command::Certs(args) => certs::run(args, cli.output),
     };
     match result {

@@ -6,7 +6,8 @@
 //! last minute). `JOB#RUN` shows an earlier run of a reused name. `--output json` prints the
 //! job with its nodes. While a scheduler's rendezvous is incomplete, the header says whom
 //! it waits for (`rendezvous: scheduler a-scheduler (host a): 2 of 3 registered, waiting
-//! for: a-worker-1 (host b)`; JSON: `rendezvous`).
+//! for: a-worker-1 (host b)`; JSON: `rendezvous`). The header names the image, the digest
+//! every host runs when the controller pinned it, and each host's pull of it.
 
 use std::process::ExitCode;
 
@@ -80,6 +81,22 @@ pub fn header(job: &Job, now: i64) -> String {
     }
     out.push_str(&times.join(", "));
     out.push('\n');
+    if !job.image.is_empty() {
+        out.push_str(&format!("image: {}", job.image));
+        if !job.image_digest.is_empty() {
+            out.push_str(&format!(", every host runs {}", job.image_digest));
+        }
+        out.push_str(&format!(" (image_pull {})\n", job.image_pull));
+    }
+    for p in &job.pulls {
+        if let Some(pull) = &p.pull {
+            out.push_str(&format!(
+                "pull on {}: {}\n",
+                p.host,
+                crate::pulls::pull_text(pull)
+            ));
+        }
+    }
     if is_terminal(job.phase) {
         out.push_str("the job's containers are removed; STATE says how each node ended\n");
     }

@@ -5,11 +5,13 @@
 //! 2. The controller admits or refuses the job (unknown or lost host, missing image, port in
 //!    use, duplicate name): a refusal prints the reason and exits 2.
 //! 3. `--detach` prints the job name and exits 0. Otherwise the job is followed (WatchJob)
-//!    until it ends: on a terminal, a live view redrawn in place (every node's state until
-//!    the job runs, then a progress bar per training worker, relative to the most advanced
-//!    one, with epoch, iteration, accuracy and iterations/s); otherwise (a pipe, a log file)
-//!    plain lines: phase changes, node changes, and a progress line every 10 seconds.
-//!    `--output json` prints every update as one JSON line.
+//!    until it ends: on a terminal, a live view redrawn in place (while the job is Pulling
+//!    its image, one progress bar per pulling host with bytes, rate and ETA; then every
+//!    node's state until the job runs, then a progress bar per training worker, relative to
+//!    the most advanced one, with epoch, iteration, accuracy and iterations/s); otherwise (a
+//!    pipe, a log file) plain lines: phase changes, pull progress per host, node changes,
+//!    and a progress line every 10 seconds. `--output json` prints every update as one
+//!    JSON line (with the job's `image_digest` and `pulls`).
 //! 4. Exit code: 0 when the job Succeeded, 1 when it Failed or was Cancelled (or the
 //!    controller could not be reached again). Ctrl-C stops following, not the job.
 
@@ -28,6 +30,7 @@ use crate::jobs::{
     FAILED, REFUSED, age_ms, first_line, is_refusal, is_terminal, job_json, node_state, now_ms,
     phase_name, print_refusal, refused, short_duration,
 };
+use crate::pulls::{PullBars, PullLines};
 use crate::{Cli, Output};
 
 /// How often the plain-lines view prints progress.
@@ -277,6 +280,14 @@ struct Lines {
     states: BTreeMap<String, String>,
     last_progress: Option<Instant>,
     last_overall: Option<Overall>,
+    pulls: PullLines,
+}
+
+/// The job's pulls as (host, pull).
+fn job_pulls(job: &Job) -> impl Iterator<Item = (&str, &geomx_proto::v1::ImagePull)> {
+    job.pulls
+        .iter()
+        .filter_map(|p| Some((p.host.as_str(), p.pull.as_ref()?)))
 }
 
 impl View for Lines {
@@ -292,6 +303,12 @@ impl View for Lines {
                 job.node_count,
                 hosts.into_iter().collect::<Vec<_>>().join(", ")
             )?;
+            if !job.image_digest.is_empty() {
+                writeln!(out, "image {} pinned to {}", job.image, job.image_digest)?;
+            }
+        }
+        for line in self.pulls.lines(job_pulls(job)) {
+            writeln!(out, "{line}")?;
         }
         for n in &job.nodes {
             let s = n.status.clone().unwrap_or_default();
@@ -389,11 +406,13 @@ fn ending(job: &Job) -> String {
     out
 }
 
-/// The live view on a terminal: a block redrawn in place.
+/// The live view on a terminal: a block redrawn in place; while the job is Pulling, a
+/// header line and one indicatif bar per pulling host instead.
 #[derive(Default)]
 struct Live {
     drawn: usize,
     started: Option<Instant>,
+    bars: Option<PullBars>,
 }
 
 impl Live {
@@ -414,11 +433,44 @@ impl Live {
 impl View for Live {
     fn update(&mut self, job: &Job) -> std::io::Result<()> {
         let started = *self.started.get_or_insert_with(Instant::now);
+        if job.phase == JobPhase::Pulling as i32 {
+            if self.bars.is_none() {
+                // the block so far stays; the bars go below it
+                self.drawn = 0;
+                println!(
+                    "job {}: Pulling {}{}",
+                    job.name,
+                    if job.image_digest.is_empty() {
+                        &job.image
+                    } else {
+                        &job.image_digest
+                    },
+                    if job.image_digest.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", job.image)
+                    }
+                );
+            }
+            self.bars
+                .get_or_insert_with(PullBars::new)
+                .update(job_pulls(job));
+            return Ok(());
+        }
+        if let Some(mut bars) = self.bars.take() {
+            // the last state of every bar stays on the screen, the block goes below
+            bars.update(job_pulls(job));
+            drop(bars);
+            self.drawn = 0;
+        }
         let block = live_block(job, started.elapsed());
         self.draw(&block)
     }
 
     fn finish(&mut self, job: &Job) -> std::io::Result<()> {
+        if let Some(mut bars) = self.bars.take() {
+            bars.update(job_pulls(job));
+        }
         let mut out = std::io::stdout().lock();
         write!(out, "{}", ending(job))?;
         out.flush()

@@ -74,6 +74,7 @@ pub fn compile(spec: &JobSpec) -> Plan {
             gpus_per_worker: to_u32(policy.gpus_per_worker),
             teardown_grace: policy.teardown_grace().unwrap_or_default(),
             rendezvous_timeout: policy.rendezvous_timeout().unwrap_or_default(),
+            pull_timeout: policy.pull_timeout().unwrap_or_default(),
             restart_delay: policy
                 .restart_delay
                 .as_deref()
@@ -101,6 +102,9 @@ pub fn compile(spec: &JobSpec) -> Plan {
                 .and_then(|n| u64::try_from(n).ok()),
         },
         nodes: c.nodes,
+        image: spec.image.clone(),
+        image_pull: spec.image_pull,
+        image_digest: None,
     }
 }
 

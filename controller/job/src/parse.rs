@@ -16,16 +16,17 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::error::{ErrorKind, JobError, JobErrors, LineIndex, MAX_REPORTED_PROBLEMS};
 use crate::spec::{
-    CentralSpec, CommandSpec, EnvSpec, JobSpec, Mode, MountSpec, Network, PartySpec, PolicySpec,
-    ProgressSpec, ResourceLimits, ResourcesSpec,
+    CentralSpec, CommandSpec, EnvSpec, ImagePull, JobSpec, Mode, MountSpec, Network, PartySpec,
+    PolicySpec, ProgressSpec, ResourceLimits, ResourcesSpec,
 };
 use crate::validate::{Problem, problems};
 
 /// Top-level keys of a job file, in documentation order.
-pub const TOP_LEVEL_KEYS: [&str; 14] = [
+pub const TOP_LEVEL_KEYS: [&str; 15] = [
     "name",
     "mode",
     "image",
+    "image_pull",
     "network",
     "interface",
     "verbose",
@@ -280,7 +281,7 @@ const CENTRAL_KEYS: [&str; 5] = [
     "workers",
 ];
 const PARTY_KEYS: [&str; 5] = ["name", "hosts", "workers", "scheduler_port", "servers"];
-const POLICY_KEYS: [&str; 9] = [
+const POLICY_KEYS: [&str; 10] = [
     "restart",
     "max_restarts",
     "stall_timeout",
@@ -290,6 +291,7 @@ const POLICY_KEYS: [&str; 9] = [
     "active_deadline",
     "retry_exit_codes",
     "rendezvous_timeout",
+    "pull_timeout",
 ];
 const PROGRESS_KEYS: [&str; 3] = ["regex", "finished", "iterations"];
 const MOUNT_KEYS: [&str; 7] = [
@@ -345,6 +347,7 @@ fn diagnose(r: &Reporter<'_>, doc: &Spanned<DeTable<'_>>, spans: &Spans) -> Vec<
             "name" | "image" | "interface" => d.check::<String>(field, value),
             "mode" => d.check::<Mode>(field, value),
             "network" => d.check::<Network>(field, value),
+            "image_pull" => d.check::<ImagePull>(field, value),
             "verbose" => d.check::<i64>(field, value),
             "command" => d.table::<CommandSpec>(field, "[command]", &COMMAND_KEYS, value),
             "central" => d.table::<CentralSpec>(field, "[central]", &CENTRAL_KEYS, value),
@@ -603,6 +606,7 @@ workers = 2
             name: "n".into(),
             mode: Mode::Hips,
             image: "i".into(),
+            image_pull: ImagePull::Always,
             network: Network::Routed,
             interface: Some("eth0".into()),
             verbose: Some(1),
@@ -643,6 +647,7 @@ workers = 2
                 active_deadline: Some("1h".into()),
                 retry_exit_codes: Some(vec![137]),
                 rendezvous_timeout: Some("5m".into()),
+                pull_timeout: Some("30m".into()),
             },
             progress: Some(ProgressSpec {
                 regex: "x".into(),
@@ -690,6 +695,42 @@ workers = 2
         assert_eq!(central.workers, 0);
         assert_eq!(spec.parties[0].servers, 1);
         assert_eq!(spec.party_scheduler_port(0), 9094);
+    }
+
+    #[test]
+    fn image_pull_and_pull_timeout() {
+        let spec = parse("t.toml", MINIMAL).expect("valid");
+        assert_eq!(spec.image_pull, ImagePull::IfNotPresent);
+        assert_eq!(spec.policy.pull_timeout_text(), "30m");
+        let plan = crate::plan("t.toml", MINIMAL).expect("valid");
+        assert_eq!(plan.image_pull, ImagePull::IfNotPresent);
+        assert_eq!(plan.policy.pull_timeout.as_secs(), 1800);
+        for (text, want) in [
+            ("always", ImagePull::Always),
+            ("never", ImagePull::Never),
+            ("if-not-present", ImagePull::IfNotPresent),
+        ] {
+            let src = MINIMAL.replace(
+                "image = \"img\"\n",
+                &format!("image = \"img\"\nimage_pull = \"{text}\"\n"),
+            );
+            assert_eq!(parse("t.toml", &src).expect("valid").image_pull, want);
+        }
+        let src = MINIMAL.replace(
+            "image = \"img\"\n",
+            "image = \"img\"\nimage_pull = \"sometimes\"\n",
+        );
+        let text = parse("t.toml", &src).expect_err("invalid").to_string();
+        assert!(
+            text.starts_with("t.toml:5:14: image_pull: unknown variant `sometimes`, expected one of `if-not-present`, `always`, `never`"),
+            "{text}"
+        );
+        let src = format!("{MINIMAL}\n[policy]\npull_timeout = \"soon\"\n");
+        let text = parse("t.toml", &src).expect_err("invalid").to_string();
+        assert!(
+            text.contains("pull_timeout = \"soon\" is not a duration"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::UnresolvedAddress;
-use crate::spec::{Cpus, Mode, MountType, Network, RestartPolicy};
+use crate::spec::{Cpus, ImagePull, Mode, MountType, Network, RestartPolicy};
 
 /// The party name of the central nodes.
 pub const CENTRAL_PARTY: &str = "central";
@@ -80,6 +80,10 @@ pub struct Policy {
     /// before the key existed: the default, 5m).
     #[serde(with = "humantime_serde", default = "default_rendezvous_timeout")]
     pub rendezvous_timeout: Duration,
+    /// How long one host may take to pull the job's image (plans stored before the key
+    /// existed: the default, 30m).
+    #[serde(with = "humantime_serde", default = "default_pull_timeout")]
+    pub pull_timeout: Duration,
 }
 
 impl Policy {
@@ -99,6 +103,11 @@ impl Policy {
 fn default_rendezvous_timeout() -> Duration {
     humantime::parse_duration(crate::spec::DEFAULT_RENDEZVOUS_TIMEOUT)
         .unwrap_or(Duration::from_secs(300))
+}
+
+fn default_pull_timeout() -> Duration {
+    humantime::parse_duration(crate::spec::DEFAULT_PULL_TIMEOUT)
+        .unwrap_or(Duration::from_secs(1800))
 }
 
 fn default_teardown_grace() -> Duration {
@@ -273,6 +282,20 @@ pub struct Plan {
     pub progress: Progress,
     /// Every node.
     pub nodes: Vec<Node>,
+    /// The image as the job file names it.
+    #[serde(default)]
+    pub image: String,
+    /// When hosts pull it (plans stored before the key existed: `never`, what geomx did).
+    #[serde(default = "stored_image_pull")]
+    pub image_pull: ImagePull,
+    /// The reference every node runs once the controller pinned `image` at submit
+    /// (`repo@sha256:...`; see [`Plan::pin_image`]); `None`: the nodes run `image` as named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
+}
+
+fn stored_image_pull() -> ImagePull {
+    ImagePull::Never
 }
 
 impl Plan {
@@ -289,6 +312,14 @@ impl Plan {
     /// The nodes on `host`, in plan order.
     pub fn nodes_on<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a Node> + 'a {
         self.nodes.iter().filter(move |n| n.host == host)
+    }
+
+    /// Pins the job's image: every node runs `pinned` (`repo@sha256:...`) from now on.
+    pub fn pin_image(&mut self, pinned: &str) {
+        for n in &mut self.nodes {
+            pinned.clone_into(&mut n.image);
+        }
+        self.image_digest = Some(pinned.to_owned());
     }
 
     /// The container name of a node: `geomx.<job>.<node>`.

@@ -26,6 +26,10 @@ pub const DEFAULT_STALL_TIMEOUT: &str = "10m";
 pub const DEFAULT_TEARDOWN_GRACE: &str = "10s";
 /// Default `[policy].rendezvous_timeout`: how long the schedulers' rendezvous may take.
 pub const DEFAULT_RENDEZVOUS_TIMEOUT: &str = "5m";
+/// Default `[policy].pull_timeout`: how long one host may take to pull the job's image.
+pub const DEFAULT_PULL_TIMEOUT: &str = "30m";
+/// [`DEFAULT_PULL_TIMEOUT`] as a duration.
+pub const DEFAULT_PULL_TIMEOUT_DURATION: Duration = Duration::from_secs(30 * 60);
 /// Longest `[policy].teardown_grace`.
 pub const TEARDOWN_GRACE_MAX_SECS: u64 = 3600;
 /// The longest wait between two gang restarts, however `[policy].restart_delay` doubles.
@@ -164,6 +168,34 @@ impl Network {
     }
 }
 
+/// When a host pulls the job's image (`image_pull`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImagePull {
+    /// Pull where the image is missing (the default). The controller pins the reference
+    /// to the digest its registry serves at submit unless every host of the job has the
+    /// tag already; hosts then pull that digest.
+    #[default]
+    IfNotPresent,
+    /// Resolve the reference in its registry at every submit and run that digest on every
+    /// host, pulling it where it is missing (a tag moved since the last job is followed).
+    Always,
+    /// Never pull: the image must be on every host of the job at submit, else the job is
+    /// refused (load it there with `docker load`).
+    Never,
+}
+
+impl ImagePull {
+    /// The name used in job files and plans.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImagePull::IfNotPresent => "if-not-present",
+            ImagePull::Always => "always",
+            ImagePull::Never => "never",
+        }
+    }
+}
+
 /// What the controller does when a node of the job fails or stalls.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -195,6 +227,9 @@ pub struct JobSpec {
     pub mode: Mode,
     /// Container image every node runs.
     pub image: String,
+    /// When hosts pull `image`: `if-not-present` (default), `always` or `never`.
+    #[serde(default)]
+    pub image_pull: ImagePull,
     /// `routed` (default) or `pseudo`.
     #[serde(default)]
     pub network: Network,
@@ -475,6 +510,11 @@ pub struct PolicySpec {
     /// [`DEFAULT_RENDEZVOUS_TIMEOUT`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rendezvous_timeout: Option<String>,
+    /// How long one host may take to pull the job's image, retries of transient errors
+    /// included, before the job fails naming host, image and cause (humantime); default
+    /// [`DEFAULT_PULL_TIMEOUT`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_timeout: Option<String>,
     /// With `on-failure`: the wait before the first gang restart, doubled for each further
     /// one, at most [`RESTART_DELAY_CAP_SECS`] (humantime); default none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -630,6 +670,16 @@ impl PolicySpec {
     /// `rendezvous_timeout` parsed.
     pub fn rendezvous_timeout(&self) -> Result<Duration, humantime::DurationError> {
         humantime::parse_duration(self.rendezvous_timeout_text())
+    }
+
+    /// `pull_timeout` as written (or the default).
+    pub fn pull_timeout_text(&self) -> &str {
+        self.pull_timeout.as_deref().unwrap_or(DEFAULT_PULL_TIMEOUT)
+    }
+
+    /// `pull_timeout` parsed.
+    pub fn pull_timeout(&self) -> Result<Duration, humantime::DurationError> {
+        humantime::parse_duration(self.pull_timeout_text())
     }
 }
 

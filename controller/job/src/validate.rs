@@ -1003,6 +1003,12 @@ fn check_policy(spec: &JobSpec, p: &mut Problems) {
             policy.rendezvous_timeout(),
             "\"5m\", \"30s\"",
         ),
+        (
+            "pull_timeout",
+            policy.pull_timeout_text(),
+            policy.pull_timeout(),
+            "\"30m\", \"2h\"",
+        ),
     ] {
         match parsed {
             Err(e) => p.value(

@@ -49,6 +49,7 @@ fn absurd(mode: Mode, count: i64) -> JobSpec {
         name: "absurd".into(),
         mode,
         image: "img".into(),
+        image_pull: geomx_job::ImagePull::IfNotPresent,
         network: Network::Routed,
         interface: None,
         verbose: None,

@@ -143,6 +143,7 @@ prop_compose! {
             name: "prop".into(),
             mode,
             image: "img".into(),
+            image_pull: geomx_job::ImagePull::IfNotPresent,
             network: if pseudo { Network::Pseudo } else { Network::Routed },
             interface: None,
             verbose,

@@ -316,6 +316,9 @@ fn heartbeat_data(report: &HostReport) -> Result<HeartbeatData, Status> {
         running_containers: (report.nodes_known != Some(false))
             .then(|| u32::try_from(running).unwrap_or(u32::MAX)),
         listening_ports,
+        image_details: (report.images_known != Some(false))
+            .then(|| validate::image_details(&report.image_details)),
+        pulls: validate::image_pulls(&report.pulls),
     })
 }
 

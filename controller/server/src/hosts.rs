@@ -3,9 +3,13 @@
 use std::sync::Arc;
 
 use geomx_proto::v1::host_service_server::HostService;
-use geomx_proto::v1::{Host, HostEventsResponse, HostRequest, ListHostsRequest, ListHostsResponse};
+use geomx_proto::v1::{
+    Host, HostEventsResponse, HostRequest, ListHostsRequest, ListHostsResponse, PullImageRequest,
+    PullImageResponse,
+};
 use tonic::{Request, Response, Status};
 
+use crate::jobs::Jobs;
 use crate::jobs::view::event_message;
 use crate::membership::{HostView, Membership};
 use crate::store::EventScope;
@@ -14,12 +18,22 @@ use crate::store::EventScope;
 #[derive(Clone, Debug)]
 pub struct HostApi {
     membership: Arc<Membership>,
+    jobs: Option<Arc<Jobs>>,
 }
 
 impl HostApi {
     /// The service over `membership`.
     pub fn new(membership: Arc<Membership>) -> Self {
-        HostApi { membership }
+        HostApi {
+            membership,
+            jobs: None,
+        }
+    }
+
+    /// With the jobs layer, which calls the agents (`PullImage`).
+    pub fn with_jobs(mut self, jobs: Option<Arc<Jobs>>) -> Self {
+        self.jobs = jobs;
+        self
     }
 }
 
@@ -58,6 +72,8 @@ pub fn host_message(view: &HostView) -> Host {
             .map(|w| w.public_key.clone())
             .unwrap_or_default(),
         wireguard_port: r.wireguard.as_ref().map_or(0, |w| u32::from(w.port)),
+        image_details: view.image_details.clone(),
+        pulls: view.pulls.clone(),
     }
 }
 
@@ -111,5 +127,36 @@ impl HostService for HostApi {
         Ok(Response::new(HostEventsResponse {
             events: events.into_iter().map(event_message).collect(),
         }))
+    }
+
+    async fn pull_image(
+        &self,
+        request: Request<PullImageRequest>,
+    ) -> Result<Response<PullImageResponse>, Status> {
+        let Some(jobs) = &self.jobs else {
+            return Err(Status::unimplemented(
+                "this controller runs without the jobs layer: it calls no agent",
+            ));
+        };
+        let r = request.into_inner();
+        let image = crate::validate::printable("image", &r.image, crate::validate::MAX_IMAGE_LEN)?;
+        if image.trim().is_empty() || image.contains(char::is_whitespace) {
+            return Err(Status::invalid_argument(format!(
+                "image {image:?} is not an image reference"
+            )));
+        }
+        if r.hosts.len() > crate::validate::MAX_PULL_HOSTS {
+            return Err(Status::invalid_argument(format!(
+                "hosts: {} named, at most {}",
+                r.hosts.len(),
+                crate::validate::MAX_PULL_HOSTS
+            )));
+        }
+        let hosts = r
+            .hosts
+            .iter()
+            .map(|h| crate::validate::host_name("hosts", h))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Response::new(jobs.pull_image(&image, &hosts).await?))
     }
 }

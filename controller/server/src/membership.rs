@@ -114,6 +114,10 @@ pub struct HeartbeatData {
     pub running_containers: Option<u32>,
     /// TCP ports listening on the host's own addresses, sorted.
     pub listening_ports: Vec<u32>,
+    /// The images with ids, digests and sizes; `None` when not known (the last kept).
+    pub image_details: Option<Vec<geomx_proto::v1::ImageInfo>>,
+    /// The host's image pulls (running and recently ended).
+    pub pulls: Vec<geomx_proto::v1::ImagePull>,
 }
 
 /// What happens to a host: the inputs of [`transition`].
@@ -521,6 +525,10 @@ pub struct HostView {
     pub containers: u32,
     /// TCP ports listening on the host, from its last report (empty until it reports).
     pub listening_ports: Vec<u32>,
+    /// Its images with ids, digests and sizes, from its last report that knew them.
+    pub image_details: Vec<geomx_proto::v1::ImageInfo>,
+    /// Its image pulls, from its last report.
+    pub pulls: Vec<geomx_proto::v1::ImagePull>,
 }
 
 /// A membership change of a host, as subscribers get it.
@@ -538,6 +546,8 @@ struct HostEntry {
     last_seen: Instant,
     containers: u32,
     listening_ports: Vec<u32>,
+    image_details: Vec<geomx_proto::v1::ImageInfo>,
+    pulls: Vec<geomx_proto::v1::ImagePull>,
 }
 
 impl HostEntry {
@@ -547,6 +557,8 @@ impl HostEntry {
             last_seen,
             containers: 0,
             listening_ports: Vec::new(),
+            image_details: Vec::new(),
+            pulls: Vec::new(),
         }
     }
 }
@@ -813,6 +825,10 @@ impl Membership {
                 e.containers = n;
             }
             e.listening_ports.clone_from(&data.listening_ports);
+            if let Some(details) = &data.image_details {
+                e.image_details.clone_from(details);
+            }
+            e.pulls.clone_from(&data.pulls);
             e.record.state == HostState::Lost
                 || e.record.agent_version != data.agent_version
                 || e.record.network != data.network
@@ -1021,6 +1037,8 @@ fn host_view(e: &HostEntry) -> HostView {
         heartbeat_age: e.last_seen.elapsed(),
         containers: e.containers,
         listening_ports: e.listening_ports.clone(),
+        image_details: e.image_details.clone(),
+        pulls: e.pulls.clone(),
     }
 }
 

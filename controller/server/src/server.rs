@@ -230,7 +230,7 @@ async fn serve(
     // a desired state: at most what an agent decodes
     .max_encoding_message_size(geomx_proto::MAX_DESIRED_STATE_LEN);
     let hosts = InterceptedService::new(
-        HostServiceServer::new(HostApi::new(membership.clone()))
+        HostServiceServer::new(HostApi::new(membership.clone()).with_jobs(jobs.clone()))
             .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE),
         auth.user_interceptor(),

@@ -173,6 +173,73 @@ pub fn truncate(s: &str, max: usize) -> String {
     s[..end].to_owned()
 }
 
+/// Most image details kept from a report.
+pub const MAX_IMAGE_DETAILS: usize = 1024;
+/// Most tags or digests kept per image.
+pub const MAX_IMAGE_NAMES: usize = 32;
+/// Most pulls kept from a report.
+pub const MAX_PULLS: usize = 64;
+/// Longest pull error kept.
+pub const MAX_PULL_ERROR_LEN: usize = 512;
+
+/// A report's image details, bounded: at most [`MAX_IMAGE_DETAILS`] images of at most
+/// [`MAX_IMAGE_NAMES`] tags and digests, every string cut to [`MAX_IMAGE_LEN`].
+pub fn image_details(details: &[geomx_proto::v1::ImageInfo]) -> Vec<geomx_proto::v1::ImageInfo> {
+    let names = |v: &[String]| -> Vec<String> {
+        v.iter()
+            .take(MAX_IMAGE_NAMES)
+            .map(|s| truncate(s, MAX_IMAGE_LEN))
+            .collect()
+    };
+    details
+        .iter()
+        .take(MAX_IMAGE_DETAILS)
+        .map(|d| geomx_proto::v1::ImageInfo {
+            id: truncate(&d.id, 80),
+            repo_tags: names(&d.repo_tags),
+            repo_digests: names(&d.repo_digests),
+            size_bytes: d.size_bytes,
+        })
+        .collect()
+}
+
+/// A report's pulls, bounded: at most [`MAX_PULLS`], strings cut, counts made consistent
+/// (done at most total when a total is known), states other than geomx's named "unknown".
+pub fn image_pulls(pulls: &[geomx_proto::v1::ImagePull]) -> Vec<geomx_proto::v1::ImagePull> {
+    pulls
+        .iter()
+        .take(MAX_PULLS)
+        .map(|p| geomx_proto::v1::ImagePull {
+            image: truncate(&p.image, MAX_IMAGE_LEN),
+            state: if ["pulling", "retrying", "done", "failed"].contains(&p.state.as_str()) {
+                p.state.clone()
+            } else {
+                "unknown".to_owned()
+            },
+            bytes_done: if p.bytes_total > 0 {
+                p.bytes_done.min(p.bytes_total)
+            } else {
+                p.bytes_done
+            },
+            bytes_total: p.bytes_total,
+            layers_done: if p.layers_total > 0 {
+                p.layers_done.min(p.layers_total)
+            } else {
+                p.layers_done
+            },
+            layers_total: p.layers_total,
+            attempt: p.attempt,
+            error: truncate(&p.error, MAX_PULL_ERROR_LEN),
+            started_at_ms: p.started_at_ms,
+            updated_at_ms: p.updated_at_ms,
+            registry: truncate(&p.registry, 255),
+        })
+        .collect()
+}
+
+/// Most hosts one `PullImage` names.
+pub const MAX_PULL_HOSTS: usize = 1024;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -626,6 +626,8 @@ async fn malformed_requests_get_status_errors() {
         images_known: None,
         memory_bytes: 8 << 30,
         cpus: 4,
+        image_details: Vec::new(),
+        pulls: Vec::new(),
     })
     .await
     .expect("report");

@@ -123,6 +123,8 @@ struct SimState {
     next_ip: u32,
     reporting: bool,
     images: Vec<String>,
+    /// Pulls it reports.
+    pulls: Vec<geomx_proto::v1::ImagePull>,
     listening_ports: Vec<u32>,
     scheduler_delay: Duration,
     /// The agent has not adopted its containers yet (restarted while Docker is slow): it
@@ -184,6 +186,7 @@ impl Sim {
                 next_ip: 2,
                 reporting: true,
                 images: vec![IMAGE.to_owned(), "busybox:latest".to_owned()],
+                pulls: Vec::new(),
                 listening_ports: vec![22],
                 scheduler_delay: Duration::ZERO,
                 nodes_unknown: false,
@@ -410,6 +413,8 @@ fn build_report(host: &str, s: &SimState) -> HostReport {
         images_known: Some(true),
         memory_bytes: s.memory_bytes,
         cpus: s.cpus,
+        image_details: Vec::new(),
+        pulls: s.pulls.clone(),
     }
 }
 
@@ -1472,17 +1477,36 @@ async fn refusals_happen_before_anything_starts() {
         err.message()
     );
 
-    // An image missing on a host.
-    let other_image = ROUTED.replace("geomx/test:1", "geomx/other:2");
+    // An image missing on a host, and the job may not pull it.
+    let other_image = ROUTED.replace(
+        "image = \"geomx/test:1\"",
+        "image = \"geomx/other:2\"\nimage_pull = \"never\"",
+    );
     let err = c.submit(&other_image).await.expect_err("image");
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(
-        err.message()
-            .contains("image geomx/other:2 is not present on host a"),
+        err.message().contains(
+            "image geomx/other:2 is not present on host a and the job's image_pull is \"never\""
+        ),
         "{}",
         err.message()
     );
     assert!(err.message().contains("on host b"));
+    // It may pull, but no agent can resolve it (these hosts' agents serve no API): nothing
+    // is stored, the error names every host asked.
+    let pulling = ROUTED
+        .replace("geomx/test:1", "geomx/other:2")
+        .replace("hosts = [\"c\"]", "hosts = [\"a\"]");
+    let err = c.submit(&pulling).await.expect_err("unresolvable");
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message()
+            .contains("image geomx/other:2 cannot be resolved to a digest")
+            && err.message().contains("on host a: ")
+            && err.message().contains("on host b: "),
+        "{}",
+        err.message()
+    );
 
     // Pseudo: a scheduler port already listening on the host.
     c.sim("a").with(|s| s.listening_ports = vec![22, 9500]);
@@ -1574,6 +1598,8 @@ async fn lab_agent(lab: &Lab, host: &str) -> AgentServiceClient<Channel> {
 #[derive(Clone, Default)]
 struct FakeAgentApi {
     seen: Arc<Mutex<Vec<NodeLogsRequest>>>,
+    resolved: Arc<Mutex<Vec<String>>>,
+    pulled: Arc<Mutex<Vec<String>>>,
 }
 
 #[tonic::async_trait]
@@ -1612,13 +1638,53 @@ impl AgentNodeService for FakeAgentApi {
             had_logs: true,
         }))
     }
+
+    /// As an agent's Docker answers for the lab registry `reg:5000`: `geomx/test:moved`
+    /// resolves to one digest, `geomx/test:nope` is not found, `private/x` refuses the
+    /// host's credentials.
+    async fn resolve_image(
+        &self,
+        request: Request<geomx_proto::v1::ResolveImageRequest>,
+    ) -> Result<Response<geomx_proto::v1::ResolveImageResponse>, Status> {
+        require_controller(&request)?;
+        let image = request.into_inner().image;
+        self.resolved.lock().unwrap().push(image.clone());
+        match image.as_str() {
+            "reg:5000/geomx/test:moved" => {
+                Ok(Response::new(geomx_proto::v1::ResolveImageResponse {
+                    pinned: format!("reg:5000/geomx/test@{MOVED_DIGEST}"),
+                    digest: MOVED_DIGEST.into(),
+                    registry: "reg:5000".into(),
+                }))
+            }
+            "reg:5000/private/x:1" => Err(Status::permission_denied(
+                "image reg:5000/private/x:1 on registry reg:5000: unauthorized (no basic auth credentials)",
+            )),
+            _ => Err(Status::not_found(format!(
+                "image {image} on registry reg:5000: not found (manifest unknown)"
+            ))),
+        }
+    }
+
+    async fn pull_image(
+        &self,
+        request: Request<geomx_proto::v1::AgentPullRequest>,
+    ) -> Result<Response<geomx_proto::v1::AgentPullResponse>, Status> {
+        require_controller(&request)?;
+        self.pulled.lock().unwrap().push(request.into_inner().image);
+        Ok(Response::new(geomx_proto::v1::AgentPullResponse {
+            started: true,
+        }))
+    }
 }
 
-#[tokio::test]
-async fn node_logs_are_proxied_from_the_agent_with_mtls() {
-    let lab = Lab::start_with_jobs(options()).await;
-    // The agent of host a serves AgentNodeService on 127.0.0.1 with a certificate of the
-    // lab CA, requiring the controller's client certificate.
+/// The digest [`FakeAgentApi`] resolves `reg:5000/geomx/test:moved` to.
+const MOVED_DIGEST: &str =
+    "sha256:4747474747474747474747474747474747474747474747474747474747474747";
+
+/// Serves `fake` as the AgentNodeService of an agent on 127.0.0.1, with a certificate of
+/// the lab CA, requiring the controller's client certificate; its URL.
+async fn serve_fake_agent(lab: &Lab, fake: &FakeAgentApi) -> (String, JoinHandle<()>) {
     let ca = CertificateAuthority::load(&lab.pki.dir).expect("lab CA");
     let issued = ca
         .issue_agent("a", "127.0.0.1".parse().expect("ip"), &[], 30)
@@ -1629,22 +1695,177 @@ async fn node_logs_are_proxied_from_the_agent_with_mtls() {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let server = tonic::transport::Server::builder()
+        .tls_config(tls.server_config_client_required())
+        .expect("tls config")
+        .add_service(AgentNodeServiceServer::new(fake.clone()))
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+    let task = tokio::spawn(async move {
+        let _ = server.await;
+    });
+    (format!("https://127.0.0.1:{}", addr.port()), task)
+}
+
+/// A job whose image is on no host: the controller resolves the tag once through an
+/// agent, pins every node to that digest, holds the job in Pulling (no sandbox, no start)
+/// with the hosts' pull progress in its status, and starts it once every host has the
+/// digest. What the registry refuses is refused at submit, naming host, image and cause.
+#[tokio::test]
+async fn an_image_on_no_host_is_pinned_pulled_then_started() {
+    let lab = Lab::start_with_jobs(options()).await;
     let fake = FakeAgentApi::default();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tls_config(tls.server_config_client_required())
-            .expect("tls config")
-            .add_service(AgentNodeServiceServer::new(fake.clone()))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+    let (url, server) = serve_fake_agent(&lab, &fake).await;
     let journal: Journal = Arc::default();
-    let _a = Sim::start_with(
-        &lab,
-        "a",
-        &journal,
-        Some(format!("https://127.0.0.1:{}", addr.port())),
-    )
-    .await;
+    let mut sims = BTreeMap::new();
+    for h in ["a", "b", "c"] {
+        sims.insert(
+            h.to_owned(),
+            Sim::start_with(&lab, h, &journal, Some(url.clone())).await,
+        );
+    }
+    let jobs = lab.user_jobs(&lab.pki.token).await;
+    let c = Cluster {
+        lab,
+        journal,
+        sims,
+        jobs,
+    };
+    let pinned = format!("reg:5000/geomx/test@{MOVED_DIGEST}");
+    let toml = ROUTED.replace(IMAGE, "reg:5000/geomx/test:moved");
+    let job = c.submit(&toml).await.expect("accepted");
+    assert_eq!(job.phase, JobPhase::Pulling as i32, "{}", job.reason);
+    assert_eq!(job.image, "reg:5000/geomx/test:moved");
+    assert_eq!(job.image_digest, pinned);
+    assert_eq!(job.image_pull, "if-not-present");
+    assert_eq!(
+        fake.resolved.lock().unwrap().as_slice(),
+        ["reg:5000/geomx/test:moved"],
+        "resolved once, through one agent"
+    );
+    // every host gets the pinned reference, may pull it, and nothing starts
+    for s in c.sims.values() {
+        let specs = s.desired();
+        assert!(!specs.is_empty());
+        assert!(specs.iter().all(|sp| sp.image == pinned
+            && sp.image_pull == "if-not-present"
+            && sp.pull_timeout_ms == 30 * 60 * 1000
+            && !sp.sandbox
+            && !sp.start));
+    }
+    // a and c have it; b reports progress, then has it too
+    for h in ["a", "c"] {
+        c.sim(h).with(|s| s.images.push(pinned.clone()));
+    }
+    c.sim("b").with(|s| {
+        s.pulls = vec![geomx_proto::v1::ImagePull {
+            image: pinned.clone(),
+            state: "pulling".into(),
+            bytes_done: 10 << 20,
+            bytes_total: 40 << 20,
+            registry: "reg:5000".into(),
+            ..Default::default()
+        }]
+    });
+    let job = c
+        .wait("hips-test", Duration::from_secs(5), |j| {
+            j.pulls
+                .iter()
+                .any(|p| p.host == "b" && p.pull.as_ref().is_some_and(|p| p.bytes_done == 10 << 20))
+        })
+        .await;
+    assert_eq!(job.phase, JobPhase::Pulling as i32);
+    assert!(
+        job.reason.contains("pulling image") && job.reason.contains("b (10.0 MiB of 40.0 MiB)"),
+        "{}",
+        job.reason
+    );
+    assert!(
+        c.sims
+            .values()
+            .all(|s| s.desired().iter().all(|sp| !sp.start))
+    );
+    c.sim("b").with(|s| {
+        s.images.push(pinned.clone());
+        s.pulls[0].state = "done".into();
+        s.pulls[0].bytes_done = 40 << 20;
+    });
+    let job = c
+        .wait_phase("hips-test", JobPhase::Running, Duration::from_secs(10))
+        .await;
+    assert!(
+        job.nodes
+            .iter()
+            .all(|n| n.host != "b" || n.status.is_some())
+    );
+    let events = c
+        .jobs
+        .clone()
+        .job_events(JobEventsRequest {
+            name: "hips-test".into(),
+        })
+        .await
+        .expect("events")
+        .into_inner()
+        .events;
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    for kind in ["ImageResolved", "Pulling", "Pulled"] {
+        assert!(kinds.contains(&kind), "{kinds:?}");
+    }
+    let resolved = events
+        .iter()
+        .find(|e| e.kind == "ImageResolved")
+        .expect("event");
+    assert!(
+        resolved.message.contains(&pinned) && resolved.message.contains("reg:5000"),
+        "{}",
+        resolved.message
+    );
+
+    // refused at submit, nothing stored: a tag the registry does not have, credentials it
+    // refuses
+    for (image, code, words) in [
+        (
+            "reg:5000/geomx/test:nope",
+            Code::NotFound,
+            "not found (manifest unknown)",
+        ),
+        (
+            "reg:5000/private/x:1",
+            Code::PermissionDenied,
+            "unauthorized",
+        ),
+    ] {
+        let toml = ROUTED.replace("hips-test", "refused").replace(IMAGE, image);
+        let err = c.submit(&toml).await.expect_err("refused");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+        let m = err.message();
+        assert!(
+            m.contains(&format!("image {image} cannot be resolved"))
+                && m.contains("on host ")
+                && m.contains(words)
+                && m.contains("nothing was started"),
+            "{code:?}: {m}"
+        );
+    }
+    let listed = c
+        .jobs
+        .clone()
+        .list_jobs(ListJobsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .jobs;
+    assert!(listed.iter().all(|j| j.name != "refused"));
+    server.abort();
+}
+
+#[tokio::test]
+async fn node_logs_are_proxied_from_the_agent_with_mtls() {
+    let lab = Lab::start_with_jobs(options()).await;
+    let fake = FakeAgentApi::default();
+    let (url, server) = serve_fake_agent(&lab, &fake).await;
+    let journal: Journal = Arc::default();
+    let _a = Sim::start_with(&lab, "a", &journal, Some(url)).await;
     // Host b's agent is unreachable.
     let _b = Sim::start_with(&lab, "b", &journal, Some("https://127.0.0.1:1".into())).await;
     let jobs = lab.user_jobs(&lab.pki.token).await;

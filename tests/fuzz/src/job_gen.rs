@@ -300,6 +300,7 @@ pub fn job_spec(data: &[u8]) -> JobSpec {
         active_deadline: None,
         retry_exit_codes: None,
         rendezvous_timeout: None,
+        pull_timeout: None,
     };
     let progress = c.bool().then(|| ProgressSpec {
         regex: c.string(&REGEXES),
@@ -323,6 +324,8 @@ pub fn job_spec(data: &[u8]) -> JobSpec {
         name,
         mode,
         image,
+        // not drawn: the kept inputs keep meaning the jobs they meant
+        image_pull: geomx_job::ImagePull::IfNotPresent,
         network,
         interface,
         verbose,

@@ -310,6 +310,9 @@ pub struct JobSoft {
     /// its bind sources. Until none is left no node gets a sandbox or starts, so that a
     /// source missing on one host fails the job before any container of it exists.
     pub preflight: Option<Preflight>,
+    /// The job's hosts and whether each has its image yet (the Pulling phase), with their
+    /// last pull progress; `None` for a job that needs no pull.
+    pub pulls: Option<super::images::Pulls>,
 }
 
 /// The hosts still to check a new job's bind mount sources (see [`JobSoft::preflight`]).
@@ -332,12 +335,18 @@ impl JobSoft {
             phase_since: now,
             loaded_at: now,
             preflight: None,
+            pulls: None,
         }
     }
 
     /// Whether every host checked the job's bind mount sources (or it has none to check).
     pub fn preflight_done(&self) -> bool {
         self.preflight.as_ref().is_none_or(|p| p.pending.is_empty())
+    }
+
+    /// Whether every host of the job has its image (or it needs no pull).
+    pub fn pulls_done(&self) -> bool {
+        self.pulls.as_ref().is_none_or(super::images::Pulls::done)
     }
 
     /// `host` applied desired state `revision`: true when that ends the preflight.
@@ -539,8 +548,12 @@ impl<'a> Draft<'a> {
             .nodes
             .iter()
             .any(|(i, n)| n.env != self.base_nodes[*i].env);
+        // leaving Pulling gives the nodes their sandboxes
+        let pulled =
+            (self.meta.phase == Phase::Pulling) != (self.base_meta.phase == Phase::Pulling);
         let publish = new_generation
             || env_changed
+            || pulled
             || self.meta.phase.runs_containers() != self.base_meta.phase.runs_containers();
         let nodes: Vec<(usize, NodeRecord)> = self
             .nodes
@@ -576,6 +589,7 @@ pub fn evaluate(
         let what = match d.meta.phase {
             Phase::Running => "while running",
             Phase::Restarting => "while restarting",
+            Phase::Pulling => "while pulling its image",
             _ => "while starting",
         };
         let reason = format!("cancelled by a user {what}; every container is being removed");
@@ -652,11 +666,56 @@ pub fn evaluate(
             return d.finish();
         }
     }
+    if d.meta.phase == Phase::Pulling {
+        if !soft.pulls_done() {
+            if let Some(reason) = pull_timed_out(idx, &d, soft) {
+                d.event("PullTimeout", reason.clone(), "", "");
+                fail(idx, &mut d, reason, true);
+            }
+            return d.finish();
+        }
+        let took = ms_between(d.meta.phase_since_ms, d.now_ms);
+        d.event(
+            "Pulled",
+            format!(
+                "every host of the job has {} (Pulling took {})",
+                soft.pulls.as_ref().map_or("", |p| p.image.as_str()),
+                humantime::format_duration(Duration::from_millis(
+                    u64::try_from(took.as_millis()).unwrap_or(u64::MAX) / 100 * 100
+                ))
+            ),
+            "",
+            "",
+        );
+        d.set_phase(Phase::Pending, String::new());
+    }
     if soft.preflight_done() {
         start_ready(idx, &mut d);
     }
     advance(idx, &mut d);
     d.finish()
+}
+
+/// How long past `policy.pull_timeout` the controller waits for a host's agent, which
+/// bounds its pulls itself, to report the end of one.
+pub const PULL_TIMEOUT_SLACK: Duration = Duration::from_secs(60);
+
+/// The reason to fail a job still Pulling `pull_timeout` (and a slack for the agents' own
+/// verdict) after it entered the phase: names the hosts and how far each got.
+fn pull_timed_out(idx: &PlanIndex, d: &Draft<'_>, soft: &JobSoft) -> Option<String> {
+    let timeout = idx.plan.policy.pull_timeout;
+    let waited = ms_between(d.meta.phase_since_ms, d.now_ms);
+    if waited < timeout + PULL_TIMEOUT_SLACK {
+        return None;
+    }
+    let pulls = soft.pulls.as_ref()?;
+    Some(format!(
+        "pulling image {} timed out: after {} (pull_timeout {}) still pulling on {}",
+        pulls.image,
+        humantime::format_duration(Duration::from_secs(waited.as_secs())),
+        humantime::format_duration(timeout),
+        pulls.pending_summary()
+    ))
 }
 
 /// An event per change of a scheduler's rendezvous ("2 of 3 registered, waiting for ...");

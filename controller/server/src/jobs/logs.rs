@@ -32,10 +32,10 @@ impl AgentConnector {
     }
 
     /// A channel to the agent of `host` serving at `url`.
-    async fn channel(&self, host: &str, url: &str) -> Result<Channel, Status> {
+    pub(super) async fn channel(&self, host: &str, url: &str) -> Result<Channel, Status> {
         if url.is_empty() {
             return Err(Status::unavailable(format!(
-                "the agent of host {host} registered no agent_url: it serves no logs"
+                "the agent of host {host} registered no agent_url: it cannot be called"
             )));
         }
         let unavailable = |what: String| {
@@ -98,7 +98,7 @@ impl AgentConnector {
 }
 
 /// An agent's error, with its code kept and the host named.
-fn agent_status(host: &str, status: &Status) -> Status {
+pub(super) fn agent_status(host: &str, status: &Status) -> Status {
     let code = match status.code() {
         // A transport failure is the agent being unreachable.
         tonic::Code::Unknown if status.message().contains("transport") => tonic::Code::Unavailable,

@@ -23,6 +23,7 @@
 
 pub mod api;
 pub mod engine;
+pub mod images;
 pub mod limits;
 pub mod logs;
 pub mod placement;
@@ -308,6 +309,156 @@ impl Jobs {
             .collect()
     }
 
+    /// `geomxctl pull`: resolves `image` once (through the first of the hosts that answers)
+    /// and has every host of `hosts` (empty: every ready host) pull that digest. Refused
+    /// naming the hosts that are not ready or unknown, and the registry's answer.
+    pub async fn pull_image(
+        &self,
+        image: &str,
+        hosts: &[String],
+    ) -> Result<geomx_proto::v1::PullImageResponse, Status> {
+        let views = self.membership.hosts();
+        let chosen: Vec<&crate::membership::HostView> = if hosts.is_empty() {
+            views
+                .iter()
+                .filter(|v| v.record.state == HostState::Ready)
+                .collect()
+        } else {
+            let mut chosen = Vec::new();
+            let mut problems = Vec::new();
+            for h in hosts {
+                match views.iter().find(|v| &v.record.name == h) {
+                    Some(v) if v.record.state == HostState::Ready => chosen.push(v),
+                    Some(v) => problems.push(format!("host {h} is {}", v.record.state.as_str())),
+                    None => problems.push(format!("host {h} is not registered")),
+                }
+            }
+            if !problems.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "cannot pull {image}: {}",
+                    problems.join("; ")
+                )));
+            }
+            chosen
+        };
+        if chosen.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "cannot pull {image}: no host is ready"
+            )));
+        }
+        let through: Vec<String> = chosen.iter().map(|v| v.record.name.clone()).collect();
+        let pinned = if image.contains('@') {
+            image.to_owned()
+        } else {
+            images::resolve(&self.connector, image, &through, |h| {
+                chosen
+                    .iter()
+                    .find(|v| v.record.name == h)
+                    .map(|v| v.record.agent_url.clone())
+            })
+            .await?
+            .pinned
+        };
+        let calls = chosen.iter().map(|v| {
+            let (host, url, pinned) = (
+                v.record.name.clone(),
+                v.record.agent_url.clone(),
+                pinned.clone(),
+            );
+            async move {
+                let r = self
+                    .connector
+                    .pull_image(
+                        &host,
+                        &url,
+                        &pinned,
+                        geomx_job::DEFAULT_PULL_TIMEOUT_DURATION,
+                    )
+                    .await;
+                (host, r)
+            }
+        });
+        let mut answer = geomx_proto::v1::PullImageResponse {
+            pinned: pinned.clone(),
+            ..Default::default()
+        };
+        let mut errors = Vec::new();
+        for (host, r) in futures::future::join_all(calls).await {
+            match r {
+                Ok(true) => answer.pulling.push(host),
+                Ok(false) => answer.present.push(host),
+                Err(s) => errors.push(s.message().to_owned()),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(Status::unavailable(format!(
+                "pulling {pinned}: {}{}",
+                errors.join("; "),
+                if answer.pulling.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pulling on {})", answer.pulling.join(", "))
+                }
+            )));
+        }
+        tracing::info!(image, %pinned, pulling = ?answer.pulling, "pull started");
+        Ok(answer)
+    }
+
+    /// Pins the job's image to a digest when it must be (see [`images::decide`]): asks one
+    /// host's agent to resolve it and rewrites every node's image. `Ok(None)`: run as named.
+    async fn pin_image(&self, plan: &mut geomx_job::Plan) -> Result<Option<PinnedImage>, Status> {
+        let hosts = self.membership.hosts();
+        let by_name: BTreeMap<&str, &crate::membership::HostView> =
+            hosts.iter().map(|h| (h.record.name.as_str(), h)).collect();
+        let decision = images::decide(plan, |h| {
+            by_name.get(h).map(|v| images::HostImages {
+                refs: &v.record.images,
+                details: &v.image_details,
+            })
+        });
+        let images::Decision::Resolve { through, why } = decision else {
+            return Ok(None);
+        };
+        let ready = |h: &str| {
+            by_name
+                .get(h)
+                .is_some_and(|v| v.record.state == crate::store::HostState::Ready)
+        };
+        if !through.iter().all(|h| ready(h)) {
+            // placement refuses the job, naming the hosts that are not ready
+            return Ok(None);
+        }
+        let r = images::resolve(&self.connector, &plan.image, &through, |h| {
+            by_name.get(h).map(|v| v.record.agent_url.clone())
+        })
+        .await?;
+        tracing::info!(image = %plan.image, pinned = %r.pinned, through = %r.through, "image resolved");
+        plan.pin_image(&r.pinned);
+        Ok(Some(PinnedImage {
+            pinned: r.pinned,
+            registry: r.registry,
+            through: r.through,
+            why,
+        }))
+    }
+
+    /// The Pulling state of a new job: which of its hosts have the image it runs (`None`
+    /// with `image_pull = "never"`: placement made sure every host has it).
+    fn pulls_of(&self, plan: &geomx_job::Plan) -> Option<images::Pulls> {
+        if plan.image_pull == geomx_job::ImagePull::Never {
+            return None;
+        }
+        let image = plan.image_digest.as_deref().unwrap_or(&plan.image);
+        let hosts = self.membership.hosts();
+        Some(images::Pulls::new(image, plan.hosts(), |h| {
+            hosts
+                .iter()
+                .find(|v| v.record.name == h)
+                .map(|v| v.record.images.clone())
+        }))
+    }
+
     /// Compiles, checks and stores a job, then starts what can start. Refusals:
     /// `INVALID_ARGUMENT` (the file, with every problem), `ALREADY_EXISTS` (an active job of
     /// that name), `FAILED_PRECONDITION` (placement: hosts, images, ports).
@@ -344,10 +495,29 @@ impl Jobs {
                 if n == 1 { "" } else { "s" }
             ))
         })?;
+        let mut plan = plan;
         let name = plan.job.clone();
+        let span = tracing::info_span!("submit", job = %name);
+        let resolved = self
+            .pin_image(&mut plan)
+            .instrument(span.clone())
+            .await
+            .map_err(|s| {
+                Status::new(
+                    match s.code() {
+                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+                            tonic::Code::Unavailable
+                        }
+                        _ => tonic::Code::FailedPrecondition,
+                    },
+                    format!(
+                        "job {name} cannot be placed, nothing was started: {}",
+                        s.message()
+                    ),
+                )
+            })?;
         let idx = PlanIndex::new(plan)
             .map_err(|e| Status::invalid_argument(format!("{file_name}: {e}")))?;
-        let span = tracing::info_span!("submit", job = %name);
         async move {
             let _write = self.write.lock().await;
             let (run, taken, reserved) = {
@@ -409,11 +579,13 @@ impl Jobs {
             let at = now_ms();
             let idx = Arc::new(idx);
             let plan = &idx.plan;
+            let pulls = self.pulls_of(plan);
+            let pulling = pulls.as_ref().is_some_and(|p| !p.done());
             let mut entry = JobEntry {
                 meta: JobMeta {
                     name: name.clone(),
                     run,
-                    phase: Phase::Pending,
+                    phase: if pulling { Phase::Pulling } else { Phase::Pending },
                     submitted_at_ms: at,
                     phase_since_ms: at,
                     ..Default::default()
@@ -422,6 +594,7 @@ impl Jobs {
                 nodes: plan.nodes.iter().map(|n| NodeRecord::new(&n.name)).collect(),
                 soft: JobSoft {
                     preflight: preflight_of(plan),
+                    pulls: pulls.clone(),
                     ..JobSoft::new(plan.nodes.len(), now)
                 },
                 idx: idx.clone(),
@@ -462,6 +635,28 @@ impl Jobs {
                         .join("; "),
                 ),
             ];
+            if let Some(r) = &resolved {
+                events.push(event(
+                    "ImageResolved",
+                    format!(
+                        "{} is {} in registry {} (asked through host {}; {}): every host runs that digest",
+                        plan.image, r.pinned, r.registry, r.through, r.why
+                    ),
+                ));
+            }
+            if let Some(p) = pulls.as_ref().filter(|p| !p.done()) {
+                events.push(event(
+                    "Pulling",
+                    format!(
+                        "host{} {} pull{} {}; nothing of the job starts before every host has it (pull_timeout {})",
+                        if p.pending().count() == 1 { "" } else { "s" },
+                        p.pending().collect::<Vec<_>>().join(", "),
+                        if p.pending().count() == 1 { "s" } else { "" },
+                        p.image,
+                        humantime::format_duration(plan.policy.pull_timeout)
+                    ),
+                ));
+            }
             let conds = self.host_conds();
             let changes = self.evaluate_entry(&entry, &conds, now, None);
             entry.apply(&changes, now);
@@ -1025,7 +1220,14 @@ fn validate_job_name(name: &str) -> Result<(), Status> {
     }
 }
 
-/// Reads run `run` of `name` from the store.
+/// A job's image pinned at submit, for its event.
+struct PinnedImage {
+    pinned: String,
+    registry: String,
+    through: String,
+    why: String,
+}
+
 /// A new job's preflight: every host with a node that has a bind mount must check its
 /// sources before any node of the job gets a sandbox or starts (see
 /// [`engine::JobSoft::preflight`]); `None` for a job without bind mounts.
@@ -1089,7 +1291,12 @@ fn load_run(
                 .unwrap_or_else(|| NodeRecord::new(&n.name))
         })
         .collect();
-    let soft = JobSoft::new(idx.len(), now);
+    let mut soft = JobSoft::new(idx.len(), now);
+    if meta.phase == Phase::Pulling {
+        // the hosts' next reports say which have the image
+        let image = idx.plan.image_digest.as_deref().unwrap_or(&idx.plan.image);
+        soft.pulls = Some(images::Pulls::new(image, idx.plan.hosts(), |_| None));
+    }
     Ok(JobEntry {
         meta,
         job_toml: source.job_toml,
@@ -1195,7 +1402,7 @@ impl Workloads for Jobs {
                     &e.idx,
                     &e.nodes[i],
                     i,
-                    e.soft.preflight_done(),
+                    e.soft.preflight_done() && e.meta.phase != Phase::Pulling,
                 ));
             }
         }
@@ -1219,6 +1426,8 @@ impl Workloads for Jobs {
         let mut dirty = BTreeSet::new();
         let mut shown_changed = false;
         let mut preflight_done = false;
+        let pulls = validate::image_pulls(&report.pulls);
+        let refs = (report.images_known != Some(false)).then_some(report.images.as_slice());
         {
             let mut guard = self.lock();
             let Inner { jobs, by_host } = &mut *guard;
@@ -1259,6 +1468,15 @@ impl Workloads for Jobs {
                     let drained = entry.soft.host_reported(host, now, nodes);
                     if entry.meta.phase == Phase::Restarting && drained {
                         dirty.insert(name.clone());
+                    }
+                    if let Some(p) = entry.soft.pulls.as_mut()
+                        && p.reported(host, refs, &pulls)
+                    {
+                        shown_changed = true;
+                        if entry.meta.phase == Phase::Pulling && p.done() {
+                            tracing::info!(job = %name, image = %p.image, "every host of the job has its image");
+                            dirty.insert(name.clone());
+                        }
                     }
                     if entry.soft.host_applied(host, report.applied_revision) {
                         tracing::info!(job = %name, "every host has the bind mount sources of the job; starting it");

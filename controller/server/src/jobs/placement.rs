@@ -3,8 +3,8 @@
 //! Checked before anything is stored or started ([`check`]); every problem is reported, not
 //! only the first:
 //! * every host the job names is registered and ready (not lost, not left) and not cordoned;
-//! * every image a node needs is present on its host (from the host's last report; geomx
-//!   never pulls images);
+//! * with `image_pull = "never"`: every image a node needs is present on its host (from the
+//!   host's last report; otherwise hosts pull what they lack, see [`super::images`]);
 //! * network "pseudo": no scheduler port is already listening on the host, or bound by a
 //!   scheduler of another active pseudo job on the same host.
 
@@ -87,7 +87,9 @@ pub fn check(plan: &Plan, hosts: &[HostView], taken: &[PortUse]) -> Vec<String> 
             },
         }
     }
-    for host in &usable {
+    // with image_pull "if-not-present" or "always" the hosts pull what they lack
+    let pulls = plan.image_pull != geomx_job::ImagePull::Never;
+    for host in usable.iter().filter(|_| !pulls) {
         let Some(view) = by_name.get(host) else {
             continue;
         };
@@ -104,7 +106,7 @@ pub fn check(plan: &Plan, hosts: &[HostView], taken: &[PortUse]) -> Vec<String> 
                 .any(|have| image_matches(image, have))
             {
                 problems.push(format!(
-                    "image {image} is not present on host {host} (geomx never pulls: load it there with docker load or docker import)"
+                    "image {image} is not present on host {host} and the job's image_pull is \"never\" (load it there with docker load, or let the host pull it: image_pull = \"if-not-present\")"
                 ));
             }
         }
@@ -184,6 +186,8 @@ mod tests {
             heartbeat_age: Duration::from_secs(12),
             containers: 0,
             listening_ports: ports.to_vec(),
+            image_details: Vec::new(),
+            pulls: Vec::new(),
         }
     }
 
@@ -191,6 +195,7 @@ mod tests {
 name = "j"
 mode = "hips"
 image = "geomx/img:1"
+image_pull = "never"
 [central]
 host = "a"
 [[party]]
@@ -249,6 +254,16 @@ scheduler_port = 9100
             p[1]
         );
         assert!(p[2].contains("has not reported any image"), "{}", p[2]);
+
+        // hosts that may pull: a missing image is no problem of placement
+        let pulling = ROUTED.replace("image_pull = \"never\"", "image_pull = \"if-not-present\"");
+        let plan = geomx_job::plan("t", &pulling).unwrap();
+        let hosts = [
+            host("a", HostState::Ready, &["other:1"], &[]),
+            host("b", HostState::Ready, &[], &[]),
+            host("c", HostState::Ready, &["geomx/img:1"], &[]),
+        ];
+        assert_eq!(check(&plan, &hosts, &[]), Vec::<String>::new());
     }
 
     #[test]

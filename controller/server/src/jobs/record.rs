@@ -32,6 +32,9 @@ pub enum Phase {
     /// Accepted, nothing started yet (routed: waiting for the schedulers' sandbox IPs).
     #[default]
     Pending,
+    /// Accepted; some hosts are pulling the job's image. Nothing of the job starts (no
+    /// sandbox, no container) before every host has it; then Pending.
+    Pulling,
     /// Schedulers, then servers and workers are being started.
     Starting,
     /// Every node runs (or, for a node that is not a training worker, ended with 0).
@@ -54,13 +57,17 @@ impl Phase {
 
     /// True while the job's containers belong in the desired state.
     pub fn runs_containers(self) -> bool {
-        matches!(self, Phase::Pending | Phase::Starting | Phase::Running)
+        matches!(
+            self,
+            Phase::Pulling | Phase::Pending | Phase::Starting | Phase::Running
+        )
     }
 
     /// The name people see: `Pending`, `Running`, ...
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Pending => "Pending",
+            Phase::Pulling => "Pulling",
             Phase::Starting => "Starting",
             Phase::Running => "Running",
             Phase::Succeeded => "Succeeded",
@@ -74,6 +81,7 @@ impl Phase {
     pub fn to_proto(self) -> JobPhase {
         match self {
             Phase::Pending => JobPhase::Pending,
+            Phase::Pulling => JobPhase::Pulling,
             Phase::Starting => JobPhase::Starting,
             Phase::Running => JobPhase::Running,
             Phase::Succeeded => JobPhase::Succeeded,

@@ -51,6 +51,10 @@ pub fn job_message(run: RunRef<'_>, with_nodes: bool, now: Instant) -> Job {
         mode: run.idx.plan.mode.as_str().to_owned(),
         phase: meta.phase.to_proto() as i32,
         reason: match run.soft.and_then(|s| s.preflight.as_ref()) {
+            _ if meta.phase == Phase::Pulling => match run.soft.and_then(|s| s.pulls.as_ref()) {
+                Some(p) => format!("pulling image {} on {}", p.image, p.pending_summary()),
+                None => "waiting for the hosts to report the job's image".to_owned(),
+            },
             Some(p) if !p.pending.is_empty() && !meta.phase.is_terminal() => format!(
                 "waiting for host{} {} to check the job's bind mount sources",
                 if p.pending.len() == 1 { "" } else { "s" },
@@ -81,6 +85,14 @@ pub fn job_message(run: RunRef<'_>, with_nodes: bool, now: Instant) -> Job {
         } else {
             Vec::new()
         },
+        image: run.idx.plan.image.clone(),
+        image_digest: run.idx.plan.image_digest.clone().unwrap_or_default(),
+        image_pull: run.idx.plan.image_pull.as_str().to_owned(),
+        pulls: run
+            .soft
+            .and_then(|s| s.pulls.as_ref())
+            .map(super::images::Pulls::messages)
+            .unwrap_or_default(),
     }
 }
 
@@ -175,7 +187,7 @@ pub fn container_spec(
     idx: &PlanIndex,
     rec: &NodeRecord,
     i: usize,
-    preflight_done: bool,
+    may_sandbox: bool,
 ) -> ContainerSpec {
     let n = &idx.plan.nodes[i];
     let base = node_container_spec(&idx.plan, n);
@@ -187,8 +199,8 @@ pub fn container_spec(
             .unwrap_or_default(),
         generation: meta.generation,
         start: rec.started(),
-        // no sandbox before every host checked the job's bind sources
-        sandbox: base.sandbox && preflight_done,
+        // no sandbox before every host checked the job's bind sources and has its image
+        sandbox: base.sandbox && may_sandbox,
         ..base
     }
 }
@@ -245,6 +257,8 @@ pub fn node_container_spec(plan: &Plan, n: &Node) -> ContainerSpec {
             shm_size_bytes: n.resources.shm_size.unwrap_or(0),
         }),
         templates: Vec::new(),
+        image_pull: plan.image_pull.as_str().to_owned(),
+        pull_timeout_ms: u64::try_from(plan.policy.pull_timeout.as_millis()).unwrap_or(u64::MAX),
     }
 }
 
