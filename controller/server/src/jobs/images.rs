@@ -3,7 +3,8 @@
 //!
 //! At submit ([`decide`]): with `image_pull = "never"` the image must be on every host
 //! (placement checks it); a reference by digest is run as it is; with `if-not-present` a
-//! tag that every host of the job has as the same image (same image id) is run as it is;
+//! tag that every host of the job has, at the same registry digest (or at none: built or
+//! loaded there), is run as it is;
 //! otherwise — `always`, or a host lacks the tag or has it as another image — the
 //! controller asks one host's agent to resolve the tag in its registry
 //! ([`AgentConnector::resolve_image`]) and pins the job to that digest: every host runs
@@ -62,13 +63,13 @@ pub fn decide<'a>(plan: &Plan, images: impl Fn(&str) -> Option<HostImages<'a>>) 
     }
     let hosts: Vec<&str> = plan.hosts().into_iter().collect();
     let mut missing = Vec::new();
-    let mut ids = BTreeSet::new();
+    let mut digests = BTreeSet::new();
     for &h in &hosts {
-        let id = images(h).and_then(|i| image_id(i, image));
-        match id {
-            Some(id) => {
-                ids.insert(id);
+        match images(h).and_then(|i| registry_digests(i, image)) {
+            Some(d) if !d.is_empty() => {
+                digests.insert(d);
             }
+            Some(_) => {}
             None => missing.push(h.to_owned()),
         }
     }
@@ -80,8 +81,11 @@ pub fn decide<'a>(plan: &Plan, images: impl Fn(&str) -> Option<HostImages<'a>>) 
             plural(missing.len()),
             missing.join(", ")
         )
-    } else if ids.len() > 1 {
-        format!("the hosts have {image} as {} different images", ids.len())
+    } else if digests.len() > 1 {
+        format!(
+            "the hosts have {image} as {} different registry digests",
+            digests.len()
+        )
     } else {
         return Decision::AsNamed;
     };
@@ -95,18 +99,25 @@ pub fn decide<'a>(plan: &Plan, images: impl Fn(&str) -> Option<HostImages<'a>>) 
     Decision::Resolve { through, why }
 }
 
-/// The id of the image a host has as tag `image`, if it has it.
-fn image_id(images: HostImages<'_>, image: &str) -> Option<String> {
+/// The registry digests (`sha256:...`) of the image a host has as tag `image`, `None` when
+/// it does not have the tag. Empty for an image that never came from a registry (built,
+/// imported or loaded on the host): nothing says it differs from the other hosts'.
+fn registry_digests(images: HostImages<'_>, image: &str) -> Option<BTreeSet<String>> {
     if !images.refs.iter().any(|have| image_matches(image, have)) {
         return None;
     }
-    images
-        .details
-        .iter()
-        .find(|d| d.repo_tags.iter().any(|t| image_matches(image, t)))
-        .map(|d| d.id.clone())
-        // an agent that sends no details: the tag is there, of unknown identity
-        .or_else(|| Some(format!("tag:{image}")))
+    let repo = normalize_repo(strip_tag(image));
+    Some(
+        images
+            .details
+            .iter()
+            .filter(|d| d.repo_tags.iter().any(|t| image_matches(image, t)))
+            .flat_map(|d| &d.repo_digests)
+            .filter_map(|r| r.split_once('@'))
+            .filter(|(r, _)| normalize_repo(r) == repo)
+            .map(|(_, d)| d.to_owned())
+            .collect(),
+    )
 }
 
 /// Whether `refs` (a host's images) hold `wanted`: a `repo@sha256:...` exactly (Docker Hub's
@@ -410,10 +421,13 @@ mod tests {
         geomx_job::plan("j.toml", &toml).expect("valid job")
     }
 
-    fn info(id: &str, tags: &[&str]) -> ImageInfo {
+    fn info(id: &str, tags: &[&str], digest: Option<&str>) -> ImageInfo {
         ImageInfo {
             id: id.into(),
             repo_tags: tags.iter().map(|t| t.to_string()).collect(),
+            repo_digests: digest
+                .map(|d| vec![format!("reg:5000/geomx/test@{d}")])
+                .unwrap_or_default(),
             ..Default::default()
         }
     }
@@ -423,8 +437,11 @@ mod tests {
         let tag = "reg:5000/geomx/test:latest";
         let has = vec![tag.to_owned()];
         let none: Vec<String> = Vec::new();
-        let same = [info("sha256:1", &[tag])];
-        let other = [info("sha256:2", &[tag])];
+        let same = [info("sha256:1", &[tag], Some("sha256:d1"))];
+        let other = [info("sha256:2", &[tag], Some("sha256:d2"))];
+        // built or imported on each host: other ids, no registry digest
+        let local_1 = [info("sha256:1", &[tag], None)];
+        let local_2 = [info("sha256:2", &[tag], None)];
         let resolve = |through: &[&str], why: &str| Decision::Resolve {
             through: through.iter().map(|s| s.to_string()).collect(),
             why: why.to_owned(),
@@ -468,8 +485,20 @@ mod tests {
                 [(&has, &same), (&has, &other)],
                 resolve(
                     &["a", "b"],
-                    "the hosts have reg:5000/geomx/test:latest as 2 different images",
+                    "the hosts have reg:5000/geomx/test:latest as 2 different registry digests",
                 ),
+            ),
+            (
+                ImagePull::IfNotPresent,
+                tag,
+                [(&has, &local_1), (&has, &local_2)],
+                Decision::AsNamed,
+            ),
+            (
+                ImagePull::IfNotPresent,
+                tag,
+                [(&has, &same), (&has, &local_2)],
+                Decision::AsNamed,
             ),
             (
                 ImagePull::Always,
