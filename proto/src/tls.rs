@@ -89,13 +89,30 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// Reads and checks the three files.
+    /// Reads and checks the three files; warns when the private key may be read by group
+    /// or others.
     pub fn load(&self) -> Result<TlsMaterial, TlsError> {
         let ca = read(&self.ca, "CA certificate")?;
         let cert = read(&self.cert, "certificate")?;
         let key = read(&self.key, "private key")?;
+        if let Some(mode) = exposed_mode(&self.key) {
+            tracing::warn!(
+                key = %self.key.display(),
+                mode = format!("{mode:04o}"),
+                "the private key is readable by group or others: chmod 0600 {}",
+                self.key.display()
+            );
+        }
         TlsMaterial::from_pem_labeled(ca, &self.ca, cert, &self.cert, key, &self.key)
     }
+}
+
+/// The permission bits of `path` when group or others may read it (`None`: they may not,
+/// or the mode cannot be read).
+pub fn exposed_mode(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o044 != 0).then_some(mode)
 }
 
 /// Loaded and checked PEM material of one party.
@@ -472,6 +489,19 @@ impl Interceptor for BearerInterceptor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_others_can_read_is_noticed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("dir");
+        let key = dir.path().join("key.pem");
+        std::fs::write(&key, "x").expect("write");
+        for (mode, exposed) in [(0o600, false), (0o400, false), (0o640, true), (0o644, true)] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            assert_eq!(exposed_mode(&key).is_some(), exposed, "{mode:o}");
+        }
+        assert_eq!(exposed_mode(&dir.path().join("missing")), None);
+    }
 
     #[test]
     fn bearer_checks() {

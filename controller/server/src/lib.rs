@@ -19,7 +19,6 @@ pub mod agents;
 pub mod auth;
 pub mod config;
 pub mod hosts;
-mod incoming;
 pub mod jobs;
 pub mod leases;
 pub mod membership;

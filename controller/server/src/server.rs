@@ -53,11 +53,14 @@ pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Time allowed for a TLS handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection from which nothing is read for this long is closed (see
-/// `crate::incoming`): one that finished its TLS handshake and never spoke HTTP/2, or a
+/// `geomx_proto::incoming`): one that finished its TLS handshake and never spoke HTTP/2, or a
 /// dead one. An HTTP/2 peer is pinged after [`HTTP2_KEEPALIVE_INTERVAL`] of silence and
 /// must answer within [`HTTP2_KEEPALIVE_TIMEOUT`], so a live one is never idle this long.
 pub const CONNECTION_IDLE_TIMEOUT: Duration =
     HTTP2_KEEPALIVE_INTERVAL.saturating_add(HTTP2_KEEPALIVE_TIMEOUT);
+/// Most connections open at once (agents, users, each with its watch streams multiplexed on
+/// one HTTP/2 connection); one more is closed at once.
+pub const MAX_CONNECTIONS: usize = 4096;
 
 /// Errors starting or stopping the controller.
 #[derive(Debug, thiserror::Error)]
@@ -285,7 +288,8 @@ async fn serve(
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(30)));
-    let incoming = crate::incoming::guarded(incoming, CONNECTION_IDLE_TIMEOUT);
+    let incoming =
+        geomx_proto::incoming::guarded(incoming, CONNECTION_IDLE_TIMEOUT, MAX_CONNECTIONS);
 
     let detector = tokio::spawn(membership.clone().run_loss_detector(shutdown.child_token()));
     let ticker = jobs

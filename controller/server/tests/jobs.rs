@@ -1955,6 +1955,32 @@ async fn node_logs_are_proxied_from_the_agent_with_mtls() {
         "{}",
         err.message()
     );
+
+    // An agent that registered a plaintext URL is never called from a TLS cluster.
+    let _c = Sim::start_with(&lab, "c", &journal, Some("http://127.0.0.1:1".into())).await;
+    let on_c = pseudo("logs-c", 9802, "").replace("hosts = [\"a\"]", "hosts = [\"c\"]");
+    jobs.clone()
+        .submit_job(SubmitJobRequest {
+            job_toml: on_c,
+            file_name: "c.toml".into(),
+        })
+        .await
+        .expect("accepted on c");
+    let err = jobs
+        .clone()
+        .node_logs(UserLogsRequest {
+            job: "logs-c".into(),
+            node: "p-worker-0".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("plaintext agent");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(
+        err.message().contains("registered a plaintext http:// URL"),
+        "{}",
+        err.message()
+    );
     server.abort();
 }
 

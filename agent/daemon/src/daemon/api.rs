@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -173,8 +174,7 @@ impl<E: Engine> AgentNodeService for NodeApi<E> {
         let req = request.into_inner();
         check_image(&req.image)?;
         let runtime = self.runtime()?;
-        let timeout =
-            Some(std::time::Duration::from_millis(req.timeout_ms)).filter(|t| !t.is_zero());
+        let timeout = Some(Duration::from_millis(req.timeout_ms)).filter(|t| !t.is_zero());
         let started = runtime
             .pull_image(&req.image, timeout)
             .await
@@ -203,8 +203,24 @@ impl<E: Engine> NodeApi<E> {
     }
 }
 
+/// Time a caller has to finish its TLS handshake with the agent API.
+pub const API_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 keepalive of the agent API: a connection silent for interval + timeout (nothing
+/// read, not even a ping's answer) is closed.
+pub const API_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// See [`API_KEEPALIVE_INTERVAL`].
+pub const API_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Most connections the agent API keeps open at once; one more is closed at once. Only
+/// the controller calls it (a few connections); the cap bounds what a flood costs.
+pub const API_MAX_CONNECTIONS: usize = 64;
+/// Most concurrent calls (streams) on one connection.
+pub const API_MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Largest header block accepted (16 KiB).
+pub const API_MAX_HEADER_LIST_SIZE: u32 = 16 << 10;
+
 /// Serves the API on `addr` (binding retried with backoff until it works) until
-/// `shutdown`.
+/// `shutdown`: mTLS with a handshake deadline, HTTP/2 keepalive, an idle deadline per
+/// connection and at most [`API_MAX_CONNECTIONS`] of them (see [`geomx_proto::incoming`]).
 pub async fn serve<E: Engine>(
     ctx: Arc<Ctx<E>>,
     addr: SocketAddr,
@@ -228,9 +244,16 @@ pub async fn serve<E: Engine>(
             () = tokio::time::sleep(backoff.next_delay()) => {}
         }
     };
-    let mut builder = Server::builder();
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(API_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(API_KEEPALIVE_TIMEOUT))
+        .http2_max_header_list_size(API_MAX_HEADER_LIST_SIZE)
+        .max_concurrent_streams(API_MAX_STREAMS_PER_CONNECTION);
     if let Some(tls) = &tls {
-        builder = match builder.tls_config(tls.server_config_client_required()) {
+        builder = match builder.tls_config(
+            tls.server_config_client_required()
+                .timeout(API_TLS_HANDSHAKE_TIMEOUT),
+        ) {
             Ok(b) => b,
             Err(e) => {
                 warn!(error = %e, "cannot serve the agent API with TLS");
@@ -239,7 +262,14 @@ pub async fn serve<E: Engine>(
         };
     }
     let api = NodeApi::new(ctx.runtime.subscribe(), tls.is_some(), shutdown.clone());
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(30)));
+    let incoming = geomx_proto::incoming::guarded(
+        incoming,
+        API_KEEPALIVE_INTERVAL.saturating_add(API_KEEPALIVE_TIMEOUT),
+        API_MAX_CONNECTIONS,
+    );
     info!(%addr, mtls = tls.is_some(), "serving the agent API (AgentNodeService, controller only)");
     if let Err(e) = builder
         .add_service(AgentNodeServiceServer::new(api))

@@ -47,6 +47,13 @@ impl AgentConnector {
             .map_err(|e| unavailable(format!("bad URL: {e}")))?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true);
+        if url.starts_with("http://") && self.tls.is_some() {
+            // never call an agent in plaintext from a TLS cluster: a listener there could
+            // be anyone's
+            return Err(unavailable(
+                "the agent registered a plaintext http:// URL, and this controller calls agents over mTLS only (give the agent its TLS files, or run both insecure)".into(),
+            ));
+        }
         if url.starts_with("https://") {
             let Some(tls) = &self.tls else {
                 return Err(unavailable(

@@ -1,13 +1,18 @@
-//! The listening socket as the gRPC server sees it.
+//! The listening socket as a geomx gRPC server (the controller's API, the agent's API)
+//! sees it.
 //!
 //! * Every accepted connection gets a read idle timeout ([`IdleTimeout`]): a connection
-//!   from which nothing at all is read for [`crate::server::CONNECTION_IDLE_TIMEOUT`] is
-//!   closed. tonic bounds the TLS handshake ([`crate::server::TLS_HANDSHAKE_TIMEOUT`]) and
-//!   hyper's HTTP/2 keepalive closes an established connection that stops answering pings,
-//!   but nothing bounded the time between the two: a client that completed the TLS
-//!   handshake and never sent the HTTP/2 preface held its connection (and a file
-//!   descriptor) forever. A healthy HTTP/2 peer is never idle that long: the server pings
-//!   it after [`crate::server::HTTP2_KEEPALIVE_INTERVAL`] without a frame and it answers.
+//!   from which nothing at all is read for the server's idle timeout is closed. tonic
+//!   bounds the TLS handshake (`ServerTlsConfig::timeout`) and hyper's HTTP/2 keepalive
+//!   closes an established connection that stops answering pings, but nothing bounded the
+//!   time between the two: a client that completed the TLS handshake and never sent the
+//!   HTTP/2 preface held its connection (and a file descriptor) forever. A healthy HTTP/2
+//!   peer is never idle that long: the server pings it after its keepalive interval
+//!   without a frame and it answers.
+//! * At most `max_connections` connections are open at once ([`guarded`]): one more is
+//!   closed as soon as it is accepted (a flood of connections that never speak costs the
+//!   server nothing beyond the cap and holds each slot only until the idle timeout or the
+//!   handshake timeout).
 //! * An accept error other than a connection's own (out of file descriptors, out of
 //!   memory) backs off for [`ACCEPT_ERROR_BACKOFF`] instead of retrying at once: the
 //!   listener stays readable while the error lasts, and tonic's accept loop would spin.
@@ -17,9 +22,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 
@@ -34,6 +42,8 @@ pub struct IdleTimeout<T> {
     timeout: Duration,
     last_read: Instant,
     deadline: Pin<Box<Sleep>>,
+    /// The connection's slot under the server's cap, given back when it closes.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl<T> IdleTimeout<T> {
@@ -45,7 +55,13 @@ impl<T> IdleTimeout<T> {
             timeout,
             last_read: now,
             deadline: Box::pin(tokio::time::sleep_until(now + timeout)),
+            _slot: None,
         }
+    }
+
+    fn with_slot(mut self, slot: OwnedSemaphorePermit) -> Self {
+        self._slot = Some(slot);
+        self
     }
 }
 
@@ -137,30 +153,54 @@ fn is_connection_error(e: &io::Error) -> bool {
     )
 }
 
-/// The accepted connections of `listener`, each with a read idle timeout of `idle`. Never
-/// yields an error: connection errors are skipped, others are logged and backed off.
+/// The accepted connections of `listener`, each with a read idle timeout of `idle`, at most
+/// `max_connections` open at once (one more is closed at once, logged at most every 10 s).
+/// Never yields an error: connection errors are skipped, others are logged and backed off.
 pub fn guarded(
     listener: TcpIncoming,
     idle: Duration,
+    max_connections: usize,
 ) -> impl Stream<Item = io::Result<IdleTimeout<TcpStream>>> + Send + 'static {
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
     futures::stream::unfold(
-        (listener, None::<Instant>),
-        move |(mut listener, mut warned)| async move {
-            loop {
-                match listener.next().await? {
-                    Ok(tcp) => return Some((Ok(IdleTimeout::new(tcp, idle)), (listener, warned))),
-                    Err(e) if is_connection_error(&e) => {
-                        tracing::debug!(error = %e, "accept: connection error");
-                    }
-                    Err(e) => {
-                        if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
-                            tracing::warn!(
-                                error = %e,
-                                "cannot accept connections (backing off; warned at most every 10 s)"
-                            );
-                            warned = Some(Instant::now());
+        (listener, None::<Instant>, None::<Instant>),
+        move |(mut listener, mut warned, mut refused_at)| {
+            let slots = slots.clone();
+            async move {
+                loop {
+                    match listener.next().await? {
+                        Ok(tcp) => match slots.clone().try_acquire_owned() {
+                            Ok(slot) => {
+                                let conn = IdleTimeout::new(tcp, idle).with_slot(slot);
+                                return Some((Ok(conn), (listener, warned, refused_at)));
+                            }
+                            Err(_) => {
+                                if refused_at
+                                    .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
+                                {
+                                    tracing::warn!(
+                                        peer = ?tcp.peer_addr().ok(),
+                                        max_connections,
+                                        "too many connections: closing new ones (warned at most every 10 s)"
+                                    );
+                                    refused_at = Some(Instant::now());
+                                }
+                                drop(tcp);
+                            }
+                        },
+                        Err(e) if is_connection_error(&e) => {
+                            tracing::debug!(error = %e, "accept: connection error");
                         }
-                        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                        Err(e) => {
+                            if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                                tracing::warn!(
+                                    error = %e,
+                                    "cannot accept connections (backing off; warned at most every 10 s)"
+                                );
+                                warned = Some(Instant::now());
+                            }
+                            tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                        }
                     }
                 }
             }
@@ -201,6 +241,42 @@ mod tests {
             "{waited:?}"
         );
         assert!(err.to_string().contains("300ms"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed_and_slots_come_back() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut accepted = Box::pin(guarded(
+            TcpIncoming::from(listener),
+            Duration::from_secs(30),
+            2,
+        ));
+        let mut clients = Vec::new();
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            clients.push(TcpStream::connect(addr).await.expect("connect"));
+            held.push(accepted.next().await.expect("stream").expect("conn"));
+        }
+        // the third is closed by the server as soon as it is accepted
+        let mut third = TcpStream::connect(addr).await.expect("connect");
+        let next = tokio::time::timeout(Duration::from_millis(300), accepted.next()).await;
+        assert!(next.is_err(), "a third connection was handed to the server");
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+            .await
+            .expect("closed in time")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the third connection is closed");
+        // one held connection closes: a new one is served again
+        drop(held.pop());
+        let _fourth = TcpStream::connect(addr).await.expect("connect");
+        let conn = tokio::time::timeout(Duration::from_secs(5), accepted.next())
+            .await
+            .expect("served");
+        assert!(conn.is_some_and(|c| c.is_ok()));
     }
 
     #[tokio::test]
