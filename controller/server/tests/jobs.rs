@@ -1859,6 +1859,27 @@ async fn an_image_on_no_host_is_pinned_pulled_then_started() {
     server.abort();
 }
 
+/// Submits a pseudo job `logs-<host>` on `host` and asks for a worker's logs, which fails.
+async fn logs_on(jobs: &UserJobs, host: &str, port: u16) -> Status {
+    let toml = pseudo(&format!("logs-{host}"), port, "")
+        .replace("hosts = [\"a\"]", &format!("hosts = [\"{host}\"]"));
+    jobs.clone()
+        .submit_job(SubmitJobRequest {
+            job_toml: toml,
+            file_name: format!("{host}.toml"),
+        })
+        .await
+        .expect("accepted");
+    jobs.clone()
+        .node_logs(UserLogsRequest {
+            job: format!("logs-{host}"),
+            node: "p-worker-0".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("the agent cannot be asked")
+}
+
 #[tokio::test]
 async fn node_logs_are_proxied_from_the_agent_with_mtls() {
     let lab = Lab::start_with_jobs(options()).await;
@@ -1931,23 +1952,7 @@ async fn node_logs_are_proxied_from_the_agent_with_mtls() {
     assert_eq!(err.code(), Code::NotFound);
 
     // An unreachable agent: UNAVAILABLE, naming host and URL.
-    let other = pseudo("logs-b", 9801, "").replace("hosts = [\"a\"]", "hosts = [\"b\"]");
-    jobs.clone()
-        .submit_job(SubmitJobRequest {
-            job_toml: other,
-            file_name: "b.toml".into(),
-        })
-        .await
-        .expect("accepted on b");
-    let err = jobs
-        .clone()
-        .node_logs(UserLogsRequest {
-            job: "logs-b".into(),
-            node: "p-worker-0".into(),
-            ..Default::default()
-        })
-        .await
-        .expect_err("unreachable");
+    let err = logs_on(&jobs, "b", 9801).await;
     assert_eq!(err.code(), Code::Unavailable);
     assert!(
         err.message()
@@ -1958,23 +1963,7 @@ async fn node_logs_are_proxied_from_the_agent_with_mtls() {
 
     // An agent that registered a plaintext URL is never called from a TLS cluster.
     let _c = Sim::start_with(&lab, "c", &journal, Some("http://127.0.0.1:1".into())).await;
-    let on_c = pseudo("logs-c", 9802, "").replace("hosts = [\"a\"]", "hosts = [\"c\"]");
-    jobs.clone()
-        .submit_job(SubmitJobRequest {
-            job_toml: on_c,
-            file_name: "c.toml".into(),
-        })
-        .await
-        .expect("accepted on c");
-    let err = jobs
-        .clone()
-        .node_logs(UserLogsRequest {
-            job: "logs-c".into(),
-            node: "p-worker-0".into(),
-            ..Default::default()
-        })
-        .await
-        .expect_err("plaintext agent");
+    let err = logs_on(&jobs, "c", 9802).await;
     assert_eq!(err.code(), Code::Unavailable);
     assert!(
         err.message().contains("registered a plaintext http:// URL"),
