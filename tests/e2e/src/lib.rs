@@ -31,11 +31,16 @@ pub fn eventually<T>(
 /// A cluster on the lab's seed hosts (a, b, c) with a 3 s grace period and 500 ms
 /// heartbeats, as the job tests use it.
 pub fn seed_cluster() -> anyhow::Result<geomx_lab::Cluster> {
+    seed_cluster_with_grace(Duration::from_secs(3))
+}
+
+/// [`seed_cluster`] with another grace period (a host silent this long is lost).
+pub fn seed_cluster_with_grace(grace: Duration) -> anyhow::Result<geomx_lab::Cluster> {
     let lab = geomx_lab::Lab::up(geomx_lab::LabSpec::for_test().seed_hosts())?;
     Ok(geomx_lab::Cluster::up(
         lab,
         geomx_lab::ClusterSpec {
-            grace_period: Duration::from_secs(3),
+            grace_period: grace,
             heartbeat_interval: Duration::from_millis(500),
             ..geomx_lab::ClusterSpec::default()
         },

@@ -13,8 +13,11 @@ use geomx_e2e::{eventually, lab_tests_enabled};
 use geomx_lab::Cluster;
 use serde_json::Value;
 
+/// The seed hosts with the deployment's default grace period (10 s): these scenarios are
+/// about what a job may hold and mount, not about losing hosts, and the 128-worker job
+/// starting 136 containers on two cores held the agents' reports past the lab's usual 3 s.
 fn cluster() -> anyhow::Result<Cluster> {
-    geomx_e2e::seed_cluster()
+    geomx_e2e::seed_cluster_with_grace(Duration::from_secs(10))
 }
 
 /// A hips job: the central party on a, party p on b, party q on c, one worker each, with
