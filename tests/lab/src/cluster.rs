@@ -14,6 +14,7 @@ use crate::images::{PSNODE_IMAGE, build_psnode_image};
 use crate::lab::{HostSpec, Lab, LabHost};
 use crate::netns::Netns;
 use crate::process::LabProcess;
+use crate::registry::write_auth_file;
 
 /// The controller's gRPC port.
 pub const CONTROLLER_PORT: u16 = 7946;
@@ -181,6 +182,11 @@ impl Cluster {
     /// The lab underneath.
     pub fn lab(&self) -> &Lab {
         &self.lab
+    }
+
+    /// The lab underneath, to change it (its WAN links: [`Lab::set_link`]).
+    pub fn lab_mut(&mut self) -> &mut Lab {
+        &mut self.lab
     }
 
     /// The binaries in use.
@@ -411,6 +417,11 @@ impl Cluster {
         {
             text.push_str(&format!("pinned_subnet = \"{s}\"\n"));
         }
+        if let Some(reg) = self.lab.registry() {
+            let auth = self.registry_auth_file(&h.name);
+            write_auth_file(&auth, reg.addr, &reg.user, &reg.password)?;
+            text.push_str(&format!("registry_auth_file = \"{}\"\n", auth.display()));
+        }
         if self.spec.tls {
             text.push_str(&format!(
                 "\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
@@ -423,6 +434,33 @@ impl Cluster {
         }
         let file = self.agent_config_path(&h.name);
         std::fs::write(&file, text).map_err(|e| LabError::io(&file, e))
+    }
+
+    /// The agent of `host`'s `registry_auth_file` (written, mode 0600, with the lab
+    /// registry's credentials when the lab has a registry).
+    pub fn registry_auth_file(&self, host: &str) -> PathBuf {
+        self.lab.dir().join(host).join("registry-auth.json")
+    }
+
+    /// Overwrites the `registry_auth_file` of `host` with `user` and `password` for the lab's
+    /// registry (a wrong password, say); the agent reads it again for its next pull, so
+    /// nothing restarts. [`Cluster::reset_registry_auth`] puts the right ones back.
+    pub fn set_registry_auth(&self, host: &str, user: &str, password: &str) -> Result<()> {
+        let reg = self
+            .lab
+            .registry()
+            .ok_or_else(|| LabError::Setup(format!("lab {} runs no registry", self.lab.name())))?;
+        self.lab.host(host)?;
+        write_auth_file(&self.registry_auth_file(host), reg.addr, user, password)
+    }
+
+    /// Writes the lab registry's own credentials to the `registry_auth_file` of `host` again.
+    pub fn reset_registry_auth(&self, host: &str) -> Result<()> {
+        let reg = self
+            .lab
+            .registry()
+            .ok_or_else(|| LabError::Setup(format!("lab {} runs no registry", self.lab.name())))?;
+        self.set_registry_auth(host, &reg.user, &reg.password)
     }
 
     /// Starts the agent of `host` (again).

@@ -213,11 +213,11 @@ pub(crate) fn start(
         })?;
     write_private(&dir.join("htpasswd"), line.trim().as_bytes())?;
     let addr = SocketAddrV4::new(place.ip, REGISTRY_PORT);
-    let auth = base64(format!("{REGISTRY_USER}:{password}").as_bytes());
-    write_private(
+    write_auth_file(
         &dir.join("client").join("config.json"),
-        format!("{{\n  \"auths\": {{\n    \"{addr}\": {{ \"auth\": \"{auth}\" }}\n  }}\n}}\n")
-            .as_bytes(),
+        addr,
+        REGISTRY_USER,
+        &password,
     )?;
 
     let config = format!(
@@ -291,7 +291,18 @@ pub(crate) fn trust(dockerd_etc: &Path, reg: &Registry) -> Result<()> {
     Ok(())
 }
 
-fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+/// Writes a Docker `config.json` (mode 0600) holding `user` and `password` for the registry
+/// at `addr` (what `docker --config` and the agent's `registry_auth_file` read).
+pub fn write_auth_file(path: &Path, addr: SocketAddrV4, user: &str, password: &str) -> Result<()> {
+    let auth = base64(format!("{user}:{password}").as_bytes());
+    write_private(
+        path,
+        format!("{{\n  \"auths\": {{\n    \"{addr}\": {{ \"auth\": \"{auth}\" }}\n  }}\n}}\n")
+            .as_bytes(),
+    )
+}
+
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
