@@ -7,6 +7,7 @@
 //! geomx-bench deploy      [--runs 5] [--setting flat|geo|both]     (root: a lab)
 //! geomx-bench convergence [--cycles 5]                             (root: a lab)
 //! geomx-bench detection   [--reps 3]                               (root: a lab)
+//! geomx-bench pull        [--runs 1]                               (root: a lab)
 //! geomx-bench all [--quick] [--skip-lab]
 //! ```
 //!
@@ -27,6 +28,7 @@ mod footprint;
 mod heartbeats;
 mod labcluster;
 mod procfs;
+mod pull;
 mod report;
 mod wan;
 
@@ -65,6 +67,9 @@ enum Cmd {
     Convergence(ConvergenceArgs),
     /// A node crash → job Failed; an agent killed and cut off → host lost.
     Detection(DetectionArgs),
+    /// The MXNet image from the lab registry to 3 hosts over shaped WAN links: `geomxctl
+    /// pull` vs parallel `docker pull`.
+    Pull(PullArgs),
     /// Everything: footprint, heartbeats, dataplane, then in one lab cluster deploy,
     /// detection, convergence.
     All(AllArgs),
@@ -108,6 +113,15 @@ struct HeartbeatArgs {
     /// Keep the work directory (controller logs and state).
     #[arg(long)]
     keep: bool,
+}
+
+#[derive(Clone, Debug, Args)]
+struct PullArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Runs of geomx and of docker each, alternating which goes first [default: 1].
+    #[arg(long)]
+    runs: Option<usize>,
 }
 
 #[derive(Clone, Debug, Args)]
@@ -200,6 +214,7 @@ fn main() -> ExitCode {
         Cmd::Deploy(a) => deploy_cmd(&a),
         Cmd::Convergence(a) => in_cluster(&a.common, |bc| convergence(bc, &a)),
         Cmd::Detection(a) => in_cluster(&a.common, |bc| detection(bc, &a)),
+        Cmd::Pull(a) => pull_cmd(&a),
         Cmd::All(a) => all(&a),
     };
     match result {
@@ -284,6 +299,19 @@ fn dataplane(a: &DataplaneArgs) -> anyhow::Result<()> {
         bins: geomx_lab::Binaries::in_dir(&dir)?,
     })?;
     Line::new("dataplane_wan_target_ratio_095_met", w.wan_ratio() >= 0.95).print();
+    Ok(())
+}
+
+fn pull_cmd(a: &PullArgs) -> anyhow::Result<()> {
+    let dir = bins::bin_dir(a.common.bin_dir.as_deref())?;
+    warn_if_debug(&dir);
+    let r = pull::run(&pull::Options {
+        runs: a.runs.unwrap_or(1).max(1),
+        bins: geomx_lab::Binaries::in_dir(&dir)?,
+    })?;
+    if let Some(r) = r {
+        pull::report(&r);
+    }
     Ok(())
 }
 
