@@ -1498,7 +1498,7 @@ async fn refusals_happen_before_anything_starts() {
         .replace("geomx/test:1", "geomx/other:2")
         .replace("hosts = [\"c\"]", "hosts = [\"a\"]");
     let err = c.submit(&pulling).await.expect_err("unresolvable");
-    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
     assert!(
         err.message()
             .contains("image geomx/other:2 cannot be resolved to a digest")

@@ -185,8 +185,11 @@ fn failures_are_detected_reported_and_cleaned_up() -> anyhow::Result<()> {
     // refused before anything starts
     let unknown = small_job("unknown-host", "PSNODE_ITERATIONS = \"5\"", "")
         .replace(r#"hosts = ["b", "c"]"#, r#"hosts = ["b", "zz"]"#);
-    let no_image = small_job("no-image", "PSNODE_ITERATIONS = \"5\"", "")
-        .replace("lizonghango00o1/geomx:cpu-only", "geomx-test/absent:1");
+    // a job that may not pull an image its hosts lack (a pulling one is registry.rs's)
+    let no_image = small_job("no-image", "PSNODE_ITERATIONS = \"5\"", "").replace(
+        "image = \"lizonghango00o1/geomx:cpu-only\"",
+        "image = \"geomx-test/absent:1\"\nimage_pull = \"never\"",
+    );
     for (file, text, want) in [
         ("unknown.toml", unknown, "zz"),
         ("noimage.toml", no_image, "geomx-test/absent:1"),

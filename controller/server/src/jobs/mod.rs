@@ -502,19 +502,13 @@ impl Jobs {
             .pin_image(&mut plan)
             .instrument(span.clone())
             .await
+            // a refusal like placement's: nothing is stored, and the reason names every
+            // host's answer (not found, unauthorized, registry unreachable)
             .map_err(|s| {
-                Status::new(
-                    match s.code() {
-                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
-                            tonic::Code::Unavailable
-                        }
-                        _ => tonic::Code::FailedPrecondition,
-                    },
-                    format!(
-                        "job {name} cannot be placed, nothing was started: {}",
-                        s.message()
-                    ),
-                )
+                Status::failed_precondition(format!(
+                    "job {name} cannot be placed, nothing was started: {}",
+                    s.message()
+                ))
             })?;
         let idx = PlanIndex::new(plan)
             .map_err(|e| Status::invalid_argument(format!("{file_name}: {e}")))?;
