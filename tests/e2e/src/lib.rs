@@ -28,10 +28,10 @@ pub fn eventually<T>(
     }
 }
 
-/// A cluster on the lab's seed hosts (a, b, c) with a 3 s grace period and 500 ms
+/// A cluster on the lab's seed hosts (a, b, c) with the lab's 5 s grace period and 500 ms
 /// heartbeats, as the job tests use it.
 pub fn seed_cluster() -> anyhow::Result<geomx_lab::Cluster> {
-    seed_cluster_with_grace(Duration::from_secs(3))
+    seed_cluster_with_grace(Duration::from_secs(5))
 }
 
 /// [`seed_cluster`] with another grace period (a host silent this long is lost).

@@ -113,7 +113,9 @@ impl Default for ClusterSpec {
         ClusterSpec {
             tls: true,
             heartbeat_interval: Duration::from_millis(500),
-            grace_period: Duration::from_secs(3),
+            // ten heartbeats: short enough for the loss tests, long enough for a loaded
+            // 2-core CI machine running two labs of debug binaries
+            grace_period: Duration::from_secs(5),
             network_interval: Duration::from_secs(2),
             seed_subnets: false,
             psnode_image: true,

@@ -35,8 +35,6 @@ use super::{Ctx, Settings, convert, ports};
 
 /// How long one unary call (Register, Report) may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the list of images may be old in a report.
-const IMAGES_REFRESH: Duration = Duration::from_secs(2);
 
 /// A lazily connecting channel to the controller (mTLS unless insecure). Reconnects by
 /// itself; HTTP/2 keepalives notice a controller that vanished without closing.
@@ -431,7 +429,7 @@ pub async fn report_loop<E: Engine>(
     let mut last_report = Instant::now();
     let mut next = Instant::now();
     let mut errors = ErrorLog::default();
-    let mut images_at: Option<Instant> = None;
+    let mut inventory_rx = ctx.inventory.subscribe();
     loop {
         let progress_due = progress_pending.then(|| last_report + PULL_PROGRESS_EVERY);
         let wake = [debounce.deadline(), progress_due]
@@ -453,9 +451,8 @@ pub async fn report_loop<E: Engine>(
                 if !ok {
                     pull_rx = None;
                 } else if pulls_lifecycle(&runtime_pulls(&ctx)) != reported_pulls {
-                    // a pull started, retried or ended: report soon, with the images
-                    // a finished pull added
-                    images_at = None;
+                    // a pull started, retried or ended: report soon (the images a
+                    // finished pull added follow when the inventory has them)
                     debounce.changed(Instant::now());
                 } else {
                     progress_pending = true;
@@ -467,13 +464,19 @@ pub async fn report_loop<E: Engine>(
                 }
                 snapshots = runtime_rx.borrow_and_update().as_ref().map(|r| r.subscribe());
                 pull_rx = runtime_rx.borrow().as_ref().map(|r| r.subscribe_pulls());
-                images_at = None;
                 debounce.changed(Instant::now());
             }
             r = net_rx.changed() => {
                 if r.is_err() {
                     return;
                 }
+                debounce.changed(Instant::now());
+            }
+            r = inventory_rx.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                // the images or the capacity changed (a pull added one): report soon
                 debounce.changed(Instant::now());
             }
             r = registered_rx.changed() => {
@@ -497,14 +500,15 @@ pub async fn report_loop<E: Engine>(
             next = now + interval;
             continue;
         }
-        if images_at.is_none_or(|t| now.duration_since(t) >= IMAGES_REFRESH) {
-            refresh_images(&ctx).await;
-            images_at = Some(now);
-        }
         let (report, carried) = build_report(&ctx);
         reported = carried;
         reported_pulls = pulls_lifecycle(&runtime_pulls(&ctx));
-        let timeout = interval.clamp(Duration::from_secs(1), Duration::from_secs(5));
+        let grace = ctx
+            .registered
+            .borrow()
+            .as_ref()
+            .map(|r| Duration::from_millis(u64::from(r.grace_period_ms)));
+        let timeout = report_timeout(interval, grace);
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
             r = tokio::time::timeout(timeout, client.report(report)) => r,
@@ -550,22 +554,6 @@ pub async fn report_loop<E: Engine>(
     }
 }
 
-async fn refresh_images<E: Engine>(ctx: &Ctx<E>) {
-    let Some(rt) = ctx.runtime.borrow().clone() else {
-        return;
-    };
-    match tokio::time::timeout(Duration::from_secs(2), rt.image_details()).await {
-        Ok(Ok(images)) => {
-            *ctx.images.lock().unwrap_or_else(|p| p.into_inner()) = Some(images);
-        }
-        Ok(Err(e)) => debug!(error = %e, "listing images failed; reporting the last list"),
-        Err(_) => debug!("listing images timed out; reporting the last list"),
-    }
-    if let Ok(Ok(capacity)) = tokio::time::timeout(Duration::from_secs(2), rt.capacity()).await {
-        *ctx.capacity.lock().unwrap_or_else(|p| p.into_inner()) = capacity;
-    }
-}
-
 /// The pulls of the runtime (none without one).
 fn runtime_pulls<E: Engine>(ctx: &Ctx<E>) -> Vec<geomx_runtime::PullStatus> {
     ctx.runtime
@@ -590,6 +578,21 @@ fn pulls_lifecycle(pulls: &[geomx_runtime::PullStatus]) -> String {
             )
         })
         .collect()
+}
+
+/// How long a report may wait for its answer before the next one goes on a new connection.
+///
+/// A third of the grace period: a stuck connection is replaced early enough for a report
+/// on a new one (TLS handshake included) to arrive before the controller declares the host
+/// lost, and a controller that is merely slow (a loaded host) is not given up on after one
+/// heartbeat interval (each retry would add a handshake to its load). Never under the
+/// interval or 1 s, never over 10 s; without a known grace period, the interval (1 to 5 s).
+pub fn report_timeout(interval: Duration, grace: Option<Duration>) -> Duration {
+    let floor = interval.max(Duration::from_secs(1));
+    match grace.filter(|g| !g.is_zero()) {
+        Some(g) => (g / 3).clamp(floor.min(Duration::from_secs(10)), Duration::from_secs(10)),
+        None => interval.clamp(Duration::from_secs(1), Duration::from_secs(5)),
+    }
 }
 
 /// Longest a pull's progress waits for a report while it changes.
@@ -638,6 +641,32 @@ pub fn build_report<E: Engine>(ctx: &Ctx<E>) -> (HostReport, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn report_timeouts_follow_the_grace_period() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        // (interval, grace, timeout)
+        let table = [
+            (ms(500), Some(s(3)), s(1)),
+            (ms(500), Some(s(5)), ms(1666)),
+            (s(2), Some(s(10)), ms(3333)),
+            (s(2), Some(s(3)), s(2)),
+            (s(1), Some(s(60)), s(10)),
+            (s(30), Some(s(90)), s(10)),
+            (ms(200), Some(ms(600)), s(1)),
+            (ms(500), None, s(1)),
+            (s(3), None, s(3)),
+            (s(9), Some(Duration::ZERO), s(5)),
+        ];
+        for (interval, grace, want) in table {
+            let got = report_timeout(interval, grace);
+            assert!(
+                got.abs_diff(want) < ms(1),
+                "interval {interval:?} grace {grace:?}: {got:?}, want {want:?}"
+            );
+        }
+    }
 
     #[tokio::test]
     async fn the_route_source_towards_loopback_is_loopback() {

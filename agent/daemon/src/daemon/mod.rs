@@ -31,6 +31,7 @@ pub mod controller;
 pub mod convert;
 pub mod debounce;
 pub mod docker;
+pub mod inventory;
 pub mod leave;
 pub mod links;
 pub mod ports;
@@ -206,12 +207,14 @@ pub struct Ctx<E: Engine> {
     pub heartbeat_interval: watch::Sender<Duration>,
     /// Revision of the last desired state whose containers were applied.
     pub applied_revision: AtomicU64,
-    /// Images on the host (tags, digests, ids, sizes), refreshed by the reporter; `None`
+    /// Images on the host (tags, digests, ids, sizes), refreshed by [`inventory`]; `None`
     /// until Docker listed them once (reports then say `images_known: false`).
     pub images: Mutex<Option<Vec<geomx_runtime::ImageDetails>>>,
     /// The host's memory and CPUs as Docker sees them, refreshed with the images; unknown
     /// (zeros) until Docker answered once.
     pub capacity: Mutex<geomx_runtime::HostCapacity>,
+    /// Counts the changes of `images` and `capacity` (the reporter reports them soon).
+    pub inventory: watch::Sender<u64>,
     /// Asks the session to register again (a report was refused as unknown).
     pub reregister: Notify,
     /// Tells the session that reports get through again (skip the rest of its backoff).
@@ -293,6 +296,7 @@ pub fn start<S: EngineSource>(
         applied_revision: AtomicU64::new(0),
         images: Mutex::new(None),
         capacity: Mutex::new(geomx_runtime::HostCapacity::default()),
+        inventory: watch::Sender::new(0),
         reregister: Notify::new(),
         controller_back: Notify::new(),
         net_trigger: reconciler.trigger(),
@@ -374,6 +378,7 @@ pub fn start<S: EngineSource>(
         controller::session_loop(ctx.clone(), client.clone(), shutdown.clone())
             .instrument(span.clone()),
     );
+    tasks.spawn(inventory::run(ctx.clone(), shutdown.clone()).instrument(span.clone()));
     tasks.spawn(
         controller::report_loop(ctx.clone(), client, shutdown.clone()).instrument(span.clone()),
     );
