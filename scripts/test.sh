@@ -13,8 +13,8 @@ cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-echo "== build (the integration tests run the real binaries)"
-cargo build --workspace --bins --locked
+echo "== build (the integration tests run the real binaries; with the tests, so that nextest builds nothing again)"
+cargo build --workspace --all-targets --locked
 
 echo "== the real MXNet image's root file system (cached in /var/cache/geomx)"
 scripts/build-mxnet-image.sh

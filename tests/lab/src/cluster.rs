@@ -723,16 +723,32 @@ impl Cluster {
         }
     }
 
-    /// Waits until the job's phase is `phase` (e.g. "Running", "Succeeded").
+    /// Waits until the job's phase is `phase` (e.g. "Running", "Succeeded"); fails at once
+    /// when the job ended in another phase (Succeeded, Failed, Cancelled), with its reason.
     pub fn wait_phase(
         &self,
         name: &str,
         phase: &str,
         timeout: Duration,
     ) -> Result<serde_json::Value> {
-        self.wait_job(name, timeout, &format!("phase {phase}"), |j| {
-            j["phase"] == phase
-        })
+        let mut ended = None;
+        let j = self.wait_job(name, timeout, &format!("phase {phase}"), |j| {
+            let now = j["phase"].as_str().unwrap_or_default();
+            if now != phase && ["Succeeded", "Failed", "Cancelled"].contains(&now) {
+                ended = Some(j.clone());
+            }
+            now == phase || ended.is_some()
+        })?;
+        match ended {
+            None => Ok(j),
+            Some(j) => Err(LabError::JobEnded {
+                job: name.to_string(),
+                phase: j["phase"].as_str().unwrap_or_default().to_string(),
+                wanted: phase.to_string(),
+                reason: j["reason"].as_str().unwrap_or_default().to_string(),
+                status: j.to_string(),
+            }),
+        }
     }
 
     /// The names of the geomx containers (role containers and sandboxes) on `host`.

@@ -39,6 +39,22 @@ pub enum LabError {
         /// How long we waited.
         seconds: f64,
     },
+    /// A job ended in another phase than the one awaited (it can never reach it now).
+    #[error(
+        "job {job} ended {phase} while waiting for phase {wanted}: {reason} (last status: {status})"
+    )]
+    JobEnded {
+        /// The job.
+        job: String,
+        /// The phase it ended in.
+        phase: String,
+        /// The phase awaited.
+        wanted: String,
+        /// Its reason.
+        reason: String,
+        /// Its last status (JSON).
+        status: String,
+    },
     /// A precondition of the lab is not met (not root, missing tool, bad name ...).
     #[error("{0}")]
     Setup(String),
