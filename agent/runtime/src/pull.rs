@@ -192,6 +192,23 @@ impl std::fmt::Display for PullCause {
     }
 }
 
+impl PullCause {
+    /// `<cause>: <message>`, without saying the cause twice when Docker's message starts
+    /// with it ("unauthorized: authentication required", not "unauthorized: unauthorized:
+    /// authentication required").
+    pub fn explain(&self, message: &str) -> String {
+        let cause = self.to_string();
+        let lead = message.get(..cause.len());
+        if message.is_empty() {
+            cause
+        } else if lead.is_some_and(|l| l.eq_ignore_ascii_case(&cause)) {
+            message.to_owned()
+        } else {
+            format!("{cause}: {message}")
+        }
+    }
+}
+
 /// `30s`, `2m`, `1m30s`, `30m`, `1h`.
 pub fn format_duration(d: Duration) -> String {
     let s = d.as_secs();
@@ -784,7 +801,7 @@ async fn run_pull<E: Engine>(
         pm.update(&image, run, |s| {
             s.state = PullState::Failed;
             s.cause = Some(cause);
-            s.error = bounded(format!("{cause}: {message}"));
+            s.error = bounded(cause.explain(message));
         });
     };
     loop {
@@ -863,7 +880,7 @@ async fn run_pull<E: Engine>(
         if now + backoff >= deadline {
             fail(
                 PullCause::TimedOut(timeout),
-                &format!("last error: {cause}: {message}"),
+                &format!("last error: {}", cause.explain(&message)),
             );
             break;
         }
@@ -871,7 +888,7 @@ async fn run_pull<E: Engine>(
         pm.update(&image, run, |s| {
             s.state = PullState::Retrying;
             s.cause = Some(cause);
-            s.error = bounded(format!("{cause}: {message}"));
+            s.error = bounded(cause.explain(&message));
         });
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(config.backoff_max);
@@ -935,6 +952,38 @@ mod tests {
             assert_eq!(r.tag.as_deref(), tag, "{s}");
             assert_eq!(r.digest.as_deref(), digest, "{s}");
             assert_eq!(r.pull_reference(), pull, "{s}");
+        }
+    }
+
+    #[test]
+    fn a_cause_is_said_once() {
+        use PullCause::*;
+        let table = [
+            (
+                Unauthorized,
+                "unauthorized: authentication required",
+                "unauthorized: authentication required",
+            ),
+            (
+                Unauthorized,
+                "denied: requested access",
+                "unauthorized: denied: requested access",
+            ),
+            (
+                NotFound,
+                "Not found: manifest unknown",
+                "Not found: manifest unknown",
+            ),
+            (NotFound, "manifest unknown", "not found: manifest unknown"),
+            (Unreachable, "", "registry unreachable"),
+            (
+                DiskFull,
+                "no space left on device",
+                "disk full: no space left on device",
+            ),
+        ];
+        for (cause, message, want) in table {
+            assert_eq!(cause.explain(message), want, "{cause:?} {message:?}");
         }
     }
 
