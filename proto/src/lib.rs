@@ -23,6 +23,7 @@ pub mod v1 {
 pub mod config_file;
 pub mod incoming;
 pub mod pki;
+pub mod pulls;
 pub mod templates;
 pub mod tls;
 

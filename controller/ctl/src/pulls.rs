@@ -8,36 +8,7 @@ use std::time::Duration;
 use geomx_proto::v1::ImagePull;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// `120.0 MiB`.
-pub fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
-}
-
-/// One host's pull in words, for plain lines: `pulling 120.0 MiB of 450.0 MiB (26%), 3/7
-/// layers`, `retrying (attempt 2): registry unreachable`, `failed: not found`, `done`.
-pub fn pull_text(p: &ImagePull) -> String {
-    let bytes = if p.bytes_total > 0 {
-        format!(
-            "{} of {} ({}%)",
-            mib(p.bytes_done),
-            mib(p.bytes_total),
-            p.bytes_done.saturating_mul(100) / p.bytes_total
-        )
-    } else {
-        "starting".to_owned()
-    };
-    let layers = if p.layers_total > 0 {
-        format!(", {}/{} layers", p.layers_done, p.layers_total)
-    } else {
-        String::new()
-    };
-    match p.state.as_str() {
-        "done" => format!("done ({}{layers})", mib(p.bytes_total.max(p.bytes_done))),
-        "failed" => format!("failed: {}", p.error),
-        "retrying" => format!("retrying (attempt {}): {}", p.attempt, p.error),
-        _ => format!("pulling {bytes}{layers}"),
-    }
-}
+pub use geomx_proto::pulls::{mib, pull_text};
 
 /// What is shown of each host, to print a line only when it changed.
 #[derive(Debug, Default)]
@@ -165,23 +136,6 @@ mod tests {
             },
             ..Default::default()
         }
-    }
-
-    #[test]
-    fn texts() {
-        let m = 1 << 20;
-        assert_eq!(
-            pull_text(&pull("pulling", 12 * m, 48 * m)),
-            "pulling 12.0 MiB of 48.0 MiB (25%), 1/3 layers"
-        );
-        assert_eq!(
-            pull_text(&pull("retrying", 0, 0)),
-            "retrying (attempt 2): registry unreachable"
-        );
-        assert_eq!(
-            pull_text(&pull("failed", 0, 0)),
-            "failed: registry unreachable"
-        );
     }
 
     #[test]

@@ -1775,7 +1775,8 @@ async fn an_image_on_no_host_is_pinned_pulled_then_started() {
         .await;
     assert_eq!(job.phase, JobPhase::Pulling as i32);
     assert!(
-        job.reason.contains("pulling image") && job.reason.contains("b (10.0 MiB of 40.0 MiB)"),
+        job.reason.contains("pulling image")
+            && job.reason.contains("b (pulling 10.0 MiB of 40.0 MiB (25%)"),
         "{}",
         job.reason
     );

@@ -251,15 +251,15 @@ impl Pulls {
             .collect()
     }
 
-    /// The hosts still pulling, for a reason or an event: `b (120 MiB of 450 MiB),
-    /// c (retrying: registry unreachable)`.
+    /// The hosts still pulling, for a reason or an event: `b (pulling 120.0 MiB of
+    /// 450.0 MiB (26%), 3/7 layers), c (retrying (attempt 2): registry unreachable)`.
     pub fn pending_summary(&self) -> String {
         self.hosts
             .iter()
             .filter(|(_, h)| !h.present)
             .map(|(host, h)| match &h.last {
                 None => format!("{host} (not started)"),
-                Some(p) => format!("{host} ({})", progress_text(p)),
+                Some(p) => format!("{host} ({})", geomx_proto::pulls::pull_text(p)),
             })
             .collect::<Vec<_>>()
             .join(", ")
@@ -269,26 +269,6 @@ impl Pulls {
 /// Whether two references name the same pull (a digest reference with or without a tag).
 fn same_ref(a: &str, b: &str) -> bool {
     a == b || has_image(&[a.to_owned()], b)
-}
-
-/// One pull's progress in words: `120 MiB of 450 MiB`, `retrying (attempt 3): registry
-/// unreachable`, `failed: not found`.
-pub fn progress_text(p: &PullProgress) -> String {
-    let bytes = if p.bytes_total > 0 {
-        format!("{} of {}", mib(p.bytes_done), mib(p.bytes_total))
-    } else {
-        "starting".to_owned()
-    };
-    match p.state.as_str() {
-        "retrying" => format!("retrying (attempt {}): {}", p.attempt, p.error),
-        "failed" => format!("failed: {}", p.error),
-        "done" => format!("done, {bytes}"),
-        _ => bytes,
-    }
-}
-
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 /// What resolving a reference through an agent gave.
@@ -554,7 +534,7 @@ mod tests {
         };
         assert!(p.reported("b", Some(&[]), std::slice::from_ref(&progress)));
         assert!(!p.reported("b", Some(&[]), std::slice::from_ref(&progress)));
-        assert_eq!(p.pending_summary(), "b (1.0 MiB of 4.0 MiB)");
+        assert_eq!(p.pending_summary(), "b (pulling 1.0 MiB of 4.0 MiB (25%))");
         // images not known yet: nothing concluded
         assert!(!p.reported("b", None, &[]));
         assert!(p.reported("b", Some(&[image.to_owned()]), &[]));
