@@ -33,6 +33,36 @@ const MAX_PLANS: usize = 3;
 /// The first retry after a failed pass; doubled on each failure up to the interval.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 
+/// The retry delays after failed passes: [`FIRST_RETRY`], doubling with each failure in a
+/// row, never more than `cap` (the pass interval); a pass that succeeds starts it over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Backoff {
+    next: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    /// Before any failure, for retries of at most `cap`.
+    pub(crate) fn new(cap: Duration) -> Backoff {
+        Backoff {
+            next: FIRST_RETRY,
+            cap,
+        }
+    }
+
+    /// A pass failed: how long to wait before the next one.
+    pub(crate) fn failed(&mut self) -> Duration {
+        let wait = self.next.min(self.cap);
+        self.next = self.next.saturating_mul(2).min(self.cap);
+        wait
+    }
+
+    /// A pass succeeded: the next failure waits [`FIRST_RETRY`] again.
+    pub(crate) fn succeeded(&mut self) {
+        self.next = FIRST_RETRY;
+    }
+}
+
 /// What a pass tells its caller to do next (as kube-rs's `Action`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -441,7 +471,7 @@ impl Reconciler {
         let mut current: Option<DesiredNetwork> = desired.borrow_and_update().clone();
         let mut open = true;
         let mut last_error: Option<String> = None;
-        let mut retry = FIRST_RETRY;
+        let mut backoff = Backoff::new(self.config.interval);
         let trigger = self.trigger.clone();
         tokio::pin!(shutdown);
         loop {
@@ -450,7 +480,7 @@ impl Reconciler {
                 let result = self.pass(&d).await;
                 match &result {
                     Ok(outcome) => {
-                        retry = FIRST_RETRY;
+                        backoff.succeeded();
                         if last_error.take().is_some() {
                             info!(host = %self.config.host, "host network matches the desired state again");
                         }
@@ -460,8 +490,7 @@ impl Reconciler {
                     }
                     Err(e) => {
                         let msg = e.to_string();
-                        wait = retry.min(self.config.interval);
-                        retry = (retry * 2).min(self.config.interval);
+                        wait = backoff.failed();
                         if last_error.as_deref() != Some(msg.as_str()) {
                             warn!(host = %self.config.host, error = %msg, "network pass failed; retrying with backoff (next in {wait:?})");
                         } else {

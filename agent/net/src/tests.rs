@@ -979,3 +979,120 @@ async fn cleanup_removes_only_routes_inside_the_cluster() {
         ["192.168.50.0/24 via 10.1.1.50"]
     );
 }
+
+#[tokio::test]
+async fn a_pass_that_restarted_docker_asks_to_be_planned_again() {
+    use crate::Action;
+    let fake = FakeKernel::new();
+    let mut r = reconciler(&fake);
+    // the first pass writes the bip and restarts Docker: it stops there and requeues
+    let first = r.pass(&seed_a()).await.expect("first pass");
+    assert_eq!(first.action, Action::Requeue, "{:?}", first.changes);
+    assert!(
+        first
+            .changes
+            .iter()
+            .any(|c| matches!(c, Change::DockerRestarted { .. })),
+        "{:?}",
+        first.changes
+    );
+    assert_eq!(fake.host().restarts, 1);
+    assert_eq!(
+        r.last_applied(),
+        None,
+        "a requeued pass is not the last applied"
+    );
+    // the next one finishes the host and converges; the one after changes nothing
+    let second = r.pass(&seed_a()).await.expect("second pass");
+    assert_eq!(second.action, Action::Converged, "{:?}", second.changes);
+    assert_eq!(fake.host().geomx_routes().len(), 2);
+    assert_eq!(r.last_applied(), Some(&seed_a()));
+    let third = r.pass(&seed_a()).await.expect("third pass");
+    assert_eq!((third.action, third.changes), (Action::Converged, vec![]));
+    assert_eq!(fake.host().restarts, 1);
+}
+
+#[test]
+fn the_retry_delay_doubles_from_a_second_up_to_the_interval() {
+    use crate::reconcile::Backoff;
+    let s = Duration::from_secs;
+    let mut b = Backoff::new(s(10));
+    let waits: Vec<Duration> = (0..6).map(|_| b.failed()).collect();
+    assert_eq!(waits, [s(1), s(2), s(4), s(8), s(10), s(10)]);
+    // a success starts over
+    b.succeeded();
+    assert_eq!(b.failed(), s(1));
+    assert_eq!(b.failed(), s(2));
+    // an interval below a second is the delay from the first failure on
+    let mut short = Backoff::new(Duration::from_millis(300));
+    assert_eq!(short.failed(), Duration::from_millis(300));
+    assert_eq!(short.failed(), Duration::from_millis(300));
+    // a huge interval does not overflow
+    let mut long = Backoff::new(Duration::MAX);
+    for _ in 0..80 {
+        long.failed();
+    }
+    assert_eq!(long.failed(), Duration::MAX);
+}
+
+/// The loop: a pass that restarted Docker is followed by another at once (not after the
+/// interval), failed passes are retried after 1 s, then 2 s (not at the interval).
+#[tokio::test]
+async fn the_loop_requeues_after_a_restart_and_backs_off_after_failures() {
+    use std::time::Instant;
+    let fake = FakeKernel::new();
+    fake.host()
+        .fail_on("route replace 172.17.33.0/24", "Network is down");
+    let mut config = NetConfig::new("a");
+    config.docker_ready_timeout = Duration::from_millis(300);
+    config.interval = Duration::from_secs(60);
+    let mut r = Reconciler::new(config, fake.kernel());
+    let (_tx, rx) = watch::channel(Some(seed_a()));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // (when, the pass's action or None for a failure)
+    let passes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = passes.clone();
+    let task = tokio::spawn(async move {
+        r.run(
+            rx,
+            async {
+                let _ = stop_rx.await;
+            },
+            move |_, result| {
+                seen.lock()
+                    .expect("lock")
+                    .push((Instant::now(), result.as_ref().ok().map(|o| o.action)));
+            },
+        )
+        .await;
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while passes.lock().expect("lock").len() < 4 {
+        assert!(Instant::now() < deadline, "passes: {:?}", passes.lock());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(());
+    task.await.expect("loop ends on shutdown");
+    let passes = passes.lock().expect("lock").clone();
+    let actions: Vec<_> = passes.iter().map(|(_, a)| *a).collect();
+    assert_eq!(
+        actions[..4],
+        [Some(crate::Action::Requeue), None, None, None],
+        "the restart requeues; c's route fails from then on"
+    );
+    let gap = |i: usize| passes[i + 1].0 - passes[i].0;
+    // at once after the restart: well below the first retry and the interval
+    assert!(gap(0) < Duration::from_millis(900), "{:?}", gap(0));
+    // then 1 s and 2 s: growing, never the 60 s interval
+    let ms = Duration::from_millis;
+    assert!(
+        gap(1) >= ms(990) && gap(1) < Duration::from_secs(20),
+        "{:?}",
+        gap(1)
+    );
+    assert!(
+        gap(2) >= ms(1990) && gap(2) < Duration::from_secs(20),
+        "{:?}",
+        gap(2)
+    );
+}
