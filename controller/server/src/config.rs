@@ -643,6 +643,30 @@ mod tests {
     }
 
     #[test]
+    fn the_backend_comes_from_the_file_or_the_flag_and_is_checked() {
+        let (cfg, _) = load_text("insecure = true\n", &[]).unwrap();
+        assert_eq!(cfg.backend, "auto");
+        for b in ["auto", "host-gw", "wireguard", "vxlan"] {
+            let (cfg, _) =
+                load_text(&format!("insecure = true\nbackend = \"{b}\"\n"), &[]).unwrap();
+            assert_eq!(cfg.backend, b);
+        }
+        let (cfg, _) = load_text(
+            "insecure = true\nbackend = \"wireguard\"\n",
+            &["--backend", "vxlan"],
+        )
+        .unwrap();
+        assert_eq!(cfg.backend, "vxlan", "the flag wins");
+        let err = load_text("insecure = true\nbackend = \"weave\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("controller.toml:2:") && err.contains("\"weave\" is not a backend"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn shipped_example_is_valid() {
         let text = include_str!("../../../systemd/controller.toml.example");
         let dir = tempfile::tempdir().unwrap();

@@ -745,3 +745,52 @@ async fn health_and_reflection_need_no_credentials() {
         );
     }
 }
+
+/// The cluster's `backend` (controller.toml) is in every host's desired state, from the
+/// first one on; the default is "auto".
+#[tokio::test]
+async fn the_configured_backend_reaches_every_hosts_desired_state() {
+    for backend in ["wireguard", "vxlan", "auto"] {
+        let mut lab = Lab::start().await;
+        lab.stop().await;
+        let mut config = lab.config();
+        assert_eq!(config.backend, "auto", "the default");
+        config.backend = backend.into();
+        let running = geomx_controller::start_with_options(config, lab.job_options.clone())
+            .await
+            .expect("controller starts");
+        lab.addr = running.local_addr();
+        lab.controller = Some(running);
+
+        let hosts = ["a", "b", "c"];
+        let mut streams = Vec::new();
+        for h in hosts {
+            let mut client = lab.agent(h).await;
+            register(&mut client, h).await;
+            let stream = client
+                .watch(WatchRequest { host: h.into() })
+                .await
+                .expect("watch")
+                .into_inner();
+            streams.push((h, client, stream));
+        }
+        for (h, _client, stream) in &mut streams {
+            // every state carries it, from the first to the one naming every peer
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                let state =
+                    next_state(stream, deadline.saturating_duration_since(Instant::now())).await;
+                assert_eq!(state.host, *h);
+                assert_eq!(
+                    state.backend, backend,
+                    "{h}'s desired state revision {}",
+                    state.revision
+                );
+                if state.peers.len() == hosts.len() - 1 {
+                    break;
+                }
+            }
+        }
+        lab.stop().await;
+    }
+}
