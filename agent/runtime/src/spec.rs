@@ -370,6 +370,15 @@ impl ContainerSpec {
                     m.target
                 )));
             }
+            if m.kind == MountKind::Volume
+                && let Some((key, why)) =
+                    geomx_job::volume_options_problem(m.driver.as_deref(), &m.options)
+            {
+                return Err(invalid(format!(
+                    "volume {:?}: option {key}: {why}",
+                    m.source
+                )));
+            }
             if m.source.is_empty() || (m.kind == MountKind::Bind && !m.source.starts_with('/')) {
                 return Err(invalid(format!(
                     "mount source {:?} is not {}",
@@ -384,12 +393,15 @@ impl ContainerSpec {
         Ok(())
     }
 
-    /// The bind mounts' host paths.
+    /// The host paths the mounts bind: every bind mount's source, and the `device` of a
+    /// `local` volume whose options bind it ([`geomx_job::local_volume_bind_device`]).
     pub fn bind_sources(&self) -> impl Iterator<Item = &str> {
-        self.mounts
-            .iter()
-            .filter(|m| m.kind == MountKind::Bind)
-            .map(|m| m.source.as_str())
+        self.mounts.iter().filter_map(|m| match m.kind {
+            MountKind::Bind => Some(m.source.as_str()),
+            MountKind::Volume => {
+                geomx_job::local_volume_bind_device(m.driver.as_deref(), &m.options)
+            }
+        })
     }
 
     /// The complete environment of the container: the spec's env plus `GEOMX_JOB`,
@@ -868,6 +880,28 @@ mod tests {
             .unwrap_or_default();
         assert_eq!(driver.name.as_deref(), Some("local"));
         assert_eq!(driver.options.unwrap_or_default()["type"], "tmpfs");
+        assert_eq!(s.bind_sources().collect::<Vec<_>>(), ["/srv/a"]);
+
+        // a local volume whose options bind a host path: its device is a bind source (the
+        // runtime checks it exists and where it leads), and the job file's rules hold here
+        // too, for a desired state that did not come from a checked job file
+        let bind_opts = |device: &str| -> BTreeMap<String, String> {
+            [("type", "none"), ("o", "bind"), ("device", device)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        s.mounts[1].options = bind_opts("/srv/b");
+        s.mounts[1].driver = None;
+        assert!(s.validate().is_ok());
+        assert_eq!(s.bind_sources().collect::<Vec<_>>(), ["/srv/a", "/srv/b"]);
+        for device in ["/etc", "/", "/var/run/docker.sock", "/var/lib/docker"] {
+            s.mounts[1].options = bind_opts(device);
+            let err = s.validate().expect_err(device).to_string();
+            assert!(err.contains("option device"), "{err}");
+        }
+        s.mounts[1].options = [("type".to_string(), "proc".to_string())].into();
+        assert!(s.validate().is_err());
     }
 
     #[test]

@@ -35,8 +35,9 @@ mod validate;
 pub use compile::{CENTRAL_SCHEDULER, GLOBAL_SCHEDULER, MASTER_WORKER, compile};
 pub use error::{ErrorKind, JobError, JobErrors, MAX_REPORTED_PROBLEMS, UnresolvedAddress};
 pub use mounts::{
-    REFUSED_BIND_SOURCES, REFUSED_TARGETS, bind_source_problem, expand as expand_placeholders,
-    parse_size, target_problem, volume_name_problem,
+    LOCAL_VOLUME_TYPES, REFUSED_BIND_SOURCES, REFUSED_TARGETS, bind_source_problem,
+    expand as expand_placeholders, is_local_driver, local_volume_bind_device, parse_size,
+    target_problem, volume_name_problem, volume_options_problem,
 };
 pub use parse::{TOP_LEVEL_KEYS, parse};
 pub use plan::{

@@ -6,6 +6,8 @@
 //! own state, the Docker socket) are refused, and so is a placeholder that could expand
 //! into one of them (`/{party}` with a party named `etc`).
 
+use std::collections::BTreeMap;
+
 use crate::spec::MOUNT_PLACEHOLDERS;
 
 /// Host directories a bind source may not be or lie in (`*` ends a name prefix).
@@ -129,6 +131,89 @@ pub fn bind_source_problem(source: &str) -> Option<String> {
         format!(
             "{could} in {dir}, which is refused for bind mounts ({})",
             REFUSED_BIND_SOURCES.join(", ")
+        )
+    })
+}
+
+/// Filesystem types Docker's `local` volume driver may mount (its `type` option): network
+/// filesystems, tmpfs, and `none` (with `o = "bind"`: a host path, under the rules of a bind
+/// source). Any other type mounts a host device or a kernel filesystem: `ext4` of
+/// `/dev/sda1`, `proc` or `sysfs` of the host (writable `/proc/sys`), `devtmpfs`, an
+/// `overlay` whose `lowerdir` is `/etc`.
+pub const LOCAL_VOLUME_TYPES: [&str; 6] = ["nfs", "nfs4", "cifs", "smb3", "tmpfs", "none"];
+
+/// Whether `driver` is Docker's built-in `local` volume driver (also when none is named).
+pub fn is_local_driver(driver: Option<&str>) -> bool {
+    driver.is_none_or(|d| d == "local")
+}
+
+/// Whether a `local` volume's options bind-mount their `device`: `o` holds `bind` or
+/// `rbind` (any case), or `type` is `none` or `bind`.
+fn local_options_bind(options: &BTreeMap<String, String>) -> bool {
+    let binds = options.get("o").is_some_and(|o| {
+        o.split(',')
+            .map(|opt| opt.trim().to_ascii_lowercase())
+            .any(|opt| opt == "bind" || opt == "rbind")
+    });
+    let none = options
+        .get("type")
+        .is_some_and(|t| matches!(t.trim().to_ascii_lowercase().as_str(), "none" | "bind"));
+    binds || none
+}
+
+/// The host path a volume bind-mounts through its driver options: the `device` of a
+/// `local` volume whose options bind (see [`volume_options_problem`]); `None` for any other
+/// volume. The agent checks it like a bind source (it exists, it does not lead through a
+/// symlink where a bind source may not go).
+pub fn local_volume_bind_device<'a>(
+    driver: Option<&str>,
+    options: &'a BTreeMap<String, String>,
+) -> Option<&'a str> {
+    (is_local_driver(driver) && local_options_bind(options))
+        .then(|| options.get("device").map(String::as_str))
+        .flatten()
+}
+
+/// Why a volume's driver options are refused, if they are: the option to point at and the
+/// reason. With the `local` driver, options that bind (`o` with `bind`/`rbind`, `type`
+/// `none`) mount their `device`, a host path: it must pass [`bind_source_problem`]; and
+/// `type` must be one of [`LOCAL_VOLUME_TYPES`]. Other drivers' options are the driver's.
+pub fn volume_options_problem(
+    driver: Option<&str>,
+    options: &BTreeMap<String, String>,
+) -> Option<(&'static str, String)> {
+    if !is_local_driver(driver) {
+        return None;
+    }
+    if local_options_bind(options) {
+        let key = if options.contains_key("o") {
+            "o"
+        } else {
+            "type"
+        };
+        return match options.get("device") {
+            None => Some((
+                key,
+                "binds a host path (o \"bind\" or type \"none\") but names no device".to_string(),
+            )),
+            Some(device) => bind_source_problem(device).map(|why| {
+                (
+                    "device",
+                    format!(
+                        "device {device:?} {why}: the local driver bind-mounts it (o \"bind\" or type \"none\"), so the rules of a bind source apply"
+                    ),
+                )
+            }),
+        };
+    }
+    let ty = options.get("type")?;
+    (!LOCAL_VOLUME_TYPES.contains(&ty.as_str())).then(|| {
+        (
+            "type",
+            format!(
+                "type {ty:?}: the local driver may mount only {} (\"none\" with o \"bind\" binds a host path under the rules of a bind source); another type mounts a host device or kernel filesystem",
+                LOCAL_VOLUME_TYPES.join(", ")
+            ),
         )
     })
 }
@@ -303,6 +388,82 @@ mod tests {
         for bad in ["", "-x", "a/b", "a b", "{foo}", "x{"] {
             assert!(volume_name_problem(bad).is_some(), "{bad}");
         }
+    }
+
+    #[test]
+    fn local_volume_options() {
+        let opts = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let nfs = opts(&[
+            ("type", "nfs"),
+            ("o", "addr=10.1.1.2,rw"),
+            ("device", ":/exports/geomx"),
+        ]);
+        assert_eq!(volume_options_problem(None, &nfs), None);
+        assert_eq!(volume_options_problem(Some("local"), &nfs), None);
+        assert_eq!(local_volume_bind_device(None, &nfs), None);
+        let tmpfs = opts(&[("type", "tmpfs"), ("device", "tmpfs"), ("o", "size=64m")]);
+        assert_eq!(volume_options_problem(None, &tmpfs), None);
+        assert_eq!(volume_options_problem(None, &BTreeMap::new()), None);
+        let ok_bind = opts(&[
+            ("type", "none"),
+            ("o", "bind"),
+            ("device", "/srv/geomx/{party}"),
+        ]);
+        assert_eq!(volume_options_problem(None, &ok_bind), None);
+        assert_eq!(
+            local_volume_bind_device(Some("local"), &ok_bind),
+            Some("/srv/geomx/{party}")
+        );
+        for device in [
+            "/",
+            "/etc",
+            "/boot",
+            "/proc",
+            "/sys/kernel",
+            "/var/lib/docker",
+            "/var/lib/docker/volumes",
+            "/var/lib/geomx-agent",
+            "/run/docker.sock",
+            "/{party}",
+            "relative",
+        ] {
+            for (ty, o) in [
+                ("none", "bind"),
+                ("none", "rbind,ro"),
+                ("tmpfs", "ro, BIND"),
+                ("none", ""),
+            ] {
+                let bad = opts(&[("type", ty), ("o", o), ("device", device)]);
+                let (key, why) = volume_options_problem(None, &bad).expect(device);
+                assert_eq!(key, "device", "{device} {ty} {o}: {why}");
+                assert!(why.contains(&format!("{device:?}")), "{why}");
+            }
+        }
+        let no_device = opts(&[("type", "none"), ("o", "bind")]);
+        assert_eq!(
+            volume_options_problem(None, &no_device).map(|p| p.0),
+            Some("o")
+        );
+        for ty in ["ext4", "proc", "sysfs", "devtmpfs", "overlay", "cgroup2"] {
+            let bad = opts(&[("type", ty), ("device", "/dev/sda1")]);
+            assert_eq!(
+                volume_options_problem(None, &bad).map(|p| p.0),
+                Some("type"),
+                "{ty}"
+            );
+        }
+        // another driver's options are the driver's
+        let other = opts(&[("type", "none"), ("o", "bind"), ("device", "/etc")]);
+        assert_eq!(volume_options_problem(Some("rexray/ebs"), &other), None);
+        assert_eq!(local_volume_bind_device(Some("rexray/ebs"), &other), None);
+        // a host name that merely contains "bind" does not bind
+        let named = opts(&[("type", "nfs"), ("o", "addr=bindhost"), ("device", ":/x")]);
+        assert_eq!(volume_options_problem(None, &named), None);
     }
 
     #[test]

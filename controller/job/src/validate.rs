@@ -5,7 +5,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::mounts::{bind_source_problem, parse_size, target_problem, volume_name_problem};
+use crate::mounts::{
+    bind_source_problem, parse_size, target_problem, volume_name_problem, volume_options_problem,
+};
 use crate::spec::{
     CommandSpec, JobSpec, Mode, MountType, Network, PROGRESS_GROUPS, ROLE_CLASSES, RestartPolicy,
     SLICE_PLACEHOLDER, limits,
@@ -233,6 +235,14 @@ fn check_mounts(spec: &JobSpec, p: &mut Problems) {
                     format!("{ctx}options are for volumes only: a bind mount mounts a host path"),
                 );
             }
+        }
+        if m.kind == MountType::Volume
+            && let Some((key, why)) = volume_options_problem(m.driver.as_deref(), &m.options)
+        {
+            p.value(
+                format!("mount[{i}].options.{key}"),
+                format!("{ctx}volume option {why}"),
+            );
         }
         if let Some(driver) = &m.driver
             && (driver.is_empty()
