@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use geomx_job::{Mode, Network, Plan, Role};
+use geomx_job::{Cpus, Mode, Mount, MountType, Network, Plan, Role};
 
 fn example(name: &str) -> (String, String) {
     let path = format!("{}/../../examples/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -367,4 +367,117 @@ fn json_plan_has_the_documented_shape() {
     // Round trip.
     let back: Plan = serde_json::from_value(json).expect("plan");
     assert_eq!(back, plan);
+
+    // mounts: [{"type", "source", "target", "readonly"}], placeholders expanded
+    let plan = plan_of("hips-data-mounts.toml");
+    let json = serde_json::to_value(&plan).expect("json");
+    let nodes = json["nodes"].as_array().expect("nodes");
+    let mounts: Vec<&serde_json::Value> = nodes
+        .iter()
+        .flat_map(|n| n["mounts"].as_array().expect("mounts array"))
+        .collect();
+    assert!(mounts.len() >= 9, "{mounts:?}");
+    for m in &mounts {
+        let keys: Vec<&str> = m
+            .as_object()
+            .expect("mount object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys, ["readonly", "source", "target", "type"], "{m}");
+        assert!(m["type"] == "bind" || m["type"] == "volume", "{m}");
+        assert!(m["readonly"].is_boolean(), "{m}");
+        assert!(!m["source"].as_str().expect("source").contains('{'), "{m}");
+        assert!(
+            m["target"].as_str().expect("target").starts_with('/'),
+            "{m}"
+        );
+    }
+    let worker = nodes
+        .iter()
+        .find(|n| n["name"] == "beijing-worker-0")
+        .expect("beijing-worker-0");
+    assert_eq!(
+        worker["mounts"],
+        serde_json::json!([
+            { "type": "bind", "source": "/srv/geomx/beijing", "target": "/root/data", "readonly": true }
+        ])
+    );
+    let back: Plan = serde_json::from_value(json).expect("plan");
+    assert_eq!(back, plan);
+}
+
+/// `examples/hips-data-mounts.toml` (docs/job-file.md's three-site example) parses and
+/// compiles: every party's workers bind their own site's directory read-only, the master
+/// its directory, its script and the model volume, the schedulers and servers nothing; the
+/// limits of each role class as written, `all`'s for the others.
+#[test]
+fn hips_data_mounts_gives_every_site_its_own_data_and_the_master_its_volume() {
+    let plan = plan_of("hips-data-mounts.toml");
+    assert_eq!(plan.job, "hips-three-sites");
+    let mount = |kind: MountType, source: &str, target: &str, readonly: bool| Mount {
+        kind,
+        source: source.to_owned(),
+        target: target.to_owned(),
+        readonly,
+        driver: None,
+        options: BTreeMap::new(),
+    };
+    const GIB: u64 = 1 << 30;
+    let mut workers = 0;
+    for node in &plan.nodes {
+        match node.role {
+            Role::Worker => {
+                workers += 1;
+                let host = match node.party.as_str() {
+                    "beijing" => "b",
+                    "shanghai" => "c",
+                    "shenzhen" => "d",
+                    other => panic!("{}: party {other}", node.name),
+                };
+                assert_eq!(node.host, host, "{}", node.name);
+                let source = format!("/srv/geomx/{}", node.party);
+                assert_eq!(
+                    node.mounts,
+                    [mount(MountType::Bind, &source, "/root/data", true)],
+                    "{}",
+                    node.name
+                );
+                assert_eq!(node.resources.memory, Some(8 * GIB), "{}", node.name);
+                assert_eq!(node.resources.cpus, Some(Cpus(2.5)), "{}", node.name);
+                assert_eq!(node.resources.shm_size, Some(2 * GIB), "{}", node.name);
+            }
+            Role::MasterWorker => {
+                assert_eq!(node.host, "a");
+                assert_eq!(
+                    node.mounts,
+                    [
+                        mount(MountType::Bind, "/srv/geomx/central", "/root/data", true),
+                        mount(MountType::Bind, "/srv/geomx/train", "/root/train", true),
+                        mount(
+                            MountType::Volume,
+                            "geomx-hips-three-sites-model",
+                            "/root/output",
+                            false
+                        ),
+                    ]
+                );
+                assert_eq!(node.resources.memory, Some(8 * GIB));
+                assert_eq!(node.resources.cpus, Some(Cpus(2.0)));
+                assert_eq!(node.resources.shm_size, None);
+            }
+            _ => {
+                assert!(node.mounts.is_empty(), "{} mounts nothing", node.name);
+                assert_eq!(node.resources.memory, Some(2 * GIB), "{}", node.name);
+                assert_eq!(node.resources.cpus, Some(Cpus(1.0)), "{}", node.name);
+            }
+        }
+        assert_eq!(
+            node.resources.pids,
+            Some(geomx_job::DEFAULT_PIDS_LIMIT as u64),
+            "{}",
+            node.name
+        );
+    }
+    assert_eq!(workers, 6);
 }
