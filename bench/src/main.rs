@@ -203,6 +203,20 @@ struct AllArgs {
     /// Skip the benchmarks that need a lab (root, dockerd); also GEOMX_SKIP_LAB=1.
     #[arg(long)]
     skip_lab: bool,
+    /// Only these parts [default: all]: footprint, heartbeats, dataplane, cluster (deploy,
+    /// detection, convergence in one lab cluster), geo (deploy across data centers).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<Part>,
+}
+
+/// The parts of `geomx-bench all`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    Footprint,
+    Heartbeats,
+    Dataplane,
+    Cluster,
+    Geo,
 }
 
 fn main() -> ExitCode {
@@ -419,6 +433,7 @@ fn detection(bc: &mut BenchCluster, a: &DetectionArgs) -> anyhow::Result<()> {
 fn all(a: &AllArgs) -> anyhow::Result<()> {
     let common = a.common.clone();
     let skip_lab = a.skip_lab || skip_lab_env();
+    let part = |p: Part| a.only.is_empty() || a.only.contains(&p);
     let mut failed = Vec::new();
     let mut step = |name: &str, r: anyhow::Result<()>| {
         if let Err(e) = r {
@@ -426,108 +441,124 @@ fn all(a: &AllArgs) -> anyhow::Result<()> {
             failed.push(name.to_owned());
         }
     };
-    step(
-        "footprint",
-        footprint(&FootprintArgs {
-            common: common.clone(),
-            idle: None,
-            agent_window: None,
-            skip_lab,
-        }),
-    );
-    step(
-        "heartbeats",
-        heartbeats(&HeartbeatArgs {
-            common: common.clone(),
-            nodes: Vec::new(),
-            agents: None,
-            interval: Duration::from_secs(1),
-            warmup: None,
-            baseline: None,
-            paced: None,
-            saturated: None,
-            keep: false,
-        }),
-    );
+    if part(Part::Footprint) {
+        step(
+            "footprint",
+            footprint(&FootprintArgs {
+                common: common.clone(),
+                idle: None,
+                agent_window: None,
+                skip_lab,
+            }),
+        );
+    }
+    if part(Part::Heartbeats) {
+        step(
+            "heartbeats",
+            heartbeats(&HeartbeatArgs {
+                common: common.clone(),
+                nodes: Vec::new(),
+                agents: None,
+                interval: Duration::from_secs(1),
+                warmup: None,
+                baseline: None,
+                paced: None,
+                saturated: None,
+                keep: false,
+            }),
+        );
+    }
     if skip_lab {
         note("dataplane and the lab cluster benchmarks skipped (--skip-lab or GEOMX_SKIP_LAB=1)");
-        Line::new("dataplane_ratio", "skipped").print();
-        Line::new("deploy_ratio", "skipped").print();
-        Line::new("deploy_geo_ratio", "skipped").print();
-        Line::new("convergence_join_p50_s", "skipped").print();
-        Line::new("detection_node_crash_p50_s", "skipped").print();
+        if part(Part::Dataplane) {
+            Line::new("dataplane_ratio", "skipped").print();
+        }
+        if part(Part::Cluster) {
+            Line::new("deploy_ratio", "skipped").print();
+            Line::new("convergence_join_p50_s", "skipped").print();
+            Line::new("detection_node_crash_p50_s", "skipped").print();
+        }
+        if part(Part::Geo) {
+            Line::new("deploy_geo_ratio", "skipped").print();
+        }
     } else {
-        step(
-            "dataplane",
-            dataplane(&DataplaneArgs {
-                common: common.clone(),
-                reps: None,
-                seconds: None,
-                streams: 1,
-                no_overlay: false,
-            }),
-        );
-        // one cluster for deploy, detection and convergence (which adds a host, so it goes
-        // last); a failing benchmark does not stop the next
-        let mut inner: Vec<(String, anyhow::Error)> = Vec::new();
-        let r = in_cluster(&common, |bc| {
-            let mut run = |name: &str, r: anyhow::Result<()>| {
-                if let Err(e) = r {
-                    inner.push((name.to_owned(), e));
+        if part(Part::Dataplane) {
+            step(
+                "dataplane",
+                dataplane(&DataplaneArgs {
+                    common: common.clone(),
+                    reps: None,
+                    seconds: None,
+                    streams: 1,
+                    no_overlay: false,
+                }),
+            );
+        }
+        if part(Part::Cluster) {
+            // one cluster for deploy, detection and convergence (which adds a host, so it goes
+            // last); a failing benchmark does not stop the next
+            let mut inner: Vec<(String, anyhow::Error)> = Vec::new();
+            let r = in_cluster(&common, |bc| {
+                let mut run = |name: &str, r: anyhow::Result<()>| {
+                    if let Err(e) = r {
+                        inner.push((name.to_owned(), e));
+                    }
+                };
+                run(
+                    "deploy",
+                    deploy(
+                        bc,
+                        &DeployArgs {
+                            common: common.clone(),
+                            runs: None,
+                            setting: DeploySetting::Flat,
+                        },
+                    ),
+                );
+                run(
+                    "detection",
+                    detection(
+                        bc,
+                        &DetectionArgs {
+                            common: common.clone(),
+                            reps: None,
+                        },
+                    ),
+                );
+                run(
+                    "convergence",
+                    convergence(
+                        bc,
+                        &ConvergenceArgs {
+                            common: common.clone(),
+                            cycles: None,
+                        },
+                    ),
+                );
+                if inner.is_empty() {
+                    Ok(())
+                } else {
+                    anyhow::bail!("{} failed", inner.len())
                 }
-            };
-            run(
-                "deploy",
-                deploy(
-                    bc,
-                    &DeployArgs {
-                        common: common.clone(),
-                        runs: None,
-                        setting: DeploySetting::Flat,
-                    },
-                ),
-            );
-            run(
-                "detection",
-                detection(
-                    bc,
-                    &DetectionArgs {
-                        common: common.clone(),
-                        reps: None,
-                    },
-                ),
-            );
-            run(
-                "convergence",
-                convergence(
-                    bc,
-                    &ConvergenceArgs {
-                        common: common.clone(),
-                        cycles: None,
-                    },
-                ),
-            );
-            if inner.is_empty() {
-                Ok(())
-            } else {
-                anyhow::bail!("{} failed", inner.len())
+            });
+            for (name, e) in inner.drain(..) {
+                step(&name, Err(e));
             }
-        });
-        for (name, e) in inner.drain(..) {
-            step(&name, Err(e));
+            if let Err(e) = r {
+                // the cluster itself (up or down) failed, or the steps above did
+                step("lab cluster", Err(e));
+            }
         }
-        if let Err(e) = r {
-            // the cluster itself (up or down) failed, or the steps above did
-            step("lab cluster", Err(e));
+        if part(Part::Geo) {
+            step(
+                "deploy across data centers",
+                deploy_geo(&DeployArgs {
+                    common: common.clone(),
+                    runs: None,
+                    setting: DeploySetting::Geo,
+                }),
+            );
         }
-        step(
-            "deploy across data centers",
-            deploy_geo(&DeployArgs {
-                common: common.clone(),
-                runs: None,
-                setting: DeploySetting::Geo,
-            }),
-        );
     }
     if failed.is_empty() {
         Ok(())

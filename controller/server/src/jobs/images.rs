@@ -123,16 +123,16 @@ fn registry_digests(images: HostImages<'_>, image: &str) -> Option<BTreeSet<Stri
 /// Whether `refs` (a host's images) hold `wanted`: a `repo@sha256:...` exactly (Docker Hub's
 /// `docker.io/` and `library/` prefixes optional), a tag as [`image_matches`] says.
 pub fn has_image(refs: &[String], wanted: &str) -> bool {
+    refs.iter().any(|have| matches_ref(have, wanted))
+}
+
+/// Whether the image reference `have` (one of a host's) is `wanted`, as [`has_image`] says.
+fn matches_ref(have: &str, wanted: &str) -> bool {
     match wanted.split_once('@') {
-        Some((repo, digest)) => refs.iter().any(|have| {
-            have.split_once('@').is_some_and(|(r, d)| {
-                d == digest && normalize_repo(r) == normalize_repo(strip_tag(repo))
-            })
+        Some((repo, digest)) => have.split_once('@').is_some_and(|(r, d)| {
+            d == digest && normalize_repo(r) == normalize_repo(strip_tag(repo))
         }),
-        None => refs
-            .iter()
-            .filter(|h| !h.contains('@'))
-            .any(|have| image_matches(wanted, have)),
+        None => !have.contains('@') && image_matches(wanted, have),
     }
 }
 
@@ -268,7 +268,7 @@ impl Pulls {
 
 /// Whether two references name the same pull (a digest reference with or without a tag).
 fn same_ref(a: &str, b: &str) -> bool {
-    a == b || has_image(&[a.to_owned()], b)
+    a == b || matches_ref(a, b)
 }
 
 /// What resolving a reference through an agent gave.
