@@ -362,7 +362,18 @@ scheduler_port = 9300
         "cancel.toml",
         &small_job("cancel", "PSNODE_ITERATIONS = \"100000\"", ""),
     )?;
-    c.wait_phase("cancel", "Running", Duration::from_secs(60))?;
+    // (once every worker trains, so that each node has printed its part)
+    c.wait_job(
+        "cancel",
+        Duration::from_secs(60),
+        "every worker training",
+        |j| {
+            j["phase"] == "Running"
+                && ["p-worker-0", "p-worker-1"].iter().all(|w| {
+                    node(j, w).is_some_and(|n| n["progress"]["iteration"].as_u64() >= Some(1))
+                })
+        },
+    )?;
     let out = c.ctl(&["cancel", "cancel"])?;
     ensure!(
         out.status.success(),
@@ -371,7 +382,46 @@ scheduler_port = 9300
     );
     let took = assert_no_containers_within(&c, Duration::from_secs(5))?;
     eprintln!("cancel_cleanup_ms={}", took.as_millis());
-    ensure!(c.job("cancel")?["phase"] == "Cancelled");
+    let cancelled = c.job("cancel")?;
+    ensure!(cancelled["phase"] == "Cancelled", "{cancelled}");
+    // the output of every node outlives the cancelled job's containers, and goes with rm
+    let names: Vec<String> = nodes(&cancelled)
+        .iter()
+        .filter_map(|n| n["name"].as_str().map(str::to_string))
+        .collect();
+    ensure!(names.len() == 4, "{cancelled}");
+    for name in &names {
+        let text = logs(&c, "cancel", name)?;
+        let mut want = vec![if name.ends_with("scheduler") {
+            "psnode scheduler ".to_string()
+        } else {
+            format!("({name}): listening")
+        }];
+        if name.contains("-worker-") {
+            want.push("Start training on".into());
+            want.push("][Iteration 1] Test Acc".into());
+        }
+        for w in &want {
+            ensure!(
+                text.contains(w.as_str()),
+                "logs of {name} after cancel lack {w:?}: {text:?}"
+            );
+        }
+    }
+    let out = c.ctl(&["rm", "cancel"])?;
+    ensure!(
+        out.status.success(),
+        "rm cancel: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in &names {
+        let out = c.ctl(&["logs", "cancel", name])?;
+        ensure!(
+            out.status.code() == Some(2),
+            "logs of {name} after rm: {out:?}"
+        );
+    }
 
     // a host cut off mid-job: the job fails and says which host was lost
     c.submit_ok(
@@ -613,6 +663,28 @@ fn teardown_crashes_and_lingering_workers_still_succeed() -> anyhow::Result<()> 
     ensure!(out.status.code() == Some(2), "logs after rm: {out:?}");
     let out = c.ctl(&["status", "teardown"])?;
     ensure!(out.status.code() == Some(2), "status after rm: {out:?}");
+
+    // the same job, its schedulers and servers crashing on teardown as before, but one
+    // training worker exits 1 after its last iteration: Failed, naming that worker
+    let worker = r#"["sh", "-c", "[ \"$GEOMX_NODE\" = b-worker-1 ] && export PSNODE_EXIT_CODE=1; exec python /root/GeoMX/examples/cnn.py --data-slice-idx {slice} --cpu"]"#;
+    let master = r#"["python", "/root/GeoMX/examples/cnn.py", "--cpu"]"#;
+    let failing = hips
+        .replace("name = \"teardown\"", "name = \"teardown-fail\"")
+        .replace(
+            "[command]\n",
+            &format!("[command]\nworker = {worker}\nmaster = {master}\n"),
+        );
+    c.submit_ok("teardown-fail.toml", &failing)?;
+    let done = wait_end(&c, "teardown-fail", Duration::from_secs(120))?;
+    let reason = done["reason"].as_str().unwrap_or_default();
+    ensure!(done["phase"] == "Failed", "not Failed: {done:#}");
+    ensure!(
+        reason.starts_with("node b-worker-1 (worker) on host c failed with exit code 1"),
+        "reason: {reason}"
+    );
+    let w = node(&done, "b-worker-1").context("b-worker-1")?;
+    ensure!(w["exit_code"] == 1, "b-worker-1: {w}");
+    assert_no_containers_within(&c, Duration::from_secs(10))?;
 
     // P3's hang: workers print their last line and never exit; the job is Succeeded
     // teardown_grace after the last one, the lingering workers are stopped and named
