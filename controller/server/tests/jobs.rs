@@ -1107,10 +1107,11 @@ async fn restart_on_failure_starts_a_new_generation() {
         .into_iter()
         .find(|e| e.kind == "Restarting")
         .expect("event");
+    // the whole reason: node, host, exit code and log tail
     assert!(
-        restarting
-            .message
-            .starts_with("restart 1 of 2 after: node q-worker-0"),
+        restarting.message.starts_with(
+            "restart 1 of 2 after: node q-worker-0 (worker) on host c failed with exit code 7"
+        ) && restarting.message.ends_with("last log lines:\n  oops"),
         "{}",
         restarting.message
     );
@@ -2231,4 +2232,142 @@ async fn a_job_past_a_hosts_state_limit_is_refused_and_a_small_job_still_runs_th
     c.wait_phase("small", JobPhase::Running, Duration::from_secs(30))
         .await;
     assert!(asked.elapsed() < Duration::from_secs(30));
+}
+
+/// The lines of a node's [`UserJobs::node_logs`] answer, with whether they are stderr.
+async fn logs_of(jobs: &UserJobs, job: &str, node: &str) -> Vec<(bool, String)> {
+    let mut stream = jobs
+        .clone()
+        .node_logs(UserLogsRequest {
+            job: job.into(),
+            node: node.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("logs of {node}: {e}"))
+        .into_inner();
+    let mut lines = Vec::new();
+    while let Some(chunk) = stream.message().await.expect("stream ok") {
+        lines.extend(chunk.lines.into_iter().map(|l| (chunk.stderr, l)));
+    }
+    lines
+}
+
+/// Issue 17, item 4: the controller keeps the last lines of every node that ended, not only
+/// of failed ones (also a tail that comes in a report after the end), in its store, and
+/// `NodeLogs` answers from them, saying so, when the node's host cannot serve the output:
+/// its agent unreachable, then the host removed.
+#[tokio::test]
+async fn the_last_lines_of_every_ended_node_outlive_its_host() {
+    let lab = Lab::start_with_jobs(options()).await;
+    let journal: Journal = Arc::default();
+    let mut sims = BTreeMap::new();
+    // the agent of host b cannot be reached for logs
+    sims.insert(
+        "b".to_owned(),
+        Sim::start_with(&lab, "b", &journal, Some("https://127.0.0.1:1".into())).await,
+    );
+    let jobs = lab.user_jobs(&lab.pki.token).await;
+    let mut c = Cluster {
+        lab,
+        journal,
+        sims,
+        jobs,
+    };
+    let j = "kept";
+    let toml = pseudo(j, 9810, "").replace("hosts = [\"a\"]", "hosts = [\"b\"]");
+    c.submit(&toml).await.expect("accepted");
+    let job = c
+        .wait_phase(j, JobPhase::Running, Duration::from_secs(5))
+        .await;
+    let names: Vec<String> = job.nodes.iter().map(|n| n.name.clone()).collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    let tail = |name: &str| vec![format!("{name}: a line"), format!("{name}: its last line")];
+    let (training, others): (Vec<&String>, Vec<&String>) =
+        names.iter().partition(|n| n.contains("-worker-"));
+    assert_eq!(training.len(), 2, "{names:?}");
+    // the scheduler and the server exit 0 first (the job goes on), the server's tail only
+    // in a later report
+    let server: &String = others
+        .iter()
+        .find(|n| n.contains("-server"))
+        .expect("a server");
+    for &n in &others {
+        let lines = if n == server { Vec::new() } else { tail(n) };
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        c.sim("b").exit(j, n, 0, &lines);
+    }
+    c.wait(j, Duration::from_secs(3), |job| {
+        others
+            .iter()
+            .all(|n| state_of(job, n) == ContainerState::Exited as i32)
+    })
+    .await;
+    c.sim("b").set(j, server, |n| n.log_tail = tail(server));
+    c.wait(j, Duration::from_secs(3), |job| {
+        node(job, server)
+            .status
+            .as_ref()
+            .is_some_and(|s| s.log_tail == tail(server))
+    })
+    .await;
+    assert_eq!(c.get(j).await.phase, JobPhase::Running as i32);
+    for n in &training {
+        let lines = tail(n);
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        c.sim("b").exit(j, n, 0, &lines);
+    }
+    c.wait_phase(j, JobPhase::Succeeded, Duration::from_secs(3))
+        .await;
+    c.wait_no_containers(j, Duration::from_secs(2)).await;
+
+    // kept in the store: after a restart, before any agent reported, every node's tail
+    for s in c.sims.values_mut() {
+        s.stop();
+    }
+    c.lab.restart().await;
+    c.jobs = c.lab.user_jobs(&c.lab.pki.token).await;
+    let job = c.get(j).await;
+    for n in &names {
+        let st = node(&job, n).status.as_ref().expect("status");
+        assert_eq!(st.state, ContainerState::Exited as i32, "{n}");
+        assert_eq!(st.log_tail, tail(n), "the tail of {n} (exited 0)");
+    }
+
+    // the agent cannot be reached: the kept lines, saying so
+    let kept_note = |why: &str| format!("geomx: {why}; the last 2 lines the controller kept:");
+    for n in &names {
+        let lines = logs_of(&c.jobs, j, n).await;
+        let (stderr, note) = lines.first().cloned().unwrap_or_default();
+        assert!(
+            stderr
+                && note
+                    .starts_with("geomx: cannot reach the agent of host b at https://127.0.0.1:1")
+                && note.ends_with("; the last 2 lines the controller kept:"),
+            "{n}: {lines:?}"
+        );
+        let rest: Vec<(bool, String)> = tail(n).into_iter().map(|l| (false, l)).collect();
+        assert_eq!(lines[1..], rest[..], "{n}");
+    }
+
+    // the host is lost (silent since the restart), then removed: the kept lines still
+    let hosts = c.lab.user_hosts(&c.lab.pki.token).await;
+    let deadline = Instant::now() + GRACE * 5;
+    loop {
+        let removed = hosts
+            .clone()
+            .remove_host(geomx_proto::v1::HostRequest { name: "b".into() })
+            .await;
+        match removed {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "host b not removed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in &names {
+        let lines = logs_of(&c.jobs, j, n).await;
+        let mut want = vec![(true, kept_note("host b is not registered any more"))];
+        want.extend(tail(n).into_iter().map(|l| (false, l)));
+        assert_eq!(lines, want, "{n}");
+    }
 }
