@@ -648,6 +648,39 @@ mod tests {
         assert!(running.contains("progress: iteration 40"));
     }
 
+    /// Issue 17, item 7: the last screen of an ended job shows how each node ended (the
+    /// controller's `end`), never `running`, whatever its host reported last.
+    #[test]
+    fn the_last_screen_of_an_ended_job_shows_no_node_running() {
+        let mut j = job(JobPhase::Succeeded);
+        j.running_nodes = 0;
+        j.reason = "all 2 training workers exited 0".into();
+        j.nodes[0].end = "stopped by geomx when the job ended".into();
+        for w in &mut j.nodes[1..] {
+            w.end = "exited 0".into();
+        }
+        let block = live_block(&j, Duration::from_secs(9));
+        assert!(
+            block.starts_with("job j: Succeeded (0/3 nodes running"),
+            "{block}"
+        );
+        let rows: Vec<&str> = block.lines().skip(2).collect();
+        assert_eq!(rows.len(), 3, "{block}");
+        for (row, end) in rows.iter().zip([
+            "stopped by geomx when the job ended",
+            "exited 0",
+            "exited 0",
+        ]) {
+            assert!(row.ends_with(end) && !row.contains("running"), "{row}");
+        }
+        let end = ending(&j);
+        assert_eq!(
+            end.lines().next().map(|l| l.contains("running")),
+            Some(false),
+            "{end}"
+        );
+    }
+
     #[test]
     fn endings() {
         let mut j = job(JobPhase::Failed);
