@@ -42,17 +42,59 @@ dcs = ["dc2", "dc3"]
 delay = "5ms"
 "#;
 
-fn geo_cluster() -> anyhow::Result<Cluster> {
+/// The geo lab's cluster, and a2's network as it was before any agent ran (what cleanup
+/// must give back).
+fn geo_cluster() -> anyhow::Result<(Cluster, HostNet)> {
     let file = parse_topology("geo.toml", TOPOLOGY)?;
     let lab = Lab::up(LabSpec::for_test().topology(file))?;
-    Ok(Cluster::up(
+    let pristine_a2 = host_net(lab.host("a2")?)?;
+    let c = Cluster::up(
         lab,
         ClusterSpec {
             network_interval: Duration::from_secs(1),
             ..ClusterSpec::default()
         },
         Binaries::find()?,
-    )?)
+    )?;
+    Ok((c, pristine_a2))
+}
+
+/// A host's network as `geomx-agent cleanup` must give it back: every IPv4 route of every
+/// table, the links (`ip -o link`, without interface indexes), `iptables-save` without
+/// counters, and daemon.json.
+#[derive(Debug, PartialEq)]
+struct HostNet {
+    routes: String,
+    links: String,
+    iptables: String,
+    daemon_json: String,
+}
+
+fn host_net(host: &LabHost) -> anyhow::Result<HostNet> {
+    let mut links: Vec<String> = host
+        .run(&["ip", "-o", "link", "show"])?
+        .lines()
+        .map(|l| match l.split_once(": ") {
+            Some((index, rest)) if index.chars().all(|c| c.is_ascii_digit()) => rest.to_string(),
+            _ => l.to_string(),
+        })
+        .collect();
+    links.sort();
+    Ok(HostNet {
+        routes: host.netns().routes()?,
+        links: links.join("\n"),
+        iptables: host.netns().iptables_save()?,
+        daemon_json: std::fs::read_to_string(host.dockerd()?.daemon_json())?,
+    })
+}
+
+/// The lines of `after` not in `before` (+) and of `before` not in `after` (-).
+fn line_diff(before: &str, after: &str) -> String {
+    let (b, a): (BTreeSet<&str>, BTreeSet<&str>) =
+        (before.lines().collect(), after.lines().collect());
+    let mut out: Vec<String> = b.difference(&a).map(|l| format!("- {l}")).collect();
+    out.extend(a.difference(&b).map(|l| format!("+ {l}")));
+    out.join("\n")
 }
 
 /// A capture in the WAN router, started and known to be listening.
@@ -150,6 +192,150 @@ fn transfer(
         anyhow::bail!("unexpected peer {peer}");
     };
     Ok((got, seen, got as f64 * 8.0 / secs))
+}
+
+/// Container to container between the long-lived containers `x` and `y`, in both
+/// directions: a ping, then `bytes` over TCP that arrive whole from the sender's own
+/// container address (no NAT inside the cluster). Returns the rates in Mbit/s.
+fn both_ways(
+    x: (&LabHost, &str),
+    y: (&LabHost, &str),
+    bytes: u64,
+    what: &str,
+) -> anyhow::Result<Vec<f64>> {
+    let mut rates = Vec::new();
+    for ((src, from), (dst, to)) in [(x, y), (y, x)] {
+        let to_ip = dst.dockerd()?.container_ip(to)?;
+        src.dockerd()?
+            .docker(&[
+                "exec",
+                from,
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "3",
+                &to_ip.to_string(),
+            ])
+            .with_context(|| format!("{what}: ping {to} ({to_ip}) from {from}"))?;
+        let (got, seen, rate) = transfer(src, from, dst, to, bytes)
+            .with_context(|| format!("{what}: {from} -> {to}"))?;
+        let from_ip = src.dockerd()?.container_ip(from)?;
+        eprintln!(
+            "{what} {from} -> {to}: {got} bytes at {:.0} Mbit/s, source {seen}",
+            rate / 1e6
+        );
+        ensure!(
+            got == bytes,
+            "{what} {from} -> {to}: {got} of {bytes} bytes"
+        );
+        ensure!(
+            seen == from_ip,
+            "{what}: {to} saw {seen}, not {from}'s {from_ip} (NAT?)"
+        );
+        rates.push(rate / 1e6);
+    }
+    Ok(rates)
+}
+
+/// A lab host and the name of its long-lived container.
+type Placed = (&'static str, &'static str);
+
+/// The data-center pairs of [`TOPOLOGY`] through the test's containers: dc1-dc2, dc1-dc3,
+/// dc2-dc3.
+const DC_PAIRS: [(Placed, Placed); 3] = [
+    (("a", "box-a"), ("b", "box-b")),
+    (("a", "box-a"), ("c", "box-c")),
+    (("b", "box-b"), ("c", "box-c")),
+];
+
+/// [`both_ways`] for every data-center pair.
+fn every_dc_pair(c: &Cluster, bytes: u64, what: &str) -> anyhow::Result<()> {
+    let lab = c.lab();
+    for ((hx, nx), (hy, ny)) in DC_PAIRS {
+        both_ways((lab.host(hx)?, nx), (lab.host(hy)?, ny), bytes, what)?;
+    }
+    Ok(())
+}
+
+/// `geomx-agent cleanup` on `host` with its agent stopped first (the lock refuses
+/// otherwise); returns what it printed.
+fn cleanup_host(c: &Cluster, host: &LabHost) -> anyhow::Result<String> {
+    c.agent(&host.name).stop(Duration::from_secs(10))?;
+    let d = host.dockerd()?;
+    let bin = c.binaries().agent.display().to_string();
+    let state = c.agent_state_dir(&host.name)?.display().to_string();
+    Ok(host.run(&[
+        bin.as_str(),
+        "--state-dir",
+        &state,
+        "--daemon-json",
+        &d.daemon_json().display().to_string(),
+        "--docker-host",
+        &d.url(),
+        "--docker-restart-command",
+        &d.restart_script().display().to_string(),
+        "cleanup",
+    ])?)
+}
+
+/// Cleanup on a2 while it still tunnels to b and c through geomx-wg: the interface, its
+/// routes and geomx's chains go, Docker's chains stay, and a2's routes (every table), links,
+/// rules and daemon.json are again what they were before its agent first ran. a2's agent
+/// stays stopped (the VXLAN phase starts it again).
+fn cleanup_restores_a_wireguard_host(c: &Cluster, pristine: &HostNet) -> anyhow::Result<()> {
+    let a2 = c.lab().host("a2")?;
+    ensure!(
+        wg_peers(a2)?.len() == 2,
+        "a2 does not tunnel to b and c: {:?}",
+        wg_peers(a2)
+    );
+    let routes = geomx_routes(a2)?;
+    ensure!(
+        routes.iter().filter(|r| r.contains("dev geomx-wg")).count() == 2,
+        "a2's routes: {routes:?}"
+    );
+    // containers gone first (their veths are no part of the host before geomx)
+    a2.dockerd()?.remove_all_containers()?;
+    let out = cleanup_host(c, a2)?;
+    eprintln!("cleanup on a2:\n{}", out.trim());
+    ensure!(
+        out.contains("deleted WireGuard interface geomx-wg") && out.contains("deleted chain"),
+        "{out}"
+    );
+    ensure!(
+        a2.run(&["ip", "link", "show", "dev", "geomx-wg"]).is_err(),
+        "geomx-wg still there"
+    );
+    ensure!(
+        geomx_routes(a2)?.iter().all(|r| r.is_empty()),
+        "protocol 247 routes left: {:?}",
+        geomx_routes(a2)?
+    );
+    let after = host_net(a2)?;
+    ensure!(
+        !after.iptables.contains("GEOMX"),
+        "geomx rules left:\n{}",
+        after.iptables
+    );
+    ensure!(
+        after.iptables.contains(":DOCKER ") && after.iptables.contains(":DOCKER-USER"),
+        "cleanup removed Docker's own chains:\n{}",
+        after.iptables
+    );
+    for (what, before, now) in [
+        ("routes", &pristine.routes, &after.routes),
+        ("links", &pristine.links, &after.links),
+        ("iptables", &pristine.iptables, &after.iptables),
+        ("daemon.json", &pristine.daemon_json, &after.daemon_json),
+    ] {
+        ensure!(
+            before == now,
+            "a2's {what} after cleanup differ from before its agent ran:\n{}",
+            line_diff(before, now)
+        );
+    }
+    Ok(())
 }
 
 /// The longest run of unanswered pings (at `gap` apart) in busybox ping's output.
@@ -254,26 +440,30 @@ fn applied_changes(c: &Cluster, host: &str) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-/// Sets `backend = "vxlan"` in every agent's agent.toml and restarts the agents. Waits
-/// until a reaches every peer through geomx-vxlan.
+/// Sets `backend = "vxlan"` in every agent's agent.toml and (re)starts the agents. Waits
+/// until every host reaches its peers through geomx-vxlan (a host's routes come after its
+/// Docker restart, if its pass made one).
 fn vxlan_everywhere(c: &Cluster) -> anyhow::Result<()> {
     let lab = c.lab();
-    for h in ["a", "a2", "b", "c"] {
+    let hosts = ["a", "a2", "b", "c"];
+    for h in hosts {
         c.set_agent_backend(h, Some("vxlan"))?;
     }
-    let a = lab.host("a")?;
-    eventually(
-        "a's routes through geomx-vxlan",
-        Duration::from_secs(30),
-        || {
-            let r = geomx_routes(a).ok()?;
-            (r.len() == 3
-                && r.iter()
-                    .all(|l| l.contains("dev geomx-vxlan") && l.contains("onlink")))
-            .then_some(())
-        },
-    )
-    .with_context(|| format!("a's routes: {:?}", geomx_routes(a)))?;
+    for h in hosts {
+        let host = lab.host(h)?;
+        eventually(
+            &format!("{h}'s routes through geomx-vxlan"),
+            Duration::from_secs(30),
+            || {
+                let r = geomx_routes(host).ok()?;
+                (r.len() == 3
+                    && r.iter()
+                        .all(|l| l.contains("dev geomx-vxlan") && l.contains("onlink")))
+                .then_some(())
+            },
+        )
+        .with_context(|| format!("{h}'s routes: {:?}", geomx_routes(host)))?;
+    }
     Ok(())
 }
 
@@ -455,7 +645,7 @@ fn containers_in_three_data_centers_talk_through_wireguard_or_vxlan_and_the_fire
     if !lab_tests_enabled() {
         return Ok(());
     }
-    let c = geo_cluster()?;
+    let (c, pristine_a2) = geo_cluster()?;
     let lab = c.lab();
     let (a, a2, b, ch) = (
         lab.host("a")?,
@@ -502,9 +692,10 @@ fn containers_in_three_data_centers_talk_through_wireguard_or_vxlan_and_the_fire
     let marker = format!("GEOMX-PLAINTEXT-{}", std::process::id());
     let clear = capture(&c, "cap-clear", &["net", "172.16.0.0/12"])?;
     let all = capture(&c, "cap-all", &["-A", "-s", "256", "not", "arp"])?;
-    for (from, to) in [(b, a), (ch, a), (b, ch), (a, a2)] {
-        assert_containers_connected(from, to, IMAGE)?;
-    }
+    // every data-center pair and the two hosts of dc1, both ways: ping, TCP from the
+    // container's own address (1 MiB: the capture prints every packet)
+    every_dc_pair(&c, 1 << 20, "wireguard")?;
+    both_ways((a, "box-a"), (a2, "box-a2"), 1 << 20, "host-gw")?;
     for (h, n, dst) in [(b, "box-b", ips[0]), (ch, "box-c", ips[2])] {
         let cmd = format!(
             "echo {marker} | nc -u -w 1 {dst} 5400; echo {marker} | nc -w 1 {dst} 5401; true"
@@ -557,24 +748,9 @@ fn containers_in_three_data_centers_talk_through_wireguard_or_vxlan_and_the_fire
         &seen_all[..seen_all.len().min(2000)]
     );
 
-    // bulk across data centers: 64 MiB arrive whole, from the sender's own container address
-    for (src, from, dst, to) in [(b, "box-b", ch, "box-c"), (ch, "box-c", a, "box-a")] {
-        let (got, seen, rate) = transfer(src, from, dst, to, 64 << 20)?;
-        eprintln!(
-            "{from} -> {to}: {got} bytes at {:.0} Mbit/s, source {seen}",
-            rate / 1e6
-        );
-        ensure!(
-            got == 64 << 20,
-            "{from} -> {to}: {got} of {} bytes",
-            64u64 << 20
-        );
-        let from_ip = src.dockerd()?.container_ip(from)?;
-        ensure!(
-            seen == from_ip,
-            "{to} saw {seen}, not {from}'s {from_ip} (NAT?)"
-        );
-    }
+    // bulk across every data-center pair, both ways: 64 MiB arrive whole, from the sender's
+    // own container address (one transfer after another)
+    every_dc_pair(&c, 64 << 20, "wireguard 64 MiB")?;
     let seen_clear = finish(&clear)?;
     let leaked: Vec<&str> = seen_clear
         .lines()
@@ -724,13 +900,15 @@ fn containers_in_three_data_centers_talk_through_wireguard_or_vxlan_and_the_fire
     eprintln!("HiPS across three data centers: {}", job["reason"]);
     plan_warns_of_a_far_central_party(&c, &hips)?;
 
+    // cleanup on a WireGuard host gives it back as it was before its agent first ran
+    cleanup_restores_a_wireguard_host(&c, &pristine_a2)?;
+
     // backend = "vxlan" on every agent: the same containers talk through geomx-vxlan
     // (static FDB and neighbour entries, onlink routes), VXLAN's UDP port on the WAN
     vxlan_everywhere(&c)?;
     let vx_cap = capture(&c, "cap-vxlan", &["udp", "port", "7952"])?;
-    for (from, to) in [(b, a), (ch, a), (b, ch), (a, a2)] {
-        assert_containers_connected(from, to, IMAGE)?;
-    }
+    every_dc_pair(&c, 1 << 20, "vxlan")?;
+    assert_containers_connected(a, a2, IMAGE)?;
     let (got, seen, rate) = transfer(b, "box-b", ch, "box-c", 16 << 20)?;
     eprintln!(
         "vxlan box-b -> box-c: {got} bytes at {:.0} Mbit/s, source {seen}",
@@ -782,21 +960,7 @@ fn containers_in_three_data_centers_talk_through_wireguard_or_vxlan_and_the_fire
         code == Some(1) && err.contains("no geomx-agent is running on this host"),
         "rotate-key without an agent: exit {code:?}: {err}"
     );
-    let d = ch.dockerd()?;
-    let bin = c.binaries().agent.display().to_string();
-    let state = c.agent_state_dir("c")?.display().to_string();
-    let out = ch.run(&[
-        bin.as_str(),
-        "--state-dir",
-        &state,
-        "--daemon-json",
-        &d.daemon_json().display().to_string(),
-        "--docker-host",
-        &d.url(),
-        "--docker-restart-command",
-        &d.restart_script().display().to_string(),
-        "cleanup",
-    ])?;
+    let out = cleanup_host(&c, ch)?;
     ensure!(out.contains("deleted VXLAN interface geomx-vxlan"), "{out}");
     for dev in ["geomx-wg", "geomx-vxlan"] {
         ensure!(
