@@ -403,6 +403,32 @@ mod tests {
     }
 
     #[test]
+    fn the_clusters_backend_reaches_the_network() {
+        use geomx_net::Backend;
+        for (wire, want) in [
+            ("", Backend::Auto),
+            ("auto", Backend::Auto),
+            ("host-gw", Backend::HostGw),
+            ("wireguard", Backend::Wireguard),
+            ("vxlan", Backend::Vxlan),
+        ] {
+            let mut s = state();
+            s.backend = wire.into();
+            assert_eq!(
+                desired_network(&s).expect("converts").backend,
+                want,
+                "{wire:?}"
+            );
+        }
+        let mut s = state();
+        s.backend = "weave".into();
+        assert_eq!(
+            desired_network(&s).unwrap_err().to_string(),
+            "desired state revision 7: backend \"weave\" is not \"auto\", \"host-gw\", \"wireguard\" or \"vxlan\""
+        );
+    }
+
+    #[test]
     fn bad_fields_are_named() {
         let mut s = state();
         s.peers[0].underlay_ip = "10.1.1.299".into();
