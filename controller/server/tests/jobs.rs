@@ -1601,6 +1601,12 @@ struct FakeAgentApi {
     seen: Arc<Mutex<Vec<NodeLogsRequest>>>,
     resolved: Arc<Mutex<Vec<String>>>,
     pulled: Arc<Mutex<Vec<String>>>,
+    /// Host paths that exist (for CheckBindSources); any other is missing.
+    paths: Arc<Mutex<std::collections::BTreeSet<String>>>,
+    /// Paths refused (they lead where no bind mount may go), with the agent's reason.
+    refused: Arc<Mutex<BTreeMap<String, String>>>,
+    /// The paths of every CheckBindSources call.
+    bind_checks: Arc<Mutex<Vec<Vec<String>>>>,
 }
 
 #[tonic::async_trait]
@@ -1677,6 +1683,67 @@ impl AgentNodeService for FakeAgentApi {
             started: true,
         }))
     }
+
+    /// As the agent's filesystem answers: [`FakeAgentApi::paths`] exist, the
+    /// [`FakeAgentApi::refused`] ones lead into /etc, any other is missing.
+    async fn check_bind_sources(
+        &self,
+        request: Request<geomx_proto::v1::CheckBindSourcesRequest>,
+    ) -> Result<Response<geomx_proto::v1::CheckBindSourcesResponse>, Status> {
+        require_controller(&request)?;
+        let paths = request.into_inner().paths;
+        self.bind_checks.lock().unwrap().push(paths.clone());
+        let existing = self.paths.lock().unwrap().clone();
+        let refused = self.refused.lock().unwrap().clone();
+        let sources = paths
+            .into_iter()
+            .map(|path| {
+                let (state, reason) = match refused.get(&path) {
+                    Some(why) => ("refused", why.clone()),
+                    None if existing.contains(&path) => ("exists", String::new()),
+                    None => ("missing", String::new()),
+                };
+                geomx_proto::v1::BindSourceCheck {
+                    path,
+                    state: state.into(),
+                    reason,
+                }
+            })
+            .collect();
+        Ok(Response::new(geomx_proto::v1::CheckBindSourcesResponse {
+            sources,
+        }))
+    }
+}
+
+/// A cluster of `hosts` whose agents are each a [`FakeAgentApi`] of its own (served until
+/// the handles are aborted or the test ends).
+async fn cluster_with_fake_agents(
+    hosts: &[&str],
+) -> (Cluster, BTreeMap<String, FakeAgentApi>, Vec<JoinHandle<()>>) {
+    let lab = Lab::start_with_jobs(options()).await;
+    let journal: Journal = Arc::default();
+    let mut sims = BTreeMap::new();
+    let mut fakes = BTreeMap::new();
+    let mut servers = Vec::new();
+    for h in hosts {
+        let fake = FakeAgentApi::default();
+        let (url, server) = serve_fake_agent(&lab, &fake).await;
+        servers.push(server);
+        sims.insert(
+            (*h).to_owned(),
+            Sim::start_with(&lab, h, &journal, Some(url)).await,
+        );
+        fakes.insert((*h).to_owned(), fake);
+    }
+    let jobs = lab.user_jobs(&lab.pki.token).await;
+    let c = Cluster {
+        lab,
+        journal,
+        sims,
+        jobs,
+    };
+    (c, fakes, servers)
 }
 
 /// The digest [`FakeAgentApi`] resolves `reg:5000/geomx/test:moved` to.
@@ -2020,17 +2087,121 @@ workers = 1000
     assert_eq!(c.get("big").await.phase, JobPhase::Running as i32);
 }
 
-#[tokio::test]
-async fn mounts_and_limits_reach_the_desired_state_expanded_per_node() {
-    let c = Cluster::start(&["a", "b", "c"]).await;
-    let job = format!(
-        "{ROUTED}{}",
-        r#"
+/// The job of [`mounts_and_limits_reach_the_desired_state_expanded_per_node`]'s first
+/// mount: every worker binds `/srv/geomx/<party>` (p on b, q on c).
+const PARTY_DATA: &str = r#"
 [[mount]]
 type = "bind"
 source = "/srv/geomx/{party}"
 target = "/root/data"
 roles = ["workers"]
+"#;
+
+/// Nothing of job hips-test is recorded or placed: not listed, not found, no host has a
+/// container of it in its desired state.
+async fn nothing_recorded(c: &Cluster) {
+    let listed = c
+        .jobs
+        .clone()
+        .list_jobs(ListJobsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .jobs;
+    assert!(listed.iter().all(|j| j.name != "hips-test"), "{listed:?}");
+    let err = c
+        .jobs
+        .clone()
+        .get_job(GetJobRequest {
+            name: "hips-test".into(),
+        })
+        .await
+        .expect_err("no such job");
+    assert_eq!(err.code(), Code::NotFound);
+    for s in c.sims.values() {
+        assert!(s.desired().is_empty(), "placed on {}", s.host);
+    }
+}
+
+/// Issue 10: a bind source missing on a host is refused at submit, naming host and path
+/// (every host with bind mounts is asked through its agent, at once), with nothing
+/// recorded or placed; so is a path that leads where no bind mount may go, and a job
+/// whose host's agent cannot be asked. (With the paths there the job is accepted:
+/// [`mounts_and_limits_reach_the_desired_state_expanded_per_node`].)
+#[tokio::test]
+async fn a_missing_bind_source_is_refused_at_submit_naming_host_and_path() {
+    let (c, fakes, servers) = cluster_with_fake_agents(&["a", "b", "c"]).await;
+    fakes["b"]
+        .paths
+        .lock()
+        .unwrap()
+        .insert("/srv/geomx/p".into());
+    let job = format!("{ROUTED}{PARTY_DATA}");
+    let err = c.submit(&job).await.expect_err("refused");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    let m = err.message();
+    assert!(
+        m.contains("job hips-test cannot be placed, nothing was started")
+            && m.contains("on host c: bind source /srv/geomx/q does not exist"),
+        "{m}"
+    );
+    assert!(!m.contains("on host b"), "b has its source: {m}");
+    // each host was asked about its own paths only; a (the master) binds nothing
+    assert_eq!(
+        fakes["b"].bind_checks.lock().unwrap().as_slice(),
+        [vec!["/srv/geomx/p".to_owned()]]
+    );
+    assert_eq!(
+        fakes["c"].bind_checks.lock().unwrap().as_slice(),
+        [vec!["/srv/geomx/q".to_owned()]]
+    );
+    assert!(fakes["a"].bind_checks.lock().unwrap().is_empty());
+    nothing_recorded(&c).await;
+
+    // a path whose symlink leads into /etc: the agent's reason
+    let why = "bind mount source /srv/geomx/q resolves to /etc/ssl, which lies in /etc, which is refused for bind mounts: refused";
+    fakes["c"]
+        .refused
+        .lock()
+        .unwrap()
+        .insert("/srv/geomx/q".into(), why.into());
+    let err = c.submit(&job).await.expect_err("refused");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains(&format!("on host c: {why}")),
+        "{}",
+        err.message()
+    );
+    nothing_recorded(&c).await;
+    fakes["c"].refused.lock().unwrap().clear();
+
+    // an agent that cannot be asked: refused naming its host (c's agent API is gone: its
+    // listener is closed once the aborted task has ended)
+    let mut servers = servers;
+    let c_server = servers.pop().expect("c's agent API");
+    c_server.abort();
+    assert!(c_server.await.is_err_and(|e| e.is_cancelled()));
+    let err = c.submit(&job).await.expect_err("refused");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .contains("on host c: cannot check the bind sources /srv/geomx/q")
+            && err.message().contains("cannot reach the agent of host c"),
+        "{}",
+        err.message()
+    );
+    nothing_recorded(&c).await;
+}
+
+#[tokio::test]
+async fn mounts_and_limits_reach_the_desired_state_expanded_per_node() {
+    let (c, fakes, _servers) = cluster_with_fake_agents(&["a", "b", "c"]).await;
+    for (host, path) in [("b", "/srv/geomx/p"), ("c", "/srv/geomx/q")] {
+        fakes[host].paths.lock().unwrap().insert(path.into());
+    }
+    let job = format!(
+        "{ROUTED}{PARTY_DATA}{}",
+        r#"
 
 [[mount]]
 type = "volume"

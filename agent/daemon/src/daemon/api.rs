@@ -12,8 +12,9 @@ use futures::stream::BoxStream;
 use geomx_proto::tls::{TlsMaterial, require_controller};
 use geomx_proto::v1::agent_node_service_server::{AgentNodeService, AgentNodeServiceServer};
 use geomx_proto::v1::{
-    AgentPullRequest, AgentPullResponse, ForgetJobRequest, ForgetJobResponse, LogChunk,
-    NodeLogsRequest, ResolveImageRequest, ResolveImageResponse,
+    AgentPullRequest, AgentPullResponse, BindSourceCheck, CheckBindSourcesRequest,
+    CheckBindSourcesResponse, ForgetJobRequest, ForgetJobResponse, LogChunk, NodeLogsRequest,
+    ResolveImageRequest, ResolveImageResponse,
 };
 use geomx_runtime::{CancellationToken, Engine, PullCause, Runtime, RuntimeError};
 use tokio::sync::watch;
@@ -80,6 +81,47 @@ fn check_image(v: &str) -> Result<(), Status> {
         Err(Status::invalid_argument(format!(
             "image: must be a reference (repo[:tag] or repo@sha256:...) of 1..={MAX_IMAGE_LEN} printable characters"
         )))
+    }
+}
+
+/// Most paths one `CheckBindSources` may ask about.
+pub const MAX_BIND_CHECKS: usize = 1024;
+/// Longest path `CheckBindSources` checks (a job file's limit on a mount source).
+const MAX_BIND_PATH_LEN: usize = 1024;
+
+/// The paths of a `CheckBindSources` request, if they are within its limits.
+fn check_paths(paths: &[String]) -> Result<(), Status> {
+    if paths.len() > MAX_BIND_CHECKS {
+        return Err(Status::invalid_argument(format!(
+            "{} paths: at most {MAX_BIND_CHECKS} per request",
+            paths.len()
+        )));
+    }
+    let max = MAX_BIND_PATH_LEN;
+    if let Some(p) = paths
+        .iter()
+        .find(|p| p.is_empty() || p.len() > max || p.contains('\0'))
+    {
+        return Err(Status::invalid_argument(format!(
+            "path of {} bytes: paths are 1..={max} bytes without NUL",
+            p.len()
+        )));
+    }
+    Ok(())
+}
+
+/// What this host has of bind source `path`: the runtime's check before it creates a
+/// container (the path exists; where its symlinks lead passes the job file's rules).
+fn check_bind_source<E: Engine>(runtime: &Runtime<E>, path: &str) -> BindSourceCheck {
+    let (state, reason) = match runtime.bind_source_refusal(path) {
+        None => ("exists", String::new()),
+        Some(RuntimeError::BindSourceMissing { .. }) => ("missing", String::new()),
+        Some(e) => ("refused", e.to_string()),
+    };
+    BindSourceCheck {
+        path: path.to_owned(),
+        state: state.to_owned(),
+        reason,
     }
 }
 
@@ -182,6 +224,31 @@ impl<E: Engine> AgentNodeService for NodeApi<E> {
         info!(image = %req.image, started, "pull requested by the controller");
         Ok(Response::new(AgentPullResponse { started }))
     }
+
+    async fn check_bind_sources(
+        &self,
+        request: Request<CheckBindSourcesRequest>,
+    ) -> Result<Response<CheckBindSourcesResponse>, Status> {
+        self.authorize(&request, "bind source check")?;
+        let paths = request.into_inner().paths;
+        check_paths(&paths)?;
+        let runtime = self.runtime()?;
+        // filesystem calls (a hung NFS mount blocks one): off the async workers
+        let sources = tokio::task::spawn_blocking(move || {
+            paths
+                .iter()
+                .map(|p| check_bind_source(&runtime, p))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("checking bind sources: {e}")))?;
+        debug!(
+            paths = sources.len(),
+            missing = sources.iter().filter(|s| s.state != "exists").count(),
+            "bind sources checked for the controller"
+        );
+        Ok(Response::new(CheckBindSourcesResponse { sources }))
+    }
 }
 
 impl<E: Engine> NodeApi<E> {
@@ -283,6 +350,67 @@ pub async fn serve<E: Engine>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `CheckBindSources` answers per path, in order: a path that exists, one missing, one
+    /// whose symlink leads into /etc (refused, naming where it leads); too many paths or
+    /// an overlong one are INVALID_ARGUMENT.
+    #[tokio::test]
+    async fn bind_sources_are_checked_like_before_a_container_is_created() {
+        use geomx_runtime::fake::FakeEngine;
+        let fake = FakeEngine::new(&[]);
+        {
+            let mut st = fake.lock();
+            st.paths.insert("/srv/geomx/a".into());
+            st.paths.insert("/srv/geomx/link".into());
+            st.links.insert("/srv/geomx/link".into(), "/etc/ssl".into());
+        }
+        let runtime = Runtime::start(fake, geomx_runtime::RuntimeConfig::default())
+            .await
+            .expect("runtime");
+        let (_tx, rx) = watch::channel(Some(runtime));
+        let api = NodeApi::new(rx, false, CancellationToken::new());
+        let ask = |paths: Vec<String>| {
+            api.check_bind_sources(Request::new(CheckBindSourcesRequest { paths }))
+        };
+        let answer = ask(vec![
+            "/srv/geomx/a".into(),
+            "/srv/geomx/b".into(),
+            "/srv/geomx/link".into(),
+        ])
+        .await
+        .expect("checked")
+        .into_inner()
+        .sources;
+        let got: Vec<(&str, &str)> = answer
+            .iter()
+            .map(|s| (s.path.as_str(), s.state.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/srv/geomx/a", "exists"),
+                ("/srv/geomx/b", "missing"),
+                ("/srv/geomx/link", "refused")
+            ]
+        );
+        assert!(
+            answer[2]
+                .reason
+                .contains("resolves to /etc/ssl, which lies in /etc"),
+            "{}",
+            answer[2].reason
+        );
+        let too_many = vec!["/srv/x".to_string(); MAX_BIND_CHECKS + 1];
+        assert_eq!(
+            ask(too_many).await.expect_err("too many").code(),
+            tonic::Code::InvalidArgument
+        );
+        let long = format!("/{}", "x".repeat(MAX_BIND_PATH_LEN));
+        assert_eq!(
+            ask(vec![long]).await.expect_err("too long").code(),
+            tonic::Code::InvalidArgument
+        );
+    }
 
     #[test]
     fn names_are_checked() {

@@ -573,8 +573,10 @@ impl<E: Engine> Runtime<E> {
 
     /// Why a bind mount of host path `path` is refused, if it is: the path is missing, or it
     /// leads (through symlinks) where the job file could not name (`/etc`, Docker's state,
-    /// ...; the rules of [`geomx_job::bind_source_problem`]).
-    fn bind_source_refusal(&self, path: &str) -> Option<RuntimeError> {
+    /// ...; the rules of [`geomx_job::bind_source_problem`]). Also what the agent answers
+    /// the controller's `CheckBindSources` at submit. Touches only the filesystem (no
+    /// Docker call); blocking.
+    pub fn bind_source_refusal(&self, path: &str) -> Option<RuntimeError> {
         let engine = &self.inner.engine;
         if !engine.path_exists(path) {
             return Some(RuntimeError::BindSourceMissing {

@@ -22,6 +22,7 @@
 //! announces: stalls, nodes no longer reported, restart drains.
 
 pub mod api;
+pub mod binds;
 pub mod engine;
 pub mod images;
 pub mod limits;
@@ -498,10 +499,21 @@ impl Jobs {
         let mut plan = plan;
         let name = plan.job.clone();
         let span = tracing::info_span!("submit", job = %name);
-        let resolved = self
-            .pin_image(&mut plan)
-            .instrument(span.clone())
-            .await
+        // the bind sources are checked on their hosts while the image is resolved
+        let sources = binds::sources_by_host(&plan);
+        let ready_urls: BTreeMap<String, String> = self
+            .membership
+            .hosts()
+            .into_iter()
+            .filter(|h| h.record.state == HostState::Ready)
+            .map(|h| (h.record.name.clone(), h.record.agent_url.clone()))
+            .collect();
+        let (resolved, bind_problems) = tokio::join!(
+            self.pin_image(&mut plan).instrument(span.clone()),
+            binds::check(&self.connector, sources, |h| ready_urls.get(h).cloned())
+                .instrument(span.clone()),
+        );
+        let resolved = resolved
             // a refusal like placement's: nothing is stored, and the reason names every
             // host's answer (not found, unauthorized, registry unreachable)
             .map_err(|s| {
@@ -510,6 +522,15 @@ impl Jobs {
                     s.message()
                 ))
             })?;
+        if !bind_problems.is_empty() {
+            // refused like placement: nothing is stored; a path missing only later (removed
+            // between submit and start) still fails the job before it starts
+            tracing::info!(job = %name, problems = bind_problems.len(), "job refused: bind sources");
+            return Err(Status::failed_precondition(format!(
+                "job {name} cannot be placed, nothing was started:\n{}",
+                bind_problems.join("\n")
+            )));
+        }
         let idx = PlanIndex::new(plan)
             .map_err(|e| Status::invalid_argument(format!("{file_name}: {e}")))?;
         async move {
