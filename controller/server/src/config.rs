@@ -73,7 +73,7 @@ pub const DEFAULT_JOB_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 )]
 pub struct Args {
     /// Config file [default: /etc/geomx/controller.toml, if present].
-    #[arg(long, env = "GEOMX_CONTROLLER_CONFIG")]
+    #[arg(long, global = true, env = "GEOMX_CONTROLLER_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to serve gRPC on [default: 0.0.0.0:7946].
     #[arg(long, env = "GEOMX_CONTROLLER_LISTEN")]
@@ -85,7 +85,7 @@ pub struct Args {
     #[arg(long, env = "GEOMX_CONTROLLER_HOST_SUBNET_PREFIX")]
     pub host_subnet_prefix: Option<u8>,
     /// State directory (sled database) [default: /var/lib/geomx-controller].
-    #[arg(long, env = "GEOMX_CONTROLLER_STATE_DIR")]
+    #[arg(long, global = true, env = "GEOMX_CONTROLLER_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// How often agents report, e.g. "1s", "500ms" [default: 1s].
     #[arg(long, env = "GEOMX_CONTROLLER_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
@@ -121,6 +121,36 @@ pub struct Args {
     /// Serve plaintext gRPC without client authentication. For throwaway labs only.
     #[arg(long, env = "GEOMX_CONTROLLER_INSECURE")]
     pub insecure: bool,
+    /// What to do [default: serve].
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// `geomx-controller` subcommands; without one it serves.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Command {
+    /// The state directory, with the controller stopped: check, export, import (see
+    /// docs/operations.md, "Backup and recovery").
+    #[command(subcommand)]
+    State(StateCommand),
+}
+
+/// `geomx-controller state ...`.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum StateCommand {
+    /// Reads every record and decodes it; exit 0 when all do, 1 when one does not, 3 when
+    /// the store is corrupt.
+    Check,
+    /// Writes every record to FILE ("-": standard output) as JSON lines.
+    Export {
+        /// The export file; written whole or not at all.
+        file: PathBuf,
+    },
+    /// Restores an export into an empty (or new) state directory, in one atomic batch.
+    Import {
+        /// The export file ("-": standard input).
+        file: PathBuf,
+    },
 }
 
 /// The resolved, validated configuration of a controller.

@@ -17,6 +17,7 @@
 
 pub mod agents;
 pub mod auth;
+pub mod backup;
 pub mod config;
 pub mod hosts;
 pub mod jobs;

@@ -35,8 +35,10 @@ pub const SCHEMA_VERSION: u64 = 1;
 /// controller goes on by itself once space is freed.
 pub const MIN_FREE_BYTES: u64 = 1 << 20;
 
-const META_CONTROLLER_ID: &[u8] = b"controller_id";
-const META_SCHEMA: &[u8] = b"schema_version";
+/// Meta key: the state's controller id.
+pub const META_CONTROLLER_ID: &[u8] = b"controller_id";
+/// Meta key: the schema version of the records.
+pub const META_SCHEMA: &[u8] = b"schema_version";
 const META_REVISION: &[u8] = b"revision";
 
 /// Errors of the state store.
@@ -82,6 +84,18 @@ pub enum StoreError {
     /// sled failed.
     #[error("state store: {0}")]
     Sled(#[from] sled::Error),
+    /// The database opened without the records it held: sled stopped reading at damaged
+    /// data (the id file beside it names a controller id the database does not have).
+    #[error(
+        "state store: {} lost its records: the database opens without controller id {id} that its controller_id file names (damaged data, or files removed by hand)",
+        path.display()
+    )]
+    Lost {
+        /// The state directory.
+        path: PathBuf,
+        /// The id the directory had.
+        id: String,
+    },
     /// A file operation of a compaction failed.
     #[error("state store: compacting {}: {source}", path.display())]
     Compact {
@@ -127,6 +141,16 @@ pub enum StoreErrorKind {
 }
 
 impl StoreError {
+    /// Whether sled found the database's files damaged ("Read corrupted data"): the state
+    /// cannot be opened as it is (see `geomx-controller state`).
+    pub fn is_corrupt(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Sled(sled::Error::Corruption { .. } | sled::Error::ReportableBug(_))
+                | StoreError::Lost { .. }
+        )
+    }
+
     /// What kind of failure this is.
     pub fn kind(&self) -> StoreErrorKind {
         match self {
@@ -318,7 +342,8 @@ pub enum TreeId {
 }
 
 impl TreeId {
-    const ALL: [TreeId; 5] = [
+    /// Every tree, in a fixed order.
+    pub const ALL: [TreeId; 5] = [
         TreeId::Hosts,
         TreeId::Leases,
         TreeId::Jobs,
@@ -434,6 +459,11 @@ impl Batch {
         })?;
         self.ops.push(Op::Put(tree, key, bytes));
         Ok(())
+    }
+
+    /// Stores `value` as it is under `key` in `tree` (a restore of exported records).
+    pub fn put_raw(&mut self, tree: TreeId, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push(Op::Put(tree, key, value));
     }
 
     /// Removes `key` from `tree`.
@@ -558,6 +588,11 @@ impl Store {
         self.backend.commit(batch).await
     }
 
+    /// Every key and value of `tree`, in key order, as stored.
+    pub fn entries(&self, tree: TreeId) -> Result<Entries, StoreError> {
+        self.backend.scan_prefix(tree, b"")
+    }
+
     /// Flushes everything to disk.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.backend.flush().await
@@ -645,6 +680,27 @@ impl Store {
 
 /// The directory of the sled database inside the state directory.
 const DB_DIR: &str = "db";
+/// The controller id, also kept outside the database (see [`SledStore::open`]).
+const ID_FILE: &str = "controller_id";
+
+/// Records `id` as the controller id of the state directory `dir` beside its database
+/// (after a restore replaced the id in the database).
+pub fn set_id_file(dir: &Path, id: &str) -> Result<(), StoreError> {
+    write_id_file(&dir.join(ID_FILE), id)
+}
+
+/// Writes the id file durably (temporary file, fsync, rename).
+fn write_id_file(path: &Path, id: &str) -> Result<(), StoreError> {
+    let io = |source| StoreError::Compact {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    std::io::Write::write_all(&mut f, format!("{id}\n").as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
 /// Where a compaction builds the fresh copy.
 const DB_NEW_DIR: &str = "db.new";
 /// Where the database being replaced goes during the swap.
@@ -654,7 +710,9 @@ const DB_OLD_DIR: &str = "db.old";
 const DB_NEW_DONE: &str = "db.new.done";
 /// The base added to sled's generated ids in event keys: a fresh (compacted) database
 /// counts its ids from 0 again, so the base keeps new events after the old ones.
-const META_EVENT_ID_BASE: &[u8] = b"event_id_base";
+/// Meta key: added to sled's generated ids to make event sequence numbers (a copy or a
+/// restore moves it past every id used before).
+pub const META_EVENT_ID_BASE: &[u8] = b"event_id_base";
 
 /// A state directory is compacted when its files take more than this many times its live
 /// records' bytes, plus [`COMPACT_SLACK_BYTES`].
@@ -805,9 +863,24 @@ impl SledStore {
                 });
             }
         }
+        // The id is also kept in a plain file beside the database: sled, finding its log
+        // damaged, may open it as empty (it stops reading at the damage) instead of failing;
+        // an id file without the id in the database is that, not a fresh state.
+        let id_file = dir.join(ID_FILE);
+        let kept = std::fs::read_to_string(&id_file)
+            .ok()
+            .map(|s| s.trim().to_owned());
         let controller_id = match meta.get(META_CONTROLLER_ID)? {
-            Some(v) => String::from_utf8_lossy(&v).into_owned(),
-            None => {
+            Some(v) if kept.as_deref().is_none_or(|k| k.as_bytes() == v.as_ref()) => {
+                String::from_utf8_lossy(&v).into_owned()
+            }
+            _ if kept.is_some() => {
+                return Err(StoreError::Lost {
+                    path: dir.to_owned(),
+                    id: kept.unwrap_or_default(),
+                });
+            }
+            _ => {
                 let id = uuid::Uuid::new_v4().to_string();
                 meta.insert(META_CONTROLLER_ID, id.as_bytes())?;
                 meta.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
@@ -815,6 +888,9 @@ impl SledStore {
                 id
             }
         };
+        if kept.is_none() {
+            write_id_file(&id_file, &controller_id)?;
+        }
         let store = SledStore {
             live: std::sync::RwLock::new(Some(Arc::new(live))),
             gate: tokio::sync::RwLock::new(()),
@@ -822,7 +898,14 @@ impl SledStore {
             path: dir.to_owned(),
             _lock: lock,
         };
-        log_compaction(&store.compact_now(false), "at start");
+        // (it reads every record: damaged data found there is fatal, not a warning)
+        let compacted = store.compact_now(false);
+        if let Err(e) = &compacted
+            && e.is_corrupt()
+        {
+            return Err(compacted.err().unwrap_or(StoreError::Closed));
+        }
+        log_compaction(&compacted, "at start");
         Ok(store)
     }
 
@@ -1172,6 +1255,28 @@ mod tests {
             cordoned: false,
             wireguard: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_database_that_lost_its_records_is_not_taken_for_a_fresh_one() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let mut b = Batch::new();
+            b.put_host(&host("a", "172.17.1.0/24")).unwrap();
+            store.commit(b).await.unwrap();
+        }
+        // what sled gives when it stops reading at damaged data: an empty database
+        std::fs::remove_dir_all(dir.path().join(DB_DIR)).unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Lost { .. }), "{err}");
+        assert!(err.is_corrupt());
+        assert!(err.to_string().contains("lost its records"), "{err}");
+        // and nothing was made of it: the next open says the same
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::Lost { .. })
+        ));
     }
 
     #[tokio::test]
