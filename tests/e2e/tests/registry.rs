@@ -207,11 +207,16 @@ fn role_containers(
         if !name.starts_with(&prefix) {
             continue;
         }
-        let line = docker(
+        let line = match docker(
             c,
             host,
             &["inspect", &name, "--format", "{{.Image}} {{.Config.Image}}"],
-        )?;
+        ) {
+            Ok(line) => line,
+            // listed, then removed with its ended job before the inspect
+            Err(e) if format!("{e:#}").contains("No such object") => continue,
+            Err(e) => return Err(e),
+        };
         let (id, asked) = line
             .trim()
             .split_once(' ')
