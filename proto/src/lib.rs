@@ -9,6 +9,8 @@
 //! * [`config_file`]: TOML configuration files with errors at line and column.
 //! * [`pki`]: a small CA and the controller and agent certificates (for labs and tests, and
 //!   behind `geomxctl certs`).
+//! * [`logging`]: the daemons' log: journald with structured fields under systemd, stderr
+//!   otherwise.
 //! * [`templates`]: what the containers of a desired state share, sent once and expanded
 //!   by the agent.
 
@@ -22,6 +24,7 @@ pub mod v1 {
 
 pub mod config_file;
 pub mod incoming;
+pub mod logging;
 pub mod pki;
 pub mod pulls;
 pub mod templates;

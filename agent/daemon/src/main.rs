@@ -156,19 +156,16 @@ enum Command {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = std::env::var("GEOMX_LOG")
-        .ok()
-        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
-        .or_else(|| tracing_subscriber::EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    geomx_proto::logging::init(&geomx_proto::logging::LogOptions {
+        default_filter: "info".into(),
+        filter_env: Some("GEOMX_LOG"),
+        format: match format {
+            LogFormat::Text => geomx_proto::logging::StderrFormat::Text,
+            LogFormat::Json => geomx_proto::logging::StderrFormat::Json,
+        },
+        with_target: true,
+        identifier: "geomx-agent",
+    });
 }
 
 fn main() -> ExitCode {

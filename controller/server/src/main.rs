@@ -5,7 +5,6 @@
 //! a person). `geomx-controller state check|export|import` works on a stopped controller's
 //! state directory.
 
-use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -17,18 +16,16 @@ use geomx_controller::{Args, ControllerConfig, backup};
 
 /// Exit code when the state store is corrupt.
 const EXIT_CORRUPT: u8 = 3;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    geomx_proto::logging::init(&geomx_proto::logging::LogOptions {
+        default_filter: "info".into(),
+        filter_env: None,
+        format: geomx_proto::logging::StderrFormat::Text,
+        with_target: false,
+        identifier: "geomx-controller",
+    });
 
     let (config, warnings) = match ControllerConfig::load(&args) {
         Ok(c) => c,
