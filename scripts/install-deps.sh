@@ -19,6 +19,7 @@ packages=(
   debootstrap     # the real MXNet image (scripts/build-mxnet-image.sh)
   docker-registry # the lab's registry (geomx-lab up --registry): the distribution v2 server
   apache2-utils   # htpasswd: the lab registry's bcrypt password file
+  systemd-container # systemd-nspawn: the booted lab hosts (geomx-lab up --boot)
 )
 
 missing=()
@@ -42,6 +43,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-for tool in ip nsenter unshare iptables iptables-save dockerd docker busybox tar iperf3 wg wireguard-go tcpdump docker-registry htpasswd; do
+for tool in ip nsenter unshare iptables iptables-save dockerd docker busybox tar iperf3 wg wireguard-go tcpdump docker-registry htpasswd systemd-nspawn dpkg-deb; do
   command -v "$tool" >/dev/null || { echo "install-deps: $tool still missing" >&2; exit 1; }
 done

@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+mod booted;
+
+pub use booted::Packages;
+
 use crate::cmd;
 use crate::error::{LabError, Result};
 use crate::images::{PSNODE_IMAGE, build_psnode_image};
@@ -502,6 +506,18 @@ impl Cluster {
         self.start_agent(host)
     }
 
+    /// Why the agent of `host` will not become ready, if it is gone for good: its process
+    /// exited, or (a booted host) its unit failed.
+    fn agent_gone(&self, host: &str) -> Option<String> {
+        if let Ok(m) = self.lab.host(host).and_then(|h| h.machine().cloned()) {
+            return booted::unit_failure(&m, "geomx-agent");
+        }
+        let a = self.agent(host);
+        a.pid()
+            .is_none()
+            .then(|| format!("the agent of {host} exited:\n{}", a.log_tail(30)))
+    }
+
     /// The agent process of `host`.
     pub fn agent(&self, host: &str) -> LabProcess {
         self.lab.process(&format!("agent-{host}"))
@@ -647,12 +663,8 @@ impl Cluster {
                 Err(e) => e.to_string(),
             };
             for n in names {
-                let a = self.agent(n);
-                if a.pid().is_none() {
-                    return Err(LabError::Setup(format!(
-                        "the agent of {n} exited:\n{}",
-                        a.log_tail(30)
-                    )));
+                if let Some(why) = self.agent_gone(n) {
+                    return Err(LabError::Setup(why));
                 }
             }
             if start.elapsed() > timeout {

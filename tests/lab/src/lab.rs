@@ -18,6 +18,7 @@ use crate::cmd;
 use crate::delayline;
 use crate::dockerd::Dockerd;
 use crate::error::{LabError, Result};
+use crate::machine::Machine;
 use crate::mountns;
 use crate::netns::Netns;
 use crate::process::{LabProcess, alive};
@@ -35,6 +36,11 @@ pub const SEED_HOSTS: [(&str, Ipv4Addr); 3] = [
     ("b", Ipv4Addr::new(10, 1, 1, 29)),
     ("c", Ipv4Addr::new(10, 1, 1, 33)),
 ];
+/// Name of the controller's machine in a booted lab (not a valid host name: hosts are
+/// `[a-z0-9]`).
+const CONTROLLER_MACHINE: &str = "controller-machine";
+/// How long a booted host may take to boot (systemd up, docker.service started).
+const MACHINE_BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// Where labs keep their files unless told otherwise.
 pub const DEFAULT_ROOT: &str = "/var/tmp/geomx-lab";
 
@@ -72,6 +78,10 @@ pub struct LabSpec {
     /// A container registry in the lab ([`crate::registry`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<RegistrySpec>,
+    /// Hosts are booted systemd machines ([`crate::machine`]) with their own docker.service,
+    /// instead of namespaces with a dockerd the lab runs.
+    #[serde(default)]
+    pub boot: bool,
 }
 
 static TEST_LABS: AtomicU32 = AtomicU32::new(0);
@@ -90,6 +100,7 @@ impl LabSpec {
             owner_pid: std::process::id(),
             topology: None,
             registry: None,
+            boot: false,
         }
     }
 
@@ -135,6 +146,14 @@ impl LabSpec {
     /// Whether to run a dockerd on every host (default yes).
     pub fn docker(mut self, on: bool) -> LabSpec {
         self.docker = on;
+        self
+    }
+
+    /// Makes every host a booted systemd machine ([`crate::machine`]): its own PID 1,
+    /// journald and docker.service (the root file system of
+    /// `scripts/build-host-rootfs.sh`).
+    pub fn boot(mut self, on: bool) -> LabSpec {
+        self.boot = on;
         self
     }
 
@@ -223,6 +242,12 @@ impl LabSpec {
                 "a lab registry needs the lab's dockerds (docker(true))".into(),
             ));
         }
+        if self.boot && self.registry.is_some() {
+            return Err(LabError::Setup(
+                "a lab registry is not available in a booted lab yet (--boot with --registry)"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 
@@ -272,6 +297,7 @@ pub struct LabHost {
     netns: Netns,
     dir: PathBuf,
     dockerd: Option<Dockerd>,
+    machine: Option<Machine>,
 }
 
 impl LabHost {
@@ -297,7 +323,14 @@ impl LabHost {
         &self.dir
     }
 
-    /// Its dockerd.
+    /// Its machine, when the lab is booted ([`LabSpec::boot`]).
+    pub fn machine(&self) -> Result<&Machine> {
+        self.machine
+            .as_ref()
+            .ok_or_else(|| LabError::Setup(format!("host {} is not a booted machine", self.name)))
+    }
+
+    /// Its dockerd (in a booted lab: the machine's docker.service, for the CLI only).
     pub fn dockerd(&self) -> Result<&Dockerd> {
         self.dockerd
             .as_ref()
@@ -331,7 +364,7 @@ impl Lab {
     /// dockerd per host. Sweeps labs left behind by dead processes first. On any failure
     /// everything built so far is removed again.
     pub fn up(spec: LabSpec) -> Result<Lab> {
-        preflight(spec.docker)?;
+        preflight(spec.docker && !spec.boot, spec.boot)?;
         spec.validate()?;
         sweep_stale(&spec.root);
         let dir = spec.dir();
@@ -382,7 +415,10 @@ impl Lab {
         if spec.registry.is_some() {
             lab.start_registry()?;
         }
-        if spec.docker {
+        if spec.boot {
+            lab.prepare_controller_machine()?;
+            lab.boot_machines()?;
+        } else if spec.docker {
             lab.start_dockerds()?;
         }
         if lab.registry.is_some() {
@@ -412,9 +448,18 @@ impl Lab {
                 netns: Netns::named(&format!("{}-{}", spec.name, h.name))
                     .with_mount(Some(mountns::file(&spec.name, &h.name)).filter(|f| f.exists())),
                 dir: dir.join(&h.name),
-                dockerd: spec
-                    .docker
-                    .then(|| Dockerd::at(&dir.join(&h.name).join("docker"))),
+                dockerd: match spec.boot {
+                    true => Some(Dockerd::at(&dir.join(&h.name).join("machine").join("run"))),
+                    false => spec
+                        .docker
+                        .then(|| Dockerd::at(&dir.join(&h.name).join("docker"))),
+                },
+                machine: spec.boot.then(|| {
+                    Machine::at(
+                        &format!("{}-{}", spec.name, h.name),
+                        &dir.join(&h.name).join("machine"),
+                    )
+                }),
             })
             .collect();
         Lab {
@@ -692,7 +737,9 @@ impl Lab {
         spec.validate()?;
         self.add_host_without_docker(host.clone())?;
         let h = self.host(&host.name)?.clone();
-        if let Some(d) = &h.dockerd {
+        if let Some(m) = &h.machine {
+            m.boot(MACHINE_BOOT_TIMEOUT)?;
+        } else if let Some(d) = &h.dockerd {
             d.start()?;
         }
         self.host(&host.name)
@@ -706,7 +753,11 @@ impl Lab {
         // record the host before anything can fail, so that teardown finds it
         self.spec.hosts.push(spec.clone());
         self.save()?;
-        let netns = netns.with_mount(Some(mountns::create(&self.spec.name, &spec.name)?));
+        // a booted host's machine has a mount namespace of its own
+        let netns = match self.spec.boot {
+            true => netns,
+            false => netns.with_mount(Some(mountns::create(&self.spec.name, &spec.name)?)),
+        };
         let port = format!("v-{}", spec.name);
         let (bridge_ns, prefix, gateway) = match (&self.spec.topology, &spec.dc) {
             (Some(t), Some(dc)) => {
@@ -720,7 +771,21 @@ impl Lab {
             _ => (self.underlay.clone(), UNDERLAY_PREFIX, OUTSIDE_IP),
         };
         plug(&netns, &bridge_ns, &port, spec.underlay_ip, prefix, gateway)?;
-        let dockerd = if self.spec.docker {
+        let machine = if self.spec.boot {
+            Some(Machine::prepare(
+                &format!("{}-{}", self.spec.name, spec.name),
+                &spec.name,
+                &dir.join("machine"),
+                &netns,
+                &self.cgroup_parent(&spec.name),
+                &crate::machine::host_rootfs()?,
+            )?)
+        } else {
+            None
+        };
+        let dockerd = if let Some(m) = &machine {
+            Some(Dockerd::at(&m.docker_dir()))
+        } else if self.spec.docker {
             let d = Dockerd::prepare(
                 &dir.join("docker"),
                 &netns,
@@ -741,8 +806,63 @@ impl Lab {
             netns,
             dir,
             dockerd,
+            machine,
         });
         Ok(())
+    }
+
+    /// The machine the controller of a booted lab runs in: in the controller's namespace
+    /// (10.1.1.1 of a flat lab, the controller data center's service address of a
+    /// geo-distributed one), without Docker.
+    pub fn controller_machine(&self) -> Option<Machine> {
+        self.spec.boot.then(|| {
+            Machine::at(
+                &format!("{}-{CONTROLLER_MACHINE}", self.spec.name),
+                &self.dir().join(CONTROLLER_MACHINE).join("machine"),
+            )
+        })
+    }
+
+    fn prepare_controller_machine(&self) -> Result<()> {
+        let dir = self.dir().join(CONTROLLER_MACHINE).join("machine");
+        let m = Machine::prepare(
+            &format!("{}-{CONTROLLER_MACHINE}", self.spec.name),
+            CONTROLLER_MACHINE,
+            &dir,
+            &self.controller_netns(),
+            &self.cgroup_parent(CONTROLLER_MACHINE),
+            &crate::machine::host_rootfs()?,
+        )?;
+        m.mask_units(&["docker.service", "docker.socket", "containerd.service"])
+    }
+
+    /// Every machine of a booted lab: the hosts' and the controller's.
+    fn machines(&self) -> Vec<Machine> {
+        self.hosts
+            .iter()
+            .filter_map(|h| h.machine.clone())
+            .chain(self.controller_machine())
+            .collect()
+    }
+
+    /// Boots every host's machine, in parallel, and waits until each is up (docker.service
+    /// started) or fails.
+    fn boot_machines(&self) -> Result<()> {
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
+            let machines = self.machines();
+            let handles: Vec<_> = machines
+                .into_iter()
+                .map(|m| s.spawn(move || m.boot(MACHINE_BOOT_TIMEOUT)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(LabError::Setup("machine boot panicked".into())))
+                })
+                .collect()
+        });
+        results.into_iter().collect()
     }
 
     fn cgroup_parent(&self, host: &str) -> String {
@@ -818,7 +938,15 @@ impl Lab {
                 first.get_or_insert(e);
             }
         };
-        // graceful first: containers and daemons
+        // graceful first: machines power off (their units stop as on a real host), then
+        // containers and daemons of namespace hosts
+        std::thread::scope(|s| {
+            for m in self.machines() {
+                s.spawn(move || {
+                    let _ = m.poweroff(Duration::from_secs(20));
+                });
+            }
+        });
         std::thread::scope(|s| {
             for d in self.hosts.iter().filter_map(|h| h.dockerd.as_ref()) {
                 s.spawn(move || {
@@ -873,8 +1001,14 @@ impl Lab {
         let mut v = Vec::new();
         if let Ok(ctrls) = std::fs::read_dir("/sys/fs/cgroup") {
             for c in ctrls.flatten() {
-                for h in &self.spec.hosts {
-                    let p = c.path().join(self.cgroup_parent(&h.name));
+                let names = self
+                    .spec
+                    .hosts
+                    .iter()
+                    .map(|h| h.name.as_str())
+                    .chain([CONTROLLER_MACHINE]);
+                for name in names {
+                    let p = c.path().join(self.cgroup_parent(name));
                     if p.exists() {
                         v.push(p);
                     }
@@ -891,6 +1025,7 @@ impl Lab {
             .iter()
             .filter_map(|h| h.dockerd.as_ref().map(|d| d.log()))
             .collect();
+        logs.extend(self.machines().iter().map(|m| m.console_log()));
         logs.push(self.dir().join("registry").join("registry.log"));
         if let Ok(rd) = std::fs::read_dir(self.dir().join("procs")) {
             logs.extend(
@@ -1014,7 +1149,7 @@ fn push(h: &LabHost, reg: &Registry, reference: &str) -> Result<()> {
     }
 }
 
-fn preflight(docker: bool) -> Result<()> {
+fn preflight(docker: bool, boot: bool) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         return Err(LabError::Setup(
             "the lab needs root (network namespaces, dockerd)".into(),
@@ -1023,6 +1158,9 @@ fn preflight(docker: bool) -> Result<()> {
     let mut tools = vec!["ip", "nsenter", "iptables", "iptables-save"];
     if docker {
         tools.extend(["dockerd", "docker", "busybox", "tar"]);
+    }
+    if boot {
+        tools.extend(["systemd-nspawn", "docker"]);
     }
     let missing: Vec<&str> = tools
         .into_iter()
@@ -1034,7 +1172,7 @@ fn preflight(docker: bool) -> Result<()> {
         .collect();
     if !missing.is_empty() {
         return Err(LabError::Setup(format!(
-            "missing tools: {} (apt-get install iproute2 util-linux iptables docker.io busybox tar)",
+            "missing tools: {} (apt-get install iproute2 util-linux iptables docker.io busybox tar systemd-container)",
             missing.join(", ")
         )));
     }

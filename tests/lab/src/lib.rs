@@ -23,6 +23,7 @@ mod error;
 pub mod images;
 pub mod jobfile;
 mod lab;
+pub mod machine;
 pub mod measure;
 mod mountns;
 mod netns;
@@ -34,7 +35,8 @@ pub mod topology;
 pub mod wan;
 
 pub use cluster::{
-    Binaries, CONTROLLER_PORT, Cluster, ClusterSpec, GEOMX_IMAGE, MXNET_IMAGE, seed_subnet,
+    Binaries, CONTROLLER_PORT, Cluster, ClusterSpec, GEOMX_IMAGE, MXNET_IMAGE, Packages,
+    seed_subnet,
 };
 pub use dockerd::Dockerd;
 pub use error::{LabError, Result};
@@ -43,6 +45,7 @@ pub use lab::{
     DEFAULT_ROOT, HostSpec, Lab, LabHost, LabSpec, OUTSIDE_IP, SEED_HOSTS, UNDERLAY_PREFIX,
     lab_binary, sweep_stale,
 };
+pub use machine::Machine;
 pub use netns::{Netns, normalize_iptables_save};
 pub use process::{LabProcess, alive, gone};
 pub use registry::{

@@ -71,6 +71,15 @@ enum Command {
         /// `registry-only` (only in the registry, the hosts have none).
         #[arg(long, value_enum, default_value = "local")]
         images: Images,
+        /// Every host (and the controller) a booted systemd machine with its own journald
+        /// and docker.service (scripts/build-host-rootfs.sh); geomx installed from the
+        /// Debian packages in --packages and run under its shipped units, as
+        /// docs/deploy.md says.
+        #[arg(long, conflicts_with = "registry")]
+        boot: bool,
+        /// Where the packages of this version are (scripts/package.sh --out DIR).
+        #[arg(long, default_value = "target/debian", requires = "boot")]
+        packages: PathBuf,
     },
     /// Tear the lab down completely.
     Down,
@@ -83,7 +92,9 @@ enum Command {
     },
     /// Print the environment geomxctl needs (`eval "$(geomx-lab env)"`).
     Env,
-    /// Run a command inside a host's namespace, e.g. `geomx-lab exec a -- ip route`.
+    /// Run a command inside a host's namespace, e.g. `geomx-lab exec a -- ip route` (in a
+    /// booted lab: inside the host's machine, e.g. `geomx-lab exec a -- journalctl -u
+    /// geomx-agent`).
     Exec {
         /// Host name, or "ul" for the underlay namespace (a flat lab's bridge and controller).
         #[arg(required_unless_present_any = ["router", "dc"], conflicts_with_all = ["router", "dc"])]
@@ -217,12 +228,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             registry,
             no_mxnet,
             images,
+            boot,
+            packages,
         } => {
+            if *boot && *bare {
+                bail!("--boot installs geomx from packages: it cannot be --bare");
+            }
+            if *boot && *insecure {
+                bail!("--boot follows docs/deploy.md (TLS and tokens): it cannot be --insecure");
+            }
+            let packages = if *boot {
+                Some(geomx_lab::Packages::in_dir(
+                    packages,
+                    env!("CARGO_PKG_VERSION"),
+                )?)
+            } else {
+                None
+            };
             if *images == Images::RegistryOnly && !*registry {
                 bail!("--images registry-only needs --registry");
             }
             let bins = if *bare { None } else { Some(Binaries::find()?) };
-            let mut spec = LabSpec::new(&cli.name).persistent();
+            let mut spec = LabSpec::new(&cli.name).persistent().boot(*boot);
             spec.root = cli.root.clone();
             match topology {
                 Some(file) => spec = spec.topology(read_topology(file)?),
@@ -291,7 +318,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 mxnet_tar: mxnet_tar.clone().filter(|_| local),
             };
             let dir = lab.dir();
-            let cluster = match Cluster::up(lab, cluster_spec, bins) {
+            let started = match &packages {
+                Some(p) => Cluster::up_booted(lab, cluster_spec, bins, p),
+                None => Cluster::up(lab, cluster_spec, bins),
+            };
+            let cluster = match started {
                 Ok(c) => c,
                 Err(e) => {
                     // nothing half-built stays behind
@@ -351,6 +382,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             argv,
         } => {
             let lab = attach(&cli)?;
+            // a booted host: inside its machine (its own PID 1, /etc, journal, Docker)
+            if let (Some(h), false, None) = (host.as_deref(), *router, dc)
+                && h != "ul"
+                && let Ok(m) = lab.host(h)?.machine()
+            {
+                let status = m
+                    .command(argv)?
+                    .stdin(std::process::Stdio::inherit())
+                    .status()
+                    .with_context(|| format!("running {} in machine {}", argv[0], m.name()))?;
+                if !status.success() {
+                    bail!("{} exited with {status}", argv[0]);
+                }
+                return Ok(());
+            }
             let ns = match (host.as_deref(), dc) {
                 _ if *router => lab.router()?.clone(),
                 (_, Some(dc)) => lab.dc_netns(dc)?,
@@ -556,7 +602,14 @@ fn print_status(lab: &Lab) {
         let docker = h
             .dockerd()
             .map(|d| {
-                if d.pid().is_some() {
+                if let Ok(m) = h.machine() {
+                    let state = if m.leader().is_some() {
+                        "booted"
+                    } else {
+                        "powered off"
+                    };
+                    format!("{} (machine {}, {state})", d.url(), m.name())
+                } else if d.pid().is_some() {
                     d.url()
                 } else {
                     format!("{} (stopped)", d.url())
