@@ -108,14 +108,11 @@ fn filter(options: &LogOptions) -> EnvFilter {
 pub fn init(options: &LogOptions) -> Target {
     let forced = std::env::var(LOG_TARGET_ENV).ok();
     let journal_stream = std::env::var("JOURNAL_STREAM").ok();
-    let (target, problem) = match choose_target(
-        forced.as_deref(),
-        journal_stream.as_deref(),
-        stderr_id(),
-    ) {
-        Ok(t) => (t, None),
-        Err(e) => (Target::Stderr, Some(e)),
-    };
+    let (target, problem) =
+        match choose_target(forced.as_deref(), journal_stream.as_deref(), stderr_id()) {
+            Ok(t) => (t, None),
+            Err(e) => (Target::Stderr, Some(e)),
+        };
     if target == Target::Journald {
         match tracing_journald::layer() {
             Ok(layer) => {
@@ -182,6 +179,9 @@ mod tests {
             );
         }
         let e = choose_target(Some("syslog"), None, None).unwrap_err();
-        assert!(e.contains("GEOMX_LOG_TARGET") && e.contains("syslog"), "{e}");
+        assert!(
+            e.contains("GEOMX_LOG_TARGET") && e.contains("syslog"),
+            "{e}"
+        );
     }
 }
