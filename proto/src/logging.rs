@@ -158,7 +158,9 @@ mod tests {
     #[test]
     fn target_follows_the_journal_stream_and_the_override() {
         let err = Some((12, 34));
-        let cases: &[(Option<&str>, Option<&str>, Option<(u64, u64)>, Target)] = &[
+        /// (GEOMX_LOG_TARGET, JOURNAL_STREAM, stderr's device and inode, expected)
+        type Case<'a> = (Option<&'a str>, Option<&'a str>, Option<(u64, u64)>, Target);
+        let cases: &[Case] = &[
             // under systemd: stderr is the journal stream
             (None, Some("12:34"), err, Target::Journald),
             (Some("auto"), Some("12:34"), err, Target::Journald),
