@@ -64,13 +64,8 @@ pub fn header(job: &Job, now: i64) -> String {
         job.node_count
     );
     let mut times = vec![format!(
-        "submitted {} ago{}",
-        short_duration(age_ms(now, job.submitted_at_ms)),
-        if job.submitted_by.is_empty() {
-            String::new()
-        } else {
-            format!(" by {}", job.submitted_by)
-        }
+        "submitted {} ago",
+        short_duration(age_ms(now, job.submitted_at_ms))
     )];
     if job.running_at_ms > 0 {
         times.push(format!(
@@ -80,13 +75,8 @@ pub fn header(job: &Job, now: i64) -> String {
     }
     if job.finished_at_ms > 0 {
         times.push(format!(
-            "ended {} ago{}",
-            short_duration(age_ms(now, job.finished_at_ms)),
-            if job.cancelled_by.is_empty() {
-                String::new()
-            } else {
-                format!(" (cancelled by {})", job.cancelled_by)
-            }
+            "ended {} ago",
+            short_duration(age_ms(now, job.finished_at_ms))
         ));
     }
     out.push_str(&times.join(", "));

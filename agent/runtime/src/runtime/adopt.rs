@@ -1,5 +1,4 @@
-//! Adopting the containers this agent created found on the host (see
-//! [`crate::ownership`]), and forgetting leftovers.
+//! Adopting labelled containers found on the host, and forgetting leftovers.
 
 use super::*;
 
@@ -19,10 +18,8 @@ impl<E: Engine> Runtime<E> {
         });
     }
 
-    /// Adopts the containers not tracked yet among `actual` (this agent's own, from
-    /// [`Runtime::list_owned`]): status from labels and inspect, output followed from the
-    /// start (progress is rebuilt, nothing is restarted), the heartbeat token derived
-    /// again from the creation record.
+    /// Adopts labelled containers not tracked yet: status from labels and inspect, output
+    /// followed from the start (progress is rebuilt, nothing is restarted).
     pub(super) async fn adopt_untracked(&self, actual: &[ActualContainer]) {
         let ids: BTreeSet<&str> = actual.iter().map(|c| c.id.as_str()).collect();
         let mut adopted = Vec::new();
@@ -63,12 +60,6 @@ impl<E: Engine> Runtime<E> {
                         t.sandbox = sandbox;
                         t.status.ip = ip;
                         t.status.container_id = c.id.clone();
-                        t.auth = self
-                            .inner
-                            .config
-                            .records
-                            .get(&c.id)
-                            .and_then(|e| self.token_of(&e));
                         t.status.state = match c.state {
                             EngineState::Created => NodeState::Created,
                             EngineState::Exited | EngineState::Dead => NodeState::Exited,

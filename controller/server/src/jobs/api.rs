@@ -1,5 +1,4 @@
-//! `geomx.v1.JobService` over [`Jobs`] (authorization is done by the service's interceptor,
-//! which leaves the caller, [`Caller`], in the request: submit and cancel record its name).
+//! `geomx.v1.JobService` over [`Jobs`] (authorization is done by the service's interceptor).
 //!
 //! Job names may be given as `NAME` (the latest run) or `NAME#RUN` (an earlier run of a
 //! reused name) to `GetJob`, `WatchJob` and `JobEvents`.
@@ -23,7 +22,6 @@ use tracing::Instrument;
 
 use super::Jobs;
 use super::view::without_ages;
-use crate::auth::Caller;
 
 /// Least time between two `WatchJob` messages caused by heartbeats alone (progress);
 /// transitions are sent at once.
@@ -62,12 +60,8 @@ impl JobService for JobApi {
         &self,
         request: Request<SubmitJobRequest>,
     ) -> Result<Response<SubmitJobResponse>, Status> {
-        let caller = Caller::of(&request);
         let req = request.into_inner();
-        let job = self
-            .jobs
-            .submit(&req.file_name, &req.job_toml, &caller.name)
-            .await?;
+        let job = self.jobs.submit(&req.file_name, &req.job_toml).await?;
         Ok(Response::new(SubmitJobResponse { job: Some(job) }))
     }
 
@@ -88,9 +82,8 @@ impl JobService for JobApi {
         &self,
         request: Request<CancelJobRequest>,
     ) -> Result<Response<Job>, Status> {
-        let caller = Caller::of(&request);
         self.jobs
-            .cancel(&request.get_ref().name, &caller.name)
+            .cancel(&request.get_ref().name)
             .await
             .map(Response::new)
     }

@@ -432,14 +432,10 @@ impl Ctx<'_> {
 }
 
 /// A user's request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Command {
-    /// Stop every container; the job ends Cancelled. `by`: the caller's token name (empty:
-    /// unknown, "a user").
-    Cancel {
-        /// Who cancels.
-        by: String,
-    },
+    /// Stop every container; the job ends Cancelled.
+    Cancel,
 }
 
 /// What a pass decided: records to write, events to append, and whether the hosts'
@@ -589,22 +585,16 @@ pub fn evaluate(
     if d.meta.phase.is_terminal() {
         return d.finish();
     }
-    if let Some(Command::Cancel { by }) = &command {
+    if command == Some(Command::Cancel) {
         let what = match d.meta.phase {
             Phase::Running => "while running",
             Phase::Restarting => "while restarting",
             Phase::Pulling => "while pulling its image",
             _ => "while starting",
         };
-        let who = if by.is_empty() {
-            "a user".to_owned()
-        } else {
-            format!("token {by:?}")
-        };
-        let reason = format!("cancelled by {who} {what}; every container is being removed");
+        let reason = format!("cancelled by a user {what}; every container is being removed");
         d.event("Cancelled", reason.clone(), "", "");
         d.set_phase(Phase::Cancelled, reason);
-        d.meta.cancelled_by.clone_from(by);
         return d.finish();
     }
     if let Some(reason) = host_problem(idx, &mut d, ctx) {
@@ -2478,7 +2468,7 @@ workers = 1
             f.report(name, ContainerState::Running, &ip);
         }
         f.pass(None);
-        let c = f.pass(Some(Command::Cancel { by: String::new() }));
+        let c = f.pass(Some(Command::Cancel));
         assert!(c.publish);
         let gs = &f.nodes[f.i("global-scheduler")];
         assert_eq!(gs.state, NodeState::Stopped);
@@ -2747,18 +2737,12 @@ workers = 1
     fn cancel_ends_everything() {
         let mut f = Fixture::new(ROUTED);
         f.run_everything();
-        let c = f.pass(Some(Command::Cancel { by: "ci".into() }));
+        let c = f.pass(Some(Command::Cancel));
         assert_eq!(Fixture::kinds(&c), ["Cancelled"]);
-        assert_eq!(
-            c.events[0].message,
-            "cancelled by token \"ci\" while running; every container is being removed"
-        );
         assert!(c.publish);
         assert_eq!(f.meta.phase, Phase::Cancelled);
-        assert_eq!(f.meta.cancelled_by, "ci");
         assert!(
-            f.pass(Some(Command::Cancel { by: String::new() }))
-                .is_empty(),
+            f.pass(Some(Command::Cancel)).is_empty(),
             "cancel twice is a no-op"
         );
     }
