@@ -6,6 +6,8 @@
 //! * [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
 //! * [`tls`]: loading PEM files into tonic TLS configs, the caller's certificate identity,
 //!   bearer tokens.
+//! * [`credentials`]: user tokens (named, with a role, kept as hashes) and the revocation
+//!   list of certificate serials and token names.
 //! * [`config_file`]: TOML configuration files with errors at line and column.
 //! * [`pki`]: a small CA and the controller and agent certificates (for labs and tests, and
 //!   behind `geomxctl certs`).
@@ -23,6 +25,7 @@ pub mod v1 {
 }
 
 pub mod config_file;
+pub mod credentials;
 pub mod incoming;
 pub mod logging;
 pub mod pki;

@@ -37,8 +37,9 @@ pub const CONTROLLER_CN: &str = "geomx-controller";
 pub const ORGANIZATION: &str = "geomx";
 /// Default validity of the CA, in days (10 years).
 pub const DEFAULT_CA_DAYS: u32 = 3650;
-/// Default validity of controller and agent certificates, in days (about 2 years).
-pub const DEFAULT_LEAF_DAYS: u32 = 825;
+/// Default validity of controller and agent certificates, in days (90: renew them with
+/// `geomxctl certs renew`, see docs/deploy.md "Credentials lifecycle").
+pub const DEFAULT_LEAF_DAYS: u32 = 90;
 
 /// File name of an agent's certificate.
 pub fn agent_cert_file(host: &str) -> String {
@@ -278,6 +279,101 @@ impl CertificateAuthority {
         self.sign_leaf(common_name, Some(role), sans, not_before, not_after)
     }
 
+    /// Re-issues the geomx leaf certificate `cert_pem` (an agent's or the controller's,
+    /// signed by this CA): the same CN, OU and SANs, a new serial, valid for `days` from now.
+    /// With `key_pem` (the certificate's own key, checked to match) the key is kept and the
+    /// returned [`IssuedCert`] carries it again; without, a new key is made.
+    pub fn renew(
+        &self,
+        cert_pem: &str,
+        key_pem: Option<&str>,
+        days: u32,
+    ) -> Result<Renewal, PkiError> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        use x509_parser::extensions::GeneralName;
+
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| PkiError::Invalid(format!("no PEM certificate: {e}")))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| PkiError::Invalid(format!("not an X.509 certificate: {e}")))?;
+        let ca_der = CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .map_err(|e| PkiError::Invalid(format!("the CA certificate: {e}")))?;
+        let (_, ca) = x509_parser::parse_x509_certificate(ca_der.as_ref())
+            .map_err(|e| PkiError::Invalid(format!("the CA certificate: {e}")))?;
+        if cert.issuer() != ca.subject() {
+            return Err(PkiError::Invalid(format!(
+                "the certificate was issued by {}, not by this CA ({}): renew it with the CA that made it",
+                cert.issuer(),
+                ca.subject()
+            )));
+        }
+        if cert.is_ca() {
+            return Err(PkiError::Invalid(
+                "a CA certificate cannot be renewed this way (make a new CA with `geomxctl certs init`)".into(),
+            ));
+        }
+        let id = crate::tls::identity_from_der(der.as_ref()).map_err(PkiError::Invalid)?;
+        let role = match id.organizational_unit.as_deref() {
+            Some(r @ (ROLE_AGENT | ROLE_CONTROLLER)) => r.to_owned(),
+            other => {
+                return Err(PkiError::Invalid(format!(
+                    "{id}: not a geomx agent or controller certificate (OU is {other:?}, expected {ROLE_AGENT:?} or {ROLE_CONTROLLER:?})"
+                )));
+            }
+        };
+        let mut sans = Vec::new();
+        if let Ok(Some(ext)) = cert.subject_alternative_name() {
+            for name in &ext.value.general_names {
+                sans.push(match name {
+                    GeneralName::DNSName(d) => parse_san(d)?,
+                    GeneralName::IPAddress(b) if b.len() == 4 => {
+                        SanType::IpAddress(IpAddr::from(<[u8; 4]>::try_from(*b).expect("4 bytes")))
+                    }
+                    GeneralName::IPAddress(b) if b.len() == 16 => SanType::IpAddress(IpAddr::from(
+                        <[u8; 16]>::try_from(*b).expect("16 bytes"),
+                    )),
+                    other => {
+                        return Err(PkiError::Invalid(format!(
+                            "subject alternative name {other} cannot be carried over"
+                        )));
+                    }
+                });
+            }
+        }
+        let key = match key_pem {
+            Some(pem) => {
+                let key = KeyPair::from_pem(pem).map_err(|source| PkiError::Generate {
+                    what: "reading the certificate's key".into(),
+                    source,
+                })?;
+                if key.public_key_raw() != cert.public_key().subject_public_key.data.as_ref() {
+                    return Err(PkiError::Invalid(
+                        "the key does not belong to the certificate (pass the certificate's own key, or --new-key)".into(),
+                    ));
+                }
+                Some(key)
+            }
+            None => None,
+        };
+        let old_serial = crate::credentials::serial_of_bytes(cert.raw_serial());
+        let (not_before, not_after) = validity(days)?;
+        let issued = self.sign_leaf_with(
+            &id.common_name,
+            Some(&role),
+            sans,
+            not_before,
+            not_after,
+            key,
+        )?;
+        Ok(Renewal {
+            common_name: id.common_name,
+            role,
+            old_serial,
+            issued,
+        })
+    }
+
     /// Signs a leaf certificate (server and client auth) for `common_name` with the
     /// organizational unit `role` (`None`: none), `sans` and the validity window.
     fn sign_leaf(
@@ -287,6 +383,19 @@ impl CertificateAuthority {
         sans: Vec<SanType>,
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
+    ) -> Result<IssuedCert, PkiError> {
+        self.sign_leaf_with(common_name, role, sans, not_before, not_after, None)
+    }
+
+    /// [`CertificateAuthority::sign_leaf`] with the given key (`None`: a new one).
+    fn sign_leaf_with(
+        &self,
+        common_name: &str,
+        role: Option<&str>,
+        sans: Vec<SanType>,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+        key: Option<KeyPair>,
     ) -> Result<IssuedCert, PkiError> {
         let what = || format!("issuing the certificate of {common_name:?}");
         let mut params = CertificateParams::default();
@@ -313,10 +422,13 @@ impl CertificateAuthority {
         params.serial_number = Some(random_serial());
         params.not_before = not_before;
         params.not_after = not_after;
-        let key = KeyPair::generate().map_err(|source| PkiError::Generate {
-            what: what(),
-            source,
-        })?;
+        let key = match key {
+            Some(k) => k,
+            None => KeyPair::generate().map_err(|source| PkiError::Generate {
+                what: what(),
+                source,
+            })?,
+        };
         let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(|source| PkiError::Generate {
@@ -328,6 +440,19 @@ impl CertificateAuthority {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+/// A re-issued certificate ([`CertificateAuthority::renew`]).
+#[derive(Clone, Debug)]
+pub struct Renewal {
+    /// Its common name (the host, or [`CONTROLLER_CN`]).
+    pub common_name: String,
+    /// Its role ([`ROLE_AGENT`] or [`ROLE_CONTROLLER`]).
+    pub role: String,
+    /// The serial of the certificate it replaces (normalized), to revoke it.
+    pub old_serial: String,
+    /// The new certificate and its key.
+    pub issued: IssuedCert,
 }
 
 /// The files of a lab PKI made by [`make_lab_pki`].
@@ -343,15 +468,19 @@ pub struct LabPki {
     pub controller_key: PathBuf,
     /// `(host, cert, key)` per agent.
     pub agents: Vec<(String, PathBuf, PathBuf)>,
-    /// A fresh user token (also written to `dir/tokens`, mode 0600).
+    /// A fresh user token, role admin, named [`LAB_TOKEN_NAME`] (its hash is written to
+    /// `dir/tokens`, mode 0600).
     pub token: String,
     /// `dir/tokens`.
     pub tokens_file: PathBuf,
 }
 
+/// Name of the admin token of [`make_lab_pki`].
+pub const LAB_TOKEN_NAME: &str = "lab";
+
 /// Makes a complete PKI for a lab or tests in `dir`: a CA, the controller certificate
 /// with `controller_sans`, one certificate per `(host, underlay IP)`, and a tokens file with
-/// one fresh token. Existing files are replaced.
+/// one fresh admin token named [`LAB_TOKEN_NAME`]. Existing files are replaced.
 pub fn make_lab_pki(
     dir: &Path,
     controller_sans: &[String],
@@ -373,7 +502,11 @@ pub fn make_lab_pki(
     }
     let token = generate_token();
     let tokens_file = dir.join("tokens");
-    write_file(&tokens_file, format!("{token}\n").as_bytes(), 0o600)?;
+    write_file(
+        &tokens_file,
+        token_line(LAB_TOKEN_NAME, crate::credentials::Role::Admin, &token).as_bytes(),
+        0o600,
+    )?;
     Ok(LabPki {
         dir: dir.to_owned(),
         ca: dir.join(CA_CERT_FILE),
@@ -461,6 +594,20 @@ pub fn describe_certificate(pem: &[u8]) -> Result<CertificateInfo, PkiError> {
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
     })
+}
+
+/// The tokens file line of a token: `NAME ROLE sha256:HEX` and a newline.
+pub fn token_line(name: &str, role: crate::credentials::Role, secret: &str) -> String {
+    format!(
+        "{name} {role} {}\n",
+        crate::credentials::hash_secret(secret)
+    )
+}
+
+/// Writes `contents` to `path` atomically (a temporary file beside it, fsync, rename), with
+/// `mode` (e.g. 0o600 for a key or a tokens file).
+pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
+    write_file(path, contents, mode)
 }
 
 /// A fresh random bearer token: 32 random bytes as 64 hex digits.
@@ -602,7 +749,7 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::{TlsFiles, identity_from_der};
+    use crate::tls::{TlsFiles, TlsMaterial, identity_from_der};
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
 
@@ -684,6 +831,65 @@ mod tests {
             ca.write(dir.path(), false),
             Err(PkiError::Exists(_))
         ));
+    }
+
+    #[test]
+    fn renewal_keeps_the_subject_and_sans_with_a_new_serial() {
+        let ca = CertificateAuthority::generate("t", 10).unwrap();
+        let old = ca
+            .issue_agent("a", "10.1.1.34".parse().unwrap(), &["a.example".into()], 5)
+            .unwrap();
+        let before = describe_certificate(old.cert_pem.as_bytes()).unwrap();
+        // keeping the key
+        let r = ca.renew(&old.cert_pem, Some(&old.key_pem), 90).unwrap();
+        assert_eq!((r.common_name.as_str(), r.role.as_str()), ("a", ROLE_AGENT));
+        assert_eq!(r.issued.key_pem, old.key_pem);
+        let after = describe_certificate(r.issued.cert_pem.as_bytes()).unwrap();
+        assert_eq!(after.subject, before.subject);
+        assert_eq!(after.sans, ["IP:10.1.1.34", "DNS:a", "DNS:a.example"]);
+        assert_ne!(after.serial, before.serial);
+        assert_eq!(
+            crate::credentials::normalize_serial(&before.serial).unwrap(),
+            r.old_serial
+        );
+        assert!(after.not_after - after.not_before > 89 * 86_400);
+        TlsMaterial::from_pem(ca.cert_pem(), r.issued.cert_pem.clone(), r.issued.key_pem)
+            .expect("the renewed certificate goes with its key");
+        // a new key
+        let r = ca.renew(&old.cert_pem, None, 30).unwrap();
+        assert_ne!(r.issued.key_pem, old.key_pem);
+        TlsMaterial::from_pem(ca.cert_pem(), r.issued.cert_pem, r.issued.key_pem).unwrap();
+        // the controller's
+        let ctl = ca.issue_controller(&["10.1.1.1".into()], 5).unwrap();
+        let r = ca.renew(&ctl.cert_pem, None, 30).unwrap();
+        assert_eq!(r.role, ROLE_CONTROLLER);
+        assert_eq!(r.common_name, CONTROLLER_CN);
+        // refusals: another CA's certificate, a key of another certificate, a CA
+        let other = CertificateAuthority::generate("other", 10).unwrap();
+        let err = other
+            .renew(&old.cert_pem, None, 30)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not by this CA"), "{err}");
+        let err = ca
+            .renew(&old.cert_pem, Some(&ctl.key_pem), 30)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not belong"), "{err}");
+        assert!(ca.renew(ca.cert_pem(), None, 30).is_err());
+    }
+
+    #[test]
+    fn the_lab_tokens_file_holds_a_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = make_lab_pki(dir.path(), &["127.0.0.1".into()], &[]).unwrap();
+        let text = std::fs::read_to_string(&pki.tokens_file).unwrap();
+        assert!(!text.contains(&pki.token), "{text}");
+        let f = crate::credentials::parse_tokens_file(&text, "tokens").unwrap();
+        let set = crate::credentials::TokenSet::new(f.tokens).unwrap();
+        let t = set.find(&pki.token).unwrap();
+        assert_eq!(t.name, LAB_TOKEN_NAME);
+        assert_eq!(t.role, crate::credentials::Role::Admin);
     }
 
     #[test]

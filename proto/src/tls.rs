@@ -5,10 +5,10 @@
 //!   [`ServerTlsConfig`] (client certificates optional at the TLS layer, verified against the
 //!   CA when presented) and [`ClientTlsConfig`] (CA plus our own certificate for mTLS).
 //! * [`peer_identity`] reads the verified client certificate of a tonic [`Request`]:
-//!   common name (the host name of an agent) and organizational unit (its role,
-//!   [`ROLE_AGENT`] or [`ROLE_CONTROLLER`]).
-//! * [`BearerTokens`] checks `authorization: Bearer <token>` on the user API;
-//!   [`BearerInterceptor`] adds it on the client side.
+//!   common name (the host name of an agent), organizational unit (its role,
+//!   [`ROLE_AGENT`] or [`ROLE_CONTROLLER`]) and serial (for the revocation list).
+//! * [`bearer_token`] reads `authorization: Bearer <token>` on the user API (checked against
+//!   [`crate::credentials::TokenSet`]); [`BearerInterceptor`] adds it on the client side.
 //!
 //! Client certificates are optional at the TLS layer because people using `geomxctl` have
 //! none; every service then enforces what it needs (agents: a certificate whose CN is the
@@ -74,6 +74,14 @@ pub enum TlsError {
     /// A token is unusable.
     #[error("{0}")]
     BadToken(String),
+    /// A private key file every user of the machine may read.
+    #[error("{}: the private key is readable by every user (mode {mode:04o}); refusing it: chmod 0600 {} (and make a new key and certificate if others may have read it)", path.display(), path.display())]
+    KeyExposed {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
 }
 
 /// The PEM files of one party: the CA that signs every geomx certificate, and the party's
@@ -89,20 +97,14 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// Reads and checks the three files; warns when the private key may be read by group
-    /// or others.
+    /// Reads and checks the three files. A private key that every user of the machine may
+    /// read (`o+r`) is refused ([`TlsError::KeyExposed`]); one its group may read is loaded
+    /// with a warning.
     pub fn load(&self) -> Result<TlsMaterial, TlsError> {
+        check_key_mode(&self.key)?;
         let ca = read(&self.ca, "CA certificate")?;
         let cert = read(&self.cert, "certificate")?;
         let key = read(&self.key, "private key")?;
-        if let Some(mode) = exposed_mode(&self.key) {
-            tracing::warn!(
-                key = %self.key.display(),
-                mode = format!("{mode:04o}"),
-                "the private key is readable by group or others: chmod 0600 {}",
-                self.key.display()
-            );
-        }
         TlsMaterial::from_pem_labeled(ca, &self.ca, cert, &self.cert, key, &self.key)
     }
 }
@@ -113,6 +115,26 @@ pub fn exposed_mode(path: &Path) -> Option<u32> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
     (mode & 0o044 != 0).then_some(mode)
+}
+
+/// Refuses a private key file every user may read; warns when its group may.
+pub fn check_key_mode(key: &Path) -> Result<(), TlsError> {
+    let Some(mode) = exposed_mode(key) else {
+        return Ok(());
+    };
+    if mode & 0o004 != 0 {
+        return Err(TlsError::KeyExposed {
+            path: key.to_owned(),
+            mode,
+        });
+    }
+    tracing::warn!(
+        key = %key.display(),
+        mode = format!("{mode:04o}"),
+        "the private key is readable by its group: chmod 0600 {}",
+        key.display()
+    );
+    Ok(())
 }
 
 /// Loaded and checked PEM material of one party.
@@ -255,6 +277,9 @@ pub struct PeerIdentity {
     pub common_name: String,
     /// Organizational unit: the role ([`ROLE_AGENT`], [`ROLE_CONTROLLER`]), if present.
     pub organizational_unit: Option<String>,
+    /// Serial number, normalized ([`crate::credentials::normalize_serial`]: lowercase hex,
+    /// no colons or leading zeros), as the revocation list compares it.
+    pub serial: String,
 }
 
 impl PeerIdentity {
@@ -297,6 +322,7 @@ pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, String> {
     Ok(PeerIdentity {
         common_name,
         organizational_unit,
+        serial: crate::credentials::serial_of_bytes(cert.raw_serial()),
     })
 }
 
@@ -348,80 +374,6 @@ pub fn validate_token(token: &str) -> Result<(), TlsError> {
     Ok(())
 }
 
-/// Parses a tokens file: one token per line; blank lines and lines starting with `#` are
-/// skipped. Returns `(line number, token)` pairs so callers can point at a bad line.
-pub fn parse_tokens_file(text: &str) -> Vec<(usize, String)> {
-    text.lines()
-        .enumerate()
-        .map(|(i, line)| (i + 1, line.trim()))
-        .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
-        .map(|(n, line)| (n, line.to_owned()))
-        .collect()
-}
-
-/// The tokens that may call the user API.
-#[derive(Clone, Default)]
-pub struct BearerTokens {
-    tokens: Vec<Vec<u8>>,
-}
-
-impl fmt::Debug for BearerTokens {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "BearerTokens({} tokens)", self.tokens.len())
-    }
-}
-
-impl BearerTokens {
-    /// The accepted tokens.
-    pub fn new<I, S>(tokens: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        BearerTokens {
-            tokens: tokens
-                .into_iter()
-                .map(|t| t.as_ref().as_bytes().to_vec())
-                .collect(),
-        }
-    }
-
-    /// Number of tokens.
-    pub fn len(&self) -> usize {
-        self.tokens.len()
-    }
-
-    /// True when no token is configured (then every call is refused).
-    pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
-    }
-
-    /// True when `token` is one of ours (compared in constant time per token).
-    pub fn contains(&self, token: &str) -> bool {
-        let given = token.as_bytes();
-        let mut found = false;
-        for t in &self.tokens {
-            found |= constant_time_eq(t, given);
-        }
-        found
-    }
-
-    /// Checks `authorization: Bearer <token>` in `metadata`: `UNAUTHENTICATED` when it is
-    /// missing, malformed or not one of ours.
-    pub fn verify(&self, metadata: &MetadataMap) -> Result<(), Status> {
-        let token = bearer_token(metadata)?.ok_or_else(|| {
-            Status::unauthenticated(
-                "missing \"authorization: Bearer <token>\" (geomxctl: --token or GEOMX_TOKEN)",
-            )
-        })?;
-        if self.contains(token) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated("invalid bearer token"))
-        }
-    }
-}
-
 /// The bearer token of `authorization` in `metadata`: `Ok(None)` when the header is absent,
 /// `UNAUTHENTICATED` when it is present but not `Bearer <token>`.
 pub fn bearer_token(metadata: &MetadataMap) -> Result<Option<&str>, Status> {
@@ -440,17 +392,6 @@ pub fn bearer_token(metadata: &MetadataMap) -> Result<Option<&str>, Status> {
         ));
     }
     Ok(Some(token.trim()))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let mut diff = 0u8;
-    for (x, y) in a.iter().zip(b) {
-        diff |= x ^ y;
-    }
-    diff == 0
 }
 
 /// Client-side interceptor adding `authorization: Bearer <token>` to every call.
@@ -496,34 +437,49 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let key = dir.path().join("key.pem");
         std::fs::write(&key, "x").expect("write");
-        for (mode, exposed) in [(0o600, false), (0o400, false), (0o640, true), (0o644, true)] {
+        for (mode, exposed, refused) in [
+            (0o600, false, false),
+            (0o400, false, false),
+            (0o640, true, false),
+            (0o644, true, true),
+            (0o604, true, true),
+        ] {
             std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).expect("chmod");
             assert_eq!(exposed_mode(&key).is_some(), exposed, "{mode:o}");
+            assert_eq!(check_key_mode(&key).is_err(), refused, "{mode:o}");
         }
         assert_eq!(exposed_mode(&dir.path().join("missing")), None);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let err = TlsFiles {
+            ca: key.clone(),
+            cert: key.clone(),
+            key: key.clone(),
+        }
+        .load()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("readable by every user (mode 0644)") && err.contains("chmod 0600"),
+            "{err}"
+        );
     }
 
     #[test]
-    fn bearer_checks() {
-        let tokens = BearerTokens::new(["0123456789abcdef0123"]);
+    fn bearer_header() {
         let mut md = MetadataMap::new();
-        assert_eq!(
-            tokens.verify(&md).unwrap_err().code(),
-            tonic::Code::Unauthenticated
-        );
-        md.insert("authorization", "Bearer nope".parse().unwrap());
-        assert!(tokens.verify(&md).is_err());
+        assert_eq!(bearer_token(&md).unwrap(), None);
         md.insert(
             "authorization",
             "Basic 0123456789abcdef0123".parse().unwrap(),
         );
-        assert!(tokens.verify(&md).is_err());
+        assert!(bearer_token(&md).is_err());
         md.insert(
             "authorization",
-            "bearer 0123456789abcdef0123".parse().unwrap(),
+            "bearer  0123456789abcdef0123 ".parse().unwrap(),
         );
-        assert!(tokens.verify(&md).is_ok());
-        assert!(!BearerTokens::default().contains(""));
+        assert_eq!(bearer_token(&md).unwrap(), Some("0123456789abcdef0123"));
+        md.insert("authorization", "Bearer".parse().unwrap());
+        assert!(bearer_token(&md).is_err());
     }
 
     #[test]
@@ -531,14 +487,6 @@ mod tests {
         assert!(validate_token("short").is_err());
         assert!(validate_token("has a space in it, long enough").is_err());
         assert!(validate_token("0123456789abcdef").is_ok());
-        let parsed = parse_tokens_file("# comment\n\n  tok-one-0123456789  \ntok-two-0123456789\n");
-        assert_eq!(
-            parsed,
-            vec![
-                (3, "tok-one-0123456789".to_owned()),
-                (4, "tok-two-0123456789".to_owned())
-            ]
-        );
     }
 
     #[test]

@@ -4,9 +4,10 @@
 #   tests/fuzz/run.sh [SECONDS] [TARGET...]
 #
 # SECONDS per target (default 600: the "10-minute run without a crash"); TARGETs default to
-# all of job_file, job_compile and daemon_json, run one after the other. Installs cargo-fuzz
-# from crates.io when it is missing. cargo-fuzz needs nightly features: on the stable
-# toolchain they are enabled with RUSTC_BOOTSTRAP=1 (only for these builds).
+# all of job_file, job_compile, daemon_json, heartbeat_body and report_convert, run one
+# after the other. Installs cargo-fuzz from crates.io when it is missing. cargo-fuzz needs
+# nightly features: on the stable toolchain they are enabled with RUSTC_BOOTSTRAP=1 (only
+# for these builds).
 #
 # The working corpus grows in tests/fuzz/corpus/<target>/ (not committed); the committed
 # seeds and regressions in tests/fuzz/regressions/<target>/ are read as a second corpus.
@@ -21,7 +22,7 @@ secs="${1:-600}"
 if [[ $# -gt 0 ]]; then shift; fi
 targets=("$@")
 if [[ ${#targets[@]} -eq 0 ]]; then
-    targets=(job_file job_compile daemon_json)
+    targets=(job_file job_compile daemon_json heartbeat_body report_convert)
 fi
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

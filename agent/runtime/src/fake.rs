@@ -494,6 +494,56 @@ impl FakeEngine {
         self.emit(id, "die");
     }
 
+    /// `docker commit` of container `id`, then `docker run -d --name <name>` of the image
+    /// by someone else: as with Docker, the new container inherits the labels and the env
+    /// of the one committed (they are in the image's config), gets its own id and, on the
+    /// default bridge network, its own address, and runs. Returns its id.
+    pub fn commit_and_run(&self, id: &str, name: &str) -> Option<String> {
+        let new_id = {
+            let mut st = self.lock();
+            let src = st.containers.get(id)?.clone();
+            st.next += 1;
+            let n = st.next;
+            let new_id = format!("{n:064x}");
+            let mut body = src.body.clone();
+            if let Some(hc) = body.host_config.as_mut() {
+                // a plain `docker run`: the default network, no geomx host config
+                hc.network_mode = Some("bridge".into());
+            }
+            st.containers.insert(
+                new_id.clone(),
+                FakeContainer {
+                    id: new_id.clone(),
+                    name: name.to_string(),
+                    labels: src.labels.clone(),
+                    state: EngineState::Running,
+                    exit_code: 0,
+                    started_at_ms: now_ms(),
+                    finished_at_ms: 0,
+                    ip: format!("172.17.34.{}", n + 1),
+                    host_network: false,
+                    logs: Vec::new(),
+                    body,
+                    oom_killed: false,
+                    pid: u32::try_from(n).unwrap_or(u32::MAX).saturating_add(1000),
+                    peers: BTreeMap::new(),
+                },
+            );
+            new_id
+        };
+        self.emit(&new_id, "create");
+        self.emit(&new_id, "start");
+        Some(new_id)
+    }
+
+    /// The value of env variable `var` of the container named `name`, if set.
+    pub fn env_var(&self, name: &str, var: &str) -> Option<String> {
+        let prefix = format!("{var}=");
+        self.env_of(name)
+            .into_iter()
+            .find_map(|e| e.strip_prefix(&prefix).map(str::to_string))
+    }
+
     /// `docker rm -f` by someone else.
     pub fn remove_behind_back(&self, id: &str) {
         self.lock().containers.remove(id);
@@ -1176,7 +1226,7 @@ mod tests {
             ..Default::default()
         };
         let own: IpAddr = node(&rt.snapshot(), "w0").ip.parse().expect("ip");
-        rt.record_heartbeat(&hb, own).expect("heartbeat");
+        rt.record_heartbeat(&hb, own, None).expect("heartbeat");
         let before = rt.snapshot();
         assert_eq!(iteration(&before), Some(5));
         let opened = fake.follows().borrow().len();
@@ -1600,14 +1650,14 @@ mod tests {
         };
         let other: IpAddr = "172.17.34.200".parse().expect("ip");
         // another container (or host) cannot speak for w0: refused, nothing recorded
-        let forged = rt.record_heartbeat(&hb, other);
+        let forged = rt.record_heartbeat(&hb, other, None);
         assert!(
             matches!(forged, Err(HeartbeatError::WrongPeer { .. })),
             "{forged:?}"
         );
         assert!(rt.status("job1", "w0").and_then(|s| s.progress).is_none());
         assert_eq!(
-            rt.record_heartbeat(&hb, ip).expect("named"),
+            rt.record_heartbeat(&hb, ip, None).expect("named").key,
             ("job1".to_string(), "w0".to_string())
         );
         let p = rt
@@ -1619,9 +1669,9 @@ mod tests {
             step: Some(13),
             ..Default::default()
         };
-        assert!(rt.record_heartbeat(&anon, ip).is_ok());
+        assert!(rt.record_heartbeat(&anon, ip, None).is_ok());
         assert!(matches!(
-            rt.record_heartbeat(&anon, other),
+            rt.record_heartbeat(&anon, other, None),
             Err(HeartbeatError::UnknownPeer(_))
         ));
         let stranger = HeartbeatReport {
@@ -1631,7 +1681,7 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            rt.record_heartbeat(&stranger, ip),
+            rt.record_heartbeat(&stranger, ip, None),
             Err(HeartbeatError::UnknownNode { .. })
         ));
         rt.shutdown();
@@ -2465,6 +2515,319 @@ mod tests {
         let report = rt.apply(vec![pulling("w0", &image)]).await.expect("apply");
         assert!(report.errors().next().is_some(), "{report:?}");
         assert_eq!(pull_calls(&fake), 1, "{:?}", fake.calls());
+        rt.shutdown();
+    }
+
+    fn keyed() -> RuntimeConfig {
+        RuntimeConfig {
+            heartbeat_key: Some(crate::auth::HeartbeatKey::from_bytes(&[9; 32])),
+            controller_id: Some("ctl".into()),
+            ..config()
+        }
+    }
+
+    fn beat(node: &str, step: u64) -> HeartbeatReport {
+        HeartbeatReport {
+            job: Some("job1".into()),
+            node: Some(node.into()),
+            step: Some(step),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn heartbeats_need_the_containers_own_token_and_on_docker0_its_address() {
+        let fake = FakeEngine::new(&[IMG]);
+        let cfg = keyed();
+        let rt = Runtime::start(fake.clone(), cfg.clone())
+            .await
+            .expect("start");
+        let mut host = spec("h0");
+        host.host_network = true;
+        rt.apply(vec![spec("w0"), spec("w1"), host.clone()])
+            .await
+            .expect("apply");
+        let s = wait_for(&rt, "running", |s| {
+            s.nodes.len() == 3 && s.nodes.iter().all(|n| n.state == NodeState::Running)
+        })
+        .await;
+        let token = |node: &str| {
+            fake.env_var(
+                &format!("geomx.job1.{node}"),
+                crate::auth::ENV_HEARTBEAT_TOKEN,
+            )
+            .unwrap_or_else(|| panic!("no token in the env of {node}"))
+        };
+        let (t0, t1, th) = (token("w0"), token("w1"), token("h0"));
+        assert_eq!(t0.len(), 64);
+        assert!(t0 != t1 && t0 != th, "every container has its own token");
+        let ip = |n: &str| -> IpAddr { node(&s, n).ip.parse().expect("ip") };
+        let (ip0, ip1) = (ip("w0"), ip("w1"));
+        let refused = |r: Result<crate::heartbeat::Recorded, HeartbeatError>| match r {
+            Err(e) => e,
+            Ok(r) => panic!("taken: {r:?}"),
+        };
+        // no token, another container's token, the right token from another address
+        assert!(matches!(
+            refused(rt.record_heartbeat(&beat("w0", 1), ip0, None)),
+            HeartbeatError::NoToken { .. }
+        ));
+        assert!(matches!(
+            refused(rt.record_heartbeat(&beat("w0", 1), ip0, Some(&t1))),
+            HeartbeatError::BadToken { .. }
+        ));
+        assert!(matches!(
+            refused(rt.record_heartbeat(&beat("w0", 1), ip1, Some(&t0))),
+            HeartbeatError::WrongPeer { .. }
+        ));
+        assert!(rt.status("job1", "w0").and_then(|s| s.progress).is_none());
+        // its own token from its own address
+        let r = rt
+            .record_heartbeat(&beat("w0", 5), ip0, Some(&t0))
+            .expect("own");
+        assert_eq!(r.key, ("job1".to_string(), "w0".to_string()));
+        // a host-network node shares the host's address: its token tells it apart, also
+        // without job and node
+        let host_ip: IpAddr = "10.1.1.34".parse().expect("ip");
+        assert!(matches!(
+            refused(rt.record_heartbeat(&beat("h0", 1), host_ip, Some(&t0))),
+            HeartbeatError::BadToken { .. }
+        ));
+        rt.record_heartbeat(&beat("h0", 2), host_ip, Some(&th))
+            .expect("host node");
+        let anon = HeartbeatReport {
+            step: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(
+            rt.record_heartbeat(&anon, host_ip, Some(&th))
+                .expect("by token")
+                .key
+                .1,
+            "h0"
+        );
+        let c = rt.heartbeat_stats();
+        assert_eq!(
+            (
+                c.accepted,
+                c.refused["no_token"],
+                c.refused["bad_token"],
+                c.refused["wrong_address"]
+            ),
+            (3, 1, 2, 1),
+            "{c}"
+        );
+        // the spec hash is the token-less one: a restarted agent (same key, same record)
+        // derives the same tokens and changes nothing
+        rt.shutdown();
+        drop(rt);
+        let rt = Runtime::start(fake.clone(), cfg.clone())
+            .await
+            .expect("restart");
+        let report = rt
+            .apply(vec![spec("w0"), spec("w1"), host.clone()])
+            .await
+            .expect("apply");
+        assert!(report.is_no_op(), "{report:?}");
+        wait_for(&rt, "adopted", |s| {
+            s.nodes
+                .iter()
+                .filter(|n| n.state == NodeState::Running)
+                .count()
+                == 3
+        })
+        .await;
+        rt.record_heartbeat(&beat("w0", 6), ip0, Some(&t0))
+            .expect("own token after a restart");
+        assert!(rt.record_heartbeat(&beat("w0", 7), ip0, Some(&t1)).is_err());
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_committed_copy_run_by_hand_is_neither_adopted_nor_removed() {
+        let fake = FakeEngine::new(&[IMG]);
+        let cfg = keyed();
+        let rt = Runtime::start(fake.clone(), cfg.clone())
+            .await
+            .expect("start");
+        let id = running_w0(&fake, &rt).await;
+        let token = fake
+            .env_var("geomx.job1.w0", crate::auth::ENV_HEARTBEAT_TOKEN)
+            .expect("token");
+        // `docker commit` + `docker run --name evil`: the copy has every label of the node
+        let copy = fake.commit_and_run(&id, "evil").expect("copy");
+        {
+            let st = fake.lock();
+            assert_eq!(st.containers[&copy].labels, st.containers[&id].labels);
+        }
+        for _ in 0..3 {
+            let report = rt.apply(vec![spec("w0")]).await.expect("apply");
+            assert!(report.is_no_op(), "{report:?}");
+        }
+        // a resync too
+        tokio::time::sleep(cfg.resync_interval * 2).await;
+        assert!(fake.ids().contains(&copy), "the copy was removed");
+        assert_eq!(role_id(&fake, "w0"), id);
+        let s = rt.snapshot();
+        assert_eq!(s.nodes.len(), 1);
+        assert_eq!(node(&s, "w0").container_id, id, "the copy is not the node");
+        // the copy's stolen token does not work from its own address
+        let copy_ip: IpAddr = fake.lock().containers[&copy].ip.parse().expect("ip");
+        assert!(matches!(
+            rt.record_heartbeat(&beat("w0", 9), copy_ip, Some(&token)),
+            Err(HeartbeatError::WrongPeer { .. })
+        ));
+        // an agent restart adopts its own container only
+        rt.shutdown();
+        drop(rt);
+        let rt = Runtime::start(fake.clone(), cfg.clone())
+            .await
+            .expect("restart");
+        let s = wait_for(&rt, "adopted", |s| {
+            s.node("job1", "w0")
+                .is_some_and(|n| n.state == NodeState::Running)
+        })
+        .await;
+        assert_eq!(node(&s, "w0").container_id, id);
+        // (resyncs before any desired state adopt nothing else either)
+        tokio::time::sleep(cfg.resync_interval * 2).await;
+        let s = rt.snapshot();
+        assert_eq!(s.nodes.len(), 1, "{s:#?}");
+        assert_eq!(node(&s, "w0").container_id, id);
+        assert!(rt.apply(vec![spec("w0")]).await.expect("apply").is_no_op());
+        // the job ends: the agent removes what it made, the copy stays
+        let report = rt.apply(vec![]).await.expect("apply");
+        assert_eq!(report.changes().count(), 2, "{report:?}");
+        assert_eq!(fake.ids(), vec![copy.clone()]);
+        // the original gone, a copy under its very name is not it either
+        let again = fake.commit_and_run(&copy, "geomx.job1.w0").expect("copy 2");
+        let report = rt.apply(vec![spec("w0")]).await.expect("apply");
+        assert!(
+            !report.outcomes.iter().any(
+                |o| matches!(&o.action, Action::Remove { id, .. } if *id == again || *id == copy)
+            ),
+            "{report:?}"
+        );
+        assert!(fake.ids().contains(&again) && fake.ids().contains(&copy));
+        assert_ne!(
+            rt.status("job1", "w0").map(|s| s.container_id),
+            Some(again.clone())
+        );
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_agent_adopts_the_containers_of_its_controller_once() {
+        let fake = FakeEngine::new(&[IMG]);
+        // containers made by an agent version before creation records and tokens
+        let mut w0 = spec("w0");
+        w0.host_network = true;
+        let cfg = keyed();
+        let legacy = fake
+            .create(
+                &w0.container_name(),
+                w0.create_body(&cfg.agent_url, &cfg.sandbox, None),
+            )
+            .await
+            .expect("create");
+        fake.start(&legacy).await.expect("start");
+        let mut old = spec("x0");
+        old.host_network = true;
+        old.controller_id = "an-old-cluster".into();
+        let other = fake
+            .create(
+                &old.container_name(),
+                old.create_body(&cfg.agent_url, &cfg.sandbox, None),
+            )
+            .await
+            .expect("create");
+        let rt = Runtime::start(fake.clone(), cfg.clone())
+            .await
+            .expect("start");
+        let s = wait_for(&rt, "adopted", |s| {
+            s.node("job1", "w0")
+                .is_some_and(|n| n.state == NodeState::Running)
+        })
+        .await;
+        assert_eq!(s.nodes.len(), 1, "only this controller's: {s:#?}");
+        let calls = fake.calls().len();
+        assert!(rt.apply(vec![w0.clone()]).await.expect("apply").is_no_op());
+        assert_eq!(fake.calls().len(), calls, "nothing restarted");
+        // no token in its env: checked as before (host network: by the names)
+        rt.record_heartbeat(&beat("w0", 1), "10.1.1.34".parse().expect("ip"), None)
+            .expect("a legacy container's heartbeat");
+        // once recorded, a labelled container appearing later is not adopted
+        let mut late = spec("w9");
+        late.host_network = true;
+        let stranger = fake
+            .create(
+                &late.container_name(),
+                late.create_body(&cfg.agent_url, &cfg.sandbox, None),
+            )
+            .await
+            .expect("create");
+        rt.shutdown();
+        drop(rt);
+        let rt = Runtime::start(fake.clone(), cfg.clone())
+            .await
+            .expect("restart");
+        assert!(rt.status("job1", "w9").is_none());
+        assert!(rt.status("job1", "w0").is_some());
+        rt.apply(vec![]).await.expect("apply");
+        assert_eq!(
+            fake.ids().into_iter().collect::<BTreeSet<_>>(),
+            BTreeSet::from([other, stranger]),
+            "only the adopted one removed"
+        );
+        rt.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_creation_whose_record_was_lost_is_recovered_by_its_nonce() {
+        let fake = FakeEngine::new(&[IMG]);
+        let cfg = keyed();
+        let rt = Runtime::start(fake.clone(), cfg.clone())
+            .await
+            .expect("start");
+        let mut w0 = spec("w0");
+        w0.host_network = true;
+        // the agent recorded the pending creation and died before recording the id
+        let nonce = crate::auth::nonce().expect("nonce");
+        cfg.records
+            .begin(
+                &nonce,
+                crate::ownership::Created {
+                    name: w0.container_name(),
+                    kind: "role".into(),
+                    job: "job1".into(),
+                    node: "w0".into(),
+                    controller: "ctl".into(),
+                    token: true,
+                    ..Default::default()
+                },
+            )
+            .expect("begin");
+        let mut body = w0.create_body(&cfg.agent_url, &cfg.sandbox, None);
+        crate::spec::stamp_creation(&mut body, &nonce, None);
+        let id = fake
+            .create(&w0.container_name(), body)
+            .await
+            .expect("create");
+        rt.shutdown();
+        drop(rt);
+        let rt = Runtime::start(fake.clone(), cfg.clone())
+            .await
+            .expect("restart");
+        assert_eq!(
+            rt.status("job1", "w0").map(|s| s.container_id),
+            Some(id.clone())
+        );
+        assert!(cfg.records.ids().contains(&id));
+        let report = rt.apply(vec![w0]).await.expect("apply");
+        assert!(
+            matches!(&report.outcomes[..], [o] if matches!(o.action, Action::Start { .. })),
+            "{report:?}"
+        );
         rt.shutdown();
     }
 }

@@ -17,18 +17,32 @@
 //! - `metrics` (object of numbers, optional): merged into the node's metrics; `accuracy`
 //!   (or `acc`) also becomes the node's accuracy.
 //! - `job` and `node` (strings, optional): who reports, normally `GEOMX_JOB` and
-//!   `GEOMX_NODE`. They must name a container this agent runs (else 404), and a node on a
-//!   bridge network must report from its own container's address (else 403: no container
-//!   or host speaks for another's node). When both are left out, the caller is identified by
-//!   its source address among the running docker0 containers (not possible for
-//!   host-network containers, which share the host's address: they must send both).
-//! - Bounded: at most 32 metrics per node (names up to 64 bytes; further names dropped),
-//!   64 KiB bodies, 15 s per connection, 256 connections (8 per source address).
+//!   `GEOMX_NODE`. They must name a node whose container this agent runs (else 404). When
+//!   both are left out, the caller is identified by its source address among the running
+//!   docker0 containers, or else (host-network containers share the host's address) by its
+//!   token.
 //!
-//! Answers: 200 `{"ok": true, "job": ..., "node": ...}`; 400 `{"error": "..."}` for a
-//! malformed body or an unidentifiable caller; 403 for a node's report from another
-//! address; 404 for an unknown job/node or path; 405 for a method other than POST; 413 for
-//! a body over 64 KiB.
+//! Who may report for a node (anything else is refused and counted, see
+//! [`HeartbeatStats`]):
+//! - **its token**: every role container the agent creates gets its own secret in its env,
+//!   `GEOMX_HEARTBEAT_TOKEN` (see [`crate::auth`]), sent as `Authorization: Bearer
+//!   <token>`; a missing or wrong token is 401 (`WWW-Authenticate: Bearer`);
+//! - **its address**: a node on a bridge network (docker0) must also report from its own
+//!   container's address (else 403: no other container, host, or container on another
+//!   host speaks for it, even with a stolen token; role containers have no `NET_RAW` to
+//!   forge a source address). Host-network nodes share the host's address: the token
+//!   tells them apart.
+//! - Containers adopted from an agent version before tokens (no token in their env, see
+//!   [`crate::ownership`]) are checked by address only until their job is restarted.
+//! - Bounded: at most 32 metrics per node (names up to 64 bytes; further names dropped and
+//!   counted, the answer says how many), 64 KiB bodies, 15 s per connection, 256
+//!   connections (8 per source address).
+//!
+//! Answers: 200 `{"ok": true, "job": ..., "node": ...}` (with `"metrics_dropped": n` when
+//! metrics were dropped); 400 `{"error": "..."}` for a malformed body or an unidentifiable
+//! caller; 401 for a missing or wrong token; 403 for a node's report from another address;
+//! 404 for an unknown job/node or path; 405 for a method other than POST; 413 for a body
+//! over 64 KiB.
 //!
 //! The few lines of Python a training script needs (standard library only; errors are
 //! ignored so that training never fails because of a heartbeat):
@@ -44,8 +58,12 @@
 //!     body = {"job": os.environ.get("GEOMX_JOB"), "node": os.environ.get("GEOMX_NODE"),
 //!             "step": int(step), "epoch": None if epoch is None else int(epoch),
 //!             "metrics": {k: float(v) for k, v in metrics.items()}}
+//!     headers = {"Content-Type": "application/json"}
+//!     token = os.environ.get("GEOMX_HEARTBEAT_TOKEN")
+//!     if token:
+//!         headers["Authorization"] = "Bearer " + token
 //!     req = urllib.request.Request(url + "/v1/heartbeat", data=json.dumps(body).encode(),
-//!                                  headers={"Content-Type": "application/json"})
+//!                                  headers=headers)
 //!     try:
 //!         urllib.request.urlopen(req, timeout=2).close()
 //!     except OSError:
@@ -62,7 +80,7 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Bytes};
-use hyper::header::{ALLOW, CONTENT_TYPE};
+use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
@@ -141,6 +159,24 @@ pub enum HeartbeatError {
         /// The caller's address.
         peer: IpAddr,
     },
+    /// The node's container has a token and the caller sent none.
+    #[error(
+        "node {node} of job {job} reports with its token: send \"Authorization: Bearer $GEOMX_HEARTBEAT_TOKEN\""
+    )]
+    NoToken {
+        /// Job name.
+        job: String,
+        /// Node name.
+        node: String,
+    },
+    /// The caller's token is not the node's.
+    #[error("wrong token for node {node} of job {job}")]
+    BadToken {
+        /// Job name.
+        job: String,
+        /// Node name.
+        node: String,
+    },
 }
 
 impl HeartbeatError {
@@ -149,16 +185,207 @@ impl HeartbeatError {
         match self {
             HeartbeatError::UnknownNode { .. } => StatusCode::NOT_FOUND,
             HeartbeatError::WrongPeer { .. } => StatusCode::FORBIDDEN,
+            HeartbeatError::NoToken { .. } | HeartbeatError::BadToken { .. } => {
+                StatusCode::UNAUTHORIZED
+            }
             _ => StatusCode::BAD_REQUEST,
         }
+    }
+
+    /// The reason it is counted under.
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            HeartbeatError::UnknownNode { .. } | HeartbeatError::UnknownPeer(_) => {
+                Refusal::UnknownNode
+            }
+            HeartbeatError::WrongPeer { .. } => Refusal::WrongAddress,
+            HeartbeatError::NoToken { .. } => Refusal::NoToken,
+            HeartbeatError::BadToken { .. } => Refusal::BadToken,
+            HeartbeatError::Invalid(_) | HeartbeatError::AmbiguousPeer(_) => Refusal::BadRequest,
+        }
+    }
+}
+
+/// Why the endpoint refused a request (or a connection): the counters' reasons.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Refusal {
+    /// Malformed: not JSON, no step, another path or method, an unidentifiable caller
+    /// (400, 404 for a path, 405).
+    BadRequest,
+    /// A body over [`MAX_BODY_BYTES`] (413).
+    TooLarge,
+    /// No such node (or no container of it) on this host (404).
+    UnknownNode,
+    /// The node has a token and none was sent (401).
+    NoToken,
+    /// A wrong token (401).
+    BadToken,
+    /// A bridge-network node's report from another address (403).
+    WrongAddress,
+    /// A connection over [`MAX_CONNECTIONS`] or [`MAX_CONNECTIONS_PER_SOURCE`] (closed at
+    /// once).
+    TooManyConnections,
+}
+
+impl Refusal {
+    /// Every reason, in counter order.
+    pub const ALL: [Refusal; 7] = [
+        Refusal::BadRequest,
+        Refusal::TooLarge,
+        Refusal::UnknownNode,
+        Refusal::NoToken,
+        Refusal::BadToken,
+        Refusal::WrongAddress,
+        Refusal::TooManyConnections,
+    ];
+
+    /// The reason's name (the Prometheus label value).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::BadRequest => "bad_request",
+            Refusal::TooLarge => "too_large",
+            Refusal::UnknownNode => "unknown_node",
+            Refusal::NoToken => "no_token",
+            Refusal::BadToken => "bad_token",
+            Refusal::WrongAddress => "wrong_address",
+            Refusal::TooManyConnections => "too_many_connections",
+        }
+    }
+
+    fn index(self) -> usize {
+        Refusal::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// What a taken heartbeat did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// The node it was merged into.
+    pub key: NodeKey,
+    /// Metrics not kept (over [`crate::progress::MAX_METRICS`] names, names over
+    /// [`crate::progress::MAX_METRIC_NAME`] bytes, or not finite).
+    pub metrics_dropped: usize,
+}
+
+/// The endpoint's counters since the agent started, per reason (kept in the runtime; the
+/// agent logs them and writes them for Prometheus, see [`HeartbeatCounters::prometheus`]).
+#[derive(Debug, Default)]
+pub struct HeartbeatStats {
+    accepted: std::sync::atomic::AtomicU64,
+    metrics_dropped: std::sync::atomic::AtomicU64,
+    refused: [std::sync::atomic::AtomicU64; Refusal::ALL.len()],
+}
+
+/// A reading of [`HeartbeatStats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeartbeatCounters {
+    /// Heartbeats taken.
+    pub accepted: u64,
+    /// Metrics dropped from taken heartbeats.
+    pub metrics_dropped: u64,
+    /// Refusals per reason (every reason, zeros included).
+    pub refused: BTreeMap<&'static str, u64>,
+}
+
+impl HeartbeatStats {
+    /// Counts a taken heartbeat (and what it dropped).
+    pub fn accepted(&self, metrics_dropped: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.accepted.fetch_add(1, Relaxed);
+        if metrics_dropped > 0 {
+            self.metrics_dropped
+                .fetch_add(metrics_dropped as u64, Relaxed);
+        }
+    }
+
+    /// Counts a refusal; returns the reason's count so far (with this one).
+    pub fn refused(&self, why: Refusal) -> u64 {
+        self.refused[why.index()].fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+    }
+
+    /// The counters now.
+    pub fn read(&self) -> HeartbeatCounters {
+        use std::sync::atomic::Ordering::Relaxed;
+        HeartbeatCounters {
+            accepted: self.accepted.load(Relaxed),
+            metrics_dropped: self.metrics_dropped.load(Relaxed),
+            refused: Refusal::ALL
+                .iter()
+                .map(|r| (r.as_str(), self.refused[r.index()].load(Relaxed)))
+                .collect(),
+        }
+    }
+}
+
+impl HeartbeatCounters {
+    /// Refusals of every reason together.
+    pub fn refused_total(&self) -> u64 {
+        self.refused.values().sum()
+    }
+
+    /// The counters in Prometheus' text exposition format (what node_exporter's textfile
+    /// collector reads): `geomx_agent_heartbeats_accepted_total`,
+    /// `geomx_agent_heartbeats_refused_total{reason="..."}`,
+    /// `geomx_agent_heartbeat_metrics_dropped_total`.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        out.push_str(
+            "# HELP geomx_agent_heartbeats_accepted_total Node heartbeats the agent took.\n",
+        );
+        out.push_str("# TYPE geomx_agent_heartbeats_accepted_total counter\n");
+        out.push_str(&format!(
+            "geomx_agent_heartbeats_accepted_total {}\n",
+            self.accepted
+        ));
+        out.push_str("# HELP geomx_agent_heartbeats_refused_total Node heartbeats (or connections) the agent refused, by reason.\n");
+        out.push_str("# TYPE geomx_agent_heartbeats_refused_total counter\n");
+        for (reason, n) in &self.refused {
+            out.push_str(&format!(
+                "geomx_agent_heartbeats_refused_total{{reason=\"{reason}\"}} {n}\n"
+            ));
+        }
+        out.push_str("# HELP geomx_agent_heartbeat_metrics_dropped_total Metrics of taken heartbeats that were not kept (per-node limits).\n");
+        out.push_str("# TYPE geomx_agent_heartbeat_metrics_dropped_total counter\n");
+        out.push_str(&format!(
+            "geomx_agent_heartbeat_metrics_dropped_total {}\n",
+            self.metrics_dropped
+        ));
+        out
+    }
+}
+
+impl std::fmt::Display for HeartbeatCounters {
+    /// `accepted=N metrics_dropped=N refused: reason=N ...` (reasons with a count only).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "accepted={} metrics_dropped={} refused={}",
+            self.accepted,
+            self.metrics_dropped,
+            self.refused_total()
+        )?;
+        for (reason, n) in self.refused.iter().filter(|(_, n)| **n > 0) {
+            write!(f, " {reason}={n}")?;
+        }
+        Ok(())
     }
 }
 
 /// Where heartbeats go (the [`crate::Runtime`]; a fake in tests).
 pub trait HeartbeatSink: Send + Sync {
-    /// Merges a heartbeat from `peer` into the progress of the node it names (or, without
-    /// job/node, of the node with that address) and returns the node.
-    fn record(&self, report: &HeartbeatReport, peer: IpAddr) -> Result<NodeKey, HeartbeatError>;
+    /// Merges a heartbeat from `peer` (with the bearer `token` it sent, if any) into the
+    /// progress of the node it names (or, without job/node, of the node with that
+    /// address, or else that token) and returns the node.
+    fn record(
+        &self,
+        report: &HeartbeatReport,
+        peer: IpAddr,
+        token: Option<&str>,
+    ) -> Result<Recorded, HeartbeatError>;
+
+    /// Counts a refusal the endpoint made before (or instead of) [`HeartbeatSink::record`]
+    /// (a malformed request, a connection over the limits); `peer` is the caller.
+    fn refused(&self, _why: Refusal, _peer: IpAddr) {}
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
@@ -175,7 +402,22 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>
     json(status, serde_json::json!({ "error": message.into() }))
 }
 
+/// The bearer token of a request: `Some("")` for an `Authorization` header of another
+/// scheme (or not text), so that it is refused as a wrong token rather than taken for none.
+pub fn bearer_token<B>(req: &Request<B>) -> Option<String> {
+    let value = req.headers().get(AUTHORIZATION)?;
+    let text = value.to_str().unwrap_or_default().trim();
+    let (scheme, token) = text.split_once(' ').unwrap_or((text, ""));
+    Some(if scheme.eq_ignore_ascii_case("bearer") {
+        token.trim().to_string()
+    } else {
+        String::new()
+    })
+}
+
 /// Handles one request (any body type): routing, size limit, JSON parsing, recording.
+/// Refusals are counted through [`HeartbeatSink::refused`] (or by the sink's
+/// [`HeartbeatSink::record`] itself).
 pub async fn handle<S, B>(sink: &S, peer: IpAddr, req: Request<B>) -> Response<Full<Bytes>>
 where
     S: HeartbeatSink + ?Sized,
@@ -183,6 +425,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     if req.uri().path() != HEARTBEAT_PATH {
+        sink.refused(Refusal::BadRequest, peer);
         return error(
             StatusCode::NOT_FOUND,
             format!(
@@ -192,6 +435,7 @@ where
         );
     }
     if req.method() != Method::POST {
+        sink.refused(Refusal::BadRequest, peer);
         let mut r = error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("use POST {HEARTBEAT_PATH}"),
@@ -200,6 +444,7 @@ where
             .insert(ALLOW, hyper::header::HeaderValue::from_static("POST"));
         return r;
     }
+    let token = bearer_token(&req);
     let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
         .collect()
         .await
@@ -209,29 +454,45 @@ where
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()
             {
+                sink.refused(Refusal::TooLarge, peer);
                 return error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("body over {MAX_BODY_BYTES} bytes"),
                 );
             }
+            sink.refused(Refusal::BadRequest, peer);
             return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}"));
         }
     };
     let report = match parse_report(&body) {
         Ok(r) => r,
-        Err(e) => return error(e.status(), e.to_string()),
+        Err(e) => {
+            sink.refused(e.refusal(), peer);
+            return error(e.status(), e.to_string());
+        }
     };
-    match sink.record(&report, peer) {
-        Ok((job, node)) => {
+    match sink.record(&report, peer, token.as_deref()) {
+        Ok(Recorded {
+            key: (job, node),
+            metrics_dropped,
+        }) => {
             debug!(%job, %node, step = ?report.step, "heartbeat");
-            json(
-                StatusCode::OK,
-                serde_json::json!({"ok": true, "job": job, "node": node}),
-            )
+            let mut answer = serde_json::json!({"ok": true, "job": job, "node": node});
+            if metrics_dropped > 0 {
+                answer["metrics_dropped"] = metrics_dropped.into();
+            }
+            json(StatusCode::OK, answer)
         }
         Err(e) => {
             debug!(%peer, error = %e, "heartbeat refused");
-            error(e.status(), e.to_string())
+            let mut r = error(e.status(), e.to_string());
+            if e.status() == StatusCode::UNAUTHORIZED {
+                r.headers_mut().insert(
+                    WWW_AUTHENTICATE,
+                    hyper::header::HeaderValue::from_static("Bearer realm=\"geomx-heartbeat\""),
+                );
+            }
+            r
         }
     }
 }
@@ -303,7 +564,6 @@ impl HeartbeatServer {
     {
         let open = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::<IpAddr, usize>::new()));
         let total = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-        let mut refused = 0u64;
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -317,18 +577,12 @@ impl HeartbeatServer {
                 },
             };
             let Ok(permit) = total.clone().try_acquire_owned() else {
-                refused += 1;
-                if refused.is_power_of_two() {
-                    warn!(%peer, refused, "heartbeat endpoint: too many connections; refusing");
-                }
+                sink.refused(Refusal::TooManyConnections, peer.ip());
                 continue;
             };
             let slot = Slot::take(&open, peer.ip());
             let Some(slot) = slot else {
-                refused += 1;
-                if refused.is_power_of_two() {
-                    warn!(%peer, refused, "heartbeat endpoint: too many connections from one address; refusing");
-                }
+                sink.refused(Refusal::TooManyConnections, peer.ip());
                 continue;
             };
             let sink = sink.clone();
@@ -408,6 +662,8 @@ mod tests {
     struct Fake {
         known: Vec<(NodeKey, IpAddr)>,
         got: Mutex<Vec<(NodeKey, HeartbeatReport)>>,
+        tokens: Mutex<Vec<Option<String>>>,
+        stats: HeartbeatStats,
     }
 
     impl HeartbeatSink for Fake {
@@ -415,7 +671,17 @@ mod tests {
             &self,
             report: &HeartbeatReport,
             peer: IpAddr,
-        ) -> Result<NodeKey, HeartbeatError> {
+            token: Option<&str>,
+        ) -> Result<Recorded, HeartbeatError> {
+            if let Ok(mut t) = self.tokens.lock() {
+                t.push(token.map(str::to_string));
+            }
+            if token == Some("wrong") {
+                return Err(HeartbeatError::BadToken {
+                    job: "job1".into(),
+                    node: "a-worker-0".into(),
+                });
+            }
             let key = match (&report.job, &report.node) {
                 (Some(j), Some(n)) => self
                     .known
@@ -436,7 +702,14 @@ mod tests {
             if let Ok(mut g) = self.got.lock() {
                 g.push((key.clone(), report.clone()));
             }
-            Ok(key)
+            Ok(Recorded {
+                key,
+                metrics_dropped: report.metrics.len().saturating_sub(2),
+            })
+        }
+
+        fn refused(&self, why: Refusal, _peer: IpAddr) {
+            self.stats.refused(why);
         }
     }
 
@@ -456,21 +729,39 @@ mod tests {
         path: &str,
         body: &str,
     ) -> (StatusCode, serde_json::Value) {
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
+        let (status, json, _) = call_with(sink, method, path, body, None).await;
+        (status, json)
+    }
+
+    async fn call_with(
+        sink: &Fake,
+        method: Method,
+        path: &str,
+        body: &str,
+        authorization: Option<&str>,
+    ) -> (StatusCode, serde_json::Value, hyper::HeaderMap) {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(a) = authorization {
+            req = req.header(AUTHORIZATION, a);
+        }
+        let req = req
             .body(Full::new(Bytes::from(body.to_string())))
             .unwrap_or_default();
         let peer: IpAddr = "172.17.34.2".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let resp = handle(sink, peer, req).await;
         let status = resp.status();
+        let headers = resp.headers().clone();
         let bytes = resp
             .into_body()
             .collect()
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        (status, serde_json::from_slice(&bytes).unwrap_or_default())
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or_default(),
+            headers,
+        )
     }
 
     #[tokio::test]
@@ -542,13 +833,105 @@ mod tests {
         let (status, _) = call(&sink, Method::POST, HEARTBEAT_PATH, &big).await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
         assert!(sink.got.lock().map(|g| g.is_empty()).unwrap_or(false));
+        // every refusal before the sink was counted by reason
+        let c = sink.stats.read();
+        assert_eq!(c.refused["bad_request"], 7, "{c}");
+        assert_eq!(c.refused["too_large"], 1, "{c}");
+    }
+
+    #[tokio::test]
+    async fn the_bearer_token_reaches_the_sink_and_a_refusal_asks_for_it() {
+        let sink = fake();
+        let body = r#"{"job": "job1", "node": "a-worker-0", "step": 1, "metrics": {"a": 1, "b": 2, "c": 3, "d": 4}}"#;
+        let (status, json, _) = call_with(
+            &sink,
+            Method::POST,
+            HEARTBEAT_PATH,
+            body,
+            Some("Bearer abc123"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        assert_eq!(
+            json["metrics_dropped"], 2,
+            "the answer says what was dropped"
+        );
+        let (status, json, headers) = call_with(
+            &sink,
+            Method::POST,
+            HEARTBEAT_PATH,
+            body,
+            Some("bearer wrong"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{json}");
+        assert!(
+            headers
+                .get(WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("Bearer")),
+            "{headers:?}"
+        );
+        call_with(&sink, Method::POST, HEARTBEAT_PATH, body, Some("Basic abc")).await;
+        call_with(&sink, Method::POST, HEARTBEAT_PATH, body, None).await;
+        let tokens = sink.tokens.lock().map(|t| t.clone()).unwrap_or_default();
+        assert_eq!(
+            tokens,
+            vec![
+                Some("abc123".to_string()),
+                Some("wrong".to_string()),
+                Some(String::new()),
+                None
+            ],
+            "another scheme is an empty (wrong) token, not none"
+        );
+    }
+
+    #[test]
+    fn counters_read_as_prometheus_text() {
+        let stats = HeartbeatStats::default();
+        stats.accepted(0);
+        stats.accepted(5);
+        assert_eq!(stats.refused(Refusal::BadToken), 1);
+        assert_eq!(stats.refused(Refusal::BadToken), 2);
+        stats.refused(Refusal::WrongAddress);
+        let c = stats.read();
+        assert_eq!(c.refused_total(), 3);
+        assert_eq!(
+            c.to_string(),
+            "accepted=2 metrics_dropped=5 refused=3 bad_token=2 wrong_address=1"
+        );
+        let text = c.prometheus();
+        for line in [
+            "# TYPE geomx_agent_heartbeats_refused_total counter",
+            "geomx_agent_heartbeats_accepted_total 2",
+            "geomx_agent_heartbeats_refused_total{reason=\"bad_token\"} 2",
+            "geomx_agent_heartbeats_refused_total{reason=\"no_token\"} 0",
+            "geomx_agent_heartbeats_refused_total{reason=\"too_many_connections\"} 0",
+            "geomx_agent_heartbeat_metrics_dropped_total 5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+        assert_eq!(
+            HeartbeatError::NoToken {
+                job: "j".into(),
+                node: "n".into()
+            }
+            .status(),
+            StatusCode::UNAUTHORIZED
+        );
     }
 
     #[derive(Clone)]
     struct Nobody;
 
     impl HeartbeatSink for Nobody {
-        fn record(&self, _: &HeartbeatReport, peer: IpAddr) -> Result<NodeKey, HeartbeatError> {
+        fn record(
+            &self,
+            _: &HeartbeatReport,
+            peer: IpAddr,
+            _: Option<&str>,
+        ) -> Result<Recorded, HeartbeatError> {
             Err(HeartbeatError::UnknownPeer(peer))
         }
     }

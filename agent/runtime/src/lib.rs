@@ -15,9 +15,10 @@
 //! - Containers are labelled `io.geomx.*` (see [`spec`]), including `io.geomx.kind`
 //!   (`sandbox`/`role`) and `io.geomx.spec`, a hash of everything that shapes the container:
 //!   a container whose hash differs from the desired spec's is replaced.
-//! - A new runtime (agent restart) adopts the labelled containers it finds, running or
-//!   ended, and rebuilds their progress from their output; applying the same desired
-//!   state again then changes nothing.
+//! - A new runtime (agent restart) adopts the containers it created ([`ownership`]: a
+//!   creation record by container id, which no image can inherit; labelled containers
+//!   it did not create are left alone), running or ended, and rebuilds their progress
+//!   from their output; applying the same desired state again then changes nothing.
 //! - Ended containers stay (with exit code and log tail) until the desired state drops
 //!   them; nothing is ever restarted by the runtime (geomx restarts whole jobs). With a
 //!   [`LogArchive`] configured, a role container's output is kept on disk when it is
@@ -27,7 +28,8 @@
 //!   errors, credentials from a Docker `config.json` file, see [`credentials`]); the node
 //!   waits Pending meanwhile and is created as soon as the pull is done.
 //! - Progress comes from the containers' output ([`progress`]) and from the nodes' own
-//!   HTTP heartbeats ([`heartbeat`]).
+//!   HTTP heartbeats ([`heartbeat`]), each role container authenticated by its own token
+//!   ([`auth`]) and, on docker0, its address.
 //! - Sandboxes run the tiny static [`pause`] program from the image `geomx/pause:<version>`
 //!   when the daemon imported it ([`pause::ensure_image`]), else a shell loop in the job's
 //!   own image.
@@ -66,11 +68,13 @@
 #![warn(missing_docs)]
 
 pub mod archive;
+pub mod auth;
 pub mod credentials;
 pub mod engine;
 mod error;
 pub mod heartbeat;
 mod lines;
+pub mod ownership;
 pub mod pause;
 pub mod progress;
 pub mod pull;
@@ -81,12 +85,14 @@ pub mod spec;
 pub mod status;
 
 pub use archive::LogArchive;
+pub use auth::{ENV_HEARTBEAT_TOKEN, HEARTBEAT_KEY_FILE, HeartbeatKey};
 pub use engine::{BollardEngine, Engine, HostCapacity, ImageDetails, PullEvent};
 pub use error::{Result, RuntimeError};
 pub use heartbeat::{
-    DEFAULT_HEARTBEAT_PORT, HeartbeatError, HeartbeatReport, HeartbeatServer, HeartbeatSink,
-    agent_url,
+    DEFAULT_HEARTBEAT_PORT, HeartbeatCounters, HeartbeatError, HeartbeatReport, HeartbeatServer,
+    HeartbeatSink, Recorded, Refusal, agent_url,
 };
+pub use ownership::{CreationRecord, RECORD_FILE};
 pub use progress::{Progress, ProgressParser, ProgressTracker};
 pub use pull::{PullCause, PullConfig, PullManager, PullState, PullStatus, Resolved};
 pub use reconcile::{Action, ContainerKey, RemoveReason};

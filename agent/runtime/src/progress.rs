@@ -326,19 +326,20 @@ impl ProgressTracker {
     }
 
     /// Merges a node's own report (HTTP heartbeat) at `at_ms`. The accuracy is taken from
-    /// metric `accuracy` (or `acc`) when present.
+    /// metric `accuracy` (or `acc`) when present. Returns how many of `metrics` were not
+    /// kept (over [`MAX_METRICS`] names, names over [`MAX_METRIC_NAME`] bytes, not finite).
     pub fn report(
         &mut self,
         epoch: Option<u64>,
         iteration: Option<u64>,
         metrics: BTreeMap<String, f64>,
         at_ms: i64,
-    ) {
+    ) -> usize {
         let accuracy = metrics
             .get("accuracy")
             .or_else(|| metrics.get("acc"))
             .copied();
-        self.merge(epoch, iteration, accuracy, metrics, at_ms);
+        self.merge(epoch, iteration, accuracy, metrics, at_ms)
     }
 
     fn speedometer_iteration(&mut self, epoch: Option<u64>, batch: u64) -> u64 {
@@ -367,7 +368,7 @@ impl ProgressTracker {
         accuracy: Option<f64>,
         metrics: BTreeMap<String, f64>,
         at_ms: i64,
-    ) {
+    ) -> usize {
         let mut p = self.current.take().unwrap_or_default();
         if let Some(e) = epoch {
             p.epoch = e;
@@ -379,17 +380,21 @@ impl ProgressTracker {
             p.accuracy = accuracy;
         }
         // bounded: a container cannot grow the agent (and its report) without limit
+        let mut dropped = 0;
         for (name, value) in metrics {
             if name.len() > MAX_METRIC_NAME || !value.is_finite() {
+                dropped += 1;
                 continue;
             }
             if p.metrics.len() >= MAX_METRICS && !p.metrics.contains_key(&name) {
+                dropped += 1;
                 continue;
             }
             p.metrics.insert(name, value);
         }
         p.observed_at_ms = at_ms;
         self.current = Some(p);
+        dropped
     }
 }
 
@@ -408,7 +413,9 @@ mod tests {
             }
             m.insert("x".repeat(1000), 1.0);
             m.insert("nan".into(), f64::NAN);
-            t.report(None, Some(round), m, 1);
+            let dropped = t.report(None, Some(round), m, 1);
+            // 102 sent: the first round keeps 32 of the 100, later ones none
+            assert_eq!(dropped, if round == 0 { 70 } else { 102 }, "round {round}");
         }
         let p = t.progress().expect("progress");
         assert_eq!(p.metrics.len(), MAX_METRICS);
@@ -416,12 +423,13 @@ mod tests {
         assert!(!p.metrics.contains_key("nan"));
         // a known metric still updates once the table is full
         let known = p.metrics.keys().next().cloned().expect("a metric");
-        t.report(
+        let dropped = t.report(
             None,
             Some(11),
             [(known.clone(), 42.0)].into_iter().collect(),
             2,
         );
+        assert_eq!(dropped, 0);
         assert_eq!(t.progress().expect("p").metrics[&known], 42.0);
         assert_eq!(t.progress().expect("p").iteration, 11);
     }

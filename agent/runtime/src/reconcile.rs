@@ -17,6 +17,10 @@
 //! - a labelled container nobody desires (or a second one for the same node and kind, or
 //!   one without job/node labels) → [`Action::Remove`].
 //!
+//! `actual` holds only the containers this agent created ([`crate::ownership::claim`] of
+//! the labelled ones Docker lists): a labelled container the agent did not create (a
+//! committed copy of a role container run by hand) is never kept, replaced or removed.
+//!
 //! Applying the same desired state twice, or after an agent restart (which adopts the
 //! running containers), yields only `Keep`s.
 
@@ -539,6 +543,183 @@ mod tests {
             &tried,
         );
         assert!(matches!(&plan[..], [Action::Keep { .. }]));
+    }
+
+    /// The plan of a host whose labelled containers are `listed`, with the creation record
+    /// `doc` (`first`: no record file yet): the foreign containers and the plan.
+    fn owned_plan(
+        desired: &[ContainerSpec],
+        listed: &[ActualContainer],
+        doc: &crate::ownership::RecordDoc,
+        first: bool,
+        seen: &BTreeMap<ContainerKey, String>,
+    ) -> (Vec<String>, Vec<Action>) {
+        let legacy = first.then_some(crate::ownership::Legacy::Controller("c"));
+        let (claim, _) = crate::ownership::claim(doc, listed, legacy, 0);
+        let owned: Vec<ActualContainer> = listed
+            .iter()
+            .filter(|c| claim.owned.contains(&c.id))
+            .cloned()
+            .collect();
+        (
+            claim.foreign,
+            plan(desired, &owned, URL, &sb(), seen, &BTreeSet::new()),
+        )
+    }
+
+    #[test]
+    fn only_the_containers_the_agent_created_are_kept_or_removed() {
+        use crate::ownership::{Created, RecordDoc};
+        let w0 = spec("w0");
+        let own = running("c0", &w0);
+        let record = |ids: &[&ActualContainer]| RecordDoc {
+            version: 1,
+            containers: ids
+                .iter()
+                .map(|c| (c.id.clone(), Created::from_labels(c, 0)))
+                .collect(),
+            pending: BTreeMap::new(),
+        };
+        // a committed copy of the role container, run by hand: every label, another name
+        let mut copy = running("c9", &w0);
+        copy.name = "evil".into();
+        // the same under the node's own name, once the original is gone
+        let mut same_name = running("c8", &w0);
+        same_name.name = w0.container_name();
+        let seen = BTreeMap::from([(
+            ("j".to_string(), "w0".to_string(), ROLE),
+            w0.spec_hash(URL, &sb()),
+        )]);
+        let keep = |id: &str| Action::Keep {
+            kind: ROLE,
+            id: id.into(),
+            key: w0.key(),
+        };
+        let create = Action::Create {
+            kind: ROLE,
+            spec: w0.clone(),
+            hash: w0.spec_hash(URL, &sb()),
+        };
+        let missing = Action::Missing {
+            kind: ROLE,
+            spec: w0.clone(),
+        };
+        type Case<'a> = (
+            &'a str,
+            Vec<ActualContainer>,
+            RecordDoc,
+            bool,
+            BTreeMap<ContainerKey, String>,
+            &'a [ContainerSpec],
+            Vec<&'a str>,
+            Vec<Action>,
+        );
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "own container: kept",
+                vec![own.clone()],
+                record(&[&own]),
+                false,
+                no_seen(),
+                std::slice::from_ref(&w0),
+                vec![],
+                vec![keep("c0")],
+            ),
+            (
+                "own container, node no longer desired: removed",
+                vec![own.clone()],
+                record(&[&own]),
+                false,
+                no_seen(),
+                &[],
+                vec![],
+                vec![Action::Remove {
+                    kind: ROLE,
+                    id: "c0".into(),
+                    name: own.name.clone(),
+                    key: Some(w0.key()),
+                    reason: RemoveReason::NotDesired,
+                }],
+            ),
+            (
+                "committed copy under another name: left alone (before: removed as Duplicate)",
+                vec![copy.clone(), own.clone()],
+                record(&[&own]),
+                false,
+                no_seen(),
+                std::slice::from_ref(&w0),
+                vec!["c9"],
+                vec![keep("c0")],
+            ),
+            (
+                "committed copy, the job ended: only the own container goes",
+                vec![copy.clone(), own.clone()],
+                record(&[&own]),
+                false,
+                no_seen(),
+                &[],
+                vec!["c9"],
+                vec![Action::Remove {
+                    kind: ROLE,
+                    id: "c0".into(),
+                    name: own.name.clone(),
+                    key: Some(w0.key()),
+                    reason: RemoveReason::NotDesired,
+                }],
+            ),
+            (
+                "copy under the same name after the original is gone: not adopted, the node is missing",
+                vec![same_name.clone()],
+                record(&[&own]),
+                false,
+                seen.clone(),
+                std::slice::from_ref(&w0),
+                vec!["c8"],
+                vec![missing],
+            ),
+            (
+                "copy under the same name, nothing seen (a restarted agent): create (Docker refuses the name), not adopted",
+                vec![same_name.clone()],
+                RecordDoc::default(),
+                false,
+                no_seen(),
+                std::slice::from_ref(&w0),
+                vec!["c8"],
+                vec![create],
+            ),
+            (
+                "unrecorded legacy container on the first start: adopted and kept",
+                vec![own.clone()],
+                RecordDoc::default(),
+                true,
+                no_seen(),
+                std::slice::from_ref(&w0),
+                vec![],
+                vec![keep("c0")],
+            ),
+            (
+                "unrecorded container after the first start: a stranger",
+                vec![own.clone()],
+                RecordDoc::default(),
+                false,
+                no_seen(),
+                &[],
+                vec!["c0"],
+                vec![],
+            ),
+        ];
+        for (what, listed, doc, first, seen, desired, foreign, want) in cases {
+            let (f, got) = owned_plan(desired, &listed, &doc, first, &seen);
+            assert_eq!(f, foreign, "{what}: foreign");
+            assert_eq!(got, want, "{what}: plan");
+        }
+        // a legacy container of another controller id is not adopted on the first start
+        let mut other = own.clone();
+        other
+            .labels
+            .insert(crate::spec::LABEL_CONTROLLER.into(), "old".into());
+        let (f, got) = owned_plan(&[], &[other], &RecordDoc::default(), true, &no_seen());
+        assert_eq!((f, got), (vec!["c0".to_string()], vec![]));
     }
 
     #[test]

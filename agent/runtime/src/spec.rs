@@ -35,6 +35,9 @@ pub const LABEL_PROGRESS_REGEX: &str = "io.geomx.progress-regex";
 /// Label: what the container is for, [`ContainerKind`] (`role` or `sandbox`); a geomx
 /// container without it is a role container.
 pub const LABEL_KIND: &str = "io.geomx.kind";
+/// Label: the random nonce of the container's creation (see [`crate::ownership`]); not
+/// part of the spec hash.
+pub const LABEL_CREATION: &str = "io.geomx.creation";
 
 /// Env var naming the job, set in every container.
 pub const ENV_JOB: &str = "GEOMX_JOB";
@@ -407,9 +410,12 @@ impl ContainerSpec {
     /// The complete environment of the container: the spec's env plus `GEOMX_JOB`,
     /// `GEOMX_NODE`, (when not empty) `GEOMX_AGENT_URL`, and `PYTHONUNBUFFERED=1` unless the
     /// spec sets `PYTHONUNBUFFERED` (to any value: `""` or `0` keep Python's buffering).
-    /// Part of the spec hash like every other variable.
+    /// Part of the spec hash like every other variable. Not the heartbeat token
+    /// ([`crate::auth::ENV_HEARTBEAT_TOKEN`], added at creation by [`stamp_creation`] and
+    /// never taken from the spec): it is not part of the hash.
     pub fn full_env(&self, agent_url: &str) -> BTreeMap<String, String> {
         let mut env = self.env.clone();
+        env.remove(crate::auth::ENV_HEARTBEAT_TOKEN);
         env.entry(ENV_PYTHONUNBUFFERED.into())
             .or_insert_with(|| "1".into());
         env.insert(ENV_JOB.into(), self.job.clone());
@@ -554,6 +560,23 @@ impl ContainerSpec {
             }),
             ..Default::default()
         }
+    }
+}
+
+/// Marks a create body (a role container's or a sandbox's) with its creation: label
+/// [`LABEL_CREATION`] = `nonce` and, for a role container of an agent with a heartbeat key,
+/// the container's heartbeat token in its env ([`crate::auth::ENV_HEARTBEAT_TOKEN`],
+/// replacing any variable of that name). Neither is part of the spec hash: the label
+/// [`LABEL_SPEC`] stays what [`ContainerSpec::spec_hash`] says.
+pub fn stamp_creation(body: &mut ContainerCreateBody, nonce: &str, token: Option<&str>) {
+    body.labels
+        .get_or_insert_with(HashMap::new)
+        .insert(LABEL_CREATION.into(), nonce.to_string());
+    if let Some(token) = token {
+        let prefix = format!("{}=", crate::auth::ENV_HEARTBEAT_TOKEN);
+        let env = body.env.get_or_insert_with(Vec::new);
+        env.retain(|e| !e.starts_with(&prefix));
+        env.push(format!("{prefix}{token}"));
     }
 }
 
@@ -742,6 +765,56 @@ mod tests {
         );
         assert_eq!(s.container_name(), "geomx.job1.a-worker-0");
         assert_eq!(s.sandbox_name(), "geomx-net.job1.a-worker-0");
+    }
+
+    #[test]
+    fn the_creation_stamp_and_the_token_do_not_change_the_spec_hash() {
+        let mut s = spec("job1", "a-worker-0");
+        let plain = s.create_body(URL, &sb(), None);
+        let mut b = plain.clone();
+        stamp_creation(&mut b, "n1", Some("ab12"));
+        let labels = b.labels.clone().unwrap_or_default();
+        assert_eq!(labels[LABEL_CREATION], "n1");
+        assert_eq!(
+            labels[LABEL_SPEC],
+            plain.labels.clone().unwrap_or_default()[LABEL_SPEC]
+        );
+        let env = b.env.clone().unwrap_or_default();
+        assert!(env.contains(&"GEOMX_HEARTBEAT_TOKEN=ab12".to_string()));
+        // a spec cannot set the token, nor change its hash with one
+        let h = s.spec_hash(URL, &sb());
+        s.env
+            .insert("GEOMX_HEARTBEAT_TOKEN".into(), "forged".into());
+        assert_eq!(s.spec_hash(URL, &sb()), h);
+        let mut b = s.create_body(URL, &sb(), None);
+        assert!(
+            !b.env
+                .clone()
+                .unwrap_or_default()
+                .iter()
+                .any(|e| e.starts_with("GEOMX_HEARTBEAT_TOKEN=")),
+            "{:?}",
+            b.env
+        );
+        stamp_creation(&mut b, "n2", Some("cd34"));
+        let tokens: Vec<String> = b
+            .env
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.starts_with("GEOMX_HEARTBEAT_TOKEN="))
+            .collect();
+        assert_eq!(tokens, vec!["GEOMX_HEARTBEAT_TOKEN=cd34".to_string()]);
+        // a sandbox gets the label, no token
+        let mut sb_body = s.sandbox_body(&sb());
+        stamp_creation(&mut sb_body, "n3", None);
+        assert_eq!(sb_body.labels.unwrap_or_default()[LABEL_CREATION], "n3");
+        assert!(
+            !sb_body
+                .env
+                .unwrap_or_default()
+                .iter()
+                .any(|e| e.starts_with("GEOMX_HEARTBEAT_TOKEN="))
+        );
     }
 
     #[test]

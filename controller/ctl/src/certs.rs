@@ -5,20 +5,27 @@
 //! geomxctl certs controller --dir D --san 10.1.1.1 --san ctl.example
 //!                                                                 # D/controller.pem, D/controller-key.pem
 //! geomxctl certs agent      --dir D --name a --ip 10.1.1.34       # D/agent-a.pem, D/agent-a-key.pem
-//! geomxctl certs token      [--append FILE]                       # a fresh bearer token
+//! geomxctl certs token      --name ci --role submit --tokens-file F
+//!                                                                 # prints a fresh secret once, appends its hash
+//! geomxctl certs renew      --dir D --cert D/agent-a.pem          # same subject and SANs, new serial
+//! geomxctl certs revoke     --revocation-file R --cert D/agent-a.pem | --serial HEX | --token-name NAME
 //! geomxctl certs show       FILE                                  # what a certificate says
 //! ```
 //!
-//! Keys are written with mode 0600; existing files are kept unless `--force`.
-//! Nothing here talks to the controller.
+//! Keys and tokens files are written with mode 0600, every file atomically (a temporary
+//! file renamed over it); existing certificates are kept unless `--force`. Nothing here
+//! talks to the controller: it re-reads the tokens and revocation files by itself within
+//! seconds (or on SIGHUP).
 
-use std::fs::OpenOptions;
-use std::io::Write;
+use std::io::Read;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
+use geomx_proto::credentials::{
+    Role, normalize_serial, parse_revocations, parse_tokens_file, validate_name,
+};
 use geomx_proto::pki::{
     self, CA_CERT_FILE, CA_KEY_FILE, CONTROLLER_CERT_FILE, CONTROLLER_KEY_FILE,
     CertificateAuthority, DEFAULT_CA_DAYS, DEFAULT_LEAF_DAYS,
@@ -97,12 +104,68 @@ pub enum CertsCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Print a fresh random bearer token for the user API.
+    /// Make a user token: print a fresh random secret once (stdout) and append its line
+    /// `NAME ROLE sha256:HEX` to the controller's tokens file (only the hash is kept).
     Token {
-        /// Also append it to this tokens file (created with mode 0600), the controller's
-        /// [auth] tokens_file.
+        /// The token's name: it names the caller in events and logs, and in the revocation
+        /// list (`token NAME`). [A-Za-z0-9._-], unique in the file.
         #[arg(long)]
-        append: Option<PathBuf>,
+        name: String,
+        /// What it may do: read (look), submit (also submit, cancel, remove jobs, pull
+        /// images) or admin (also cordon, drain, remove hosts).
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// The controller's [auth] tokens_file (created with mode 0600; rewritten atomically).
+        /// Without it, the line to add is printed on stderr.
+        #[arg(long, alias = "append")]
+        tokens_file: Option<PathBuf>,
+        /// Read an existing secret from standard input instead of making one (to move a
+        /// plaintext token line to the hashed form); nothing is printed on stdout then.
+        #[arg(long)]
+        stdin: bool,
+    },
+    /// Re-issue a certificate (agent or controller) with the same CN, OU and SANs, a new
+    /// serial and a new validity; written atomically over the old one. The agent (or the
+    /// controller) reads it when it restarts.
+    Renew {
+        /// Directory holding ca.pem and ca-key.pem.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The certificate to renew (PEM), e.g. DIR/agent-a.pem; replaced in place.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its key [default: the certificate's name with -key, e.g. agent-a-key.pem]; kept
+        /// unless --new-key.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Make a new key too (written over --key): when the old key may have leaked.
+        #[arg(long)]
+        new_key: bool,
+        /// Validity in days.
+        #[arg(long, default_value_t = DEFAULT_LEAF_DAYS)]
+        days: u32,
+    },
+    /// Add certificate serials and token names to the controller's revocation list (or
+    /// take them out with --undo); the controller applies it within seconds.
+    Revoke {
+        /// The controller's [auth] revocation_file (created with mode 0644 if missing).
+        #[arg(long)]
+        revocation_file: PathBuf,
+        /// A certificate serial, as `geomxctl certs show` prints it (repeatable).
+        #[arg(long = "serial")]
+        serials: Vec<String>,
+        /// A certificate file whose serial to revoke (repeatable).
+        #[arg(long = "cert")]
+        certs: Vec<PathBuf>,
+        /// A token name, as in the tokens file (repeatable).
+        #[arg(long = "token-name")]
+        tokens: Vec<String>,
+        /// Why, kept as a comment on the line.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Lift the revocations instead: remove their lines.
+        #[arg(long)]
+        undo: bool,
     },
     /// Show what a certificate file says: subject, issuer, SANs, key usages, validity.
     Show {
@@ -180,17 +243,82 @@ pub fn run(args: &CertsArgs, output: Output) -> anyhow::Result<ExitCode> {
                 &format!("copy them and ca.pem to host {name}; its agent registers as {name:?}"),
             )
         }
-        CertsCommand::Token { append } => {
-            let token = pki::generate_token();
-            if let Some(file) = append {
-                append_token(file, &token)?;
+        CertsCommand::Token {
+            name,
+            role,
+            tokens_file,
+            stdin,
+        } => {
+            validate_name(name).map_err(anyhow::Error::msg)?;
+            let secret = if *stdin {
+                let mut s = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut s)
+                    .context("reading the secret from standard input")?;
+                let s = s.trim().to_owned();
+                geomx_proto::tls::validate_token(&s)?;
+                s
+            } else {
+                pki::generate_token()
+            };
+            let line = pki::token_line(name, *role, &secret);
+            if let Some(file) = tokens_file {
+                append_token(file, name, &line)?;
             }
+            let shown = (!*stdin).then_some(secret.as_str());
             match output {
-                Output::Json => println!("{}", serde_json::json!({ "token": token })),
-                Output::Table => println!("{token}"),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({
+                        "name": name,
+                        "role": role.as_str(),
+                        "token": shown,
+                        "tokens_file": tokens_file.as_ref().map(|f| f.display().to_string()),
+                        "line": line.trim_end(),
+                    })
+                ),
+                Output::Table => {
+                    if let Some(s) = shown {
+                        println!("{s}");
+                    }
+                    match tokens_file {
+                        Some(f) => eprintln!(
+                            "token {name:?} (role {role}) appended to {} as its SHA-256 hash; the secret is not kept anywhere: this is the only time it is shown",
+                            f.display()
+                        ),
+                        None => eprint!(
+                            "add this line to the controller's tokens file (the secret is not kept anywhere):\n{line}"
+                        ),
+                    }
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
+        CertsCommand::Renew {
+            dir,
+            cert,
+            key,
+            new_key,
+            days,
+        } => renew(dir, cert, key.as_deref(), *new_key, *days, output),
+        CertsCommand::Revoke {
+            revocation_file,
+            serials,
+            certs,
+            tokens,
+            reason,
+            undo,
+        } => revoke(
+            revocation_file,
+            &Revocation {
+                serials,
+                certs,
+                tokens,
+                reason: reason.as_deref(),
+                undo: *undo,
+            },
+            output,
+        ),
         CertsCommand::Show { file } => {
             let pem =
                 std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
@@ -270,19 +398,237 @@ fn load_ca(dir: &Path) -> anyhow::Result<CertificateAuthority> {
     })
 }
 
-fn append_token(file: &Path, token: &str) -> anyhow::Result<()> {
-    let mut options = OpenOptions::new();
-    options.append(true).create(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
+fn parse_role(s: &str) -> Result<Role, String> {
+    s.parse()
+}
+
+/// Appends `line` (token `name`) to the tokens file `file`: the file as it is (checked: a
+/// bad line or the name already there refuses) plus the line, written atomically, mode 0600.
+fn append_token(file: &Path, name: &str, line: &str) -> anyhow::Result<()> {
+    let existing = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
+    };
+    let parsed = parse_tokens_file(&existing, &file.display().to_string()).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\n{}: fix these lines first; nothing was written",
+            file.display()
+        )
+    })?;
+    if let Some(t) = parsed.tokens.iter().find(|t| t.name == name) {
+        bail!(
+            "{}: token name {name:?} is already used ({}); choose another name, or revoke and remove that one first",
+            file.display(),
+            t.origin
+        );
     }
-    let mut f = options
-        .open(file)
-        .with_context(|| format!("cannot open tokens file {}", file.display()))?;
-    writeln!(f, "{token}").with_context(|| format!("cannot write {}", file.display()))?;
-    Ok(())
+    let mut text = existing;
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(line);
+    pki::write_file_atomic(file, text.as_bytes(), 0o600)
+        .with_context(|| format!("cannot write {}", file.display()))
+}
+
+/// The default key file of a certificate file: `agent-a.pem` -> `agent-a-key.pem`.
+fn key_file_of(cert: &Path) -> PathBuf {
+    let stem = cert
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    cert.with_file_name(format!("{stem}-key.pem"))
+}
+
+fn renew(
+    dir: &Path,
+    cert: &Path,
+    key: Option<&Path>,
+    new_key: bool,
+    days: u32,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
+    let ca = load_ca(dir)?;
+    let key = key.map_or_else(|| key_file_of(cert), Path::to_path_buf);
+    let cert_pem =
+        std::fs::read_to_string(cert).with_context(|| format!("cannot read {}", cert.display()))?;
+    let key_pem = if new_key {
+        None
+    } else {
+        Some(std::fs::read_to_string(&key).with_context(|| {
+            format!(
+                "cannot read the key {} (pass --key FILE, or --new-key to make a new one)",
+                key.display()
+            )
+        })?)
+    };
+    let r = ca
+        .renew(&cert_pem, key_pem.as_deref(), days)
+        .with_context(|| format!("renewing {}", cert.display()))?;
+    let info = pki::describe_certificate(r.issued.cert_pem.as_bytes())?;
+    let new_serial = normalize_serial(&info.serial).map_err(anyhow::Error::msg)?;
+    let mut written = Vec::new();
+    if new_key {
+        pki::write_file_atomic(&key, r.issued.key_pem.as_bytes(), 0o600)?;
+        written.push(key.clone());
+    }
+    pki::write_file_atomic(cert, r.issued.cert_pem.as_bytes(), 0o644)?;
+    written.push(cert.to_owned());
+    let who = if r.role == geomx_proto::tls::ROLE_AGENT {
+        format!("the agent of host {}", r.common_name)
+    } else {
+        "the controller".to_owned()
+    };
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "written": written.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+                "common_name": r.common_name,
+                "role": r.role,
+                "old_serial": r.old_serial,
+                "serial": new_serial,
+                "not_after": info.not_after,
+            })
+        ),
+        Output::Table => {
+            for f in &written {
+                println!("wrote {}", f.display());
+            }
+            println!(
+                "{} ({}): serial {} replaces {}, valid until {}",
+                r.common_name,
+                r.role,
+                new_serial,
+                r.old_serial,
+                unix_time(info.not_after)
+            );
+            println!(
+                "next: copy it to {who} and restart it (systemctl restart geomx-agent: containers keep running); it reads its certificate only at start"
+            );
+            println!(
+                "the old certificate stays valid until it expires: retire it with geomxctl certs revoke --revocation-file FILE --serial {}",
+                r.old_serial
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `certs revoke` was asked.
+struct Revocation<'a> {
+    serials: &'a [String],
+    certs: &'a [PathBuf],
+    tokens: &'a [String],
+    reason: Option<&'a str>,
+    undo: bool,
+}
+
+fn revoke(file: &Path, what: &Revocation<'_>, output: Output) -> anyhow::Result<ExitCode> {
+    // (normalized key, the line to write)
+    let mut wanted: Vec<(String, String)> = Vec::new();
+    let comment = what
+        .reason
+        .map(|r| format!("  # {}", r.replace('\n', " ")))
+        .unwrap_or_default();
+    for s in what.serials {
+        let n = normalize_serial(s).map_err(anyhow::Error::msg)?;
+        wanted.push((format!("serial {n}"), format!("serial {n}{comment}")));
+    }
+    for c in what.certs {
+        let pem = std::fs::read(c).with_context(|| format!("cannot read {}", c.display()))?;
+        let info = pki::describe_certificate(&pem).with_context(|| c.display().to_string())?;
+        let n = normalize_serial(&info.serial).map_err(anyhow::Error::msg)?;
+        let why = what.reason.unwrap_or(&info.subject).replace('\n', " ");
+        wanted.push((format!("serial {n}"), format!("serial {n}  # {why}")));
+    }
+    for t in what.tokens {
+        validate_name(t).map_err(anyhow::Error::msg)?;
+        wanted.push((format!("token {t}"), format!("token {t}{comment}")));
+    }
+    if wanted.is_empty() {
+        bail!("nothing to revoke: give --serial, --cert or --token-name");
+    }
+    let existing = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
+    };
+    let label = file.display().to_string();
+    parse_revocations(&existing, &label)
+        .map_err(|e| anyhow::anyhow!("{e}\n{label}: fix these lines first; nothing was written"))?;
+    // the normalized `kind value` of a line, if it is one
+    let key_of = |line: &str| -> Option<String> {
+        let body = line.split('#').next().unwrap_or("").trim();
+        let mut f = body.split_whitespace();
+        match (f.next(), f.next()) {
+            (Some("serial"), Some(v)) => normalize_serial(v).ok().map(|n| format!("serial {n}")),
+            (Some("token"), Some(v)) => Some(format!("token {v}")),
+            _ => None,
+        }
+    };
+    let present: Vec<String> = existing.lines().filter_map(key_of).collect();
+    let mut text = String::new();
+    let mut changed = Vec::new();
+    if what.undo {
+        for line in existing.lines() {
+            match key_of(line) {
+                Some(k) if wanted.iter().any(|(w, _)| *w == k) => changed.push(k),
+                _ => {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            }
+        }
+    } else {
+        text.push_str(&existing);
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        for (k, line) in &wanted {
+            if present.contains(k) || changed.contains(k) {
+                continue;
+            }
+            text.push_str(line);
+            text.push('\n');
+            changed.push(k.clone());
+        }
+    }
+    // check what is written reads back
+    parse_revocations(&text, &label).map_err(anyhow::Error::msg)?;
+    if !changed.is_empty() || !file.exists() {
+        pki::write_file_atomic(file, text.as_bytes(), 0o644)
+            .with_context(|| format!("cannot write {}", file.display()))?;
+    }
+    let verb = if what.undo { "lifted" } else { "revoked" };
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({ verb: changed, "revocation_file": label })
+        ),
+        Output::Table => {
+            if changed.is_empty() {
+                println!(
+                    "{label}: nothing to change ({})",
+                    if what.undo {
+                        "none of them is listed"
+                    } else {
+                        "all of them are listed already"
+                    }
+                );
+            }
+            for k in &changed {
+                println!("{verb}: {k}");
+            }
+            if !changed.is_empty() {
+                println!(
+                    "{label} written; the controller applies it within a few seconds (or at once on SIGHUP)"
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn report_written(output: Output, files: &[PathBuf], next: &str) -> anyhow::Result<ExitCode> {
@@ -307,6 +653,12 @@ fn report_written(output: Output, files: &[PathBuf], next: &str) -> anyhow::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        crate::Cli::command().debug_assert();
+    }
 
     #[test]
     fn dates() {
@@ -366,14 +718,86 @@ mod tests {
         assert_eq!(info.sans, ["IP:10.1.1.1", "DNS:localhost", "IP:127.0.0.1"]);
         assert!(d.join("agent-a.pem").exists() && d.join("agent-a-key.pem").exists());
         let tokens = d.join("tokens");
-        run_cmd(CertsCommand::Token {
-            append: Some(tokens.clone()),
-        });
-        run_cmd(CertsCommand::Token {
-            append: Some(tokens.clone()),
-        });
+        let token = |name: &str, role: Role| CertsCommand::Token {
+            name: name.into(),
+            role,
+            tokens_file: Some(tokens.clone()),
+            stdin: false,
+        };
+        run_cmd(token("alice", Role::Admin));
+        run_cmd(token("ci", Role::Submit));
+        assert!(
+            run(
+                &CertsArgs {
+                    command: token("ci", Role::Read)
+                },
+                Output::Json
+            )
+            .is_err(),
+            "a name twice"
+        );
         let text = std::fs::read_to_string(&tokens).unwrap();
-        assert_eq!(text.lines().count(), 2);
+        assert_eq!(text.lines().count(), 2, "{text}");
+        let parsed = parse_tokens_file(&text, "tokens").unwrap();
+        assert_eq!(parsed.tokens[1].name, "ci");
+        assert_eq!(parsed.tokens[1].role, Role::Submit);
+        assert!(text.lines().all(|l| l.contains(" sha256:")), "{text}");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&tokens).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+
+        // renew: same subject and SANs, new serial, key kept
+        let before =
+            pki::describe_certificate(&std::fs::read(d.join("agent-a.pem")).unwrap()).unwrap();
+        let key_before = std::fs::read(d.join("agent-a-key.pem")).unwrap();
+        run_cmd(CertsCommand::Renew {
+            dir: d.clone(),
+            cert: d.join("agent-a.pem"),
+            key: None,
+            new_key: false,
+            days: 30,
+        });
+        let after =
+            pki::describe_certificate(&std::fs::read(d.join("agent-a.pem")).unwrap()).unwrap();
+        assert_eq!(after.subject, before.subject);
+        assert_eq!(after.sans, before.sans);
+        assert_ne!(after.serial, before.serial);
+        assert_eq!(
+            std::fs::read(d.join("agent-a-key.pem")).unwrap(),
+            key_before
+        );
+
+        // revoke and lift
+        let revoked = d.join("revoked");
+        let revoke = |undo: bool| CertsCommand::Revoke {
+            revocation_file: revoked.clone(),
+            serials: vec![before.serial.clone()],
+            certs: vec![d.join("agent-a.pem")],
+            tokens: vec!["ci".into()],
+            reason: Some("test".into()),
+            undo,
+        };
+        run_cmd(revoke(false));
+        run_cmd(revoke(false));
+        let text = std::fs::read_to_string(&revoked).unwrap();
+        assert_eq!(text.lines().count(), 3, "once each: {text}");
+        let r = parse_revocations(&text, "revoked").unwrap();
+        assert!(r.token_revoked("ci"));
+        assert!(r.serial_revoked(&normalize_serial(&before.serial).unwrap()));
+        assert!(r.serial_revoked(&normalize_serial(&after.serial).unwrap()));
+        run_cmd(CertsCommand::Revoke {
+            revocation_file: revoked.clone(),
+            serials: vec![],
+            certs: vec![],
+            tokens: vec!["ci".into()],
+            reason: None,
+            undo: true,
+        });
+        let r = parse_revocations(&std::fs::read_to_string(&revoked).unwrap(), "r").unwrap();
+        assert!(!r.token_revoked("ci"));
+        assert!(r.serial_revoked(&normalize_serial(&after.serial).unwrap()));
         run_cmd(CertsCommand::Show {
             file: d.join("agent-a.pem"),
         });

@@ -104,8 +104,14 @@ impl Remote {
 pub fn explain_status(url: &str, what: &str, status: &Status) -> anyhow::Error {
     let msg = status.message();
     let hint = match status.code() {
+        Code::Unauthenticated if msg.contains("revoked") => {
+            " (the token was revoked: ask an admin for a new one)"
+        }
         Code::Unauthenticated => {
             " (check --token / GEOMX_TOKEN against the controller's tokens file)"
+        }
+        Code::PermissionDenied if msg.contains("needs role") => {
+            " (the token's role does not allow this: ask an admin for a token with that role)"
         }
         Code::PermissionDenied => " (user calls need a token, not an agent certificate)",
         Code::Unavailable => {

@@ -91,8 +91,13 @@ pub fn print_refusal(status: &Status, output: Output) {
         ),
         Output::Table => {
             let mut lines = status.message().lines();
+            let denied = if status.code() == Code::PermissionDenied {
+                "permission denied: "
+            } else {
+                ""
+            };
             if let Some(first) = lines.next() {
-                eprintln!("error: {first}");
+                eprintln!("error: {denied}{first}");
             }
             for l in lines {
                 eprintln!("  {l}");
@@ -101,11 +106,16 @@ pub fn print_refusal(status: &Status, output: Output) {
     }
 }
 
-/// Codes that mean "the request was refused" rather than "something broke".
+/// Codes that mean "the request was refused" rather than "something broke" (a token whose
+/// role does not allow the call is refused too: exit 2).
 pub fn is_refusal(code: Code) -> bool {
     matches!(
         code,
-        Code::InvalidArgument | Code::NotFound | Code::AlreadyExists | Code::FailedPrecondition
+        Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::FailedPrecondition
+            | Code::PermissionDenied
     )
 }
 
@@ -180,6 +190,8 @@ pub fn job_json(j: &Job) -> Value {
         "image": j.image,
         "image_digest": j.image_digest,
         "image_pull": j.image_pull,
+        "submitted_by": j.submitted_by,
+        "cancelled_by": j.cancelled_by,
     });
     if !j.pulls.is_empty() {
         v["pulls"] = Value::Array(

@@ -64,8 +64,13 @@ pub fn header(job: &Job, now: i64) -> String {
         job.node_count
     );
     let mut times = vec![format!(
-        "submitted {} ago",
-        short_duration(age_ms(now, job.submitted_at_ms))
+        "submitted {} ago{}",
+        short_duration(age_ms(now, job.submitted_at_ms)),
+        if job.submitted_by.is_empty() {
+            String::new()
+        } else {
+            format!(" by {}", job.submitted_by)
+        }
     )];
     if job.running_at_ms > 0 {
         times.push(format!(
@@ -75,8 +80,13 @@ pub fn header(job: &Job, now: i64) -> String {
     }
     if job.finished_at_ms > 0 {
         times.push(format!(
-            "ended {} ago",
-            short_duration(age_ms(now, job.finished_at_ms))
+            "ended {} ago{}",
+            short_duration(age_ms(now, job.finished_at_ms)),
+            if job.cancelled_by.is_empty() {
+                String::new()
+            } else {
+                format!(" (cancelled by {})", job.cancelled_by)
+            }
         ));
     }
     out.push_str(&times.join(", "));

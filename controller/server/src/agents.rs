@@ -1,8 +1,10 @@
 //! `geomx.v1.AgentService`: the gRPC face of [`Membership`] for agents.
 //!
 //! Every RPC authenticates the caller as the agent of the host it names
-//! ([`Auth::authorize_agent`]), validates every field ([`crate::validate`]) and maps
-//! membership errors to gRPC statuses.
+//! ([`Auth::check_agent`]), validates every field ([`crate::validate`]) and maps
+//! membership errors to gRPC statuses. An agent refused for a revoked certificate gets a
+//! host event `AgentRefused` (once per host, serial and revocation list); its `Watch`
+//! stream ends as soon as the revocation is in force.
 
 use std::sync::Arc;
 
@@ -21,9 +23,12 @@ use tracing::Instrument;
 use crate::auth::Auth;
 use crate::leases::LeaseError;
 use crate::membership::{
-    HeartbeatData, Membership, MembershipError, Registration, duration_ms, same_content,
+    HeartbeatData, Membership, MembershipError, Registration, ReportDegradation, duration_ms,
+    same_content,
 };
-use crate::store::{LinkRecord, NetworkRecord, StoreError, StoreErrorKind};
+use crate::store::{
+    Batch, EventRecord, EventScope, LinkRecord, NetworkRecord, StoreError, StoreErrorKind,
+};
 use crate::validate;
 use crate::workloads::{WorkloadError, Workloads};
 
@@ -116,10 +121,63 @@ impl AgentApi {
     }
 }
 
-/// Checks the caller and the host field of an agent request; returns the host name.
-fn agent_host<T>(auth: &Auth, request: &Request<T>, host: &str) -> Result<String, Status> {
-    auth.authorize_agent(request, host)?;
-    validate::host_name("host", host)
+impl AgentApi {
+    /// Checks the caller and the host field of an agent request; returns the host name and
+    /// the caller's certificate (`None` in insecure mode).
+    async fn agent_host<T>(
+        &self,
+        request: &Request<T>,
+        host: &str,
+    ) -> Result<(String, Option<geomx_proto::tls::PeerIdentity>), Status> {
+        match self.auth.check_agent(request, host) {
+            Ok(id) => Ok((validate::host_name("host", host)?, id)),
+            Err(denied) => {
+                if let Some(id) = &denied.revoked {
+                    self.note_revoked(&id.common_name, id).await;
+                }
+                Err(denied.status)
+            }
+        }
+    }
+
+    /// Records (once per host, serial and revocation list) that the agent of `host` was
+    /// refused for its revoked certificate: a warning and a host event.
+    async fn note_revoked(&self, host: &str, id: &geomx_proto::tls::PeerIdentity) {
+        if !self.auth.credentials().note_refusal(host, &id.serial) {
+            return;
+        }
+        let file = self
+            .auth
+            .credentials()
+            .sources()
+            .revocation_file
+            .as_ref()
+            .map(|f| format!(" ({})", f.display()))
+            .unwrap_or_default();
+        let message = format!(
+            "the agent's certificate {id} serial {} is revoked{file}: its calls are refused and its watch stream ended; the host goes lost after grace_period unless its agent gets a valid certificate",
+            id.serial
+        );
+        tracing::warn!(host, serial = %id.serial, "agent refused: {message}");
+        if self.membership.host(host).is_none() {
+            return;
+        }
+        let mut batch = Batch::new();
+        let event = EventRecord {
+            at_ms: crate::store::now_ms(),
+            kind: "AgentRefused".to_owned(),
+            message,
+            host: host.to_owned(),
+            ..Default::default()
+        };
+        if let Err(e) = batch.event(EventScope::Host(host), &event) {
+            tracing::warn!(host, error = %e, "cannot record the AgentRefused event");
+            return;
+        }
+        if let Err(e) = self.membership.commit(batch, false).await {
+            tracing::warn!(host, error = %e, "cannot record the AgentRefused event");
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -128,7 +186,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        let host = agent_host(&self.auth, &request, &request.get_ref().host)?;
+        let (host, _) = self.agent_host(&request, &request.get_ref().host).await?;
         let req = request.into_inner();
         let membership = &self.membership;
         let span = tracing::info_span!("register", host = %host);
@@ -174,7 +232,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let host = agent_host(&self.auth, &request, &request.get_ref().host)?;
+        let (host, identity) = self.agent_host(&request, &request.get_ref().host).await?;
         if self.shutdown.is_cancelled() {
             return Err(Status::unavailable("the controller is shutting down"));
         }
@@ -186,6 +244,11 @@ impl AgentService for AgentApi {
         let shutdown = self.shutdown.clone();
         let backend = self.backend.clone();
         let span = tracing::info_span!("watch", host = %host);
+        let revocation = identity.map(|id| Revocation {
+            auth: self.auth.clone(),
+            changes: self.auth.credentials().subscribe(),
+            id,
+        });
         self.streams.spawn(
             watch_loop(
                 membership,
@@ -194,6 +257,7 @@ impl AgentService for AgentApi {
                     backend,
                     host,
                     shared,
+                    revocation,
                 },
                 tx,
                 revisions,
@@ -208,7 +272,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<HostReport>,
     ) -> Result<Response<ReportResponse>, Status> {
-        let host = agent_host(&self.auth, &request, &request.get_ref().host)?;
+        let (host, _) = self.agent_host(&request, &request.get_ref().host).await?;
         let report = request.into_inner();
         let span = tracing::debug_span!("report", host = %host);
         let membership = &self.membership;
@@ -228,7 +292,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<LeaveRequest>,
     ) -> Result<Response<LeaveResponse>, Status> {
-        let host = agent_host(&self.auth, &request, &request.get_ref().host)?;
+        let (host, _) = self.agent_host(&request, &request.get_ref().host).await?;
         let span = tracing::info_span!("leave", host = %host);
         async {
             self.membership.leave(&host).await?;
@@ -305,6 +369,7 @@ fn heartbeat_data(report: &HostReport) -> Result<HeartbeatData, Status> {
             "listening_ports: ports must be 0..=65535, each at most once",
         ));
     }
+    let omitted = report_omitted(report);
     let mut listening_ports = report.listening_ports.clone();
     listening_ports.sort_unstable();
     listening_ports.dedup();
@@ -316,10 +381,33 @@ fn heartbeat_data(report: &HostReport) -> Result<HeartbeatData, Status> {
         running_containers: (report.nodes_known != Some(false))
             .then(|| u32::try_from(running).unwrap_or(u32::MAX)),
         listening_ports,
-        image_details: (report.images_known != Some(false))
-            .then(|| validate::image_details(&report.image_details)),
+        // left out of a degraded report (over the agent's budget): the last kept
+        image_details: (report.images_known != Some(false)
+            && !omitted.iter().any(|o| o == "image_details"))
+        .then(|| validate::image_details(&report.image_details)),
         pulls: validate::image_pulls(&report.pulls),
+        degraded: (!omitted.is_empty()).then(|| ReportDegradation {
+            omitted,
+            full_size_bytes: report.full_size_bytes,
+            size_bytes: u64::try_from(prost::Message::encoded_len(report)).unwrap_or(u64::MAX),
+        }),
     })
+}
+
+/// What a degraded report says it left out (`HostReport.omitted`), bounded: at most 16
+/// names of at most 32 printable bytes.
+fn report_omitted(report: &HostReport) -> Vec<String> {
+    report
+        .omitted
+        .iter()
+        .take(16)
+        .map(|o| {
+            validate::truncate(o, 32)
+                .chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect()
+        })
+        .collect()
 }
 
 /// Sends `host`'s desired state: at once, then after every published change that alters
@@ -330,6 +418,33 @@ struct Watcher {
     backend: String,
     host: String,
     shared: bool,
+    /// The agent's certificate, checked again whenever the revocation list changes (`None`
+    /// in insecure mode).
+    revocation: Option<Revocation>,
+}
+
+/// What a watch stream needs to notice its agent's certificate being revoked.
+struct Revocation {
+    auth: Auth,
+    changes: tokio::sync::watch::Receiver<u64>,
+    id: geomx_proto::tls::PeerIdentity,
+}
+
+impl Revocation {
+    /// Completes when the certificate is revoked (never without a revocation list change).
+    async fn revoked(this: &mut Option<Revocation>) {
+        let Some(r) = this else {
+            return std::future::pending().await;
+        };
+        loop {
+            if r.auth.revoked(&r.id) {
+                return;
+            }
+            if r.changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
 }
 
 async fn watch_loop(
@@ -344,6 +459,7 @@ async fn watch_loop(
         backend,
         host,
         shared,
+        mut revocation,
     } = watcher;
     tracing::info!("watch opened");
     let mut last: Option<DesiredState> = None;
@@ -388,7 +504,67 @@ async fn watch_loop(
                 break;
             }
             () = tx.closed() => break,
+            () = Revocation::revoked(&mut revocation) => {
+                let id = revocation.as_ref().map(|r| &r.id);
+                let serial = id.map(|i| i.serial.clone()).unwrap_or_default();
+                tracing::warn!(%serial, "ending the watch stream: the agent's certificate was revoked");
+                let _ = tx.try_send(Err(Status::permission_denied(format!(
+                    "certificate serial {serial} is revoked (the controller's revocation list)"
+                ))));
+                break;
+            }
         }
     }
     tracing::info!("watch closed");
+}
+
+#[cfg(test)]
+mod degraded_report_tests {
+    use geomx_proto::v1::ImageInfo;
+
+    use super::*;
+
+    #[test]
+    fn a_degraded_report_says_what_it_left_out_and_the_last_image_details_stay() {
+        let details = vec![ImageInfo {
+            id: "sha256:1".into(),
+            ..Default::default()
+        }];
+        let complete = HostReport {
+            host: "a".into(),
+            images: vec!["img:1".into()],
+            image_details: details.clone(),
+            ..Default::default()
+        };
+        let d = heartbeat_data(&complete).expect("valid");
+        assert_eq!(d.degraded, None);
+        assert_eq!(d.image_details, Some(details));
+        let degraded = HostReport {
+            image_details: Vec::new(),
+            omitted: vec!["metrics".into(), "image_details".into()],
+            full_size_bytes: 5 << 20,
+            ..complete.clone()
+        };
+        let d = heartbeat_data(&degraded).expect("valid");
+        // None: the membership keeps the details it had
+        assert_eq!(d.image_details, None);
+        assert_eq!(d.images, Some(vec!["img:1".to_owned()]));
+        let g = d.degraded.expect("degraded");
+        assert_eq!(g.omitted, ["metrics", "image_details"]);
+        assert_eq!(g.full_size_bytes, 5 << 20);
+        assert_eq!(g.size_bytes, prost::Message::encoded_len(&degraded) as u64);
+        // what an agent says is bounded
+        let odd = HostReport {
+            omitted: (0..100)
+                .map(|k| format!("{k}\n{}", "x".repeat(100)))
+                .collect(),
+            ..complete
+        };
+        let g = heartbeat_data(&odd)
+            .expect("valid")
+            .degraded
+            .expect("degraded");
+        assert_eq!(g.omitted.len(), 16);
+        assert!(g.omitted.iter().all(|o| o.len() <= 32 && !o.contains('\n')));
+    }
 }

@@ -28,9 +28,13 @@
 //! key = "/etc/geomx/tls/controller-key.pem"
 //!
 //! [auth]
-//! tokens_file = "/etc/geomx/tokens"   # one token per line, '#' comments
-//! # tokens = ["..."]                   # inline, for tests
+//! tokens_file = "/etc/geomx/tokens"        # NAME ROLE sha256:HEX per line, '#' comments
+//! revocation_file = "/etc/geomx/revoked"   # `serial HEX` / `token NAME` per line
+//! # tokens = ["..."]                        # inline, for tests
 //! ```
+//!
+//! The tokens and revocation files are read at start (a bad line is a configuration error)
+//! and again on SIGHUP and whenever they change ([`crate::credentials`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -38,7 +42,8 @@ use std::time::Duration;
 
 pub use geomx_proto::config_file::ConfigError;
 use geomx_proto::config_file::{ConfigFile, HumanDuration, Settings, TlsFlags, TlsPick, TlsTable};
-use geomx_proto::tls::{TlsFiles, parse_tokens_file, validate_token};
+use geomx_proto::credentials::parse_inline_tokens;
+use geomx_proto::tls::TlsFiles;
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 use toml::Spanned;
@@ -115,9 +120,14 @@ pub struct Args {
     /// The controller's private key (PEM).
     #[arg(long, env = "GEOMX_CONTROLLER_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
-    /// File of user bearer tokens, one per line ('#' comments).
+    /// File of user bearer tokens: `NAME ROLE sha256:HEX` per line ('#' comments); reloaded
+    /// on SIGHUP and when it changes.
     #[arg(long, env = "GEOMX_CONTROLLER_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
+    /// Revocation list: `serial HEX` (agent or controller certificates) and `token NAME` per
+    /// line; reloaded on SIGHUP and when it changes.
+    #[arg(long, env = "GEOMX_CONTROLLER_REVOCATION_FILE")]
+    pub revocation_file: Option<PathBuf>,
     /// Serve plaintext gRPC without client authentication. For throwaway labs only.
     #[arg(long, env = "GEOMX_CONTROLLER_INSECURE")]
     pub insecure: bool,
@@ -181,8 +191,15 @@ pub struct ControllerConfig {
     pub tls: Option<TlsFiles>,
     /// Plaintext without client authentication.
     pub insecure: bool,
-    /// Bearer tokens accepted on the user API.
+    /// Inline bearer tokens (`[auth] tokens`): plaintext secrets (role admin, named
+    /// `inline-N`) or `NAME ROLE sha256:HEX` lines.
     pub tokens: Vec<String>,
+    /// `[auth] tokens_file` (see [`crate::credentials`]).
+    pub tokens_file: Option<PathBuf>,
+    /// `[auth] revocation_file`.
+    pub revocation_file: Option<PathBuf>,
+    /// How often the two files are read for changes ([`crate::credentials::POLL_INTERVAL`]).
+    pub credentials_poll: Duration,
 }
 
 impl ControllerConfig {
@@ -206,6 +223,18 @@ impl ControllerConfig {
             tls,
             insecure: false,
             tokens: Vec::new(),
+            tokens_file: None,
+            revocation_file: None,
+            credentials_poll: crate::credentials::POLL_INTERVAL,
+        }
+    }
+
+    /// Where the user tokens and revocations come from.
+    pub fn credential_sources(&self) -> crate::credentials::Sources {
+        crate::credentials::Sources {
+            inline: self.tokens.clone(),
+            tokens_file: self.tokens_file.clone(),
+            revocation_file: self.revocation_file.clone(),
         }
     }
 
@@ -292,9 +321,7 @@ impl ControllerConfig {
                 "TLS files are required: set [tls] ca, cert and key (make them with `geomxctl certs`), or run with --insecure for a throwaway lab".into(),
             ));
         }
-        for t in &self.tokens {
-            validate_token(t).map_err(|e| invalid("tokens", e.to_string()))?;
-        }
+        parse_inline_tokens(&self.tokens).map_err(|e| invalid("tokens", e))?;
         if self.state_dir.as_os_str().is_empty() {
             return Err(invalid("state_dir", "must not be empty".into()));
         }
@@ -332,14 +359,7 @@ struct FileConfig {
 struct FileAuth {
     tokens: Option<Vec<Spanned<String>>>,
     tokens_file: Option<Spanned<PathBuf>>,
-}
-
-fn read(path: &Path, what: &'static str) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        what,
-        path: path.to_owned(),
-        source,
-    })
+    revocation_file: Option<Spanned<PathBuf>>,
 }
 
 /// Takes a value as it is (its type already checked it).
@@ -474,52 +494,40 @@ fn resolve(
         }
     }
 
-    // Tokens: inline list plus the tokens file.
+    // Tokens: inline list plus the tokens file; the revocation list. Read here to refuse a
+    // bad line at start (exit 2); the server reads them again (and on every change).
     let auth = file.auth.unwrap_or_default();
     for t in auth.tokens.unwrap_or_default() {
         let origin = source.origin("auth.tokens", t.span());
         let t = t.into_inner();
-        validate_token(&t).map_err(|e| ConfigError::Invalid {
+        parse_inline_tokens(std::slice::from_ref(&t)).map_err(|e| ConfigError::Invalid {
             origin,
-            message: e.to_string(),
+            message: e.trim_start_matches("auth.tokens[0]: ").to_owned(),
         })?;
         cfg.tokens.push(t);
     }
-    let tokens_file = args
+    cfg.tokens.dedup();
+    cfg.tokens_file = args
         .tokens_file
         .clone()
         .or_else(|| auth.tokens_file.map(|s| source.path_of(s.get_ref())));
-    if let Some(tf) = tokens_file {
-        let text = read(&tf, "tokens file")?;
-        for (line, t) in parse_tokens_file(&text) {
-            validate_token(&t).map_err(|e| ConfigError::Invalid {
-                origin: format!("{}:{line}", tf.display()),
-                message: e.to_string(),
-            })?;
-            cfg.tokens.push(t);
-        }
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            if let Ok(meta) = std::fs::metadata(&tf)
-                && meta.permissions().mode() & 0o077 != 0
-            {
-                warnings.push(format!(
-                    "tokens file {} is readable by other users; chmod 600 it",
-                    tf.display()
-                ));
-            }
-        }
-    }
-    cfg.tokens.sort();
-    cfg.tokens.dedup();
+    cfg.revocation_file = args
+        .revocation_file
+        .clone()
+        .or_else(|| auth.revocation_file.map(|s| source.path_of(s.get_ref())));
+    let (credentials, _) = crate::credentials::Credentials::load(cfg.credential_sources())
+        .map_err(|message| ConfigError::Invalid {
+            origin: "[auth]".into(),
+            message,
+        })?;
+    let token_count = credentials.snapshot().tokens.len();
 
     if cfg.insecure {
         warnings.push(
             "INSECURE MODE: plaintext gRPC, agents are not authenticated; never use this outside a throwaway lab"
                 .to_owned(),
         );
-    } else if cfg.tokens.is_empty() {
+    } else if token_count == 0 {
         warnings.push(
             "no user tokens configured: HostService and JobService refuse every call (set [auth] tokens_file)"
                 .to_owned(),
@@ -669,7 +677,61 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("tokens:4"), "{err}");
+        assert!(err.contains("tokens:4: expected `NAME ROLE"), "{err}");
+        let h = geomx_proto::credentials::hash_secret("0123456789abcdef0123");
+        std::fs::write(
+            &tokens,
+            format!("ci submit {h}\nci read {h}\nro reader {h}\n"),
+        )
+        .unwrap();
+        let err = load_text(
+            "insecure = true\n",
+            &["--tokens-file", tokens.to_str().unwrap()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("tokens:2: token name \"ci\" is already used on line 1")
+                && err.contains("tokens:3: unknown role \"reader\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_revocation_file_comes_from_auth_or_the_flag_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let revoked = dir.path().join("revoked");
+        std::fs::write(&revoked, "serial 4a:01\ntoken ci\n").unwrap();
+        let (cfg, _) = load_text(
+            &format!(
+                "insecure = true\n[auth]\nrevocation_file = \"{}\"\n",
+                revoked.display()
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(cfg.revocation_file.as_deref(), Some(revoked.as_path()));
+        std::fs::write(&revoked, "serial 4a:01\ncert b\n").unwrap();
+        let err = load_text(
+            "insecure = true\n",
+            &["--revocation-file", revoked.to_str().unwrap()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("revoked:2: unknown kind \"cert\""), "{err}");
+        let err = load_text(
+            "insecure = true\n",
+            &[
+                "--revocation-file",
+                dir.path().join("missing").to_str().unwrap(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("cannot read") && err.contains("missing"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -702,13 +764,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tokens = dir.path().join("tokens");
         std::fs::write(&tokens, "0123456789abcdef0123\n").unwrap();
-        let (cfg, _) = load_text(text, &["--tokens-file", tokens.to_str().unwrap()]).unwrap();
+        let revoked = dir.path().join("revoked");
+        std::fs::write(&revoked, "").unwrap();
+        let (cfg, _) = load_text(
+            text,
+            &[
+                "--tokens-file",
+                tokens.to_str().unwrap(),
+                "--revocation-file",
+                revoked.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
         assert_eq!(cfg.listen.port(), 7946);
         assert_eq!(cfg.grace_period, DEFAULT_GRACE_PERIOD);
         assert_eq!(
             cfg.tls.unwrap().cert,
             PathBuf::from("/etc/geomx/tls/controller.pem")
         );
-        assert_eq!(cfg.tokens.len(), 1);
+        assert_eq!(cfg.tokens_file.as_deref(), Some(tokens.as_path()));
     }
 }

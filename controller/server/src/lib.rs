@@ -5,7 +5,8 @@
 //! * [`leases`]: carving host subnets out of the cluster CIDR.
 //! * [`membership`]: registration, heartbeats, loss detection, each host's desired state.
 //! * [`workloads`]: the seam where the jobs layer adds role containers and sees reports.
-//! * [`auth`]: who may call which service (agent certificates, user tokens).
+//! * [`auth`]: who may call which service (agent certificates, user tokens and their roles).
+//! * [`credentials`]: the tokens and the revocation list in force, reloaded without restart.
 //! * [`jobs`]: the jobs layer (submission, placement, state machine, heartbeat aggregation)
 //!   and its gRPC service.
 //! * [`agents`], [`hosts`]: the other gRPC services.
@@ -19,6 +20,7 @@ pub mod agents;
 pub mod auth;
 pub mod backup;
 pub mod config;
+pub mod credentials;
 pub mod hosts;
 pub mod jobs;
 pub mod leases;

@@ -210,9 +210,38 @@ async fn run(config: ControllerConfig) -> anyhow::Result<()> {
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!(error = %e, "sd_notify READY failed");
     }
+    let reloads = tokio::spawn(reload_on_sighup(
+        running.credentials().clone(),
+        running.shutdown_token(),
+    ));
     let result = running.run_until(shutdown_signal()).await;
+    reloads.abort();
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     result.context("shutting down")
+}
+
+/// Re-reads the tokens and revocation files on every SIGHUP (`systemctl reload`) until
+/// `stop`; a bad file keeps the credentials in force (the error is logged).
+async fn reload_on_sighup(
+    credentials: std::sync::Arc<geomx_controller::credentials::Credentials>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP: credentials reload only when their files change");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            got = hup.recv() => if got.is_none() { return },
+        }
+        tracing::info!("SIGHUP received: reloading the tokens and revocation files");
+        let c = credentials.clone();
+        let _ = tokio::task::spawn_blocking(move || c.reload("SIGHUP")).await;
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -118,6 +118,49 @@ pub struct HeartbeatData {
     pub image_details: Option<Vec<geomx_proto::v1::ImageInfo>>,
     /// The host's image pulls (running and recently ended).
     pub pulls: Vec<geomx_proto::v1::ImagePull>,
+    /// What the agent left out of the report to keep it under the message limit; `None`:
+    /// the report is complete.
+    pub degraded: Option<ReportDegradation>,
+}
+
+/// What a degraded report left out (`HostReport.omitted`), and its sizes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReportDegradation {
+    /// The steps the agent took, in order (`metrics`, `image_details`, ...).
+    pub omitted: Vec<String>,
+    /// The report's size before, as the agent measured it.
+    pub full_size_bytes: u64,
+    /// Its size as received.
+    pub size_bytes: u64,
+}
+
+/// The host event a report's degradation changing from `before` to `now` gives:
+/// `ReportDegraded` (what is left out, the sizes) or `ReportComplete`; none when it did not
+/// change. Pure.
+pub fn degradation_event(
+    before: &[String],
+    now: Option<&ReportDegradation>,
+) -> Option<(&'static str, String)> {
+    match now {
+        Some(d) if d.omitted != before => Some((
+            "ReportDegraded",
+            format!(
+                "the agent's report ({} bytes) is over its budget: sent without {} ({} bytes; the controller accepts at most {} per request); see docs/operations.md, \"Degraded reports\"",
+                d.full_size_bytes,
+                d.omitted.join(", "),
+                d.size_bytes,
+                crate::server::MAX_DECODING_MESSAGE_SIZE
+            ),
+        )),
+        None if !before.is_empty() => Some((
+            "ReportComplete",
+            format!(
+                "the agent's reports are complete again (they left out {} before)",
+                before.join(", ")
+            ),
+        )),
+        _ => None,
+    }
 }
 
 /// What happens to a host: the inputs of [`transition`].
@@ -548,6 +591,8 @@ struct HostEntry {
     listening_ports: Vec<u32>,
     image_details: Vec<geomx_proto::v1::ImageInfo>,
     pulls: Vec<geomx_proto::v1::ImagePull>,
+    /// What its last report left out (empty: complete).
+    report_omitted: Vec<String>,
 }
 
 impl HostEntry {
@@ -559,6 +604,7 @@ impl HostEntry {
             listening_ports: Vec::new(),
             image_details: Vec::new(),
             pulls: Vec::new(),
+            report_omitted: Vec::new(),
         }
     }
 }
@@ -811,7 +857,11 @@ impl Membership {
     /// Records a heartbeat of `host`: refreshes its last-seen time and soft state, and
     /// brings a lost host back and persists what changed (version, network status, images)
     /// through [`Membership::apply`].
+    ///
+    /// A report whose degradation (what the agent left out to stay under the message limit)
+    /// changed records a `ReportDegraded` or `ReportComplete` event on the host.
     pub async fn report(&self, host: &str, data: HeartbeatData) -> Result<(), MembershipError> {
+        let mut degradation = None;
         let needs_write = {
             let mut view = self.view_mut();
             let e = view
@@ -829,6 +879,16 @@ impl Membership {
                 e.image_details.clone_from(details);
             }
             e.pulls.clone_from(&data.pulls);
+            if let Some((kind, message)) =
+                degradation_event(&e.report_omitted, data.degraded.as_ref())
+            {
+                e.report_omitted = data
+                    .degraded
+                    .as_ref()
+                    .map(|d| d.omitted.clone())
+                    .unwrap_or_default();
+                degradation = Some((kind, message));
+            }
             e.record.state == HostState::Lost
                 || e.record.agent_version != data.agent_version
                 || e.record.network != data.network
@@ -836,6 +896,25 @@ impl Membership {
         };
         if needs_write {
             self.apply(host, Input::Report(data)).await?;
+        }
+        if let Some((kind, message)) = degradation {
+            if kind == "ReportDegraded" {
+                tracing::warn!(host, kind, "{message}");
+            } else {
+                tracing::info!(host, kind, "{message}");
+            }
+            let mut batch = Batch::new();
+            batch.event(
+                EventScope::Host(host),
+                &EventRecord {
+                    at_ms: now_ms(),
+                    kind: kind.to_owned(),
+                    message,
+                    host: host.to_owned(),
+                    ..Default::default()
+                },
+            )?;
+            self.commit(batch, false).await?;
         }
         Ok(())
     }
@@ -1191,6 +1270,50 @@ mod tests {
         let h = m.host("a").unwrap();
         assert!(h.record.images.is_empty());
         assert_eq!(h.containers, 0);
+    }
+
+    #[tokio::test]
+    async fn a_degraded_report_is_an_event_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = open(dir.path(), 1000);
+        m.register(reg("a", "10.1.1.1")).await.unwrap();
+        let degraded = |omitted: &[&str]| HeartbeatData {
+            degraded: Some(ReportDegradation {
+                omitted: omitted.iter().map(|o| (*o).to_owned()).collect(),
+                full_size_bytes: 4_370_477,
+                size_bytes: 2_900_000,
+            }),
+            ..Default::default()
+        };
+        m.report("a", HeartbeatData::default()).await.unwrap();
+        m.report("a", degraded(&["metrics"])).await.unwrap();
+        m.report("a", degraded(&["metrics"])).await.unwrap();
+        m.report("a", degraded(&["metrics", "log_tails"]))
+            .await
+            .unwrap();
+        m.report("a", HeartbeatData::default()).await.unwrap();
+        m.report("a", HeartbeatData::default()).await.unwrap();
+        let kinds = event_kinds(&m, "a");
+        assert_eq!(
+            kinds,
+            [
+                "HostRegistered",
+                "ReportDegraded",
+                "ReportDegraded",
+                "ReportComplete"
+            ]
+        );
+        let events = m.store().events(EventScope::Host("a")).unwrap();
+        assert_eq!(
+            events[1].message,
+            "the agent's report (4370477 bytes) is over its budget: sent without metrics (2900000 bytes; the controller accepts at most 4194304 per request); see docs/operations.md, \"Degraded reports\""
+        );
+        assert!(events[2].message.contains("without metrics, log_tails"));
+        assert_eq!(
+            events[3].message,
+            "the agent's reports are complete again (they left out metrics, log_tails before)"
+        );
+        assert_eq!(m.host("a").unwrap().record.state, HostState::Ready);
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use geomx_proto::tls::{BearerTokens, TlsError, TlsMaterial};
+use geomx_proto::tls::{TlsError, TlsMaterial};
 use geomx_proto::v1::agent_service_server::AgentServiceServer;
 use geomx_proto::v1::host_service_server::HostServiceServer;
 use geomx_proto::v1::job_service_server::JobServiceServer;
@@ -31,6 +31,7 @@ use tonic_health::server::HealthReporter;
 use crate::agents::AgentApi;
 use crate::auth::Auth;
 use crate::config::{ConfigError, ControllerConfig};
+use crate::credentials::{Credentials, MethodRoles};
 use crate::hosts::HostApi;
 use crate::jobs::stub::NoJobApi;
 use crate::jobs::{JobApi, JobOptions, Jobs, JobsError};
@@ -111,6 +112,8 @@ pub struct RunningController {
     forwarder: JoinHandle<()>,
     jobs: Option<Arc<Jobs>>,
     ticker: Option<JoinHandle<()>>,
+    credentials: Arc<Credentials>,
+    credential_watcher: JoinHandle<()>,
     streams: TaskTracker,
     health: HealthReporter,
     shutdown_timeout: Duration,
@@ -210,7 +213,16 @@ async fn serve(
     workloads: Arc<dyn Workloads>,
     jobs: Option<Arc<Jobs>>,
 ) -> Result<RunningController, ServerError> {
-    let auth = Auth::new(BearerTokens::new(&config.tokens), config.insecure);
+    let (credentials, warnings) =
+        Credentials::load(config.credential_sources()).map_err(|message| ConfigError::Invalid {
+            origin: "[auth]".into(),
+            message,
+        })?;
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    let credentials = Arc::new(credentials);
+    let auth = Auth::new(credentials.clone(), config.insecure);
     let shutdown = CancellationToken::new();
     let streams = TaskTracker::new();
     let forwarder = tokio::spawn(forward_host_changes(
@@ -232,12 +244,13 @@ async fn serve(
     .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
     // a desired state: at most what an agent decodes
     .max_encoding_message_size(geomx_proto::MAX_DESIRED_STATE_LEN);
-    let hosts = InterceptedService::new(
+    // user services: MethodRoles notes the RPC's role for the interceptor inside
+    let hosts = MethodRoles::new(InterceptedService::new(
         HostServiceServer::new(HostApi::new(membership.clone()).with_jobs(jobs.clone()))
             .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE),
         auth.user_interceptor(),
-    );
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServiceServer<AgentApi>>().await;
@@ -261,18 +274,18 @@ async fn serve(
         .add_service(agents)
         .add_service(hosts);
     let router = match &jobs {
-        Some(jobs) => router.add_service(InterceptedService::new(
+        Some(jobs) => router.add_service(MethodRoles::new(InterceptedService::new(
             JobServiceServer::new(JobApi::new(jobs.clone(), shutdown.clone(), streams.clone()))
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
                 .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE),
             auth.user_interceptor(),
-        )),
-        None => router.add_service(InterceptedService::new(
+        ))),
+        None => router.add_service(MethodRoles::new(InterceptedService::new(
             JobServiceServer::new(NoJobApi)
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
                 .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE),
             auth.user_interceptor(),
-        )),
+        ))),
     };
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -292,6 +305,11 @@ async fn serve(
         geomx_proto::incoming::guarded(incoming, CONNECTION_IDLE_TIMEOUT, MAX_CONNECTIONS);
 
     let detector = tokio::spawn(membership.clone().run_loss_detector(shutdown.child_token()));
+    let credential_watcher = tokio::spawn(
+        credentials
+            .clone()
+            .watch_files(config.credentials_poll, shutdown.child_token()),
+    );
     let ticker = jobs
         .as_ref()
         .map(|j| tokio::spawn(j.clone().run_ticker(shutdown.child_token())));
@@ -309,7 +327,7 @@ async fn serve(
         state_dir = %config.state_dir.display(),
         hosts = hosts_known,
         active_jobs = jobs.as_ref().map_or(0, |j| j.active_jobs().len()),
-        tokens = config.tokens.len(),
+        credentials = %credentials.snapshot().summary(),
         "geomx-controller serving"
     );
     if tls.is_none() {
@@ -327,6 +345,8 @@ async fn serve(
         forwarder,
         jobs,
         ticker,
+        credentials,
+        credential_watcher,
         streams,
         health,
         shutdown_timeout: config.shutdown_timeout,
@@ -354,6 +374,12 @@ impl RunningController {
         self.jobs.as_ref()
     }
 
+    /// The user tokens and revocations in force; [`Credentials::reload`] re-reads their
+    /// files (the binary does on SIGHUP; they are also watched).
+    pub fn credentials(&self) -> &Arc<Credentials> {
+        &self.credentials
+    }
+
     /// A token that, when cancelled, starts the shutdown (as [`RunningController::shutdown`]
     /// would, without waiting).
     pub fn shutdown_token(&self) -> CancellationToken {
@@ -373,6 +399,7 @@ impl RunningController {
                 self.streams.close();
                 let _ = (&mut self.detector).await;
                 let _ = (&mut self.forwarder).await;
+                let _ = (&mut self.credential_watcher).await;
                 if let Some(t) = self.ticker.as_mut() {
                     let _ = t.await;
                 }
@@ -397,6 +424,7 @@ impl RunningController {
             detector,
             forwarder,
             ticker,
+            credential_watcher,
             streams,
             health,
             shutdown_timeout,
@@ -428,6 +456,7 @@ impl RunningController {
         }
         let _ = detector.await;
         let _ = forwarder.await;
+        let _ = credential_watcher.await;
         if let Some(t) = ticker {
             let _ = t.await;
         }

@@ -628,6 +628,8 @@ async fn malformed_requests_get_status_errors() {
         cpus: 4,
         image_details: Vec::new(),
         pulls: Vec::new(),
+        omitted: Vec::new(),
+        full_size_bytes: 0,
     })
     .await
     .expect("report");

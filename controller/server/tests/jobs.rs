@@ -415,6 +415,8 @@ fn build_report(host: &str, s: &SimState) -> HostReport {
         cpus: s.cpus,
         image_details: Vec::new(),
         pulls: s.pulls.clone(),
+        omitted: Vec::new(),
+        full_size_bytes: 0,
     }
 }
 

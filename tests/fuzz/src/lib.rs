@@ -4,5 +4,8 @@
 //! `#[path]`, so the inputs kept under `regressions/` are replayed by `cargo test` on stable.
 
 pub mod daemon_json_checks;
+pub mod heartbeat_checks;
 pub mod job_checks;
 pub mod job_gen;
+pub mod report_checks;
+pub mod report_gen;

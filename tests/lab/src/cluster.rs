@@ -22,6 +22,26 @@ use crate::registry::write_auth_file;
 
 /// The controller's gRPC port.
 pub const CONTROLLER_PORT: u16 = 7946;
+/// Name of the lab's admin token in the tokens file.
+pub const LAB_TOKEN_NAME: &str = "lab";
+/// File beside the tokens file keeping the lab's admin secret (mode 0600), for
+/// [`Cluster::attach`]: the tokens file holds only its hash.
+pub const LAB_TOKEN_FILE: &str = "lab-token";
+
+/// Writes `text` to `path` with mode 0600.
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| LabError::io(path, e))?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| LabError::io(path, e))
+}
 /// The image name the seed's job files use; the lab tags its stand-in image with it.
 pub const GEOMX_IMAGE: &str = "lizonghango00o1/geomx:cpu-only";
 /// The tag of the real MXNet image (scripts/build-mxnet-image.sh).
@@ -164,12 +184,10 @@ impl Cluster {
 
     /// Re-opens the cluster of a lab made by `geomx-lab up` (a persistent lab).
     pub fn attach(lab: Lab, bins: Binaries) -> Result<Cluster> {
-        let token_file = lab.dir().join("tls").join("tokens");
+        // the tokens file holds hashes: the admin secret is kept beside it for the lab
+        let token_file = lab.dir().join("tls").join(LAB_TOKEN_FILE);
         let token = std::fs::read_to_string(&token_file)
             .map_err(|e| LabError::io(&token_file, e))?
-            .lines()
-            .find(|l| !l.trim().is_empty() && !l.starts_with('#'))
-            .unwrap_or_default()
             .trim()
             .to_string();
         // (ca.pem alone is there for a lab registry also without TLS)
@@ -200,9 +218,75 @@ impl Cluster {
         &self.bins
     }
 
-    /// The user token.
+    /// The user token: [`LAB_TOKEN_NAME`], role admin.
     pub fn token(&self) -> &str {
         &self.token
+    }
+
+    /// The controller's `[auth] tokens_file` (`NAME ROLE sha256:HEX` lines).
+    pub fn tokens_file(&self) -> PathBuf {
+        self.tls_dir().join("tokens")
+    }
+
+    /// The controller's `[auth] revocation_file` (empty at start).
+    pub fn revocation_file(&self) -> PathBuf {
+        self.tls_dir().join("revoked")
+    }
+
+    /// The lab's TLS directory: the CA (`ca.pem`, `ca-key.pem`), the controller's and every
+    /// agent's certificate (`agent-<host>.pem`, `agent-<host>-key.pem`).
+    pub fn pki_dir(&self) -> PathBuf {
+        self.tls_dir()
+    }
+
+    /// Makes a user token with `geomxctl certs token --name NAME --role ROLE --tokens-file`
+    /// (the controller picks it up by itself); returns its secret.
+    pub fn make_token(&self, name: &str, role: &str) -> Result<String> {
+        let file = self.tokens_file().display().to_string();
+        let out = self.geomxctl_local(&[
+            "certs",
+            "token",
+            "--name",
+            name,
+            "--role",
+            role,
+            "--tokens-file",
+            &file,
+        ])?;
+        let secret = out.trim().to_string();
+        if secret.is_empty() {
+            return Err(LabError::Setup(format!(
+                "geomxctl certs token --name {name} printed no secret"
+            )));
+        }
+        Ok(secret)
+    }
+
+    /// Runs geomxctl on this machine, outside the lab's namespaces (`certs` needs no
+    /// controller); its standard output, or an error with its stderr.
+    pub fn ctl_local(&self, args: &[&str]) -> Result<String> {
+        self.geomxctl_local(args)
+    }
+
+    /// Like [`Cluster::ctl`] with another user token.
+    pub fn ctl_as(&self, token: &str, args: &[&str]) -> Result<Output> {
+        let mut c = self
+            .lab
+            .controller_netns()
+            .command(&self.bins.ctl.display().to_string());
+        let env: Vec<(String, String)> = self
+            .ctl_env(&self.controller_url())
+            .into_iter()
+            .map(|(k, v)| {
+                if k == "GEOMX_TOKEN" {
+                    (k, token.to_string())
+                } else {
+                    (k, v)
+                }
+            })
+            .collect();
+        c.args(args).envs(env);
+        cmd::output(&mut c)
     }
 
     /// The controller's URL as hosts (and the underlay namespace) reach it.
@@ -272,15 +356,18 @@ impl Cluster {
         for h in self.lab.hosts().to_vec() {
             self.issue_agent_certificate(&h)?;
         }
+        // a fresh tokens file (hashes) and an empty revocation list, as docs/deploy.md says
         let tokens = dir.join("tokens");
-        let out =
-            self.geomxctl_local(&["certs", "token", "--append", &tokens.display().to_string()])?;
-        self.token = out.trim().to_string();
-        if self.token.is_empty() {
-            return Err(LabError::Setup(
-                "geomxctl certs token printed no token".into(),
-            ));
-        }
+        let _ = std::fs::remove_file(&tokens);
+        self.token = self.make_token(LAB_TOKEN_NAME, "admin")?;
+        let keep = dir.join(LAB_TOKEN_FILE);
+        write_private(&keep, &format!("{}\n", self.token))?;
+        let revoked = dir.join("revoked");
+        std::fs::write(
+            &revoked,
+            "# geomxctl certs revoke --revocation-file <this file> ...\n",
+        )
+        .map_err(|e| LabError::io(&revoked, e))?;
         Ok(())
     }
 
@@ -328,11 +415,12 @@ impl Cluster {
         );
         if self.spec.tls {
             text.push_str(&format!(
-                "\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[auth]\ntokens_file = \"{}\"\n",
+                "\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[auth]\ntokens_file = \"{}\"\nrevocation_file = \"{}\"\n",
                 tls.join("ca.pem").display(),
                 tls.join("controller.pem").display(),
                 tls.join("controller-key.pem").display(),
                 tls.join("tokens").display(),
+                tls.join("revoked").display(),
             ));
         } else {
             text.push_str("insecure = true\n");

@@ -35,8 +35,8 @@ pub mod topology;
 pub mod wan;
 
 pub use cluster::{
-    Binaries, CONTROLLER_PORT, Cluster, ClusterSpec, GEOMX_IMAGE, MXNET_IMAGE, Packages,
-    seed_subnet,
+    Binaries, CONTROLLER_PORT, Cluster, ClusterSpec, GEOMX_IMAGE, LAB_TOKEN_FILE, LAB_TOKEN_NAME,
+    MXNET_IMAGE, Packages, seed_subnet,
 };
 pub use dockerd::Dockerd;
 pub use error::{LabError, Result};

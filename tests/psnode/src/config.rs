@@ -158,6 +158,8 @@ pub struct Config {
     pub http_heartbeat: bool,
     /// `GEOMX_AGENT_URL`.
     pub agent_url: Option<String>,
+    /// `GEOMX_HEARTBEAT_TOKEN`: sent as `Authorization: Bearer ...` with the heartbeats.
+    pub heartbeat_token: Option<String>,
     /// `GEOMX_JOB`.
     pub job: Option<String>,
     /// `GEOMX_NODE` (or `HOSTNAME`): a name for log lines.
@@ -327,6 +329,7 @@ impl Config {
             finalize_exit: e.num("PSNODE_FINALIZE_EXIT")?.unwrap_or(0),
             http_heartbeat: e.get("PSNODE_HTTP_HEARTBEAT") == Some("1"),
             agent_url: e.get("GEOMX_AGENT_URL").map(str::to_string),
+            heartbeat_token: e.get("GEOMX_HEARTBEAT_TOKEN").map(str::to_string),
             job: e.get("GEOMX_JOB").map(str::to_string),
             name: e
                 .get("GEOMX_NODE")
@@ -462,7 +465,7 @@ mod tests {
         .map(String::from)
         .to_vec();
         let c = Config::from_env(
-            &env("DMLC_ROLE=worker DMLC_PS_ROOT_URI=10.0.0.3 DMLC_PS_ROOT_PORT=9094 DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=2 DMLC_NUM_ALL_WORKER=4 PSNODE_INTERVAL=50ms PSNODE_ITERATIONS=7 PSNODE_CRASH_AFTER=2 PSNODE_EXIT_CODE=5 PSNODE_HTTP_HEARTBEAT=1 GEOMX_AGENT_URL=http://172.17.0.1:7948 GEOMX_NODE=a-worker-1 DMLC_NODE_HOST=172.17.0.5"),
+            &env("DMLC_ROLE=worker DMLC_PS_ROOT_URI=10.0.0.3 DMLC_PS_ROOT_PORT=9094 DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=2 DMLC_NUM_ALL_WORKER=4 PSNODE_INTERVAL=50ms PSNODE_ITERATIONS=7 PSNODE_CRASH_AFTER=2 PSNODE_EXIT_CODE=5 PSNODE_HTTP_HEARTBEAT=1 GEOMX_AGENT_URL=http://172.17.0.1:7948 GEOMX_HEARTBEAT_TOKEN=ab12 GEOMX_NODE=a-worker-1 DMLC_NODE_HOST=172.17.0.5"),
             &args,
         )
         .expect("worker");
@@ -472,6 +475,7 @@ mod tests {
         assert_eq!(c.crash_after, Some(2));
         assert_eq!(c.exit_code, 5);
         assert!(c.http_heartbeat);
+        assert_eq!(c.heartbeat_token.as_deref(), Some("ab12"));
         assert_eq!(c.all_workers, 4);
         assert_eq!(c.name, "a-worker-1");
         assert_eq!(c.node_host.as_deref(), Some("172.17.0.5"));

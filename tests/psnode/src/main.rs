@@ -13,7 +13,8 @@
 //! `PSNODE_ITERS_PER_EPOCH` (10), `PSNODE_CRASH_AFTER=n` (exit 3 after n
 //! iterations), `PSNODE_HANG_AFTER=n` (stop printing after n iterations),
 //! `PSNODE_EXIT_CODE` (0), `PSNODE_HTTP_HEARTBEAT=1` (also POST progress to
-//! `GEOMX_AGENT_URL/v1/heartbeat`), `PSNODE_FINALIZE_EXIT` (0: the exit code of schedulers
+//! `GEOMX_AGENT_URL/v1/heartbeat`, with `GEOMX_HEARTBEAT_TOKEN` as its bearer token),
+//! `PSNODE_FINALIZE_EXIT` (0: the exit code of schedulers
 //! and servers once their workers finished, as ps-lite's `Finalize`; 139 imitates GeoMX's
 //! crash there). SIGTERM and SIGINT end it at once with exit code 0.
 

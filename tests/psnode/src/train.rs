@@ -101,7 +101,20 @@ pub fn heartbeat_body(cfg: &Config, step: u64, epoch: u64, acc: f64) -> String {
     )
 }
 
-/// POSTs one heartbeat to `<url>/v1/heartbeat` (plain HTTP/1.1); returns the status code.
+/// The HTTP/1.1 request of one heartbeat: `POST <prefix>/v1/heartbeat` with `body`, and
+/// the container's token (`GEOMX_HEARTBEAT_TOKEN`) as `Authorization: Bearer ...` when set.
+pub fn heartbeat_request(host: &str, prefix: &str, token: Option<&str>, body: &str) -> String {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    format!(
+        "POST {prefix}/v1/heartbeat HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// POSTs one heartbeat to `<url>/v1/heartbeat` (plain HTTP/1.1, with the container's token
+/// when it has one); returns the status code.
 pub fn post_heartbeat(
     url: &str,
     cfg: &Config,
@@ -126,11 +139,7 @@ pub fn post_heartbeat(
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.write_all(
-        format!(
-            "POST {prefix}/v1/heartbeat HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
+        heartbeat_request(host, &prefix, cfg.heartbeat_token.as_deref(), &body).as_bytes(),
     )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
@@ -183,6 +192,14 @@ mod tests {
             r#"{"job": "job1", "node": "a-worker-0", "step": 12, "epoch": 1, "metrics": {"accuracy": 0.9000, "loss": 0.1000}}"#
         );
         assert_eq!(json_str("a\"b\\c\n"), r#""a\"b\\c\u000a""#);
+        let req = heartbeat_request("172.17.0.1:7948", "", Some("ab12"), "{}");
+        assert!(
+            req.starts_with("POST /v1/heartbeat HTTP/1.1\r\n")
+                && req.contains("\r\nAuthorization: Bearer ab12\r\n")
+                && req.ends_with("\r\n\r\n{}"),
+            "{req:?}"
+        );
+        assert!(!heartbeat_request("h", "", None, "{}").contains("Authorization"));
     }
 
     #[test]

@@ -6,6 +6,14 @@
 //! gateway, and apply every desired state's containers (serialized, and again every
 //! network interval).
 //!
+//! The runtime's [`geomx_runtime::CreationRecord`] (`containers.json`) and heartbeat key
+//! (`heartbeat.key`, mode 0600, made once) live in the state directory: only the
+//! containers the agent created are adopted or removed, and every role container gets its
+//! own heartbeat token (see `geomx_runtime::ownership` and `geomx_runtime::auth`). The
+//! heartbeat endpoint's counters (refusals per reason, metrics dropped) are logged when
+//! they change (at most every [`STATS_EVERY`]) and written for Prometheus' textfile
+//! collector to `heartbeat.prom` in the state directory.
+//!
 //! The gateway (first address of the subnet) is in every container's `GEOMX_AGENT_URL`;
 //! if the controller ever leases the host another subnet, the runtime is restarted with
 //! the new URL (its containers are replaced: their network changed with docker0 anyway).
@@ -17,8 +25,8 @@ use std::sync::atomic::Ordering;
 
 use geomx_proto::v1::DesiredState;
 use geomx_runtime::{
-    Action, CancellationToken, Engine, HeartbeatServer, MountKind, Runtime, RuntimeConfig,
-    agent_url,
+    Action, CancellationToken, CreationRecord, Engine, HEARTBEAT_KEY_FILE, HeartbeatKey,
+    HeartbeatServer, MountKind, Runtime, RuntimeConfig, agent_url,
 };
 use ipnet::Ipv4Net;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -26,6 +34,12 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use super::backoff::ErrorLog;
 use super::docker::{EngineSource, error_chain};
 use super::{Ctx, convert};
+
+/// The heartbeat endpoint's counters, for Prometheus' textfile collector, in the state
+/// directory.
+pub const HEARTBEAT_STATS_FILE: &str = "heartbeat.prom";
+/// How often the heartbeat counters are looked at (logged and written when they changed).
+pub const STATS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// docker0's address for the subnet of `state`: its first address.
 pub fn gateway(state: &DesiredState) -> Option<Ipv4Addr> {
@@ -51,10 +65,13 @@ pub async fn containers_loop<S: EngineSource>(
     }
     loop {
         // the subnet decides GEOMX_AGENT_URL: wait for a desired state that names one
-        let gw = tokio::select! {
+        let (gw, controller_id) = tokio::select! {
             () = shutdown.cancelled() => return,
             r = desired.wait_for(|d| d.as_deref().and_then(gateway).is_some()) => match r {
-                Ok(d) => d.as_deref().and_then(gateway),
+                Ok(d) => (
+                    d.as_deref().and_then(gateway),
+                    d.as_deref().map(|d| d.controller_id.clone()).unwrap_or_default(),
+                ),
                 Err(_) => return,
             },
         };
@@ -67,6 +84,17 @@ pub async fn containers_loop<S: EngineSource>(
             },
         };
 
+        let (records, heartbeat_key) = match own_state(&ctx) {
+            Ok(r) => r,
+            Err(e) => {
+                error!(error = %e, "cannot read the agent's container record or heartbeat key in its state directory; containers are left as they are, retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(ctx.settings.backoff_max) => {}
+                }
+                continue;
+            }
+        };
         let Some((engine, sandbox)) = connect(&ctx, &source, &shutdown).await else {
             return;
         };
@@ -86,6 +114,9 @@ pub async fn containers_loop<S: EngineSource>(
                 ..geomx_runtime::LogArchive::new(ctx.settings.state_dir.join("logs"))
             }),
             pulls: ctx.settings.pulls.clone(),
+            records,
+            controller_id: (!controller_id.is_empty()).then_some(controller_id),
+            heartbeat_key,
             ..Default::default()
         };
         let runtime = match Runtime::start(engine, config).await {
@@ -116,6 +147,11 @@ pub async fn containers_loop<S: EngineSource>(
                 serve_heartbeats(rt, addr, token)
                     .instrument(info_span!("heartbeats", host = %ctx.settings.host)),
             );
+            let file = ctx.settings.state_dir.join(HEARTBEAT_STATS_FILE);
+            tokio::spawn(
+                export_heartbeat_stats(runtime.clone(), file, heartbeats.clone())
+                    .instrument(info_span!("heartbeats", host = %ctx.settings.host)),
+            );
         }
 
         let restart = apply_loop(&ctx, &runtime, gw, &mut desired, &shutdown).await;
@@ -128,6 +164,59 @@ pub async fn containers_loop<S: EngineSource>(
         info!(
             "the host's subnet changed: restarting the container runtime with the new GEOMX_AGENT_URL"
         );
+    }
+}
+
+/// The creation record and (with the heartbeat endpoint on) the heartbeat key from the
+/// state directory; the key is made on the first start.
+fn own_state<E: Engine>(
+    ctx: &Ctx<E>,
+) -> Result<(CreationRecord, Option<HeartbeatKey>), geomx_runtime::RuntimeError> {
+    let dir = &ctx.settings.state_dir;
+    let records = CreationRecord::open(dir)?;
+    let key = match ctx.settings.heartbeat_port {
+        Some(_) => Some(HeartbeatKey::load_or_create(&dir.join(HEARTBEAT_KEY_FILE))?),
+        None => None,
+    };
+    Ok((records, key))
+}
+
+/// Logs the heartbeat endpoint's counters when they changed and writes them to `file`
+/// (Prometheus text format, atomically), every [`STATS_EVERY`] until `token` is cancelled.
+async fn export_heartbeat_stats<E: Engine>(
+    rt: Runtime<E>,
+    file: std::path::PathBuf,
+    token: CancellationToken,
+) {
+    let mut last = None;
+    let mut errors = ErrorLog::default();
+    loop {
+        let now = rt.heartbeat_stats();
+        if last.as_ref() != Some(&now) {
+            if last.is_some() {
+                if now.refused_total() > 0 || now.metrics_dropped > 0 {
+                    warn!(counters = %now, file = %file.display(), "heartbeat endpoint: refusals and drops since the agent started");
+                } else {
+                    debug!(counters = %now, "heartbeat endpoint counters");
+                }
+            }
+            match geomx_runtime::ownership::write_atomic(&file, now.prometheus().as_bytes()) {
+                Ok(()) => {
+                    errors.succeeded();
+                }
+                Err(e) => {
+                    let msg = format!("{}: {e}", file.display());
+                    if errors.failed(&msg) {
+                        warn!(error = %msg, "cannot write the heartbeat counters");
+                    }
+                }
+            }
+            last = Some(now);
+        }
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = tokio::time::sleep(STATS_EVERY) => {}
+        }
     }
 }
 

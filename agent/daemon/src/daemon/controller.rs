@@ -10,13 +10,17 @@
 //!   at most [`crate::daemon::debounce::MAX_DELAY`] after the first change) when a
 //!   container's lifecycle (state, exit code, address, error) or the network status
 //!   changes. Progress alone rides on the periodic report (it changes with every output
-//!   line).
+//!   line). Every report is kept under the controller's message limit
+//!   ([`geomx_agent::report::fit`]): over its budget it leaves out optional detail, says so
+//!   in the report and logs a warning.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use geomx_agent::convert::ReportParts;
+use geomx_agent::report::{self, Fitted, Omission, REPORT_BUDGET};
 use geomx_proto::v1::agent_service_client::AgentServiceClient;
 use geomx_proto::v1::{
     DesiredState, HostReport, NetworkStatus as WireNetworkStatus, RegisterRequest,
@@ -430,6 +434,8 @@ pub async fn report_loop<E: Engine>(
     let mut next = Instant::now();
     let mut errors = ErrorLog::default();
     let mut inventory_rx = ctx.inventory.subscribe();
+    // what the last report left out (logged when it changes)
+    let mut omitted = Vec::new();
     loop {
         let progress_due = progress_pending.then(|| last_report + PULL_PROGRESS_EVERY);
         let wake = [debounce.deadline(), progress_due]
@@ -500,7 +506,8 @@ pub async fn report_loop<E: Engine>(
             next = now + interval;
             continue;
         }
-        let (report, carried) = build_report(&ctx);
+        let (report, carried, fitted) = build_report(&ctx);
+        log_fitting(&mut omitted, &fitted);
         reported = carried;
         reported_pulls = pulls_lifecycle(&runtime_pulls(&ctx));
         let grace = ctx
@@ -598,44 +605,69 @@ pub fn report_timeout(interval: Duration, grace: Option<Duration>) -> Duration {
 /// Longest a pull's progress waits for a report while it changes.
 pub const PULL_PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
-/// The report of this host now, and the lifecycle of the nodes it carries.
+/// The report of this host now, fitted under [`REPORT_BUDGET`] (see
+/// [`geomx_agent::report`]), the lifecycle of the nodes it carries, and what the fitting did.
 ///
 /// Until the container runtime has started (it adopts the host's containers, which needs
 /// Docker) the report carries no node and says so (`nodes_known: false`): the controller
 /// then refreshes the host's liveness but takes none of its nodes for gone. Likewise
 /// `images_known` is false until Docker listed the images once.
-pub fn build_report<E: Engine>(ctx: &Ctx<E>) -> (HostReport, String) {
+pub fn build_report<E: Engine>(ctx: &Ctx<E>) -> (HostReport, String, Fitted) {
     let runtime = ctx.runtime.borrow().clone();
-    let nodes_known = runtime.is_some();
-    let snapshot = runtime.map(|rt| rt.snapshot()).unwrap_or_default();
+    let snapshot = runtime.as_ref().map(|rt| rt.snapshot()).unwrap_or_default();
     let net = ctx.net.borrow().clone();
     let images = ctx.images.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let pulls = runtime_pulls(ctx);
     let capacity = *ctx.capacity.lock().unwrap_or_else(|p| p.into_inner());
-    let report = HostReport {
-        host: ctx.settings.host.clone(),
+    let mut report = convert::host_report(&ReportParts {
+        host: &ctx.settings.host,
         applied_revision: ctx.applied_revision.load(Ordering::SeqCst),
-        nodes: snapshot.nodes.iter().map(convert::node_status).collect(),
-        images_known: Some(images.is_some()),
-        images: images
-            .as_deref()
-            .map(geomx_runtime::ImageDetails::references)
-            .unwrap_or_default(),
-        image_details: images.iter().flatten().map(convert::image_info).collect(),
-        pulls: pulls.iter().map(convert::image_pull).collect(),
-        network: Some(WireNetworkStatus {
+        nodes: runtime.is_some().then_some(snapshot.nodes.as_slice()),
+        images: images.as_deref(),
+        pulls: &pulls,
+        network: WireNetworkStatus {
             converged: net.converged,
             routes: net.routes,
             error: net.error,
             links: ctx.links.lock().map(|l| l.clone()).unwrap_or_default(),
-        }),
-        agent_version: ctx.settings.agent_version.clone(),
+        },
+        agent_version: &ctx.settings.agent_version,
         listening_ports: ports::listening_ports(),
-        nodes_known: Some(nodes_known),
-        memory_bytes: capacity.memory_bytes,
-        cpus: capacity.cpus,
-    };
-    (report, lifecycle(&snapshot))
+        capacity,
+    });
+    let fitted = report::fit(&mut report, REPORT_BUDGET);
+    (report, lifecycle(&snapshot), fitted)
+}
+
+/// Logs what fitting a report left out when that changes (not at every report): a warning
+/// naming the steps and the sizes, and a line once the reports are complete again.
+fn log_fitting(previous: &mut Vec<Omission>, fitted: &Fitted) {
+    if *previous == fitted.omitted {
+        return;
+    }
+    if fitted.degraded() {
+        warn!(
+            full_bytes = fitted.full_len,
+            sent_bytes = fitted.len,
+            budget_bytes = REPORT_BUDGET,
+            controller_limit_bytes = report::CONTROLLER_LIMIT,
+            omitted = %fitted.omitted_list(),
+            "the host's report is over its budget: sending it without {} (the controller records a ReportDegraded event; see docs/operations.md)",
+            fitted.omitted_list()
+        );
+        if fitted.len > REPORT_BUDGET {
+            warn!(
+                sent_bytes = fitted.len,
+                "the host's report is still over its budget with every optional detail left out"
+            );
+        }
+    } else {
+        info!(
+            bytes = fitted.len,
+            "the host's report fits its budget again: complete"
+        );
+    }
+    previous.clone_from(&fitted.omitted);
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ pub mod config;
 pub mod containers;
 pub mod control;
 pub mod controller;
-pub mod convert;
+pub use geomx_agent::convert;
 pub mod debounce;
 pub mod docker;
 pub mod inventory;

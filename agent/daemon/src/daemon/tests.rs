@@ -864,3 +864,65 @@ async fn a_missing_image_is_pulled_reported_and_resolvable_through_the_api() {
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
     running.stop(Duration::from_secs(5)).await;
 }
+
+/// A report over the agent's budget (here: 40,000 image tags, whose details alone come to
+/// about 6 MB, over the controller's 4 MiB limit) goes out without the detail it can spare,
+/// says so, and is taken: the host stays ready, the controller records `ReportDegraded`
+/// and keeps the image list it can take (at most 4096 references).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_oversized_report_is_degraded_and_the_host_stays_ready() {
+    use geomx_agent::convert::MAX_IMAGES;
+    use geomx_agent::report::{CONTROLLER_LIMIT, REPORT_BUDGET};
+    use geomx_controller::store::{EventScope, HostState};
+    use prost::Message;
+
+    let mut lab = Lab::start().await;
+    let fake = FakeKernel::new();
+    let tags: Vec<String> = (0..40_000)
+        .map(|k| format!("registry.example:5000/{}/image-{k:05}:v1", "x".repeat(60)))
+        .collect();
+    let images: Vec<&str> = tags.iter().map(String::as_str).chain([IMAGE]).collect();
+    let engine = FakeEngine::new(&images);
+    let mut running = agent(
+        lab.settings(lab.dir.path().join("agent-a"), free_port()),
+        &fake,
+        &engine,
+        None,
+    );
+    tokio::time::timeout(Duration::from_secs(10), running.ready())
+        .await
+        .expect("ready");
+    let report = eventually("a degraded report", Duration::from_secs(20), || {
+        lab.workloads
+            .last_report("a")
+            .filter(|r| !r.omitted.is_empty())
+    })
+    .await;
+    assert_eq!(report.omitted, ["image_details"]);
+    assert!(report.image_details.is_empty());
+    assert!(
+        report.full_size_bytes > CONTROLLER_LIMIT as u64,
+        "{}",
+        report.full_size_bytes
+    );
+    assert!(
+        report.encoded_len() <= REPORT_BUDGET,
+        "{}",
+        report.encoded_len()
+    );
+    assert_eq!(report.images.len(), MAX_IMAGES);
+    let m = lab.controller().membership().clone();
+    eventually("the ReportDegraded event", Duration::from_secs(5), || {
+        m.store()
+            .events(EventScope::Host("a"))
+            .ok()?
+            .into_iter()
+            .find(|e| e.kind == "ReportDegraded")
+    })
+    .await;
+    let host = m.host("a").expect("a");
+    assert_eq!(host.record.state, HostState::Ready);
+    assert_eq!(host.record.images.len(), MAX_IMAGES);
+    running.stop(Duration::from_secs(5)).await;
+    lab.stop().await;
+}

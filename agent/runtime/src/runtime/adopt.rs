@@ -1,4 +1,5 @@
-//! Adopting labelled containers found on the host, and forgetting leftovers.
+//! Adopting the containers this agent created found on the host (see
+//! [`crate::ownership`]), and forgetting leftovers.
 
 use super::*;
 
@@ -18,8 +19,10 @@ impl<E: Engine> Runtime<E> {
         });
     }
 
-    /// Adopts labelled containers not tracked yet: status from labels and inspect, output
-    /// followed from the start (progress is rebuilt, nothing is restarted).
+    /// Adopts the containers not tracked yet among `actual` (this agent's own, from
+    /// [`Runtime::list_owned`]): status from labels and inspect, output followed from the
+    /// start (progress is rebuilt, nothing is restarted), the heartbeat token derived
+    /// again from the creation record.
     pub(super) async fn adopt_untracked(&self, actual: &[ActualContainer]) {
         let ids: BTreeSet<&str> = actual.iter().map(|c| c.id.as_str()).collect();
         let mut adopted = Vec::new();
@@ -60,6 +63,12 @@ impl<E: Engine> Runtime<E> {
                         t.sandbox = sandbox;
                         t.status.ip = ip;
                         t.status.container_id = c.id.clone();
+                        t.auth = self
+                            .inner
+                            .config
+                            .records
+                            .get(&c.id)
+                            .and_then(|e| self.token_of(&e));
                         t.status.state = match c.state {
                             EngineState::Created => NodeState::Created,
                             EngineState::Exited | EngineState::Dead => NodeState::Exited,

@@ -47,7 +47,7 @@ impl<E: Engine> Runtime<E> {
                     warn!(error = %e, "resync failed");
                 }
             }
-            None => match self.inner.engine.list_managed().await {
+            None => match self.list_owned().await {
                 Ok(actual) => self.adopt_untracked(&actual).await,
                 Err(e) => warn!(error = %e, "resync failed"),
             },

@@ -141,7 +141,57 @@ impl<E: Engine> Runtime<E> {
             // nothing runs in a sandbox: no need to wait for it
             ContainerKind::Sandbox => engine.remove(id).await,
         };
+        if r.is_ok() {
+            self.inner.config.records.forget(id);
+        }
         (i, r)
+    }
+
+    /// Creates a container the agent owns: records the creation as pending (its nonce,
+    /// also label `io.geomx.creation`), creates, records the id (see
+    /// [`crate::ownership`]). A role container gets its heartbeat token in its env when
+    /// the agent has a key; returns the id and the token.
+    async fn create_recorded(
+        &self,
+        kind: ContainerKind,
+        spec: &ContainerSpec,
+        name: &str,
+        mut body: bollard::models::ContainerCreateBody,
+    ) -> Result<(String, Option<Token>)> {
+        let config = &self.inner.config;
+        let nonce = crate::auth::nonce()?;
+        let entry = Created {
+            name: name.to_string(),
+            kind: kind.as_str().to_string(),
+            job: spec.job.clone(),
+            node: spec.node.clone(),
+            controller: spec.controller_id.clone(),
+            generation: spec.generation,
+            nonce: nonce.clone(),
+            token: kind == ContainerKind::Role && config.heartbeat_key.is_some(),
+            since_ms: 0,
+        };
+        let token = self.token_of(&entry);
+        config.records.begin(&nonce, entry)?;
+        crate::spec::stamp_creation(
+            &mut body,
+            &nonce,
+            token.as_ref().map(Token::to_hex).as_deref(),
+        );
+        match self.inner.engine.create(name, body).await {
+            Ok(id) => {
+                config.records.created(&nonce, &id);
+                Ok((id, token))
+            }
+            Err(e) => {
+                // Docker may have created it all the same when its answer was lost: the
+                // pending entry then finds it at the next listing
+                if !e.is_transient() {
+                    config.records.abandon(&nonce);
+                }
+                Err(e)
+            }
+        }
     }
 
     pub(super) async fn create_step(
@@ -209,12 +259,15 @@ impl<E: Engine> Runtime<E> {
         self.check_image(&key, spec.sandbox_image(sandbox)).await?;
         let name = spec.sandbox_name();
         let id = match self
-            .inner
-            .engine
-            .create(&name, spec.sandbox_body(sandbox))
+            .create_recorded(
+                ContainerKind::Sandbox,
+                spec,
+                &name,
+                spec.sandbox_body(sandbox),
+            )
             .await
         {
-            Ok(id) => id,
+            Ok((id, _)) => id,
             Err(e) => {
                 warn!(error = %e, "creating the network sandbox failed");
                 self.create_failed(&key, &e, "creating the network sandbox");
@@ -277,8 +330,11 @@ impl<E: Engine> Runtime<E> {
         let name = spec.container_name();
         let config = &self.inner.config;
         let body = spec.create_body(&config.agent_url, &config.sandbox, sandbox_id.as_deref());
-        let id = match self.inner.engine.create(&name, body).await {
-            Ok(id) => id,
+        let (id, token) = match self
+            .create_recorded(ContainerKind::Role, spec, &name, body)
+            .await
+        {
+            Ok(r) => r,
             Err(e) => {
                 warn!(error = %e, "create failed");
                 self.create_failed(&key, &e, "creating the container");
@@ -295,6 +351,7 @@ impl<E: Engine> Runtime<E> {
             if let Some(t) = st.nodes.get_mut(&key) {
                 t.status.container_id = id.clone();
                 t.status.state = NodeState::Created;
+                t.auth = token;
             }
         }
         // follow before starting, so that no early line is missed

@@ -115,6 +115,7 @@ impl<E: Engine> Runtime<E> {
                 }
                 ContainerKind::Role => {
                     t.pid = insp.pid;
+                    t.host_network = insp.host_network;
                     let shown = t.status.clone();
                     apply_inspection(&mut t.status, &insp, self.inner.config.host_ip);
                     let ended = matches!(insp.state, EngineState::Exited | EngineState::Dead);

@@ -37,9 +37,14 @@ use crate::pull::{Ensure, PullConfig, PullManager, PullStatus, Resolved};
 /// code is 137, SIGKILL).
 pub const OOM_KILLED: &str =
     "OOM-killed (OOMKilled): out of memory, over its [resources] memory limit or the host's";
+use crate::auth::{HeartbeatKey, Token, TokenSubject};
 use crate::error::{Result, RuntimeError};
-use crate::heartbeat::{HeartbeatError, HeartbeatReport, HeartbeatSink};
+use crate::heartbeat::{
+    HeartbeatCounters, HeartbeatError, HeartbeatReport, HeartbeatSink, HeartbeatStats, Recorded,
+    Refusal,
+};
 use crate::lines::{LineSplitter, split_timestamp, split_timestamp_ns};
+use crate::ownership::{Created, CreationRecord};
 use crate::progress::{ProgressParser, ProgressTracker};
 use crate::reconcile::{self, Action, ContainerKey, actual_key};
 use crate::spec::{
@@ -84,6 +89,16 @@ pub struct RuntimeConfig {
     pub log_archive: Option<crate::archive::LogArchive>,
     /// How missing images are pulled (specs with `image_pull` other than never).
     pub pulls: PullConfig,
+    /// The containers this agent created (see [`crate::ownership`]): only those are
+    /// adopted, kept, replaced or removed. The daemon keeps it in its state directory; the
+    /// default is kept in memory (a clone of the config shares it).
+    pub records: CreationRecord,
+    /// The controller id whose labelled containers are adopted when there is no creation
+    /// record yet (the first start after an upgrade); `None`: every labelled container.
+    pub controller_id: Option<String>,
+    /// The key of the containers' heartbeat tokens (see [`crate::auth`]); `None`: role
+    /// containers get no token and heartbeats are checked by source address only.
+    pub heartbeat_key: Option<HeartbeatKey>,
 }
 
 impl Default for RuntimeConfig {
@@ -98,6 +113,9 @@ impl Default for RuntimeConfig {
             host: String::new(),
             log_archive: None,
             pulls: PullConfig::default(),
+            records: CreationRecord::in_memory(),
+            controller_id: None,
+            heartbeat_key: None,
         }
     }
 }
@@ -171,6 +189,8 @@ struct Inner<E> {
     apply_lock: tokio::sync::Mutex<()>,
     snapshot: watch::Sender<Snapshot>,
     cancel: CancellationToken,
+    /// The heartbeat endpoint's counters.
+    stats: HeartbeatStats,
 }
 
 impl<E> Drop for Inner<E> {
@@ -236,6 +256,12 @@ struct Tracked {
     stopped_by_docker: Option<String>,
     /// The host pid of the role container's process while it runs (0: unknown).
     pid: u32,
+    /// The role container's heartbeat token; `None` for a container without one (made by
+    /// an agent version before tokens, or without a key): checked by address only.
+    auth: Option<Token>,
+    /// The role container runs with host networking, as Docker last said (the desired
+    /// spec says it too, once known).
+    host_network: bool,
 }
 
 struct SandboxStatus {
@@ -259,7 +285,7 @@ impl Tracked {
             spec.finished_regex.as_deref(),
         )
         .unwrap_or_else(|_| default_parser());
-        Tracked::new(
+        let mut t = Tracked::new(
             NodeStatus {
                 job: spec.job.clone(),
                 node: spec.node.clone(),
@@ -269,7 +295,9 @@ impl Tracked {
                 ..Default::default()
             },
             parser,
-        )
+        );
+        t.host_network = spec.host_network;
+        t
     }
 
     fn from_labels(key: &NodeKey, c: &ActualContainer, parser: ProgressParser) -> Tracked {
@@ -303,6 +331,8 @@ impl Tracked {
             finalized: false,
             stopped_by_docker: None,
             pid: 0,
+            auth: None,
+            host_network: false,
         }
     }
 
@@ -338,9 +368,11 @@ impl Runtime<BollardEngine> {
 }
 
 impl<E: Engine> Runtime<E> {
-    /// Starts the runtime on `engine`: adopts every labelled container it finds (running or
-    /// ended; nothing is started, stopped or restarted), follows their output, and starts
-    /// watching Docker's events. Nothing is removed before the first [`Runtime::apply`].
+    /// Starts the runtime on `engine`: adopts every container it created that it finds
+    /// (the [`RuntimeConfig::records`]; running or ended; nothing is started, stopped or
+    /// restarted), follows their output, and starts watching Docker's events. Nothing is
+    /// removed before the first [`Runtime::apply`]. Labelled containers it did not create
+    /// are left alone (see [`crate::ownership`]).
     pub async fn start(engine: E, config: RuntimeConfig) -> Result<Runtime<E>> {
         let (tx, _) = watch::channel(Snapshot::default());
         let pulls = PullManager::new(config.pulls.clone());
@@ -353,11 +385,12 @@ impl<E: Engine> Runtime<E> {
                 apply_lock: tokio::sync::Mutex::new(()),
                 snapshot: tx,
                 cancel: CancellationToken::new(),
+                stats: HeartbeatStats::default(),
             }),
         };
         {
             let _g = rt.inner.apply_lock.lock().await;
-            let actual = rt.inner.engine.list_managed().await?;
+            let actual = rt.list_owned().await?;
             rt.adopt_untracked(&actual).await;
             let daemon = rt.inner.engine.daemon_id().await.ok().flatten();
             rt.lock().daemon_id = daemon;
@@ -662,7 +695,7 @@ impl<E: Engine> Runtime<E> {
             valid.push(spec);
         }
 
-        let actual = self.inner.engine.list_managed().await?;
+        let actual = self.list_owned().await?;
         self.adopt_untracked(&actual).await;
 
         let config = &self.inner.config;
@@ -755,83 +788,175 @@ impl<E: Engine> Runtime<E> {
         });
     }
 
-    /// Merges a node's own heartbeat (see [`crate::heartbeat`]) into its progress: the
-    /// body's job/node must name a node this runtime tracks; without them the caller is the
-    /// running docker0 container with address `peer`.
+    /// The labelled containers Docker lists that this runtime created (see
+    /// [`crate::ownership`]); the others are left alone.
+    pub(super) async fn list_owned(&self) -> Result<Vec<ActualContainer>> {
+        let actual = self.inner.engine.list_managed().await?;
+        let config = &self.inner.config;
+        Ok(config
+            .records
+            .claim(&actual, config.controller_id.as_deref()))
+    }
+
+    /// The heartbeat token of the role container recorded as `entry` (`None`: it has none).
+    pub(super) fn token_of(&self, entry: &Created) -> Option<Token> {
+        let key = self.inner.config.heartbeat_key.as_ref()?;
+        (entry.token && !entry.nonce.is_empty()).then(|| {
+            key.token(&TokenSubject {
+                controller: &entry.controller,
+                job: &entry.job,
+                node: &entry.node,
+                name: &entry.name,
+                generation: entry.generation,
+                nonce: &entry.nonce,
+            })
+        })
+    }
+
+    /// The heartbeat endpoint's counters since this runtime started (refusals per reason,
+    /// metrics dropped).
+    pub fn heartbeat_stats(&self) -> HeartbeatCounters {
+        self.inner.stats.read()
+    }
+
+    /// Merges a node's own heartbeat (see [`crate::heartbeat`]) into its progress. The
+    /// body's job/node must name a node this runtime runs a role container of; without
+    /// them the caller is the running docker0 container with address `peer`, or else the
+    /// node whose token is `token`. A node whose container has a token must send it
+    /// (401 otherwise); a node on a bridge network must report from its container's own
+    /// address (403 otherwise). Refusals are counted ([`Runtime::heartbeat_stats`]).
     pub fn record_heartbeat(
         &self,
         report: &HeartbeatReport,
         peer: IpAddr,
-    ) -> Result<NodeKey, HeartbeatError> {
-        let key = {
-            let mut st = self.lock();
-            let key = match (&report.job, &report.node) {
-                (Some(job), Some(node)) => {
-                    let key = (job.clone(), node.clone());
-                    if !st.nodes.contains_key(&key) {
-                        return Err(HeartbeatError::UnknownNode {
-                            job: job.clone(),
-                            node: node.clone(),
-                        });
-                    }
-                    key
-                }
-                (None, None) => {
-                    let peer_s = peer.to_string();
-                    let matches: Vec<NodeKey> = st
-                        .nodes
+        token: Option<&str>,
+    ) -> Result<Recorded, HeartbeatError> {
+        let r = self.check_and_record(report, peer, token);
+        match &r {
+            Ok(rec) => {
+                self.inner.stats.accepted(rec.metrics_dropped);
+                self.publish();
+            }
+            Err(e) => self.count_refusal(e.refusal(), peer, Some(e)),
+        }
+        r
+    }
+
+    fn check_and_record(
+        &self,
+        report: &HeartbeatReport,
+        peer: IpAddr,
+        token: Option<&str>,
+    ) -> Result<Recorded, HeartbeatError> {
+        let mut st = self.lock();
+        let key = match (&report.job, &report.node) {
+            (Some(job), Some(node)) => (job.clone(), node.clone()),
+            (None, None) => {
+                let peer_s = peer.to_string();
+                let by_address: Vec<NodeKey> = st
+                    .nodes
+                    .iter()
+                    .filter(|(_, t)| t.status.state == NodeState::Running && t.status.ip == peer_s)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                let by_token = || {
+                    let token = token?;
+                    st.nodes
                         .iter()
-                        .filter(|(_, t)| {
-                            t.status.state == NodeState::Running && t.status.ip == peer_s
-                        })
+                        .find(|(_, t)| t.auth.as_ref().is_some_and(|a| a.matches(token)))
                         .map(|(k, _)| k.clone())
-                        .collect();
-                    match matches.len() {
-                        1 => matches.into_iter().next().unwrap_or_default(),
-                        0 => return Err(HeartbeatError::UnknownPeer(peer)),
-                        _ => return Err(HeartbeatError::AmbiguousPeer(peer)),
-                    }
+                };
+                match by_address.len() {
+                    1 => by_address.into_iter().next().unwrap_or_default(),
+                    0 => by_token().ok_or(HeartbeatError::UnknownPeer(peer))?,
+                    _ => by_token().ok_or(HeartbeatError::AmbiguousPeer(peer))?,
                 }
-                _ => {
-                    return Err(HeartbeatError::Invalid(
-                        "give both \"job\" and \"node\" (GEOMX_JOB, GEOMX_NODE) or neither".into(),
-                    ));
-                }
-            };
-            // a node on a bridge network reports from its own address: another container
-            // (or host) cannot speak for it (raw sockets are dropped from role containers,
-            // so the source cannot be forged); host-network nodes share the host's address
-            let bridged = st
-                .desired
-                .as_ref()
-                .and_then(|d| d.get(&key))
-                .is_some_and(|spec| !spec.host_network);
-            if let Some(t) = st.nodes.get(&key)
-                && bridged
-                && !t.status.ip.is_empty()
-                && t.status.ip != peer.to_string()
-            {
-                return Err(HeartbeatError::WrongPeer {
-                    job: key.0.clone(),
-                    node: key.1.clone(),
-                    peer,
-                });
             }
-            if let Some(t) = st.nodes.get_mut(&key) {
-                t.tracker
-                    .report(report.epoch, report.step, report.metrics.clone(), now_ms());
-                t.status.progress = t.tracker.progress().cloned();
+            _ => {
+                return Err(HeartbeatError::Invalid(
+                    "give both \"job\" and \"node\" (GEOMX_JOB, GEOMX_NODE) or neither".into(),
+                ));
             }
-            key
         };
-        self.publish();
-        Ok(key)
+        let unknown = || HeartbeatError::UnknownNode {
+            job: key.0.clone(),
+            node: key.1.clone(),
+        };
+        // only a node whose role container this runtime runs reports
+        let t = st
+            .nodes
+            .get(&key)
+            .filter(|t| !t.status.container_id.is_empty())
+            .ok_or_else(unknown)?;
+        if let Some(expected) = &t.auth {
+            match token {
+                None => {
+                    return Err(HeartbeatError::NoToken {
+                        job: key.0.clone(),
+                        node: key.1.clone(),
+                    });
+                }
+                Some(given) if !expected.matches(given) => {
+                    return Err(HeartbeatError::BadToken {
+                        job: key.0.clone(),
+                        node: key.1.clone(),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        // a node on a bridge network reports from its own address: another container (or
+        // host) cannot speak for it, even with its token (raw sockets are dropped from role
+        // containers, so the source cannot be forged); host-network nodes share the host's
+        // address and are told apart by their tokens
+        let bridged = st
+            .desired
+            .as_ref()
+            .and_then(|d| d.get(&key))
+            .map_or(!t.host_network, |spec| !spec.host_network);
+        if bridged && t.status.ip != peer.to_string() {
+            return Err(HeartbeatError::WrongPeer {
+                job: key.0.clone(),
+                node: key.1.clone(),
+                peer,
+            });
+        }
+        let Some(t) = st.nodes.get_mut(&key) else {
+            return Err(unknown());
+        };
+        let metrics_dropped =
+            t.tracker
+                .report(report.epoch, report.step, report.metrics.clone(), now_ms());
+        t.status.progress = t.tracker.progress().cloned();
+        Ok(Recorded {
+            key,
+            metrics_dropped,
+        })
+    }
+
+    /// Counts a refusal of the heartbeat endpoint; logged at the 1st, 2nd, 4th, 8th, ...
+    /// of each reason (a flood does not flood the log).
+    fn count_refusal(&self, why: Refusal, peer: IpAddr, error: Option<&HeartbeatError>) {
+        let n = self.inner.stats.refused(why);
+        if n.is_power_of_two() {
+            let error = error.map(ToString::to_string).unwrap_or_default();
+            warn!(reason = why.as_str(), count = n, %peer, %error, "heartbeat refused");
+        }
     }
 }
 
 impl<E: Engine> HeartbeatSink for Runtime<E> {
-    fn record(&self, report: &HeartbeatReport, peer: IpAddr) -> Result<NodeKey, HeartbeatError> {
-        self.record_heartbeat(report, peer)
+    fn record(
+        &self,
+        report: &HeartbeatReport,
+        peer: IpAddr,
+        token: Option<&str>,
+    ) -> Result<Recorded, HeartbeatError> {
+        self.record_heartbeat(report, peer, token)
+    }
+
+    fn refused(&self, why: Refusal, peer: IpAddr) {
+        self.count_refusal(why, peer, None);
     }
 }
 

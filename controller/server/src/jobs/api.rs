@@ -1,4 +1,5 @@
-//! `geomx.v1.JobService` over [`Jobs`] (authorization is done by the service's interceptor).
+//! `geomx.v1.JobService` over [`Jobs`] (authorization is done by the service's interceptor,
+//! which leaves the caller, [`Caller`], in the request: submit and cancel record its name).
 //!
 //! Job names may be given as `NAME` (the latest run) or `NAME#RUN` (an earlier run of a
 //! reused name) to `GetJob`, `WatchJob` and `JobEvents`.
@@ -22,6 +23,7 @@ use tracing::Instrument;
 
 use super::Jobs;
 use super::view::without_ages;
+use crate::auth::Caller;
 
 /// Least time between two `WatchJob` messages caused by heartbeats alone (progress);
 /// transitions are sent at once.
@@ -60,8 +62,12 @@ impl JobService for JobApi {
         &self,
         request: Request<SubmitJobRequest>,
     ) -> Result<Response<SubmitJobResponse>, Status> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
-        let job = self.jobs.submit(&req.file_name, &req.job_toml).await?;
+        let job = self
+            .jobs
+            .submit(&req.file_name, &req.job_toml, &caller.name)
+            .await?;
         Ok(Response::new(SubmitJobResponse { job: Some(job) }))
     }
 
@@ -82,8 +88,9 @@ impl JobService for JobApi {
         &self,
         request: Request<CancelJobRequest>,
     ) -> Result<Response<Job>, Status> {
+        let caller = Caller::of(&request);
         self.jobs
-            .cancel(&request.get_ref().name)
+            .cancel(&request.get_ref().name, &caller.name)
             .await
             .map(Response::new)
     }

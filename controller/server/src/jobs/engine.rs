@@ -432,10 +432,14 @@ impl Ctx<'_> {
 }
 
 /// A user's request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
-    /// Stop every container; the job ends Cancelled.
-    Cancel,
+    /// Stop every container; the job ends Cancelled. `by`: the caller's token name (empty:
+    /// unknown, "a user").
+    Cancel {
+        /// Who cancels.
+        by: String,
+    },
 }
 
 /// What a pass decided: records to write, events to append, and whether the hosts'
@@ -585,16 +589,22 @@ pub fn evaluate(
     if d.meta.phase.is_terminal() {
         return d.finish();
     }
-    if command == Some(Command::Cancel) {
+    if let Some(Command::Cancel { by }) = &command {
         let what = match d.meta.phase {
             Phase::Running => "while running",
             Phase::Restarting => "while restarting",
             Phase::Pulling => "while pulling its image",
             _ => "while starting",
         };
-        let reason = format!("cancelled by a user {what}; every container is being removed");
+        let who = if by.is_empty() {
+            "a user".to_owned()
+        } else {
+            format!("token {by:?}")
+        };
+        let reason = format!("cancelled by {who} {what}; every container is being removed");
         d.event("Cancelled", reason.clone(), "", "");
         d.set_phase(Phase::Cancelled, reason);
+        d.meta.cancelled_by.clone_from(by);
         return d.finish();
     }
     if let Some(reason) = host_problem(idx, &mut d, ctx) {
@@ -2468,7 +2478,7 @@ workers = 1
             f.report(name, ContainerState::Running, &ip);
         }
         f.pass(None);
-        let c = f.pass(Some(Command::Cancel));
+        let c = f.pass(Some(Command::Cancel { by: String::new() }));
         assert!(c.publish);
         let gs = &f.nodes[f.i("global-scheduler")];
         assert_eq!(gs.state, NodeState::Stopped);
@@ -2737,12 +2747,18 @@ workers = 1
     fn cancel_ends_everything() {
         let mut f = Fixture::new(ROUTED);
         f.run_everything();
-        let c = f.pass(Some(Command::Cancel));
+        let c = f.pass(Some(Command::Cancel { by: "ci".into() }));
         assert_eq!(Fixture::kinds(&c), ["Cancelled"]);
+        assert_eq!(
+            c.events[0].message,
+            "cancelled by token \"ci\" while running; every container is being removed"
+        );
         assert!(c.publish);
         assert_eq!(f.meta.phase, Phase::Cancelled);
+        assert_eq!(f.meta.cancelled_by, "ci");
         assert!(
-            f.pass(Some(Command::Cancel)).is_empty(),
+            f.pass(Some(Command::Cancel { by: String::new() }))
+                .is_empty(),
             "cancel twice is a no-op"
         );
     }

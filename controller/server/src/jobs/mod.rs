@@ -460,10 +460,11 @@ impl Jobs {
         }))
     }
 
-    /// Compiles, checks and stores a job, then starts what can start. Refusals:
+    /// Compiles, checks and stores a job, then starts what can start; `by` names the caller
+    /// (its token's name: in the run's record, its `Submitted` event and the log). Refusals:
     /// `INVALID_ARGUMENT` (the file, with every problem), `ALREADY_EXISTS` (an active job of
     /// that name), `FAILED_PRECONDITION` (placement: hosts, images, ports).
-    pub async fn submit(&self, file_name: &str, job_toml: &str) -> Result<Job, Status> {
+    pub async fn submit(&self, file_name: &str, job_toml: &str, by: &str) -> Result<Job, Status> {
         let file_name = if file_name.trim().is_empty() {
             "job.toml".to_owned()
         } else {
@@ -498,7 +499,7 @@ impl Jobs {
         })?;
         let mut plan = plan;
         let name = plan.job.clone();
-        let span = tracing::info_span!("submit", job = %name);
+        let span = tracing::info_span!("submit", job = %name, by = %by);
         // the bind sources are checked on their hosts while the image is resolved
         let sources = binds::sources_by_host(&plan);
         let ready_urls: BTreeMap<String, String> = self
@@ -603,6 +604,7 @@ impl Jobs {
                     phase: if pulling { Phase::Pulling } else { Phase::Pending },
                     submitted_at_ms: at,
                     phase_since_ms: at,
+                    submitted_by: by.to_owned(),
                     ..Default::default()
                 },
                 job_toml: job_toml.to_owned(),
@@ -626,7 +628,7 @@ impl Jobs {
                 event(
                     "Submitted",
                     format!(
-                        "run {run} of {name} from {file_name}: mode {}, network {}, {} nodes on {} host{}; restart {}, max_restarts {}, stall_timeout {}",
+                        "run {run} of {name} from {file_name} by token {by:?}: mode {}, network {}, {} nodes on {} host{}; restart {}, max_restarts {}, stall_timeout {}",
                         plan.mode.as_str(),
                         plan.network.as_str(),
                         plan.nodes.len(),
@@ -839,15 +841,15 @@ impl Jobs {
         Ok(())
     }
 
-    /// Cancels job `name`: it ends Cancelled and its containers leave the desired state at
-    /// once. Cancelling an ended job changes nothing.
-    pub async fn cancel(&self, name: &str) -> Result<Job, Status> {
+    /// Cancels job `name` for `by` (the caller's token name): it ends Cancelled and its
+    /// containers leave the desired state at once. Cancelling an ended job changes nothing.
+    pub async fn cancel(&self, name: &str, by: &str) -> Result<Job, Status> {
         validate_job_name(name)?;
         if !self.lock().jobs.contains_key(name) {
             return Err(not_found(name));
         }
-        let span = tracing::info_span!("cancel", job = %name);
-        self.reconcile(name, Some(Command::Cancel))
+        let span = tracing::info_span!("cancel", job = %name, by = %by);
+        self.reconcile(name, Some(Command::Cancel { by: by.to_owned() }))
             .instrument(span)
             .await?;
         self.get(name)

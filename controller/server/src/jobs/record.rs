@@ -43,7 +43,7 @@ pub enum Phase {
     Succeeded,
     /// A node failed, stalled, disappeared or lost its host.
     Failed,
-    /// Cancelled by a user.
+    /// Cancelled by a user (`JobMeta::cancelled_by` names the token).
     Cancelled,
     /// Failed and being restarted as a whole: its containers are being removed.
     Restarting,
@@ -198,6 +198,13 @@ pub struct JobMeta {
     /// Whether the SchedulersUp event was recorded in this generation.
     #[serde(default)]
     pub schedulers_up: bool,
+    /// The name of the token that submitted the run (see [`crate::auth::Caller`]); empty
+    /// for runs recorded before callers were named.
+    #[serde(default)]
+    pub submitted_by: String,
+    /// The name of the token that cancelled the run, once cancelled.
+    #[serde(default)]
+    pub cancelled_by: String,
 }
 
 /// The submitted job file and what it compiled to (written once per run).

@@ -93,6 +93,8 @@ pub fn job_message(run: RunRef<'_>, with_nodes: bool, now: Instant) -> Job {
             .and_then(|s| s.pulls.as_ref())
             .map(super::images::Pulls::messages)
             .unwrap_or_default(),
+        submitted_by: meta.submitted_by.clone(),
+        cancelled_by: meta.cancelled_by.clone(),
     }
 }
 

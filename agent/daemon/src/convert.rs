@@ -7,10 +7,12 @@ use std::net::Ipv4Addr;
 use geomx_net::{DesiredNetwork, Peer};
 use geomx_proto::v1;
 use geomx_runtime::{
-    ContainerSpec, ImageDetails, ImagePull, LogChunk, Mount, MountKind, NodeState, NodeStatus,
-    Progress, PullStatus, Resources,
+    ContainerSpec, HostCapacity, ImageDetails, ImagePull, LogChunk, Mount, MountKind, NodeState,
+    NodeStatus, Progress, PullStatus, Resources,
 };
 use ipnet::Ipv4Net;
+
+use crate::report::truncate;
 
 /// A desired state whose network part or containers cannot be used.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -225,8 +227,21 @@ pub fn progress(p: &Progress) -> v1::Progress {
     }
 }
 
+/// Longest log line the controller keeps from a report (its `jobs::MAX_LOG_LINE_LEN`); the
+/// agent sends no more of a line.
+pub const MAX_LOG_LINE_LEN: usize = 1024;
+/// Most lines of a log tail the controller keeps from a report (its
+/// `jobs::MAX_LOG_TAIL_LINES`); the agent sends the last ones.
+pub const MAX_LOG_TAIL_LINES: usize = 50;
+/// Longest node error the controller keeps from a report (its `jobs::MAX_NODE_ERROR_LEN`).
+pub const MAX_NODE_ERROR_LEN: usize = 4096;
+/// Longest network error the controller keeps from a report (its
+/// `validate::MAX_NETWORK_ERROR_LEN`).
+pub const MAX_NETWORK_ERROR_LEN: usize = 2048;
+
 /// The wire form of a node's status (the role and party stay local: the controller knows
-/// them from the job).
+/// them from the job). The log tail and the error are cut to what the controller keeps of
+/// them (a container printing one endless line must not grow the host's report).
 pub fn node_status(s: &NodeStatus) -> v1::NodeStatus {
     v1::NodeStatus {
         job: s.job.clone(),
@@ -238,8 +253,11 @@ pub fn node_status(s: &NodeStatus) -> v1::NodeStatus {
         exit_code: s.exit_code,
         restarts: s.restarts,
         progress: s.progress.as_ref().map(progress),
-        log_tail: s.log_tail.clone(),
-        error: s.error.clone(),
+        log_tail: s.log_tail[s.log_tail.len().saturating_sub(MAX_LOG_TAIL_LINES)..]
+            .iter()
+            .map(|l| truncate(l, MAX_LOG_LINE_LEN).to_owned())
+            .collect(),
+        error: truncate(&s.error, MAX_NODE_ERROR_LEN).to_owned(),
         started_at_ms: s.started_at_ms,
         finished_at_ms: s.finished_at_ms,
         rendezvous: s.rendezvous.as_ref().map(|r| v1::Rendezvous {
@@ -257,6 +275,80 @@ pub fn node_status(s: &NodeStatus) -> v1::NodeStatus {
             expected: r.expected,
             connected: r.connected.clone(),
         }),
+    }
+}
+
+/// Most image references the controller takes from a report (its `validate::MAX_IMAGES`:
+/// it refuses a report with more, which would make the host lost).
+pub const MAX_IMAGES: usize = 4096;
+/// Longest image reference the controller takes (its `validate::MAX_IMAGE_LEN`).
+pub const MAX_IMAGE_LEN: usize = 512;
+
+/// The image references a report carries: every `repo:tag` and `repo@sha256:...` once,
+/// sorted, without those the controller would refuse the whole report for (longer than
+/// [`MAX_IMAGE_LEN`], control characters: no job can name them), at most [`MAX_IMAGES`].
+pub fn image_references(images: &[ImageDetails]) -> Vec<String> {
+    let mut refs = ImageDetails::references(images);
+    refs.retain(|r| r.len() <= MAX_IMAGE_LEN && !r.chars().any(char::is_control));
+    refs.truncate(MAX_IMAGES);
+    refs
+}
+
+/// What a host's report is made of (see [`host_report`]).
+#[derive(Clone, Debug, Default)]
+pub struct ReportParts<'a> {
+    /// The reporting host.
+    pub host: &'a str,
+    /// The revision of the last desired state applied.
+    pub applied_revision: u64,
+    /// The runtime's nodes; `None` until the container runtime adopted the host's
+    /// containers (the report then says `nodes_known: false`).
+    pub nodes: Option<&'a [NodeStatus]>,
+    /// Docker's images; `None` until Docker listed them once (`images_known: false`).
+    pub images: Option<&'a [ImageDetails]>,
+    /// The runtime's pulls.
+    pub pulls: &'a [PullStatus],
+    /// The network's status (its error is cut to what the controller keeps).
+    pub network: v1::NetworkStatus,
+    /// The agent's version.
+    pub agent_version: &'a str,
+    /// TCP ports listening on the host's own addresses.
+    pub listening_ports: Vec<u32>,
+    /// The host's memory and CPUs.
+    pub capacity: HostCapacity,
+}
+
+/// A host's report, complete (before [`crate::report::fit`] keeps it under the
+/// controller's limit).
+pub fn host_report(p: &ReportParts<'_>) -> v1::HostReport {
+    let mut network = p.network.clone();
+    network.error = truncate(&network.error, MAX_NETWORK_ERROR_LEN).to_owned();
+    v1::HostReport {
+        host: p.host.to_owned(),
+        applied_revision: p.applied_revision,
+        nodes: p
+            .nodes
+            .unwrap_or_default()
+            .iter()
+            .map(node_status)
+            .collect(),
+        images_known: Some(p.images.is_some()),
+        images: p.images.map(image_references).unwrap_or_default(),
+        image_details: p
+            .images
+            .unwrap_or_default()
+            .iter()
+            .map(image_info)
+            .collect(),
+        pulls: p.pulls.iter().map(image_pull).collect(),
+        network: Some(network),
+        agent_version: p.agent_version.to_owned(),
+        listening_ports: p.listening_ports.clone(),
+        nodes_known: Some(p.nodes.is_some()),
+        memory_bytes: p.capacity.memory_bytes,
+        cpus: p.capacity.cpus,
+        omitted: Vec::new(),
+        full_size_bytes: 0,
     }
 }
 
@@ -445,6 +537,129 @@ mod tests {
                 .to_string()
                 .contains("subnet")
         );
+    }
+
+    #[test]
+    fn the_report_limits_are_the_controllers() {
+        use geomx_controller::{jobs, validate};
+        assert_eq!(MAX_LOG_LINE_LEN, jobs::MAX_LOG_LINE_LEN);
+        assert_eq!(MAX_LOG_TAIL_LINES, jobs::MAX_LOG_TAIL_LINES);
+        assert_eq!(MAX_NODE_ERROR_LEN, jobs::MAX_NODE_ERROR_LEN);
+        assert_eq!(MAX_NETWORK_ERROR_LEN, validate::MAX_NETWORK_ERROR_LEN);
+        assert_eq!(MAX_IMAGES, validate::MAX_IMAGES);
+        assert_eq!(MAX_IMAGE_LEN, validate::MAX_IMAGE_LEN);
+    }
+
+    /// A host with more image references than the controller takes (or one it would refuse)
+    /// still reports: the references it can take, never the whole report refused.
+    #[test]
+    fn image_references_are_what_the_controller_takes() {
+        let many = ImageDetails {
+            id: "sha256:1".into(),
+            repo_tags: (0..5000).map(|k| format!("img:{k:05}")).collect(),
+            repo_digests: vec![
+                format!("img@sha256:{}", "0".repeat(600)),
+                "img\u{7}:bell".into(),
+                "img:00001".into(),
+            ],
+            size_bytes: 1,
+        };
+        let refs = image_references(std::slice::from_ref(&many));
+        assert_eq!(refs.len(), MAX_IMAGES);
+        assert_eq!(refs[0], "img:00000");
+        assert_eq!(refs[MAX_IMAGES - 1], format!("img:{:05}", MAX_IMAGES - 1));
+        assert!(refs.windows(2).all(|w| w[0] < w[1]));
+        let few = ImageDetails {
+            repo_tags: vec!["b:1".into(), "a:1".into(), "\u{0}x".into()],
+            ..many
+        };
+        assert_eq!(image_references(&[few]), ["a:1", "b:1", "img:00001"]);
+    }
+
+    /// A container printing one endless line (or a Docker error of megabytes) cannot grow
+    /// the report past what the controller keeps of it anyway.
+    #[test]
+    fn log_tails_and_errors_are_cut_to_what_the_controller_keeps() {
+        let s = NodeStatus {
+            job: "j".into(),
+            node: "w0".into(),
+            state: NodeState::Failed,
+            log_tail: (0..80)
+                .map(|k| format!("{k} {}", "é".repeat(1 << 20)))
+                .collect(),
+            error: "x".repeat(1 << 20),
+            ..Default::default()
+        };
+        let w = node_status(&s);
+        assert_eq!(w.log_tail.len(), MAX_LOG_TAIL_LINES);
+        assert!(w.log_tail[0].starts_with("30 "), "the last lines stay");
+        assert!(
+            w.log_tail
+                .iter()
+                .all(|l| l.len() <= MAX_LOG_LINE_LEN && l.len() > MAX_LOG_LINE_LEN - 4)
+        );
+        assert_eq!(w.error.len(), MAX_NODE_ERROR_LEN);
+        let short = NodeStatus {
+            log_tail: vec!["a".into(), String::new()],
+            error: "exit 1".into(),
+            ..s
+        };
+        let w = node_status(&short);
+        assert_eq!(w.log_tail, ["a", ""]);
+        assert_eq!(w.error, "exit 1");
+    }
+
+    #[test]
+    fn a_host_report_is_made_of_its_parts() {
+        let nodes = vec![NodeStatus {
+            job: "j".into(),
+            node: "w0".into(),
+            state: NodeState::Running,
+            ..Default::default()
+        }];
+        let images = vec![ImageDetails {
+            id: "sha256:1".into(),
+            repo_tags: vec!["b:1".into(), "a:1".into()],
+            repo_digests: vec!["a@sha256:2".into()],
+            size_bytes: 5,
+        }];
+        let parts = ReportParts {
+            host: "a",
+            applied_revision: 4,
+            nodes: Some(&nodes),
+            images: Some(&images),
+            pulls: &[],
+            network: v1::NetworkStatus {
+                converged: false,
+                routes: 1,
+                error: "n".repeat(10_000),
+                links: vec![],
+            },
+            agent_version: "0.1.0",
+            listening_ports: vec![22],
+            capacity: HostCapacity {
+                memory_bytes: 1 << 30,
+                cpus: 2,
+            },
+        };
+        let r = host_report(&parts);
+        assert_eq!((r.host.as_str(), r.applied_revision), ("a", 4));
+        assert_eq!(r.nodes.len(), 1);
+        assert_eq!((r.nodes_known, r.images_known), (Some(true), Some(true)));
+        assert_eq!(r.images, ["a:1", "a@sha256:2", "b:1"]);
+        assert_eq!(r.image_details.len(), 1);
+        let net = r.network.as_ref().expect("network");
+        assert_eq!(net.error.len(), MAX_NETWORK_ERROR_LEN);
+        assert_eq!((r.memory_bytes, r.cpus), (1 << 30, 2));
+        assert!(r.omitted.is_empty());
+        // before the runtime and Docker's first listing: not known, rather than empty
+        let r = host_report(&ReportParts {
+            nodes: None,
+            images: None,
+            ..parts
+        });
+        assert_eq!((r.nodes_known, r.images_known), (Some(false), Some(false)));
+        assert!(r.nodes.is_empty() && r.images.is_empty() && r.image_details.is_empty());
     }
 
     #[test]
