@@ -1744,6 +1744,79 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_docker_loss_outlives_the_agent_that_saw_it() {
+        // a host shutting down: Docker stops its containers (w0 exits 0 on SIGTERM) and
+        // exits, then the agent is stopped; after the boot a new agent starts before Docker
+        for ids in [true, false] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let file = dir.path().join(crate::DOCKER_LOSS_FILE);
+            let fake = FakeEngine::new(&[IMG]);
+            fake.set_daemon_ids(ids);
+            let config = RuntimeConfig {
+                docker_loss_file: Some(file.clone()),
+                ..config_on("b")
+            };
+            let rt = Runtime::start(fake.clone(), config.clone())
+                .await
+                .expect("start");
+            let id = running_w0(&fake, &rt).await;
+            fake.stop_daemon(0);
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            // (without the daemon's identity: once Docker was found not answering)
+            let kept = |f: &std::path::Path| {
+                std::fs::read_to_string(f).is_ok_and(|t| ids || t.contains("\"unreachable\":true"))
+            };
+            while !kept(&file) {
+                assert!(std::time::Instant::now() < deadline, "no {file:?}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            rt.shutdown();
+            fake.start_daemon();
+            let rt = Runtime::start(fake.clone(), config.clone())
+                .await
+                .expect("start after the boot");
+            let s = wait_for(&rt, "w0 failed", |s| {
+                s.node("job1", "w0")
+                    .is_some_and(|n| n.state == NodeState::Failed)
+            })
+            .await;
+            let n = node(&s, "w0");
+            assert_eq!(n.container_id, id);
+            assert_eq!(n.exit_code, Some(0), "{n:?}");
+            assert!(
+                n.error
+                    .starts_with("stopped by a restart of Docker on host b"),
+                "{}",
+                n.error
+            );
+            // judged once: the record is gone, a third agent sees a plain exit
+            assert!(!file.exists(), "{file:?} left after the judgement");
+            rt.shutdown();
+            let rt = Runtime::start(fake.clone(), config).await.expect("start");
+            let s = wait_for(&rt, "w0 adopted", |s| s.node("job1", "w0").is_some()).await;
+            assert_eq!(node(&s, "w0").state, NodeState::Exited, "ids {ids}");
+            rt.shutdown();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_kept_docker_loss_that_is_corrupt_is_moved_aside() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join(crate::DOCKER_LOSS_FILE);
+        std::fs::write(&file, b"{\"at_ms\": 1, \"running\": [").expect("write");
+        let fake = FakeEngine::new(&[IMG]);
+        let config = RuntimeConfig {
+            docker_loss_file: Some(file.clone()),
+            ..config_on("b")
+        };
+        let rt = Runtime::start(fake.clone(), config).await.expect("start");
+        running_w0(&fake, &rt).await;
+        assert!(!file.exists());
+        assert!(dir.path().join("docker-loss.json.corrupt").exists());
+        rt.shutdown();
+    }
+
+    #[tokio::test]
     async fn a_worker_that_finished_before_docker_went_away_keeps_its_success() {
         let fake = FakeEngine::new(&[IMG]);
         let rt = Runtime::start(fake.clone(), config_on("b"))

@@ -97,7 +97,7 @@ pub use progress::{Progress, ProgressParser, ProgressTracker};
 pub use pull::{PullCause, PullConfig, PullManager, PullState, PullStatus, Resolved};
 pub use reconcile::{Action, ContainerKey, RemoveReason};
 pub use rendezvous::{Registration, Rendezvous};
-pub use runtime::{ApplyReport, OOM_KILLED, Outcome, Runtime, RuntimeConfig};
+pub use runtime::{ApplyReport, DOCKER_LOSS_FILE, OOM_KILLED, Outcome, Runtime, RuntimeConfig};
 pub use spec::{
     ContainerKind, ContainerSpec, DEFAULT_PIDS_LIMIT, ImagePull, Mount, MountKind, NodeKey,
     Resources, SandboxConfig, container_name, sandbox_name,

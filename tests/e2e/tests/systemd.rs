@@ -13,7 +13,8 @@
 //!    admin's configuration edits survive;
 //! 7. `systemctl restart docker`: bip, routes and rules as before;
 //! 8. a reboot (power off, boot): the agent is ready before Docker's first start, docker0
-//!    has the leased subnet, routes are back, the host is ready again and runs jobs.
+//!    has the leased subnet, routes are back, the host is ready again, the running job's
+//!    containers come back (restarted as a gang: `restart = "on-failure"`) and it runs jobs.
 //!
 //! Needs the binaries (`cargo build --workspace --bins`) and the booted hosts' root file
 //! system (`scripts/build-host-rootfs.sh`).
@@ -285,7 +286,18 @@ fn geomx_under_systemd_from_packages() -> anyhow::Result<()> {
         || (network(&b).ok()? == net_b).then_some(()),
     )?;
 
-    // ---- 8. a reboot
+    // ---- 8. a reboot, with a job running that restarts on failure
+    let survivor = geomx_lab::jobfile::ps_job(
+        "survivor",
+        &["a", "b"],
+        2,
+        "PSNODE_INTERVAL = \"100ms\", PSNODE_ITERATIONS = \"100000\"",
+        "restart = \"on-failure\"\nmax_restarts = 3",
+    );
+    c.submit_ok("survivor.toml", &survivor)?;
+    c.wait_phase("survivor", "Running", Duration::from_secs(60))?;
+    let before_reboot = containers(&b)?;
+    ensure!(!before_reboot.is_empty(), "no container of survivor on b");
     b.poweroff(Duration::from_secs(30))?;
     b.boot(Duration::from_secs(90))?;
     let agent_up = show(&b, "geomx-agent", &["ActiveEnterTimestampMonotonic"])?;
@@ -306,6 +318,39 @@ fn geomx_under_systemd_from_packages() -> anyhow::Result<()> {
     )?;
     let hb = host_json(&c, "b").context("host b")?;
     ensure!(hb["state"] == "ready", "b after the reboot: {hb}");
+    // the job's containers come back: the worker Docker stopped at the shutdown (psnode
+    // exits 0 on SIGTERM) is no finished worker, the job restarts as a gang and runs on b
+    let back = eventually(
+        "survivor running again on b after the reboot",
+        Duration::from_secs(90),
+        || {
+            let job = c.job("survivor").ok()?;
+            let now = containers(&b).ok()?;
+            (job["phase"] == "Running"
+                && job["restarts"].as_u64().is_some_and(|r| r >= 1)
+                && now.len() == before_reboot.len()
+                && now.iter().all(|c| !before_reboot.contains(c)))
+            .then_some(job)
+        },
+    )?;
+    let restarting: Vec<String> = c.ctl_json(&["events", "survivor"])?["events"]
+        .as_array()
+        .context("survivor's events")?
+        .iter()
+        .filter(|e| e["kind"] == "Restarting" || e["kind"] == "NodeFailed")
+        .map(|e| e["message"].to_string())
+        .collect();
+    eprintln!(
+        "survivor after the reboot: restarts {}, {restarting:?}",
+        back["restarts"]
+    );
+    ensure!(
+        !restarting.iter().any(|m| m.contains("finished")),
+        "a worker stopped by the shutdown counted as finished: {restarting:?}"
+    );
+    let out = c.ctl(&["cancel", "survivor"])?;
+    ensure!(out.status.success(), "cancel survivor");
+    c.wait_phase("survivor", "Cancelled", Duration::from_secs(60))?;
     let again = geomx_lab::jobfile::ps_job(
         "again",
         &["a", "b"],

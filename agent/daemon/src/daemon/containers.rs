@@ -117,6 +117,7 @@ pub async fn containers_loop<S: EngineSource>(
             records,
             controller_id: (!controller_id.is_empty()).then_some(controller_id),
             heartbeat_key,
+            docker_loss_file: Some(ctx.settings.state_dir.join(geomx_runtime::DOCKER_LOSS_FILE)),
             ..Default::default()
         };
         let runtime = match Runtime::start(engine, config).await {

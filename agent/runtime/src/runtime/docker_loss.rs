@@ -1,6 +1,12 @@
 //! Docker going away: which role containers were stopped by a restart of Docker.
 
+use serde::{Deserialize, Serialize};
+
 use super::*;
+
+/// The file in the agent's state directory that keeps an undecided [`DockerLoss`] across
+/// agent restarts (see [`RuntimeConfig::docker_loss_file`]).
+pub const DOCKER_LOSS_FILE: &str = "docker-loss.json";
 
 /// Docker went away: its event stream ended. Without live-restore a dockerd that stops
 /// stops every container (SIGTERM, SIGKILL after the stop timeout): a role container that
@@ -13,7 +19,14 @@ use super::*;
 /// stream ended (a broken stream of a daemon that stays up is not a restart). The time a
 /// container finished is no help: dockerd closes its API first and stops the containers
 /// afterwards, and the agent notices only when the stream breaks, once dockerd exits.
-#[derive(Clone, Debug)]
+///
+/// A host shutting down stops Docker first and the agent right after (the agent's unit is
+/// ordered before docker.service): the loss is written to
+/// [`RuntimeConfig::docker_loss_file`] the moment the stream ends, before anything else,
+/// and the next agent judges it once Docker answers after the boot (another boot id is a
+/// restart whatever the daemon's identity). Without that, a worker that exits 0 on SIGTERM
+/// would count as finished after every reboot and the job would never be restarted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub(super) struct DockerLoss {
     /// When the event stream ended (Unix ms).
     pub(super) at_ms: i64,
@@ -23,59 +36,130 @@ pub(super) struct DockerLoss {
     pub(super) daemon_before: Option<String>,
     /// Docker did not answer right after the stream ended.
     pub(super) unreachable: bool,
+    /// The host's boot id then (`/proc/sys/kernel/random/boot_id`), if known.
+    #[serde(default)]
+    pub(super) boot_id: Option<String>,
     /// Once Docker answers again: whether it stopped its containers (restarted, without
     /// live-restore).
+    #[serde(skip)]
     pub(super) stopped: Option<bool>,
+    /// Decided with another boot id than the loss's: the host rebooted.
+    #[serde(skip)]
+    pub(super) rebooted: bool,
+}
+
+/// This boot's id, if the kernel tells (a systemd-nspawn machine gets its own per boot).
+pub(super) fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// The loss kept in `path` by an earlier agent, if any. An unreadable or corrupt file is
+/// logged, moved aside (`.corrupt`) and treated as no loss.
+pub(super) fn load_docker_loss(path: &Path) -> Option<DockerLoss> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            warn!(file = %path.display(), error = %e, "cannot read the kept Docker loss; ignoring it");
+            return None;
+        }
+    };
+    match serde_json::from_slice::<DockerLoss>(&bytes) {
+        Ok(loss) if !loss.running.is_empty() => {
+            info!(
+                file = %path.display(),
+                running = loss.running.len(),
+                lost_at_ms = loss.at_ms,
+                "Docker went away while the last agent ran (a reboot or a Docker restart): its containers will be judged when Docker answers"
+            );
+            Some(loss)
+        }
+        Ok(_) => None,
+        Err(e) => {
+            let aside = path.with_extension("json.corrupt");
+            warn!(file = %path.display(), error = %e, aside = %aside.display(), "the kept Docker loss is corrupt; moving it aside");
+            let _ = std::fs::rename(path, &aside);
+            None
+        }
+    }
 }
 
 impl<E: Engine> Runtime<E> {
     /// Docker's event stream ended (see [`DockerLoss`]): remembers when, which role
-    /// containers ran, which daemon that was, and whether Docker answers right after.
+    /// containers ran and which daemon that was, writes it down at once (a host shutting
+    /// down stops the agent right after Docker), then whether Docker answers right after.
     pub(super) async fn on_event_stream_ended(&self) {
         let at_ms = now_ms();
-        let running: BTreeSet<String> = self
-            .lock()
-            .nodes
-            .values()
-            .filter(|t| t.status.state == NodeState::Running && !t.status.container_id.is_empty())
-            .map(|t| t.status.container_id.clone())
-            .collect();
+        {
+            let mut st = self.lock();
+            let running: BTreeSet<String> = st
+                .nodes
+                .values()
+                .filter(|t| {
+                    t.status.state == NodeState::Running && !t.status.container_id.is_empty()
+                })
+                .map(|t| t.status.container_id.clone())
+                .collect();
+            let daemon_before = st.daemon_id.clone();
+            match &mut st.docker_lost {
+                // still judging an earlier loss: the containers that ran then stay suspects
+                Some(loss) => loss.stopped = None,
+                None => {
+                    if running.is_empty() {
+                        return;
+                    }
+                    st.docker_lost = Some(DockerLoss {
+                        at_ms,
+                        running,
+                        daemon_before,
+                        unreachable: false,
+                        boot_id: boot_id(),
+                        stopped: None,
+                        rebooted: false,
+                    });
+                }
+            }
+            self.keep_docker_loss(&st);
+        }
         // a stopping dockerd has closed its socket: the call fails at once; a frozen one
         // does not answer (and stops nothing); a live one answers
         let probe =
             tokio::time::timeout(Duration::from_secs(2), self.inner.engine.list_managed()).await;
-        let unreachable = match &probe {
-            Ok(Err(e)) => Some(e.to_string()),
-            Ok(Ok(_)) => None,
-            Err(_) => return,
-        };
+        let Ok(Err(e)) = probe else { return };
         let mut st = self.lock();
-        let daemon_before = st.daemon_id.clone();
-        match &mut st.docker_lost {
-            // still judging an earlier loss: the containers that ran then stay suspects
-            Some(loss) => {
-                loss.unreachable |= unreachable.is_some();
-                loss.stopped = None;
+        if let Some(loss) = &mut st.docker_lost {
+            if !loss.unreachable {
+                warn!(
+                    error = %e,
+                    running = loss.running.len(),
+                    "Docker went away; its running containers will be checked when it answers again"
+                );
             }
-            None => {
-                if running.is_empty() {
-                    return;
-                }
-                if let Some(e) = &unreachable {
-                    warn!(
-                        error = %e,
-                        running = running.len(),
-                        "Docker went away; its running containers will be checked when it answers again"
-                    );
-                }
-                st.docker_lost = Some(DockerLoss {
-                    at_ms,
-                    running,
-                    daemon_before,
-                    unreachable: unreachable.is_some(),
-                    stopped: None,
-                });
-            }
+            loss.unreachable = true;
+            self.keep_docker_loss(&st);
+        }
+    }
+
+    /// Writes the undecided loss to [`RuntimeConfig::docker_loss_file`], or removes the
+    /// file when there is none (called under the state lock, so that writes keep order).
+    pub(super) fn keep_docker_loss(&self, st: &State) {
+        let Some(path) = &self.inner.config.docker_loss_file else {
+            return;
+        };
+        let result = match &st.docker_lost {
+            Some(loss) => serde_json::to_vec(loss)
+                .map_err(std::io::Error::other)
+                .and_then(|bytes| crate::ownership::write_atomic(path, &bytes)),
+            None => match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        };
+        if let Err(e) = result {
+            warn!(file = %path.display(), error = %e, "cannot keep the Docker loss on disk (after an agent restart its containers' exits would count as ends of their own)");
         }
     }
 
@@ -105,12 +189,17 @@ impl<E: Engine> Runtime<E> {
         if let Some(loss) = &mut st.docker_lost
             && loss.stopped.is_none()
         {
-            let restarted = match (&loss.daemon_before, &now_id) {
-                (Some(before), Some(now)) => before != now,
-                _ => loss.unreachable,
-            };
+            let now_boot = boot_id();
+            loss.rebooted =
+                loss.boot_id.is_some() && now_boot.is_some() && loss.boot_id != now_boot;
+            let restarted = loss.rebooted
+                || match (&loss.daemon_before, &now_id) {
+                    (Some(before), Some(now)) => before != now,
+                    _ => loss.unreachable,
+                };
             info!(
                 restarted,
+                rebooted = loss.rebooted,
                 live_restore = live,
                 daemon_before = loss.daemon_before.as_deref().unwrap_or("unknown"),
                 daemon_now = now_id.as_deref().unwrap_or("unknown"),
@@ -142,9 +231,11 @@ impl<E: Engine> Runtime<E> {
         };
         loss.running.remove(&insp.id);
         let lost_at = loss.at_ms;
+        let rebooted = loss.rebooted;
         if loss.running.is_empty() {
             st.docker_lost = None;
         }
+        self.keep_docker_loss(st);
         let ended = matches!(insp.state, EngineState::Exited | EngineState::Dead);
         if !(ended && stopped) {
             return true;
@@ -166,8 +257,13 @@ impl<E: Engine> Runtime<E> {
                 finished_at_ms = insp.finished_at_ms,
                 "a role container was stopped by a restart of Docker: reporting it failed"
             );
+            let how = if rebooted {
+                " at a reboot of the host"
+            } else {
+                ""
+            };
             t.stopped_by_docker = Some(format!(
-                "stopped by a restart of Docker on {host} (it was running when Docker went away; its exit code says nothing about the training)"
+                "stopped by a restart of Docker on {host}{how} (it was running when Docker went away; its exit code says nothing about the training)"
             ));
         }
         true

@@ -94,9 +94,14 @@ impl<E: Engine> Runtime<E> {
         let known: BTreeSet<&str> = actual.iter().map(|c| c.id.as_str()).collect();
         let mut st = self.lock();
         if let Some(loss) = &mut st.docker_lost {
+            let before = loss.running.len();
             loss.running.retain(|id| known.contains(id.as_str()));
+            let changed = loss.running.len() != before;
             if loss.running.is_empty() {
                 st.docker_lost = None;
+            }
+            if changed {
+                self.keep_docker_loss(&st);
             }
         }
     }

@@ -62,6 +62,7 @@ mod inspect;
 mod logs;
 mod peers;
 
+pub use docker_loss::DOCKER_LOSS_FILE;
 use docker_loss::DockerLoss;
 use events::mark_missing;
 
@@ -99,6 +100,11 @@ pub struct RuntimeConfig {
     /// The key of the containers' heartbeat tokens (see [`crate::auth`]); `None`: role
     /// containers get no token and heartbeats are checked by source address only.
     pub heartbeat_key: Option<HeartbeatKey>,
+    /// Where a loss of Docker not judged yet is kept across agent restarts (the daemon:
+    /// [`DOCKER_LOSS_FILE`] in its state directory); `None`: in memory only. A host that
+    /// shuts down stops Docker, then the agent: the next agent still knows which role
+    /// containers Docker's stop ended (see `docker_loss`).
+    pub docker_loss_file: Option<std::path::PathBuf>,
 }
 
 impl Default for RuntimeConfig {
@@ -116,6 +122,7 @@ impl Default for RuntimeConfig {
             records: CreationRecord::in_memory(),
             controller_id: None,
             heartbeat_key: None,
+            docker_loss_file: None,
         }
     }
 }
@@ -376,12 +383,19 @@ impl<E: Engine> Runtime<E> {
     pub async fn start(engine: E, config: RuntimeConfig) -> Result<Runtime<E>> {
         let (tx, _) = watch::channel(Snapshot::default());
         let pulls = PullManager::new(config.pulls.clone());
+        let docker_lost = config
+            .docker_loss_file
+            .as_deref()
+            .and_then(docker_loss::load_docker_loss);
         let rt = Runtime {
             inner: Arc::new(Inner {
                 engine,
                 pulls,
                 config,
-                state: Mutex::new(State::default()),
+                state: Mutex::new(State {
+                    docker_lost,
+                    ..State::default()
+                }),
                 apply_lock: tokio::sync::Mutex::new(()),
                 snapshot: tx,
                 cancel: CancellationToken::new(),
