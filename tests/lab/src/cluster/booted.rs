@@ -144,7 +144,8 @@ impl Cluster {
              grace_period = \"{grace}ms\"\n\
              \n[tls]\nca = \"/etc/geomx/tls/ca.pem\"\ncert = \"/etc/geomx/tls/controller.pem\"\n\
              key = \"/etc/geomx/tls/controller-key.pem\"\n\
-             \n[auth]\ntokens_file = \"/etc/geomx/tokens\"\n",
+             \n[auth]\ntokens_file = \"/etc/geomx/tokens\"\n\
+             revocation_file = \"/etc/geomx/revoked\"\n",
             lab = self.lab.name(),
             ip = self.lab.controller_ip(),
             hb = self.spec.heartbeat_interval.as_millis(),
@@ -159,6 +160,7 @@ impl Cluster {
                  install -m 0644 ca.pem controller.pem /etc/geomx/tls/\n\
                  install -m 0600 controller-key.pem /etc/geomx/tls/\n\
                  install -m 0600 tokens /etc/geomx/tokens\n\
+                 install -m 0644 /dev/null /etc/geomx/revoked\n\
                  install -m 0644 controller.toml /etc/geomx/controller.toml\n\
                  systemctl enable --now geomx-controller\n"
             ),
