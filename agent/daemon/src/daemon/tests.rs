@@ -506,9 +506,18 @@ async fn registers_applies_reports_survives_controller_restarts_and_loss() {
         .expect("a")
         .push(worker("job1", "a-worker-1"));
     lab.publish().await;
-    eventually("the second container", Duration::from_secs(10), || {
-        engine.id_of("geomx.job1.a-worker-1")
-    })
+    // (started, not only created: the start call must not fall into the count below)
+    eventually(
+        "the second container started",
+        Duration::from_secs(10),
+        || {
+            let id = engine.id_of("geomx.job1.a-worker-1")?;
+            engine
+                .calls()
+                .contains(&format!("start {id}"))
+                .then_some(())
+        },
+    )
     .await;
     assert_eq!(
         lab.controller()
