@@ -120,9 +120,9 @@ impl<E: Engine> Runtime<E> {
                         stopped: None,
                         rebooted: false,
                     });
+                    self.keep_docker_loss(&st);
                 }
             }
-            self.keep_docker_loss(&st);
         }
         // a stopping dockerd has closed its socket: the call fails at once; a frozen one
         // does not answer (and stops nothing); a live one answers
@@ -189,9 +189,8 @@ impl<E: Engine> Runtime<E> {
         if let Some(loss) = &mut st.docker_lost
             && loss.stopped.is_none()
         {
-            let now_boot = boot_id();
             loss.rebooted =
-                loss.boot_id.is_some() && now_boot.is_some() && loss.boot_id != now_boot;
+                matches!((&loss.boot_id, boot_id()), (Some(then), Some(now)) if *then != now);
             let restarted = loss.rebooted
                 || match (&loss.daemon_before, &now_id) {
                     (Some(before), Some(now)) => before != now,
