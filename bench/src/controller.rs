@@ -113,6 +113,9 @@ impl ControllerProcess {
         let mut cmd = Command::new(bin);
         cmd.arg("--listen")
             .arg("127.0.0.1:0")
+            // /metrics on any free port: the default 0.0.0.0:7949 is the host's
+            .arg("--web-listen")
+            .arg("127.0.0.1:0")
             .arg("--state-dir")
             .arg(state_dir)
             .arg("--tls-ca")

@@ -15,6 +15,8 @@
 //!   otherwise.
 //! * [`templates`]: what the containers of a desired state share, sent once and expanded
 //!   by the agent.
+//! * [`exposition`]: a metrics registry in the Prometheus text format.
+//! * [`web`]: a small bounded HTTP/HTTPS server for `/metrics` (and later the dashboard).
 
 #![warn(missing_docs)]
 
@@ -26,12 +28,14 @@ pub mod v1 {
 
 pub mod config_file;
 pub mod credentials;
+pub mod exposition;
 pub mod incoming;
 pub mod logging;
 pub mod pki;
 pub mod pulls;
 pub mod templates;
 pub mod tls;
+pub mod web;
 
 /// An error with its sources, on one line (`a: b: c`); a source whose text the message
 /// already holds is not repeated.

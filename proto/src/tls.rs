@@ -235,6 +235,34 @@ impl TlsMaterial {
             .client_auth_optional(false)
     }
 
+    /// A rustls server configuration presenting our certificate chain, asking for no client
+    /// certificate, speaking HTTP/1.1 (for plain HTTPS listeners outside tonic, e.g. the
+    /// controller's `web_listen`).
+    pub fn rustls_server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
+        let mem = Path::new("<certificate>");
+        let chain = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::NoCertificate {
+                path: mem.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let key =
+            PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| TlsError::NoPrivateKey {
+                path: Path::new("<key>").to_owned(),
+                reason: e.to_string(),
+            })?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+            .map_err(|e| TlsError::BadCertificate {
+                path: mem.to_owned(),
+                reason: e.to_string(),
+            })?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+
     /// Client side with mTLS: trust only the CA and present our certificate.
     pub fn client_config(&self) -> ClientTlsConfig {
         ClientTlsConfig::new()

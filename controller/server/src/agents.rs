@@ -7,12 +7,14 @@
 //! stream ends as soon as the revocation is in force.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use geomx_proto::v1::agent_service_server::AgentService;
 use geomx_proto::v1::{
     ContainerState, DesiredState, HostReport, LeaveRequest, LeaveResponse, RegisterRequest,
     RegisterResponse, ReportResponse, WatchRequest,
 };
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +28,7 @@ use crate::membership::{
     HeartbeatData, Membership, MembershipError, Registration, ReportDegradation, duration_ms,
     same_content,
 };
+use crate::metrics::RpcMetrics;
 use crate::store::{
     Batch, EventRecord, EventScope, LinkRecord, NetworkRecord, StoreError, StoreErrorKind,
 };
@@ -82,6 +85,7 @@ pub struct AgentApi {
     shutdown: CancellationToken,
     streams: TaskTracker,
     backend: String,
+    metrics: RpcMetrics,
 }
 
 impl std::fmt::Debug for AgentApi {
@@ -110,7 +114,15 @@ impl AgentApi {
             shutdown,
             streams,
             backend: String::new(),
+            metrics: RpcMetrics::default(),
         }
+    }
+
+    /// Observe report and watch latency into `metrics` (those of the controller's registry;
+    /// without this call into unregistered histograms).
+    pub fn with_metrics(mut self, metrics: RpcMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The cluster's default data-plane backend every host's desired state carries (empty:
@@ -244,6 +256,7 @@ impl AgentService for AgentApi {
         let shutdown = self.shutdown.clone();
         let backend = self.backend.clone();
         let span = tracing::info_span!("watch", host = %host);
+        let watch_send_duration = self.metrics.watch_send_duration.clone();
         let revocation = identity.map(|id| Revocation {
             auth: self.auth.clone(),
             changes: self.auth.credentials().subscribe(),
@@ -258,6 +271,7 @@ impl AgentService for AgentApi {
                     host,
                     shared,
                     revocation,
+                    watch_send_duration,
                 },
                 tx,
                 revisions,
@@ -276,6 +290,11 @@ impl AgentService for AgentApi {
         let report = request.into_inner();
         let span = tracing::debug_span!("report", host = %host);
         let membership = &self.membership;
+        let started = Instant::now();
+        let _observe = ObserveOnDrop {
+            histogram: &self.metrics.report_duration,
+            started,
+        };
         async move {
             let data = heartbeat_data(&report)?;
             membership.report(&host, data).await?;
@@ -421,6 +440,21 @@ struct Watcher {
     /// The agent's certificate, checked again whenever the revocation list changes (`None`
     /// in insecure mode).
     revocation: Option<Revocation>,
+    /// Observes each desired state's time from revision change to hand-over.
+    watch_send_duration: Histogram,
+}
+
+/// Observes the time since `started` into `histogram` when dropped (whichever way the
+/// request ends).
+struct ObserveOnDrop<'a> {
+    histogram: &'a Histogram,
+    started: Instant,
+}
+
+impl Drop for ObserveOnDrop<'_> {
+    fn drop(&mut self) {
+        self.histogram.observe(self.started.elapsed().as_secs_f64());
+    }
 }
 
 /// What a watch stream needs to notice its agent's certificate being revoked.
@@ -460,11 +494,13 @@ async fn watch_loop(
         host,
         shared,
         mut revocation,
+        watch_send_duration,
     } = watcher;
     tracing::info!("watch opened");
     let mut last: Option<DesiredState> = None;
     loop {
         revisions.borrow_and_update();
+        let changed_at = Instant::now();
         match membership.desired_state_for(&host) {
             Ok(mut state) => {
                 let containers = workloads.containers_for(&host);
@@ -482,7 +518,10 @@ async fn watch_loop(
                         "sending desired state"
                     );
                     tokio::select! {
-                        sent = tx.send(Ok(state.clone())) => if sent.is_err() { break },
+                        sent = tx.send(Ok(state.clone())) => {
+                            if sent.is_err() { break }
+                            watch_send_duration.observe(changed_at.elapsed().as_secs_f64());
+                        }
                         () = shutdown.cancelled() => {
                             let _ = tx.try_send(Err(Status::unavailable("the controller is shutting down")));
                             break;

@@ -21,6 +21,8 @@
 //! lease_ttl = "7d"              # a host lost this long is forgotten, its subnet freed; "0s": never
 //! job_retention = "30d"         # an ended job is removed this long after it ended; "0s": never
 //! # insecure = true            # plaintext, no client authentication: labs only
+//! web_listen = "0.0.0.0:7949"   # /metrics over HTTPS (the [tls] certificate); "": none
+//! metrics_allow = []            # CIDRs that may read /metrics without a token
 //!
 //! [tls]
 //! ca = "/etc/geomx/tls/ca.pem"
@@ -44,7 +46,7 @@ pub use geomx_proto::config_file::ConfigError;
 use geomx_proto::config_file::{ConfigFile, HumanDuration, Settings, TlsFlags, TlsPick, TlsTable};
 use geomx_proto::credentials::parse_inline_tokens;
 use geomx_proto::tls::TlsFiles;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -52,6 +54,8 @@ use toml::Spanned;
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/geomx/controller.toml";
 /// Default listen address (all interfaces, port 7946).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7946";
+/// Default address of the web listener (`/metrics`) of a controller run from its binary.
+pub const DEFAULT_WEB_LISTEN: &str = "0.0.0.0:7949";
 /// Default cluster CIDR.
 pub const DEFAULT_CLUSTER_CIDR: &str = "172.17.0.0/16";
 /// Default prefix length of host subnets.
@@ -83,6 +87,10 @@ pub struct Args {
     /// Address to serve gRPC on [default: 0.0.0.0:7946].
     #[arg(long, env = "GEOMX_CONTROLLER_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Address of the web listener (`/metrics`; HTTPS with the controller's certificate),
+    /// "" for none [default: 0.0.0.0:7949].
+    #[arg(long, env = "GEOMX_CONTROLLER_WEB_LISTEN")]
+    pub web_listen: Option<String>,
     /// CIDR every host subnet is carved from [default: 172.17.0.0/16].
     #[arg(long, env = "GEOMX_CONTROLLER_CLUSTER_CIDR")]
     pub cluster_cidr: Option<Ipv4Net>,
@@ -169,6 +177,12 @@ pub struct ControllerConfig {
     /// Address to serve on; port 0 picks a free port (see
     /// [`crate::server::RunningController::local_addr`]).
     pub listen: SocketAddr,
+    /// Address of the web listener serving `/metrics` ([`crate::web`]); `None`: none. HTTPS
+    /// with the controller's certificate unless `insecure`. Port 0 picks a free port (see
+    /// [`crate::server::RunningController::web_addr`]).
+    pub web_listen: Option<SocketAddr>,
+    /// Source networks that may read `/metrics` without a token (`metrics_allow`).
+    pub metrics_allow: Vec<IpNet>,
     /// CIDR every host subnet is carved from.
     pub cluster_cidr: Ipv4Net,
     /// Prefix length of host subnets.
@@ -203,12 +217,16 @@ pub struct ControllerConfig {
 }
 
 impl ControllerConfig {
-    /// A configuration with every default, serving TLS with `tls` and state in `state_dir`.
+    /// A configuration with every default, serving TLS with `tls` and state in `state_dir`,
+    /// except `web_listen`: off (a controller started in-process, as tests do, binds nothing
+    /// it was not asked to; the binary's default is [`DEFAULT_WEB_LISTEN`]).
     pub fn new(state_dir: impl Into<PathBuf>, tls: Option<TlsFiles>) -> Self {
         ControllerConfig {
             listen: DEFAULT_LISTEN
                 .parse()
                 .expect("DEFAULT_LISTEN is a valid socket address"),
+            web_listen: None,
+            metrics_allow: Vec::new(),
             cluster_cidr: DEFAULT_CLUSTER_CIDR
                 .parse()
                 .expect("DEFAULT_CLUSTER_CIDR is a valid CIDR"),
@@ -325,6 +343,21 @@ impl ControllerConfig {
         if self.state_dir.as_os_str().is_empty() {
             return Err(invalid("state_dir", "must not be empty".into()));
         }
+        if let Some(web) = self.web_listen
+            && web.port() != 0
+            && web.port() == self.listen.port()
+            && (web.ip() == self.listen.ip()
+                || web.ip().is_unspecified()
+                || self.listen.ip().is_unspecified())
+        {
+            return Err(invalid(
+                "web_listen",
+                format!(
+                    "{web} is the gRPC listen address ({}): use another port (7949 is usual), or \"\" for none",
+                    self.listen
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -340,6 +373,8 @@ impl ControllerConfig {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<Spanned<SocketAddr>>,
+    web_listen: Option<Spanned<String>>,
+    metrics_allow: Option<Vec<Spanned<String>>>,
     cluster_cidr: Option<Spanned<Ipv4Net>>,
     host_subnet_prefix: Option<Spanned<u8>>,
     state_dir: Option<Spanned<PathBuf>>,
@@ -375,10 +410,30 @@ fn resolve(
     let mut settings = Settings::new(source, "GEOMX_CONTROLLER_");
     let mut warnings = Vec::new();
     let mut cfg = ControllerConfig::new(DEFAULT_STATE_DIR, None);
+    cfg.web_listen = Some(
+        DEFAULT_WEB_LISTEN
+            .parse()
+            .expect("DEFAULT_WEB_LISTEN is a valid socket address"),
+    );
     let duration = |v: Result<Duration, HumanDuration>| Ok(v.unwrap_or_else(|f| f.0));
 
     if let Some(v) = settings.pick_same("listen", "listen", args.listen, file.listen, same)? {
         cfg.listen = v;
+    }
+    if let Some(v) = settings.pick(
+        "web_listen",
+        "web-listen",
+        args.web_listen.clone(),
+        file.web_listen,
+        |v| parse_web_listen(&v.unwrap_or_else(|f| f)),
+    )? {
+        cfg.web_listen = v;
+    }
+    for entry in file.metrics_allow.unwrap_or_default() {
+        let origin = source.origin("metrics_allow", entry.span());
+        let net = parse_allowed_net(entry.get_ref())
+            .map_err(|message| ConfigError::Invalid { origin, message })?;
+        cfg.metrics_allow.push(net);
     }
     if let Some(v) = settings.pick_same(
         "cluster_cidr",
@@ -538,6 +593,33 @@ fn resolve(
     Ok((cfg, warnings))
 }
 
+/// `web_listen`: an `address:port`, or "" for none.
+fn parse_web_listen(v: &str) -> Result<Option<SocketAddr>, String> {
+    if v.trim().is_empty() {
+        return Ok(None);
+    }
+    v.trim().parse().map(Some).map_err(|_| {
+        format!("{v:?} is not an address:port (e.g. \"{DEFAULT_WEB_LISTEN}\"), or \"\" for no web listener")
+    })
+}
+
+/// One `metrics_allow` entry: a CIDR (`10.0.0.0/8`) or a single address (`192.0.2.7`).
+fn parse_allowed_net(v: &str) -> Result<IpNet, String> {
+    let v = v.trim();
+    if let Ok(net) = v.parse::<IpNet>() {
+        if net.trunc() != net {
+            return Err(format!(
+                "{net} has host bits set; did you mean {}?",
+                net.trunc()
+            ));
+        }
+        return Ok(net);
+    }
+    v.parse::<std::net::IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("{v:?} is not a CIDR (e.g. \"10.0.0.0/8\") or an address"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -571,6 +653,42 @@ mod tests {
         assert!(cfg.insecure);
         assert!(cfg.state_dir.is_absolute() && cfg.state_dir.ends_with("state"));
         assert!(warnings.iter().any(|w| w.contains("INSECURE")));
+    }
+
+    #[test]
+    fn web_listen_and_metrics_allow() {
+        let (cfg, _) = load_text("insecure = true\n", &[]).unwrap();
+        assert_eq!(cfg.web_listen, Some("0.0.0.0:7949".parse().unwrap()));
+        assert!(cfg.metrics_allow.is_empty());
+        let (cfg, _) = load_text(
+            "insecure = true\nweb_listen = \"127.0.0.1:9100\"\nmetrics_allow = [\"10.0.0.0/8\", \"192.0.2.7\", \"::1\"]\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(cfg.web_listen, Some("127.0.0.1:9100".parse().unwrap()));
+        let allowed: Vec<String> = cfg.metrics_allow.iter().map(ToString::to_string).collect();
+        assert_eq!(allowed, ["10.0.0.0/8", "192.0.2.7/32", "::1/128"]);
+        let (cfg, _) = load_text("insecure = true\n", &["--web-listen", ""]).unwrap();
+        assert_eq!(cfg.web_listen, None);
+
+        let err = load_text("insecure = true\nweb_listen = \"nowhere\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("controller.toml:2:14 (web_listen)"), "{err}");
+        let err = load_text("insecure = true\nmetrics_allow = [\"10.1.2.3/8\"]\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("(metrics_allow)") && err.contains("did you mean 10.0.0.0/8"),
+            "{err}"
+        );
+        let err = load_text("insecure = true\nweb_listen = \"0.0.0.0:7946\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("(web_listen)") && err.contains("gRPC listen address"),
+            "{err}"
+        );
     }
 
     #[test]

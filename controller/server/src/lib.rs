@@ -11,6 +11,8 @@
 //!   and its gRPC service.
 //! * [`agents`], [`hosts`]: the other gRPC services.
 //! * [`server`]: wiring, health, reflection, graceful shutdown.
+//! * [`metrics`]: the Prometheus registry; [`web`]: the `web_listen` HTTPS listener that
+//!   serves it at `/metrics`.
 //!
 //! Start one in-process with [`start`] (see [`server`]).
 
@@ -25,9 +27,11 @@ pub mod hosts;
 pub mod jobs;
 pub mod leases;
 pub mod membership;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod validate;
+pub mod web;
 pub mod workloads;
 
 pub use config::{Args, ControllerConfig};

@@ -19,6 +19,7 @@ use geomx_proto::tls::{TlsError, TlsMaterial};
 use geomx_proto::v1::agent_service_server::AgentServiceServer;
 use geomx_proto::v1::host_service_server::HostServiceServer;
 use geomx_proto::v1::job_service_server::JobServiceServer;
+use geomx_proto::web::{WebLimits, WebServer};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -37,7 +38,9 @@ use crate::jobs::stub::NoJobApi;
 use crate::jobs::{JobApi, JobOptions, Jobs, JobsError};
 use crate::leases::LeasePool;
 use crate::membership::{HostEvent, Membership, MembershipError, Timing};
+use crate::metrics::ControllerMetrics;
 use crate::store::{Store, StoreError};
+use crate::web::WebState;
 use crate::workloads::{NoWorkloads, Workloads};
 
 /// Largest request the controller decodes (4 MiB).
@@ -62,6 +65,9 @@ pub const CONNECTION_IDLE_TIMEOUT: Duration =
 /// Most connections open at once (agents, users, each with its watch streams multiplexed on
 /// one HTTP/2 connection); one more is closed at once.
 pub const MAX_CONNECTIONS: usize = 4096;
+
+/// Most connections the web listener (`web_listen`) holds at once.
+pub const MAX_WEB_CONNECTIONS: usize = 64;
 
 /// Errors starting or stopping the controller.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +123,9 @@ pub struct RunningController {
     streams: TaskTracker,
     health: HealthReporter,
     shutdown_timeout: Duration,
+    metrics: Arc<ControllerMetrics>,
+    /// The web listener's address and task, when `web_listen` is set.
+    web: Option<(SocketAddr, JoinHandle<()>)>,
 }
 
 /// Starts a controller with the jobs layer and default [`JobOptions`].
@@ -223,6 +232,7 @@ async fn serve(
     }
     let credentials = Arc::new(credentials);
     let auth = Auth::new(credentials.clone(), config.insecure);
+    let metrics = Arc::new(ControllerMetrics::new(membership.clone(), jobs.clone()));
     let shutdown = CancellationToken::new();
     let streams = TaskTracker::new();
     let forwarder = tokio::spawn(forward_host_changes(
@@ -239,7 +249,8 @@ async fn serve(
             shutdown.clone(),
             streams.clone(),
         )
-        .with_backend(config.backend.clone()),
+        .with_backend(config.backend.clone())
+        .with_metrics(metrics.rpc().clone()),
     )
     .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
     // a desired state: at most what an agent decodes
@@ -304,6 +315,23 @@ async fn serve(
     let incoming =
         geomx_proto::incoming::guarded(incoming, CONNECTION_IDLE_TIMEOUT, MAX_CONNECTIONS);
 
+    let web = match config.web_listen {
+        Some(addr) => Some(
+            serve_web(
+                addr,
+                tls.as_ref(),
+                WebState {
+                    metrics: metrics.clone(),
+                    auth: auth.clone(),
+                    metrics_allow: config.metrics_allow.clone(),
+                },
+                shutdown.child_token(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+
     let detector = tokio::spawn(membership.clone().run_loss_detector(shutdown.child_token()));
     let credential_watcher = tokio::spawn(
         credentials
@@ -320,6 +348,7 @@ async fn serve(
     let hosts_known = membership.hosts().len();
     tracing::info!(
         listen = %local_addr,
+        web_listen = web.as_ref().map(|(a, _)| a.to_string()).unwrap_or_default(),
         controller_id = %membership.controller_id(),
         tls = tls.is_some(),
         cluster_cidr = %config.cluster_cidr,
@@ -350,7 +379,36 @@ async fn serve(
         streams,
         health,
         shutdown_timeout: config.shutdown_timeout,
+        metrics,
+        web,
     })
+}
+
+/// Binds `web_listen` and serves [`crate::web::route`] on it (HTTPS with the controller's
+/// certificate when it has one) until `shutdown`.
+async fn serve_web(
+    addr: SocketAddr,
+    tls: Option<&TlsMaterial>,
+    state: WebState,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
+    let tls = tls.map(TlsMaterial::rustls_server_config).transpose()?;
+    let limits = WebLimits {
+        max_connections: MAX_WEB_CONNECTIONS,
+        handshake_timeout: TLS_HANDSHAKE_TIMEOUT,
+        ..WebLimits::default()
+    };
+    let bind_error = |source| ServerError::Bind { addr, source };
+    let server = WebServer::bind(addr, tls, limits)
+        .await
+        .map_err(bind_error)?;
+    let local = server.local_addr().map_err(bind_error)?;
+    let state = Arc::new(state);
+    let task = tokio::spawn(server.serve(
+        move |peer, req| crate::web::route(state.clone(), peer, req),
+        shutdown,
+    ));
+    Ok((local, task))
 }
 
 impl RunningController {
@@ -362,6 +420,16 @@ impl RunningController {
     /// The controller id of the state directory.
     pub fn controller_id(&self) -> &str {
         self.membership.controller_id()
+    }
+
+    /// The web listener's address (`/metrics`), when `web_listen` is set.
+    pub fn web_addr(&self) -> Option<SocketAddr> {
+        self.web.as_ref().map(|(a, _)| *a)
+    }
+
+    /// The controller's metrics ([`ControllerMetrics::render`] is what `/metrics` serves).
+    pub fn metrics(&self) -> &Arc<ControllerMetrics> {
+        &self.metrics
     }
 
     /// The membership (hosts, leases, desired state).
@@ -428,6 +496,7 @@ impl RunningController {
             streams,
             health,
             shutdown_timeout,
+            web,
             ..
         } = self;
         health
@@ -459,6 +528,9 @@ impl RunningController {
         let _ = credential_watcher.await;
         if let Some(t) = ticker {
             let _ = t.await;
+        }
+        if let Some((_, task)) = web {
+            let _ = task.await;
         }
         membership.store().flush().await?;
         tracing::info!("geomx-controller stopped; state flushed");

@@ -990,25 +990,6 @@ enum Stall {
     AfterHandshake,
 }
 
-fn rustls_client(lab: &Lab) -> Arc<rustls::ClientConfig> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = std::fs::read(&lab.pki.ca).expect("ca");
-    roots
-        .add(CertificateDer::from_pem_slice(&ca).expect("ca pem"))
-        .expect("root");
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(config)
-}
-
 async fn stalled_tls(
     addr: SocketAddr,
     config: Arc<rustls::ClientConfig>,
@@ -1132,7 +1113,7 @@ async fn a_flood_of_stalled_connections_neither_blocks_nor_leaks() {
 
     let before = open_fds();
     let addr = lab.addr;
-    let config = rustls_client(&lab);
+    let config = lab.rustls_client(b"h2");
     let started = Instant::now();
     let mut raw = open_many(raw_n, || TcpStream::connect(addr)).await;
     let mut hello = open_many(hello_n, || {

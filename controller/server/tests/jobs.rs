@@ -591,6 +591,23 @@ impl Cluster {
             .into_inner()
     }
 
+    /// Scrapes `/metrics` until `pred` holds.
+    async fn lab_metrics_until(
+        &self,
+        within: Duration,
+        pred: impl Fn(&prometheus_parse::Scrape) -> bool,
+    ) -> prometheus_parse::Scrape {
+        let deadline = Instant::now() + within;
+        loop {
+            let m = self.lab.metrics().await;
+            if pred(&m) {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "metrics: {:?}", m.samples);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Polls the job until `pred` holds.
     async fn wait(&self, name: &str, within: Duration, pred: impl Fn(&Job) -> bool) -> Job {
         let deadline = Instant::now() + within;
@@ -2543,4 +2560,120 @@ async fn the_last_lines_of_every_ended_node_outlive_its_host() {
         want.extend(tail(n).into_iter().map(|l| (false, l)));
         assert_eq!(lines, want, "{n}");
     }
+}
+
+/// `/metrics` on `web_listen`: refused without a token; with one, the documented metrics
+/// with their types, the state gauges, and counters that move as jobs are submitted,
+/// restart, fail and succeed.
+#[tokio::test]
+async fn metrics_follow_submissions_restarts_failures_and_successes() {
+    let c = Cluster::start(&["a", "b", "c"]).await;
+    let (status, body) = c.lab.scrape(None).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("Bearer"), "{body}");
+    let (status, _) = c.lab.scrape(Some("not-a-token-of-this-lab")).await;
+    assert_eq!(status, 401);
+
+    let m = c.lab.metrics().await;
+    for (name, kind_wanted) in [
+        ("geomx_job_submissions_total", "counter"),
+        ("geomx_job_successes_total", "counter"),
+        ("geomx_job_failures_total", "counter"),
+        ("geomx_job_restarts_total", "counter"),
+        ("geomx_job_cancellations_total", "counter"),
+        ("geomx_hosts", "gauge"),
+        ("geomx_jobs", "gauge"),
+        ("geomx_report_duration_seconds", "histogram"),
+        ("geomx_watch_send_duration_seconds", "histogram"),
+    ] {
+        assert_eq!(kind(&m, name), Some(kind_wanted), "{name}");
+    }
+    assert_eq!(sample(&m, "geomx_hosts", &[("state", "ready")]), Some(3.0));
+    assert_eq!(sample(&m, "geomx_hosts", &[("state", "lost")]), Some(0.0));
+    assert_eq!(sample(&m, "geomx_job_submissions_total", &[]), Some(0.0));
+
+    // Run 1: fails, restarts once, fails for good.
+    let j = "hips-test";
+    c.submit(&routed_with_policy(
+        "restart = \"on-failure\"\nmax_restarts = 1",
+    ))
+    .await
+    .expect("accepted");
+    c.wait_phase(j, JobPhase::Running, Duration::from_secs(5))
+        .await;
+    c.sim("b").progress(j, "p-worker-0", 20, 0.75);
+    let m = c
+        .lab_metrics_until(Duration::from_secs(3), |m| {
+            sample(m, "geomx_job_iteration", &[("job", j), ("party", "p")]) == Some(20.0)
+        })
+        .await;
+    assert_eq!(kind(&m, "geomx_job_iteration"), Some("gauge"));
+    assert_eq!(
+        sample(&m, "geomx_job_epoch", &[("job", j), ("party", "p")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&m, "geomx_job_best_accuracy", &[("job", j)]),
+        Some(0.75)
+    );
+    assert!(
+        sample(
+            &m,
+            "geomx_job_iterations_per_second",
+            &[("job", j), ("party", "q")]
+        )
+        .is_some()
+    );
+    assert_eq!(sample(&m, "geomx_jobs", &[("phase", "running")]), Some(1.0));
+    assert_eq!(sample(&m, "geomx_job_submissions_total", &[]), Some(1.0));
+
+    c.sim("c").exit(j, "q-worker-0", 7, &["oops"]);
+    c.wait(j, Duration::from_secs(5), |j| {
+        j.generation == 1 && j.phase == JobPhase::Running as i32
+    })
+    .await;
+    let m = c.lab.metrics().await;
+    assert_eq!(sample(&m, "geomx_job_restarts_total", &[]), Some(1.0));
+    assert_eq!(sample(&m, "geomx_job_failures_total", &[]), Some(0.0));
+    c.sim("c").exit(j, "q-worker-0", 7, &["oops again"]);
+    c.wait_phase(j, JobPhase::Failed, Duration::from_secs(5))
+        .await;
+    let m = c.lab.metrics().await;
+    assert_eq!(sample(&m, "geomx_job_failures_total", &[]), Some(1.0));
+    assert_eq!(sample(&m, "geomx_job_restarts_total", &[]), Some(1.0));
+    assert_eq!(sample(&m, "geomx_jobs", &[("phase", "failed")]), Some(1.0));
+    // an ended job has no training series
+    assert_eq!(
+        sample(&m, "geomx_job_iteration", &[("job", j), ("party", "p")]),
+        None
+    );
+
+    // Run 2: succeeds.
+    running_routed(&c).await;
+    for (h, n) in TRAINING.iter().chain(SHUTTING_DOWN.iter()) {
+        c.sim(h).exit(j, n, 0, &[]);
+    }
+    c.wait_phase(j, JobPhase::Succeeded, Duration::from_secs(3))
+        .await;
+    let m = c.lab.metrics().await;
+    assert_eq!(sample(&m, "geomx_job_submissions_total", &[]), Some(2.0));
+    assert_eq!(sample(&m, "geomx_job_successes_total", &[]), Some(1.0));
+    assert_eq!(sample(&m, "geomx_job_failures_total", &[]), Some(1.0));
+    assert_eq!(
+        sample(&m, "geomx_jobs", &[("phase", "succeeded")]),
+        Some(1.0)
+    );
+    assert_eq!(sample(&m, "geomx_jobs", &[("phase", "failed")]), Some(0.0));
+    let reports = m
+        .samples
+        .iter()
+        .find(|s| s.metric == "geomx_report_duration_seconds_count")
+        .map(|s| match s.value {
+            prometheus_parse::Value::Untyped(v) | prometheus_parse::Value::Counter(v) => v,
+            _ => 0.0,
+        });
+    assert!(
+        reports.is_some_and(|n| n > 0.0),
+        "reports observed: {reports:?}"
+    );
 }

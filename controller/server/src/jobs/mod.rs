@@ -58,6 +58,7 @@ use self::record::{
 };
 use self::view::RunRef;
 use crate::membership::{Membership, MembershipError};
+use crate::metrics::{JobCounters, JobsSummary, PartyTraining};
 use crate::store::{Batch, EventRecord, EventScope, HostState, StoreError, TreeId, now_ms};
 use crate::validate;
 use crate::workloads::{HostChange, WorkloadError, Workloads};
@@ -178,9 +179,11 @@ impl JobEntry {
         !self.meta.phase.is_terminal()
     }
 
-    /// Applies persisted changes and resets the soft state they invalidate.
-    fn apply(&mut self, changes: &Changes, now: Instant) {
+    /// Applies persisted changes and resets the soft state they invalidate; counts the
+    /// phase changes and restarts in `counters`.
+    fn apply(&mut self, changes: &Changes, now: Instant, counters: &JobCounters) {
         if let Some(m) = &changes.meta {
+            counters.observe(&self.meta, m);
             if m.phase != self.meta.phase {
                 self.soft.phase_since = now;
             }
@@ -219,6 +222,8 @@ pub struct Jobs {
     reports: watch::Sender<u64>,
     /// Each host's memory and CPUs from its agent's last report that said (placement).
     capacity: Mutex<BTreeMap<String, limits::HostCapacity>>,
+    /// Submissions and phase changes, for `/metrics` ([`crate::metrics`]).
+    counters: JobCounters,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -273,6 +278,7 @@ impl Jobs {
             changes,
             reports,
             capacity: Mutex::new(BTreeMap::new()),
+            counters: JobCounters::default(),
         }))
     }
 
@@ -283,6 +289,49 @@ impl Jobs {
     /// The options in effect.
     pub fn options(&self) -> &JobOptions {
         &self.options
+    }
+
+    /// The counters of submissions, phase changes and restarts since the process started.
+    pub fn counters(&self) -> &JobCounters {
+        &self.counters
+    }
+
+    /// What the jobs gauges of `/metrics` show: every name's latest phase, and the training
+    /// progress of every party of every active job (see [`crate::metrics`]).
+    pub fn metrics_summary(&self, now: Instant) -> JobsSummary {
+        let inner = self.lock();
+        let mut summary = JobsSummary::default();
+        for e in inner.jobs.values() {
+            summary.phases.push(e.meta.phase);
+            if !e.is_active() {
+                continue;
+            }
+            let mut parties: BTreeMap<&str, PartyTraining> = BTreeMap::new();
+            for (n, soft) in e.idx.plan.nodes.iter().zip(&e.soft.nodes) {
+                let t = parties
+                    .entry(n.party.as_str())
+                    .or_insert_with(|| PartyTraining {
+                        job: e.meta.name.clone(),
+                        party: n.party.clone(),
+                        ..PartyTraining::default()
+                    });
+                t.iterations_per_s = t.iterations_per_s.max(soft.iterations_per_s(now));
+                let progress = soft
+                    .status
+                    .as_ref()
+                    .filter(|s| s.generation == e.meta.generation)
+                    .and_then(|s| s.progress.as_ref());
+                if let Some(p) = progress {
+                    t.iteration = t.iteration.max(p.iteration);
+                    t.epoch = t.epoch.max(p.epoch);
+                    if let Some(a) = p.accuracy.filter(|a| a.is_finite()) {
+                        t.best_accuracy = Some(t.best_accuracy.map_or(a, |b| b.max(a)));
+                    }
+                }
+            }
+            summary.training.extend(parties.into_values());
+        }
+        summary
     }
 
     /// Subscribes to persisted changes (a counter bumped after each).
@@ -676,7 +725,7 @@ impl Jobs {
             }
             let conds = self.host_conds();
             let changes = self.evaluate_entry(&entry, &conds, now, None);
-            entry.apply(&changes, now);
+            entry.apply(&changes, now, &self.counters);
             events.extend(changes.events);
 
             let scope = event_scope(&name, run);
@@ -731,6 +780,7 @@ impl Jobs {
                 p.revision = revision;
             }
             self.changes.send_modify(|v| *v += 1);
+            self.counters.submissions.inc();
             tracing::info!(run, nodes = idx.len(), phase = ?job.phase, "job accepted");
             Ok(job)
         }
@@ -810,7 +860,7 @@ impl Jobs {
         {
             let mut inner = self.lock();
             if let Some(entry) = inner.jobs.get_mut(name) {
-                entry.apply(&changes, now);
+                entry.apply(&changes, now, &self.counters);
             }
         }
         for e in &changes.events {

@@ -50,6 +50,18 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, in the order of a job's life.
+    pub const ALL: [Phase; 8] = [
+        Phase::Pulling,
+        Phase::Pending,
+        Phase::Starting,
+        Phase::Running,
+        Phase::Restarting,
+        Phase::Succeeded,
+        Phase::Failed,
+        Phase::Cancelled,
+    ];
+
     /// True once the job has ended (Succeeded, Failed, Cancelled).
     pub fn is_terminal(self) -> bool {
         matches!(self, Phase::Succeeded | Phase::Failed | Phase::Cancelled)

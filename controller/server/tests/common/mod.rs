@@ -5,6 +5,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use geomx_controller::{ControllerConfig, JobOptions, RunningController};
@@ -110,6 +111,7 @@ impl Lab {
         config.grace_period = GRACE;
         config.shutdown_timeout = Duration::from_secs(5);
         config.tokens = vec![self.pki.token.clone()];
+        config.web_listen = Some("127.0.0.1:0".parse().expect("addr"));
         config
     }
 
@@ -171,6 +173,79 @@ impl Lab {
         .load()
         .expect("agent tls")
         .client_config()
+    }
+
+    /// A rustls client trusting the lab CA, offering `alpn`, without a certificate.
+    pub fn rustls_client(&self, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = std::fs::read(&self.pki.ca).expect("ca");
+        roots
+            .add(CertificateDer::from_pem_slice(&ca).expect("ca pem"))
+            .expect("root");
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        Arc::new(config)
+    }
+
+    /// `GET /metrics` on the controller's web listener (HTTPS unless insecure), with
+    /// `token` as a bearer token: the status code and the body.
+    pub async fn scrape(&self, token: Option<&str>) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.controller().web_addr().expect("web_listen is set");
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        let request =
+            format!("GET /metrics HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n");
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut response = Vec::new();
+        let exchange = async {
+            if self.insecure {
+                let mut tcp = tcp;
+                tcp.write_all(request.as_bytes()).await?;
+                tcp.read_to_end(&mut response).await
+            } else {
+                let name =
+                    rustls::pki_types::ServerName::try_from("localhost").expect("server name");
+                let mut tls = tokio_rustls::TlsConnector::from(self.rustls_client(b"http/1.1"))
+                    .connect(name, tcp)
+                    .await?;
+                tls.write_all(request.as_bytes()).await?;
+                tls.read_to_end(&mut response).await
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("scrape within 10 s")
+            .expect("scrape");
+        let text = String::from_utf8(response).expect("utf-8");
+        let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("a status code");
+        assert!(
+            !head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
+            "a whole body: {head}"
+        );
+        (status, body.to_owned())
+    }
+
+    /// `/metrics` with the lab's token, parsed by a Prometheus text-format parser.
+    pub async fn metrics(&self) -> prometheus_parse::Scrape {
+        let (status, body) = self.scrape(Some(&self.pki.token)).await;
+        assert_eq!(status, 200, "{body}");
+        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+            .expect("Prometheus text format")
     }
 
     /// TLS client config without a certificate.
@@ -285,4 +360,39 @@ pub async fn wait_state(
             return state;
         }
     }
+}
+
+/// The value of the sample `metric` whose labels include `labels` (counters, gauges and
+/// untyped samples), `None` if there is none.
+pub fn sample(
+    scrape: &prometheus_parse::Scrape,
+    metric: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    use prometheus_parse::Value;
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+        .find_map(|s| match s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+}
+
+/// The type of metric `name` as the parser read it: "counter", "gauge", "histogram", ...
+pub fn kind(scrape: &prometheus_parse::Scrape, name: &str) -> Option<&'static str> {
+    use prometheus_parse::Value;
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name)
+        .map(|s| match s.value {
+            Value::Counter(_) => "counter",
+            Value::Gauge(_) => "gauge",
+            Value::Histogram(_) => "histogram",
+            Value::Summary(_) => "summary",
+            Value::Untyped(_) => "untyped",
+        })
 }
