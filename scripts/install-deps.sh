@@ -20,7 +20,14 @@ packages=(
   docker-registry # the lab's registry (geomx-lab up --registry): the distribution v2 server
   apache2-utils   # htpasswd: the lab registry's bcrypt password file
   systemd-container # systemd-nspawn: the booted lab hosts (geomx-lab up --boot)
+  chromium        # headless browser of the dashboard's tests (tests/e2e/src/browser.rs)
+  openssl         # the tests pin the lab controller's key for chromium
+  curl            # the dashboard tests' plain HTTP(S) requests (no browser)
 )
+# Node.js's npm builds the dashboard's JavaScript dependencies (controller/server/web); a
+# machine with Node.js from elsewhere (NodeSource) has npm already and must not get
+# Debian's, which conflicts with it
+command -v npm >/dev/null || packages+=(nodejs npm)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -43,6 +50,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-for tool in ip nsenter unshare iptables iptables-save dockerd docker busybox tar iperf3 wg wireguard-go tcpdump docker-registry htpasswd systemd-nspawn dpkg-deb; do
+for tool in ip nsenter unshare iptables iptables-save dockerd docker busybox tar iperf3 wg wireguard-go tcpdump docker-registry htpasswd systemd-nspawn dpkg-deb chromium openssl curl npm; do
   command -v "$tool" >/dev/null || { echo "install-deps: $tool still missing" >&2; exit 1; }
 done
+
+# the dashboard's npm packages, exactly as web/package-lock.json pins them
+web="$(dirname "$0")/../controller/server/web"
+if [ ! -e "$web/node_modules/.package-lock.json" ] || ! cmp -s "$web/package-lock.json" "$web/node_modules/.package-lock.json.src" 2>/dev/null; then
+  echo "install-deps: npm ci in controller/server/web"
+  (cd "$web" && npm ci --no-audit --no-fund --ignore-scripts >/dev/null && cp package-lock.json node_modules/.package-lock.json.src)
+fi

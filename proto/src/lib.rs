@@ -30,6 +30,7 @@ pub mod config_file;
 pub mod credentials;
 pub mod exposition;
 pub mod incoming;
+pub mod json;
 pub mod logging;
 pub mod pki;
 pub mod pulls;

@@ -13,8 +13,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -24,8 +25,11 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpIncoming};
 
+/// The body of a [`WebResponse`]: whole ([`respond`]) or streamed ([`streamed`]).
+pub type WebBody = UnsyncBoxBody<Bytes, Infallible>;
+
 /// A response of a web handler.
-pub type WebResponse = Response<Full<Bytes>>;
+pub type WebResponse = Response<WebBody>;
 
 /// Bounds of a [`WebServer`].
 #[derive(Clone, Copy, Debug)]
@@ -197,7 +201,7 @@ pub fn respond(
     content_type: &'static str,
     body: impl Into<Bytes>,
 ) -> WebResponse {
-    let mut r = Response::new(Full::new(body.into()));
+    let mut r = Response::new(Full::new(body.into()).boxed_unsync());
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -209,4 +213,22 @@ pub fn plain(status: StatusCode, message: impl Into<String>) -> WebResponse {
     let mut text = message.into();
     text.push('\n');
     respond(status, "text/plain; charset=utf-8", text)
+}
+
+/// A 200 response of `content_type` whose body is every chunk `chunks` yields, sent as it
+/// comes (chunked), ending when the sender is dropped (server-sent events, say). The
+/// connection's bounds ([`WebLimits`]) still apply: a stream must end before the
+/// connection's deadline, and one whose client reads nothing is closed by its idle timeout.
+pub fn streamed(
+    content_type: &'static str,
+    chunks: tokio::sync::mpsc::Receiver<Bytes>,
+) -> WebResponse {
+    let frames = futures::stream::unfold(chunks, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        Some((Ok::<_, Infallible>(Frame::data(chunk)), rx))
+    });
+    let mut r = Response::new(StreamBody::new(frames).boxed_unsync());
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
 }

@@ -4,6 +4,7 @@
 //! e.g. a failed node's log tail, are indented below). `JOB#RUN` lists an earlier run of a
 //! reused name. `--output json` prints `{"events": [...]}`.
 
+pub use geomx_proto::json::event_json;
 use std::process::ExitCode;
 
 use geomx_proto::v1::{Event, JobEventsRequest};
@@ -46,18 +47,6 @@ pub fn run(args: &EventsArgs, cli: &Cli) -> anyhow::Result<ExitCode> {
             Output::Table => print!("{}", render(&events)),
         }
         Ok(ExitCode::SUCCESS)
-    })
-}
-
-/// An event in `--output json`.
-pub fn event_json(e: &Event) -> serde_json::Value {
-    json!({
-        "at_ms": e.at_ms,
-        "kind": e.kind,
-        "message": e.message,
-        "node": e.node,
-        "host": e.host,
-        "generation": e.generation,
     })
 }
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use geomx_proto::v1::{
     CancelJobRequest, GetJobRequest, Host, HostRequest, JobPhase, ListHostsRequest, ListJobsRequest,
 };
+use geomx_proto::json::{HostJson, host_json, scheduling};
 use serde::Serialize;
 
 use crate::client::{ConnectOptions, Remote, connect, runtime};
@@ -81,46 +82,6 @@ pub enum HostAction {
     },
 }
 
-/// A host in `--output json`.
-#[derive(Debug, Serialize)]
-struct HostJson<'a> {
-    name: &'a str,
-    underlay_ip: &'a str,
-    subnet: &'a str,
-    state: &'a str,
-    heartbeat_age_ms: u64,
-    agent_version: &'a str,
-    network_converged: bool,
-    network_error: &'a str,
-    links: Vec<LinkJson<'a>>,
-    containers: u32,
-    agent_url: &'a str,
-    registered_at_ms: i64,
-    images: &'a [String],
-    cordoned: bool,
-    scheduling: &'static str,
-    /// The WireGuard public key the host registered (`null`: none).
-    wireguard_public_key: Option<&'a str>,
-    /// Its WireGuard UDP port (`null`: none).
-    wireguard_port: Option<u32>,
-}
-
-/// One peer link in `--output json`.
-#[derive(Debug, Serialize)]
-struct LinkJson<'a> {
-    peer: &'a str,
-    backend: &'a str,
-    rtt_ms: f64,
-    loss_pct: f64,
-    /// Seconds since the last WireGuard handshake (`null`: never, or not WireGuard).
-    handshake_age_s: Option<i64>,
-}
-
-/// `enabled` or `cordoned`.
-fn scheduling(h: &Host) -> &'static str {
-    if h.cordoned { "cordoned" } else { "enabled" }
-}
-
 /// Runs `geomxctl hosts`.
 pub fn run(args: &HostsArgs, cli: &Cli) -> anyhow::Result<ExitCode> {
     if let Some(action) = &args.action {
@@ -151,39 +112,6 @@ pub async fn list(opts: &ConnectOptions) -> anyhow::Result<Vec<Host>> {
         .await
         .map(|r| r.into_inner().hosts)
         .map_err(|s| remote.explain("listing hosts", s))
-}
-
-fn host_json(h: &Host) -> HostJson<'_> {
-    HostJson {
-        name: &h.name,
-        underlay_ip: &h.underlay_ip,
-        subnet: &h.subnet,
-        state: &h.state,
-        heartbeat_age_ms: h.heartbeat_age_ms,
-        agent_version: &h.agent_version,
-        network_converged: h.network_converged,
-        network_error: &h.network_error,
-        links: h
-            .links
-            .iter()
-            .map(|l| LinkJson {
-                peer: &l.peer,
-                backend: &l.backend,
-                rtt_ms: l.rtt_ms,
-                loss_pct: l.loss_pct,
-                handshake_age_s: (l.handshake_age_s >= 0).then_some(l.handshake_age_s),
-            })
-            .collect(),
-        containers: h.containers,
-        agent_url: &h.agent_url,
-        registered_at_ms: h.registered_at_ms,
-        images: &h.images,
-        cordoned: h.cordoned,
-        scheduling: scheduling(h),
-        wireguard_public_key: (!h.wireguard_public_key.is_empty())
-            .then_some(h.wireguard_public_key.as_str()),
-        wireguard_port: (h.wireguard_port != 0).then_some(h.wireguard_port),
-    }
 }
 
 fn print_host(h: &Host, output: Output, message: &str) -> anyhow::Result<()> {

@@ -7,9 +7,11 @@
 
 use std::process::ExitCode;
 
-use geomx_proto::v1::{ContainerState, Job, JobNode, JobPhase, ListJobsRequest};
-use serde_json::{Value, json};
+use geomx_proto::v1::{Job, JobNode, JobPhase, ListJobsRequest};
+use serde_json::json;
 use tonic::{Code, Status};
+
+pub use geomx_proto::json::{job_json, phase_name, pull_json, state_name};
 
 use crate::client::{ConnectOptions, Remote, connect, runtime};
 use crate::table::Table;
@@ -119,41 +121,12 @@ pub fn is_refusal(code: Code) -> bool {
     )
 }
 
-/// `Pending`, `Running`, ...
-pub fn phase_name(phase: i32) -> &'static str {
-    match JobPhase::try_from(phase) {
-        Ok(JobPhase::Pending) => "Pending",
-        Ok(JobPhase::Pulling) => "Pulling",
-        Ok(JobPhase::Starting) => "Starting",
-        Ok(JobPhase::Running) => "Running",
-        Ok(JobPhase::Succeeded) => "Succeeded",
-        Ok(JobPhase::Failed) => "Failed",
-        Ok(JobPhase::Cancelled) => "Cancelled",
-        Ok(JobPhase::Restarting) => "Restarting",
-        _ => "Unknown",
-    }
-}
-
 /// True once the job has ended.
 pub fn is_terminal(phase: i32) -> bool {
     matches!(
         JobPhase::try_from(phase),
         Ok(JobPhase::Succeeded | JobPhase::Failed | JobPhase::Cancelled)
     )
-}
-
-/// `pending`, `running`, `exited`, `failed`, ...
-pub fn state_name(state: i32) -> &'static str {
-    match ContainerState::try_from(state) {
-        Ok(ContainerState::Pending) => "pending",
-        Ok(ContainerState::Created) => "created",
-        Ok(ContainerState::Running) => "running",
-        Ok(ContainerState::Exited) => "exited",
-        Ok(ContainerState::Failed) => "failed",
-        Ok(ContainerState::Missing) => "missing",
-        Ok(ContainerState::Stopped) => "stopped",
-        _ => "-",
-    }
 }
 
 /// A node's state for tables: `running`, `exited(0)`, `failed(3)`; once its job ended, how
@@ -170,110 +143,6 @@ pub fn node_state(n: &JobNode) -> String {
             None => state_name(s.state).to_owned(),
         },
     }
-}
-
-/// The JSON form of a job (nodes included when the job has them).
-pub fn job_json(j: &Job) -> Value {
-    let mut v = json!({
-        "name": j.name,
-        "mode": j.mode,
-        "phase": phase_name(j.phase),
-        "reason": j.reason,
-        "restarts": j.restarts,
-        "max_restarts": j.max_restarts,
-        "generation": j.generation,
-        "submitted_at_ms": j.submitted_at_ms,
-        "running_at_ms": j.running_at_ms,
-        "finished_at_ms": j.finished_at_ms,
-        "node_count": j.node_count,
-        "running_nodes": j.running_nodes,
-        "image": j.image,
-        "image_digest": j.image_digest,
-        "image_pull": j.image_pull,
-        "submitted_by": j.submitted_by,
-        "cancelled_by": j.cancelled_by,
-    });
-    if !j.pulls.is_empty() {
-        v["pulls"] = Value::Array(
-            j.pulls
-                .iter()
-                .filter_map(|p| Some((p.host.as_str(), p.pull.as_ref()?)))
-                .map(|(host, p)| pull_json(host, p))
-                .collect(),
-        );
-    }
-    if !j.nodes.is_empty() {
-        v["nodes"] = Value::Array(j.nodes.iter().map(node_json).collect());
-    }
-    if !j.rendezvous.is_empty() {
-        v["rendezvous"] = Value::Array(
-            j.rendezvous
-                .iter()
-                .map(|r| {
-                    json!({
-                        "scheduler": r.scheduler,
-                        "host": r.host,
-                        "registered": r.registered,
-                        "expected": r.expected,
-                        "waiting": r.waiting,
-                        "complete": r.complete,
-                        "summary": r.summary,
-                    })
-                })
-                .collect(),
-        );
-    }
-    v
-}
-
-/// The JSON form of one host's image pull.
-pub fn pull_json(host: &str, p: &geomx_proto::v1::ImagePull) -> Value {
-    json!({
-        "host": host,
-        "image": p.image,
-        "registry": p.registry,
-        "state": p.state,
-        "bytes_done": p.bytes_done,
-        "bytes_total": p.bytes_total,
-        "layers_done": p.layers_done,
-        "layers_total": p.layers_total,
-        "attempt": p.attempt,
-        "error": p.error,
-        "started_at_ms": p.started_at_ms,
-        "updated_at_ms": p.updated_at_ms,
-    })
-}
-
-/// The JSON form of a node.
-pub fn node_json(n: &JobNode) -> Value {
-    let s = n.status.clone().unwrap_or_default();
-    let p = s.progress.clone();
-    json!({
-        "name": n.name,
-        "role": n.role,
-        "party": n.party,
-        "host": n.host,
-        "ip": s.ip,
-        "state": state_name(s.state),
-        "end": n.end,
-        "exit_code": s.exit_code,
-        "error": s.error,
-        "log_tail": s.log_tail,
-        "generation": s.generation,
-        "container_id": s.container_id,
-        "restarts": s.restarts,
-        "started_at_ms": s.started_at_ms,
-        "finished_at_ms": s.finished_at_ms,
-        "heartbeat_age_ms": n.heartbeat_age_ms,
-        "iterations_per_s": n.iterations_per_s,
-        "progress": p.map(|p| json!({
-            "epoch": p.epoch,
-            "iteration": p.iteration,
-            "accuracy": p.accuracy,
-            "observed_at_ms": p.observed_at_ms,
-            "metrics": p.metrics,
-        })),
-    })
 }
 
 /// Now, Unix milliseconds.

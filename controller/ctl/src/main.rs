@@ -24,6 +24,7 @@ mod rm;
 mod status;
 mod submit;
 mod table;
+mod web;
 
 /// How results are printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -95,6 +96,8 @@ pub enum Command {
     Pull(images::PullArgs),
     /// Make the CA, certificates and tokens of a cluster (no controller needed).
     Certs(certs::CertsArgs),
+    /// The dashboard's URL and a login link (--open: open it in a browser).
+    Web(web::WebArgs),
 }
 
 fn main() -> ExitCode {
@@ -121,6 +124,7 @@ fn main() -> ExitCode {
         Command::Images(args) => images::run_images(args, &cli),
         Command::Pull(args) => images::run_pull(args, &cli),
         Command::Certs(args) => certs::run(args, cli.output),
+        Command::Web(args) => web::run(args, &cli),
     };
     match result {
         Ok(code) => code,

@@ -23,6 +23,7 @@ pub mod auth;
 pub mod backup;
 pub mod config;
 pub mod credentials;
+pub mod dashboard;
 pub mod hosts;
 pub mod jobs;
 pub mod leases;

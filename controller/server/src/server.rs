@@ -40,6 +40,8 @@ use crate::leases::LeasePool;
 use crate::membership::{HostEvent, Membership, MembershipError, Timing};
 use crate::metrics::ControllerMetrics;
 use crate::store::{Store, StoreError};
+use crate::dashboard::Dashboard;
+use crate::dashboard::curves::Curves;
 use crate::web::WebState;
 use crate::workloads::{NoWorkloads, Workloads};
 
@@ -118,6 +120,8 @@ pub struct RunningController {
     forwarder: JoinHandle<()>,
     jobs: Option<Arc<Jobs>>,
     ticker: Option<JoinHandle<()>>,
+    /// The dashboard's curve sampler, when `web_listen` is set.
+    sampler: Option<JoinHandle<()>>,
     credentials: Arc<Credentials>,
     credential_watcher: JoinHandle<()>,
     streams: TaskTracker,
@@ -315,6 +319,7 @@ async fn serve(
     let incoming =
         geomx_proto::incoming::guarded(incoming, CONNECTION_IDLE_TIMEOUT, MAX_CONNECTIONS);
 
+    let curves = Arc::new(Curves::new());
     let web = match config.web_listen {
         Some(addr) => Some(
             serve_web(
@@ -324,6 +329,13 @@ async fn serve(
                     metrics: metrics.clone(),
                     auth: auth.clone(),
                     metrics_allow: config.metrics_allow.clone(),
+                    dashboard: Arc::new(Dashboard::new(
+                        membership.clone(),
+                        jobs.clone(),
+                        auth.clone(),
+                        curves.clone(),
+                        tls.is_some(),
+                    )),
                 },
                 shutdown.child_token(),
             )
@@ -341,6 +353,13 @@ async fn serve(
     let ticker = jobs
         .as_ref()
         .map(|j| tokio::spawn(j.clone().run_ticker(shutdown.child_token())));
+    let sampler = jobs.as_ref().filter(|_| config.web_listen.is_some()).map(|j| {
+        tokio::spawn(crate::dashboard::curves::run_sampler(
+            curves.clone(),
+            j.clone(),
+            shutdown.child_token(),
+        ))
+    });
     let server = tokio::spawn(
         router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),
     );
@@ -374,6 +393,7 @@ async fn serve(
         forwarder,
         jobs,
         ticker,
+        sampler,
         credentials,
         credential_watcher,
         streams,
@@ -471,6 +491,9 @@ impl RunningController {
                 if let Some(t) = self.ticker.as_mut() {
                     let _ = t.await;
                 }
+                if let Some(t) = self.sampler.as_mut() {
+                    let _ = t.await;
+                }
                 self.membership.store().flush().await?;
                 return match ended {
                     Ok(Ok(())) => Ok(()),
@@ -492,6 +515,7 @@ impl RunningController {
             detector,
             forwarder,
             ticker,
+            sampler,
             credential_watcher,
             streams,
             health,
@@ -527,6 +551,9 @@ impl RunningController {
         let _ = forwarder.await;
         let _ = credential_watcher.await;
         if let Some(t) = ticker {
+            let _ = t.await;
+        }
+        if let Some(t) = sampler {
             let _ = t.await;
         }
         if let Some((_, task)) = web {

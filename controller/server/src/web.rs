@@ -1,7 +1,7 @@
 //! The controller's web listener (`web_listen`): HTTPS with the controller's certificate
 //! (plain HTTP only when the controller itself runs insecure), bounded as
 //! [`geomx_proto::web`] bounds it, routing by path. Today it serves `/metrics`
-//! ([`crate::metrics`]); a dashboard can be added as more routes in [`route`].
+//! ([`crate::metrics`]) and the dashboard ([`crate::dashboard`]: every other path).
 //!
 //! `/metrics` needs `Authorization: Bearer <token>` with a token of the controller's token
 //! store (any role: `read` suffices; revoked tokens are refused, as on the gRPC API), or a
@@ -19,6 +19,7 @@ use ipnet::IpNet;
 use tonic::metadata::MetadataMap;
 
 use crate::auth::Auth;
+use crate::dashboard::Dashboard;
 use crate::metrics::ControllerMetrics;
 
 /// What the routes need.
@@ -30,6 +31,8 @@ pub struct WebState {
     pub auth: Auth,
     /// Source networks allowed without a token.
     pub metrics_allow: Vec<IpNet>,
+    /// The dashboard (every path but `/metrics`).
+    pub dashboard: Arc<Dashboard>,
 }
 
 /// Answers one request.
@@ -52,7 +55,13 @@ pub async fn route(state: Arc<WebState>, peer: SocketAddr, req: Request<Incoming
                 state.metrics.render(),
             )
         }
-        _ => plain(StatusCode::NOT_FOUND, "not found: try /metrics"),
+        _ => {
+            let dashboard = state.dashboard.clone();
+            match dashboard.route(peer, req).await {
+                Some(r) => r,
+                None => plain(StatusCode::NOT_FOUND, "not found: try / or /metrics"),
+            }
+        }
     }
 }
 

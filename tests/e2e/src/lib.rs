@@ -2,6 +2,7 @@
 
 #![warn(missing_docs)]
 
+pub mod browser;
 pub mod faults;
 pub mod net;
 

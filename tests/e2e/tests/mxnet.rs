@@ -5,11 +5,19 @@
 //!
 //! Needs the image's root file system tarball: `scripts/build-mxnet-image.sh` (the README's
 //! test command builds it), or `GEOMX_MXNET_TAR=/path/to/tar`.
+//!
+//! The dashboard is watched while the job trains, in headless Chromium inside the lab
+//! (tests/e2e/src/browser.rs): login with the lab token, the cluster's two data centers,
+//! the job page's topology with every node, the training curve gaining points without a
+//! reload, then a failing job whose node turns red with its reason; no console errors;
+//! screenshots in target/test-artifacts/dashboard/ (or `$GEOMX_TEST_ARTIFACTS`). Without a
+//! token the pages and the API refuse; `/metrics` counts the runs.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use geomx_e2e::browser::{Browser, artifacts_dir, spki_pin};
 use geomx_e2e::lab_tests_enabled;
 use geomx_lab::topology::parse_topology;
 use geomx_lab::{Binaries, Cluster, ClusterSpec, Lab, LabSpec};
@@ -61,6 +69,20 @@ fn mxnet_example_trains_across_two_data_centers() -> anyhow::Result<()> {
         },
         Binaries::find()?,
     )?;
+    let shots = artifacts_dir().join("dashboard");
+    let web = c.web_url();
+    refused_without_a_token(&c)?;
+    let mut b = Browser::launch(
+        c.lab(),
+        &c.lab().controller_netns(),
+        Some(&spki_pin(&c.controller_cert())?),
+    )?;
+    log_in(&mut b, &web, c.token())?;
+    b.wait_for(
+        "document.querySelectorAll('#cluster .site').length === 2 && document.querySelectorAll('#cluster tr.host').length === 2",
+        Duration::from_secs(20),
+    )
+    .context("the cluster page shows the two data centers, one host each")?;
     // The example, with GeoMX's ps::Finalize crash imitated: the scheduler and the servers
     // exit 139 after MXNet's own exit. The job must still succeed, naming each 139.
     let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/mxnet-ps.toml");
@@ -84,6 +106,41 @@ fn mxnet_example_trains_across_two_data_centers() -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // the job page: every node of the plan in the topology, then a curve that grows while
+    // the page stays loaded (no reload: the marker set on the window survives)
+    let planned = c.job("mxnet-ps")?["node_count"].as_u64().unwrap_or(0);
+    ensure!(planned == 7, "the example plans 7 nodes, the controller says {planned}");
+    b.navigate(&format!("{web}/#/jobs/mxnet-ps"))?;
+    b.eval("window.__noReload = 1")?;
+    b.wait_for(
+        &format!("document.querySelectorAll('.topology .node').length === {planned}"),
+        Duration::from_secs(30),
+    )
+    .context("the topology shows every node")?;
+    let first_points = b
+        .wait_for(
+            "Number(document.getElementById('curves').dataset.points || 0)",
+            Duration::from_secs(120),
+        )
+        .context("the curve gets points while the job trains")?
+        .as_u64()
+        .unwrap_or(0);
+    let grown = b
+        .wait_for(
+            &format!(
+                "window.__noReload === 1 && Number(document.getElementById('curves').dataset.points) > {first_points} && document.querySelectorAll('.curves .uplot').length === 2"
+            ),
+            Duration::from_secs(60),
+        )
+        .context("the curve gains points without a reload")?;
+    ensure!(grown == serde_json::json!(true));
+    let phase = c.job("mxnet-ps")?["phase"].clone();
+    ensure!(
+        phase == "Running",
+        "the curve grew while the job was {phase}, not while it trained"
+    );
+    b.screenshot(&shots.join("job-training.png"))?;
 
     // sample every worker's accuracy while it trains
     let start = Instant::now();
@@ -176,6 +233,180 @@ fn mxnet_example_trains_across_two_data_centers() -> anyhow::Result<()> {
     );
     ensure!(job["restarts"] == 0, "restarted: {job}");
     let _ = std::fs::remove_file(&crashing);
+
+    // the page followed the job to its end: Succeeded, every worker exited 0
+    b.wait_for(
+        "document.querySelector('#job-header .phase-succeeded') !== null && document.querySelectorAll('.topology .node[data-state=exited]').length >= 4",
+        Duration::from_secs(20),
+    )
+    .context("the job page shows the job succeeded")?;
+    b.screenshot(&shots.join("job-succeeded.png"))?;
+
+    failed_node_turns_red(&c, &mut b, &web, &shots)?;
+
+    b.navigate(&format!("{web}/#/"))?;
+    b.wait_for(
+        "document.querySelectorAll('#jobs tr[data-job]').length === 2",
+        Duration::from_secs(20),
+    )?;
+    b.screenshot(&shots.join("cluster.png"))?;
+    b.drain()?;
+    ensure!(
+        b.errors().is_empty(),
+        "the dashboard logged errors: {:#?}",
+        b.errors()
+    );
+    b.close()?;
+    metrics_counted_the_runs(&c)?;
     c.down()?;
+    Ok(())
+}
+
+/// curl inside the controller's namespace, trusting the lab CA: (status, body).
+fn curl(c: &Cluster, args: &[&str]) -> anyhow::Result<(u16, String)> {
+    let ca = c.ca_cert().display().to_string();
+    let mut argv = vec!["curl", "-sS", "--max-time", "10", "--cacert", &ca, "-w", "\n%{http_code}"];
+    argv.extend_from_slice(args);
+    let out = c.lab().controller_netns().run(&argv)?;
+    let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", out.trim()));
+    Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
+}
+
+/// Without a token: the dashboard sends the browser to /login, its API and /metrics
+/// answer 401, and a wrong token is refused.
+fn refused_without_a_token(c: &Cluster) -> anyhow::Result<()> {
+    let web = c.web_url();
+    let (code, _) = curl(c, &[&format!("{web}/")])?;
+    ensure!(code == 303, "/ without a session: {code}");
+    for path in ["/api/cluster", "/api/jobs", "/api/jobs/mxnet-ps", "/metrics"] {
+        let (code, body) = curl(c, &[&format!("{web}{path}")])?;
+        ensure!(code == 401, "{path} without a token: {code} {body}");
+    }
+    let (code, body) = curl(
+        c,
+        &["-d", "token=not-the-token-0123456789", &format!("{web}/login")],
+    )?;
+    ensure!(
+        code == 401 && body.contains("invalid"),
+        "a wrong token: {code} {body}"
+    );
+    let (code, _) = curl(
+        c,
+        &[
+            "-H",
+            &format!("Authorization: Bearer {}", c.token()),
+            &format!("{web}/api/jobs"),
+        ],
+    )?;
+    ensure!(code == 200, "/api/jobs with the token: {code}");
+    Ok(())
+}
+
+/// Logs in through the login form and waits for the cluster page.
+fn log_in(b: &mut Browser, web: &str, token: &str) -> anyhow::Result<()> {
+    b.navigate(&format!("{web}/"))?;
+    b.wait_for(
+        "location.pathname === '/login' && document.getElementById('token') !== null",
+        Duration::from_secs(10),
+    )
+    .context("without a session the dashboard shows its login page")?;
+    b.eval(&format!(
+        "document.getElementById('token').value = {}; document.getElementById('login').requestSubmit(); true",
+        serde_json::json!(token)
+    ))?;
+    b.wait_for(
+        "location.pathname === '/' && document.getElementById('cluster') !== null",
+        Duration::from_secs(20),
+    )
+    .context("after login the dashboard shows the cluster")?;
+    Ok(())
+}
+
+/// A job whose first worker exits 3 at once: its page shows that node red with the reason
+/// the controller gives.
+fn failed_node_turns_red(
+    c: &Cluster,
+    b: &mut Browser,
+    web: &str,
+    shots: &std::path::Path,
+) -> anyhow::Result<()> {
+    let job = r#"
+name = "mxnet-fails"
+mode = "ps"
+image = "geomx/mxnet:1.9.1"
+network = "routed"
+
+[command]
+scheduler = ["python3", "-c", "import mxnet"]
+server = ["python3", "-c", "import mxnet"]
+worker = ["sh", "-c", "if [ {slice} = 0 ]; then echo 'bad input: cannot read the data slice' >&2; exit 3; fi; exec python3 -c 'import mxnet'"]
+
+[[party]]
+name = "ps"
+hosts = ["a", "b"]
+workers = 2
+servers = 1
+scheduler_port = 9092
+"#;
+    c.submit_ok("mxnet-fails.toml", job)?;
+    b.navigate(&format!("{web}/#/jobs/mxnet-fails"))?;
+    let reason = b
+        .wait_for(
+            "(() => { const n = document.querySelector('.topology .node[data-state=failed]');              return n && document.querySelector('#job-header .phase-failed') ?              n.dataset.node + ' | ' + getComputedStyle(n).backgroundColor + ' | ' + n.querySelector('.node-reason').textContent : null })()",
+            Duration::from_secs(90),
+        )
+        .context("the failed worker turns red with its reason")?;
+    let reason = reason.as_str().unwrap_or_default().to_owned();
+    let parts: Vec<&str> = reason.split(" | ").collect();
+    ensure!(parts.len() == 3, "{reason}");
+    let job = c.job("mxnet-fails")?;
+    ensure!(job["phase"] == "Failed", "{job}");
+    let failed = job["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["name"] == parts[0])
+        .with_context(|| format!("the page's failed node {} is not in {job}", parts[0]))?;
+    ensure!(failed["exit_code"] == 3, "{failed}");
+    // red: the node's background is the failure colour (#ffebe9)
+    ensure!(parts[1] == "rgb(255, 235, 233)", "not red: {reason}");
+    ensure!(parts[2].contains('3'), "the reason names the exit code: {reason}");
+    ensure!(
+        job["reason"].as_str().is_some_and(|r| r.contains(parts[0])),
+        "the job's reason names the node the page shows red: {job}"
+    );
+    b.screenshot(&shots.join("job-failed.png"))?;
+    Ok(())
+}
+
+/// `/metrics` (with the lab token) counted both runs: two submissions, one success, one
+/// failure.
+fn metrics_counted_the_runs(c: &Cluster) -> anyhow::Result<()> {
+    let (code, body) = curl(
+        c,
+        &[
+            "-H",
+            &format!("Authorization: Bearer {}", c.token()),
+            &format!("{}/metrics", c.web_url()),
+        ],
+    )?;
+    ensure!(code == 200, "/metrics: {code} {body}");
+    let lines = body.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines)?;
+    let value = |name: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+    };
+    ensure!(value("geomx_job_submissions_total") == Some(2.0), "{body}");
+    ensure!(value("geomx_job_successes_total") == Some(1.0), "{body}");
+    ensure!(value("geomx_job_failures_total") == Some(1.0), "{body}");
     Ok(())
 }

@@ -22,6 +22,8 @@ use crate::registry::write_auth_file;
 
 /// The controller's gRPC port.
 pub const CONTROLLER_PORT: u16 = 7946;
+/// The lab controller's web listener port (`web_listen`: `/metrics` and the dashboard).
+pub const WEB_PORT: u16 = 7949;
 /// Name of the lab's admin token in the tokens file.
 pub const LAB_TOKEN_NAME: &str = "lab";
 /// File beside the tokens file keeping the lab's admin secret (mode 0600), for
@@ -295,9 +297,31 @@ impl Cluster {
         format!("{scheme}://{}:{CONTROLLER_PORT}", self.lab.controller_ip())
     }
 
+    /// The dashboard's URL (the controller's `web_listen`) as hosts (and the underlay
+    /// namespace) reach it.
+    pub fn web_url(&self) -> String {
+        let scheme = if self.spec.tls { "https" } else { "http" };
+        format!("{scheme}://{}:{WEB_PORT}", self.lab.controller_ip())
+    }
+
+    /// The controller's web listener in the underlay namespace.
+    pub fn web_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.lab.controller_ip(), WEB_PORT))
+    }
+
     /// The controller's address in the underlay namespace.
     pub fn controller_addr(&self) -> SocketAddr {
         SocketAddr::from((self.lab.controller_ip(), CONTROLLER_PORT))
+    }
+
+    /// The controller's certificate (PEM), in a TLS cluster.
+    pub fn controller_cert(&self) -> PathBuf {
+        self.tls_dir().join("controller.pem")
+    }
+
+    /// The cluster's CA certificate (PEM), in a TLS cluster.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.tls_dir().join("ca.pem")
     }
 
     fn tls_dir(&self) -> PathBuf {
@@ -401,6 +425,7 @@ impl Cluster {
         let mut text = format!(
             "# geomx-controller of lab {lab}\n\
              listen = \"{ctl_ip}:{CONTROLLER_PORT}\"\n\
+             web_listen = \"{ctl_ip}:{WEB_PORT}\"\n\
              cluster_cidr = \"172.17.0.0/16\"\n\
              host_subnet_prefix = 24\n\
              state_dir = \"{state}\"\n\
@@ -922,3 +947,5 @@ fn pipe(mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
 
 /// The IPv4 loopback address and port people's geomxctl uses to reach a lab's controller.
 pub const FORWARD_ADDR: (Ipv4Addr, u16) = (Ipv4Addr::LOCALHOST, CONTROLLER_PORT);
+/// The IPv4 loopback address and port people's browsers use to reach a lab's dashboard.
+pub const WEB_FORWARD_ADDR: (Ipv4Addr, u16) = (Ipv4Addr::LOCALHOST, WEB_PORT);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use geomx_lab::cluster::{FORWARD_ADDR, forward};
+use geomx_lab::cluster::{FORWARD_ADDR, WEB_FORWARD_ADDR, WEB_PORT, forward};
 use geomx_lab::topology::{
     fmt_duration, fmt_loss, fmt_rate, parse_duration, parse_loss, parse_rate,
 };
@@ -58,6 +58,10 @@ enum Command {
         /// Where people's geomxctl reaches the controller (a forwarder into the lab).
         #[arg(long, default_value_t = SocketAddr::from(FORWARD_ADDR))]
         forward: SocketAddr,
+        /// Where people's browsers reach the controller's dashboard and /metrics (a
+        /// forwarder to its web_listen; `geomx-lab env` exports it as GEOMX_WEB_URL).
+        #[arg(long, default_value_t = SocketAddr::from(WEB_FORWARD_ADDR))]
+        web_forward: SocketAddr,
         /// Run a container registry (TLS from the lab's CA, htpasswd auth) in its own
         /// namespace: on the underlay, or in the topology's `[registry] dc` (default its first
         /// data center). The test image and the MXNet image (from --mxnet-tar, else
@@ -125,6 +129,9 @@ enum Command {
         /// The lab directory (marks the process as the lab's, for teardown).
         #[arg(long)]
         dir: PathBuf,
+        /// The controller's port to forward to.
+        #[arg(long, default_value_t = CONTROLLER_PORT)]
+        port: u16,
     },
 }
 
@@ -225,6 +232,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             insecure,
             mxnet_tar,
             forward: forward_addr,
+            web_forward: web_forward_addr,
             registry,
             no_mxnet,
             images,
@@ -334,9 +342,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .context(format!("starting geomx in the lab ({})", dir.display()));
                 }
             };
-            start_forwarder(&cluster, *forward_addr)?;
+            start_forwarder(&cluster, *forward_addr, CONTROLLER_PORT, "forward")?;
+            start_forwarder(&cluster, *web_forward_addr, WEB_PORT, "forward-web")?;
             let scheme = if *insecure { "http" } else { "https" };
-            let env = cluster.ctl_env(&format!("{scheme}://{forward_addr}"));
+            let mut env = cluster.ctl_env(&format!("{scheme}://{forward_addr}"));
+            env.push((
+                "GEOMX_WEB_URL".into(),
+                format!("{scheme}://{web_forward_addr}"),
+            ));
             let mut text: String = env
                 .iter()
                 .map(|(k, v)| format!("export {k}={v}\n"))
@@ -348,6 +361,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "controller: {} (in the lab), {scheme}://{forward_addr} (from here)",
                 cluster.controller_url()
+            );
+            println!(
+                "dashboard: {scheme}://{web_forward_addr} (from here; `geomxctl web` prints a login link)"
             );
             println!(
                 "use geomxctl from here after:  eval \"$(geomx-lab --name {} env)\"",
@@ -412,12 +428,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("{} exited with {status}", argv[0]);
             }
         }
-        Command::Forward { listen, dir: _ } => {
+        Command::Forward {
+            listen,
+            dir: _,
+            port,
+        } => {
             let lab = attach(&cli)?;
             forward(
                 *listen,
                 &lab.controller_netns(),
-                SocketAddr::from((lab.controller_ip(), CONTROLLER_PORT)),
+                SocketAddr::from((lab.controller_ip(), *port)),
             )?;
         }
         Command::DelayLine { dir } => delayline::run(dir)?,
@@ -429,12 +449,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start_forwarder(cluster: &Cluster, listen: SocketAddr) -> anyhow::Result<()> {
+fn start_forwarder(
+    cluster: &Cluster,
+    listen: SocketAddr,
+    port: u16,
+    process: &str,
+) -> anyhow::Result<()> {
     let lab = cluster.lab();
     let me = std::env::current_exe().context("locating geomx-lab")?;
     let p = lab.spawn(
         &Netns::of_pid(std::process::id()),
-        "forward",
+        process,
         &[
             me.display().to_string(),
             "--name".into(),
@@ -446,6 +471,8 @@ fn start_forwarder(cluster: &Cluster, listen: SocketAddr) -> anyhow::Result<()> 
             listen.to_string(),
             "--dir".into(),
             lab.dir().display().to_string(),
+            "--port".into(),
+            port.to_string(),
         ],
         &[],
     )?;
@@ -453,7 +480,7 @@ fn start_forwarder(cluster: &Cluster, listen: SocketAddr) -> anyhow::Result<()> 
     std::thread::sleep(Duration::from_millis(300));
     if p.pid().is_none() {
         bail!(
-            "the forwarder to the controller could not start on {listen} (pass --forward ADDR):\n{}",
+            "the forwarder to the controller's port {port} could not start on {listen} (pass --forward ADDR / --web-forward ADDR):\n{}",
             p.log_tail(5)
         );
     }
