@@ -198,6 +198,67 @@ pub enum Change {
     },
 }
 
+impl Change {
+    /// Every [`Change::kind`], in declaration order (a bounded set: the `kind` label of the
+    /// agent's `geomx_agent_network_changes_total`).
+    pub const KINDS: [&'static str; 24] = [
+        "remembered",
+        "daemon_json_updated",
+        "daemon_json_restored",
+        "docker_restarted",
+        "ip_forward_enabled",
+        "route_added",
+        "route_replaced",
+        "wireguard_created",
+        "wireguard_configured",
+        "wireguard_peer_set",
+        "wireguard_peer_removed",
+        "wireguard_deleted",
+        "route_deleted",
+        "vxlan_created",
+        "vxlan_deleted",
+        "fdb_set",
+        "fdb_deleted",
+        "neighbour_set",
+        "neighbour_deleted",
+        "chain_created",
+        "chain_rebuilt",
+        "jump_restored",
+        "jump_deleted",
+        "chain_deleted",
+    ];
+
+    /// The change's kind: its variant in snake case, as in its JSON (`"kind"`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Change::Remembered { .. } => "remembered",
+            Change::DaemonJsonUpdated { .. } => "daemon_json_updated",
+            Change::DaemonJsonRestored { .. } => "daemon_json_restored",
+            Change::DockerRestarted { .. } => "docker_restarted",
+            Change::IpForwardEnabled { .. } => "ip_forward_enabled",
+            Change::RouteAdded { .. } => "route_added",
+            Change::RouteReplaced { .. } => "route_replaced",
+            Change::WireguardCreated { .. } => "wireguard_created",
+            Change::WireguardConfigured { .. } => "wireguard_configured",
+            Change::WireguardPeerSet { .. } => "wireguard_peer_set",
+            Change::WireguardPeerRemoved { .. } => "wireguard_peer_removed",
+            Change::WireguardDeleted { .. } => "wireguard_deleted",
+            Change::RouteDeleted { .. } => "route_deleted",
+            Change::VxlanCreated { .. } => "vxlan_created",
+            Change::VxlanDeleted { .. } => "vxlan_deleted",
+            Change::FdbSet { .. } => "fdb_set",
+            Change::FdbDeleted { .. } => "fdb_deleted",
+            Change::NeighbourSet { .. } => "neighbour_set",
+            Change::NeighbourDeleted { .. } => "neighbour_deleted",
+            Change::ChainCreated { .. } => "chain_created",
+            Change::ChainRebuilt { .. } => "chain_rebuilt",
+            Change::JumpRestored { .. } => "jump_restored",
+            Change::JumpDeleted { .. } => "jump_deleted",
+            Change::ChainDeleted { .. } => "chain_deleted",
+        }
+    }
+}
+
 impl fmt::Display for Change {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let keys = |k: &[KeyChange]| {
@@ -339,5 +400,41 @@ impl fmt::Display for Change {
             }
             Change::ChainDeleted { table, chain } => write!(f, "deleted chain {table} {chain}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kind_is_the_json_tag_and_one_of_the_kinds() {
+        let samples = [
+            Change::RouteAdded {
+                destination: "172.17.29.0/24".parse().expect("net"),
+                via: "via 10.1.1.29".into(),
+            },
+            Change::WireguardPeerSet {
+                peer: "b".into(),
+                endpoint: "10.1.1.29:7951".into(),
+            },
+            Change::IpForwardEnabled { was: "0".into() },
+            Change::ChainDeleted {
+                table: "nat".into(),
+                chain: "GEOMX".into(),
+            },
+            Change::DockerRestarted {
+                reason: "bip".into(),
+            },
+        ];
+        for c in samples {
+            let json = serde_json::to_value(&c).expect("json");
+            assert_eq!(json["kind"].as_str(), Some(c.kind()), "{c}");
+            assert!(Change::KINDS.contains(&c.kind()), "{c}");
+        }
+        let mut kinds = Change::KINDS.to_vec();
+        kinds.sort_unstable();
+        kinds.dedup();
+        assert_eq!(kinds.len(), Change::KINDS.len(), "kinds are distinct");
     }
 }

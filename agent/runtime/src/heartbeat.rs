@@ -267,8 +267,9 @@ pub struct Recorded {
     pub metrics_dropped: usize,
 }
 
-/// The endpoint's counters since the agent started, per reason (kept in the runtime; the
-/// agent logs them and writes them for Prometheus, see [`HeartbeatCounters::prometheus`]).
+/// The endpoint's counters since the agent started, per reason (in the runtime's
+/// [`crate::RuntimeCounters`]; the agent logs them and exposes them in its Prometheus
+/// registry and `heartbeat.prom`).
 #[derive(Debug, Default)]
 pub struct HeartbeatStats {
     accepted: std::sync::atomic::AtomicU64,
@@ -321,36 +322,6 @@ impl HeartbeatCounters {
     /// Refusals of every reason together.
     pub fn refused_total(&self) -> u64 {
         self.refused.values().sum()
-    }
-
-    /// The counters in Prometheus' text exposition format (what node_exporter's textfile
-    /// collector reads): `geomx_agent_heartbeats_accepted_total`,
-    /// `geomx_agent_heartbeats_refused_total{reason="..."}`,
-    /// `geomx_agent_heartbeat_metrics_dropped_total`.
-    pub fn prometheus(&self) -> String {
-        let mut out = String::new();
-        out.push_str(
-            "# HELP geomx_agent_heartbeats_accepted_total Node heartbeats the agent took.\n",
-        );
-        out.push_str("# TYPE geomx_agent_heartbeats_accepted_total counter\n");
-        out.push_str(&format!(
-            "geomx_agent_heartbeats_accepted_total {}\n",
-            self.accepted
-        ));
-        out.push_str("# HELP geomx_agent_heartbeats_refused_total Node heartbeats (or connections) the agent refused, by reason.\n");
-        out.push_str("# TYPE geomx_agent_heartbeats_refused_total counter\n");
-        for (reason, n) in &self.refused {
-            out.push_str(&format!(
-                "geomx_agent_heartbeats_refused_total{{reason=\"{reason}\"}} {n}\n"
-            ));
-        }
-        out.push_str("# HELP geomx_agent_heartbeat_metrics_dropped_total Metrics of taken heartbeats that were not kept (per-node limits).\n");
-        out.push_str("# TYPE geomx_agent_heartbeat_metrics_dropped_total counter\n");
-        out.push_str(&format!(
-            "geomx_agent_heartbeat_metrics_dropped_total {}\n",
-            self.metrics_dropped
-        ));
-        out
     }
 }
 
@@ -888,7 +859,7 @@ mod tests {
     }
 
     #[test]
-    fn counters_read_as_prometheus_text() {
+    fn counters_count_per_reason() {
         let stats = HeartbeatStats::default();
         stats.accepted(0);
         stats.accepted(5);
@@ -901,17 +872,14 @@ mod tests {
             c.to_string(),
             "accepted=2 metrics_dropped=5 refused=3 bad_token=2 wrong_address=1"
         );
-        let text = c.prometheus();
-        for line in [
-            "# TYPE geomx_agent_heartbeats_refused_total counter",
-            "geomx_agent_heartbeats_accepted_total 2",
-            "geomx_agent_heartbeats_refused_total{reason=\"bad_token\"} 2",
-            "geomx_agent_heartbeats_refused_total{reason=\"no_token\"} 0",
-            "geomx_agent_heartbeats_refused_total{reason=\"too_many_connections\"} 0",
-            "geomx_agent_heartbeat_metrics_dropped_total 5",
-        ] {
-            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
-        }
+        assert_eq!((c.accepted, c.metrics_dropped), (2, 5));
+        assert_eq!(
+            c.refused.len(),
+            Refusal::ALL.len(),
+            "every reason, zeros too"
+        );
+        assert_eq!(c.refused.get("bad_token"), Some(&2));
+        assert_eq!(c.refused.get("no_token"), Some(&0));
         assert_eq!(
             HeartbeatError::NoToken {
                 job: "j".into(),

@@ -69,6 +69,7 @@
 
 pub mod archive;
 pub mod auth;
+pub mod counters;
 pub mod credentials;
 pub mod engine;
 mod error;
@@ -86,6 +87,7 @@ pub mod status;
 
 pub use archive::LogArchive;
 pub use auth::{ENV_HEARTBEAT_TOKEN, HEARTBEAT_KEY_FILE, HeartbeatKey};
+pub use counters::{RuntimeCounters, RuntimeCounts};
 pub use engine::{BollardEngine, Engine, HostCapacity, ImageDetails, PullEvent};
 pub use error::{Result, RuntimeError};
 pub use heartbeat::{

@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::counters::RuntimeCounters;
 use crate::credentials::{AuthFile, Credentials, DOCKER_HUB};
 use crate::engine::{Engine, PullEvent};
 use crate::error::{Result, RuntimeError};
@@ -501,6 +502,7 @@ struct Shared {
     ended: Notify,
     cancel: CancellationToken,
     runs: std::sync::atomic::AtomicU64,
+    counters: Arc<RuntimeCounters>,
 }
 
 /// The pulls of one host (see the module). Cheap to clone.
@@ -536,8 +538,14 @@ fn bounded(mut s: String) -> String {
 }
 
 impl PullManager {
-    /// A manager with `config` (no pull yet).
+    /// A manager with `config` (no pull yet), counting into counters of its own.
     pub fn new(config: PullConfig) -> PullManager {
+        PullManager::with_counters(config, Arc::default())
+    }
+
+    /// A manager with `config` (no pull yet) that counts pulls and their bytes into
+    /// `counters`.
+    pub fn with_counters(config: PullConfig, counters: Arc<RuntimeCounters>) -> PullManager {
         let slots = Arc::new(Semaphore::new(config.max_parallel.max(1)));
         PullManager {
             shared: Arc::new(Shared {
@@ -548,6 +556,7 @@ impl PullManager {
                 ended: Notify::new(),
                 cancel: CancellationToken::new(),
                 runs: std::sync::atomic::AtomicU64::new(0),
+                counters,
             }),
         }
     }
@@ -798,6 +807,7 @@ async fn run_pull<E: Engine>(
     info!(timeout = %format_duration(timeout), "pulling image");
     let fail = |cause: PullCause, message: &str| {
         warn!(%cause, error = %message, "pull failed");
+        pm.shared.counters.pull_ended(false);
         pm.update(&image, run, |s| {
             s.state = PullState::Failed;
             s.cause = Some(cause);
@@ -819,9 +829,13 @@ async fn run_pull<E: Engine>(
         let mut tally = LayerTally::default();
         let attempt_result = tokio::time::timeout_at(deadline, async {
             let mut stream = engine.pull(&reference, creds.as_ref());
+            let mut counted = 0;
             while let Some(ev) = stream.next().await {
                 let ev = ev?;
                 if tally.apply(&ev) {
+                    let done = tally.bytes_done();
+                    pm.shared.counters.pull_bytes(done.saturating_sub(counted));
+                    counted = counted.max(done);
                     pm.update(&image, run, |s| {
                         s.bytes_done = tally.bytes_done();
                         s.bytes_total = tally.bytes_total();
@@ -844,6 +858,7 @@ async fn run_pull<E: Engine>(
         let e = match attempt_result {
             Ok(Ok(())) => {
                 info!(attempt, bytes = tally.bytes_total(), "image pulled");
+                pm.shared.counters.pull_ended(true);
                 pm.update(&image, run, |s| {
                     s.state = PullState::Done;
                     s.error.clear();

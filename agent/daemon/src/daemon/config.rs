@@ -27,6 +27,7 @@
 //! wireguard_port = 7951                   # WireGuard's UDP port on the underlay address
 //! registry_auth_file = "/etc/geomx/registry-auth.json"  # Docker config.json format, mode 0600
 //! max_parallel_pulls = 3                  # image pulls downloading at once
+//! metrics_listen = "127.0.0.1:7950"       # /metrics in plain HTTP; "": none
 //! [tls]
 //! ca = "/etc/geomx/tls/ca.pem"
 //! cert = "/etc/geomx/tls/agent-a.pem"
@@ -51,6 +52,7 @@ use ipnet::Ipv4Net;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::metrics::DEFAULT_METRICS_LISTEN;
 use crate::Common;
 
 /// Default config file.
@@ -111,6 +113,10 @@ pub struct AgentArgs {
     /// Image pulls downloading at once on this host [default: 3].
     #[arg(long, env = "GEOMX_MAX_PARALLEL_PULLS")]
     pub max_parallel_pulls: Option<u32>,
+    /// Where to serve the agent's Prometheus metrics (`/metrics`, plain HTTP), as
+    /// address:port, or "" for none [default: 127.0.0.1:7950].
+    #[arg(long, env = "GEOMX_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// CA certificate (PEM) that signed the controller's and this agent's certificates.
     #[arg(long, env = "GEOMX_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
@@ -165,6 +171,8 @@ pub struct AgentConfig {
     pub registry_auth_file: Option<PathBuf>,
     /// Image pulls downloading at once.
     pub max_parallel_pulls: u32,
+    /// Where `/metrics` is served in plain HTTP (`None`: not served).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl AgentConfig {
@@ -214,6 +222,7 @@ struct FileConfig {
     wireguard_port: Option<Spanned<u16>>,
     registry_auth_file: Option<Spanned<PathBuf>>,
     max_parallel_pulls: Option<Spanned<u32>>,
+    metrics_listen: Option<Spanned<String>>,
     tls: Option<TlsTable>,
 }
 
@@ -340,6 +349,21 @@ fn typed<T: std::str::FromStr>(
             .and_then(check),
         Err(v) => check(v),
     }
+}
+
+/// [`DEFAULT_METRICS_LISTEN`] as an address.
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7950))
+}
+
+/// `metrics_listen`: an `address:port`, or "" for none.
+fn parse_metrics_listen(v: &str) -> Result<Option<SocketAddr>, String> {
+    if v.trim().is_empty() {
+        return Ok(None);
+    }
+    v.trim().parse().map(Some).map_err(|_| {
+        format!("{v:?} is not an address:port (e.g. \"{DEFAULT_METRICS_LISTEN}\"), or \"\" for no metrics listener")
+    })
 }
 
 fn resolve(
@@ -535,6 +559,16 @@ fn resolve(
             },
         )?
         .unwrap_or(geomx_runtime::pull::DEFAULT_MAX_PARALLEL_PULLS as u32);
+    let metrics_listen = match settings.pick(
+        "metrics_listen",
+        "metrics-listen",
+        args.metrics_listen.clone(),
+        file.metrics_listen,
+        |v| parse_metrics_listen(&v.unwrap_or_else(|f| f)),
+    )? {
+        Some(v) => v,
+        None => Some(default_metrics_listen()),
+    };
 
     // TLS: each file from its flag or the [tls] table
     let flags = TlsFlags {
@@ -590,6 +624,7 @@ fn resolve(
             wireguard_port,
             registry_auth_file,
             max_parallel_pulls,
+            metrics_listen,
         },
         warnings,
     ))
@@ -724,6 +759,53 @@ key = "/etc/geomx/tls/agent-a-key.pem"
             .expect_err("zero")
             .to_string();
         assert!(e.contains("max_parallel_pulls"), "{e}");
+    }
+
+    #[test]
+    fn metrics_listen_defaults_to_loopback_and_can_be_moved_or_turned_off() {
+        let (c, _) = load(EXAMPLE, &[]).expect("parses");
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:7950".parse().unwrap()));
+        assert_eq!(
+            c.metrics_listen.map(|a| a.to_string()).as_deref(),
+            Some(DEFAULT_METRICS_LISTEN)
+        );
+        let s = super::super::Settings::from_config(&c, None);
+        assert_eq!(s.metrics_listen, c.metrics_listen);
+        let with = |line: &str| format!("{EXAMPLE}\n").replace("[tls]", &format!("{line}\n[tls]"));
+        let (c, _) = load(&with("metrics_listen = \"10.1.1.34:9100\""), &[]).expect("parses");
+        assert_eq!(c.metrics_listen, Some("10.1.1.34:9100".parse().unwrap()));
+        let (c, _) = load(&with("metrics_listen = \"\""), &[]).expect("parses");
+        assert_eq!(c.metrics_listen, None, "\"\" turns it off");
+        let (c, _) = load(
+            &with("metrics_listen = \"10.1.1.34:9100\""),
+            &["--metrics-listen", "0.0.0.0:7950"],
+        )
+        .expect("parses");
+        assert_eq!(
+            c.metrics_listen,
+            Some("0.0.0.0:7950".parse().unwrap()),
+            "the flag wins"
+        );
+        let (c, _) = load(EXAMPLE, &["--metrics-listen="]).expect("parses");
+        assert_eq!(c.metrics_listen, None);
+        let e = load(&with("metrics_listen = \"localhost\""), &[])
+            .expect_err("no port")
+            .to_string();
+        assert!(
+            e.contains("(metrics_listen)") && e.contains("address:port"),
+            "{e}"
+        );
+        let e = load(EXAMPLE, &["--metrics-listen", "nope"])
+            .expect_err("bad flag")
+            .to_string();
+        assert!(
+            e.starts_with("--metrics-listen / GEOMX_METRICS_LISTEN:"),
+            "{e}"
+        );
+        let e = load(&with("metrics_listen = 7950"), &[])
+            .expect_err("not a string")
+            .to_string();
+        assert!(e.contains("metrics_listen"), "{e}");
     }
 
     #[test]

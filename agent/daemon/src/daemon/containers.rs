@@ -12,7 +12,8 @@
 //! own heartbeat token (see `geomx_runtime::ownership` and `geomx_runtime::auth`). The
 //! heartbeat endpoint's counters (refusals per reason, metrics dropped) are logged when
 //! they change (at most every [`STATS_EVERY`]) and written for Prometheus' textfile
-//! collector to `heartbeat.prom` in the state directory.
+//! collector to `heartbeat.prom` in the state directory, rendered from the agent's registry
+//! ([`super::metrics`], which serves them on `/metrics` too).
 //!
 //! The gateway (first address of the subnet) is in every container's `GEOMX_AGENT_URL`;
 //! if the controller ever leases the host another subnet, the runtime is restarted with
@@ -33,6 +34,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::backoff::ErrorLog;
 use super::docker::{EngineSource, error_chain};
+use super::metrics::AgentMetrics;
 use super::{Ctx, convert};
 
 /// The heartbeat endpoint's counters, for Prometheus' textfile collector, in the state
@@ -118,6 +120,8 @@ pub async fn containers_loop<S: EngineSource>(
             controller_id: (!controller_id.is_empty()).then_some(controller_id),
             heartbeat_key,
             docker_loss_file: Some(ctx.settings.state_dir.join(geomx_runtime::DOCKER_LOSS_FILE)),
+            // one set of counters for the process: a restarted runtime counts on
+            counters: ctx.metrics.runtime_counters(),
             ..Default::default()
         };
         let runtime = match Runtime::start(engine, config).await {
@@ -150,8 +154,13 @@ pub async fn containers_loop<S: EngineSource>(
             );
             let file = ctx.settings.state_dir.join(HEARTBEAT_STATS_FILE);
             tokio::spawn(
-                export_heartbeat_stats(runtime.clone(), file, heartbeats.clone())
-                    .instrument(info_span!("heartbeats", host = %ctx.settings.host)),
+                export_heartbeat_stats(
+                    runtime.clone(),
+                    ctx.metrics.clone(),
+                    file,
+                    heartbeats.clone(),
+                )
+                .instrument(info_span!("heartbeats", host = %ctx.settings.host)),
             );
         }
 
@@ -182,10 +191,12 @@ fn own_state<E: Engine>(
     Ok((records, key))
 }
 
-/// Logs the heartbeat endpoint's counters when they changed and writes them to `file`
-/// (Prometheus text format, atomically), every [`STATS_EVERY`] until `token` is cancelled.
+/// Logs the heartbeat endpoint's counters when they changed and writes their families of
+/// the agent's registry to `file` (Prometheus text format, atomically, see
+/// [`AgentMetrics::render_heartbeats`]), every [`STATS_EVERY`] until `token` is cancelled.
 async fn export_heartbeat_stats<E: Engine>(
     rt: Runtime<E>,
+    metrics: Arc<AgentMetrics>,
     file: std::path::PathBuf,
     token: CancellationToken,
 ) {
@@ -201,7 +212,10 @@ async fn export_heartbeat_stats<E: Engine>(
                     debug!(counters = %now, "heartbeat endpoint counters");
                 }
             }
-            match geomx_runtime::ownership::write_atomic(&file, now.prometheus().as_bytes()) {
+            match geomx_runtime::ownership::write_atomic(
+                &file,
+                metrics.render_heartbeats().as_bytes(),
+            ) {
                 Ok(()) => {
                     errors.succeeded();
                 }
@@ -447,5 +461,78 @@ mod tests {
         };
         assert_eq!(gateway(&s), Some(Ipv4Addr::new(172, 17, 34, 1)));
         assert_eq!(gateway(&DesiredState::default()), None);
+    }
+
+    #[tokio::test]
+    async fn heartbeat_prom_is_the_registrys_heartbeat_families() {
+        use super::super::metrics::tests::{counter, parse};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = Arc::new(AgentMetrics::new());
+        let rt = Runtime::start(
+            geomx_runtime::fake::FakeEngine::new(&[]),
+            RuntimeConfig {
+                counters: metrics.runtime_counters(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("runtime");
+        let report =
+            geomx_runtime::heartbeat::parse_report(br#"{"job": "j", "node": "n", "step": 1}"#)
+                .expect("a heartbeat");
+        let refused = rt.record_heartbeat(&report, "172.17.0.9".parse().expect("ip"), None);
+        assert!(refused.is_err(), "no such node");
+        let file = dir.path().join(HEARTBEAT_STATS_FILE);
+        let stop = CancellationToken::new();
+        tokio::spawn(export_heartbeat_stats(
+            rt.clone(),
+            metrics.clone(),
+            file.clone(),
+            stop.clone(),
+        ));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let text = loop {
+            if let Ok(t) = std::fs::read_to_string(&file) {
+                break t;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} not written",
+                file.display()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        stop.cancel();
+        let scrape = parse(&text);
+        assert_eq!(
+            counter(
+                &scrape,
+                "geomx_agent_heartbeats_refused_total",
+                &[("reason", "unknown_node")]
+            ),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            counter(&scrape, "geomx_agent_heartbeats_accepted_total", &[]),
+            0.0
+        );
+        assert_eq!(
+            counter(&scrape, "geomx_agent_heartbeat_metrics_dropped_total", &[]),
+            0.0
+        );
+        assert_eq!(
+            scrape
+                .docs
+                .get("geomx_agent_heartbeats_refused_total")
+                .map(String::as_str),
+            Some("Node heartbeats (or connections) the agent refused, by reason.")
+        );
+        assert_eq!(
+            text,
+            metrics.render_heartbeats(),
+            "the registry's rendering"
+        );
+        rt.shutdown();
     }
 }

@@ -117,6 +117,7 @@ pub async fn run<E: Engine>(
                 handshake_age_s,
             });
         }
+        ctx.metrics.set_links(&links);
         if let Ok(mut l) = ctx.links.lock() {
             *l = links;
         }

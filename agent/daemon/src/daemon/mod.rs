@@ -34,6 +34,7 @@ pub mod docker;
 pub mod inventory;
 pub mod leave;
 pub mod links;
+pub mod metrics;
 pub mod ports;
 pub mod rotate;
 pub mod state;
@@ -121,6 +122,9 @@ pub struct Settings {
     pub wireguard: Option<(String, u16)>,
     /// How missing images are pulled (credentials file, concurrency).
     pub pulls: geomx_runtime::PullConfig,
+    /// Where `/metrics` is served in plain HTTP (`None`: not served; port 0: any free
+    /// port, see [`Ctx::metrics_addr`]).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -146,6 +150,7 @@ impl Settings {
                 max_parallel: c.max_parallel_pulls as usize,
                 ..Default::default()
             },
+            metrics_listen: c.metrics_listen,
         }
     }
 
@@ -230,6 +235,10 @@ pub struct Ctx<E: Engine> {
     pub wireguard: Mutex<Option<(String, u16)>>,
     /// Network passes finished (successful or not), counted.
     pub net_passes: watch::Sender<u64>,
+    /// The agent's Prometheus registry.
+    pub metrics: Arc<metrics::AgentMetrics>,
+    /// Where `/metrics` listens, once bound (see [`Settings::metrics_listen`]).
+    pub metrics_addr: watch::Sender<Option<SocketAddr>>,
 }
 
 /// A started daemon: its tasks and what they share.
@@ -305,9 +314,22 @@ pub fn start<S: EngineSource>(
         settings,
         links: Mutex::new(Vec::new()),
         net_passes: watch::Sender::new(0),
+        metrics: Arc::new(metrics::AgentMetrics::new()),
+        metrics_addr: watch::Sender::new(None),
     });
     let ready = ctx.net_ready.subscribe();
     let mut tasks = JoinSet::new();
+    if let Some(addr) = ctx.settings.metrics_listen {
+        tasks.spawn(
+            metrics::serve(
+                ctx.metrics.clone(),
+                addr,
+                ctx.metrics_addr.clone(),
+                shutdown.clone(),
+            )
+            .instrument(span.clone()),
+        );
+    }
     tasks.spawn(
         links::run(
             ctx.clone(),
@@ -355,6 +377,7 @@ pub fn start<S: EngineSource>(
                         *s = new;
                         changed
                     });
+                    ctx.metrics.observe_pass(r);
                     ctx.net_passes.send_modify(|n| *n += 1);
                     if r.is_ok() && !requeued && first {
                         first = false;

@@ -257,6 +257,7 @@ impl Lab {
             agent_version: agent_version(),
             wireguard: None,
             pulls: Default::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -292,6 +293,86 @@ async fn eventually<T>(what: &str, within: Duration, mut f: impl FnMut() -> Opti
     }
 }
 
+/// Scrapes the running agent's `/metrics` (after the test's first container started and
+/// exited with code 3) and checks that the daemon's code paths moved the counters.
+async fn check_metrics(running: &Running<FakeEngine>) {
+    use super::metrics::tests::{counter, http, parse};
+    let addr = eventually("/metrics bound", Duration::from_secs(5), || {
+        *running.ctx.metrics_addr.borrow()
+    })
+    .await;
+    let scrape = |text: String| parse(&text);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let s = loop {
+        let (status, body) = http(addr, "GET", "/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        let s = scrape(body);
+        // (the exit is counted when the runtime sees it, which the report above shows)
+        if counter(
+            &s,
+            "geomx_agent_container_exits_total",
+            &[("outcome", "failure")],
+        ) >= 1.0
+        {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the failed exit is not counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(counter(&s, "geomx_agent_container_starts_total", &[]) >= 1.0);
+    assert_eq!(
+        counter(
+            &s,
+            "geomx_agent_container_exits_total",
+            &[("outcome", "success")]
+        ),
+        0.0
+    );
+    assert!(counter(&s, "geomx_agent_network_passes_total", &[("result", "ok")]) >= 1.0);
+    assert!(
+        counter(
+            &s,
+            "geomx_agent_network_changes_total",
+            &[("kind", "route_added")]
+        ) >= 1.0,
+        "the route to b was added"
+    );
+    let changes: f64 = s
+        .samples
+        .iter()
+        .filter(|x| x.metric == "geomx_agent_network_changes_total")
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    assert!(changes > 1.0, "{changes}");
+    let refused = |s: &prometheus_parse::Scrape| {
+        counter(
+            s,
+            "geomx_agent_heartbeats_refused_total",
+            &[("reason", "unknown_node")],
+        )
+    };
+    let before = refused(&s);
+    let rt = running
+        .ctx
+        .runtime
+        .borrow()
+        .clone()
+        .expect("the runtime runs");
+    let report = geomx_runtime::heartbeat::parse_report(
+        br#"{"job": "job1", "node": "no-such-node", "step": 1}"#,
+    )
+    .expect("a heartbeat");
+    let e = rt
+        .record_heartbeat(&report, "172.17.0.9".parse().expect("ip"), None)
+        .expect_err("refused");
+    assert_eq!(e.refusal(), geomx_runtime::Refusal::UnknownNode);
+    let (_, body) = http(addr, "GET", "/metrics").await;
+    assert_eq!(refused(&parse(&body)), before + 1.0, "{body}");
+}
+
 fn node_state(r: &HostReport, node: &str) -> Option<(ContainerState, Option<i32>)> {
     r.nodes
         .iter()
@@ -313,12 +394,10 @@ async fn registers_applies_reports_survives_controller_restarts_and_loss() {
     let api_port = free_port();
     let fake = FakeKernel::new();
     let engine = FakeEngine::new(&[IMAGE]);
-    let mut running = agent(
-        lab.settings(agent_state.clone(), api_port),
-        &fake,
-        &engine,
-        None,
-    );
+    let mut settings = lab.settings(agent_state.clone(), api_port);
+    // /metrics on any free port
+    settings.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let mut running = agent(settings, &fake, &engine, None);
 
     // registered, with a lease; the network follows the desired state
     tokio::time::timeout(Duration::from_secs(10), running.ready())
@@ -457,6 +536,10 @@ async fn registers_applies_reports_survives_controller_restarts_and_loss() {
         latency < Duration::from_millis(500),
         "crash reported after {latency:?}"
     );
+
+    // /metrics counted what the daemon did: the container's start and its failed exit,
+    // the network passes and their changes; a refused heartbeat moves the refusals
+    check_metrics(&running).await;
 
     // the controller goes away: nothing on the host changes
     lab.stop().await;
@@ -649,6 +732,7 @@ async fn without_a_controller_the_persisted_state_is_applied() {
         agent_version: agent_version(),
         wireguard: None,
         pulls: Default::default(),
+        metrics_listen: None,
     };
     let fake = FakeKernel::new();
     let engine = FakeEngine::new(&[IMAGE]);
@@ -817,6 +901,23 @@ async fn a_missing_image_is_pulled_reported_and_resolvable_through_the_api() {
     assert_eq!((p.bytes_done, p.bytes_total), (1024, 1024), "{p:?}");
     assert_eq!((p.layers_done, p.layers_total), (2, 2), "{p:?}");
     assert_eq!(p.registry, "10.1.1.253:5000");
+    // the registry counted the pull and its bytes
+    {
+        use super::metrics::tests::{counter, parse};
+        let s = parse(&running.ctx.metrics.render());
+        assert_eq!(
+            counter(&s, "geomx_agent_image_pull_bytes_total", &[]),
+            1024.0
+        );
+        assert_eq!(
+            counter(&s, "geomx_agent_image_pulls_total", &[("result", "ok")]),
+            1.0
+        );
+        assert_eq!(
+            counter(&s, "geomx_agent_image_pulls_total", &[("result", "error")]),
+            0.0
+        );
+    }
     assert!(
         r.image_details
             .iter()

@@ -223,7 +223,10 @@ impl<E: Engine> Runtime<E> {
             let r = self.inner.engine.start(id).await;
             match &r {
                 Err(e) => self.set_failed(key, None, format!("starting {}: {e}", kind.as_str())),
-                Ok(()) if kind == ContainerKind::Role => self.ensure_follower(key, id, false),
+                Ok(()) if kind == ContainerKind::Role => {
+                    self.inner.config.counters.container_started();
+                    self.ensure_follower(key, id, false);
+                }
                 Ok(()) => {}
             }
             self.refresh(id).await;
@@ -362,6 +365,7 @@ impl<E: Engine> Runtime<E> {
             self.refresh(&id).await;
             return Err(e);
         }
+        self.inner.config.counters.container_started();
         info!(id = %short(&id), %name, image = %spec.image, "started");
         self.refresh(&id).await;
         Ok(())

@@ -127,11 +127,20 @@ impl<E: Engine> Runtime<E> {
                         // running again after it ended (started by someone: geomx sets no
                         // restart policy): follow it again, after the output already read
                         t.finalized = false;
+                        t.exit_counted = false;
                         t.status.log_tail.clear();
                         drop(st);
                         self.ensure_follower(&key, id, true);
                         None
                     } else if ended && !t.finalized {
+                        // counted once per end (finalized until it runs again)
+                        if !t.exit_counted {
+                            t.exit_counted = true;
+                            self.inner
+                                .config
+                                .counters
+                                .container_exited(t.status.state == NodeState::Exited);
+                        }
                         // shown ended only together with its log tail: until the tail is
                         // read, what is published stays as it was
                         let ended_status = std::mem::replace(&mut t.status, shown);

@@ -40,8 +40,7 @@ pub const OOM_KILLED: &str =
 use crate::auth::{HeartbeatKey, Token, TokenSubject};
 use crate::error::{Result, RuntimeError};
 use crate::heartbeat::{
-    HeartbeatCounters, HeartbeatError, HeartbeatReport, HeartbeatSink, HeartbeatStats, Recorded,
-    Refusal,
+    HeartbeatCounters, HeartbeatError, HeartbeatReport, HeartbeatSink, Recorded, Refusal,
 };
 use crate::lines::{LineSplitter, split_timestamp, split_timestamp_ns};
 use crate::ownership::{Created, CreationRecord};
@@ -105,6 +104,9 @@ pub struct RuntimeConfig {
     /// shuts down stops Docker, then the agent: the next agent still knows which role
     /// containers Docker's stop ended (see `docker_loss`).
     pub docker_loss_file: Option<std::path::PathBuf>,
+    /// What the runtime counts (container starts and exits, pulls, heartbeats); shared with
+    /// whoever reads it (the daemon's metrics). The default is the runtime's own.
+    pub counters: Arc<crate::counters::RuntimeCounters>,
 }
 
 impl Default for RuntimeConfig {
@@ -123,6 +125,7 @@ impl Default for RuntimeConfig {
             controller_id: None,
             heartbeat_key: None,
             docker_loss_file: None,
+            counters: Arc::default(),
         }
     }
 }
@@ -196,8 +199,6 @@ struct Inner<E> {
     apply_lock: tokio::sync::Mutex<()>,
     snapshot: watch::Sender<Snapshot>,
     cancel: CancellationToken,
-    /// The heartbeat endpoint's counters.
-    stats: HeartbeatStats,
 }
 
 impl<E> Drop for Inner<E> {
@@ -258,6 +259,9 @@ struct Tracked {
     log_cursor: Option<follow::LogCursor>,
     /// The log tail of the ended role container has been fetched.
     finalized: bool,
+    /// The role container's end was counted ([`crate::RuntimeCounters::container_exited`]),
+    /// until it runs again.
+    exit_counted: bool,
     /// Why the role container counts as failed whatever its exit code: it was stopped by a
     /// restart of Docker (see [`DockerLoss`]).
     stopped_by_docker: Option<String>,
@@ -336,6 +340,7 @@ impl Tracked {
             follow_done: false,
             log_cursor: None,
             finalized: false,
+            exit_counted: false,
             stopped_by_docker: None,
             pid: 0,
             auth: None,
@@ -382,7 +387,7 @@ impl<E: Engine> Runtime<E> {
     /// are left alone (see [`crate::ownership`]).
     pub async fn start(engine: E, config: RuntimeConfig) -> Result<Runtime<E>> {
         let (tx, _) = watch::channel(Snapshot::default());
-        let pulls = PullManager::new(config.pulls.clone());
+        let pulls = PullManager::with_counters(config.pulls.clone(), config.counters.clone());
         let docker_lost = config
             .docker_loss_file
             .as_deref()
@@ -399,7 +404,6 @@ impl<E: Engine> Runtime<E> {
                 apply_lock: tokio::sync::Mutex::new(()),
                 snapshot: tx,
                 cancel: CancellationToken::new(),
-                stats: HeartbeatStats::default(),
             }),
         };
         {
@@ -827,10 +831,10 @@ impl<E: Engine> Runtime<E> {
         })
     }
 
-    /// The heartbeat endpoint's counters since this runtime started (refusals per reason,
-    /// metrics dropped).
+    /// The heartbeat endpoint's counters (refusals per reason, metrics dropped) since
+    /// [`RuntimeConfig::counters`] were made (the daemon's: since the agent started).
     pub fn heartbeat_stats(&self) -> HeartbeatCounters {
-        self.inner.stats.read()
+        self.inner.config.counters.heartbeats.read()
     }
 
     /// Merges a node's own heartbeat (see [`crate::heartbeat`]) into its progress. The
@@ -848,7 +852,11 @@ impl<E: Engine> Runtime<E> {
         let r = self.check_and_record(report, peer, token);
         match &r {
             Ok(rec) => {
-                self.inner.stats.accepted(rec.metrics_dropped);
+                self.inner
+                    .config
+                    .counters
+                    .heartbeats
+                    .accepted(rec.metrics_dropped);
                 self.publish();
             }
             Err(e) => self.count_refusal(e.refusal(), peer, Some(e)),
@@ -951,7 +959,7 @@ impl<E: Engine> Runtime<E> {
     /// Counts a refusal of the heartbeat endpoint; logged at the 1st, 2nd, 4th, 8th, ...
     /// of each reason (a flood does not flood the log).
     fn count_refusal(&self, why: Refusal, peer: IpAddr, error: Option<&HeartbeatError>) {
-        let n = self.inner.stats.refused(why);
+        let n = self.inner.config.counters.heartbeats.refused(why);
         if n.is_power_of_two() {
             let error = error.map(ToString::to_string).unwrap_or_default();
             warn!(reason = why.as_str(), count = n, %peer, %error, "heartbeat refused");
