@@ -9,8 +9,8 @@ use std::process::Command;
 const FILES: &[&str] = &["uPlot.iife.min.js", "uPlot.min.css"];
 
 fn main() {
-    let web = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"))
-        .join("web");
+    let web =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR")).join("web");
     let dist = web.join("node_modules/uplot/dist");
     println!("cargo:rerun-if-changed=web/package-lock.json");
     println!("cargo:rerun-if-changed=web/node_modules/uplot/dist");

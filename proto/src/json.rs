@@ -226,4 +226,3 @@ pub fn host_json(h: &Host) -> HostJson<'_> {
         wireguard_port: (h.wireguard_port != 0).then_some(h.wireguard_port),
     }
 }
-

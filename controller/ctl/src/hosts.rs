@@ -17,10 +17,10 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use geomx_proto::json::{HostJson, host_json, scheduling};
 use geomx_proto::v1::{
     CancelJobRequest, GetJobRequest, Host, HostRequest, JobPhase, ListHostsRequest, ListJobsRequest,
 };
-use geomx_proto::json::{HostJson, host_json, scheduling};
 use serde::Serialize;
 
 use crate::client::{ConnectOptions, Remote, connect, runtime};

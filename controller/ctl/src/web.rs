@@ -38,7 +38,9 @@ pub fn run(args: &WebArgs, cli: &Cli) -> anyhow::Result<ExitCode> {
         None => from_controller(&cli.controller)?,
     };
     if !(base.starts_with("https://") || base.starts_with("http://")) {
-        anyhow::bail!("the dashboard URL {base:?} is not an http(s):// URL (--url or GEOMX_WEB_URL)");
+        anyhow::bail!(
+            "the dashboard URL {base:?} is not an http(s):// URL (--url or GEOMX_WEB_URL)"
+        );
     }
     let page = match &args.job {
         Some(job) => format!("{base}/#/jobs/{job}"),

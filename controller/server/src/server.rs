@@ -33,6 +33,8 @@ use crate::agents::AgentApi;
 use crate::auth::Auth;
 use crate::config::{ConfigError, ControllerConfig};
 use crate::credentials::{Credentials, MethodRoles};
+use crate::dashboard::Dashboard;
+use crate::dashboard::curves::Curves;
 use crate::hosts::HostApi;
 use crate::jobs::stub::NoJobApi;
 use crate::jobs::{JobApi, JobOptions, Jobs, JobsError};
@@ -40,8 +42,6 @@ use crate::leases::LeasePool;
 use crate::membership::{HostEvent, Membership, MembershipError, Timing};
 use crate::metrics::ControllerMetrics;
 use crate::store::{Store, StoreError};
-use crate::dashboard::Dashboard;
-use crate::dashboard::curves::Curves;
 use crate::web::WebState;
 use crate::workloads::{NoWorkloads, Workloads};
 
@@ -353,13 +353,16 @@ async fn serve(
     let ticker = jobs
         .as_ref()
         .map(|j| tokio::spawn(j.clone().run_ticker(shutdown.child_token())));
-    let sampler = jobs.as_ref().filter(|_| config.web_listen.is_some()).map(|j| {
-        tokio::spawn(crate::dashboard::curves::run_sampler(
-            curves.clone(),
-            j.clone(),
-            shutdown.child_token(),
-        ))
-    });
+    let sampler = jobs
+        .as_ref()
+        .filter(|_| config.web_listen.is_some())
+        .map(|j| {
+            tokio::spawn(crate::dashboard::curves::run_sampler(
+                curves.clone(),
+                j.clone(),
+                shutdown.child_token(),
+            ))
+        });
     let server = tokio::spawn(
         router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),
     );

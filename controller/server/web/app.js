@@ -23,6 +23,11 @@ function el(tag, attrs, ...children) {
   return e;
 }
 
+// replaceChildren without the absent (null, false) parts
+function put(box, ...kids) {
+  box.replaceChildren(...kids.flat().filter((k) => k !== null && k !== undefined && k !== false));
+}
+
 async function api(path) {
   const res = await fetch(path, { credentials: "same-origin", cache: "no-store" });
   if (res.status === 401) {
@@ -139,13 +144,19 @@ function renderJobs(jobs) {
 
 // A node failed: it ended badly and the controller did not call it harmless.
 function nodeFailed(n) {
-  if (/\(not a failure\)/.test(n.end || "")) return false;
+  if (nodeHarmless(n)) return false;
   if (n.state === "failed" || n.state === "missing") return true;
   return n.exit_code !== null && n.exit_code !== undefined && n.exit_code !== 0;
 }
 
+// Harmless: a crash of a scheduler or server in ps::Finalize after training finished.
+function nodeHarmless(n) {
+  return /\(not a failure\)/.test(n.end || "");
+}
+
 function nodeClass(n) {
   if (nodeFailed(n)) return "failed";
+  if (nodeHarmless(n)) return "shutdown-crash";
   return n.state;
 }
 
@@ -167,7 +178,7 @@ function nodeBox(n, onPick) {
   },
   el("div", { class: "node-name" }, n.name),
   el("div", { class: "node-meta" }, n.role.replace("_", " ") + " · " + n.host + (n.ip ? " · " + n.ip : "")),
-  el("div", { class: "node-state" }, failed ? "failed" : n.state,
+  el("div", { class: "node-state" }, failed ? "failed" : nodeHarmless(n) ? n.end : n.state,
     n.progress && n.progress.iteration ? " · it " + n.progress.iteration : "",
     n.progress && n.progress.accuracy != null ? " · acc " + n.progress.accuracy.toFixed(3) : ""),
   failed ? el("div", { class: "node-reason" }, nodeReason(n)) : null);
@@ -308,7 +319,7 @@ async function showJob(name) {
   const curves = new Curves(curvesBox);
   const pick = (node) => showLogs(logs, name, node);
   const render = (job, evs) => {
-    header.replaceChildren(
+    put(header,
       el("h2", {}, job.name, " ", phaseBadge(job.phase)),
       el("p", {}, "mode " + job.mode + " · image " + job.image + " · generation " + job.generation +
         " · restarts " + job.restarts + "/" + job.max_restarts + " · nodes running " + job.running_nodes + "/" + job.node_count),
@@ -318,11 +329,17 @@ async function showJob(name) {
     events.replaceChildren(el("h3", {}, "Events"), renderEvents(evs));
   };
   render(first.job, first.events);
-  view().replaceChildren(header, topo, rdv,
+  put(view(), header, topo, rdv,
     el("section", { id: "training" }, el("h3", {}, "Training"), curvesBox), events, logs);
   curves.add(first.points);
   source = new EventSource("/api/jobs/" + encodeURIComponent(name) + "/stream?after=" + first.seq);
-  source.addEventListener("job", (e) => { const m = JSON.parse(e.data); render(m.job, m.events); });
+  let updates = 0;
+  source.addEventListener("job", (e) => {
+    const m = JSON.parse(e.data);
+    render(m.job, m.events);
+    view().dataset.updates = String(++updates);
+  });
+  window.__jobStream = source;
   source.addEventListener("points", (e) => curves.add(JSON.parse(e.data).points));
 }
 

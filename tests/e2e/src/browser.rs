@@ -133,7 +133,12 @@ impl Browser {
             .as_str()
             .context("sessionId")?
             .to_owned();
-        for domain in ["Page.enable", "Runtime.enable", "Log.enable", "Network.enable"] {
+        for domain in [
+            "Page.enable",
+            "Runtime.enable",
+            "Log.enable",
+            "Network.enable",
+        ] {
             b.call(domain, json!({}))?;
         }
         b.call(
@@ -186,7 +191,11 @@ impl Browser {
                             .unwrap_or_else(|| a["description"].to_string())
                     })
                     .collect();
-                let line = format!("console.{}: {}", params["type"].as_str().unwrap_or("?"), text.join(" "));
+                let line = format!(
+                    "console.{}: {}",
+                    params["type"].as_str().unwrap_or("?"),
+                    text.join(" ")
+                );
                 if params["type"] == "error" || params["type"] == "assert" {
                     self.errors.push(line.clone());
                 }
@@ -269,8 +278,9 @@ impl Browser {
             }
             if start.elapsed() > timeout {
                 bail!(
-                    "not true after {:?}: {expr}\nconsole:\n{}",
+                    "not true after {:?}: {expr}\nerrors:\n{}\nconsole:\n{}",
                     timeout,
+                    self.errors.join("\n"),
                     self.console.join("\n")
                 );
             }
@@ -292,6 +302,27 @@ impl Browser {
         std::fs::write(path, png).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("screenshot: {}", path.display());
         Ok(path.to_owned())
+    }
+
+    /// Logs in to the dashboard at `web` through its login form with `token` and waits for
+    /// the cluster page (checking first that without a session it shows the login page).
+    pub fn log_in(&mut self, web: &str, token: &str) -> anyhow::Result<()> {
+        self.navigate(&format!("{web}/"))?;
+        self.wait_for(
+            "location.pathname === '/login' && document.getElementById('token') !== null",
+            Duration::from_secs(10),
+        )
+        .context("without a session the dashboard shows its login page")?;
+        self.eval(&format!(
+            "document.getElementById('token').value = {}; document.getElementById('login').requestSubmit(); true",
+            json!(token)
+        ))?;
+        self.wait_for(
+            "location.pathname === '/' && document.getElementById('cluster') !== null",
+            Duration::from_secs(20),
+        )
+        .context("after login the dashboard shows the cluster")?;
+        Ok(())
     }
 
     /// The console errors, uncaught exceptions and failed loads so far.
@@ -362,4 +393,42 @@ pub fn artifacts_dir() -> PathBuf {
         .unwrap_or_else(|| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-artifacts")
         })
+}
+
+/// `curl` inside the lab controller's namespace of `c`, trusting the lab CA: the HTTP status
+/// and the body.
+pub fn curl(c: &geomx_lab::Cluster, args: &[&str]) -> anyhow::Result<(u16, String)> {
+    curl_in(&c.lab().controller_netns(), Some(&c.ca_cert()), args)
+}
+
+/// `curl` inside `netns` (trusting `ca` for HTTPS): the HTTP status and the body.
+pub fn curl_in(netns: &Netns, ca: Option<&Path>, args: &[&str]) -> anyhow::Result<(u16, String)> {
+    let ca = ca.map(|p| p.display().to_string());
+    let mut argv = vec!["curl", "-sS", "--max-time", "10", "-w", "\n%{http_code}"];
+    if let Some(ca) = &ca {
+        argv.extend_from_slice(&["--cacert", ca]);
+    }
+    argv.extend_from_slice(args);
+    let out = netns.run(&argv)?;
+    let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", out.trim()));
+    Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
+}
+
+/// The sum of the samples named `name` (every label set) in Prometheus text `body`, parsed
+/// by the `prometheus-parse` crate; `None` when there is none or the text does not parse.
+pub fn scrape(body: &str, name: &str) -> Option<f64> {
+    let lines = body.lines().map(|l| Ok(l.to_owned()));
+    let parsed = prometheus_parse::Scrape::parse(lines).ok()?;
+    let values: Vec<f64> = parsed
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter_map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
+use geomx_e2e::browser::{Browser, artifacts_dir, curl_in, scrape, spki_pin};
 use geomx_e2e::{eventually, lab_tests_enabled};
 use geomx_lab::Cluster;
 use serde_json::Value;
@@ -141,6 +142,9 @@ fn hips_example_runs_across_three_hosts_to_success() -> anyhow::Result<()> {
         );
     }
 
+    hips_topology_on_the_dashboard(&c, &job)?;
+    agents_count_their_containers(&c)?;
+
     // status shows progress of the training workers, then the job succeeds
     c.wait_job(
         "hips-mnist",
@@ -172,6 +176,101 @@ fn hips_example_runs_across_three_hosts_to_success() -> anyhow::Result<()> {
     }
     assert_no_containers_within(&c, Duration::from_secs(10))?;
     c.down()?;
+    Ok(())
+}
+
+/// The dashboard's job page draws the HiPS hierarchy: the global tier (global scheduler,
+/// global server and the central party) above the parties a and b, each with its scheduler,
+/// server and workers, every node with its host and IP; a click on a node shows its output.
+fn hips_topology_on_the_dashboard(c: &Cluster, job: &Value) -> anyhow::Result<()> {
+    let web = c.web_url();
+    let mut b = Browser::launch(
+        c.lab(),
+        &c.lab().controller_netns(),
+        Some(&spki_pin(&c.controller_cert())?),
+    )?;
+    b.log_in(&web, c.token())?;
+    b.navigate(&format!("{web}/#/jobs/hips-mnist"))?;
+    b.wait_for(
+        "document.querySelectorAll('.topology .node').length === 12",
+        Duration::from_secs(20),
+    )
+    .context("the job page shows the 12 nodes")?;
+    // where each node is drawn: "tier > party > role box"
+    let placed = b.eval(
+        "JSON.stringify([...document.querySelectorAll('.topology .node')].map(n => [n.dataset.node, \
+         n.closest('.global') ? 'global' : 'parties', \
+         (n.closest('.party') || {dataset: {}}).dataset.party || '-', \
+         n.querySelector('.node-meta').textContent]))",
+    )?;
+    let placed: Vec<(String, String, String, String)> =
+        serde_json::from_str(placed.as_str().unwrap_or("[]"))?;
+    for n in nodes(job) {
+        let name = n["name"].as_str().unwrap_or_default();
+        let role = n["role"].as_str().unwrap_or_default();
+        let party = n["party"].as_str().unwrap_or_default();
+        let (_, tier, drawn_party, meta) = placed
+            .iter()
+            .find(|p| p.0 == name)
+            .with_context(|| format!("{name} is not drawn: {placed:?}"))?;
+        let want_tier = if role.starts_with("global_") || party == "central" {
+            "global"
+        } else {
+            "parties"
+        };
+        ensure!(
+            tier == want_tier,
+            "{name} ({role}, party {party}) drawn in {tier}"
+        );
+        if !role.starts_with("global_") {
+            ensure!(
+                drawn_party == party,
+                "{name} drawn in party {drawn_party}, is in {party}"
+            );
+        }
+        for part in [n["host"].as_str(), n["ip"].as_str()].into_iter().flatten() {
+            ensure!(meta.contains(part), "{name}'s box {meta:?} lacks {part}");
+        }
+    }
+    let parties = b.eval(
+        "[...document.querySelectorAll('.parties > .party')].map(p => p.dataset.party).join(',')",
+    )?;
+    ensure!(
+        parties == "a,b",
+        "party boxes under the global tier: {parties}"
+    );
+    b.screenshot(&artifacts_dir().join("dashboard/hips-topology.png"))?;
+    // a node's output on a click
+    b.eval("document.querySelector('.node[data-node=\"a-scheduler\"]').click(); true")?;
+    b.wait_for(
+        "(document.querySelector('pre.logs[data-node=\"a-scheduler\"]') || {textContent: ''}).textContent.includes('complete')",
+        Duration::from_secs(20),
+    )
+    .context("a click on a node shows its log tail")?;
+    b.drain()?;
+    ensure!(b.errors().is_empty(), "dashboard errors: {:#?}", b.errors());
+    b.close()
+}
+
+/// Every agent's `/metrics` (plain HTTP on 127.0.0.1:7950 in its host) counts the role
+/// containers it started (4 per host in the HiPS example) and reports its version.
+fn agents_count_their_containers(c: &Cluster) -> anyhow::Result<()> {
+    for h in ["a", "b", "c"] {
+        let netns = c.lab().host(h)?.netns().clone();
+        let (code, body) = curl_in(&netns, None, &["http://127.0.0.1:7950/metrics"])?;
+        ensure!(code == 200, "agent {h} /metrics: {code} {body}");
+        let starts = scrape(&body, "geomx_agent_container_starts_total");
+        ensure!(
+            starts.is_some_and(|n| n >= 4.0),
+            "agent {h} started 4 role containers, its metrics say {starts:?}:\n{body}"
+        );
+        ensure!(scrape(&body, "geomx_agent_info") == Some(1.0), "{body}");
+        let passes = scrape(&body, "geomx_agent_network_passes_total");
+        ensure!(
+            passes.is_some_and(|n| n >= 1.0),
+            "agent {h} network passes: {passes:?}"
+        );
+    }
     Ok(())
 }
 

@@ -11,11 +11,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Bytes;
 use futures::StreamExt;
 use geomx_proto::json::{event_json, host_json, job_json};
 use geomx_proto::v1::UserLogsRequest;
 use geomx_proto::web::{WebResponse, respond, streamed};
+use hyper::body::Bytes;
 use hyper::header::{CACHE_CONTROL, CONNECTION, HeaderValue};
 use hyper::{Request, StatusCode};
 use serde_json::{Value, json};
@@ -59,7 +59,9 @@ pub async fn route<B>(d: &Arc<Dashboard>, req: &Request<B>) -> WebResponse {
                 return error(StatusCode::NOT_FOUND, "this controller runs no jobs");
             };
             match rest {
-                [] => json_ok(&json!({ "jobs": jobs.list().iter().map(job_json).collect::<Vec<_>>() })),
+                [] => json_ok(
+                    &json!({ "jobs": jobs.list().iter().map(job_json).collect::<Vec<_>>() }),
+                ),
                 [name] => job(d, jobs, name),
                 [name, "stream"] => stream(d, jobs.clone(), name, last_event_id(req)),
                 [name, "logs", node] => logs(jobs, name, node, tail(req)).await,
@@ -107,8 +109,7 @@ fn status_error(s: &tonic::Status) -> WebResponse {
 /// Job, node and host names: what geomx's names are made of.
 fn valid_segment(s: &str) -> bool {
     s.len() <= 128
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
@@ -233,7 +234,11 @@ fn stream(d: &Arc<Dashboard>, jobs: Arc<Jobs>, name: &str, after: u64) -> WebRes
         let mut points_rx = d.curves.subscribe();
         let mut after = after;
         let mut last_job: Option<Value> = None;
-        if tx.send(Bytes::from_static(b"retry: 1000\n\n")).await.is_err() {
+        if tx
+            .send(Bytes::from_static(b"retry: 1000\n\n"))
+            .await
+            .is_err()
+        {
             return;
         }
         loop {
@@ -248,7 +253,11 @@ fn stream(d: &Arc<Dashboard>, jobs: Arc<Jobs>, name: &str, after: u64) -> WebRes
             let (points, seq) = d.curves.since(&job.name, after);
             if !points.is_empty() {
                 if tx
-                    .send(sse("points", Some(seq), &json!({ "points": points, "seq": seq })))
+                    .send(sse(
+                        "points",
+                        Some(seq),
+                        &json!({ "points": points, "seq": seq }),
+                    ))
                     .await
                     .is_err()
                 {

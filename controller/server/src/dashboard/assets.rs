@@ -9,9 +9,26 @@ pub const LOGIN_HTML: &str = include_str!("../../web/login.html");
 
 /// The static files under `/assets/`: name, content type, contents.
 const FILES: &[(&str, &str, &str)] = &[
-    ("app.js", "text/javascript; charset=utf-8", include_str!("../../web/app.js")),
-    ("login.js", "text/javascript; charset=utf-8", include_str!("../../web/login.js")),
-    ("app.css", "text/css; charset=utf-8", include_str!("../../web/app.css")),
+    (
+        "app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../web/app.js"),
+    ),
+    (
+        "login.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../web/login.js"),
+    ),
+    (
+        "app.css",
+        "text/css; charset=utf-8",
+        include_str!("../../web/app.css"),
+    ),
+    (
+        "favicon.svg",
+        "image/svg+xml",
+        include_str!("../../web/favicon.svg"),
+    ),
     (
         "uPlot.iife.min.js",
         "text/javascript; charset=utf-8",

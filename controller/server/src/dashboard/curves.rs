@@ -232,7 +232,10 @@ mod tests {
 
     use super::*;
 
-    fn job(nodes: &[(&str, u32, i64, u64, Option<f64>)]) -> Job {
+    /// (node, generation, observed at, iteration, accuracy)
+    type Obs<'a> = (&'a str, u32, i64, u64, Option<f64>);
+
+    fn job(nodes: &[Obs<'_>]) -> Job {
         Job {
             name: "j".into(),
             nodes: nodes
@@ -263,13 +266,13 @@ mod tests {
         let c = Curves::new();
         let mut rx = c.subscribe();
         // (node, generation, observed at, iteration, accuracy)
-        let table: &[(&[(&str, u32, i64, u64, Option<f64>)], usize)] = &[
-            (&[("w0", 1, 0, 0, None)], 0),                          // nothing observed yet
+        let table: &[(&[Obs<'_>], usize)] = &[
+            (&[("w0", 1, 0, 0, None)], 0), // nothing observed yet
             (&[("w0", 1, 100, 1, Some(0.1)), ("w1", 1, 0, 0, None)], 1),
-            (&[("w0", 1, 100, 1, Some(0.1))], 0),                   // the same report again
-            (&[("w0", 1, 200, 1, Some(0.1))], 0),                   // newer, same values
+            (&[("w0", 1, 100, 1, Some(0.1))], 0), // the same report again
+            (&[("w0", 1, 200, 1, Some(0.1))], 0), // newer, same values
             (&[("w0", 1, 300, 2, Some(0.3)), ("w1", 1, 310, 2, None)], 2),
-            (&[("w0", 2, 50, 1, Some(0.1))], 1),                    // restarted: clock of a new run
+            (&[("w0", 2, 50, 1, Some(0.1))], 1), // restarted: clock of a new run
         ];
         for (i, (nodes, added)) in table.iter().enumerate() {
             assert_eq!(c.record(&job(nodes)), *added, "row {i}");
@@ -282,7 +285,10 @@ mod tests {
         assert_eq!(all[3].generation, 2);
         let (after, last) = c.since("j", 2);
         assert_eq!(
-            after.iter().map(|p| (p.node.as_str(), p.seq)).collect::<Vec<_>>(),
+            after
+                .iter()
+                .map(|p| (p.node.as_str(), p.seq))
+                .collect::<Vec<_>>(),
             [("w1", 3), ("w0", 4)]
         );
         assert_eq!(last, 4);

@@ -92,6 +92,11 @@ impl Dashboard {
             (Method::GET | Method::HEAD, "/login") => page(assets::LOGIN_HTML),
             (Method::POST, "/login") => self.login(peer, req).await,
             (Method::POST, "/logout") => self.logout(req.headers()),
+            // browsers ask for it whatever the page says
+            (Method::GET | Method::HEAD, "/favicon.ico") => match assets::find("favicon.svg") {
+                Some((content_type, body)) => respond(StatusCode::OK, content_type, body),
+                None => plain(StatusCode::NOT_FOUND, "no icon"),
+            },
             (Method::GET | Method::HEAD, p) if p.starts_with("/assets/") => {
                 match assets::find(&p["/assets/".len()..]) {
                     Some((content_type, body)) => respond(StatusCode::OK, content_type, body),
@@ -100,11 +105,15 @@ impl Dashboard {
             }
             (method, p) if p.starts_with("/api/") => {
                 if method != Method::GET && method != Method::HEAD {
-                    plain(StatusCode::METHOD_NOT_ALLOWED, "the dashboard API only reads: use GET")
+                    plain(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "the dashboard API only reads: use GET",
+                    )
                 } else {
                     match self.caller(req.headers()) {
                         Ok(caller) => {
-                            let span = tracing::debug_span!("dashboard", caller = %caller.name, path = %p);
+                            let span =
+                                tracing::debug_span!("dashboard", caller = %caller.name, path = %p);
                             let _enter = span.enter();
                             api::route(self, &req).await
                         }
@@ -148,7 +157,10 @@ impl Dashboard {
                 "too many failed logins from this address: wait a minute",
             );
         }
-        let body = match Limited::new(req.into_body(), MAX_LOGIN_BODY).collect().await {
+        let body = match Limited::new(req.into_body(), MAX_LOGIN_BODY)
+            .collect()
+            .await
+        {
             Ok(b) => b.to_bytes(),
             Err(_) => {
                 return plain(

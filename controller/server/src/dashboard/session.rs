@@ -111,8 +111,7 @@ impl Sessions {
         let inner = self.lock();
         match inner.failures.get(&source) {
             Some(&(since, n)) => {
-                now.saturating_duration_since(since) >= FAILED_LOGIN_WINDOW
-                    || n < MAX_FAILED_LOGINS
+                now.saturating_duration_since(since) >= FAILED_LOGIN_WINDOW || n < MAX_FAILED_LOGINS
             }
             None => true,
         }
@@ -122,9 +121,9 @@ impl Sessions {
     pub fn failed(&self, source: IpAddr, now: Instant) {
         let mut inner = self.lock();
         if inner.failures.len() >= MAX_TRACKED_SOURCES && !inner.failures.contains_key(&source) {
-            inner
-                .failures
-                .retain(|_, (since, _)| now.saturating_duration_since(*since) < FAILED_LOGIN_WINDOW);
+            inner.failures.retain(|_, (since, _)| {
+                now.saturating_duration_since(*since) < FAILED_LOGIN_WINDOW
+            });
             if inner.failures.len() >= MAX_TRACKED_SOURCES {
                 let oldest = inner
                     .failures
@@ -223,7 +222,10 @@ mod tests {
             assert!(s.may_try(a, t0));
             s.failed(a, t0);
         }
-        assert!(!s.may_try(a, t0), "the 11th try within the window is refused");
+        assert!(
+            !s.may_try(a, t0),
+            "the 11th try within the window is refused"
+        );
         assert!(s.may_try(b, t0), "other sources are not affected");
         assert!(s.may_try(a, t0 + FAILED_LOGIN_WINDOW), "a new window");
     }

@@ -104,12 +104,15 @@ mod tests {
     }
 
     fn names(s: &[Site]) -> Vec<(String, Vec<String>)> {
-        s.iter().map(|s| (s.network.clone(), s.hosts.clone())).collect()
+        s.iter()
+            .map(|s| (s.network.clone(), s.hosts.clone()))
+            .collect()
     }
 
     #[test]
     fn host_gw_links_make_a_data_center_and_tunnels_separate_them() {
-        let cases: Vec<(Vec<Host>, Vec<(&str, Vec<&str>)>)> = vec![
+        type Want<'a> = Vec<(&'a str, Vec<&'a str>)>;
+        let cases: Vec<(Vec<Host>, Want<'_>)> = vec![
             // three data centers, dc1 with two hosts
             (
                 vec![
