@@ -68,8 +68,16 @@ step "geomxctl submit examples/mxnet-ps.toml: real MXNet 1.9.1 training across d
 geomxctl submit examples/mxnet-ps.toml
 geomxctl status mxnet-ps
 
+step "the controller's /metrics (Prometheus text) through the lab's web forwarder"
+curl -sS --cacert "$GEOMX_CA" -H "Authorization: Bearer $GEOMX_TOKEN" "$GEOMX_WEB_URL/metrics" \
+  | grep -E '^geomx_(job_(submissions|successes|failures|restarts)_total|hosts|jobs)\b'
+
+step "geomxctl web: the dashboard (trust $GEOMX_CA in the browser, or run with --keep and open it)"
+geomxctl web
+
 step "done"
 if [ "$keep" = 1 ]; then
   echo "the lab is still up:   eval \"\$(target/debug/geomx-lab --name $lab env)\"; target/debug/geomxctl jobs"
+  echo "the dashboard:         target/debug/geomxctl web --open"
   echo "tear it down with:     target/debug/geomx-lab --name $lab down"
 fi

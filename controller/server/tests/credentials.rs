@@ -239,3 +239,108 @@ async fn a_revoked_agent_certificate_is_refused_and_its_watch_ends() {
     })
     .await;
 }
+
+/// The dashboard: nothing without a session or a token; a login sets a session cookie that
+/// opens the API; revoking the token ends the session at once; a wrong token is refused and
+/// ten wrong ones from one address get 429.
+#[tokio::test]
+async fn dashboard_sessions_follow_the_tokens_and_revocations() {
+    let (lab, _tokens, revoked) = lab_with_files().await;
+    let (status, head, _) = lab.web("GET", "/", "", "").await;
+    assert_eq!(status, 303, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("location: /login"),
+        "{head}"
+    );
+    for path in [
+        "/api/cluster",
+        "/api/jobs",
+        "/api/jobs/x",
+        "/api/jobs/x/stream",
+    ] {
+        let (status, _, body) = lab.web("GET", path, "", "").await;
+        assert_eq!(status, 401, "{path}: {body}");
+        assert!(body.contains("not logged in"), "{path}: {body}");
+    }
+    let (status, _, login_page) = lab.web("GET", "/login", "", "").await;
+    assert_eq!(status, 200);
+    assert!(login_page.contains("<form id=\"login\""));
+    let (status, head, _) = lab.web("GET", "/assets/uPlot.iife.min.js", "", "").await;
+    assert_eq!(status, 200, "assets need no session: {head}");
+    assert!(
+        head.contains("default-src 'self'"),
+        "CSP on every response: {head}"
+    );
+
+    // a read token logs in; the cookie opens the pages and the API
+    let (status, head, _) = lab
+        .web("POST", "/login", "", &format!("token={READ}"))
+        .await;
+    assert_eq!(status, 303, "{head}");
+    let cookie = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .expect("a session cookie");
+    for attr in ["HttpOnly", "SameSite=Strict", "Secure"] {
+        assert!(cookie.contains(attr), "{attr} in {cookie}");
+    }
+    let session = cookie.split(';').next().unwrap().to_owned();
+    let with_cookie = format!("Cookie: {session}\r\n");
+    let (status, _, body) = lab.web("GET", "/api/jobs", &with_cookie, "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "{\"jobs\":[]}");
+    let (status, _, body) = lab.web("GET", "/api/cluster", &with_cookie, "").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"sites\""), "{body}");
+    let (status, _, index) = lab.web("GET", "/", &with_cookie, "").await;
+    assert_eq!(status, 200);
+    assert!(index.contains("/assets/app.js"));
+    // the API only reads
+    let (status, _, _) = lab.web("POST", "/api/jobs", &with_cookie, "x=1").await;
+    assert_eq!(status, 405);
+    // a bearer token works without a session, for scripts
+    let (status, _, _) = lab
+        .web(
+            "GET",
+            "/api/jobs",
+            &format!("Authorization: Bearer {ADMIN}\r\n"),
+            "",
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    // revoking the token ends its session without restart
+    std::fs::write(&revoked, "token ro\n").unwrap();
+    within(
+        "the revoked token's session refused",
+        Duration::from_secs(5),
+        || {
+            let with_cookie = with_cookie.clone();
+            let lab = &lab;
+            async move {
+                let (status, _, body) = lab.web("GET", "/api/jobs", &with_cookie, "").await;
+                status == 401 && body.contains("revoked")
+            }
+        },
+    )
+    .await;
+
+    // wrong tokens: refused, and ten from one address get 429 (the right one too, then)
+    let (status, _, body) = lab
+        .web("POST", "/login", "", "token=wrong-0123456789")
+        .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("invalid bearer token"), "{body}");
+    for _ in 1..10 {
+        lab.web("POST", "/login", "", "token=wrong-0123456789")
+            .await;
+    }
+    let (status, _, body) = lab
+        .web("POST", "/login", "", &format!("token={ADMIN}"))
+        .await;
+    assert_eq!(status, 429, "{body}");
+    let (status, _, _) = lab
+        .web("POST", "/login", "", &format!("token={}", "x".repeat(5000)))
+        .await;
+    assert_eq!(status, 429, "the limit comes before the body is read");
+}

@@ -2677,3 +2677,82 @@ async fn metrics_follow_submissions_restarts_failures_and_successes() {
         "reports observed: {reports:?}"
     );
 }
+
+/// The dashboard's job API: the job with its nodes and curve points, and its event stream
+/// sending the job and new points as the agents report progress.
+#[tokio::test]
+async fn the_dashboard_follows_a_job_and_its_training_curve() {
+    let c = Cluster::start(&["a", "b", "c"]).await;
+    let j = "hips-test";
+    c.submit(&routed_with_policy("")).await.expect("accepted");
+    c.wait_phase(j, JobPhase::Running, Duration::from_secs(5))
+        .await;
+    let auth = format!("Authorization: Bearer {}\r\n", c.lab.pki.token);
+    c.sim("b").progress(j, "p-worker-0", 3, 0.25);
+    // the curve's first point, in the job's JSON
+    let start = std::time::Instant::now();
+    let body = loop {
+        let (status, _, body) = c.lab.web("GET", &format!("/api/jobs/{j}"), &auth, "").await;
+        assert_eq!(status, 200, "{body}");
+        if body.contains("\"points\":[{") {
+            break body;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no curve point: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["job"]["name"], j);
+    assert_eq!(
+        v["job"]["nodes"].as_array().map(Vec::len),
+        v["job"]["node_count"].as_u64().map(|n| n as usize)
+    );
+    let first = &v["points"][0];
+    assert_eq!(first["node"], "p-worker-0");
+    assert_eq!(first["iteration"], 3);
+    assert_eq!(first["accuracy"], 0.25);
+    let seq = v["seq"].as_u64().expect("seq");
+
+    // the stream: the job at once, then the points after `seq` as they come
+    let stream = {
+        let lab = &c.lab;
+        let path = format!("/api/jobs/{j}/stream");
+        let headers = format!("{auth}Last-Event-ID: {seq}\r\n");
+        async move {
+            lab.web_until(&path, &headers, Duration::from_secs(10), |t| {
+                t.contains("event: job") && t.contains("\"iteration\":7")
+            })
+            .await
+        }
+    };
+    let report = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.sim("b").progress(j, "p-worker-0", 7, 0.5);
+    };
+    let (text, ()) = tokio::join!(stream, report);
+    assert!(text.contains("content-type: text/event-stream"), "{text}");
+    assert!(text.contains("retry: 1000"), "{text}");
+    // the points events carry only what came after Last-Event-ID
+    let sent: Vec<serde_json::Value> = text
+        .split("event: points\ndata: ")
+        .skip(1)
+        .filter_map(|rest| serde_json::from_str(rest.lines().next()?).ok())
+        .collect();
+    let seqs: Vec<u64> = sent
+        .iter()
+        .flat_map(|m| m["points"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p["seq"].as_u64())
+        .collect();
+    assert!(
+        !seqs.is_empty() && seqs.iter().all(|&s| s > seq),
+        "{seqs:?} after {seq}: {text}"
+    );
+    assert!(text.contains(&format!("id: {}", seq + 1)), "{text}");
+    // an unknown job and a bad name
+    let (status, _, _) = c.lab.web("GET", "/api/jobs/nope", &auth, "").await;
+    assert_eq!(status, 404);
+    let (status, _, _) = c.lab.web("GET", "/api/jobs/%2e%2e", &auth, "").await;
+    assert_eq!(status, 400);
+}

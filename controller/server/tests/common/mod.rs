@@ -198,11 +198,40 @@ impl Lab {
     /// `GET /metrics` on the controller's web listener (HTTPS unless insecure), with
     /// `token` as a bearer token: the status code and the body.
     pub async fn scrape(&self, token: Option<&str>) -> (u16, String) {
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        let (status, head, body) = self.web("GET", "/metrics", &auth, "").await;
+        assert!(
+            !head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
+            "a whole body: {head}"
+        );
+        (status, body)
+    }
+
+    /// One request to the controller's web listener (HTTPS unless insecure): `headers` are
+    /// whole header lines (each ending in CRLF); the status, the response head and the body
+    /// (read until the server closes the connection).
+    pub async fn web(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &str,
+        body: &str,
+    ) -> (u16, String, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let addr = self.controller().web_addr().expect("web_listen is set");
-        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-        let request =
-            format!("GET /metrics HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n");
+        let length = if body.is_empty() && method == "GET" {
+            String::new()
+        } else {
+            format!(
+                "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+                body.len()
+            )
+        };
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}{length}Connection: close\r\n\r\n{body}"
+        );
         let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let mut response = Vec::new();
         let exchange = async {
@@ -220,10 +249,10 @@ impl Lab {
                 tls.read_to_end(&mut response).await
             }
         };
-        tokio::time::timeout(Duration::from_secs(10), exchange)
+        tokio::time::timeout(Duration::from_secs(40), exchange)
             .await
-            .expect("scrape within 10 s")
-            .expect("scrape");
+            .expect("an answer within 40 s")
+            .expect("the request");
         let text = String::from_utf8(response).expect("utf-8");
         let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
         let status = head
@@ -231,13 +260,44 @@ impl Lab {
             .nth(1)
             .and_then(|s| s.parse().ok())
             .expect("a status code");
-        assert!(
-            !head
-                .to_ascii_lowercase()
-                .contains("transfer-encoding: chunked"),
-            "a whole body: {head}"
-        );
-        (status, body.to_owned())
+        (status, head.to_owned(), body.to_owned())
+    }
+
+    /// `GET path` on the web listener over TLS, reading the (streamed) response until
+    /// `done(text so far)` holds; the text, or a panic after `within`.
+    pub async fn web_until(
+        &self,
+        path: &str,
+        headers: &str,
+        within: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.controller().web_addr().expect("web_listen is set");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n");
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
+        let mut tls = tokio_rustls::TlsConnector::from(self.rustls_client(b"http/1.1"))
+            .connect(name, tcp)
+            .await
+            .expect("TLS");
+        tls.write_all(request.as_bytes()).await.expect("request");
+        let mut text = String::new();
+        let read = async {
+            let mut buf = [0u8; 16384];
+            loop {
+                let n = tls.read(&mut buf).await.expect("read");
+                assert!(n > 0, "the stream ended before the condition held:\n{text}");
+                text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                if done(&text) {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(within, read).await.is_err() {
+            panic!("not within {within:?}: {path}:\n{text}");
+        }
+        text
     }
 
     /// `/metrics` with the lab's token, parsed by a Prometheus text-format parser.
