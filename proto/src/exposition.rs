@@ -77,14 +77,14 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn counters_are_declared_under_their_sample_name() {
+    /// A counter at `count`, a gauge at `level` and a histogram with one observation of 0.5 s.
+    fn registry(count: u64, level: i64) -> Registry {
         let mut registry = Registry::default();
         let c: Counter = Counter::default();
-        c.inc_by(3);
+        c.inc_by(count);
         registry.register("geomx_things", "Things done", c);
         let g: Gauge = Gauge::default();
-        g.set(-2);
+        g.set(level);
         registry.register("geomx_level", "A level", g);
         let h = Histogram::new([0.1, 1.0]);
         h.observe(0.5);
@@ -94,7 +94,12 @@ mod tests {
             prometheus_client::registry::Unit::Seconds,
             h,
         );
-        let text = encode(&registry);
+        registry
+    }
+
+    #[test]
+    fn counters_are_declared_under_their_sample_name() {
+        let text = encode(&registry(3, -2));
         assert!(
             !text.contains("# EOF") && !text.contains("# UNIT"),
             "{text}"
@@ -122,22 +127,7 @@ mod tests {
     #[test]
     fn a_prometheus_parser_reads_the_types() {
         use prometheus_parse::Value;
-        let mut registry = Registry::default();
-        let c: Counter = Counter::default();
-        c.inc();
-        registry.register("geomx_things", "Things done", c);
-        let g: Gauge = Gauge::default();
-        g.set(4);
-        registry.register("geomx_level", "A level", g);
-        let h = Histogram::new([0.1, 1.0]);
-        h.observe(0.5);
-        registry.register_with_unit(
-            "geomx_wait",
-            "Waits",
-            prometheus_client::registry::Unit::Seconds,
-            h,
-        );
-        let text = encode(&registry);
+        let text = encode(&registry(1, 4));
         let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
             .expect("parsed");
         let value = |name: &str| {

@@ -148,6 +148,18 @@ impl Browser {
         Ok(b)
     }
 
+    /// A browser in the controller's namespace of TLS cluster `c`, trusting its controller's
+    /// key, logged in to its dashboard with the lab token.
+    pub fn logged_in(c: &geomx_lab::Cluster) -> anyhow::Result<Browser> {
+        let mut b = Browser::launch(
+            c.lab(),
+            &c.lab().controller_netns(),
+            Some(&spki_pin(&c.controller_cert())?),
+        )?;
+        b.log_in(&c.web_url(), c.token())?;
+        Ok(b)
+    }
+
     /// Sends a command (to the page session once attached) and waits for its answer.
     pub fn call(&mut self, method: &str, params: Value) -> anyhow::Result<Value> {
         self.next_id += 1;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use geomx_e2e::browser::{Browser, artifacts_dir, curl_in, scrape, spki_pin};
+use geomx_e2e::browser::{Browser, artifacts_dir, curl_in, scrape};
 use geomx_e2e::{eventually, lab_tests_enabled};
 use geomx_lab::Cluster;
 use serde_json::Value;
@@ -184,12 +184,7 @@ fn hips_example_runs_across_three_hosts_to_success() -> anyhow::Result<()> {
 /// server and workers, every node with its host and IP; a click on a node shows its output.
 fn hips_topology_on_the_dashboard(c: &Cluster, job: &Value) -> anyhow::Result<()> {
     let web = c.web_url();
-    let mut b = Browser::launch(
-        c.lab(),
-        &c.lab().controller_netns(),
-        Some(&spki_pin(&c.controller_cert())?),
-    )?;
-    b.log_in(&web, c.token())?;
+    let mut b = Browser::logged_in(c)?;
     b.navigate(&format!("{web}/#/jobs/hips-mnist"))?;
     b.wait_for(
         "document.querySelectorAll('.topology .node').length === 12",

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use geomx_e2e::browser::{Browser, artifacts_dir, curl, scrape, spki_pin};
+use geomx_e2e::browser::{Browser, artifacts_dir, curl, scrape};
 use geomx_e2e::lab_tests_enabled;
 use geomx_lab::topology::parse_topology;
 use geomx_lab::{Binaries, Cluster, ClusterSpec, Lab, LabSpec};
@@ -72,12 +72,7 @@ fn mxnet_example_trains_across_two_data_centers() -> anyhow::Result<()> {
     let shots = artifacts_dir().join("dashboard");
     let web = c.web_url();
     refused_without_a_token(&c)?;
-    let mut b = Browser::launch(
-        c.lab(),
-        &c.lab().controller_netns(),
-        Some(&spki_pin(&c.controller_cert())?),
-    )?;
-    b.log_in(&web, c.token())?;
+    let mut b = Browser::logged_in(&c)?;
     b.wait_for(
         "document.querySelectorAll('#cluster .site').length === 2 && document.querySelectorAll('#cluster tr.host').length === 2",
         Duration::from_secs(20),

@@ -288,6 +288,11 @@ fn stream(d: &Arc<Dashboard>, jobs: Arc<Jobs>, name: &str, after: u64) -> WebRes
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     // one stream per connection: the connection ends with the stream (see STREAM_LIFETIME)
     h.insert(CONNECTION, HeaderValue::from_static("close"));
+    // a reverse proxy (nginx) in front must pass the events on as they come
+    h.insert(
+        hyper::header::HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
     r
 }
 

@@ -8,6 +8,8 @@
 //! node (when full, the older half is thinned to every second point, so a long run keeps
 //! its shape), [`MAX_JOBS`] jobs (the one updated longest ago goes first).
 //!
+//! A job removed (`geomxctl rm`) loses its curves at the sampler's next look.
+//!
 //! Points carry a sequence number per job, so a client that has seen up to `seq` asks for
 //! what came after ([`Curves::since`]; the server-sent events' `Last-Event-ID`).
 
@@ -185,6 +187,11 @@ impl Curves {
     pub fn forget(&self, name: &str) {
         self.lock().jobs.remove(name);
     }
+
+    /// The jobs with curves.
+    pub fn jobs(&self) -> Vec<String> {
+        self.lock().jobs.keys().cloned().collect()
+    }
 }
 
 /// Halves the older half of `points` (keeps every second one), keeping the newer half.
@@ -214,6 +221,15 @@ pub async fn run_sampler(curves: Arc<Curves>, jobs: Arc<Jobs>, shutdown: Cancell
             }
         }
         active = now_active;
+        // a removed job's curves go with it (`geomxctl rm`)
+        for name in curves.jobs() {
+            if jobs
+                .get(&name)
+                .is_err_and(|s| s.code() == tonic::Code::NotFound)
+            {
+                curves.forget(&name);
+            }
+        }
         tokio::select! {
             () = shutdown.cancelled() => return,
             r = reports.changed() => if r.is_err() { return },
