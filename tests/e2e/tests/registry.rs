@@ -598,14 +598,27 @@ fn a_moved_tag_does_not_split_a_job(c: &mut Cluster) -> anyhow::Result<()> {
         .map(|(_, id, _)| id)
         .collect();
     ensure!(ids.len() == 1, "role containers run images {ids:?}");
-    // the marker inside is the first image's
-    let name = role_containers(c, "moving", "c")?
-        .first()
-        .map(|r| r.0.clone())
-        .context("a role container on c")?;
-    let marker = docker(c, "c", &["cp", &format!("{name}:/marker"), "-"])?;
+    // the marker inside the image they all ran (c included, as all_run_digest saw) is the
+    // first image's; read from the image on c, which stays when the job's containers go
+    // (its workers run 4 s: they may have ended and been removed by now)
+    let id = ids.first().context("the role containers' image")?;
+    let marker = docker(
+        c,
+        "c",
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--entrypoint",
+            "sh",
+            id,
+            "-c",
+            "cat /marker",
+        ],
+    )?;
     if !marker.contains("first") {
-        bail!("c's container has marker {marker:?}, not the first image's ({second} moved in)");
+        bail!("the image c ran has marker {marker:?}, not the first image's ({second} moved in)");
     }
     let j = wait_end(c, "moving", Duration::from_secs(60))?;
     ensure!(j["phase"] == "Succeeded", "{j}");
