@@ -163,6 +163,19 @@ impl Auth {
             .map_err(|d| d.status)
     }
 
+    /// Authenticates an HTTP caller of the web listener (`/metrics`, the dashboard) by the
+    /// bearer token in `headers`, as [`Auth::authorize_user`] does for the gRPC API; any
+    /// role may read. The refusal is said for people.
+    pub fn authorize_reader(&self, headers: &hyper::HeaderMap) -> Result<Caller, String> {
+        let mut request = Request::new(());
+        *request.metadata_mut() = tonic::metadata::MetadataMap::from_headers(headers.clone());
+        match self.authorize_user(&request) {
+            Ok(caller) if caller.role.allows(Role::Read) => Ok(caller),
+            Ok(caller) => Err(format!("token {:?} may not read", caller.name)),
+            Err(status) => Err(status.message().to_owned()),
+        }
+    }
+
     /// Authenticates the caller of a user RPC by its bearer token (any role).
     pub fn authorize_user<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let snapshot = self.credentials.snapshot();

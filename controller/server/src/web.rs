@@ -10,13 +10,11 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use geomx_proto::credentials::Role;
 use geomx_proto::web::{WebResponse, plain, respond};
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, HeaderValue, WWW_AUTHENTICATE};
 use hyper::{HeaderMap, Method, Request, StatusCode};
 use ipnet::IpNet;
-use tonic::metadata::MetadataMap;
 
 use crate::auth::Auth;
 use crate::dashboard::Dashboard;
@@ -77,17 +75,14 @@ fn authorize(
     if allow.iter().any(|net| net.contains(&peer)) {
         return Ok(());
     }
-    let mut request = tonic::Request::new(());
-    *request.metadata_mut() = MetadataMap::from_headers(headers.clone());
-    match auth.authorize_user(&request) {
-        Ok(caller) if caller.role.allows(Role::Read) => {
+    match auth.authorize_reader(headers) {
+        Ok(caller) => {
             tracing::debug!(caller = %caller.name, "metrics scrape");
             Ok(())
         }
-        Ok(caller) => Err(format!("token {:?} may not read metrics", caller.name)),
-        Err(status) => {
-            tracing::debug!(%peer, reason = status.message(), "metrics scrape refused");
-            Err(status.message().to_owned())
+        Err(why) => {
+            tracing::debug!(%peer, reason = %why, "metrics scrape refused");
+            Err(why)
         }
     }
 }
@@ -106,7 +101,7 @@ fn unauthorized(why: &str) -> WebResponse {
 
 #[cfg(test)]
 mod tests {
-    use geomx_proto::credentials::{Token, TokenSet};
+    use geomx_proto::credentials::{Role, Token, TokenSet};
 
     use super::*;
 

@@ -234,6 +234,8 @@ fn stream(d: &Arc<Dashboard>, jobs: Arc<Jobs>, name: &str, after: u64) -> WebRes
         let mut points_rx = d.curves.subscribe();
         let mut after = after;
         let mut last_job: Option<Value> = None;
+        // events come with persisted changes only: read again after one, not per report
+        let mut events: Option<Vec<Value>> = None;
         if tx
             .send(Bytes::from_static(b"retry: 1000\n\n"))
             .await
@@ -243,7 +245,8 @@ fn stream(d: &Arc<Dashboard>, jobs: Arc<Jobs>, name: &str, after: u64) -> WebRes
         }
         loop {
             let Ok(job) = jobs.get(&name) else { return };
-            let message = json!({ "job": job_json(&job), "events": events_json(&jobs, &name) });
+            let shown = events.get_or_insert_with(|| events_json(&jobs, &name));
+            let message = json!({ "job": job_json(&job), "events": shown });
             if last_job.as_ref() != Some(&message) {
                 if tx.send(sse("job", None, &message)).await.is_err() {
                     return;
@@ -268,7 +271,7 @@ fn stream(d: &Arc<Dashboard>, jobs: Arc<Jobs>, name: &str, after: u64) -> WebRes
             tokio::select! {
                 () = tokio::time::sleep_until(deadline) => return,
                 () = tx.closed() => return,
-                _ = changes.changed() => {}
+                _ = changes.changed() => events = None,
                 _ = reports.changed() => {}
                 _ = points_rx.changed() => {}
                 () = tokio::time::sleep(Duration::from_secs(10)) => {
