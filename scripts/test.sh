@@ -7,8 +7,19 @@ cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
 
-# the root file systems (network-bound: debootstrap, pip) are built while cargo compiles
+# One build from scratch: incremental compilation would only add gigabytes of caches to target/.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
+# The build, the labs' docker data and the root file systems need room; a full disk shows up
+# later as a linker killed by SIGBUS or a dockerd that cannot start, so say so up front.
 mkdir -p target
+free_kib=$(df --output=avail -k target | tail -1 | tr -d ' ')
+echo "== disk: $((free_kib / 1024 / 1024)) GiB free for target/ ($(df --output=target target | tail -1))"
+if [ "$free_kib" -lt $((8 * 1024 * 1024)) ]; then
+  echo "warning: less than 8 GiB free; the build and the labs need about 8 GiB" >&2
+fi
+
+# the root file systems (network-bound: debootstrap, pip) are built while cargo compiles
 echo "== in the background: the real MXNet image's and the booted hosts' root file systems (cached in /var/cache/geomx)"
 scripts/build-mxnet-image.sh > target/build-mxnet-image.log 2>&1 &
 mxnet_pid=$!
@@ -23,6 +34,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== build (the integration tests run the real binaries; with the tests, so that nextest builds nothing again)"
 cargo build --workspace --all-targets --locked
+echo "== target/ takes $(du -sh target | cut -f1), $(df -h --output=avail target | tail -1 | tr -d ' ') free"
 
 echo "== the root file systems"
 for job in "mxnet:$mxnet_pid:target/build-mxnet-image.log" "hosts:$hostfs_pid:target/build-host-rootfs.log"; do
