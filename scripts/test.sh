@@ -16,7 +16,7 @@ mkdir -p target
 free_kib=$(df --output=avail -k target | tail -1 | tr -d ' ')
 echo "== disk: $((free_kib / 1024 / 1024)) GiB free for target/ ($(df --output=target target | tail -1))"
 if [ "$free_kib" -lt $((8 * 1024 * 1024)) ]; then
-  echo "warning: less than 8 GiB free; the build and the labs need about 8 GiB" >&2
+  echo "warning: less than 8 GiB free; the build (about 2.5 GiB), the root file systems and the labs need about 8 GiB" >&2
 fi
 
 # the root file systems (network-bound: debootstrap, pip) are built while cargo compiles

@@ -74,6 +74,7 @@ pub mod credentials;
 pub mod engine;
 mod error;
 pub mod heartbeat;
+mod kept;
 mod lines;
 pub mod ownership;
 pub mod pause;

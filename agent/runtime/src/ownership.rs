@@ -255,28 +255,17 @@ impl CreationRecord {
     /// treated as missing; a file that cannot be read is an error.
     pub fn open(state_dir: &Path) -> Result<CreationRecord> {
         let path = state_dir.join(RECORD_FILE);
-        let (doc, first) = match fs::read(&path) {
-            Ok(bytes) => match serde_json::from_slice::<RecordDoc>(&bytes) {
-                Ok(doc) => (doc, false),
-                Err(e) => {
-                    let aside = state_dir.join(format!("{RECORD_FILE}.corrupt"));
-                    warn!(file = %path.display(), error = %e, moved_to = %aside.display(),
-                        "the creation record does not parse: moved aside; the labelled containers of this controller are adopted again");
-                    fs::rename(&path, &aside).map_err(|source| RuntimeError::Io {
-                        what: format!("moving {} aside", path.display()),
-                        source,
-                    })?;
-                    (RecordDoc::default(), true)
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (RecordDoc::default(), true),
-            Err(source) => {
-                return Err(RuntimeError::Io {
-                    what: format!("reading {}", path.display()),
-                    source,
-                });
-            }
-        };
+        let kept = crate::kept::read_json::<RecordDoc>(
+            &path,
+            "creation record",
+            "the labelled containers of this controller are adopted again",
+        )
+        .map_err(|source| RuntimeError::Io {
+            what: format!("reading {}", path.display()),
+            source,
+        })?;
+        let first = kept.is_none();
+        let doc = kept.unwrap_or_default();
         Ok(CreationRecord {
             inner: Arc::new(Mutex::new(Inner {
                 path: Some(path),

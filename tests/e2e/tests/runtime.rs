@@ -23,6 +23,8 @@ use geomx_runtime::{
 use tokio::sync::watch;
 
 const JOB: &str = "ps1";
+/// The runtime's periodic resync in this test: see the crash check.
+const RESYNC: Duration = Duration::from_secs(30);
 
 fn spec(node: &str, role: &str, command: &[&str], env: &[(&str, String)]) -> ContainerSpec {
     ContainerSpec {
@@ -233,7 +235,9 @@ async fn scenario(
         agent_url: agent_url(hb_addr.ip(), hb_addr.port()),
         host_ip: Some(a.underlay_ip),
         stop_timeout: Duration::from_secs(2),
-        resync_interval: Duration::from_secs(2),
+        // long enough that whatever the runtime publishes within a few seconds came from
+        // Docker's event stream, not from a resync that happened to look
+        resync_interval: RESYNC,
         ..Default::default()
     };
     let rt = Runtime::connect_unix(&d.socket(), config.clone()).await?;
@@ -404,9 +408,12 @@ async fn scenario(
     );
     let crash_noticed_ms = crash_noticed_ms.context("crash not seen")?;
     eprintln!("the crash was published {crash_noticed_ms} ms after the container ended");
+    // how fast is geomx-bench's (detection); here only that the event stream told, long
+    // before the resync could have
     ensure!(
-        crash_noticed_ms < 1000,
-        "crash noticed after {crash_noticed_ms} ms"
+        crash_noticed_ms < RESYNC.as_millis() as i64 / 3,
+        "the crash was published {crash_noticed_ms} ms after the container ended: not from Docker's \
+         event stream (the resync runs every {RESYNC:?})"
     );
     ensure!(seen.len() >= 3, "too few progress updates: {seen:?}");
     ensure!(

@@ -59,32 +59,25 @@ pub(super) fn boot_id() -> Option<String> {
 /// The loss kept in `path` by an earlier agent, if any. An unreadable or corrupt file is
 /// logged, moved aside (`.corrupt`) and treated as no loss.
 pub(super) fn load_docker_loss(path: &Path) -> Option<DockerLoss> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => {
-            warn!(file = %path.display(), error = %e, "cannot read the kept Docker loss; ignoring it");
-            return None;
-        }
-    };
-    match serde_json::from_slice::<DockerLoss>(&bytes) {
-        Ok(loss) if !loss.running.is_empty() => {
-            info!(
-                file = %path.display(),
-                running = loss.running.len(),
-                lost_at_ms = loss.at_ms,
-                "Docker went away while the last agent ran (a reboot or a Docker restart): its containers will be judged when Docker answers"
-            );
-            Some(loss)
-        }
-        Ok(_) => None,
-        Err(e) => {
-            let aside = path.with_extension("json.corrupt");
-            warn!(file = %path.display(), error = %e, aside = %aside.display(), "the kept Docker loss is corrupt; moving it aside");
-            let _ = std::fs::rename(path, &aside);
-            None
-        }
+    let loss = crate::kept::read_json::<DockerLoss>(
+        path,
+        "Docker loss",
+        "its containers are judged as if Docker had not gone away",
+    )
+    .unwrap_or_else(|e| {
+        warn!(file = %path.display(), error = %e, "cannot read the kept Docker loss; ignoring it");
+        None
+    })?;
+    if loss.running.is_empty() {
+        return None;
     }
+    info!(
+        file = %path.display(),
+        running = loss.running.len(),
+        lost_at_ms = loss.at_ms,
+        "Docker went away while the last agent ran (a reboot or a Docker restart): its containers will be judged when Docker answers"
+    );
+    Some(loss)
 }
 
 impl<E: Engine> Runtime<E> {
